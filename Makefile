@@ -1,0 +1,32 @@
+# Two entry points (see README "Quick start"): `make demo` and `make test`.
+# Each creates .venv inside the repo on first use; the stamp makes re-runs instant
+# until a requirements file changes.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NATTEN := natten==0.21.7
+
+.PHONY: setup demo test lint format
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	# natten's sdist builds against the installed torch (pure Python without CUDA).
+	$(PY) -m pip install -q --no-build-isolation $(NATTEN)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .

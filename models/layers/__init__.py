@@ -1,0 +1,11 @@
+from .backends.checks import BackendChoice, explain_backends, select_backend
+from .functional import neighborhood_attention_2d
+from .neighborhood_attention import NeighborhoodAttention2D
+
+__all__ = [
+    "BackendChoice",
+    "NeighborhoodAttention2D",
+    "explain_backends",
+    "neighborhood_attention_2d",
+    "select_backend",
+]
