@@ -1,5 +1,5 @@
 from .backends.checks import BackendChoice, explain_backends, select_backend
-from .functional import neighborhood_attention_2d
+from .functional import neighborhood_attention_2d, use_backend
 from .neighborhood_attention import NeighborhoodAttention2D
 
 __all__ = [
@@ -8,4 +8,5 @@ __all__ = [
     "explain_backends",
     "neighborhood_attention_2d",
     "select_backend",
+    "use_backend",
 ]

@@ -1,0 +1,1 @@
+"""Backends of `neighborhood_attention_2d`: one module each; `checks` decides which can run."""

@@ -1,0 +1,121 @@
+"""Which backend can serve a call, and why the others can't.
+
+Kept apart from the backends so that `auto` and error messages share one source of truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .flex import flex_available
+from .natten_na import natten_version
+
+BACKENDS = ("torch", "naive", "natten", "flex")
+# Fastest first, per device type; `naive` is never picked automatically (k^2 copies of K and V).
+AUTO_ORDER = {"cuda": ("natten", "flex", "torch"), "cpu": ("torch",)}
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    device_type: str
+    dtype: torch.dtype
+    has_rpb: bool
+    attn_drop: float
+    needs_grad: bool
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    name: str
+    rejected: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"backend: {self.name}"]
+        lines += [f"  not {name}: {why}" for name, why in self.rejected.items()]
+        return "\n".join(lines)
+
+
+def why_not(backend: str, call: CallInfo) -> str | None:
+    """None when `backend` can serve `call`, else the reason it can't."""
+    if backend not in BACKENDS:
+        return f"unknown backend; choose one of {', '.join(BACKENDS)} or 'auto'"
+    if backend in ("torch", "naive"):
+        return None
+    if backend == "natten":
+        if natten_version() is None:
+            return "natten is not importable (pip install --no-build-isolation natten==0.21.7)"
+        if call.has_rpb:
+            return "natten>=0.20 has no relative position bias (pass rpb=None or use 'torch'/'flex')"
+        if call.attn_drop > 0:
+            return "natten has no attention dropout"
+        if call.needs_grad and call.device_type != "cuda":
+            return "natten has no backward on CPU (FlexAttention has no CPU backward)"
+        if call.dtype == torch.float64:
+            return "natten has no float64 kernels"
+        return None
+    # flex
+    if not flex_available():
+        return "torch.nn.attention.flex_attention is not available in this torch build"
+    if call.attn_drop > 0:
+        return "FlexAttention has no attention dropout"
+    if call.needs_grad and call.device_type != "cuda":
+        return "FlexAttention has no backward on CPU"
+    return None
+
+
+def _auto_skip_reason(backend: str, call: CallInfo) -> str:
+    if backend == "naive":
+        return "never picked automatically: it copies K and V k*k times (use it for FLOP counting)"
+    if call.device_type == "cpu" and backend in ("natten", "flex"):
+        return "slower on CPU than 'torch': its CPU path materialises full scores (forward only)"
+    return "a faster backend can serve"
+
+
+def call_info(q: torch.Tensor, k, v, rpb: torch.Tensor | None, attn_drop: float) -> CallInfo:
+    tensors = (q, k, v) if rpb is None else (q, k, v, rpb)
+    return CallInfo(
+        device_type="cuda" if q.is_cuda else "cpu",
+        dtype=q.dtype,
+        has_rpb=rpb is not None,
+        attn_drop=attn_drop,
+        needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in tensors),
+    )
+
+
+def select_backend(call: CallInfo) -> BackendChoice:
+    """The fastest backend that can serve `call`, with the reasons every other one was passed over."""
+    order = AUTO_ORDER.get(call.device_type, ("torch",))
+    rejected: dict[str, str] = {}
+    chosen = None
+    for name in order:
+        reason = why_not(name, call)
+        if reason is None and chosen is None:
+            chosen = name
+        elif reason is not None:
+            rejected[name] = reason
+        else:
+            rejected[name] = _auto_skip_reason(name, call)
+    for name in BACKENDS:
+        if name not in order:
+            rejected[name] = why_not(name, call) or _auto_skip_reason(name, call)
+    return BackendChoice(chosen or "torch", rejected)
+
+
+def explain_backends(
+    q: torch.Tensor,
+    rpb: torch.Tensor | None = None,
+    attn_drop: float = 0.0,
+    requires_grad: bool | None = None,
+) -> BackendChoice:
+    """What `backend='auto'` would run for a query like `q` (device, dtype), and why not the rest.
+
+    Every backend serves every valid kernel size, dilation and map size, so those don't enter.
+
+    >>> print(explain_backends(torch.randn(1, 14, 14, 2, 32), rpb=torch.zeros(2, 13, 13)))
+    """
+    call = call_info(q, q, q, rpb, attn_drop)
+    if requires_grad is not None:
+        call = CallInfo(call.device_type, call.dtype, call.has_rpb, call.attn_drop, requires_grad)
+    return select_backend(call)

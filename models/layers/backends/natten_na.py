@@ -1,0 +1,32 @@
+"""natten's `na2d` (>= 0.20): fused kernels on CUDA builds, FlexAttention elsewhere.
+
+natten >= 0.20 has no relative position bias and no attention dropout; on CPU it runs forward only.
+`checks.py` keeps it to the cases it can serve.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def natten_version() -> str | None:
+    try:
+        import natten
+    except Exception:  # natten missing or built against another torch: treat as unavailable
+        return None
+    return getattr(natten, "__version__", "unknown")
+
+
+def na2d_natten(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: int,
+    dilation: int,
+    rpb: torch.Tensor | None,
+    scale: float,
+    attn_drop: float,
+) -> torch.Tensor:
+    import natten
+
+    return natten.na2d(q, k, v, kernel_size=kernel_size, dilation=dilation, scale=scale)

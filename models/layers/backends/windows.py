@@ -1,0 +1,38 @@
+"""Window geometry shared by every backend: where each query's neighbourhood starts on one axis.
+
+Semantics are natten's (and the NAT/DiNAT papers'): with dilation `d`, position `i` belongs to the
+dilation group `i % d`; inside its group (positions `g, g+d, g+2d, ...`) the window is the plain
+k-window around `i // d`, its start clamped so that it stays inside the group. Windows are never
+zero-padded at borders: border queries see a window shifted inwards.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_length(length: int, group: int, dilation: int) -> int:
+    """Number of positions `group, group + d, ...` below `length`."""
+    return (length - group + dilation - 1) // dilation
+
+
+def window_starts(length: int, kernel_size: int, dilation: int = 1) -> torch.Tensor:
+    """`(length,)` int64: first key position of each query's window (keys: start + d * t, t < k)."""
+    pos = torch.arange(length)
+    group = pos % dilation
+    index_in_group = pos // dilation
+    group_len = (length - group + dilation - 1) // dilation
+    start_in_group = torch.minimum((index_in_group - kernel_size // 2).clamp(min=0), group_len - kernel_size)
+    return group + dilation * start_in_group
+
+
+def window_indices(length: int, kernel_size: int, dilation: int = 1) -> torch.Tensor:
+    """`(length, k)` int64: the key positions each query attends to on one axis."""
+    offsets = dilation * torch.arange(kernel_size)
+    return window_starts(length, kernel_size, dilation)[:, None] + offsets
+
+
+def bias_indices(length: int, kernel_size: int, dilation: int = 1) -> torch.Tensor:
+    """`(length, k)` int64: RPB row `(key - query) / d + k - 1` of each (query, window slot)."""
+    keys = window_indices(length, kernel_size, dilation)
+    return (keys - torch.arange(length)[:, None]) // dilation + kernel_size - 1

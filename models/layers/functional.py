@@ -1,0 +1,100 @@
+"""`neighborhood_attention_2d`: the one public entry point of the NA operator."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+
+import torch
+
+from .backends.checks import BACKENDS, call_info, select_backend, why_not
+from .backends.flex import na2d_flex
+from .backends.naive import na2d_naive
+from .backends.natten_na import na2d_natten
+from .backends.torch_tiled import na2d_tiled
+
+_IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "torch": na2d_tiled,
+    "naive": na2d_naive,
+    "natten": na2d_natten,
+    "flex": na2d_flex,
+}
+assert set(_IMPLEMENTATIONS) == set(BACKENDS)
+
+_forced_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("na_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run every NA call inside the block on backend `name` (overrides each call's `backend`)."""
+    if name not in BACKENDS and name != "auto":
+        raise ValueError(f"unknown NA backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'")
+    token = _forced_backend.set(name)
+    try:
+        yield
+    finally:
+        _forced_backend.reset(token)
+
+
+def _validate(q, k, v, kernel_size, dilation, rpb) -> None:
+    if not (isinstance(kernel_size, int) and kernel_size >= 1 and kernel_size % 2 == 1):
+        raise ValueError(f"kernel_size must be an odd integer >= 1, got {kernel_size!r}")
+    if not (isinstance(dilation, int) and dilation >= 1):
+        raise ValueError(f"dilation must be an integer >= 1, got {dilation!r}")
+    if q.dim() != 5:
+        raise ValueError(f"q, k, v must be (batch, height, width, heads, head_dim); got q of shape {tuple(q.shape)}")
+    if q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}; they must match"
+        )
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}; cast them to one dtype")
+    if q.device != k.device or q.device != v.device:
+        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    _, height, width, heads, _ = q.shape
+    window = kernel_size * dilation
+    if height < window or width < window:
+        raise ValueError(
+            f"feature map {height}x{width} is smaller than the window kernel_size*dilation = {window}; "
+            "zero-pad it to at least that (NeighborhoodAttention2D does) or use a smaller kernel/dilation"
+        )
+    if rpb is not None:
+        expected = (heads, 2 * kernel_size - 1, 2 * kernel_size - 1)
+        if tuple(rpb.shape) != expected:
+            raise ValueError(f"rpb must have shape (heads, 2k-1, 2k-1) = {expected}, got {tuple(rpb.shape)}")
+        if rpb.device != q.device:
+            raise ValueError(f"rpb is on {rpb.device} but q is on {q.device}")
+
+
+def neighborhood_attention_2d(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: int,
+    dilation: int = 1,
+    rpb: torch.Tensor | None = None,
+    scale: float | None = None,
+    attn_drop: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """2-D neighborhood attention (NAT / DiNAT), `(B, H, W, heads, head_dim)` in and out.
+
+    Query (i, j) attends to the `kernel_size x kernel_size` keys nearest to it inside its dilation
+    group, the window clamped to stay inside the map. `rpb` `(heads, 2k-1, 2k-1)` adds
+    `rpb[h, (ki - qi)/d + k - 1, (kj - qj)/d + k - 1]` to each logit. `scale` defaults to
+    `head_dim ** -0.5`. `backend`: 'auto' (see `explain_backends`), 'torch', 'naive', 'natten' or
+    'flex'; a backend that can't serve the call raises ValueError saying why.
+    """
+    _validate(q, k, v, kernel_size, dilation, rpb)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    call = call_info(q, k, v, rpb, attn_drop)
+    name = _forced_backend.get() or backend
+    if name == "auto":
+        name = select_backend(call).name
+    else:
+        reason = why_not(name, call)
+        if reason is not None:
+            raise ValueError(f"NA backend {name!r} can't serve this call: {reason}")
+    return _IMPLEMENTATIONS[name](q, k, v, kernel_size, dilation, rpb, scale, attn_drop)
