@@ -1,0 +1,14 @@
+"""The one exception type of the data package."""
+
+import difflib
+
+
+class DataError(ValueError):
+    """A data set, folder or data option is unusable; the message names the problem and what to do."""
+
+
+def unknown_key_error(key, valid, where="data config") -> DataError:
+    """DataError for an unknown option, naming the nearest valid one (typos are the usual cause)."""
+    close = difflib.get_close_matches(str(key), list(valid), n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(sorted(valid))}"
+    return DataError(f"unknown key '{key}' in {where}; {hint}")

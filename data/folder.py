@@ -1,0 +1,261 @@
+"""Class-folder datasets (ImageNet layout: split/<wnid>/*.JPEG) on timm's ImageDataset.
+
+Class selection (`resolve_classes`) happens once, on the train split, and the resulting ordered list is
+used for every split, so label i means the same class in train and val. Only the selected class folders
+are scanned (a 10-class ImageNet subset does not walk all 1.28M files).
+
+Unreadable images: timm's `ImageDataset.__getitem__` already catches IOError/OSError on open/decode,
+logs "Skipped sample" and moves on to the next index (giving up after TIMM_DATASET_MAX_RETRIES
+consecutive failures). `FolderImageDataset` builds on that loop: its reader records which indices the
+loop asked for, so the failed ones are known, marked in a shared-memory table (visible from DataLoader
+workers) and retrievable through `dataset.corrupt_count()` / `dataset.corrupt_files()` for the trainer
+to log. If timm gives up, a DataError names the files instead of a bare RuntimeError.
+"""
+
+import logging
+import os
+import random
+from pathlib import Path
+
+import torch
+from timm.data import ImageDataset
+from timm.data.readers.img_extensions import get_img_extensions
+from timm.data.readers.reader_image_folder import ReaderImageFolder
+from timm.utils.misc import natural_key
+
+from .errors import DataError
+
+_logger = logging.getLogger(__name__)
+
+
+def _image_extensions():
+    return {e.lower() for e in get_img_extensions(as_set=True)}
+
+
+def list_images(class_dir):
+    """Image files under one class folder (recursive, symlinks followed), in natural sort order."""
+    extensions = _image_extensions()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(
+            os.path.join(dirpath, f)
+            for f in filenames
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in extensions
+        )
+    return sorted(found, key=natural_key)
+
+
+def _class_dirs(split_dir):
+    return sorted(
+        (e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")), key=natural_key
+    )
+
+
+def _require_dir(path, what):
+    path = Path(path)
+    if not path.is_dir():
+        fix = "check the data root in the config"
+        if path.parent.is_dir():
+            present = ", ".join(_class_dirs(path.parent)[:8]) or "nothing"
+            fix = f"{path.parent} holds: {present}"
+        raise DataError(f"{what} {path} does not exist or is not a folder; {fix}")
+    return path
+
+
+def read_class_list(path):
+    """Class folder names from a file, one a line, in file order. Blank lines and '#' comments are
+    skipped. Lines like ImageNet's LOC_synset_mapping.txt ("n01440764 tench, Tinca tinca") give their
+    first word."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"class list file {path} does not exist; give a text file of class folder names")
+    names = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.append(line)
+    if not names:
+        raise DataError(f"class list file {path} names no classes; put one class folder name per line")
+    return names
+
+
+def resolve_classes(train_dir, class_list=None, num_classes=None, seed=0) -> list[str]:
+    """The ordered list of class folder names to use; index in the list = label.
+
+    class_list: file of class folder names (e.g. ImageNet wnids), one a line -> that order.
+    num_classes: that many classes drawn from train_dir with `seed`, returned sorted.
+    Neither: every class folder of train_dir, sorted (natural order, as timm sorts).
+    """
+    train_dir = _require_dir(train_dir, "train folder")
+    available = _class_dirs(train_dir)
+    if not available:
+        raise DataError(
+            f"train folder {train_dir} has no class subfolders; expected {train_dir}/<class>/<images>"
+        )
+    if class_list is not None and num_classes is not None:
+        raise DataError(
+            "both class_list and num_classes are set; use class_list for a fixed subset "
+            "or num_classes for a seeded random one, not both"
+        )
+    if class_list is not None:
+        classes = []
+        for line in read_class_list(class_list):
+            # Whole line if it is a folder (names with spaces), otherwise its first word.
+            name = line if line in available else line.split()[0]
+            classes.append(name)
+        dupes = sorted({c for c in classes if classes.count(c) > 1})
+        if dupes:
+            raise DataError(
+                f"class list {class_list} names {', '.join(dupes)} more than once; remove the repeats"
+            )
+        missing = [c for c in classes if c not in set(available)]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise DataError(
+                f"class '{missing[0]}'{more} from class list {class_list} is not a folder in {train_dir}; "
+                "fix the list or the data root"
+            )
+    elif num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise DataError(f"num_classes={num_classes!r} must be a positive integer")
+        if num_classes > len(available):
+            raise DataError(
+                f"num_classes={num_classes} but {train_dir} has only {len(available)} class folders; "
+                f"use num_classes <= {len(available)}"
+            )
+        classes = sorted(random.Random(seed).sample(available, num_classes), key=natural_key)
+    else:
+        classes = available
+    for name in classes:
+        _check_not_empty(train_dir / name, name, train_dir)
+    return list(classes)
+
+
+def _check_not_empty(class_dir, name, split_dir):
+    with os.scandir(class_dir) as it:
+        # Cheap test first (flat ImageNet folders); full walk only if the first entries are not images.
+        extensions = _image_extensions()
+        for entry in it:
+            if entry.is_file() and os.path.splitext(entry.name)[1].lower() in extensions:
+                return
+    if not list_images(class_dir):
+        raise DataError(
+            f"class '{name}' in {split_dir} has no images "
+            f"(extensions {', '.join(sorted(_image_extensions()))}); "
+            "add images or leave the class out with a class list"
+        )
+
+
+class ClassFolderReader(ReaderImageFolder):
+    """timm's folder reader over an explicit (path, label) list; records the indices it is asked for so
+    the dataset can tell which ones timm's retry loop skipped."""
+
+    def __init__(self, root, samples, class_to_idx):
+        # ReaderImageFolder.__init__ would walk the whole root; the samples are already known.
+        super(ReaderImageFolder, self).__init__()
+        self.root = str(root)
+        self.samples = samples
+        self.class_to_idx = class_to_idx
+        self.requested = []
+
+    def __getitem__(self, index):
+        self.requested.append(index)
+        return super().__getitem__(index)
+
+
+class FolderImageDataset(ImageDataset):
+    """timm ImageDataset over selected class folders that counts the unreadable images it skips."""
+
+    def __init__(self, reader: ClassFolderReader, transform=None, **kwargs):
+        super().__init__(root=reader.root, reader=reader, transform=transform, **kwargs)
+        self.classes = sorted(reader.class_to_idx, key=reader.class_to_idx.get)
+        # One byte per sample in shared memory: DataLoader workers mark the files they could not read
+        # and the main process sees it (worker-local counters would be lost).
+        self._corrupt = torch.zeros(len(reader), dtype=torch.uint8).share_memory_()
+        self._warned = set()
+
+    def __getitem__(self, index):
+        self.reader.requested = []
+        try:
+            item = super().__getitem__(index)
+        except RuntimeError as e:
+            failed = self.reader.requested
+            if len(failed) < self._max_retries:  # not timm giving up on loading: not ours to explain
+                raise
+            self._mark(failed)
+            names = ", ".join(self.filename(i, absolute=True) for i in failed[:3])
+            raise DataError(
+                f"{len(failed)} consecutive images could not be read ({names}, ...) in {self.reader.root}; "
+                "the data is damaged: re-extract it, or delete the broken files "
+                "(or raise TIMM_DATASET_MAX_RETRIES)"
+            ) from e
+        self._mark(self.reader.requested[:-1])  # every index before the one that loaded failed
+        return item
+
+    def _mark(self, indices):
+        for i in indices:
+            self._corrupt[i] = 1
+            if i not in self._warned:
+                self._warned.add(i)
+                _logger.warning(
+                    "skipped unreadable image %s (a neighbour was used instead); "
+                    "dataset.corrupt_files() lists all, delete or replace them",
+                    self.filename(i, absolute=True),
+                )
+
+    def corrupt_count(self) -> int:
+        """Number of distinct files found unreadable so far (across DataLoader workers)."""
+        return int(self._corrupt.sum())
+
+    def corrupt_files(self) -> list[str]:
+        return [self.filename(int(i), absolute=True) for i in torch.nonzero(self._corrupt).flatten()]
+
+    def class_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(self.classes, 0)
+        for _, label in self.reader.samples:
+            counts[self.classes[label]] += 1
+        return counts
+
+
+def corrupt_count(dataset) -> int:
+    """Unreadable images skipped so far by `dataset` (0 for datasets that do not count them)."""
+    fn = getattr(dataset, "corrupt_count", None)
+    return int(fn()) if callable(fn) else 0
+
+
+def build_image_folder(split_dir, classes, max_per_class=None, seed=0, transform=None) -> ImageDataset:
+    """timm ImageDataset over split_dir/<class>/* for the given classes; label = index in `classes`.
+
+    max_per_class: keep at most that many images per class, chosen with `seed` (per class, so a class's
+    pick does not depend on the other classes), in file order.
+    """
+    split_dir = _require_dir(split_dir, "split folder")
+    classes = list(classes)
+    if not classes:
+        raise DataError("no classes given; pass the list returned by resolve_classes()")
+    if max_per_class is not None and (
+        isinstance(max_per_class, bool) or not isinstance(max_per_class, int) or max_per_class < 1
+    ):
+        raise DataError(f"max_per_class={max_per_class!r} must be a positive integer or None")
+    missing = [c for c in classes if not (split_dir / c).is_dir()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(
+            f"class '{missing[0]}'{more} has no folder in {split_dir}; every split needs the same class "
+            "folders (for ImageNet val, sort it with scripts/prepare_imagenet_val.py)"
+        )
+    samples = []
+    for label, name in enumerate(classes):
+        files = list_images(split_dir / name)
+        if not files:
+            raise DataError(
+                f"class '{name}' in {split_dir} has no images; "
+                "add images or leave the class out with a class list"
+            )
+        if max_per_class is not None and len(files) > max_per_class:
+            keep = set(random.Random(f"{seed}:{name}").sample(range(len(files)), max_per_class))
+            files = [f for i, f in enumerate(files) if i in keep]
+        samples.extend((f, label) for f in files)
+    reader = ClassFolderReader(split_dir, samples, {c: i for i, c in enumerate(classes)})
+    return FolderImageDataset(reader, transform=transform)
