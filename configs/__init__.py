@@ -1,0 +1,417 @@
+"""Training configs: a typed schema with defaults, YAML files that inherit (`base:`), CLI overrides.
+
+A config is a nested dict with the sections of `DEFAULTS` below. YAML files only state what differs
+from their base; `load_config` resolves the chain, applies `key=value` overrides, checks every key
+and type, and returns the fully resolved dict (saved as `config.yaml` with every run).
+
+    cfg = load_config(["configs/nat_tiny.yaml", "configs/imagenet100.yaml"], ["optim.lr=5e-4"])
+
+* `base: other.yaml` (or a list of files, merged in order) is resolved relative to the file naming it.
+* Several files (`-c a.yaml -c b.yaml`) are merged left to right: model files + subset overlays.
+* Overrides are `section.key=value`; the value is parsed as YAML (`[1, 2]`, `{a: 1}`, `null`, `true`).
+* An unknown or misspelled key is an error naming the key and its nearest valid neighbour.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent
+
+# Keys whose value is a free-form dict (no schema below them).
+FREEFORM = {"model.kwargs", "data.timm_kwargs"}
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "model": {
+        "name": "nat_mini",  # any timm model name: nat_*, dinat_*, swin_*, convnext_*, resnet*, ...
+        "pretrained": False,  # timm pretrained weights (downloads: only when you ask for it)
+        "checkpoint": None,  # fine-tune from a file: ours, a timm state_dict, or an official NAT/DiNAT .pth
+        "checkpoint_use_ema": False,  # take `state_dict_ema` from one of our checkpoints
+        "num_classes": None,  # None: number of classes in the dataset (head re-sized when fine-tuning)
+        "drop_rate": 0.0,
+        "drop_path_rate": 0.1,
+        "kwargs": {},  # extra timm.create_model kwargs (e.g. embed_dim, depths for small variants)
+    },
+    "data": {  # passed to data.build_datasets (see data/)
+        "dataset": "folder",  # folder | synthetic | a timm reader name
+        "root": "datasets/imagenet",
+        "train_split": "train",
+        "val_split": "val",
+        "class_list": None,  # file or list of class names (wnids) making the subset
+        "num_classes": None,  # keep only the first N classes
+        "max_per_class": None,  # cap images per class (train)
+        "max_per_class_val": None,
+        "seed": 0,
+        "synthetic": {
+            "num_classes": 10,
+            "train_per_class": 200,
+            "val_per_class": 50,
+            "image_size": 64,
+            "seed": 0,
+        },
+        "timm_kwargs": None,  # extra timm create_dataset arguments (timm reader datasets only)
+        "download": False,  # let a timm reader download its dataset (never implicit)
+        "img_size": None,  # None: the model's default input size
+        "crop_pct": None,  # None: the model's default
+        "interpolation": "",  # '': the model's default
+        "mean": None,
+        "std": None,
+        "workers": 4,
+        "pin_memory": True,
+        "val_batch_size": None,  # None: 2 x train batch size
+    },
+    "aug": {  # timm.data.create_transform + timm.data.Mixup
+        "no_aug": False,
+        "auto_augment": "rand-m9-mstd0.5-inc1",  # RandAugment m9 (None/'' disables)
+        "scale": [0.08, 1.0],
+        "ratio": [0.75, 1.3333333333333333],
+        "hflip": 0.5,
+        "vflip": 0.0,
+        "color_jitter": 0.4,
+        "train_interpolation": "random",
+        "reprob": 0.25,
+        "remode": "pixel",
+        "recount": 1,
+        "mixup": 0.8,
+        "cutmix": 1.0,
+        "cutmix_minmax": None,
+        "mixup_prob": 1.0,
+        "mixup_switch_prob": 0.5,
+        "mixup_mode": "batch",
+        "mixup_off_epoch": 0,  # turn mixup/cutmix off from this epoch (0: never)
+        "smoothing": 0.1,
+    },
+    "optim": {  # timm.optim.create_optimizer_v2
+        "opt": "adamw",
+        "lr": None,  # absolute lr; None: lr_base * global_batch / lr_base_size
+        "lr_base": 1e-3,
+        "lr_base_size": 1024,
+        "weight_decay": 0.05,
+        "momentum": 0.9,
+        "opt_eps": None,
+        "opt_betas": None,
+        "layer_decay": None,  # layer-wise lr decay (fine-tuning), e.g. 0.75
+        "clip_grad": None,
+        "clip_mode": "norm",
+        "grad_accum_steps": 1,
+    },
+    "sched": {  # timm.scheduler.create_scheduler_v2
+        "sched": "cosine",
+        "epochs": 300,
+        "warmup_epochs": 20,
+        "cooldown_epochs": 10,
+        "warmup_lr": 1e-6,
+        "min_lr": 5e-6,
+        "decay_milestones": [90, 180, 270],
+        "decay_rate": 0.1,
+        "step_on_updates": True,  # lr changes every optimizer update, not only per epoch
+    },
+    "ema": {  # timm.utils.ModelEmaV3
+        "enabled": False,
+        "decay": 0.9998,
+        "warmup": False,
+        "force_cpu": False,
+    },
+    "train": {
+        "batch_size": 128,  # per process, per micro-batch
+        "device": "auto",  # auto | cpu | cuda | cuda:N
+        "amp": True,  # mixed precision on GPU (ignored on CPU)
+        "amp_dtype": "bfloat16",  # bfloat16 | float16 (float16 uses a GradScaler)
+        "channels_last": False,
+        "compile": False,  # torch.compile the model (or a mode name: 'max-autotune', ...)
+        "seed": 42,
+        "deterministic": False,  # deterministic algorithms, exact resume on CPU
+        "output": "runs",
+        "experiment": None,  # run folder name; None: <date-time>-<model>
+        "checkpoint_hist": 3,  # best-k epoch checkpoints kept (plus last and model_best)
+        "eval_metric": "top1",  # top1 | top5 | loss
+        "eval_interval": 1,  # validate every N epochs (and after the last)
+        "log_interval": 50,  # TensorBoard scalars every N updates
+        "progress": "auto",  # auto (only on a terminal) | on | off
+        "stop_after_updates": None,  # stop (as if SIGTERM) after N updates: saves and exits, for tests
+    },
+}
+
+# Types for keys whose default is None (or that need more than the default's type).
+TYPES: dict[str, tuple] = {
+    "model.checkpoint": (str,),
+    "model.num_classes": (int,),
+    "data.class_list": (str, list),
+    "data.timm_kwargs": (dict,),
+    "data.num_classes": (int,),
+    "data.max_per_class": (int,),
+    "data.max_per_class_val": (int,),
+    "data.img_size": (int, list),
+    "data.crop_pct": (float,),
+    "data.mean": (list,),
+    "data.std": (list,),
+    "data.val_batch_size": (int,),
+    "aug.auto_augment": (str,),
+    "aug.cutmix_minmax": (list,),
+    "optim.lr": (float,),
+    "optim.opt_eps": (float,),
+    "optim.opt_betas": (list,),
+    "optim.layer_decay": (float,),
+    "optim.clip_grad": (float,),
+    "train.compile": (bool, str),
+    "train.experiment": (str,),
+    "train.stop_after_updates": (int,),
+}
+
+CHOICES: dict[str, tuple] = {
+    "train.amp_dtype": ("bfloat16", "float16"),
+    "train.eval_metric": ("top1", "top5", "loss"),
+    "train.progress": ("auto", "on", "off"),
+    "optim.clip_mode": ("norm", "value", "agc"),
+    "aug.mixup_mode": ("batch", "pair", "elem"),
+    "aug.remode": ("pixel", "rand", "const"),
+}
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key/file and the fix."""
+
+
+def all_keys(schema: dict = DEFAULTS, prefix: str = "") -> list[str]:
+    """Every valid dotted key (sections, leaves and nested schema dicts)."""
+    keys = []
+    for name, value in schema.items():
+        key = f"{prefix}{name}"
+        keys.append(key)
+        if isinstance(value, dict) and key not in FREEFORM:
+            keys.extend(all_keys(value, key + "."))
+    return keys
+
+
+def nearest_key(key: str) -> str:
+    """The valid key closest to `key` (same leaf name in another section wins)."""
+    valid = all_keys()
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in valid if k.rsplit(".", 1)[-1] == leaf]
+    if same_leaf:
+        return same_leaf[0]
+    depth = key.count(".")
+    candidates = [k for k in valid if k.count(".") == depth] or valid
+    best = difflib.get_close_matches(key, candidates, n=1, cutoff=0.0)
+    return best[0] if best else valid[0]
+
+
+def _unknown(key: str, where: str) -> ConfigError:
+    return ConfigError(f"unknown config key '{key}'{where}; did you mean '{nearest_key(key)}'?")
+
+
+def _schema_at(key: str):
+    node: Any = DEFAULTS
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    """Check `value` against the type of `key`'s default (or TYPES); convert the harmless cases."""
+    if value is None:
+        return None
+    default = _schema_at(key)
+    types = TYPES.get(key) or (type(default),)
+    if key in FREEFORM:
+        types = (dict,)
+    for t in types:
+        if t is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+                return value.lower() in ("true", "yes", "on")
+        elif t is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):  # YAML 1.1 reads '5e-4' as a string
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        elif t is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+        elif t is list:
+            if isinstance(value, (list, tuple)):
+                return [_maybe_float(v) for v in value]
+        elif t is str:
+            if isinstance(value, str):
+                return value
+        elif isinstance(value, t):
+            return value
+    names = " or ".join(t.__name__ for t in types)
+    raise ConfigError(f"config key '{key}'{where} must be {names}, got {value!r}")
+
+
+def _maybe_float(v):
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def _check_tree(tree: dict, where: str, prefix: str = "") -> dict:
+    """Validate a (partial) config tree against the schema; returns it with coerced values."""
+    out = {}
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if not isinstance(name, str):
+            raise ConfigError(f"config key {name!r}{where} must be a string")
+        try:
+            default = _schema_at(key)
+        except (KeyError, TypeError):
+            raise _unknown(key, where) from None
+        if isinstance(default, dict) and key not in FREEFORM:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}'{where} is a section: give a mapping, got {value!r}")
+            out[name] = _check_tree(value, where, key + ".")
+        else:
+            out[name] = _coerce(key, value, where)
+            if key in CHOICES and out[name] not in CHOICES[key]:
+                raise ConfigError(f"config key '{key}'{where} must be one of {CHOICES[key]}, got {value!r}")
+    return out
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Deep-merge `update` into a copy of `base` (dicts merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("kwargs", "timm_kwargs"):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def resolve_path(path: str | Path, relative_to: Path | None = None) -> Path:
+    """A config path as given, else relative to `relative_to`, else inside configs/ (`nat_tiny` works)."""
+    p = Path(path)
+    candidates = [p]
+    if relative_to is not None:
+        candidates.append(relative_to / p)
+    candidates += [CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(f"config file '{path}' not found; see {CONFIG_DIR} for the available configs")
+
+
+def load_file(path: str | Path, _chain: tuple = ()) -> dict:
+    """Load one YAML file with its `base:` chain resolved (still partial: not merged with DEFAULTS)."""
+    path = resolve_path(path, Path(_chain[-1]).parent if _chain else None).resolve()
+    if path in _chain:
+        raise ConfigError(f"config inheritance cycle: {' -> '.join(str(p) for p in (*_chain, path))}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        at = f" line {line + 1}" if line is not None else ""
+        raise ConfigError(f"config file '{path}'{at} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file '{path}' must be a mapping of sections, got {type(raw).__name__}")
+    bases = raw.pop("base", None) or raw.pop("defaults", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    tree: dict = {}
+    for b in bases:
+        tree = merge(tree, load_file(b, (*_chain, path)))
+    return merge(tree, _check_tree(raw, f" in {path}"))
+
+
+def parse_override(text: str) -> dict:
+    """'optim.lr=5e-4' -> {'optim': {'lr': 5e-4}} (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value (e.g. optim.lr=5e-4)")
+    key, _, value = text.partition("=")
+    key = key.strip().lstrip("-")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    tree: dict = {}
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = parsed
+    return tree
+
+
+def _apply_override(cfg: dict, text: str) -> dict:
+    tree = parse_override(text)
+    key = text.partition("=")[0].strip().lstrip("-")
+    # model.kwargs.embed_dim=32: a single key inside a free-form dict
+    for ff in FREEFORM:
+        if key.startswith(ff + "."):
+            sub = key[len(ff) + 1 :]
+            section, name = ff.split(".")
+            cfg = copy.deepcopy(cfg)
+            cfg[section][name][sub] = tree[section][name][sub]
+            return cfg
+    try:  # a str-typed key keeps the text as typed: YAML would turn 'on' into True, '1e-3' stays
+        default = _schema_at(key)
+        if (TYPES.get(key) or (type(default),)) == (str,):
+            raw = text.partition("=")[2].strip()
+            if raw not in ("null", "~", ""):
+                node = tree
+                parts = key.split(".")
+                for part in parts[:-1]:
+                    node = node[part]
+                node[parts[-1]] = raw
+    except (KeyError, TypeError):
+        pass  # unknown key: _check_tree names it
+    return merge(cfg, _check_tree(tree, f" (override '{text}')"))
+
+
+def load_config(paths=(), overrides=(), base: dict | None = None) -> dict:
+    """Resolve DEFAULTS (or `base`) <- files (with their bases) <- overrides into a full config."""
+    cfg = copy.deepcopy(base if base is not None else DEFAULTS)
+    for p in paths:
+        cfg = merge(cfg, load_file(p))
+    for o in overrides:
+        cfg = _apply_override(cfg, o)
+    return validate(cfg)
+
+
+def validate(cfg: dict) -> dict:
+    """Check a complete config (e.g. one stored in a checkpoint) and cross-key constraints."""
+    cfg = merge(DEFAULTS, _check_tree(cfg, ""))
+    if cfg["optim"]["grad_accum_steps"] < 1:
+        raise ConfigError("config key 'optim.grad_accum_steps' must be >= 1")
+    if cfg["train"]["batch_size"] < 1:
+        raise ConfigError("config key 'train.batch_size' must be >= 1")
+    if cfg["sched"]["epochs"] < 1:
+        raise ConfigError("config key 'sched.epochs' must be >= 1")
+    return cfg
+
+
+def dump_config(cfg: dict, path: str | Path | None = None) -> str:
+    text = yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+    if path is not None:
+        Path(path).write_text(text)
+    return text
+
+
+def flat(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    """{'optim.lr': 1e-3, ...} for logging."""
+    out = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key not in FREEFORM:
+            out.update(flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
