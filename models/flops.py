@@ -1,0 +1,38 @@
+"""FLOP counting that sees neighborhood attention at its true cost.
+
+`count_flops` runs one forward pass under `torch.utils.flop_counter.FlopCounterMode` with the NA
+operator forced onto its "naive" backend, which computes QK^T and AV as batched matmuls over exactly
+kernel_size**2 keys per query: the counter then charges NA what the papers do. Convs, linears and
+matmuls are counted; norms, activations, softmax and pooling are not (negligible, and left out of
+the papers' tables too). Numbers are multiply-accumulates ("FLOPs" in the NAT/DiNAT/Swin tables).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_flops(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), batch_size: int = 1) -> int:
+    """Multiply-adds of one forward pass of `model` on a `(batch_size, *input_size)` input."""
+    from .layers import use_backend  # the NA operator; imported here so `models` imports without it
+
+    if len(input_size) != 3:
+        raise ValueError(f"input_size must be (channels, height, width), got {tuple(input_size)}")
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    x = torch.zeros(batch_size, *input_size, device=device, dtype=dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), use_backend("naive"), counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    # FlopCounterMode counts a multiply and an add per MAC
+    return counter.get_total_flops() // 2

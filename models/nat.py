@@ -1,0 +1,749 @@
+"""NAT and DiNAT: Neighborhood Attention Transformers, as a timm model family.
+
+* NAT: `Neighborhood Attention Transformer` - https://arxiv.org/abs/2204.07143
+* DiNAT: `Dilated Neighborhood Attention Transformer` - https://arxiv.org/abs/2209.15001
+
+Architecture, hyper-parameters and checkpoints follow the official repository,
+https://github.com/SHI-Labs/Neighborhood-Attention-Transformer (classification/nat.py, dinat.py).
+DiNAT is NAT with per-block dilations: within each stage blocks alternate NA (dilation 1) and
+dilated NA, with the dilation picked so the dilated window spans the stage's map at the training
+resolution (224: 8/4/2/1, 384: 13/6/3/1).
+
+Internal names are timm's (`stem`, `stages.N.downsample`, `stages.N.blocks.M`, `norm`, `head.fc`);
+`checkpoint_filter_fn` maps the official key layout (`patch_embed`, `levels`, `head`) onto them.
+The official repo puts the downsampler at the end of level i, here it opens stage i + 1.
+
+Inputs of any size work: a map smaller than a layer's window (kernel_size * dilation) is
+zero-padded then cropped by `NeighborhoodAttention2D`, what the official models got from natten
+0.14. The official code does not shrink dilations for small inputs, so neither does this one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+from urllib.error import URLError
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import ClassifierHead, DropPath, LayerScale, Mlp, trunc_normal_
+from timm.layers.pos_embed_rel import resize_rel_pos_bias_table_simple
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._helpers import clean_state_dict
+from torch import nn
+
+from .layers import NeighborhoodAttention2D
+
+__all__ = ["NAT", "checkpoint_filter_fn", "dinat_dilations"]
+
+_logger = logging.getLogger(__name__)
+
+
+def dinat_dilations(depths: Sequence[int], stage_dilations: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """DiNAT's schedule: in each stage, even blocks use NA (dilation 1), odd blocks dilated NA."""
+    return tuple(
+        tuple(1 if j % 2 == 0 else d for j in range(depth))
+        for depth, d in zip(depths, stage_dilations, strict=True)
+    )
+
+
+class ConvStem(nn.Module):
+    """Tokenizer: two 3x3 stride-2 convs (embed_dim/2, then embed_dim) and a LayerNorm, NCHW -> NHWC."""
+
+    def __init__(self, in_chans: int, embed_dim: int, norm_layer: type[nn.Module] = nn.LayerNorm):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, embed_dim // 2, kernel_size=3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(embed_dim // 2, embed_dim, kernel_size=3, stride=2, padding=1)
+        self.norm = norm_layer(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(self.conv1(x))
+        return self.norm(x.permute(0, 2, 3, 1))
+
+
+class ConvDownsample(nn.Module):
+    """3x3 stride-2 conv (no bias) to `out_dim` channels and a LayerNorm, NHWC in and out."""
+
+    def __init__(self, dim: int, out_dim: int, norm_layer: type[nn.Module] = nn.LayerNorm):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, out_dim, kernel_size=3, stride=2, padding=1, bias=False)
+        self.norm = norm_layer(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.norm(x)
+
+
+class NATBlock(nn.Module):
+    """LN -> NA (with RPB) -> [layer scale] -> drop-path residual; LN -> MLP -> [layer scale] -> residual."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        kernel_size: int = 7,
+        dilation: int = 1,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        layer_scale: float | None = None,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        act_layer: type[nn.Module] = nn.GELU,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        attn_backend: str = "auto",
+    ):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = NeighborhoodAttention2D(
+            dim,
+            num_heads,
+            kernel_size=kernel_size,
+            dilation=dilation,
+            qkv_bias=qkv_bias,
+            qk_scale=qk_scale,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            backend=attn_backend,
+        )
+        self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+class NATStage(nn.Module):
+    """Optional downsampler (stages 1..N-1) followed by `depth` NAT blocks; NHWC in and out."""
+
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int,
+        depth: int,
+        num_heads: int,
+        kernel_size: int,
+        dilations: Sequence[int],
+        downsample: bool,
+        drop_path: Sequence[float],
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        **block_kwargs: Any,
+    ):
+        super().__init__()
+        self.grad_checkpointing = False
+        self.downsample = ConvDownsample(dim, out_dim, norm_layer) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(
+            *[
+                NATBlock(
+                    out_dim,
+                    num_heads,
+                    kernel_size=kernel_size,
+                    dilation=dilations[i],
+                    drop_path=drop_path[i],
+                    norm_layer=norm_layer,
+                    **block_kwargs,
+                )
+                for i in range(depth)
+            ]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            for block in self.blocks:
+                x = checkpoint(block, x)
+        else:
+            x = self.blocks(x)
+        return x
+
+
+class NAT(nn.Module):
+    """Neighborhood Attention Transformer; with `dilations` set, DiNAT.
+
+    Args:
+        in_chans: Input image channels.
+        num_classes: Classifier outputs; 0 for no classifier (`forward` returns pooled features).
+        global_pool: Pooling before the classifier ('avg', as the official models, or any timm pool).
+        embed_dim: Channels of stage 0; each later stage doubles them.
+        depths: Blocks per stage.
+        num_heads: Attention heads per stage.
+        kernel_size: NA window size (odd); an int for all stages or one per stage.
+        dilations: Per stage, one dilation per block (DiNAT); None means all 1 (NAT).
+        mlp_ratio: MLP hidden width / block width.
+        qkv_bias: Bias in the qkv projection.
+        qk_scale: Attention logit scale; None means head_dim ** -0.5.
+        layer_scale: Initial value of the layer-scale gammas; None for no layer scale.
+        drop_rate: Dropout before the classifier.
+        proj_drop_rate: Dropout after the attention projection and in the MLP (the official `drop_rate`).
+        attn_drop_rate: Dropout on attention weights.
+        drop_path_rate: Stochastic depth, linearly increasing over all blocks up to this value.
+        norm_layer: Normalization (channels-last).
+        attn_backend: NA backend for every block ('auto', 'torch', 'naive', 'natten', 'flex').
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        embed_dim: int = 64,
+        depths: Sequence[int] = (3, 4, 6, 5),
+        num_heads: Sequence[int] = (2, 4, 8, 16),
+        kernel_size: int | Sequence[int] = 7,
+        dilations: Sequence[Sequence[int]] | None = None,
+        mlp_ratio: float = 3.0,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        layer_scale: float | None = None,
+        drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.2,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        attn_backend: str = "auto",
+    ):
+        super().__init__()
+        num_stages = len(depths)
+        if len(num_heads) != num_stages:
+            raise ValueError(
+                f"num_heads {tuple(num_heads)} must give one value per stage of depths {tuple(depths)}"
+            )
+        kernel_sizes = (kernel_size,) * num_stages if isinstance(kernel_size, int) else tuple(kernel_size)
+        if len(kernel_sizes) != num_stages:
+            raise ValueError(
+                f"kernel_size {kernel_size} must be an int or one value per stage ({num_stages})"
+            )
+        if dilations is None:
+            dilations = tuple((1,) * d for d in depths)
+        dilations = tuple(tuple(int(d) for d in stage) for stage in dilations)
+        if [len(s) for s in dilations] != list(depths):
+            raise ValueError(
+                f"dilations must give one value per block: got lengths {[len(s) for s in dilations]} "
+                f"for depths {tuple(depths)}"
+            )
+
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.output_fmt = "NHWC"
+        self.embed_dim = embed_dim
+        self.depths = tuple(depths)
+        self.num_heads = tuple(num_heads)
+        self.kernel_size = kernel_sizes
+        self.dilations = dilations
+        self.mlp_ratio = float(mlp_ratio)
+        self.layer_scale = layer_scale
+        dims = [int(embed_dim * 2**i) for i in range(num_stages)]
+        self.num_features = self.head_hidden_size = dims[-1]
+
+        self.stem = ConvStem(in_chans, embed_dim, norm_layer)
+        # one linspace over all blocks, as the official code, then cut per stage
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.feature_info = []
+        stages = []
+        for i in range(num_stages):
+            first = sum(depths[:i])
+            stages.append(
+                NATStage(
+                    dim=dims[max(i - 1, 0)],
+                    out_dim=dims[i],
+                    depth=depths[i],
+                    num_heads=num_heads[i],
+                    kernel_size=kernel_sizes[i],
+                    dilations=dilations[i],
+                    downsample=i > 0,
+                    drop_path=dpr[first : first + depths[i]],
+                    norm_layer=norm_layer,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    qk_scale=qk_scale,
+                    layer_scale=layer_scale,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                    attn_backend=attn_backend,
+                )
+            )
+            self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}"))
+        self.stages = nn.Sequential(*stages)
+        self.norm = norm_layer(self.num_features)
+        self.head = ClassifierHead(
+            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC"
+        )
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # as the official code: linear trunc-normal(0.02) with zero bias, LN identity; convs keep torch's init
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """RPB tables, norm weights, biases and layer-scale gammas: all but weight matrices and kernels."""
+        return {n for n, p in self.named_parameters() if p.ndim <= 1 or n.endswith(".rpb")}
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> set[str]:
+        """What the official training code excluded by keyword."""
+        return {"rpb"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)"
+            if coarse
+            else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features)
+        self.head.fc.apply(self._init_weights)
+        self.head_hidden_size = self.head.num_features
+        if global_pool is not None:
+            self.global_pool = global_pool
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Forward that also returns stage outputs.
+
+        Args:
+            x: Input images (B, C, H, W).
+            indices: Take the last n stages if int, all if None, these stages if a sequence.
+            norm: Apply the final norm to the last stage's output (the only one it is sized for).
+            stop_early: Stop after the last stage asked for.
+            output_fmt: 'NCHW' or 'NHWC' for the intermediates.
+            intermediates_only: Return only the intermediates.
+
+        Returns:
+            The intermediates, or (final features NHWC, intermediates).
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last = len(self.stages) - 1
+        x = self.stem(x)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                x_inter = self.norm(x) if norm and i == last else x
+                if output_fmt == "NCHW":
+                    x_inter = x_inter.permute(0, 3, 1, 2).contiguous()
+                intermediates.append(x_inter)
+        if intermediates_only:
+            return intermediates
+        if i == last:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self,
+        indices: int | list[int] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        """Drop the stages (and norm / head) that the intermediates at `indices` don't need."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[: max_index + 1]
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> normed last-stage map (B, H/32, W/32, C), channels-last."""
+        x = self.stem(x)
+        x = self.stages(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# Official checkpoints
+
+_OFFICIAL_PREFIXES = ("patch_embed.", "levels.")
+
+
+def _remap_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official NAT/DiNAT key layout -> this module's."""
+    out = {}
+    for k, v in state_dict.items():
+        new = k
+        new = re.sub(r"^patch_embed\.proj\.0\.", "stem.conv1.", new)
+        new = re.sub(r"^patch_embed\.proj\.1\.", "stem.conv2.", new)
+        new = re.sub(r"^patch_embed\.norm\.", "stem.norm.", new)
+        new = re.sub(r"^levels\.(\d+)\.blocks\.(\d+)\.gamma([12])$", r"stages.\1.blocks.\2.ls\3.gamma", new)
+        new = re.sub(r"^levels\.(\d+)\.blocks\.", r"stages.\1.blocks.", new)
+        # the official level i ends with the downsampler that opens stage i + 1 here
+        m = re.match(r"^levels\.(\d+)\.downsample\.(reduction|norm)\.(.*)$", k)
+        if m:
+            part = "conv" if m.group(2) == "reduction" else "norm"
+            new = f"stages.{int(m.group(1)) + 1}.downsample.{part}.{m.group(3)}"
+        new = re.sub(r"^head\.(weight|bias)$", r"head.fc.\1", new)
+        out[new] = v
+    return out
+
+
+def _describe(arch: dict[str, Any]) -> str:
+    return (
+        f"embed_dim {arch['embed_dim']}, depths {arch['depths']}, heads {arch['num_heads']}, "
+        f"mlp_ratio {arch['mlp_ratio']:g}, layer scale {'yes' if arch['layer_scale'] else 'no'}"
+    )
+
+
+def _arch_of_model(model: NAT) -> dict[str, Any]:
+    return dict(
+        embed_dim=model.embed_dim,
+        depths=tuple(model.depths),
+        num_heads=tuple(model.num_heads),
+        mlp_ratio=float(model.mlp_ratio),
+        layer_scale=model.layer_scale is not None,
+    )
+
+
+def _arch_of_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """Read the structure (what the weights fix, not kernel size / dilation / classes) off a state dict."""
+    try:
+        embed_dim = sd["stem.conv2.weight"].shape[0]
+        blocks: dict[int, set[int]] = {}
+        for k in sd:
+            m = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.", k)
+            if m:
+                blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+        num_stages = max(blocks) + 1
+        depths = tuple(max(blocks.get(i, {-1})) + 1 for i in range(num_stages))
+        heads = tuple(sd[f"stages.{i}.blocks.0.attn.rpb"].shape[0] for i in range(num_stages))
+        hidden = sd["stages.0.blocks.0.mlp.fc1.weight"].shape[0]
+    except (KeyError, ValueError):
+        return None
+    return dict(
+        embed_dim=int(embed_dim),
+        depths=depths,
+        num_heads=heads,
+        mlp_ratio=hidden / embed_dim,
+        layer_scale=any(k.endswith(".ls1.gamma") for k in sd),
+    )
+
+
+def _names_for(arch: dict[str, Any]) -> str:
+    names = [n for n, a in _ARCHS.items() if _arch_of_model_args(a) == arch]
+    return " / ".join(names) if names else "an unregistered NAT/DiNAT configuration"
+
+
+def _arch_of_model_args(args: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        embed_dim=args["embed_dim"],
+        depths=tuple(args["depths"]),
+        num_heads=tuple(args["num_heads"]),
+        mlp_ratio=float(args["mlp_ratio"]),
+        layer_scale=args.get("layer_scale") is not None,
+    )
+
+
+def _unwrap(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
+    for key in ("model", "state_dict"):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+    return clean_state_dict(state_dict)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Any], model: NAT) -> dict[str, torch.Tensor]:
+    """Turn an official NAT/DiNAT checkpoint (or one of this module's) into `model`'s state dict.
+
+    Unwraps 'model' / 'state_dict' wrappers, renames official keys, bicubically resizes RPB tables
+    when the kernel size differs (how DiNAT's 11x11 weights were made from the 7x7 ones), and resets
+    the classifier when the class count differs (drops it for `num_classes=0`). Everything else must
+    match exactly: a checkpoint of another variant, or a key missing / left over, raises ValueError.
+    """
+    sd = _unwrap(state_dict)
+    if any(k.startswith(_OFFICIAL_PREFIXES) for k in sd):
+        sd = _remap_official(sd)
+    model_sd = model.state_dict()
+
+    ckpt_arch = _arch_of_state_dict(sd)
+    model_arch = _arch_of_model(model)
+    model_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", "this NAT model")
+    if ckpt_arch is None:
+        raise ValueError(
+            f"checkpoint is not a NAT/DiNAT state dict (no stem.conv2 / stages.*.blocks.*.attn.rpb / "
+            f"mlp keys; first keys: {list(sd)[:5]}); model is {model_name}"
+        )
+    if ckpt_arch != model_arch:
+        raise ValueError(
+            f"checkpoint looks like {_names_for(ckpt_arch)} ({_describe(ckpt_arch)}), "
+            f"model is {model_name} ({_describe(model_arch)}); create the model that matches the checkpoint"
+        )
+
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(".attn.rpb") and k in model_sd and v.shape != model_sd[k].shape:
+            target = model_sd[k].shape
+            kernel = (target[-1] + 1) // 2
+            _logger.info(f"Resizing {k} from {tuple(v.shape)} to {tuple(target)} (bicubic, kernel {kernel})")
+            v = resize_rel_pos_bias_table_simple(v.float(), (kernel, kernel), target).to(v.dtype)
+        out[k] = v
+
+    head_keys = [k for k in ("head.fc.weight", "head.fc.bias") if k in model_sd]
+    if not head_keys:
+        for k in ("head.fc.weight", "head.fc.bias"):
+            out.pop(k, None)
+    elif any(k not in out or out[k].shape != model_sd[k].shape for k in head_keys):
+        have = out["head.fc.weight"].shape[0] if "head.fc.weight" in out else 0
+        _logger.warning(
+            f"Checkpoint classifier has {have} classes, model has {model.num_classes}: "
+            "keeping the model's freshly initialized classifier"
+        )
+        for k in head_keys:
+            out[k] = model_sd[k]
+
+    missing = sorted(set(model_sd) - set(out))
+    unexpected = sorted(set(out) - set(model_sd))
+    if missing or unexpected:
+        more_missing = " ..." if len(missing) > 8 else ""
+        more_unexpected = " ..." if len(unexpected) > 8 else ""
+        raise ValueError(
+            f"checkpoint does not fit {model_name}: missing {missing[:8]}{more_missing}, "
+            f"unexpected {unexpected[:8]}{more_unexpected}"
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Variants
+
+_DILATIONS_224 = (8, 4, 2, 1)  # dilated window of stage i spans its map at 224 (56, 28, 14, 7)
+_DILATIONS_384 = (13, 6, 3, 1)  # ... and at 384 (96, 48, 24, 12), floor(map / kernel)
+
+_D18 = (3, 4, 18, 5)
+_MINI = dict(embed_dim=64, depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.0, drop_path_rate=0.2)
+_TINY = dict(embed_dim=64, depths=_D18, num_heads=(2, 4, 8, 16), mlp_ratio=3.0, drop_path_rate=0.2)
+_SMALL = dict(embed_dim=96, depths=_D18, num_heads=(3, 6, 12, 24), mlp_ratio=2.0, drop_path_rate=0.3)
+_BASE = dict(embed_dim=128, depths=_D18, num_heads=(4, 8, 16, 32), mlp_ratio=2.0, drop_path_rate=0.5)
+_LARGE = dict(embed_dim=192, depths=_D18, num_heads=(6, 12, 24, 48), mlp_ratio=2.0, drop_path_rate=0.35)
+
+
+def _dinat(arch: dict[str, Any], stage_dilations=_DILATIONS_224, **overrides: Any) -> dict[str, Any]:
+    return dict(arch, dilations=dinat_dilations(arch["depths"], stage_dilations), **overrides)
+
+
+# model args per registered variant (kernel 7 unless given), as in the official nat.py / dinat.py
+_ARCHS: dict[str, dict[str, Any]] = {
+    "nat_mini": dict(_MINI),
+    "nat_tiny": dict(_TINY),
+    "nat_small": dict(_SMALL, layer_scale=1e-5),
+    "nat_base": dict(_BASE, layer_scale=1e-5),
+    "dinat_mini": _dinat(_MINI),
+    "dinat_tiny": _dinat(_TINY),
+    "dinat_small": _dinat(_SMALL),  # no layer scale, unlike nat_small
+    "dinat_base": _dinat(_BASE, layer_scale=1e-5),
+    "dinat_large": _dinat(_LARGE),
+    "dinat_large_384": _dinat(_LARGE, _DILATIONS_384),
+    # 11x11 kernels keep the 224 dilations (8 * 11 = 88 <= 96 at 384)
+    "dinat_large_384_11x11": _dinat(_LARGE, kernel_size=11),
+    # the ImageNet-22k 11x11 weights (RPB interpolated from 7x7), at 224; official drop-path for 22k: 0.2
+    "dinat_large_11x11": _dinat(_LARGE, kernel_size=11, drop_path_rate=0.2),
+}
+
+
+def _create_nat(variant: str, pretrained: bool | str | os.PathLike = False, **kwargs: Any) -> NAT:
+    # `pretrained` may be a local checkpoint path: same as pretrained_cfg_overlay=dict(file=path)
+    if isinstance(pretrained, (str, os.PathLike)):
+        overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+        overlay["file"] = os.fspath(pretrained)
+        kwargs["pretrained_cfg_overlay"] = overlay
+        pretrained = True
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if pretrained and overlay.get("file") and not os.path.isfile(overlay["file"]):
+        raise FileNotFoundError(f"checkpoint file {overlay['file']!r} for {variant} does not exist")
+    model_args = dict(_ARCHS[variant])
+    model_args.update(kwargs)
+    out_indices = model_args.pop("out_indices", (0, 1, 2, 3))
+    try:
+        return build_model_with_cfg(
+            NAT,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+            **model_args,
+        )
+    except URLError as e:
+        raise RuntimeError(
+            f"could not download the {variant} checkpoint ({e.reason}); offline, pass a local file with "
+            f"pretrained='/path/to/{variant}.pth' or pretrained_cfg_overlay=dict(file=...)"
+        ) from e
+
+
+def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.conv1",
+        "classifier": "head.fc",
+        "license": "mit",
+        "origin_url": "https://github.com/SHI-Labs/Neighborhood-Attention-Transformer",
+        "paper_ids": "arXiv:2204.07143",
+        "paper_name": "Neighborhood Attention Transformer",
+        **kwargs,
+    }
+
+
+_NAT_URL = "https://shi-labs.com/projects/nat/checkpoints/CLS/"
+_DINAT_URL = "https://shi-labs.com/projects/dinat/checkpoints/"
+_DINAT_PAPER = dict(paper_ids="arXiv:2209.15001", paper_name="Dilated Neighborhood Attention Transformer")
+_384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)
+_IN22K = dict(num_classes=21841)
+
+default_cfgs = generate_default_cfgs(
+    {
+        "nat_mini.in1k": _cfg(_NAT_URL + "nat_mini.pth"),
+        "nat_tiny.in1k": _cfg(_NAT_URL + "nat_tiny.pth"),
+        "nat_small.in1k": _cfg(_NAT_URL + "nat_small.pth"),
+        "nat_base.in1k": _cfg(_NAT_URL + "nat_base.pth"),
+        "dinat_mini.in1k": _cfg(_DINAT_URL + "imagenet1k/dinat_mini_in1k_224.pth", **_DINAT_PAPER),
+        "dinat_tiny.in1k": _cfg(_DINAT_URL + "imagenet1k/dinat_tiny_in1k_224.pth", **_DINAT_PAPER),
+        "dinat_small.in1k": _cfg(_DINAT_URL + "imagenet1k/dinat_small_in1k_224.pth", **_DINAT_PAPER),
+        "dinat_base.in1k": _cfg(_DINAT_URL + "imagenet1k/dinat_base_in1k_224.pth", **_DINAT_PAPER),
+        "dinat_large.in22k_ft_in1k": _cfg(
+            _DINAT_URL + "imagenet1k/dinat_large_in22k_in1k_224.pth", **_DINAT_PAPER
+        ),
+        "dinat_large.in22k": _cfg(
+            _DINAT_URL + "imagenet22k/dinat_large_in22k_224.pth", num_classes=21841, **_DINAT_PAPER
+        ),
+        "dinat_large_384.in22k_ft_in1k": _cfg(
+            _DINAT_URL + "imagenet1k/dinat_large_in22k_in1k_384.pth", **_384, **_DINAT_PAPER
+        ),
+        "dinat_large_384_11x11.in22k_ft_in1k": _cfg(
+            _DINAT_URL + "imagenet1k/dinat_large_in22k_in1k_384_11x11.pth", **_384, **_DINAT_PAPER
+        ),
+        "dinat_large_11x11.in22k": _cfg(
+            _DINAT_URL + "imagenet22k/dinat_large_in22k_224_11x11interp.pth", **_IN22K, **_DINAT_PAPER
+        ),
+    }
+)
+
+
+@register_model
+def nat_mini(pretrained: bool | str = False, **kwargs: Any) -> NAT:
+    """NAT-Mini: 20.0M params, 2.7 GMACs at 224."""
+    return _create_nat("nat_mini", pretrained, **kwargs)
+
+
+@register_model
+def nat_tiny(pretrained: bool | str = False, **kwargs: Any) -> NAT:
+    """NAT-Tiny: 27.9M params, 4.3 GMACs at 224."""
+    return _create_nat("nat_tiny", pretrained, **kwargs)
+
+
+@register_model
+def nat_small(pretrained: bool | str = False, **kwargs: Any) -> NAT:
+    """NAT-Small: 50.7M params, 7.8 GMACs at 224, layer scale."""
+    return _create_nat("nat_small", pretrained, **kwargs)
+
+
+@register_model
+def nat_base(pretrained: bool | str = False, **kwargs: Any) -> NAT:
+    """NAT-Base: 89.8M params, 13.7 GMACs at 224, layer scale."""
+    return _create_nat("nat_base", pretrained, **kwargs)
+
+
+@register_model
+def dinat_mini(pretrained: bool | str = False, **kwargs: Any) -> NAT:
+    """DiNAT-Mini: NAT-Mini with dilations 8/4/2/1 on every other block."""
+    return _create_nat("dinat_mini", pretrained, **kwargs)
+
+
+@register_model
+def dinat_tiny(pretrained: bool | str = False, **kwargs: Any) -> NAT:
+    """DiNAT-Tiny: NAT-Tiny with dilations 8/4/2/1 on every other block."""
+    return _create_nat("dinat_tiny", pretrained, **kwargs)
+
+
+@register_model
+def dinat_small(pretrained: bool | str = False, **kwargs: Any) -> NAT:
+    """DiNAT-Small: NAT-Small without layer scale, dilations 8/4/2/1 on every other block."""
+    return _create_nat("dinat_small", pretrained, **kwargs)
+
+
+@register_model
+def dinat_base(pretrained: bool | str = False, **kwargs: Any) -> NAT:
+    """DiNAT-Base: NAT-Base with dilations 8/4/2/1 on every other block."""
+    return _create_nat("dinat_base", pretrained, **kwargs)
+
+
+@register_model
+def dinat_large(pretrained: bool | str = False, **kwargs: Any) -> NAT:
+    """DiNAT-Large (224): 200.9M params; ImageNet-22k pre-trained."""
+    return _create_nat("dinat_large", pretrained, **kwargs)
+
+
+@register_model
+def dinat_large_384(pretrained: bool | str = False, **kwargs: Any) -> NAT:
+    """DiNAT-Large at 384: dilations 13/6/3/1."""
+    return _create_nat("dinat_large_384", pretrained, **kwargs)
+
+
+@register_model
+def dinat_large_384_11x11(pretrained: bool | str = False, **kwargs: Any) -> NAT:
+    """DiNAT-Large at 384 with 11x11 kernels, dilations 8/4/2/1."""
+    return _create_nat("dinat_large_384_11x11", pretrained, **kwargs)
+
+
+@register_model
+def dinat_large_11x11(pretrained: bool | str = False, **kwargs: Any) -> NAT:
+    """DiNAT-Large with 11x11 kernels at 224: carries the ImageNet-22k 11x11 (RPB-interpolated) weights."""
+    return _create_nat("dinat_large_11x11", pretrained, **kwargs)
