@@ -1,0 +1,462 @@
+"""Tests for the data package: synthetic set, class selection, folders, bad data, ImageNet val prep."""
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data import ImageDataset, create_loader
+
+from data import (
+    SHAPE_NAMES,
+    DataError,
+    build_datasets,
+    build_image_folder,
+    corrupt_count,
+    generate_synthetic_dataset,
+    resolve_classes,
+)
+from data.imagenet import read_val_labels
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tree_hash(root):
+    """sha256 over every file's relative path and bytes."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def standard_synthetic(tmp_path_factory):
+    """The issue's reference size: 10 classes x (200 train + 50 val) at 64 px; also times generation."""
+    root = tmp_path_factory.mktemp("syn") / "standard"
+    start = time.process_time()  # CPU time: wall time swings when other jobs share the 2 cores
+    generate_synthetic_dataset(root, num_classes=10, train_per_class=200, val_per_class=50, image_size=64)
+    return root, time.process_time() - start
+
+
+@pytest.fixture
+def small_synthetic(tmp_path):
+    """A private small copy (tests that damage or extend the data get their own)."""
+    return generate_synthetic_dataset(tmp_path / "small", num_classes=4, train_per_class=12, val_per_class=5)
+
+
+def make_folder(root, spec, size=8):
+    """root/<split>/<class>/img_<i>.png from {split: {class: n}}."""
+    for split, classes in spec.items():
+        for name, n in classes.items():
+            d = Path(root) / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.new("RGB", (size, size), (i * 20 % 256, 0, 0)).save(d / f"img_{i}.png")
+    return Path(root)
+
+
+# ---------------------------------------------------------------- synthetic generation
+
+
+def test_generation_is_fast_and_has_the_folder_layout(standard_synthetic):
+    root, seconds = standard_synthetic
+    assert seconds < 15, f"10 classes x 250 images at 64 px took {seconds:.1f} CPU s"  # ~3.5 s here
+    manifest = json.loads((root / "synthetic_manifest.json").read_text())
+    assert manifest["classes"] == SHAPE_NAMES[:10]
+    for split, n in (("train", 200), ("val", 50)):
+        assert sorted(p.name for p in (root / split).iterdir()) == sorted(SHAPE_NAMES[:10])
+        for name in SHAPE_NAMES[:10]:
+            files = sorted((root / split / name).glob("*.png"))
+            assert len(files) == n
+    with Image.open(root / "train" / "disk" / "disk_00000.png") as img:
+        assert img.mode == "RGB" and img.size == (64, 64)
+
+
+def test_generation_is_deterministic(tmp_path):
+    args = dict(num_classes=10, train_per_class=3, val_per_class=2, image_size=64)
+    a = generate_synthetic_dataset(tmp_path / "a", seed=5, **args)
+    b = generate_synthetic_dataset(tmp_path / "b", seed=5, **args)
+    c = generate_synthetic_dataset(tmp_path / "c", seed=6, **args)
+    assert tree_hash(a) == tree_hash(b)
+    assert tree_hash(a) != tree_hash(c)
+
+
+def test_generation_is_idempotent_and_guards_foreign_roots(tmp_path):
+    args = dict(num_classes=3, train_per_class=4, val_per_class=2, image_size=64)
+    root = generate_synthetic_dataset(tmp_path / "d", **args)
+    stamp = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    start = time.perf_counter()
+    assert generate_synthetic_dataset(tmp_path / "d", **args) == root
+    assert time.perf_counter() - start < 0.5
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == stamp
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]  # no staging left behind
+    with pytest.raises(DataError, match="different parameters"):
+        generate_synthetic_dataset(tmp_path / "d", **{**args, "train_per_class": 5})
+    (root / "train" / "disk" / "disk_00000.png").unlink()
+    with pytest.raises(DataError, match="incomplete"):
+        generate_synthetic_dataset(tmp_path / "d", **args)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not a synthetic dataset"):
+        generate_synthetic_dataset(foreign, **args)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    with pytest.raises(DataError, match="num_classes"):
+        generate_synthetic_dataset(tmp_path / "e", num_classes=len(SHAPE_NAMES) + 1)
+
+
+def _load_split(root, split, classes):
+    ds = build_image_folder(root / split, classes)
+    images = np.stack(
+        [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) for p, _ in ds.reader.samples]
+    )
+    return images, np.array([label for _, label in ds.reader.samples])
+
+
+def _nearest_centroid_accuracy(train_x, train_y, val_x, val_y):
+    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, val_x = (train_x - mu) / sd, (val_x - mu) / sd
+    centroids = np.stack([train_x[train_y == c].mean(0) for c in np.unique(train_y)])
+    pred = np.argmin(((val_x[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
+    return float((pred == val_y).mean())
+
+
+def test_class_is_not_decodable_from_colour_statistics(standard_synthetic):
+    """Nearest class-centroid on mean RGB, and on a 4x4x4 colour histogram, stays at chance (10 %): the
+    class is in the shape, so a model has to use spatial structure."""
+    root, _ = standard_synthetic
+    classes = resolve_classes(root / "train")
+    (tx, ty), (vx, vy) = _load_split(root, "train", classes), _load_split(root, "val", classes)
+
+    def mean_rgb(x):
+        return x.mean(axis=(1, 2))
+
+    def histogram(x):
+        q = (x // 64).astype(np.int64)
+        idx = (q[..., 0] * 16 + q[..., 1] * 4 + q[..., 2]).reshape(len(x), -1)
+        return np.stack([np.bincount(row, minlength=64) for row in idx]) / idx.shape[1]
+
+    chance = 1 / len(classes)
+    # 500 val images: the standard error at chance is 1.3 %, so 0.2 is ~7 sigma above chance.
+    for features in (mean_rgb, histogram):
+        acc = _nearest_centroid_accuracy(features(tx), ty, features(vx), vy)
+        assert acc < chance + 0.1, f"{features.__name__} classifier reaches {acc:.2f}"
+    # The harness itself does find colour when colour carries the class.
+    shift = lambda x, y: mean_rgb(x) + 100.0 * y[:, None]
+    assert _nearest_centroid_accuracy(shift(tx, ty), ty, shift(vx, vy), vy) > 0.9
+
+
+# ---------------------------------------------------------------- class selection and folders
+
+
+def test_resolve_classes_all_sorted_list_order_and_seeded_subset(tmp_path):
+    root = make_folder(tmp_path, {"train": {f"n{i:08d}": 2 for i in (5, 1, 3, 2, 4, 10)}})
+    train = root / "train"
+    assert resolve_classes(train) == [f"n{i:08d}" for i in (1, 2, 3, 4, 5, 10)]
+    listing = tmp_path / "classes.txt"
+    # LOC_synset_mapping.txt style lines ("wnid description") and comments work; file order is kept.
+    listing.write_text("# my subset\nn00000004 tench, Tinca tinca\n\nn00000001\nn00000010\n")
+    assert resolve_classes(train, class_list=listing) == ["n00000004", "n00000001", "n00000010"]
+    pick = resolve_classes(train, num_classes=3, seed=1)
+    assert pick == sorted(pick) and len(set(pick)) == 3
+    assert resolve_classes(train, num_classes=3, seed=1) == pick
+    assert len({tuple(resolve_classes(train, num_classes=3, seed=s)) for s in range(10)}) > 1
+
+
+def test_resolve_classes_errors(tmp_path):
+    root = make_folder(tmp_path, {"train": {"cat": 2, "dog": 2}})
+    (root / "train" / "empty").mkdir()
+    (root / "train" / "empty" / "readme.txt").write_text("not an image")
+    listing = tmp_path / "list.txt"
+    listing.write_text("cat\nzebra\n")
+    with pytest.raises(DataError, match="'zebra'.*not a folder"):
+        resolve_classes(root / "train", class_list=listing)
+    with pytest.raises(DataError, match="'empty'.*no images"):
+        resolve_classes(root / "train")
+    with pytest.raises(DataError, match="only 3 class folders"):
+        resolve_classes(root / "train", num_classes=4)
+    with pytest.raises(DataError, match="not both"):
+        resolve_classes(root / "train", class_list=listing, num_classes=1)
+    with pytest.raises(DataError, match="does not exist"):
+        resolve_classes(tmp_path / "nope")
+    with pytest.raises(DataError, match="does not exist"):
+        resolve_classes(root / "train", class_list=tmp_path / "missing.txt")
+    listing.write_text("cat\ncat\n")
+    with pytest.raises(DataError, match="more than once"):
+        resolve_classes(root / "train", class_list=listing)
+
+
+def test_build_image_folder_labels_and_cap(tmp_path):
+    root = make_folder(tmp_path, {"train": {"a": 10, "b": 4, "c": 7}, "val": {"a": 2, "b": 2}})
+    ds = build_image_folder(root / "train", ["c", "a"])
+    assert isinstance(ds, ImageDataset)
+    assert ds.class_counts() == {"c": 7, "a": 10}
+    assert {Path(p).parent.name: y for p, y in ds.reader.samples} == {"c": 0, "a": 1}
+    capped = build_image_folder(root / "train", ["c", "a", "b"], max_per_class=5, seed=3)
+    assert capped.class_counts() == {"c": 5, "a": 5, "b": 4}
+    again = build_image_folder(root / "train", ["c", "a", "b"], max_per_class=5, seed=3)
+    other = build_image_folder(root / "train", ["c", "a", "b"], max_per_class=5, seed=4)
+    assert again.reader.samples == capped.reader.samples
+    assert other.reader.samples != capped.reader.samples
+    with pytest.raises(DataError, match="'c'.*no folder"):
+        build_image_folder(root / "val", ["a", "c"])
+    with pytest.raises(DataError, match="does not exist"):
+        build_image_folder(root / "test", ["a"])
+    with pytest.raises(DataError, match="positive integer"):
+        build_image_folder(root / "train", ["a"], max_per_class=0)
+
+
+def test_build_datasets_synthetic_subset_same_order_and_selection_files(tmp_path):
+    cfg = dict(
+        dataset="synthetic",
+        root=str(tmp_path / "syn"),
+        num_classes=4,
+        max_per_class=6,
+        max_per_class_val=3,
+        seed=2,
+        synthetic=dict(num_classes=6, train_per_class=8, val_per_class=4),
+    )
+    bundle = build_datasets(cfg, run_dir=tmp_path / "run")
+    assert len(bundle.classes) == 4 and bundle.classes == sorted(bundle.classes)
+    assert bundle.train.classes == bundle.val.classes == bundle.classes
+    for ds in (bundle.train, bundle.val):
+        for path, label in ds.reader.samples:
+            assert Path(path).parent.name == bundle.classes[label]
+    assert len(bundle.train) == 24 and len(bundle.val) == 12
+    saved = json.loads((tmp_path / "run" / "classes.json").read_text())
+    assert saved["classes"] == bundle.classes
+    assert saved["counts"]["train"] == dict.fromkeys(bundle.classes, 6)
+    assert saved["counts"]["val"] == dict.fromkeys(bundle.classes, 3)
+    assert saved["max_per_class"] == 6 and saved["seed"] == 2
+    assert (tmp_path / "run" / "classes.txt").read_text().split() == bundle.classes
+    # The same config gives the same selection (and does not regenerate).
+    assert build_datasets(cfg).classes == bundle.classes
+
+    # A class list file picks the order for train and val alike.
+    listing = tmp_path / "list.txt"
+    listing.write_text("triangle\ndisk\n")
+    bundle = build_datasets({**cfg, "num_classes": None, "class_list": str(listing)})
+    assert bundle.classes == ["triangle", "disk"]
+    for ds in (bundle.train, bundle.val):
+        assert {Path(p).parent.name: y for p, y in ds.reader.samples} == {"triangle": 0, "disk": 1}
+
+
+def test_build_datasets_config_errors(tmp_path, small_synthetic):
+    with pytest.raises(DataError, match="unknown key 'num_class'.*'num_classes'"):
+        build_datasets(dict(root=str(small_synthetic), num_class=3))
+    with pytest.raises(DataError, match="unknown key 'image_sz'.*'image_size'"):
+        build_datasets(dict(dataset="synthetic", root=str(tmp_path / "x"), synthetic=dict(image_sz=64)))
+    with pytest.raises(DataError, match="'synthetc'.*'synthetic'"):
+        build_datasets(dict(dataset="synthetc", root=str(small_synthetic)))
+    with pytest.raises(DataError, match="does not exist"):
+        build_datasets(dict(root=str(tmp_path / "missing")))
+    with pytest.raises(DataError, match="root is not set"):
+        build_datasets(dict(dataset="folder"))
+    with pytest.raises(DataError, match="val.*does not exist"):
+        build_datasets(dict(root=str(small_synthetic), val_split="validation"))
+    with pytest.raises(DataError, match="only work with folder datasets"):
+        build_datasets(dict(dataset="torch/cifar10", root=str(tmp_path), num_classes=3))
+    with pytest.raises(DataError, match="timm could not open"):
+        build_datasets(dict(dataset="torch/cifar10", root=str(tmp_path)))  # nothing downloads by default
+
+
+def test_timm_reader_pass_through(small_synthetic, tmp_path):
+    bundle = build_datasets(dict(dataset="torch/image_folder", root=str(small_synthetic)), run_dir=tmp_path)
+    assert bundle.classes == sorted(SHAPE_NAMES[:4])
+    assert len(bundle.train) == 48 and len(bundle.val) == 20
+    assert (tmp_path / "classes.txt").read_text().split() == bundle.classes
+    loader = create_loader(bundle.val, input_size=(3, 32, 32), batch_size=8, use_prefetcher=False)
+    x, y = next(iter(loader))
+    assert x.shape == (8, 3, 32, 32)
+
+
+# ---------------------------------------------------------------- bad images
+
+
+def test_corrupt_images_are_skipped_counted_and_reported_through_timm_loader(small_synthetic, caplog):
+    classes = resolve_classes(small_synthetic / "train")
+    ds = build_image_folder(small_synthetic / "train", classes)
+    garbage, truncated = ds.reader.samples[3][0], ds.reader.samples[20][0]
+    Path(garbage).write_bytes(b"this is not an image")
+    data = Path(truncated).read_bytes()
+    Path(truncated).write_bytes(data[: len(data) // 2])
+    ds = build_image_folder(small_synthetic / "train", classes)  # a fresh dataset: nothing counted yet
+    assert ds.corrupt_count() == 0
+    for workers in (0, 2):  # 2: the count is marked inside worker processes and seen here
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            loader = create_loader(
+                ds,
+                input_size=(3, 64, 64),
+                batch_size=8,
+                is_training=True,
+                num_workers=workers,
+                use_prefetcher=False,
+            )
+            seen = 0
+            for x, y in loader:
+                assert torch.isfinite(x).all()
+                seen += len(y)
+        assert seen == len(ds)  # the broken files were replaced by neighbours, no crash, no short epoch
+        assert corrupt_count(ds) == ds.corrupt_count() == 2
+        assert sorted(ds.corrupt_files()) == sorted([garbage, truncated])
+        if workers == 0:
+            assert any("skipped unreadable image" in r.getMessage() for r in caplog.records)
+
+
+def test_a_wholly_broken_class_raises_one_clear_error(small_synthetic):
+    classes = resolve_classes(small_synthetic / "train")
+    for path in (small_synthetic / "train" / classes[0]).iterdir():
+        path.write_bytes(b"")
+    ds = build_image_folder(small_synthetic / "train", classes)
+    with pytest.raises(DataError, match="consecutive images could not be read"):
+        ds[0]
+    assert corrupt_count(ds) == 10  # timm's retry limit (TIMM_DATASET_MAX_RETRIES)
+
+
+# ---------------------------------------------------------------- ImageNet val preparation
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location(
+        "prepare_imagenet_val", REPO / "scripts" / "prepare_imagenet_val.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+WNIDS = ["n01440764", "n01443537", "n01484850"]
+TRUTH = [WNIDS[i % 3] for i in range(7)]  # image k (1-based) is class TRUTH[k - 1]
+
+
+def make_flat_val(root, n=7):
+    root.mkdir(parents=True)
+    for k in range(1, n + 1):
+        Image.new("RGB", (8, 8), (k * 30, 0, 0)).save(root / f"ILSVRC2012_val_{k:08d}.JPEG")
+    return root
+
+
+def write_label_files(d):
+    d.mkdir(exist_ok=True)
+    rows = [f"ILSVRC2012_val_{k:08d},{w} 1 2 30 40 {w} 5 6 7 8" for k, w in enumerate(TRUTH, 1)]
+    (d / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows[::-1]) + "\n")
+    (d / "pairs.txt").write_text(
+        "".join(f"ILSVRC2012_val_{k:08d}.JPEG {w}\n" for k, w in enumerate(TRUTH, 1))
+    )
+    synsets = [WNIDS[2], WNIDS[0], WNIDS[1]]  # devkit-like order, deliberately not sorted
+    (d / "synsets.txt").write_text("".join(f"{w} some description\n" for w in synsets))
+    (d / "truth.txt").write_text("".join(f"{synsets.index(w) + 1}\n" for w in TRUTH))
+    return d
+
+
+@pytest.mark.parametrize("fmt", ["loc-csv", "pairs", "ground-truth"])
+def test_val_label_formats_agree(tmp_path, fmt):
+    d = write_label_files(tmp_path)
+    if fmt == "loc-csv":
+        labels = read_val_labels(d / "LOC_val_solution.csv")
+    elif fmt == "pairs":
+        labels = read_val_labels(d / "pairs.txt")
+    else:
+        labels = read_val_labels(d / "truth.txt", d / "synsets.txt")
+    assert labels == {f"ILSVRC2012_val_{k:08d}": w for k, w in enumerate(TRUTH, 1)}
+
+
+def test_prepare_imagenet_val_dry_run_move_rerun_and_read_back(tmp_path, capsys):
+    script = _load_script()
+    val = make_flat_val(tmp_path / "val")
+    labels = write_label_files(tmp_path / "labels") / "LOC_val_solution.csv"
+    (val / "extra_unlabelled.JPEG").write_bytes((val / "ILSVRC2012_val_00000001.JPEG").read_bytes())
+    before = tree_hash(val)
+    assert script.main([str(val), "--labels", str(labels), "--dry-run"]) == 0
+    assert "dry run" in capsys.readouterr().out
+    assert tree_hash(val) == before
+    assert script.main([str(val), "--labels", str(labels)]) == 0
+    out = capsys.readouterr().out
+    assert "1 images have no label" in out
+    for k, w in enumerate(TRUTH, 1):
+        assert (val / w / f"ILSVRC2012_val_{k:08d}.JPEG").is_file()
+    assert (val / "extra_unlabelled.JPEG").is_file()  # left where it was
+    assert len(list(val.rglob("*.JPEG"))) == 8  # nothing lost
+    assert script.main([str(val), "--labels", str(labels)]) == 0  # a re-run has nothing left to do
+    out = capsys.readouterr().out
+    assert "0 images to sort" in out and "7 already sorted" in out
+    ds = build_image_folder(val, WNIDS)
+    assert sorted((Path(p).name, WNIDS[y]) for p, y in ds.reader.samples) == sorted(
+        (f"ILSVRC2012_val_{k:08d}.JPEG", w) for k, w in enumerate(TRUTH, 1)
+    )
+
+
+def test_prepare_imagenet_val_symlink_into_new_folder(tmp_path):
+    script = _load_script()
+    val = make_flat_val(tmp_path / "flat")
+    d = write_label_files(tmp_path / "labels")
+    out = tmp_path / "imagenet" / "val"
+    args = [
+        str(val),
+        "--labels",
+        str(d / "truth.txt"),
+        "--synsets",
+        str(d / "synsets.txt"),
+        "--out",
+        str(out),
+    ]
+    assert script.main([*args, "--mode", "symlink"]) == 0
+    link = out / TRUTH[0] / "ILSVRC2012_val_00000001.JPEG"
+    assert link.is_symlink() and link.resolve() == (val / "ILSVRC2012_val_00000001.JPEG").resolve()
+    assert len(list(val.glob("*.JPEG"))) == 7  # originals untouched
+    assert len(build_image_folder(out, WNIDS)) == 7
+
+
+def test_prepare_imagenet_val_errors_change_nothing(tmp_path, capsys):
+    script = _load_script()
+    val = make_flat_val(tmp_path / "val", n=6)  # image 7 is labelled but absent
+    d = write_label_files(tmp_path / "labels")
+    before = tree_hash(val)
+
+    def fails(args, match):
+        assert script.main([str(val), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err and match in err, err
+        assert tree_hash(val) == before
+
+    fails(["--labels", str(d / "pairs.txt")], "--allow-missing")
+    fails(["--labels", str(d / "truth.txt")], "--synsets")
+    fails(["--labels", str(d / "nope.csv")], "does not exist")
+    fails(["--labels", str(d / "pairs.txt"), "--mode", "symlink", "--allow-missing"], "--out")
+    (val / WNIDS[0]).mkdir()
+    clash = val / WNIDS[0] / "ILSVRC2012_val_00000001.JPEG"
+    clash.write_bytes(b"someone else's file")
+    before = tree_hash(val)
+    fails(["--labels", str(d / "pairs.txt"), "--allow-missing"], "already exists")
+    assert clash.read_bytes() == b"someone else's file"
+    clash.unlink()
+    before = tree_hash(val)
+    (d / "bad.txt").write_text("ILSVRC2012_val_00000001.JPEG ../../etc\n")
+    fails(["--labels", str(d / "bad.txt"), "--allow-missing"], "not a plain folder name")
+    # With --allow-missing the six present images are sorted.
+    shutil.rmtree(val / WNIDS[0])
+    assert script.main([str(val), "--labels", str(d / "pairs.txt"), "--allow-missing"]) == 0
+    assert len(list(val.rglob("*.JPEG"))) == 6 and not list(val.glob("*.JPEG"))
+
+
+def test_help_documents_the_label_formats():
+    help_text = _load_script().build_parser().format_help()
+    for word in (
+        "LOC_val_solution.csv",
+        "filename wnid",
+        "one integer label per line",
+        "--dry-run",
+        "symlink",
+    ):
+        assert word in help_text
+    assert os.access(REPO / "scripts" / "prepare_imagenet_val.py", os.R_OK)
