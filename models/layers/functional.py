@@ -43,7 +43,9 @@ def _validate(q, k, v, kernel_size, dilation, rpb) -> None:
     if not (isinstance(dilation, int) and dilation >= 1):
         raise ValueError(f"dilation must be an integer >= 1, got {dilation!r}")
     if q.dim() != 5:
-        raise ValueError(f"q, k, v must be (batch, height, width, heads, head_dim); got q of shape {tuple(q.shape)}")
+        raise ValueError(
+            f"q, k, v must be (batch, height, width, heads, head_dim); got q of shape {tuple(q.shape)}"
+        )
     if q.shape != k.shape or q.shape != v.shape:
         raise ValueError(
             f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}; they must match"

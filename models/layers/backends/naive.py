@@ -19,9 +19,10 @@ def _plane_indices(height: int, width: int, kernel_size: int, dilation: int, dev
     rows = window_indices(height, kernel_size, dilation)  # (H, k)
     cols = window_indices(width, kernel_size, dilation)  # (W, k)
     span = 2 * kernel_size - 1
-    bias = bias_indices(height, kernel_size, dilation)[:, None, :, None] * span + bias_indices(
-        width, kernel_size, dilation
-    )[None, :, None, :]  # (H, W, k, k) flat RPB index
+    bias = (
+        bias_indices(height, kernel_size, dilation)[:, None, :, None] * span
+        + bias_indices(width, kernel_size, dilation)[None, :, None, :]
+    )  # (H, W, k, k) flat RPB index
     return (
         rows[:, None, :, None].to(dev),
         cols[None, :, None, :].to(dev),

@@ -90,41 +90,93 @@ def axis_tiling(length: int, kernel_size: int, dilation: int, tile: int) -> Axis
     )
 
 
+@dataclass(frozen=True)
+class PlaneTiling:
+    """2-D tiling: indices into the flattened (H * W) map, tile-major, and the per-tile masks."""
+
+    query_index: torch.Tensor  # (tiles * tq,) flat position of each query slot
+    key_index: torch.Tensor  # (tiles * hk,) flat position of each halo slot
+    output_index: torch.Tensor  # (H * W,) query slot holding each position's output
+    in_window: torch.Tensor  # (tiles, tq, hk) bool
+    bias_index: torch.Tensor  # (tiles, tq, hk) flat index into rpb.flatten(1); 0 outside windows
+
+
+def _outer(rows: torch.Tensor, cols: torch.Tensor, op) -> torch.Tensor:
+    """(nh, a, b) x (nw, c, e) -> (nh * nw, a * c, b * e): tile (th, tw), slot (i, j) -> i * c + j."""
+    nh, a, b = rows.shape
+    nw, c, e = cols.shape
+    return op(rows[:, None, :, None, :, None], cols[None, :, None, :, None, :]).reshape(nh * nw, a * c, b * e)
+
+
 @functools.lru_cache(maxsize=128)
 def plane_tiling(
     height: int, width: int, kernel_size: int, dilation: int, tile_h: int, tile_w: int, device: str
-) -> tuple[AxisTiling, AxisTiling, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+) -> PlaneTiling:
     rows = axis_tiling(height, kernel_size, dilation, tile_h)
     cols = axis_tiling(width, kernel_size, dilation, tile_w)
-    shape = (rows.n_tiles * cols.n_tiles, rows.tile * cols.tile, rows.halo * cols.halo)
 
-    def outer(a: torch.Tensor, b: torch.Tensor, op) -> torch.Tensor:
-        # (nh, th, hh) x (nw, tw, hw) -> (nh, nw, th, tw, hh, hw) -> (tiles, tq, hk)
-        return op(a[:, None, :, None, :, None], b[None, :, None, :, None, :]).reshape(shape)
+    def flat(row_index: torch.Tensor, col_index: torch.Tensor, rows_per_tile: int, cols_per_tile: int):
+        grid = row_index.view(-1, 1, rows_per_tile, 1) * width + col_index.view(1, -1, 1, cols_per_tile)
+        return grid.flatten()  # tile-major: (tile_row, tile_col, slot_row, slot_col)
 
-    in_window = outer(rows.in_window, cols.in_window, torch.logical_and)
+    query_index = flat(rows.query_index, cols.query_index, rows.tile, cols.tile)
+    key_index = flat(rows.key_index, cols.key_index, rows.halo, cols.halo)
+    # Slot of position (r, c): tile (r_tile, c_tile), then (r_slot, c_slot) inside the tile.
+    r_tile, r_slot = rows.output_index // rows.tile, rows.output_index % rows.tile
+    c_tile, c_slot = cols.output_index // cols.tile, cols.output_index % cols.tile
+    tiles_w, tq = cols.n_tiles, rows.tile * cols.tile
+    output_index = (r_tile[:, None] * tiles_w + c_tile[None, :]) * tq + r_slot[:, None] * cols.tile + c_slot
+    in_window = _outer(rows.in_window, cols.in_window, torch.logical_and)
     span = 2 * kernel_size - 1
-    bias_index = outer(rows.bias_index, cols.bias_index, lambda r, c: r * span + c)
-    bias_index = torch.where(in_window, bias_index, 0)
-    indices = (
-        rows.query_index,
-        cols.query_index,
-        rows.key_index,
-        cols.key_index,
-        rows.output_index,
-        cols.output_index,
-    )
+    bias_index = _outer(rows.bias_index, cols.bias_index, lambda r, c: r * span + c)
     dev = torch.device(device)
-    return rows, cols, in_window.to(dev), bias_index.to(dev), tuple(t.to(dev) for t in indices)
+    return PlaneTiling(
+        query_index=query_index.to(dev),
+        key_index=key_index.to(dev),
+        output_index=output_index.flatten().to(dev),
+        in_window=in_window.to(dev),
+        bias_index=torch.where(in_window, bias_index, 0).to(dev),
+    )
 
 
-def _gather_tiles(x: torch.Tensor, row_index, col_index, rows: int, cols: int) -> torch.Tensor:
-    """(B, H, W, heads, D) -> (B, heads * tiles, rows * cols, D) gathered at the given positions."""
-    B, _, _, heads, dim = x.shape
-    x = x.index_select(1, row_index).index_select(2, col_index)
-    nh, nw = row_index.numel() // rows, col_index.numel() // cols
-    x = x.view(B, nh, rows, nw, cols, heads, dim).permute(0, 5, 1, 3, 2, 4, 6)
-    return x.reshape(B, heads * nh * nw, rows * cols, dim)
+class _CpuFlashHaloAttention(torch.autograd.Function):
+    """CPU flash-attention kernel with an additive mask that may need a gradient (the RPB).
+
+    SDPA falls back to its unfused math path whenever the mask requires grad; the fused CPU kernel
+    is ~2x faster fwd+bwd. The mask gradient is the per-logit gradient dS = P * (dP - rowsum(dO*O)),
+    recomputed from the saved logsumexp and summed over the batch.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, attn_mask=mask, scale=scale
+        )
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=ctx.scale
+        )
+        dmask = None
+        if ctx.needs_input_grad[3]:
+            # In-place chain: each (B, heads*tiles, tq, hk) temporary is the size of the logits.
+            probs = (q @ k.transpose(-1, -2)).mul_(ctx.scale).add_(mask).sub_(lse.unsqueeze(-1)).exp_()
+            row = (grad_out * out).sum(-1, keepdim=True)
+            dmask = (grad_out @ v.transpose(-1, -2)).sub_(row).mul_(probs).sum(0, keepdim=True)
+        return dq, dk, dv, dmask, None
+
+
+def _attend(q, k, v, mask, scale: float, attn_drop: float) -> torch.Tensor:
+    if q.is_cuda or attn_drop > 0:
+        # CUDA's memory-efficient kernel takes a mask gradient itself; dropout needs the SDPA path.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn_drop, scale=scale)
+    return _CpuFlashHaloAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), mask, scale)
 
 
 def na2d_tiled(
@@ -141,21 +193,27 @@ def na2d_tiled(
     B, H, W, heads, dim = q.shape
     tile_h = tile or default_tile(H, kernel_size, dilation)
     tile_w = tile or default_tile(W, kernel_size, dilation)
-    rows, cols, in_window, bias_index, indices = plane_tiling(
-        H, W, kernel_size, dilation, tile_h, tile_w, str(q.device)
-    )
-    q_rows, q_cols, k_rows, k_cols, out_rows, out_cols = indices
-    qt = _gather_tiles(q, q_rows, q_cols, rows.tile, cols.tile)
-    kt = _gather_tiles(k, k_rows, k_cols, rows.halo, cols.halo)
-    vt = _gather_tiles(v, k_rows, k_cols, rows.halo, cols.halo)
-    n_tiles = in_window.shape[0]
+    plane = plane_tiling(H, W, kernel_size, dilation, tile_h, tile_w, str(q.device))
+    n_tiles, tq, hk = plane.in_window.shape
+
+    def gather(x: torch.Tensor, index: torch.Tensor, per_tile: int) -> torch.Tensor:
+        # (B, H, W, heads, D) -> (B, heads, H*W, D) -> (B, heads * tiles, per_tile, D), one gather.
+        x = x.reshape(B, H * W, heads, dim).transpose(1, 2)
+        return x.index_select(2, index).view(B, heads * n_tiles, per_tile, dim)
+
     if rpb is None:
-        mask = in_window.expand(heads, *in_window.shape).reshape(heads * n_tiles, *in_window.shape[1:])
+        bias = q.new_zeros(()).expand(heads, n_tiles, tq, hk)
     else:
-        bias = rpb.to(q.dtype).flatten(1)[:, bias_index]  # (heads, tiles, tq, hk)
-        mask = bias.masked_fill(~in_window, float("-inf")).reshape(heads * n_tiles, *in_window.shape[1:])
-    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, dropout_p=attn_drop, scale=scale)
-    nh, nw = rows.n_tiles, cols.n_tiles
-    out = out.view(B, heads, nh, nw, rows.tile, cols.tile, dim).permute(0, 2, 4, 3, 5, 1, 6)
-    out = out.reshape(B, nh * rows.tile, nw * cols.tile, heads, dim)
-    return out.index_select(1, out_rows).index_select(2, out_cols)
+        bias = rpb.to(q.dtype).flatten(1)[:, plane.bias_index]  # (heads, tiles, tq, hk)
+    # Additive 4-D mask (1, heads * tiles, tq, hk): the shape SDPA's fused kernels accept.
+    mask = bias.masked_fill(~plane.in_window, float("-inf")).view(1, heads * n_tiles, tq, hk)
+    out = _attend(
+        gather(q, plane.query_index, tq),
+        gather(k, plane.key_index, hk),
+        gather(v, plane.key_index, hk),
+        mask,
+        scale,
+        attn_drop,
+    )
+    out = out.view(B, heads, n_tiles * tq, dim).index_select(2, plane.output_index)
+    return out.view(B, heads, H, W, dim).permute(0, 2, 3, 1, 4)
