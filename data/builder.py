@@ -91,10 +91,8 @@ def build_datasets(data_cfg: dict, run_dir=None) -> DatasetBundle:
             cfg["root"] = cfg["root"] or DEFAULT_SYNTHETIC_ROOT
             generate_synthetic_dataset(cfg["root"], **syn)
             cfg["synthetic"] = syn
-        elif cfg["synthetic"] is not None:
-            raise DataError(
-                "data.synthetic is set but data.dataset is not 'synthetic'; set dataset: synthetic"
-            )
+        else:
+            cfg["synthetic"] = None  # generator settings only matter for dataset: synthetic
         bundle = _build_folder(cfg)
     if run_dir is not None:
         write_selection(run_dir, bundle)
@@ -122,7 +120,9 @@ def _build_folder(cfg):
         root=str(root),
         train_split=cfg["train_split"],
         val_split=cfg["val_split"],
-        class_list=None if cfg["class_list"] is None else str(cfg["class_list"]),
+        class_list=cfg["class_list"]
+        if isinstance(cfg["class_list"], (list, tuple, type(None)))
+        else str(cfg["class_list"]),
         num_classes_requested=cfg["num_classes"],
         seed=seed,
         max_per_class=cfg["max_per_class"],

@@ -15,6 +15,7 @@ to log. If timm gives up, a DataError names the files instead of a bare RuntimeE
 import logging
 import os
 import random
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -83,7 +84,8 @@ def read_class_list(path):
 def resolve_classes(train_dir, class_list=None, num_classes=None, seed=0) -> list[str]:
     """The ordered list of class folder names to use; index in the list = label.
 
-    class_list: file of class folder names (e.g. ImageNet wnids), one a line -> that order.
+    class_list: file of class folder names (e.g. ImageNet wnids), one a line -> that order; a list of
+        names is taken as it is (configs may inline the list).
     num_classes: that many classes drawn from train_dir with `seed`, returned sorted.
     Neither: every class folder of train_dir, sorted (natural order, as timm sorts).
     """
@@ -99,21 +101,25 @@ def resolve_classes(train_dir, class_list=None, num_classes=None, seed=0) -> lis
             "or num_classes for a seeded random one, not both"
         )
     if class_list is not None:
-        classes = []
-        for line in read_class_list(class_list):
-            # Whole line if it is a folder (names with spaces), otherwise its first word.
-            name = line if line in available else line.split()[0]
-            classes.append(name)
-        dupes = sorted({c for c in classes if classes.count(c) > 1})
+        if isinstance(class_list, (list, tuple)):
+            source = "data.class_list"
+            lines = [str(c).strip() for c in class_list]
+            if not lines or not all(lines):
+                raise DataError(f"{source} must be a non-empty list of class folder names")
+        else:
+            source = f"class list {class_list}"
+            lines = read_class_list(class_list)
+        present = set(available)
+        # Whole line if it is a folder (names with spaces), otherwise its first word.
+        classes = [line if line in present else line.split()[0] for line in lines]
+        dupes = sorted(name for name, n in Counter(classes).items() if n > 1)
         if dupes:
-            raise DataError(
-                f"class list {class_list} names {', '.join(dupes)} more than once; remove the repeats"
-            )
-        missing = [c for c in classes if c not in set(available)]
+            raise DataError(f"{source} names {', '.join(dupes)} more than once; remove the repeats")
+        missing = [c for c in classes if c not in present]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise DataError(
-                f"class '{missing[0]}'{more} from class list {class_list} is not a folder in {train_dir}; "
+                f"class '{missing[0]}'{more} from {source} is not a folder in {train_dir}; "
                 "fix the list or the data root"
             )
     elif num_classes is not None:

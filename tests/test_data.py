@@ -248,6 +248,32 @@ def test_build_datasets_synthetic_subset_same_order_and_selection_files(tmp_path
     assert bundle.classes == ["triangle", "disk"]
     for ds in (bundle.train, bundle.val):
         assert {Path(p).parent.name: y for p, y in ds.reader.samples} == {"triangle": 0, "disk": 1}
+    # Configs may inline the list.
+    assert build_datasets({**cfg, "num_classes": None, "class_list": ["star", "ring"]}).classes == [
+        "star",
+        "ring",
+    ]
+
+
+def test_build_datasets_takes_the_trainer_config_shape(small_synthetic):
+    """train.py passes every data key, with None for unused ones and its default synthetic dict even for
+    folder datasets; the folder path must ignore the generator settings."""
+    cfg = dict(
+        dataset="folder",
+        root=str(small_synthetic),
+        train_split="train",
+        val_split="val",
+        class_list=None,
+        num_classes=None,
+        max_per_class=None,
+        max_per_class_val=None,
+        seed=0,
+        synthetic=dict(num_classes=10, train_per_class=200, val_per_class=50, image_size=64, seed=0),
+        timm_kwargs=None,
+        download=False,
+    )
+    bundle = build_datasets(cfg)
+    assert bundle.classes == sorted(SHAPE_NAMES[:4]) and len(bundle.train) == 48
 
 
 def test_build_datasets_config_errors(tmp_path, small_synthetic):
