@@ -8,7 +8,7 @@ from pathlib import Path
 from timm.data import create_dataset
 
 from .errors import DataError, unknown_key_error
-from .folder import build_image_folder, resolve_classes
+from .folder import build_image_folder, corrupt_count, resolve_classes
 from .synthetic import generate_synthetic_dataset
 
 _logger = logging.getLogger(__name__)
@@ -46,6 +46,10 @@ class DatasetBundle:
     @property
     def num_classes(self):
         return len(self.classes)
+
+    def corrupt_counts(self) -> dict:
+        """Unreadable images skipped so far, per split (for the training log)."""
+        return {"train": corrupt_count(self.train), "val": corrupt_count(self.val)}
 
 
 def _check_keys(cfg, valid, where):

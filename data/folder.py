@@ -225,9 +225,17 @@ class FolderImageDataset(ImageDataset):
 
 
 def corrupt_count(dataset) -> int:
-    """Unreadable images skipped so far by `dataset` (0 for datasets that do not count them)."""
-    fn = getattr(dataset, "corrupt_count", None)
-    return int(fn()) if callable(fn) else 0
+    """Unreadable images skipped so far by `dataset` (0 for datasets that do not count them).
+
+    Also takes a DataLoader or a wrapper dataset: anything reaching ours through `.dataset` links."""
+    for _ in range(8):
+        fn = getattr(dataset, "corrupt_count", None)
+        if callable(fn):
+            return int(fn())
+        dataset = getattr(dataset, "dataset", None)
+        if dataset is None:
+            break
+    return 0
 
 
 def build_image_folder(split_dir, classes, max_per_class=None, seed=0, transform=None) -> ImageDataset:

@@ -104,6 +104,11 @@ def test_generation_is_idempotent_and_guards_foreign_roots(tmp_path):
     (root / "train" / "disk" / "disk_00000.png").unlink()
     with pytest.raises(DataError, match="incomplete"):
         generate_synthetic_dataset(tmp_path / "d", **args)
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an existing empty folder is fine to generate into
+    assert tree_hash(generate_synthetic_dataset(empty, **args)) == tree_hash(
+        generate_synthetic_dataset(tmp_path / "f", **args)
+    )
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
@@ -232,6 +237,7 @@ def test_build_datasets_synthetic_subset_same_order_and_selection_files(tmp_path
         for path, label in ds.reader.samples:
             assert Path(path).parent.name == bundle.classes[label]
     assert len(bundle.train) == 24 and len(bundle.val) == 12
+    assert bundle.corrupt_counts() == {"train": 0, "val": 0}
     saved = json.loads((tmp_path / "run" / "classes.json").read_text())
     assert saved["classes"] == bundle.classes
     assert saved["counts"]["train"] == dict.fromkeys(bundle.classes, 6)
@@ -333,7 +339,7 @@ def test_corrupt_images_are_skipped_counted_and_reported_through_timm_loader(sma
                 assert torch.isfinite(x).all()
                 seen += len(y)
         assert seen == len(ds)  # the broken files were replaced by neighbours, no crash, no short epoch
-        assert corrupt_count(ds) == ds.corrupt_count() == 2
+        assert corrupt_count(ds) == ds.corrupt_count() == corrupt_count(loader) == 2
         assert sorted(ds.corrupt_files()) == sorted([garbage, truncated])
         if workers == 0:
             assert any("skipped unreadable image" in r.getMessage() for r in caplog.records)
