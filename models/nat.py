@@ -249,7 +249,7 @@ class NAT(nn.Module):
 
         self.stem = ConvStem(in_chans, embed_dim, norm_layer)
         # one linspace over all blocks, as the official code, then cut per stage
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.feature_info = []
         stages = []
         for i in range(num_stages):
