@@ -70,7 +70,9 @@ def _dataset_kind(name):
     if sep and prefix.lower() in TIMM_PREFIXES:
         return "timm"
     choices = ["folder", "synthetic"] + [p + "/" for p in TIMM_PREFIXES]
-    raise unknown_key_error(name, choices, "data.dataset (valid: folder, synthetic, or a timm reader name)")
+    raise unknown_key_error(
+        name, choices, "data.dataset (folder, synthetic, or a timm reader name like torch/cifar10)", "dataset"
+    )
 
 
 def build_datasets(data_cfg: dict, run_dir=None) -> DatasetBundle:

@@ -7,8 +7,8 @@ class DataError(ValueError):
     """A data set, folder or data option is unusable; the message names the problem and what to do."""
 
 
-def unknown_key_error(key, valid, where="data config") -> DataError:
+def unknown_key_error(key, valid, where="data config", what="key") -> DataError:
     """DataError for an unknown option, naming the nearest valid one (typos are the usual cause)."""
     close = difflib.get_close_matches(str(key), list(valid), n=1)
-    hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(sorted(valid))}"
-    return DataError(f"unknown key '{key}' in {where}; {hint}")
+    hint = f"did you mean '{close[0]}'?" if close else f"valid {what}s: {', '.join(sorted(valid))}"
+    return DataError(f"unknown {what} '{key}' in {where}; {hint}")
