@@ -224,14 +224,25 @@ def load_model_weights(model, sd: dict, path, model_name: str, resize_head: bool
     Official NAT/DiNAT files and timm files go through the model family's `checkpoint_filter_fn`
     (as timm's pretrained loading does). Anything else that does not fit is an error.
     """
+    model_sd = model.state_dict()
+    heads = tuple(n + "." for n in classifier_names(model))
+    head_change = [
+        f"{k} {list(v.shape)} vs model {list(model_sd[k].shape)}"
+        for k, v in sd.items()
+        if k.startswith(heads) and k in model_sd and v.shape != model_sd[k].shape
+    ]
+    if head_change and not resize_head:
+        raise CheckpointError(
+            f"checkpoint '{path}' does not match model '{model_name}': classifier {head_change[0]}; "
+            "create the model with the checkpoint's number of classes"
+        )
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
         try:
-            sd = filter_fn(sd, model)
-        except Exception:  # a filter may choke on a foreign file; the key check below reports it
-            pass
-    model_sd = model.state_dict()
-    heads = tuple(n + "." for n in classifier_names(model))
+            sd = filter_fn(dict(sd), model)
+        except Exception as e:  # the family's filter knows its format best: pass its reason on
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"checkpoint '{path}' does not match model '{model_name}': {msg}") from None
     dropped, mismatched = [], []
     for k in list(sd):
         if k in model_sd and sd[k].shape != model_sd[k].shape:
@@ -240,6 +251,10 @@ def load_model_weights(model, sd: dict, path, model_name: str, resize_head: bool
                 del sd[k]
             else:
                 mismatched.append(f"{k} {list(sd[k].shape)} vs model {list(model_sd[k].shape)}")
+    if head_change:
+        dropped += [k for k in model_sd if k.startswith(heads) and k not in dropped]
+        for k in dropped:
+            sd[k] = model_sd[k]  # keep the fresh initialisation
     missing = [k for k in model_sd if k not in sd and k not in dropped]
     unexpected = [k for k in sd if k not in model_sd]
     if mismatched or missing or unexpected:
@@ -417,7 +432,7 @@ def import_model_registry():
         return f"{type(e).__name__}: {e}"
 
 
-def create_model(name: str, num_classes: int | None, cfg_model: dict, pretrained: bool = False):
+def check_model_name(name: str):
     import timm
 
     registry_problem = import_model_registry()
@@ -432,6 +447,12 @@ def create_model(name: str, num_classes: int | None, cfg_model: dict, pretrained
             f"unknown model '{name}'{hint}; did you mean '{near[0] if near else '?'}'? "
             "(python -c 'import timm, models; print(timm.list_models())' lists them)"
         )
+
+
+def create_model(name: str, num_classes: int | None, cfg_model: dict, pretrained: bool = False):
+    import timm
+
+    check_model_name(name)
     kwargs = dict(cfg_model.get("kwargs") or {})
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
@@ -462,6 +483,7 @@ class Run:
 
         self.cfg = cfg
         t = cfg["train"]
+        check_model_name(cfg["model"]["name"])  # before any folder or data is made
         device = t["device"]
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -624,8 +646,13 @@ class Run:
         )
         if resume_ckpt is not None and resume_ckpt.get("scheduler"):
             self.lr_scheduler.load_state_dict(resume_ckpt["scheduler"])
-        if self.start_epoch > 0 and self.start_batch == 0:
-            self.lr_scheduler.step(self.start_epoch)
+        if resume_ckpt is not None:
+            # the scheduler's constructor reset the lr (to warmup_lr): put back the saved one, which the
+            # next updates of the uninterrupted run would have used
+            for group, saved in zip(
+                self.optimizer.param_groups, resume_ckpt["optimizer"]["param_groups"], strict=True
+            ):
+                group["lr"] = saved["lr"]
 
         self.metric_name = t["eval_metric"]
         self.saver = None

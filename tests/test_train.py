@@ -1,0 +1,251 @@
+"""train.py end to end, through its command line (what a user sees: files, exit codes, one-line errors).
+
+The helpers at the top (tiny config, run_cli) are shared with test_eval.py / test_train_*.py."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import configs  # noqa: E402
+
+PY = sys.executable
+
+# A tiny NAT (32 px) under the full ImageNet recipe's augmentation (RandAugment, mixup/cutmix, random
+# erasing, drop-path, EMA, grad accumulation): every RNG consumer the resume test must get right.
+TINY = {
+    "base": str(REPO / "configs" / "imagenet1k.yaml"),
+    "model": {
+        "name": "nat_mini",
+        "drop_path_rate": 0.1,
+        "kwargs": {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 2, 4], "kernel_size": 3},
+    },
+    "data": {
+        "dataset": "synthetic",
+        "synthetic": {"num_classes": 3, "train_per_class": 8, "val_per_class": 2, "image_size": 32},
+        "img_size": 32,
+        "workers": 0,
+        "pin_memory": False,
+    },
+    "optim": {"lr": 1e-3, "grad_accum_steps": 2, "clip_grad": 1.0},
+    "sched": {"epochs": 2, "warmup_epochs": 1, "cooldown_epochs": 0},
+    "ema": {"enabled": True, "decay": 0.9},
+    "train": {"batch_size": 4, "deterministic": True, "log_interval": 1, "progress": "off", "device": "cpu"},
+}
+
+
+def write_config(path: Path, data_root: Path, **section_updates) -> Path:
+    cfg = yaml.safe_load(yaml.safe_dump(TINY))
+    cfg["data"]["root"] = str(data_root)
+    for section, values in section_updates.items():
+        cfg.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["OMP_NUM_THREADS"] = "1"  # same thread count in every run: bitwise-equal reductions
+    e["PYTHONPATH"] = str(REPO)
+    return e
+
+
+def run_cli(*args, timeout=300, check=None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [PY, *map(str, args)], cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout
+    )
+    if check is not None and proc.returncode != check:
+        raise AssertionError(
+            f"exit {proc.returncode} != {check}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
+    return proc
+
+
+def load(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(a: dict, b: dict, what: str):
+    assert a.keys() == b.keys(), what
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{what}: {k} differs"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="module")
+def full_run(workdir):
+    """An uninterrupted 2-epoch run (the reference for the resume test)."""
+    cfg = write_config(workdir / "tiny.yaml", workdir / "data")
+    run_cli("train.py", "-c", cfg, "--output", workdir / "runs", "--experiment", "full", check=0)
+    return workdir / "runs" / "full", cfg
+
+
+def test_run_writes_checkpoints_logs_summary_and_config(full_run):
+    run_dir, _ = full_run
+    for name in ("last.pth.tar", "model_best.pth.tar", "config.yaml", "classes.json", "train.log"):
+        assert (run_dir / name).is_file(), name
+    assert list(run_dir.glob("checkpoint-*.pth.tar"))
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert not list(run_dir.glob("tmp*")), "temporary checkpoint left behind"
+    rows = list(csv.DictReader((run_dir / "summary.csv").open()))
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert {"train_loss", "eval_top1", "eval_top5", "eval_loss", "lr", "train_img_per_sec"} <= rows[0].keys()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert configs.validate(saved) == saved  # fully resolved: every key present and valid
+    assert saved["model"]["kwargs"]["embed_dim"] == 16
+    ck = load(run_dir / "last.pth.tar")
+    assert ck["arch"] == "nat_mini" and ck["num_classes"] == 3 and len(ck["classes"]) == 3
+    assert ck["next_epoch"] == 2 and ck["num_updates"] == 6  # 24 images / batch 4 / accum 2 * 2 epochs
+    assert "state_dict_ema" in ck and "scheduler" in ck and "rng" in ck
+
+
+def test_tensorboard_has_the_promised_scalars(full_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(full_run[0] / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {
+        "train/loss",
+        "train/lr",
+        "train/img_per_sec",
+        "train/peak_mem_mb",
+        "val/loss",
+        "val/top1",
+        "val/top5",
+    }
+    assert expected <= tags, expected - tags
+    assert "config" in "".join(acc.Tags()["tensors"])
+
+
+def test_stop_and_resume_gives_identical_weights(full_run, workdir):
+    """Stopped mid-epoch (as SIGTERM would), resumed: same weights, EMA and optimizer state as the
+    uninterrupted run, bit for bit (deterministic CPU)."""
+    ref_dir, cfg = full_run
+    out = workdir / "runs"
+    p = run_cli(
+        "train.py",
+        "-c",
+        cfg,
+        "--output",
+        out,
+        "--experiment",
+        "stopped",
+        "train.stop_after_updates=4",
+        check=0,
+    )
+    assert "--resume" in p.stdout
+    ck = load(out / "stopped" / "last.pth.tar")
+    assert (ck["next_epoch"], ck["next_batch"], ck["num_updates"]) == (1, 2, 4)
+    run_cli("train.py", "--resume", out / "stopped" / "last.pth.tar", check=0)
+    a, b = load(ref_dir / "last.pth.tar"), load(out / "stopped" / "last.pth.tar")
+    assert_same_tensors(a["state_dict"], b["state_dict"], "weights")
+    assert_same_tensors(a["state_dict_ema"], b["state_dict_ema"], "EMA weights")
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert_same_tensors(sa, sb, "optimizer state")
+    rows = list(csv.DictReader((out / "stopped" / "summary.csv").open()))
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_last_checkpoint(workdir):
+    # epoch 0 at warmup_lr (fine, checkpointed), epoch 1 at lr 1e12: the loss blows up
+    cfg = write_config(
+        workdir / "nan.yaml",
+        workdir / "data",
+        optim={"opt": "sgd", "lr": 1e12, "clip_grad": None, "grad_accum_steps": 1},
+        sched={"epochs": 3, "warmup_epochs": 1, "warmup_lr": 1e-6, "step_on_updates": False},
+        ema={"enabled": False},
+    )
+    p = run_cli("train.py", "-c", cfg, "--output", workdir / "runs", "--experiment", "nan")
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: loss is"), p.stderr
+    assert "last good checkpoint kept" in lines[0] and "Traceback" not in p.stderr
+    ck = load(workdir / "runs" / "nan" / "last.pth.tar")
+    assert ck["next_epoch"] == 1
+    assert all(v.isfinite().all() for v in ck["state_dict"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (
+            ["-c", "configs/quickstart.yaml", "optim.learning_rat=1"],
+            "unknown config key 'optim.learning_rat'",
+        ),
+        (["-c", "configs/quickstart.yaml", "--set", "train.lr=1"], "did you mean 'optim.lr'"),
+        (["-c", "configs/no_such.yaml"], "config file 'configs/no_such.yaml' not found"),
+        (["-c", "configs/quickstart.yaml", "train.batch_size=big"], "must be int, got 'big'"),
+        (["--resume", "/nonexistent/last.pth.tar"], "checkpoint '/nonexistent/last.pth.tar' not found"),
+        (["-c", "configs/quickstart.yaml", "--model", "nat_tinny"], "did you mean 'nat_tiny'"),
+        ([], "no config given"),
+    ],
+)
+def test_bad_input_is_one_error_line(args, expected, capsys, monkeypatch):
+    import train
+
+    monkeypatch.chdir(REPO)
+    assert train.main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert lines[0].startswith("error: ")
+
+
+def test_cli_error_has_no_traceback():
+    p = run_cli("train.py", "-c", "configs/quickstart.yaml", "optim.lrr=1", timeout=120)
+    assert p.returncode == 2
+    assert (
+        p.stderr
+        == "error: unknown config key 'optim.lrr' (override 'optim.lrr=1'); did you mean 'optim.lr'?\n"
+    )
+
+
+def test_wrong_checkpoint_is_one_error_line(workdir, full_run):
+    bad = workdir / "garbage.pth"
+    bad.write_bytes(b"not a checkpoint")
+    _, cfg = full_run
+    p = run_cli("train.py", "-c", cfg, "--checkpoint", bad, "--output", workdir / "runs", timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "cannot read checkpoint" in p.stderr, p.stderr
+    p = run_cli("train.py", "--resume", bad, timeout=120)
+    assert p.returncode == 2 and "cannot read checkpoint" in p.stderr
+
+
+def test_fine_tune_resizes_head(full_run, workdir):
+    ref_dir, cfg = full_run
+    ft = write_config(
+        workdir / "ft.yaml",
+        workdir / "data5",
+        data={"synthetic": {"num_classes": 5, "train_per_class": 4, "val_per_class": 1, "image_size": 32}},
+        sched={"epochs": 1, "warmup_epochs": 0},
+    )
+    p = run_cli(
+        "train.py",
+        "-c",
+        ft,
+        "--checkpoint",
+        ref_dir / "model_best.pth.tar",
+        "--output",
+        workdir / "runs",
+        "--experiment",
+        "ft",
+        check=0,
+    )
+    assert "classifier re-initialised for 5 classes" in p.stdout
+    assert load(workdir / "runs" / "ft" / "last.pth.tar")["num_classes"] == 5
+
+
+def test_repo_root_is_importable():
+    assert (REPO / "train.py").is_file()
