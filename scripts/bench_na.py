@@ -1,0 +1,256 @@
+#!/usr/bin/env python
+"""Benchmark the NA operator: each backend vs a naive gather, dense attention and Swin windows.
+
+Times forward and forward+backward of one attention call (q, k, v of shape (B, S, S, heads, D), plus
+the relative position bias where the method has one) for several map sizes S, side by side in one
+run, and prints ratios against our `torch` backend. Writes CSV and a log-log plot of time vs tokens.
+
+    python scripts/bench_na.py                      # the full CPU sweep, 14^2 ... 224^2
+    python scripts/bench_na.py --sizes 56 --tiles 4 6 8 10 14   # tile-size sweep of the torch backend
+    python scripts/bench_na.py --quick              # seconds; checks the script end to end
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.layers import neighborhood_attention_2d  # noqa: E402
+from models.layers.backends import torch_tiled  # noqa: E402
+from models.layers.backends.checks import call_info, why_not  # noqa: E402
+
+# Working-set estimate (bytes) above which a method is skipped rather than swapping the machine.
+MEMORY_BUDGET = 3 * 2**30
+
+
+def window_attention(q, k, v, rpb, kernel_size: int, scale: float) -> torch.Tensor:
+    """Swin-style attention inside non-overlapping k x k windows, with its relative position bias."""
+    B, H, W, heads, dim = q.shape
+    ws = kernel_size
+
+    def windows(x):
+        x = x.view(B, H // ws, ws, W // ws, ws, heads, dim).permute(0, 1, 3, 5, 2, 4, 6)
+        return x.reshape(-1, heads, ws * ws, dim)
+
+    coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :] + ws - 1).permute(1, 2, 0)
+    bias = rpb[:, rel[..., 0], rel[..., 1]].unsqueeze(0)  # (1, heads, ws^2, ws^2), as timm's Swin
+    out = F.scaled_dot_product_attention(windows(q), windows(k), windows(v), attn_mask=bias, scale=scale)
+    out = out.view(B, H // ws, W // ws, heads, ws, ws, dim).permute(0, 1, 4, 2, 5, 3, 6)
+    return out.reshape(B, H, W, heads, dim)
+
+
+def dense_attention(q, k, v, rpb, kernel_size: int, scale: float) -> torch.Tensor:
+    """Global self-attention over all tokens (ViT-style; no bias): the quadratic reference."""
+    B, H, W, heads, dim = q.shape
+    seq = [t.reshape(B, H * W, heads, dim).transpose(1, 2) for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*seq, scale=scale)
+    return out.transpose(1, 2).reshape(B, H, W, heads, dim)
+
+
+def na_method(backend: str, tile: int | None = None) -> Callable:
+    def run(q, k, v, rpb, kernel_size, scale):
+        if tile is not None:
+            return torch_tiled.na2d_tiled(q, k, v, kernel_size, 1, rpb, scale, 0.0, tile=tile)
+        return neighborhood_attention_2d(q, k, v, kernel_size, rpb=rpb, scale=scale, backend=backend)
+
+    return run
+
+
+def working_set(method: str, batch: int, size: int, heads: int, dim: int, kernel_size: int) -> int:
+    tokens = batch * size * size * heads
+    if method == "dense":
+        return 4 * 3 * tokens * size * size  # scores, probs and their gradient
+    if method == "naive":
+        return 4 * 4 * tokens * kernel_size**2 * dim  # gathered K, V and their gradients
+    if method in ("natten", "flex"):
+        return 4 * 2 * tokens * size * size  # their CPU paths materialise full scores
+    return 4 * 40 * tokens * dim
+
+
+def time_call(fn: Callable[[], None], warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(method, fn, args, size, mode, warmup, repeats) -> dict:
+    torch.manual_seed(0)
+    B, heads, dim, kernel_size = args.batch, args.heads, args.head_dim, args.kernel_size
+    grad = mode == "fwd+bwd"
+    q, k, v = (torch.randn(B, size, size, heads, dim, requires_grad=grad) for _ in range(3))
+    rpb = torch.randn(heads, 2 * kernel_size - 1, 2 * kernel_size - 1, requires_grad=grad)
+    uses_rpb = method not in ("dense", "natten")
+    scale = dim**-0.5
+
+    def step():
+        if grad:
+            fn(q, k, v, rpb if uses_rpb else None, kernel_size, scale).sum().backward()
+        else:
+            with torch.no_grad():
+                fn(q, k, v, rpb if uses_rpb else None, kernel_size, scale)
+
+    times = time_call(step, warmup, repeats)
+    return {
+        "method": method,
+        "mode": mode,
+        "size": size,
+        "tokens": size * size,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+    }
+
+
+def available(method: str, mode: str, args) -> str | None:
+    """None if `method` can run in `mode`, else why not."""
+    if method not in ("natten", "flex"):
+        return None
+    probe = torch.zeros(1, 1, 1, 1, 1, requires_grad=mode == "fwd+bwd")
+    return why_not(method, call_info(probe, probe, probe, None, 0.0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[14, 28, 56, 112, 224])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--kernel-size", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--methods", nargs="+", default=["torch", "naive", "window", "dense", "natten", "flex"]
+    )
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    parser.add_argument(
+        "--tiles", type=int, nargs="*", default=[], help="also time the torch backend at these tiles"
+    )
+    parser.add_argument("--out", type=Path, default=Path("output/bench_na"))
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks the script runs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.batch, args.warmup, args.repeats = [14, 28], 2, 1, 1
+    bad = [s for s in args.sizes if s % args.kernel_size or s < args.kernel_size]
+    if bad:
+        parser.error(f"sizes must be multiples of --kernel-size {args.kernel_size} (window attention): {bad}")
+    if "torch" not in args.methods:
+        parser.error("--methods must include 'torch': ratios are taken against it")
+
+    methods = {
+        "torch": na_method("torch"),
+        "naive": na_method("naive"),
+        "natten": na_method("natten"),
+        "flex": na_method("flex"),
+        "window": window_attention,
+        "dense": dense_attention,
+    }
+    methods = {name: methods[name] for name in args.methods}
+    methods.update({f"torch:tile{t}": na_method("torch", tile=t) for t in args.tiles})
+
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}, "
+        f"heads {args.heads}, head_dim {args.head_dim}, kernel {args.kernel_size}"
+    )
+    rows, notes = [], []
+    for mode in args.modes:
+        for size in args.sizes:
+            for name, fn in methods.items():
+                reason = available(name, mode, args)
+                if reason is None:
+                    need = working_set(name, args.batch, size, args.heads, args.head_dim, args.kernel_size)
+                    if need > MEMORY_BUDGET:
+                        reason = f"needs ~{need / 2**30:.1f} GiB"
+                if reason:
+                    notes.append(f"{mode} {size}^2 {name}: skipped ({reason})")
+                    continue
+                rows.append(measure(name, fn, args, size, mode, args.warmup, args.repeats))
+                print(f"  {mode:8s} {size:4d}^2 {name:12s} {rows[-1]['median_s'] * 1e3:10.2f} ms", flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "bench_na.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print_ratios(rows, args)
+    for note in notes:
+        print("note:", note)
+    plot(rows, args.out / "bench_na.png")
+    print(f"wrote {args.out / 'bench_na.csv'} and {args.out / 'bench_na.png'}")
+    return 0
+
+
+def print_ratios(rows: list[dict], args) -> None:
+    """Time of each method over the torch backend's, per size (>1: slower than ours)."""
+    index = {(r["method"], r["mode"], r["size"]): r["median_s"] for r in rows}
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    for mode in args.modes:
+        print(f"\n{mode}: time / torch backend time (torch column: ms)")
+        print("size   " + "".join(f"{n:>13s}" for n in names))
+        for size in args.sizes:
+            base = index.get(("torch", mode, size))
+            cells = []
+            for n in names:
+                t = index.get((n, mode, size))
+                if t is None or base is None:
+                    cells.append(f"{'-':>13s}")
+                elif n == "torch":
+                    cells.append(f"{t * 1e3:12.1f}m")
+                else:
+                    cells.append(f"{t / base:13.2f}")
+            print(f"{size:4d}^2" + "".join(cells))
+        torch_rows = sorted(
+            (r for r in rows if r["method"] == "torch" and r["mode"] == mode), key=lambda r: r["size"]
+        )
+        if len(torch_rows) > 1:
+            first, last = torch_rows[0], torch_rows[-1]
+            growth = (last["median_s"] / first["median_s"]) / (last["tokens"] / first["tokens"])
+            span = f"{last['size']}^2 vs {first['size']}^2"
+            print(f"torch backend time per token, {span}: {growth:.2f}x (1.0 = linear)")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
+    for ax, mode in zip(axes[0], modes, strict=True):
+        for name in dict.fromkeys(r["method"] for r in rows):
+            pts = sorted(
+                (r["tokens"], r["median_s"]) for r in rows if r["method"] == name and r["mode"] == mode
+            )
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens (H x W)")
+        ax.set_ylabel("seconds per call")
+        ax.set_title(f"NA operator, {mode}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
