@@ -5,6 +5,9 @@ operator forced onto its "naive" backend, which computes QK^T and AV as batched 
 kernel_size**2 keys per query: the counter then charges NA what the papers do. Convs, linears and
 matmuls are counted; norms, activations, softmax and pooling are not (negligible, and left out of
 the papers' tables too). Numbers are multiply-accumulates ("FLOPs" in the NAT/DiNAT/Swin tables).
+
+A model built under `with torch.device("meta"):` is counted without allocating weights or
+activations (the counter needs shapes only): the fast way to count big variants on a CPU.
 """
 
 from __future__ import annotations
