@@ -41,12 +41,15 @@ class AxisTiling:
 
 
 def default_tile(length: int, kernel_size: int, dilation: int) -> int:
-    """Query tile edge. Measured on CPU (scripts/bench_na.py --tiles): ~k+1 balances the halo's
-    extra logits against the per-tile overhead; a group that a halo would nearly cover anyway is
-    taken whole, since one dense tile beats several overlapping ones."""
+    """Query tile edge for one axis, from a CPU sweep (scripts/bench_na.py --tiles, k=7): maps of
+    up to 2k positions per dilation group run fastest as one dense tile; longer ones in tiles of
+    about k, the size among k, k+1, k-1 that pads the group least (repeated queries are wasted work:
+    at 28^2, tile 7 ran 25% faster than tile 8)."""
     longest_group = group_length(length, 0, dilation)
-    tile = kernel_size + 1
-    return longest_group if tile + kernel_size - 1 >= longest_group else tile
+    if longest_group <= 2 * kernel_size:
+        return longest_group
+    candidates = (kernel_size, kernel_size + 1, kernel_size - 1)
+    return min(candidates, key=lambda tile: math.ceil(longest_group / tile) * tile)
 
 
 @functools.lru_cache(maxsize=256)
@@ -97,7 +100,7 @@ class PlaneTiling:
     query_index: torch.Tensor  # (tiles * tq,) flat position of each query slot
     key_index: torch.Tensor  # (tiles * hk,) flat position of each halo slot
     output_index: torch.Tensor  # (H * W,) query slot holding each position's output
-    in_window: torch.Tensor  # (tiles, tq, hk) bool
+    outside_window: torch.Tensor  # (tiles, tq, hk) bool: key slot outside the query's window
     bias_index: torch.Tensor  # (tiles, tq, hk) flat index into rpb.flatten(1); 0 outside windows
 
 
@@ -134,7 +137,7 @@ def plane_tiling(
         query_index=query_index.to(dev),
         key_index=key_index.to(dev),
         output_index=output_index.flatten().to(dev),
-        in_window=in_window.to(dev),
+        outside_window=(~in_window).to(dev),
         bias_index=torch.where(in_window, bias_index, 0).to(dev),
     )
 
@@ -194,7 +197,7 @@ def na2d_tiled(
     tile_h = tile or default_tile(H, kernel_size, dilation)
     tile_w = tile or default_tile(W, kernel_size, dilation)
     plane = plane_tiling(H, W, kernel_size, dilation, tile_h, tile_w, str(q.device))
-    n_tiles, tq, hk = plane.in_window.shape
+    n_tiles, tq, hk = plane.outside_window.shape
 
     def gather(x: torch.Tensor, index: torch.Tensor, per_tile: int) -> torch.Tensor:
         # (B, H, W, heads, D) -> (B, heads, H*W, D) -> (B, heads * tiles, per_tile, D), one gather.
@@ -206,7 +209,7 @@ def na2d_tiled(
     else:
         bias = rpb.to(q.dtype).flatten(1)[:, plane.bias_index]  # (heads, tiles, tq, hk)
     # Additive 4-D mask (1, heads * tiles, tq, hk): the shape SDPA's fused kernels accept.
-    mask = bias.masked_fill(~plane.in_window, float("-inf")).view(1, heads * n_tiles, tq, hk)
+    mask = bias.masked_fill(plane.outside_window, float("-inf")).view(1, heads * n_tiles, tq, hk)
     out = _attend(
         gather(q, plane.query_index, tq),
         gather(k, plane.key_index, hk),
