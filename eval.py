@@ -148,7 +148,8 @@ def class_index_map(
         return None
     raise CheckpointError(
         f"the model has {num_outputs} outputs but the dataset has {len(ds_classes)} classes and the "
-        "checkpoint names none; evaluate on a dataset with the same classes (or ImageNet wnid folders for a 1k model)"
+        "checkpoint names none; evaluate on a dataset with the same classes "
+        "(or ImageNet wnid folders for a 1k model)"
     )
 
 

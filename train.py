@@ -229,7 +229,10 @@ def load_model_weights(model, sd: dict, path, model_name: str, resize_head: bool
     head_change = [
         f"{k} {list(v.shape)} vs model {list(model_sd[k].shape)}"
         for k, v in sd.items()
-        if k.startswith(heads) and k in model_sd and v.shape != model_sd[k].shape
+        if k.startswith(heads)
+        and k in model_sd
+        and v.shape != model_sd[k].shape
+        and v.shape[1:] == model_sd[k].shape[1:]  # only the number of classes differs
     ]
     if head_change and not resize_head:
         raise CheckpointError(
