@@ -1,0 +1,1012 @@
+#!/usr/bin/env python
+"""Benchmark whole models: NAT / DiNAT against Swin, ConvNeXt and ViT, side by side in one run.
+
+For every model, device and resolution: parameters, FLOPs (multiply-adds, NA at its true cost via
+`models.count_flops`), inference img/s, train-step img/s (forward + backward + AdamW step) and peak
+memory, each timed over several repeats after warm-up (median and spread reported), with the NA
+backend that actually ran. Models are timed interleaved (round r times every model once, then round
+r + 1), so load on a shared machine hits all of them alike and the ratios stay side by side.
+
+    python scripts/benchmark.py                       # CPU (+ GPU when there is one), default models
+    python scripts/benchmark.py --devices cuda --compile          # GPU only, torch.compile'd
+    python scripts/benchmark.py --models nat_tiny nat_tiny@naive swin_tiny_patch4_window7_224
+    python scripts/benchmark.py --quick               # seconds: checks the script end to end
+
+`name@backend` forces the NA backend for that row (e.g. `nat_tiny@naive`, the paper's gather).
+Writes results.csv (one row per model/device/resolution/mode), results.json (the rows plus
+device/torch/timm/natten versions, load, targets, scaling slopes) and three PNG plots to --out.
+
+Memory: on CUDA, `torch.cuda.max_memory_allocated` during one step minus what was allocated before
+it, plus the model's own parameters, buffers and optimizer state: what max_memory_allocated reads
+with this model alone on the GPU. On CPU, the peak-RSS increase during one step (the peak is reset
+through /proc/self/clear_refs after a malloc_trim), i.e. activations and gradients, not weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import ctypes
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import timm  # noqa: E402
+
+from models import count_flops  # noqa: E402  (importing models registers nat_* / dinat_* with timm)
+
+DEFAULT_MODELS = [
+    "nat_mini",
+    "nat_tiny",
+    "dinat_tiny",
+    "swin_tiny_patch4_window7_224",
+    "convnext_tiny",
+    "vit_small_patch16_224",
+]
+DEFAULT_BASELINES = ["swin_tiny_patch4_window7_224", "convnext_tiny"]
+# Per device: resolutions, batch at 224 (scaled by 224^2 / pixels elsewhere), warm-up steps,
+# timed repeats, steps per repeat. The CPU defaults keep the full run to a few minutes on 2 cores.
+DEVICE_DEFAULTS = {
+    "cpu": dict(resolutions=[224, 320, 448], batch=8, warmup=2, repeats=5, iters=1),
+    "cuda": dict(resolutions=[224, 384, 512, 768, 1024], batch=256, warmup=5, repeats=7, iters=5),
+}
+QUICK = dict(resolutions=[32, 64], batch=2, warmup=1, repeats=2, iters=1)
+QUICK_MODELS = ["nat_mini", "swin_tiny_patch4_window7_224", "vit_small_patch16_224"]
+# Tiny variants for --quick: the same code paths (NA with RPB, Swin windows, dense attention), in seconds.
+QUICK_KWARGS = {
+    "nat_mini": dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), kernel_size=3),
+    "dinat_tiny": dict(
+        embed_dim=16,
+        depths=(2, 2, 2, 1),
+        num_heads=(1, 2, 2, 4),
+        kernel_size=3,
+        dilations=((1, 2), (1, 1), (1, 1), (1,)),
+    ),
+    "swin_tiny_patch4_window7_224": dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
+    "vit_small_patch16_224": dict(embed_dim=32, depth=2, num_heads=2),
+    "convnext_tiny": dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128)),
+}
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    label: str  # as given on the command line, e.g. "nat_tiny@naive"
+    name: str  # timm name
+    na_backend: str | None  # forced NA backend, or None for the model's own ("auto")
+    kwargs: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+def parse_models(names: list[str], model_kwargs: dict[str, dict]) -> list[ModelSpec]:
+    from models.layers.backends.checks import BACKENDS
+
+    specs = []
+    for label in names:
+        name, _, backend = label.partition("@")
+        if backend and backend not in (*BACKENDS, "auto"):
+            raise SystemExit(f"error: {label!r}: unknown NA backend {backend!r}; use one of {BACKENDS}")
+        if not timm.is_model(name):
+            raise SystemExit(f"error: {name!r} is not a timm model name (see timm.list_models())")
+        specs.append(ModelSpec(label, name, backend or None, dict(model_kwargs.get(name, {}))))
+    if len({s.label for s in specs}) != len(specs):
+        raise SystemExit(f"error: a model is listed twice in {names}")
+    return specs
+
+
+def create_model(spec: ModelSpec, resolution: int) -> nn.Module:
+    """timm model at `resolution`: Swin / ViT take img_size (their masks and position embeddings
+    depend on it); NAT and ConvNeXt take any size, and their constructors reject img_size."""
+    kwargs = dict(pretrained=False, **spec.kwargs)
+    try:
+        return timm.create_model(spec.name, img_size=resolution, **kwargs)
+    except TypeError as e:
+        if "img_size" not in str(e):
+            raise
+    return timm.create_model(spec.name, **kwargs)
+
+
+def has_na(model: nn.Module) -> bool:
+    from models.layers import NeighborhoodAttention2D
+
+    return any(isinstance(m, NeighborhoodAttention2D) for m in model.modules())
+
+
+def model_flops(spec: ModelSpec, resolution: int) -> tuple[int, float]:
+    """(parameters, GMACs per image) from a meta-device copy: no weights, no activations."""
+    with torch.device("meta"):
+        model = create_model(spec, resolution)
+    params = sum(p.numel() for p in model.parameters())
+    try:
+        macs = count_flops(model, (3, resolution, resolution)) / 1e9
+    except Exception:  # a model whose forward can't run on meta: count on CPU, batch 1
+        model = create_model(spec, resolution)
+        macs = count_flops(model, (3, resolution, resolution)) / 1e9
+    return params, macs
+
+
+# ----------------------------------------------------------------------------------------------
+# NA backend that actually ran
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def spy_na_backends() -> Iterator[set[str]]:
+    """Names of the NA implementations called inside the block (eager mode only: a compiled graph
+    calls no Python). Wraps the operator's dispatch table, restores it on exit."""
+    seen: set[str] = set()
+    try:
+        from models.layers import functional as na_functional
+
+        table = na_functional._IMPLEMENTATIONS
+    except (ImportError, AttributeError):
+        yield seen
+        return
+    original = dict(table)
+
+    def spy(name: str, fn: Callable) -> Callable:
+        def wrapped(*args, **kwargs):
+            seen.add(name)
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    table.update({name: spy(name, fn) for name, fn in original.items()})
+    try:
+        yield seen
+    finally:
+        table.update(original)
+
+
+def predicted_na_backend(device: torch.device, dtype: torch.dtype, train: bool) -> str:
+    from models.layers import explain_backends
+
+    q = torch.empty(1, 7, 7, 2, 32, device=device, dtype=dtype)
+    return explain_backends(q, rpb=torch.zeros(2, 13, 13, device=device), requires_grad=train).name
+
+
+def na_context(spec: ModelSpec):
+    if spec.na_backend is None:
+        return contextlib.nullcontext()
+    from models.layers import use_backend
+
+    return use_backend(spec.na_backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------------
+
+
+def _malloc_trim() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _status_kb(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM := VmRSS
+        return True
+    except OSError:
+        return False
+
+
+class _RssSampler(threading.Thread):
+    """Fallback where VmHWM can't be reset: poll VmRSS every millisecond."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak_kb = 0
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            self.peak_kb = max(self.peak_kb, _status_kb("VmRSS") or 0)
+            time.sleep(0.001)
+
+
+def cpu_peak_rss_delta_mb(step: Callable[[], None]) -> float:
+    gc.collect()
+    _malloc_trim()
+    before = _status_kb("VmRSS")
+    if before is None:
+        step()
+        return float("nan")
+    if _reset_peak_rss():
+        step()
+        peak = _status_kb("VmHWM") or before
+    else:
+        sampler = _RssSampler()
+        sampler.start()
+        step()
+        sampler.done.set()
+        sampler.join()
+        peak = max(sampler.peak_kb, _status_kb("VmRSS") or 0)
+    return max(0, peak - before) / 1024
+
+
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
+    tensors = list(model.parameters()) + list(model.buffers())
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            tensors += [t for t in state.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def cuda_peak_mb(step: Callable[[], None], model: nn.Module, optimizer) -> float:
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return (peak - before + state_bytes(model, optimizer)) / 2**20
+
+
+# ----------------------------------------------------------------------------------------------
+# One model on one device at one resolution
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    device: torch.device
+    amp: str  # bf16 / fp16 / fp32
+    channels_last: bool
+    compile: bool
+    iters: int
+
+
+class Runner:
+    """A model with its inputs and optimizer, and the two timed steps (inference, train)."""
+
+    def __init__(self, spec: ModelSpec, resolution: int, batch: int, settings: Settings):
+        self.spec, self.settings = spec, settings
+        device = settings.device
+        self.model = create_model(spec, resolution).to(device)
+        self.uses_na = has_na(self.model)
+        memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+        if settings.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.x = torch.randn(batch, 3, resolution, resolution, device=device).to(memory_format=memory_format)
+        num_classes = getattr(self.model, "num_classes", 1000) or 1000
+        self.y = torch.randint(0, num_classes, (batch,), device=device)
+        self.forward = torch.compile(self.model) if settings.compile else self.model
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
+        amp_dtype = AMP_DTYPES[settings.amp]
+        self.autocast = (
+            (lambda: torch.autocast(device.type, dtype=amp_dtype))
+            if amp_dtype is not None
+            else contextlib.nullcontext
+        )
+        self.scaler = torch.amp.GradScaler(device.type) if settings.amp == "fp16" else None
+        self.compute_dtype = amp_dtype or torch.float32
+
+    def infer_step(self) -> None:
+        # no_grad, not inference_mode: the NA operator caches index tensors per map size, and ones
+        # first built under inference_mode can't be saved for backward by a later train step.
+        with na_context(self.spec), torch.no_grad(), self.autocast():
+            self.forward(self.x)
+
+    def train_step(self) -> None:
+        with na_context(self.spec):
+            with self.autocast():
+                loss = F.cross_entropy(self.forward(self.x), self.y)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+
+    def step_fn(self, mode: str) -> Callable[[], None]:
+        return self.infer_step if mode == "infer" else self.train_step
+
+    def set_mode(self, mode: str) -> None:
+        self.model.train(mode == "train")
+
+    def timed(self, mode: str) -> float:
+        """Seconds for `iters` steps: CUDA events on the GPU, perf_counter on the CPU."""
+        step, iters = self.step_fn(mode), self.settings.iters
+        if self.settings.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(iters):
+                step()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            step()
+        return time.perf_counter() - t0
+
+    def peak_memory_mb(self, mode: str) -> float:
+        step = self.step_fn(mode)
+        if self.settings.device.type == "cuda":
+            return cuda_peak_mb(step, self.model, self.optimizer if mode == "train" else None)
+        return cpu_peak_rss_delta_mb(step)
+
+    def na_backend(self, mode: str, seen: set[str]) -> str:
+        if not self.uses_na:
+            return "-"
+        if seen:
+            return "+".join(sorted(seen))
+        if self.spec.na_backend:
+            return self.spec.na_backend
+        # compiled graphs bypass the spy; say what `auto` picks for this device / dtype
+        return predicted_na_backend(self.settings.device, self.compute_dtype, mode == "train")
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    values = sorted(values)
+    if len(values) >= 4:
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    else:
+        q1, q3 = values[0], values[-1]
+    return dict(median=statistics.median(values), q1=q1, q3=q3, min=values[0], max=values[-1])
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def bench_resolution(
+    specs: list[ModelSpec], resolution: int, batch: int, modes: list[str], settings: Settings, cfg: dict, log
+) -> list[dict]:
+    """Every model at one resolution on one device; rounds interleave the models."""
+    runners: dict[str, Runner] = {}
+    errors: dict[str, str] = {}
+    for spec in specs:
+        try:
+            runners[spec.label] = Runner(spec, resolution, batch, settings)
+        except Exception as e:  # noqa: BLE001 (one model failing must not lose the others' numbers)
+            errors[spec.label] = f"build: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            log(f"  {spec.label}: {errors[spec.label]}")
+    rows = []
+    for mode in modes:
+        memory: dict[str, float] = {}
+        backends: dict[str, str] = {}
+        mode_errors = dict(errors)
+        for label, runner in runners.items():
+            runner.set_mode(mode)
+            try:
+                for _ in range(cfg["warmup"]):
+                    runner.step_fn(mode)()
+                with spy_na_backends() as seen:
+                    memory[label] = runner.peak_memory_mb(mode)
+                backends[label] = runner.na_backend(mode, seen)
+            except Exception as e:  # noqa: BLE001
+                mode_errors[label] = ("OOM" if is_oom(e) else f"{type(e).__name__}: {e}")[:200]
+                log(f"  {label} {mode}: {mode_errors[label]}")
+                if settings.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        times: dict[str, list[float]] = {label: [] for label in memory}
+        for _ in range(cfg["repeats"]):
+            for label in list(times):
+                try:
+                    times[label].append(runners[label].timed(mode))
+                except Exception as e:  # noqa: BLE001
+                    mode_errors[label] = ("OOM" if is_oom(e) else f"{type(e).__name__}: {e}")[:200]
+                    del times[label]
+        for spec in specs:
+            row = dict(model=spec.label, timm_name=spec.name, mode=mode, resolution=resolution, batch=batch)
+            if spec.label in times:
+                img_s = [batch * settings.iters / t for t in times[spec.label]]
+                ms = [1e3 * t / settings.iters for t in times[spec.label]]
+                stats = spread(img_s)
+                row.update(
+                    {f"img_s_{k}": v for k, v in stats.items()},
+                    ms_per_step_median=statistics.median(ms),
+                    peak_mem_mb=memory[spec.label],
+                    na_backend=backends[spec.label],
+                    error="",
+                )
+            else:
+                row.update(error=mode_errors.get(spec.label, "not run"))
+            rows.append(row)
+            if not row["error"]:
+                log(
+                    f"  {mode:5s} {spec.label:32s} {row['img_s_median']:9.1f} img/s "
+                    f"[{row['img_s_q1']:.1f}, {row['img_s_q3']:.1f}]  {row['peak_mem_mb']:8.0f} MB  "
+                    f"NA={row['na_backend']}"
+                )
+    del runners
+    gc.collect()
+    if settings.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def scaled_batch(batch_at_224: int, resolution: int, fixed: bool) -> int:
+    """The batch at `resolution`: above 224, cut by 224^2 / pixels (same pixels per step, so
+    memory stays bounded and the big sizes don't dominate the run); never raised below 224."""
+    if fixed or resolution <= 224:
+        return batch_at_224
+    return max(1, round(batch_at_224 * (224 / resolution) ** 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment, ratios, targets, scaling
+# ----------------------------------------------------------------------------------------------
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def load_average() -> list[float] | None:
+    with contextlib.suppress(OSError, AttributeError):
+        return [round(x, 2) for x in os.getloadavg()]
+    return None
+
+
+def environment() -> dict:
+    try:
+        import natten
+
+        natten_version = natten.__version__
+    except Exception:  # noqa: BLE001 (any import failure means "not available")
+        natten_version = None
+    return dict(
+        python=platform.python_version(),
+        platform=platform.platform(),
+        torch=torch.__version__,
+        timm=timm.__version__,
+        natten=natten_version,
+        cuda=torch.version.cuda,
+        cudnn=torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+        cpu=cpu_name(),
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    )
+
+
+def find(rows: list[dict], device: str, resolution: int, mode: str, name: str) -> dict | None:
+    """The measured row of timm model `name` (its own NA backend, not an @-forced one)."""
+    for row in rows:
+        if (row["device"], row["resolution"], row["mode"], row["model"]) == (device, resolution, mode, name):
+            return row if not row["error"] else None
+    return None
+
+
+def ratio(row: dict | None, base: dict | None, key: str) -> float | None:
+    if row is None or base is None or not base.get(key):
+        return None
+    return row[key] / base[key]
+
+
+# Issue 5's targets: (device, resolution, mode, model, baseline, metric, comparison, bound, description)
+NAT_T, SWIN_T, CONVNEXT_T = "nat_tiny", "swin_tiny_patch4_window7_224", "convnext_tiny"
+TARGETS = [
+    *[
+        ("cpu", 224, m, NAT_T, SWIN_T, "img_s_median", ">=", 1.0, f"CPU 224: NAT-T {m} >= 1.0x Swin-T")
+        for m in ("train", "infer")
+    ],
+    *[
+        ("cuda", 224, m, NAT_T, SWIN_T, "img_s_median", ">=", 1.0, f"GPU 224: NAT-T {m} >= 1.0x Swin-T")
+        for m in ("train", "infer")
+    ],
+    *[
+        (
+            "cuda",
+            224,
+            m,
+            NAT_T,
+            CONVNEXT_T,
+            "img_s_median",
+            ">=",
+            0.8,
+            f"GPU 224: NAT-T {m} >= 0.8x ConvNeXt-T",
+        )
+        for m in ("train", "infer")
+    ],
+    ("cuda", 224, "train", NAT_T, SWIN_T, "peak_mem_mb", "<=", 1.0, "GPU 224: NAT-T train memory <= Swin-T"),
+    *[
+        ("cuda", 1024, m, NAT_T, b, "img_s_median", ">", 1.0, f"GPU 1024: NAT-T {m} > {short}")
+        for m in ("train", "infer")
+        for b, short in ((SWIN_T, "Swin-T"), (CONVNEXT_T, "ConvNeXt-T"))
+    ],
+]
+
+
+def check_targets(rows: list[dict]) -> list[dict]:
+    """The targets this run has rows for, each with its measured ratio and verdict."""
+    compare = {">=": lambda r, b: r >= b, "<=": lambda r, b: r <= b, ">": lambda r, b: r > b}
+    checks = []
+    for device, resolution, mode, model, base, key, op, bound, text in TARGETS:
+        row = find(rows, device, resolution, mode, model)
+        r = ratio(row, find(rows, device, resolution, mode, base), key)
+        if r is not None:
+            checks.append(
+                dict(
+                    target=text,
+                    device=device,
+                    resolution=resolution,
+                    batch=row["batch"],
+                    mode=mode,
+                    ratio=round(r, 3),
+                    bound=f"{op} {bound}",
+                    met=bool(compare[op](r, bound)),
+                )
+            )
+    return checks
+
+
+def loglog_slope(xs: list[float], ys: list[float]) -> float | None:
+    """Least-squares slope of log(y) against log(x)."""
+    pairs = [(math.log(x), math.log(y)) for x, y in zip(xs, ys, strict=True) if x > 0 and y > 0]
+    if len(pairs) < 2:
+        return None
+    mx = sum(p[0] for p in pairs) / len(pairs)
+    my = sum(p[1] for p in pairs) / len(pairs)
+    sxx = sum((p[0] - mx) ** 2 for p in pairs)
+    if sxx == 0:
+        return None
+    return sum((p[0] - mx) * (p[1] - my) for p in pairs) / sxx
+
+
+def scaling_slopes(rows: list[dict]) -> list[dict]:
+    """Per device, mode and model: how time per image and FLOPs grow with pixels (1 linear, 2 quadratic)."""
+    out = []
+    keys = sorted({(r["device"], r["mode"], r["model"]) for r in rows}, key=str)
+    for device, mode, model in keys:
+        sel = sorted(
+            (
+                r
+                for r in rows
+                if (r["device"], r["mode"], r["model"]) == (device, mode, model) and not r["error"]
+            ),
+            key=lambda r: r["resolution"],
+        )
+        if len(sel) < 2:
+            continue
+        pixels = [r["resolution"] ** 2 for r in sel]
+        out.append(
+            dict(
+                device=device,
+                mode=mode,
+                model=model,
+                resolutions=[r["resolution"] for r in sel],
+                time_slope=loglog_slope(pixels, [1.0 / r["img_s_median"] for r in sel]),
+                flops_slope=loglog_slope(pixels, [r["gmacs"] for r in sel]),
+            )
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+
+
+def fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def print_table(rows: list[dict], baseline: str, out=sys.stdout) -> None:
+    """Per device and resolution: absolute numbers and ratios against `baseline`."""
+    groups = sorted({(r["device"], r["resolution"]) for r in rows}, key=lambda g: (g[0] != "cpu", g[0], g[1]))
+    for device, resolution in groups:
+        sel = [r for r in rows if (r["device"], r["resolution"]) == (device, resolution)]
+        batch = sel[0]["batch"]
+        print(
+            f"\n{device} ({sel[0]['device_name']}), {resolution}x{resolution}, batch {batch}, "
+            f"{sel[0]['amp']}; ratios vs {baseline}",
+            file=out,
+        )
+        header = (
+            f"{'model':32s} {'params':>7s} {'GMACs':>7s} {'infer img/s [IQR]':>24s} {'x':>6s} "
+            f"{'train img/s [IQR]':>24s} {'x':>6s} {'train MB':>9s} {'x':>6s}  NA backend"
+        )
+        print(header, file=out)
+        print("-" * len(header), file=out)
+        for model in dict.fromkeys(r["model"] for r in sel):
+            cells = {r["mode"]: r for r in sel if r["model"] == model}
+            any_row = next(iter(cells.values()))
+            line = f"{model:32s} {any_row['params_m']:6.1f}M {any_row['gmacs']:7.2f}"
+            for mode in ("infer", "train"):
+                r = cells.get(mode)
+                if r is None or r["error"]:
+                    line += f" {(r or {}).get('error', 'not run')[:24]:>24s} {'-':>6s}"
+                    continue
+                base = find(rows, device, resolution, mode, baseline)
+                iqr = f"{r['img_s_median']:.1f} [{r['img_s_q1']:.1f}-{r['img_s_q3']:.1f}]"
+                line += f" {iqr:>24s} {fmt(ratio(r, base, 'img_s_median'), '.2f'):>6s}"
+            train = cells.get("train") if cells.get("train") and not cells["train"]["error"] else None
+            base = find(rows, device, resolution, "train", baseline)
+            line += f" {fmt(train and train['peak_mem_mb'], '.0f'):>9s}"
+            line += f" {fmt(ratio(train, base, 'peak_mem_mb'), '.2f'):>6s}"
+            backend = next((r.get("na_backend") for r in cells.values() if r.get("na_backend")), "-")
+            print(f"{line}  {backend}", file=out)
+
+
+def print_targets(checks: list[dict], slopes: list[dict], out=sys.stdout) -> None:
+    if checks:
+        print("\nTargets (issue 5):", file=out)
+        for c in checks:
+            verdict = "met" if c["met"] else "MISSED"
+            print(
+                f"  {c['target']:45s} batch {c['batch']:4d}: {c['ratio']:.2f}x ({c['bound']}) {verdict}",
+                file=out,
+            )
+    if slopes:
+        print("\nScaling: slope of log(time per image) vs log(pixels) (1 linear, 2 quadratic)", file=out)
+        for s in slopes:
+            res = ",".join(map(str, s["resolutions"]))
+            print(
+                f"  {s['device']:4s} {s['mode']:5s} {s['model']:32s} time {fmt(s['time_slope'], '.2f')}  "
+                f"FLOPs {fmt(s['flops_slope'], '.2f')}  ({res})",
+                file=out,
+            )
+
+
+CSV_FIELDS = [
+    "device",
+    "device_name",
+    "model",
+    "timm_name",
+    "mode",
+    "resolution",
+    "batch",
+    "amp",
+    "channels_last",
+    "compiled",
+    "na_backend",
+    "params_m",
+    "gmacs",
+    "img_s_median",
+    "img_s_q1",
+    "img_s_q3",
+    "img_s_min",
+    "img_s_max",
+    "ms_per_step_median",
+    "repeats",
+    "iters",
+    "warmup",
+    "peak_mem_mb",
+    "mem_kind",
+    "error",
+]
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
+
+
+def plot(rows: list[dict], out_dir: Path) -> list[Path]:
+    """img/s vs resolution, memory vs resolution, log-log time per image vs tokens; one panel per
+    device x mode. Small PNGs (80 dpi) so they can live in docs/img."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if not r["error"]]
+    devices = sorted({r["device"] for r in ok}, key=lambda d: d != "cpu")
+    modes = [m for m in ("infer", "train") if any(r["mode"] == m for r in ok)]
+    if not devices or not modes:
+        return []
+    labels = list(dict.fromkeys(r["model"] for r in ok))
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(labels)}
+    paths = []
+
+    def figure(
+        name: str, ylabel: str, xlabel: str, value: Callable[[dict], float], x: Callable, loglog: bool
+    ):
+        fig, axes = plt.subplots(
+            len(devices), len(modes), figsize=(5 * len(modes), 3.6 * len(devices)), squeeze=False
+        )
+        for i, device in enumerate(devices):
+            for j, mode in enumerate(modes):
+                ax = axes[i][j]
+                for model in labels:
+                    sel = sorted(
+                        (r for r in ok if (r["device"], r["mode"], r["model"]) == (device, mode, model)),
+                        key=lambda r: r["resolution"],
+                    )
+                    if sel:
+                        ax.plot(
+                            [x(r) for r in sel],
+                            [value(r) for r in sel],
+                            "o-",
+                            ms=3,
+                            label=model,
+                            color=colors[model],
+                        )
+                if loglog:
+                    ax.set_xscale("log")
+                    ax.set_yscale("log")
+                    guide(ax, [r for r in ok if (r["device"], r["mode"]) == (device, mode)], x, value)
+                dev = next(r["device_name"] for r in ok if r["device"] == device)
+                ax.set_title(f"{device}: {mode} ({dev[:40]})", fontsize=8)
+                ax.set_xlabel(xlabel, fontsize=8)
+                ax.set_ylabel(ylabel, fontsize=8)
+                ax.tick_params(labelsize=7)
+                ax.grid(True, which="both", alpha=0.3)
+        axes[0][-1].legend(fontsize=6)
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        paths.append(path)
+
+    def guide(ax, sel, x, value):
+        """Dotted slope-1 (linear) and slope-2 (quadratic) lines through the smallest point."""
+        if not sel:
+            return
+        first = min(sel, key=lambda r: (x(r), value(r)))
+        xs = sorted({x(r) for r in sel})
+        x0, y0 = x(first), value(first)
+        for power, style in ((1, ":"), (2, "--")):
+            ax.plot(
+                xs,
+                [y0 * (v / x0) ** power for v in xs],
+                style,
+                color="gray",
+                lw=0.8,
+                label=f"∝ tokens^{power}",
+            )
+
+    res = lambda r: r["resolution"]
+    figure(
+        "throughput_vs_resolution.png",
+        "img/s (median)",
+        "resolution (px)",
+        lambda r: r["img_s_median"],
+        res,
+        False,
+    )
+    figure(
+        "memory_vs_resolution.png",
+        "peak memory (MB)",
+        "resolution (px)",
+        lambda r: r["peak_mem_mb"],
+        res,
+        False,
+    )
+    figure(
+        "time_vs_tokens.png",
+        "ms per image (median)",
+        "tokens at stride 4 (H*W/16)",
+        lambda r: 1e3 / r["img_s_median"],
+        lambda r: r["resolution"] ** 2 / 16,
+        True,
+    )
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--models", nargs="+", help=f"timm names, optionally name@backend (default: {DEFAULT_MODELS})"
+    )
+    p.add_argument(
+        "--baselines", nargs="+", default=DEFAULT_BASELINES, help="ratios in the table are against the first"
+    )
+    p.add_argument(
+        "--devices",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "cpu", "cuda"],
+        help="auto: the CPU, plus the GPU when there is one",
+    )
+    p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    p.add_argument("--cpu-res", type=int, nargs="+", help=f"default {DEVICE_DEFAULTS['cpu']['resolutions']}")
+    p.add_argument("--gpu-res", type=int, nargs="+", help=f"default {DEVICE_DEFAULTS['cuda']['resolutions']}")
+    p.add_argument("--cpu-batch", type=int, help="batch at 224 on the CPU (default 8)")
+    p.add_argument("--gpu-batch", type=int, help="batch at 224 on the GPU (default 256)")
+    p.add_argument(
+        "--fixed-batch",
+        action="store_true",
+        help="same batch at every resolution (default: scaled by 224^2/pixels, so memory stays bounded)",
+    )
+    p.add_argument("--warmup", type=int, help="warm-up steps per model (default cpu 2, cuda 5)")
+    p.add_argument("--repeats", type=int, help="timed repeats per model (default cpu 5, cuda 7)")
+    p.add_argument("--iters", type=int, help="steps per timed repeat (default cpu 1, cuda 5)")
+    p.add_argument("--amp", default="bf16", choices=list(AMP_DTYPES), help="autocast dtype on the GPU")
+    p.add_argument("--cpu-amp", default="fp32", choices=list(AMP_DTYPES), help="autocast dtype on the CPU")
+    p.add_argument(
+        "--channels-last",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="auto: on for the GPU (convs in stems, downsamplers and ConvNeXt), off on the CPU",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile every model (GPU; warm-up compiles)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use)")
+    p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON {"timm_name": {kwarg: value}}')
+    p.add_argument("--out", type=Path, default=REPO / "output" / "benchmark")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI check: tiny variants of nat_mini / swin / vit at 32 and 64 px, 2 repeats; seconds, "
+        "numbers meaningless",
+    )
+    return p.parse_args(argv)
+
+
+def device_plan(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    devices = []
+    for d in args.devices:
+        if d == "auto":
+            devices += ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        else:
+            devices.append(d)
+    devices = list(dict.fromkeys(devices))
+    if "cuda" in devices and not torch.cuda.is_available():
+        raise SystemExit("error: --devices cuda, but torch sees no CUDA device; run with --devices cpu")
+    plan = []
+    for device in devices:
+        cfg = dict(QUICK if args.quick else DEVICE_DEFAULTS[device])
+        res = args.cpu_res if device == "cpu" else args.gpu_res
+        batch = args.cpu_batch if device == "cpu" else args.gpu_batch
+        if res:
+            cfg["resolutions"] = res
+        if batch:
+            cfg["batch"] = batch
+        for key in ("warmup", "repeats", "iters"):
+            if getattr(args, key) is not None:
+                cfg[key] = getattr(args, key)
+        if cfg["repeats"] < 1 or cfg["iters"] < 1 or cfg["warmup"] < 0 or cfg["batch"] < 1:
+            raise SystemExit("error: --repeats, --iters and --cpu/gpu-batch must be >= 1, --warmup >= 0")
+        cfg["amp"] = args.amp if device == "cuda" else args.cpu_amp
+        cfg["channels_last"] = args.channels_last == "on" or (
+            args.channels_last == "auto" and device == "cuda"
+        )
+        plan.append((device, cfg))
+    return plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    gc.freeze()  # imports' objects out of the collector's way: each memory step starts with gc.collect()
+    if args.quick and not args.threads:
+        args.threads = 1  # a CI check, not a measurement: one thread is steadiest on a loaded runner
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif hasattr(os, "sched_getaffinity"):
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    model_kwargs = dict(QUICK_KWARGS) if args.quick else {}
+    model_kwargs.update(args.model_kwargs)
+    names = args.models or (QUICK_MODELS if args.quick else DEFAULT_MODELS)
+    specs = parse_models(names, model_kwargs)
+    baseline = next((b for b in args.baselines if b in {s.label for s in specs}), specs[0].label)
+    plan = device_plan(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = lambda msg: print(msg, flush=True)
+
+    load_before = load_average()
+    started = time.time()
+    env = environment()
+    log(
+        f"torch {env['torch']}, timm {env['timm']}, natten {env['natten']}; {env['cpu']}, "
+        f"{env['torch_threads']} threads; GPU: {env['gpu']}; load average {load_before}"
+    )
+    flops_cache: dict[tuple[str, int], tuple[int, float]] = {}
+    rows: list[dict] = []
+    for device_type, cfg in plan:
+        settings = Settings(
+            device=torch.device(device_type),
+            amp=cfg["amp"],
+            channels_last=cfg["channels_last"],
+            compile=args.compile,
+            iters=cfg["iters"],
+        )
+        name = device_name(device_type)
+        for resolution in cfg["resolutions"]:
+            batch = scaled_batch(cfg["batch"], resolution, args.fixed_batch)
+            log(f"\n[{device_type}] {resolution}x{resolution}, batch {batch}, {cfg['amp']}")
+            for spec in specs:
+                key = (spec.label, resolution)
+                if key not in flops_cache:
+                    try:
+                        flops_cache[key] = model_flops(spec, resolution)
+                    except Exception as e:  # noqa: BLE001
+                        log(f"  {spec.label}: FLOPs not counted ({type(e).__name__}: {e})")
+                        flops_cache[key] = (0, float("nan"))
+            measured = bench_resolution(specs, resolution, batch, args.modes, settings, cfg, log)
+            for row in measured:
+                params, gmacs = flops_cache[(row["model"], resolution)]
+                row.update(
+                    device=device_type,
+                    device_name=name,
+                    amp=cfg["amp"],
+                    channels_last=cfg["channels_last"],
+                    compiled=args.compile,
+                    params_m=params / 1e6,
+                    gmacs=gmacs,
+                    repeats=cfg["repeats"],
+                    iters=cfg["iters"],
+                    warmup=cfg["warmup"],
+                    mem_kind="cuda_max_allocated" if device_type == "cuda" else "cpu_rss_delta",
+                )
+            rows += measured
+
+    checks = check_targets(rows)
+    slopes = scaling_slopes(rows)
+    print_table(rows, baseline)
+    print_targets(checks, slopes)
+
+    result = dict(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        environment=env,
+        load_average_before=load_before,
+        load_average_after=load_average(),
+        wall_seconds=round(time.time() - started, 1),
+        quick=args.quick,
+        baseline=baseline,
+        plan={d: {k: v for k, v in cfg.items()} for d, cfg in plan},
+        rows=rows,
+        targets=checks,
+        scaling=slopes,
+    )
+    (args.out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+    write_csv(rows, args.out / "results.csv")
+    paths = [] if args.no_plots else plot(rows, args.out)
+    log(f"\nwrote {args.out / 'results.csv'}, {args.out / 'results.json'}" + "".join(f", {p}" for p in paths))
+    after = result["load_average_after"]
+    log(f"wall time {result['wall_seconds']} s; load average before {load_before}, after {after}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
