@@ -189,20 +189,32 @@ def all_keys(schema: dict = DEFAULTS, prefix: str = "") -> list[str]:
 
 
 def nearest_key(key: str) -> str:
-    """The valid key closest to `key` (same leaf name in another section wins)."""
+    """The valid key closest to `key`: the same name in another section, else the most similar
+    sibling (a prefix counts: drop_path -> drop_path_rate)."""
     valid = all_keys()
-    leaf = key.rsplit(".", 1)[-1]
-    same_leaf = [k for k in valid if k.rsplit(".", 1)[-1] == leaf]
+    section, _, leaf = key.rpartition(".")
+    same_leaf = [k for k in valid if k.rpartition(".")[2] == leaf and k != key]
     if same_leaf:
         return same_leaf[0]
-    depth = key.count(".")
-    candidates = [k for k in valid if k.count(".") == depth] or valid
-    best = difflib.get_close_matches(key, candidates, n=1, cutoff=0.0)
-    return best[0] if best else valid[0]
+    siblings = [k for k in valid if k.rpartition(".")[0] == section]
+    siblings = siblings or [k for k in valid if k.count(".") == key.count(".")] or valid
+
+    def score(k: str) -> float:
+        name = k.rpartition(".")[2]
+        s = difflib.SequenceMatcher(None, leaf, name).ratio()
+        return s + (0.5 if name.startswith(leaf) or leaf.startswith(name) else 0.0)
+
+    return max(siblings, key=score)
 
 
-def _unknown(key: str, where: str) -> ConfigError:
-    return ConfigError(f"unknown config key '{key}'{where}; did you mean '{nearest_key(key)}'?")
+def _unknown(key: str, where: str, value=None) -> ConfigError:
+    near = nearest_key(key)
+    if isinstance(value, dict) and len(value) == 1:  # 'optimizer.lr' -> 'optim.lr', not just 'optim'
+        sub = next(iter(value))
+        key = f"{key}.{sub}"
+        if f"{near}.{sub}" in all_keys():
+            near = f"{near}.{sub}"
+    return ConfigError(f"unknown config key '{key}'{where}; did you mean '{near}'?")
 
 
 def _schema_at(key: str):
@@ -270,7 +282,7 @@ def _check_tree(tree: dict, where: str, prefix: str = "") -> dict:
         try:
             default = _schema_at(key)
         except (KeyError, TypeError):
-            raise _unknown(key, where) from None
+            raise _unknown(key, where, value) from None
         if isinstance(default, dict) and key not in FREEFORM:
             if value is None:
                 continue
