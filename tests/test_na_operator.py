@@ -204,3 +204,18 @@ def test_auto_is_inspectable_and_use_backend_overrides():
     with pytest.raises(ValueError, match="unknown NA backend"):
         with use_backend("fast"):
             pass
+
+
+def test_auto_decision_table_for_cuda_calls():
+    """The CUDA choices, checked on the decision logic itself (this suite runs without a GPU)."""
+    from models.layers.backends.checks import CallInfo, select_backend
+    from models.layers.backends.natten_na import natten_version
+
+    def pick(**kw):
+        base = dict(device_type="cuda", dtype=torch.bfloat16, has_rpb=True, attn_drop=0.0, needs_grad=False)
+        return select_backend(CallInfo(**{**base, **kw})).name
+
+    assert pick(has_rpb=False) == ("natten" if natten_version() else "flex")
+    assert pick() == "flex"  # RPB inference: fused flex kernel
+    assert pick(needs_grad=True) == "torch"  # RPB training: SDPA with a mask gradient
+    assert pick(attn_drop=0.1, has_rpb=False) == "torch"  # only SDPA has attention dropout

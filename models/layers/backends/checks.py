@@ -65,12 +65,15 @@ def why_not(backend: str, call: CallInfo) -> str | None:
     return None
 
 
-def _auto_skip_reason(backend: str, call: CallInfo) -> str:
+def _auto_excludes(backend: str, call: CallInfo) -> str | None:
+    """Why `auto` passes over a backend that could serve `call` (None: it doesn't)."""
     if backend == "naive":
         return "never picked automatically: it copies K and V k*k times (use it for FLOP counting)"
-    if call.device_type == "cpu" and backend in ("natten", "flex"):
-        return "slower on CPU than 'torch': its CPU path materialises full scores (forward only)"
-    return "a faster backend can serve"
+    if backend == "flex" and call.needs_grad and call.has_rpb:
+        # Learnable score_mod buffers train through atomics with open upstream bugs
+        # (pytorch/pytorch#157677, #145208); request backend='flex' explicitly to train with it.
+        return "auto uses flex for inference only when the RPB needs a gradient (upstream learned-bias bugs)"
+    return None
 
 
 def call_info(q: torch.Tensor, k, v, rpb: torch.Tensor | None, attn_drop: float) -> CallInfo:
@@ -87,19 +90,20 @@ def call_info(q: torch.Tensor, k, v, rpb: torch.Tensor | None, attn_drop: float)
 def select_backend(call: CallInfo) -> BackendChoice:
     """The fastest backend that can serve `call`, with the reasons every other one was passed over."""
     order = AUTO_ORDER.get(call.device_type, ("torch",))
-    rejected: dict[str, str] = {}
-    chosen = None
+    chosen, rejected = None, {}
     for name in order:
-        reason = why_not(name, call)
+        reason = why_not(name, call) or _auto_excludes(name, call)
         if reason is None and chosen is None:
             chosen = name
-        elif reason is not None:
-            rejected[name] = reason
         else:
-            rejected[name] = _auto_skip_reason(name, call)
+            rejected[name] = reason or f"'{chosen}' is faster here"
     for name in BACKENDS:
         if name not in order:
-            rejected[name] = why_not(name, call) or _auto_skip_reason(name, call)
+            rejected[name] = (
+                why_not(name, call)
+                or _auto_excludes(name, call)
+                or f"slower than '{chosen}' on {call.device_type} (its path there materialises full scores)"
+            )
     return BackendChoice(chosen or "torch", rejected)
 
 
