@@ -65,7 +65,7 @@ DEFAULT_BASELINES = ["swin_tiny_patch4_window7_224", "convnext_tiny"]
 # Per device: resolutions, batch at 224 (scaled by 224^2 / pixels elsewhere), warm-up steps,
 # timed repeats, steps per repeat. The CPU defaults keep the full run to a few minutes on 2 cores.
 DEVICE_DEFAULTS = {
-    "cpu": dict(resolutions=[224, 320, 448], batch=8, warmup=2, repeats=5, iters=1),
+    "cpu": dict(resolutions=[224, 320, 448], batch=8, warmup=1, repeats=5, iters=1),
     "cuda": dict(resolutions=[224, 384, 512, 768, 1024], batch=256, warmup=5, repeats=7, iters=5),
 }
 QUICK = dict(resolutions=[32, 64], batch=2, warmup=1, repeats=2, iters=1)
@@ -148,9 +148,10 @@ def model_flops(spec: ModelSpec, resolution: int) -> tuple[int, float]:
 
 
 @contextlib.contextmanager
-def spy_na_backends() -> Iterator[set[str]]:
+def spy_na_backends(profile_label: bool = False) -> Iterator[set[str]]:
     """Names of the NA implementations called inside the block (eager mode only: a compiled graph
-    calls no Python). Wraps the operator's dispatch table, restores it on exit."""
+    calls no Python); with `profile_label`, each call is also a profiler range "na_operator:<name>".
+    Wraps the operator's dispatch table, restores it on exit."""
     seen: set[str] = set()
     try:
         from models.layers import functional as na_functional
@@ -164,7 +165,10 @@ def spy_na_backends() -> Iterator[set[str]]:
     def spy(name: str, fn: Callable) -> Callable:
         def wrapped(*args, **kwargs):
             seen.add(name)
-            return fn(*args, **kwargs)
+            if not profile_label:
+                return fn(*args, **kwargs)
+            with torch.profiler.record_function(f"na_operator:{name}"):
+                return fn(*args, **kwargs)
 
         return wrapped
 
@@ -446,6 +450,55 @@ def bench_resolution(
     if settings.device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def profile_models(
+    specs: list[ModelSpec], resolution: int, batch: int, modes: list[str], settings: Settings, out: Path, log
+) -> list[dict]:
+    """torch.profiler over one step of each model: the op table goes to profile_*.txt; the summary
+    (total, time inside the NA operator's forward, top ops by self time) to the JSON."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = settings.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    self_key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total_key = "device_time_total" if cuda else "cpu_time_total"
+    summaries = []
+    for spec in specs:
+        runner = Runner(spec, resolution, batch, settings)
+        for mode in modes:
+            runner.set_mode(mode)
+            step = runner.step_fn(mode)
+            step()  # warm-up: caches, allocator, lazy optimizer state
+            with spy_na_backends(profile_label=True), profile(activities=activities) as prof:
+                step()
+                if cuda:
+                    torch.cuda.synchronize()
+            events = prof.key_averages()
+            ops = [e for e in events if not e.key.startswith(("na_operator:", "ProfilerStep"))]
+            total_ms = sum(getattr(e, self_key, 0) for e in ops) / 1e3
+            na_ms = sum(getattr(e, total_key, 0) for e in events if e.key.startswith("na_operator:")) / 1e3
+            top = sorted(ops, key=lambda e: getattr(e, self_key, 0), reverse=True)[:10]
+            name = f"profile_{settings.device.type}_{resolution}_{spec.label.replace('@', '-')}_{mode}.txt"
+            (out / name).write_text(events.table(sort_by=self_key, row_limit=40))
+            summaries.append(
+                dict(
+                    device=settings.device.type,
+                    resolution=resolution,
+                    batch=batch,
+                    model=spec.label,
+                    mode=mode,
+                    total_ms=round(total_ms, 1),
+                    na_forward_ms=round(na_ms, 1),
+                    top_ops=[(e.key, round(getattr(e, self_key, 0) / 1e3, 1)) for e in top],
+                )
+            )
+            ops_text = ", ".join(f"{k} {v:.0f}" for k, v in summaries[-1]["top_ops"][:6])
+            log(
+                f"  profile {mode:5s} {spec.label:28s} {total_ms:8.0f} ms, NA fwd {na_ms:6.0f} ms; {ops_text}"
+            )
+        del runner
+    return summaries
 
 
 def scaled_batch(batch_at_224: int, resolution: int, fixed: bool) -> int:
@@ -851,7 +904,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="same batch at every resolution (default: scaled by 224^2/pixels, so memory stays bounded)",
     )
-    p.add_argument("--warmup", type=int, help="warm-up steps per model (default cpu 2, cuda 5)")
+    p.add_argument(
+        "--warmup", type=int, help="warm-up steps per model (default cpu 1, cuda 5; the memory step adds one)"
+    )
     p.add_argument("--repeats", type=int, help="timed repeats per model (default cpu 5, cuda 7)")
     p.add_argument("--iters", type=int, help="steps per timed repeat (default cpu 1, cuda 5)")
     p.add_argument("--amp", default="bf16", choices=list(AMP_DTYPES), help="autocast dtype on the GPU")
@@ -867,6 +922,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON {"timm_name": {kwarg: value}}')
     p.add_argument("--out", type=Path, default=REPO / "output" / "benchmark")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also torch.profiler one step per model/mode at each device's first resolution "
+        "(profile_*.txt, and a summary in the JSON)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--quick",
@@ -911,6 +972,13 @@ def device_plan(args: argparse.Namespace) -> list[tuple[str, dict]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    model_kwargs = dict(QUICK_KWARGS) if args.quick else {}
+    model_kwargs.update(args.model_kwargs)
+    names = args.models or (QUICK_MODELS if args.quick else DEFAULT_MODELS)
+    specs = parse_models(names, model_kwargs)
+    baseline = next((b for b in args.baselines if b in {s.label for s in specs}), specs[0].label)
+    plan = device_plan(args)
+
     torch.manual_seed(args.seed)
     gc.freeze()  # imports' objects out of the collector's way: each memory step starts with gc.collect()
     if args.quick and not args.threads:
@@ -923,13 +991,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-    model_kwargs = dict(QUICK_KWARGS) if args.quick else {}
-    model_kwargs.update(args.model_kwargs)
-    names = args.models or (QUICK_MODELS if args.quick else DEFAULT_MODELS)
-    specs = parse_models(names, model_kwargs)
-    baseline = next((b for b in args.baselines if b in {s.label for s in specs}), specs[0].label)
-    plan = device_plan(args)
     args.out.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(msg, flush=True)
 
@@ -942,6 +1003,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     flops_cache: dict[tuple[str, int], tuple[int, float]] = {}
     rows: list[dict] = []
+    profiles: list[dict] = []
     for device_type, cfg in plan:
         settings = Settings(
             device=torch.device(device_type),
@@ -963,6 +1025,8 @@ def main(argv: list[str] | None = None) -> int:
                         log(f"  {spec.label}: FLOPs not counted ({type(e).__name__}: {e})")
                         flops_cache[key] = (0, float("nan"))
             measured = bench_resolution(specs, resolution, batch, args.modes, settings, cfg, log)
+            if args.profile and resolution == cfg["resolutions"][0]:
+                profiles += profile_models(specs, resolution, batch, args.modes, settings, args.out, log)
             for row in measured:
                 params, gmacs = flops_cache[(row["model"], resolution)]
                 row.update(
@@ -998,6 +1062,7 @@ def main(argv: list[str] | None = None) -> int:
         rows=rows,
         targets=checks,
         scaling=slopes,
+        profiles=profiles,
     )
     (args.out / "results.json").write_text(json.dumps(result, indent=1, default=str))
     write_csv(rows, args.out / "results.csv")

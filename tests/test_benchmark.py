@@ -1,0 +1,195 @@
+"""scripts/benchmark.py: --quick end to end (files, table, recorded NA backend), and its arithmetic
+(slopes, spread, batch scaling, target verdicts) against hand-computed values. No timing assertions."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "benchmark.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_script()
+
+
+def run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    models = ["nat_mini", "nat_mini@naive", "swin_tiny_patch4_window7_224", "vit_small_patch16_224"]
+    proc = run("--quick", "--devices", "cpu", "--models", *models, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout, models
+
+
+def test_quick_writes_csv_json_and_plots(quick_run):
+    out, _, models = quick_run
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    resolutions = bench.QUICK["resolutions"]
+    assert len(rows) == len(models) * 2 * len(resolutions)  # every model x mode x resolution
+    assert {r["model"] for r in rows} == set(models)
+    assert all(r["error"] == "" for r in rows), [r["error"] for r in rows if r["error"]]
+    for r in rows:
+        assert float(r["img_s_min"]) <= float(r["img_s_median"]) <= float(r["img_s_max"])
+        assert float(r["gmacs"]) > 0 and float(r["params_m"]) > 0
+        assert r["mem_kind"] == "cpu_rss_delta" and r["device"] == "cpu"
+    result = json.loads((out / "results.json").read_text())
+    env = result["environment"]
+    assert env["torch"] == torch.__version__ and "natten" in env and env["cpu"]
+    assert "load_average_before" in result and result["baseline"] == "swin_tiny_patch4_window7_224"
+    assert len(result["rows"]) == len(rows)
+    assert {s["model"] for s in result["scaling"]} == set(models)
+    for name in ("throughput_vs_resolution.png", "memory_vs_resolution.png", "time_vs_tokens.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 200_000
+
+
+def test_quick_records_the_na_backend_that_ran(quick_run):
+    out, _, _ = quick_run
+    with (out / "results.csv").open() as f:
+        backends = {(r["model"], r["mode"]): r["na_backend"] for r in csv.DictReader(f)}
+    assert backends[("nat_mini", "train")] == "torch"  # `auto` on CPU
+    assert backends[("nat_mini@naive", "train")] == "naive"
+    assert backends[("swin_tiny_patch4_window7_224", "infer")] == "-"
+
+
+def test_quick_prints_the_ratio_table(quick_run):
+    _, stdout, models = quick_run
+    assert "ratios vs swin_tiny_patch4_window7_224" in stdout
+    assert "infer img/s [IQR]" in stdout and "train img/s [IQR]" in stdout
+    table = stdout[stdout.index("ratios vs") :]
+    swin_line = next(line for line in table.splitlines() if line.startswith("swin_tiny"))
+    assert swin_line.count(" 1.00 ") >= 2  # the baseline against itself
+    assert "Scaling: slope" in stdout
+
+
+def test_unknown_model_is_one_clear_error(tmp_path):
+    proc = run("--quick", "--models", "not_a_model", "--out", str(tmp_path), timeout=60)
+    assert proc.returncode != 0
+    assert "'not_a_model' is not a timm model name" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--models", "nat_mini@fast"], "unknown NA backend 'fast'"),
+        (["--models", "nat_mini", "nat_mini"], "listed twice"),
+        (["--repeats", "0"], "--repeats, --iters"),
+        *([] if torch.cuda.is_available() else [(["--devices", "cuda"], "sees no CUDA device")]),
+    ],
+)
+def test_bad_arguments_stop_before_any_work(tmp_path, args, message):
+    with pytest.raises(SystemExit, match=message):
+        bench.main(["--quick", "--out", str(tmp_path / "out"), *args])
+    assert not (tmp_path / "out").exists()
+
+
+def test_loglog_slope_recovers_powers():
+    xs = [224**2, 320**2, 448**2, 1024**2]
+    assert bench.loglog_slope(xs, [3.0 * x for x in xs]) == pytest.approx(1.0)
+    assert bench.loglog_slope(xs, [0.5 * x**2 for x in xs]) == pytest.approx(2.0)
+    assert bench.loglog_slope(xs, [x + x**2 / 1e5 for x in xs]) == pytest.approx(
+        statistics.linear_regression([math.log(x) for x in xs], [math.log(x + x**2 / 1e5) for x in xs]).slope
+    )
+    assert bench.loglog_slope([5.0], [1.0]) is None
+
+
+def test_spread_matches_statistics():
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]
+    s = bench.spread(values)
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    assert (s["median"], s["min"], s["max"], s["q1"], s["q3"]) == (3.0, 1.0, 5.0, q1, q3)
+    assert bench.spread([2.0, 4.0]) == dict(median=3.0, q1=2.0, q3=4.0, min=2.0, max=4.0)
+
+
+def test_batch_scales_with_pixels_above_224_only():
+    assert bench.scaled_batch(8, 224, fixed=False) == 8
+    assert bench.scaled_batch(8, 64, fixed=False) == 8
+    assert bench.scaled_batch(8, 448, fixed=False) == 2
+    assert bench.scaled_batch(256, 1024, fixed=False) == 12
+    assert bench.scaled_batch(8, 2048, fixed=False) == 1
+    assert bench.scaled_batch(8, 448, fixed=True) == 8
+
+
+def _row(device, resolution, mode, model, img_s, mem=100.0, error=""):
+    return dict(
+        device=device,
+        resolution=resolution,
+        mode=mode,
+        model=model,
+        batch=8,
+        img_s_median=img_s,
+        peak_mem_mb=mem,
+        error=error,
+    )
+
+
+def test_targets_compare_against_the_right_baseline():
+    swin, convnext = "swin_tiny_patch4_window7_224", "convnext_tiny"
+    rows = [
+        _row("cpu", 224, "train", "nat_tiny", 12.0),
+        _row("cpu", 224, "train", swin, 10.0),
+        _row("cpu", 224, "infer", "nat_tiny", 9.0),
+        _row("cpu", 224, "infer", swin, 10.0),
+        _row("cuda", 224, "train", "nat_tiny", 900.0, mem=900.0),
+        _row("cuda", 224, "train", swin, 1000.0, mem=1000.0),
+        _row("cuda", 224, "train", convnext, 1000.0, error="OOM"),  # failed rows are never compared
+    ]
+    checks = {c["target"]: c for c in bench.check_targets(rows)}
+    assert checks["CPU 224: NAT-T train >= 1.0x Swin-T"]["ratio"] == 1.2
+    assert checks["CPU 224: NAT-T train >= 1.0x Swin-T"]["met"]
+    assert not checks["CPU 224: NAT-T infer >= 1.0x Swin-T"]["met"]
+    assert not checks["GPU 224: NAT-T train >= 1.0x Swin-T"]["met"]
+    assert checks["GPU 224: NAT-T train memory <= Swin-T"]["met"]
+    assert not any("ConvNeXt" in t for t in checks)
+    assert not any("1024" in t for t in checks)
+
+
+def test_print_table_shows_ratios_and_errors():
+    import io
+
+    rows = []
+    for model, speed in (("swin_tiny_patch4_window7_224", 10.0), ("nat_tiny", 15.0)):
+        for mode in ("infer", "train"):
+            row = _row("cpu", 224, mode, model, speed)
+            row.update(
+                device_name="cpu x",
+                amp="fp32",
+                params_m=28.0,
+                gmacs=4.5,
+                img_s_q1=speed,
+                img_s_q3=speed,
+                na_backend="-",
+            )
+            rows.append(row)
+    rows.append(dict(rows[-1], model="vit_small_patch16_224", error="OOM"))
+    buf = io.StringIO()
+    bench.print_table(rows, "swin_tiny_patch4_window7_224", out=buf)
+    lines = {line.split()[0]: line for line in buf.getvalue().splitlines() if line.strip()}
+    assert lines["nat_tiny"].count(" 1.50 ") == 2
+    assert "OOM" in lines["vit_small_patch16_224"]
