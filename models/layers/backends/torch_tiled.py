@@ -143,11 +143,13 @@ def plane_tiling(
 
 
 class _CpuFlashHaloAttention(torch.autograd.Function):
-    """CPU flash-attention kernel with an additive mask that may need a gradient (the RPB).
+    """CPU flash-attention forward with an additive mask that may need a gradient (the RPB).
 
     SDPA falls back to its unfused math path whenever the mask requires grad; the fused CPU kernel
-    is ~2x faster fwd+bwd. The mask gradient is the per-logit gradient dS = P * (dP - rowsum(dO*O)),
-    recomputed from the saved logsumexp and summed over the batch.
+    is ~3x faster forward. Backward recomputes the probabilities P from the saved logsumexp (nothing
+    of size logits is kept between passes) and takes every gradient from them with five matmuls,
+    dS = P * (dP - rowsum(dO * O)) serving q, k and the mask; measured ~15% faster than the fused
+    backward plus a separate mask-gradient pass.
     """
 
     @staticmethod
@@ -162,17 +164,14 @@ class _CpuFlashHaloAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, mask, out, lse = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=ctx.scale
-        )
-        dmask = None
-        if ctx.needs_input_grad[3]:
-            # In-place chain: each (B, heads*tiles, tq, hk) temporary is the size of the logits.
-            probs = (q @ k.transpose(-1, -2)).mul_(ctx.scale).add_(mask).sub_(lse.unsqueeze(-1)).exp_()
-            row = (grad_out * out).sum(-1, keepdim=True)
-            dmask = (grad_out @ v.transpose(-1, -2)).sub_(row).mul_(probs).sum(0, keepdim=True)
-        return dq, dk, dv, dmask, None
+        # In-place chains: each (B, heads*tiles, tq, hk) temporary is the size of the logits.
+        probs = (q @ k.transpose(-1, -2)).mul_(ctx.scale).add_(mask).sub_(lse.unsqueeze(-1)).exp_()
+        dv = probs.transpose(-1, -2) @ grad_out
+        row = (grad_out * out).sum(-1, keepdim=True)
+        dlogits = (grad_out @ v.transpose(-1, -2)).sub_(row).mul_(probs)
+        dmask = dlogits.sum(0, keepdim=True) if ctx.needs_input_grad[3] else None
+        dlogits.mul_(ctx.scale)
+        return dlogits @ k, dlogits.transpose(-1, -2) @ q, dv, dmask, None
 
 
 def _attend(q, k, v, mask, scale: float, attn_drop: float) -> torch.Tensor:
