@@ -513,6 +513,11 @@ class Run:
                 [datetime.now().strftime("%Y%m%d-%H%M%S"), cfg["model"]["name"].replace("/", "_")]
             )
             self.run_dir = Path(t["output"]) / name
+        if not resume and (self.run_dir / "last.pth.tar").exists():
+            raise ConfigError(
+                f"run folder '{self.run_dir}' already holds a training run; continue it with "
+                f"--resume {self.run_dir} or pick another --experiment/train.output"
+            )
         if self.primary:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             configs.dump_config(cfg, self.run_dir / "config.yaml")
@@ -676,6 +681,10 @@ class Run:
             )
             if resume_ckpt is not None and resume_ckpt.get("saver"):
                 self.saver.load_state_dict(resume_ckpt["saver"])
+            from timm.utils.summary import trim_summary
+
+            # a run stopped after logging an epoch but before its checkpoint repeats that epoch
+            trim_summary(str(self.run_dir / "summary.csv"), self.start_epoch)
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(

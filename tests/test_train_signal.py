@@ -1,0 +1,51 @@
+"""A real SIGTERM mid-run: checkpoint first, exit 143, and the resumed run ends bit-identical to an
+uninterrupted one (deterministic CPU). Slow (three training processes): `pytest -m slow`."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+from test_train import PY, REPO, assert_same_tensors, env, load, run_cli, write_config
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
+    cfg = write_config(
+        tmp_path / "tiny.yaml",
+        tmp_path / "data",
+        sched={"epochs": 3, "warmup_epochs": 1},
+        data={"synthetic": {"num_classes": 3, "train_per_class": 16, "val_per_class": 2, "image_size": 32}},
+    )
+    out = tmp_path / "runs"
+    run_cli("train.py", "-c", cfg, "--output", out, "--experiment", "ref", check=0)
+
+    proc = subprocess.Popen(
+        [PY, "train.py", "-c", str(cfg), "--output", str(out), "--experiment", "killed"],
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = out / "killed" / "train.log"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # wait for the end of epoch 1, then kill
+        if log.is_file() and "epoch 1/3" in log.read_text():
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stdout + stderr
+    assert "stopped by SIGTERM" in stdout and "--resume" in stdout
+    assert "SIGTERM received" in stderr and "Traceback" not in stderr
+    ck = load(out / "killed" / "last.pth.tar")
+    assert ck["num_updates"] < load(out / "ref" / "last.pth.tar")["num_updates"]
+
+    run_cli("train.py", "--resume", out / "killed", check=0)
+    a, b = load(out / "ref" / "last.pth.tar"), load(out / "killed" / "last.pth.tar")
+    assert_same_tensors(a["state_dict"], b["state_dict"], "weights")
+    assert_same_tensors(a["state_dict_ema"], b["state_dict_ema"], "EMA weights")
+    assert a["num_updates"] == b["num_updates"]
