@@ -464,8 +464,12 @@ def create_model(name: str, num_classes: int | None, cfg_model: dict, pretrained
             kwargs[key] = cfg_model[key]
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except TypeError as e:
-        raise ConfigError(f"model '{name}' rejected its arguments ({e}); fix model.kwargs") from None
+    except (TypeError, ValueError, AssertionError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"model '{name}' rejected its arguments ({msg}); fix model.kwargs "
+            "(or set model.drop_path_rate=null for a model without drop-path)"
+        ) from None
 
 
 def unwrap(model):
@@ -487,6 +491,14 @@ class Run:
         self.cfg = cfg
         t = cfg["train"]
         check_model_name(cfg["model"]["name"])  # before any folder or data is made
+        if (
+            cfg["model"]["checkpoint"]
+            and resume_ckpt is None
+            and not Path(cfg["model"]["checkpoint"]).is_file()
+        ):
+            raise CheckpointError(
+                f"model.checkpoint '{cfg['model']['checkpoint']}' not found; check the path"
+            )
         device = t["device"]
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
