@@ -16,10 +16,11 @@ r + 1), so load on a shared machine hits all of them alike and the ratios stay s
 Writes results.csv (one row per model/device/resolution/mode), results.json (the rows plus
 device/torch/timm/natten versions, load, targets, scaling slopes) and three PNG plots to --out.
 
-Memory: on CUDA, `torch.cuda.max_memory_allocated` during one step minus what was allocated before
-it, plus the model's own parameters, buffers and optimizer state: what max_memory_allocated reads
-with this model alone on the GPU. On CPU, the peak-RSS increase during one step (the peak is reset
-through /proc/self/clear_refs after a malloc_trim), i.e. activations and gradients, not weights.
+Memory: on CUDA, `torch.cuda.max_memory_allocated` during one step minus what was allocated
+before it, plus what of this model lives across steps (parameters, gradients, buffers, optimizer
+state, inputs): what max_memory_allocated reads with this model alone on the GPU. On CPU, the
+peak-RSS increase during one step (peak reset through /proc/self/clear_refs after a malloc_trim):
+activations and gradients, not weights.
 """
 
 from __future__ import annotations
@@ -256,22 +257,27 @@ def cpu_peak_rss_delta_mb(step: Callable[[], None]) -> float:
     return max(0, peak - before) / 1024
 
 
-def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
-    tensors = list(model.parameters()) + list(model.buffers())
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None, *inputs: torch.Tensor) -> int:
+    """Bytes that live across steps: parameters, their gradients, buffers, optimizer state, inputs."""
+    tensors = list(model.parameters()) + list(model.buffers()) + list(inputs)
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
     if optimizer is not None:
         for state in optimizer.state.values():
             tensors += [t for t in state.values() if torch.is_tensor(t)]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def cuda_peak_mb(step: Callable[[], None], model: nn.Module, optimizer) -> float:
+def cuda_peak_mb(step: Callable[[], None], own_bytes: int) -> float:
+    """max_memory_allocated over one step, as if this model were alone on the GPU: the other
+    models' resident tensors are in `before` and cancel; `own_bytes` (what of this model was
+    resident before the step) is added back."""
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     step()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
-    return (peak - before + state_bytes(model, optimizer)) / 2**20
+    return (peak - before + own_bytes) / 2**20
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,6 +292,7 @@ class Settings:
     channels_last: bool
     compile: bool
     iters: int
+    optimizer: str = "adamw-fused"
 
 
 class Runner:
@@ -303,7 +310,10 @@ class Runner:
         num_classes = getattr(self.model, "num_classes", 1000) or 1000
         self.y = torch.randint(0, num_classes, (batch,), device=device)
         self.forward = torch.compile(self.model) if settings.compile else self.model
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
+        # fused AdamW (one kernel over all tensors; CPU and CUDA) by default: the plain per-tensor
+        # loop costs ~30% of a CPU train step (see docs/benchmarks.md) and is the same for every model.
+        fused = {"fused": True} if settings.optimizer == "adamw-fused" else {"foreach": False}
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5, **fused)
         amp_dtype = AMP_DTYPES[settings.amp]
         self.autocast = (
             (lambda: torch.autocast(device.type, dtype=amp_dtype))
@@ -321,9 +331,9 @@ class Runner:
 
     def train_step(self) -> None:
         with na_context(self.spec):
+            self.optimizer.zero_grad(set_to_none=True)
             with self.autocast():
                 loss = F.cross_entropy(self.forward(self.x), self.y)
-            self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
@@ -358,7 +368,8 @@ class Runner:
     def peak_memory_mb(self, mode: str) -> float:
         step = self.step_fn(mode)
         if self.settings.device.type == "cuda":
-            return cuda_peak_mb(step, self.model, self.optimizer if mode == "train" else None)
+            optimizer = self.optimizer if mode == "train" else None
+            return cuda_peak_mb(step, state_bytes(self.model, optimizer, self.x, self.y))
         return cpu_peak_rss_delta_mb(step)
 
     def na_backend(self, mode: str, seen: set[str]) -> str:
@@ -453,10 +464,17 @@ def bench_resolution(
 
 
 def profile_models(
-    specs: list[ModelSpec], resolution: int, batch: int, modes: list[str], settings: Settings, out: Path, log
+    specs: list[ModelSpec],
+    resolution: int,
+    batch: int,
+    modes: list[str],
+    settings: Settings,
+    out: Path,
+    log,
+    steps: int = 1,
 ) -> list[dict]:
-    """torch.profiler over one step of each model: the op table goes to profile_*.txt; the summary
-    (total, time inside the NA operator's forward, top ops by self time) to the JSON."""
+    """torch.profiler over `steps` steps of each model: the op table goes to profile_*.txt; the
+    summary (per-step total, time inside the NA operator's forward, top ops by self time) to the JSON."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = settings.device.type == "cuda"
@@ -471,13 +489,15 @@ def profile_models(
             step = runner.step_fn(mode)
             step()  # warm-up: caches, allocator, lazy optimizer state
             with spy_na_backends(profile_label=True), profile(activities=activities) as prof:
-                step()
+                for _ in range(steps):
+                    step()
                 if cuda:
                     torch.cuda.synchronize()
             events = prof.key_averages()
             ops = [e for e in events if not e.key.startswith(("na_operator:", "ProfilerStep"))]
-            total_ms = sum(getattr(e, self_key, 0) for e in ops) / 1e3
-            na_ms = sum(getattr(e, total_key, 0) for e in events if e.key.startswith("na_operator:")) / 1e3
+            total_ms = sum(getattr(e, self_key, 0) for e in ops) / 1e3 / steps
+            na_events = [e for e in events if e.key.startswith("na_operator:")]
+            na_ms = sum(getattr(e, total_key, 0) for e in na_events) / 1e3 / steps
             top = sorted(ops, key=lambda e: getattr(e, self_key, 0), reverse=True)[:10]
             name = f"profile_{settings.device.type}_{resolution}_{spec.label.replace('@', '-')}_{mode}.txt"
             (out / name).write_text(events.table(sort_by=self_key, row_limit=40))
@@ -490,7 +510,7 @@ def profile_models(
                     mode=mode,
                     total_ms=round(total_ms, 1),
                     na_forward_ms=round(na_ms, 1),
-                    top_ops=[(e.key, round(getattr(e, self_key, 0) / 1e3, 1)) for e in top],
+                    top_ops=[(e.key, round(getattr(e, self_key, 0) / 1e3 / steps, 1)) for e in top],
                 )
             )
             ops_text = ", ".join(f"{k} {v:.0f}" for k, v in summaries[-1]["top_ops"][:6])
@@ -525,7 +545,7 @@ def cpu_name() -> str:
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name(0)
-    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+    return f"{cpu_name()}, torch threads: {torch.get_num_threads()}"
 
 
 def load_average() -> list[float] | None:
@@ -715,6 +735,64 @@ def print_table(rows: list[dict], baseline: str, out=sys.stdout) -> None:
             print(f"{line}  {backend}", file=out)
 
 
+def markdown(result: dict) -> str:
+    """results.md: the tables of docs/benchmarks.md, ready to paste (ratios vs the run's baseline)."""
+    rows, baseline, env = result["rows"], result["baseline"], result["environment"]
+    lines = [
+        f"Measured {result['created']} with `{result['command']}`: torch {env['torch']}, timm {env['timm']}, "
+        f"natten {env['natten']}; load average {result['load_average_before']} before, "
+        f"{result['load_average_after']} after; {result['wall_seconds']:.0f} s. Ratios (x) vs {baseline}; "
+        "img/s as median [IQR] of the repeats.",
+    ]
+    groups = sorted({(r["device"], r["resolution"]) for r in rows}, key=lambda g: (g[0] != "cpu", g[0], g[1]))
+    for device, resolution in groups:
+        sel = [r for r in rows if (r["device"], r["resolution"]) == (device, resolution)]
+        first = sel[0]
+        lines += [
+            "",
+            f"**{first['device_name']}, {resolution}x{resolution}, batch {first['batch']}, {first['amp']}**",
+            "",
+            "| model | params | GMACs | infer img/s | x | train img/s | x | train peak MB | x | NA backend |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for model in dict.fromkeys(r["model"] for r in sel):
+            cells = {r["mode"]: r for r in sel if r["model"] == model}
+            any_row = next(iter(cells.values()))
+            line = f"| {model} | {any_row['params_m']:.1f}M | {any_row['gmacs']:.2f} |"
+            for mode in ("infer", "train"):
+                r = cells.get(mode)
+                if r is None or r["error"]:
+                    line += f" {(r or {}).get('error', 'not run')[:40]} | - |"
+                    continue
+                base = find(rows, device, resolution, mode, baseline)
+                line += f" {r['img_s_median']:.2f} [{r['img_s_q1']:.2f}-{r['img_s_q3']:.2f}] |"
+                line += f" {fmt(ratio(r, base, 'img_s_median'), '.2f')} |"
+            train = cells.get("train") if cells.get("train") and not cells["train"]["error"] else None
+            base = find(rows, device, resolution, "train", baseline)
+            line += f" {fmt(train and train['peak_mem_mb'], '.0f')} |"
+            line += f" {fmt(ratio(train, base, 'peak_mem_mb'), '.2f')} |"
+            backend = next((r.get("na_backend") for r in cells.values() if r.get("na_backend")), "-")
+            lines.append(f"{line} {backend} |")
+    if result["targets"]:
+        lines += ["", "| target | batch | measured | verdict |", "|---|---:|---:|---|"]
+        for c in result["targets"]:
+            verdict = "met" if c["met"] else "**missed**"
+            lines.append(f"| {c['target']} | {c['batch']} | {c['ratio']:.2f}x ({c['bound']}) | {verdict} |")
+    if result["scaling"]:
+        lines += [
+            "",
+            "| device | mode | model | time slope | FLOPs slope | resolutions |",
+            "|---|---|---|---:|---:|---|",
+        ]
+        for sl in result["scaling"]:
+            res = ", ".join(map(str, sl["resolutions"]))
+            lines.append(
+                f"| {sl['device']} | {sl['mode']} | {sl['model']} | {fmt(sl['time_slope'], '.2f')} | "
+                f"{fmt(sl['flops_slope'], '.2f')} | {res} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def print_targets(checks: list[dict], slopes: list[dict], out=sys.stdout) -> None:
     if checks:
         print("\nTargets (issue 5):", file=out)
@@ -746,6 +824,7 @@ CSV_FIELDS = [
     "amp",
     "channels_last",
     "compiled",
+    "optimizer",
     "na_backend",
     "params_m",
     "gmacs",
@@ -917,6 +996,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["auto", "on", "off"],
         help="auto: on for the GPU (convs in stems, downsamplers and ConvNeXt), off on the CPU",
     )
+    p.add_argument(
+        "--optimizer",
+        default="adamw-fused",
+        choices=["adamw-fused", "adamw"],
+        help="train step's optimizer: fused AdamW, or the per-tensor loop (timm's default on CPU)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile every model (GPU; warm-up compiles)")
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use)")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON {"timm_name": {kwarg: value}}')
@@ -928,6 +1013,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also torch.profiler one step per model/mode at each device's first resolution "
         "(profile_*.txt, and a summary in the JSON)",
     )
+    p.add_argument("--profile-steps", type=int, default=1, help="steps per profile (times are per step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--quick",
@@ -1011,6 +1097,7 @@ def main(argv: list[str] | None = None) -> int:
             channels_last=cfg["channels_last"],
             compile=args.compile,
             iters=cfg["iters"],
+            optimizer=args.optimizer,
         )
         name = device_name(device_type)
         for resolution in cfg["resolutions"]:
@@ -1026,7 +1113,9 @@ def main(argv: list[str] | None = None) -> int:
                         flops_cache[key] = (0, float("nan"))
             measured = bench_resolution(specs, resolution, batch, args.modes, settings, cfg, log)
             if args.profile and resolution == cfg["resolutions"][0]:
-                profiles += profile_models(specs, resolution, batch, args.modes, settings, args.out, log)
+                profiles += profile_models(
+                    specs, resolution, batch, args.modes, settings, args.out, log, args.profile_steps
+                )
             for row in measured:
                 params, gmacs = flops_cache[(row["model"], resolution)]
                 row.update(
@@ -1035,6 +1124,7 @@ def main(argv: list[str] | None = None) -> int:
                     amp=cfg["amp"],
                     channels_last=cfg["channels_last"],
                     compiled=args.compile,
+                    optimizer=args.optimizer,
                     params_m=params / 1e6,
                     gmacs=gmacs,
                     repeats=cfg["repeats"],
@@ -1066,8 +1156,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     (args.out / "results.json").write_text(json.dumps(result, indent=1, default=str))
     write_csv(rows, args.out / "results.csv")
+    (args.out / "results.md").write_text(markdown(result))
     paths = [] if args.no_plots else plot(rows, args.out)
-    log(f"\nwrote {args.out / 'results.csv'}, {args.out / 'results.json'}" + "".join(f", {p}" for p in paths))
+    written = ["results.csv", "results.json", "results.md", *(p.name for p in paths)]
+    log(f"\nwrote {', '.join(written)} to {args.out}")
     after = result["load_average_after"]
     log(f"wall time {result['wall_seconds']} s; load average before {load_before}, after {after}")
     return 0
