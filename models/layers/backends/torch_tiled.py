@@ -217,5 +217,6 @@ def na2d_tiled(
         scale,
         attn_drop,
     )
-    out = out.view(B, heads, n_tiles * tq, dim).index_select(2, plane.output_index)
-    return out.view(B, heads, H, W, dim).permute(0, 2, 3, 1, 4)
+    # One gather straight into the caller's (B, H, W, heads, D) layout, contiguous.
+    out = out.view(B, heads, n_tiles * tq, dim).transpose(1, 2).index_select(1, plane.output_index)
+    return out.view(B, H, W, heads, dim)
