@@ -145,9 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tiles", type=int, nargs="*", default=[], help="also time the torch backend at these tiles"
     )
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("output/bench_na"))
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks the script runs")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.sizes, args.batch, args.warmup, args.repeats = [14, 28], 2, 1, 1
     bad = [s for s in args.sizes if s % args.kernel_size or s < args.kernel_size]

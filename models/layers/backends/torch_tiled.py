@@ -1,10 +1,10 @@
 """Pure-PyTorch neighborhood attention: dense attention over halo tiles.
 
-Queries are cut into `T x T` tiles; every tile attends to the union of its queries' windows (its
-halo, at most `(T + k - 1)^2` keys) through `scaled_dot_product_attention`, with an additive mask
-that holds each query's RPB inside its own window and -inf elsewhere. That trades ~(T+k-1)^2 / k^2
-extra logits for large dense matmuls and no k^2-fold copy of K and V, and it runs (with autograd)
-wherever SDPA does.
+Queries are cut into `Th x Tw` tiles; every tile attends to the union of its queries' windows
+(its halo, at most `(Th + k - 1) * (Tw + k - 1)` keys) through the CPU flash-attention kernel (SDPA
+on CUDA), with an additive mask that holds each query's RPB inside its own window and -inf elsewhere.
+That trades ~(Th + k - 1)(Tw + k - 1) / k^2 extra logits for dense matmuls and no k^2-fold copy of
+K and V, and it runs (with autograd) wherever SDPA does.
 
 Dilation: each axis is reordered group-major (positions `g, g+d, ...` of group `g` made
 contiguous), where every window is a contiguous run of k positions; tiles never straddle two
@@ -40,16 +40,26 @@ class AxisTiling:
         return self.in_window.shape[0]
 
 
-def default_tile(length: int, kernel_size: int, dilation: int) -> int:
-    """Query tile edge for one axis, from a CPU sweep (scripts/bench_na.py --tiles, k=7): maps of
-    up to 2k positions per dilation group run fastest as one dense tile; longer ones in tiles of
-    about k, the size among k, k+1, k-1 that pads the group least (repeated queries are wasted work:
-    at 28^2, tile 7 ran 25% faster than tile 8)."""
-    longest_group = group_length(length, 0, dilation)
-    if longest_group <= 2 * kernel_size:
-        return longest_group
-    candidates = (kernel_size, kernel_size + 1, kernel_size - 1)
-    return min(candidates, key=lambda tile: math.ceil(longest_group / tile) * tile)
+def default_tiles(height: int, width: int, kernel_size: int, dilation: int) -> tuple[int, int]:
+    """Query tile (rows, cols), from CPU sweeps (single thread, B=8, fwd and fwd+bwd):
+
+    * a dilation group of at most 2k positions runs fastest as one dense tile;
+    * otherwise about k/2 rows by k columns: at 56^2 and 28^2 (k=7) 4x7 beat 7x7 by 10-18% and
+      8x8 by more (fewer wasted logits per query, 130 vs 169, and 28 queries fit one block of the
+      CPU flash kernel); at 48^2 with k=11, 6x12 beat 11x11 by 40%;
+    * among sizes near those, the one that pads the group least (repeated queries are wasted work:
+      at 28^2, 7 columns ran 25% faster than 8).
+    """
+    half = (kernel_size + 1) // 2
+
+    def pick(length: int, preferred: int) -> int:
+        longest_group = group_length(length, 0, dilation)
+        if longest_group <= 2 * kernel_size:
+            return longest_group
+        candidates = [t for t in (preferred, preferred + 1, preferred - 1) if t >= 1]
+        return min(candidates, key=lambda tile: math.ceil(longest_group / tile) * tile)
+
+    return pick(height, half), pick(width, kernel_size)
 
 
 @functools.lru_cache(maxsize=256)
@@ -193,8 +203,7 @@ def na2d_tiled(
     tile: int | None = None,
 ) -> torch.Tensor:
     B, H, W, heads, dim = q.shape
-    tile_h = tile or default_tile(H, kernel_size, dilation)
-    tile_w = tile or default_tile(W, kernel_size, dilation)
+    tile_h, tile_w = (tile, tile) if tile else default_tiles(H, W, kernel_size, dilation)
     plane = plane_tiling(H, W, kernel_size, dilation, tile_h, tile_w, str(q.device))
     n_tiles, tq, hk = plane.outside_window.shape
 
