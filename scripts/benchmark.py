@@ -63,13 +63,16 @@ DEFAULT_MODELS = [
     "vit_small_patch16_224",
 ]
 DEFAULT_BASELINES = ["swin_tiny_patch4_window7_224", "convnext_tiny"]
-# Per device: resolutions, batch at 224 (scaled by 224^2 / pixels elsewhere), warm-up steps,
-# timed repeats, steps per repeat. The CPU defaults keep the full run to a few minutes on 2 cores.
+# Per device: resolutions, batch at 224 (scaled by 224^2 / pixels above), warm-up steps, timed
+# repeats at the first resolution (the targets') and at the others (the scaling points), steps per
+# repeat. The CPU defaults aim at <= ~8 minutes for the full run on a quiet 2-core machine.
 DEVICE_DEFAULTS = {
-    "cpu": dict(resolutions=[224, 320, 448], batch=8, warmup=1, repeats=5, iters=1),
-    "cuda": dict(resolutions=[224, 384, 512, 768, 1024], batch=256, warmup=5, repeats=7, iters=5),
+    "cpu": dict(resolutions=[224, 320, 448], batch=8, warmup=1, repeats=5, scaling_repeats=3, iters=1),
+    "cuda": dict(
+        resolutions=[224, 384, 512, 768, 1024], batch=256, warmup=5, repeats=7, scaling_repeats=7, iters=5
+    ),
 }
-QUICK = dict(resolutions=[32, 64], batch=2, warmup=1, repeats=2, iters=1)
+QUICK = dict(resolutions=[32, 64], batch=2, warmup=1, repeats=2, scaling_repeats=2, iters=1)
 QUICK_MODELS = ["nat_mini", "swin_tiny_patch4_window7_224", "vit_small_patch16_224"]
 # Tiny variants for --quick: the same code paths (NA with RPB, Swin windows, dense attention), in seconds.
 QUICK_KWARGS = {
@@ -995,7 +998,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--warmup", type=int, help="warm-up steps per model (default cpu 1, cuda 5; the memory step adds one)"
     )
-    p.add_argument("--repeats", type=int, help="timed repeats per model (default cpu 5, cuda 7)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="timed repeats per model (default: cpu 5 at the first size, 3 at the others; cuda 7)",
+    )
     p.add_argument("--iters", type=int, help="steps per timed repeat (default cpu 1, cuda 5)")
     p.add_argument("--amp", default="bf16", choices=list(AMP_DTYPES), help="autocast dtype on the GPU")
     p.add_argument("--cpu-amp", default="fp32", choices=list(AMP_DTYPES), help="autocast dtype on the CPU")
@@ -1055,6 +1062,8 @@ def device_plan(args: argparse.Namespace) -> list[tuple[str, dict]]:
         for key in ("warmup", "repeats", "iters"):
             if getattr(args, key) is not None:
                 cfg[key] = getattr(args, key)
+        if args.repeats is not None:
+            cfg["scaling_repeats"] = args.repeats
         if cfg["repeats"] < 1 or cfg["iters"] < 1 or cfg["warmup"] < 0 or cfg["batch"] < 1:
             raise SystemExit("error: --repeats, --iters and --cpu/gpu-batch must be >= 1, --warmup >= 0")
         cfg["amp"] = args.amp if device == "cuda" else args.cpu_amp
@@ -1120,8 +1129,10 @@ def main(argv: list[str] | None = None) -> int:
                     except Exception as e:  # noqa: BLE001
                         log(f"  {spec.label}: FLOPs not counted ({type(e).__name__}: {e})")
                         flops_cache[key] = (0, float("nan"))
-            measured = bench_resolution(specs, resolution, batch, args.modes, settings, cfg, log)
-            if args.profile and resolution == cfg["resolutions"][0]:
+            first = resolution == cfg["resolutions"][0]
+            res_cfg = dict(cfg, repeats=cfg["repeats"] if first else cfg["scaling_repeats"])
+            measured = bench_resolution(specs, resolution, batch, args.modes, settings, res_cfg, log)
+            if args.profile and first:
                 profiles += profile_models(
                     specs, resolution, batch, args.modes, settings, args.out, log, args.profile_steps
                 )
@@ -1136,7 +1147,7 @@ def main(argv: list[str] | None = None) -> int:
                     optimizer=args.optimizer,
                     params_m=params / 1e6,
                     gmacs=gmacs,
-                    repeats=cfg["repeats"],
+                    repeats=res_cfg["repeats"],
                     iters=cfg["iters"],
                     warmup=cfg["warmup"],
                     mem_kind="cuda_max_allocated" if device_type == "cuda" else "cpu_rss_delta",
