@@ -215,7 +215,8 @@ def na2d_tiled(
     if rpb is None:
         bias = q.new_zeros(()).expand(heads, n_tiles, tq, hk)
     else:
-        bias = rpb.to(q.dtype).flatten(1)[:, plane.bias_index]  # (heads, tiles, tq, hk)
+        bias = rpb.to(q.dtype).flatten(1).index_select(1, plane.bias_index.flatten())
+        bias = bias.view(heads, n_tiles, tq, hk)  # index_select: ~4x faster than [:, index] here
     # Additive 4-D mask (1, heads * tiles, tq, hk): the shape SDPA's fused kernels accept.
     mask = bias.masked_fill(plane.outside_window, float("-inf")).view(1, heads * n_tiles, tq, hk)
     out = _attend(
