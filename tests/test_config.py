@@ -115,7 +115,8 @@ def test_overrides_are_typed():
     )
     assert cfg["optim"]["lr"] == 5e-4 and isinstance(cfg["optim"]["lr"], float)
     assert cfg["train"]["batch_size"] == 8
-    assert cfg["model"]["kwargs"]["embed_dim"] == 48 and cfg["model"]["kwargs"]["depths"] == [1, 1, 3, 1]
+    plain = load_config(["quickstart"])["model"]["kwargs"]
+    assert cfg["model"]["kwargs"] == {**plain, "embed_dim": 48}  # one key set, the others kept
     assert cfg["aug"]["scale"] == [0.3, 1]
     assert cfg["train"]["progress"] == "on" and cfg["ema"]["enabled"] is True
 
