@@ -219,3 +219,14 @@ def test_auto_decision_table_for_cuda_calls():
     assert pick() == "flex"  # RPB inference: fused flex kernel
     assert pick(needs_grad=True) == "torch"  # RPB training: SDPA with a mask gradient
     assert pick(attn_drop=0.1, has_rpb=False) == "torch"  # only SDPA has attention dropout
+
+
+@pytest.mark.parametrize("backend", ["torch", "naive"])
+def test_inference_mode_first_call_does_not_poison_training(backend):
+    """Index caches built under inference_mode must still serve a later training step."""
+    attn = NeighborhoodAttention2D(8, 2, 3, backend=backend)
+    x = torch.randn(1, 13, 11, 8)  # a size no other test uses, so the first call builds the cache
+    with torch.inference_mode():
+        attn.eval()(x)
+    attn.train()(x).sum().backward()
+    assert attn.rpb.grad is not None

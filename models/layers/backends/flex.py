@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from .windows import window_starts
+from .windows import geometry_cache, window_starts
 
 
 def flex_available() -> bool:
@@ -22,7 +22,7 @@ def flex_available() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=64)
+@geometry_cache(maxsize=64)
 def _geometry(height: int, width: int, kernel_size: int, dilation: int, device: str):
     dev = torch.device(device)
     return window_starts(height, kernel_size, dilation).to(dev), window_starts(
@@ -30,7 +30,7 @@ def _geometry(height: int, width: int, kernel_size: int, dilation: int, device: 
     ).to(dev)
 
 
-@functools.lru_cache(maxsize=64)
+@geometry_cache(maxsize=64)
 def _block_mask(height: int, width: int, kernel_size: int, dilation: int, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
 

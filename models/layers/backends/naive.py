@@ -6,14 +6,12 @@ logits per query), so FLOP counting runs through it, and the benchmark uses it a
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from .windows import bias_indices, window_indices
+from .windows import bias_indices, geometry_cache, window_indices
 
 
-@functools.lru_cache(maxsize=128)
+@geometry_cache(maxsize=128)
 def _plane_indices(height: int, width: int, kernel_size: int, dilation: int, device: str):
     dev = torch.device(device)
     rows = window_indices(height, kernel_size, dilation)  # (H, k)

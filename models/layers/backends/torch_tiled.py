@@ -13,14 +13,13 @@ groups, so the halo bound above holds for any dilation and for maps not divisibl
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .windows import group_length
+from .windows import geometry_cache, group_length
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ def default_tiles(height: int, width: int, kernel_size: int, dilation: int) -> t
     return pick(height, half), pick(width, kernel_size)
 
 
-@functools.lru_cache(maxsize=256)
+@geometry_cache(maxsize=256)
 def axis_tiling(length: int, kernel_size: int, dilation: int, tile: int) -> AxisTiling:
     groups = [torch.arange(g, length, dilation) for g in range(dilation)]
     order = torch.cat(groups)  # reordered slot -> original position
@@ -121,7 +120,7 @@ def _outer(rows: torch.Tensor, cols: torch.Tensor, op) -> torch.Tensor:
     return op(rows[:, None, :, None, :, None], cols[None, :, None, :, None, :]).reshape(nh * nw, a * c, b * e)
 
 
-@functools.lru_cache(maxsize=128)
+@geometry_cache(maxsize=128)
 def plane_tiling(
     height: int, width: int, kernel_size: int, dilation: int, tile_h: int, tile_w: int, device: str
 ) -> PlaneTiling:

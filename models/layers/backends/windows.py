@@ -8,7 +8,30 @@ zero-padded at borders: border queries see a window shifted inwards.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
+
+
+def geometry_cache(maxsize: int) -> Callable:
+    """`functools.lru_cache` for index/mask tensors that depend only on shapes.
+
+    The tensors are built outside inference mode: one first built under `torch.inference_mode()`
+    would be an inference tensor, and every later training step at that size would fail with
+    "Inference tensors cannot be saved for backward".
+    """
+
+    def decorate(build: Callable) -> Callable:
+        @functools.lru_cache(maxsize=maxsize)
+        @functools.wraps(build)
+        def cached(*args):
+            with torch.inference_mode(False):
+                return build(*args)
+
+        return cached
+
+    return decorate
 
 
 def group_length(length: int, group: int, dilation: int) -> int:
