@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import statistics
 import sys
 import time
@@ -221,14 +222,23 @@ def print_ratios(rows: list[dict], args) -> None:
                 else:
                     cells.append(f"{t / base:13.2f}")
             print(f"{size:4d}^2" + "".join(cells))
-        torch_rows = sorted(
-            (r for r in rows if r["method"] == "torch" and r["mode"] == mode), key=lambda r: r["size"]
-        )
-        if len(torch_rows) > 1:
-            first, last = torch_rows[0], torch_rows[-1]
-            growth = (last["median_s"] / first["median_s"]) / (last["tokens"] / first["tokens"])
-            span = f"{last['size']}^2 vs {first['size']}^2"
-            print(f"torch backend time per token, {span}: {growth:.2f}x (1.0 = linear)")
+        slopes = {n: loglog_slope(rows, n, mode) for n in names}
+        shown = ", ".join(f"{n} {v:.2f}" for n, v in slopes.items() if v is not None)
+        print(f"log-log slope of time vs tokens (1 = linear, 2 = quadratic): {shown}")
+
+
+def loglog_slope(rows: list[dict], method: str, mode: str) -> float | None:
+    """Least-squares slope of log(time) against log(tokens) over the sizes `method` ran at."""
+    pts = [
+        (math.log(r["tokens"]), math.log(r["median_s"]))
+        for r in rows
+        if r["method"] == method and r["mode"] == mode
+    ]
+    if len(pts) < 2:
+        return None
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
 
 
 def plot(rows: list[dict], path: Path) -> None:
