@@ -43,7 +43,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "train_split": "train",
         "val_split": "val",
         "class_list": None,  # file or list of class names (wnids) making the subset
-        "num_classes": None,  # keep only the first N classes
+        "num_classes": None,  # a subset of N classes drawn with `seed` (sorted)
         "max_per_class": None,  # cap images per class (train)
         "max_per_class_val": None,
         "seed": 0,
