@@ -593,6 +593,8 @@ class Run:
             opt_kwargs["eps"] = o["opt_eps"]
         if o["opt_betas"] is not None:
             opt_kwargs["betas"] = tuple(o["opt_betas"])
+        if o["fused"] is not None:
+            opt_kwargs["fused"] = o["fused"]
         try:
             self.optimizer = create_optimizer_v2(
                 self.model,
@@ -603,8 +605,8 @@ class Run:
                 layer_decay=o["layer_decay"],
                 **opt_kwargs,
             )
-        except (ValueError, AssertionError) as e:
-            raise ConfigError(f"optimizer: {e} (check optim.opt / optim.layer_decay)") from None
+        except (ValueError, AssertionError, RuntimeError, TypeError) as e:
+            raise ConfigError(f"optimizer: {e} (check optim.opt / optim.layer_decay / optim.fused)") from None
 
         # AMP: bf16 needs no scaler; fp16 uses timm's NativeScaler (GradScaler)
         self.amp_dtype = torch.bfloat16 if t["amp_dtype"] == "bfloat16" else torch.float16

@@ -110,6 +110,7 @@ def test_run_writes_checkpoints_logs_summary_and_config(full_run):
     assert ck["arch"] == "nat_mini" and ck["num_classes"] == 3 and len(ck["classes"]) == 3
     assert ck["next_epoch"] == 2 and ck["num_updates"] == 6  # 24 images / batch 4 / accum 2 * 2 epochs
     assert "state_dict_ema" in ck and "scheduler" in ck and "rng" in ck
+    assert ck["optimizer"]["param_groups"][0]["fused"] is True  # the recipe's fused AdamW
 
 
 def test_tensorboard_has_the_promised_scalars(full_run):
