@@ -43,9 +43,9 @@ def default_tiles(height: int, width: int, kernel_size: int, dilation: int) -> t
     """Query tile (rows, cols), from CPU sweeps (single thread, B=8, fwd and fwd+bwd):
 
     * a dilation group of at most 2k positions runs fastest as one dense tile;
-    * otherwise about k/2 rows by k columns: at 56^2 and 28^2 (k=7) 4x7 beat 7x7 by 10-18% and
-      8x8 by more (fewer wasted logits per query, 130 vs 169, and 28 queries fit one block of the
-      CPU flash kernel); at 48^2 with k=11, 6x12 beat 11x11 by 40%;
+    * otherwise about k/2 rows by k columns (fewer wasted logits per query: 130 vs 169 at k=7):
+      at 48^2 with k=11, 6x12 ran 40% faster than 11x11; at k=7 a loaded machine showed 4x7 10-18%
+      ahead of 7x7 at 56^2 and 28^2, a quiet one every shape from 4x4 to 14x14 within 5%;
     * among sizes near those, the one that pads the group least (repeated queries are wasted work:
       at 28^2, 7 columns ran 25% faster than 8).
     """
