@@ -5,7 +5,7 @@ Kept apart from the backends so that `auto` and error messages share one source 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -121,5 +121,5 @@ def explain_backends(
     """
     call = call_info(q, q, q, rpb, attn_drop)
     if requires_grad is not None:
-        call = CallInfo(call.device_type, call.dtype, call.has_rpb, call.attn_drop, requires_grad)
+        call = replace(call, needs_grad=requires_grad)
     return select_backend(call)

@@ -34,8 +34,8 @@ def geometry_cache(maxsize: int) -> Callable:
     return decorate
 
 
-def group_length(length: int, group: int, dilation: int) -> int:
-    """Number of positions `group, group + d, ...` below `length`."""
+def group_length(length: int, group, dilation: int):
+    """Number of positions `group, group + d, ...` below `length` (`group`: an int or a tensor)."""
     return (length - group + dilation - 1) // dilation
 
 
@@ -44,8 +44,9 @@ def window_starts(length: int, kernel_size: int, dilation: int = 1) -> torch.Ten
     pos = torch.arange(length)
     group = pos % dilation
     index_in_group = pos // dilation
-    group_len = (length - group + dilation - 1) // dilation
-    start_in_group = torch.minimum((index_in_group - kernel_size // 2).clamp(min=0), group_len - kernel_size)
+    start_in_group = torch.minimum(
+        (index_in_group - kernel_size // 2).clamp(min=0), group_length(length, group, dilation) - kernel_size
+    )
     return group + dilation * start_in_group
 
 
