@@ -17,6 +17,8 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	# natten's sdist builds against the installed torch (pure Python without CUDA).
 	$(PY) -m pip install -q --no-build-isolation $(NATTEN)
+	# The NA C++ CPU kernel (~10 s); without a compiler this prints why and the 'torch' backend serves.
+	$(PY) -c "from models.layers.backends.cpp_kernel import kernel_build_error as e; print(e() or 'NA C++ kernel ready')"
 	touch $(STAMP)
 
 demo: $(STAMP)

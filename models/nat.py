@@ -189,7 +189,7 @@ class NAT(nn.Module):
         attn_drop_rate: Dropout on attention weights.
         drop_path_rate: Stochastic depth, linearly increasing over all blocks up to this value.
         norm_layer: Normalization (channels-last).
-        attn_backend: NA backend for every block ('auto', 'torch', 'naive', 'natten', 'flex').
+        attn_backend: NA backend for every block ('auto', 'cpp', 'torch', 'naive', 'natten', 'flex').
     """
 
     def __init__(

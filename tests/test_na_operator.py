@@ -43,7 +43,7 @@ def _grads(out, inputs, grad_out):
     return torch.autograd.grad((out * grad_out).sum(), inputs)
 
 
-@pytest.mark.parametrize("backend", ["torch", "naive"])
+@pytest.mark.parametrize("backend", ["cpp", "torch", "naive"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 def test_forward_and_gradients_match_reference(backend, case):
     height, width, kernel_size, dilation = case
@@ -58,13 +58,14 @@ def test_forward_and_gradients_match_reference(backend, case):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
 @pytest.mark.parametrize("case", CASES[:8], ids=lambda c: "x".join(map(str, c)))
-def test_torch_backend_without_rpb_and_custom_scale(case):
+def test_backend_without_rpb_and_custom_scale(backend, case):
     height, width, kernel_size, dilation = case
     q, k, v, _ = _inputs(height, width, kernel_size)
     grad_out = torch.randn_like(q)
     ref = reference_na2d(q, k, v, kernel_size, dilation, None, scale=0.37)
-    out = neighborhood_attention_2d(q, k, v, kernel_size, dilation, scale=0.37, backend="torch")
+    out = neighborhood_attention_2d(q, k, v, kernel_size, dilation, scale=0.37, backend=backend)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     for got, want in zip(_grads(out, (q, k, v), grad_out), _grads(ref, (q, k, v), grad_out), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
@@ -76,6 +77,46 @@ def test_torch_backend_float32_close_to_float64_reference():
     ref = reference_na2d(q, k, v, 7, 1, rpb)
     rel = (out.double() - ref).norm() / ref.norm()
     assert rel < 1e-5
+
+
+# float32 with head dim 16/32/64 runs the kernel's vector code (its own exp, transposing reductions,
+# tails of k*k not a multiple of 8); 8 and 24 run its scalar float code.
+@pytest.mark.parametrize(
+    "height,width,kernel_size,dilation,head_dim",
+    [
+        (23, 19, 7, 1, 32),
+        (17, 20, 5, 2, 16),
+        (13, 13, 9, 1, 64),
+        (12, 15, 3, 3, 32),
+        (11, 9, 3, 1, 8),
+        (14, 14, 7, 2, 24),
+    ],
+)
+def test_cpp_backend_float32_close_to_float64_reference(height, width, kernel_size, dilation, head_dim):
+    q, k, v, rpb = _inputs(height, width, kernel_size, heads=3, head_dim=head_dim)
+    grad_out = torch.randn_like(q)
+    ref = reference_na2d(q, k, v, kernel_size, dilation, rpb)
+    inputs32 = [t.detach().float().requires_grad_() for t in (q, k, v, rpb)]
+    out = neighborhood_attention_2d(*inputs32[:3], kernel_size, dilation, rpb=inputs32[3], backend="cpp")
+    assert out.dtype == torch.float32
+    got = [out, *_grads(out, inputs32, grad_out.float())]
+    want = [ref, *_grads(ref, (q, k, v, rpb), grad_out)]
+    for name, a, b in zip(["out", "dq", "dk", "dv", "drpb"], got, want, strict=True):
+        rel = (a.double() - b).norm() / b.norm()
+        assert rel < 2e-6, f"{name}: relative error {rel:.2e}"
+
+
+def test_cpp_backend_rpb_without_gradient_and_under_inference_mode():
+    q, k, v, rpb = _inputs(12, 10, 5, head_dim=32, dtype=torch.float32)
+    rpb = rpb.detach()
+    ref = neighborhood_attention_2d(q, k, v, 5, rpb=rpb, backend="torch")
+    out = neighborhood_attention_2d(q, k, v, 5, rpb=rpb, backend="cpp")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    for got, want in zip(grads, torch.autograd.grad(ref.sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(neighborhood_attention_2d(q, k, v, 5, rpb=rpb, backend="cpp"), out)
 
 
 @pytest.mark.parametrize("case", CASES[:6], ids=lambda c: "x".join(map(str, c)))
@@ -192,12 +233,16 @@ def test_explicit_backend_that_cannot_serve_says_why():
 def test_auto_is_inspectable_and_use_backend_overrides():
     q = torch.randn(1, 14, 14, 2, 8)
     choice = explain_backends(q, rpb=torch.zeros(2, 13, 13), requires_grad=True)
-    assert choice.name == "torch"
-    assert set(choice.rejected) == {"naive", "natten", "flex"}
+    assert choice.name == "cpp"
+    assert set(choice.rejected) == {"torch", "naive", "natten", "flex"}
     assert "relative position bias" in choice.rejected["natten"]
-    assert "backend: torch" in str(choice)
+    assert "backend: cpp" in str(choice)
     call = call_info(q, q, q, None, 0.0)
     assert why_not("torch", call) is None
+    # What the C++ kernel can't serve goes to 'torch', with the reason on show.
+    assert explain_backends(q.bfloat16()).name == "torch"
+    dropout = explain_backends(q, attn_drop=0.1, requires_grad=True)
+    assert dropout.name == "torch" and "dropout" in dropout.rejected["cpp"]
     with use_backend("naive"):
         out = neighborhood_attention_2d(q, q, q, 7)
     torch.testing.assert_close(out, neighborhood_attention_2d(q, q, q, 7))
@@ -221,7 +266,19 @@ def test_auto_decision_table_for_cuda_calls():
     assert pick(attn_drop=0.1, has_rpb=False) == "torch"  # only SDPA has attention dropout
 
 
-@pytest.mark.parametrize("backend", ["torch", "naive"])
+def test_cpp_backend_unavailable_falls_back_to_torch(monkeypatch):
+    """No compiler / ninja on the machine: auto runs 'torch', and says why not 'cpp'."""
+    from models.layers.backends import checks
+
+    monkeypatch.setattr(checks, "kernel_build_error", lambda: "C++ kernel unavailable (no compiler)")
+    q = torch.randn(1, 9, 9, 2, 8)
+    choice = explain_backends(q)
+    assert choice.name == "torch" and "no compiler" in choice.rejected["cpp"]
+    with pytest.raises(ValueError, match="no compiler"):
+        neighborhood_attention_2d(q, q, q, 3, backend="cpp")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch", "naive"])
 def test_inference_mode_first_call_does_not_poison_training(backend):
     """Index caches built under inference_mode must still serve a later training step."""
     attn = NeighborhoodAttention2D(8, 2, 3, backend=backend)

@@ -9,12 +9,14 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .backends.checks import BACKENDS, call_info, select_backend, why_not
+from .backends.cpp_kernel import na2d_cpp
 from .backends.flex import na2d_flex
 from .backends.naive import na2d_naive
 from .backends.natten_na import na2d_natten
 from .backends.torch_tiled import na2d_tiled
 
 _IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "cpp": na2d_cpp,
     "torch": na2d_tiled,
     "naive": na2d_naive,
     "natten": na2d_natten,
@@ -85,8 +87,8 @@ def neighborhood_attention_2d(
     Query (i, j) attends to the `kernel_size x kernel_size` keys nearest to it inside its dilation
     group, the window clamped to stay inside the map. `rpb` `(heads, 2k-1, 2k-1)` adds
     `rpb[h, (ki - qi)/d + k - 1, (kj - qj)/d + k - 1]` to each logit. `scale` defaults to
-    `head_dim ** -0.5`. `backend`: 'auto' (see `explain_backends`), 'torch', 'naive', 'natten' or
-    'flex'; a backend that can't serve the call raises ValueError saying why.
+    `head_dim ** -0.5`. `backend`: 'auto' (see `explain_backends`), 'cpp', 'torch', 'naive', 'natten'
+    or 'flex'; a backend that can't serve the call raises ValueError saying why.
     """
     _validate(q, k, v, kernel_size, dilation, rpb)
     if scale is None:

@@ -9,12 +9,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .cpp_kernel import kernel_build_error
 from .flex import flex_available
 from .natten_na import natten_version
 
-BACKENDS = ("torch", "naive", "natten", "flex")
+BACKENDS = ("cpp", "torch", "naive", "natten", "flex")
 # Fastest first, per device type; `naive` is never picked automatically (k^2 copies of K and V).
-AUTO_ORDER = {"cuda": ("natten", "flex", "torch"), "cpu": ("torch",)}
+AUTO_ORDER = {"cuda": ("natten", "flex", "torch"), "cpu": ("cpp", "torch")}
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,14 @@ def why_not(backend: str, call: CallInfo) -> str | None:
         return f"unknown backend; choose one of {', '.join(BACKENDS)} or 'auto'"
     if backend in ("torch", "naive"):
         return None
+    if backend == "cpp":
+        if call.device_type != "cpu":
+            return "CPU-only kernel"
+        if call.dtype not in (torch.float32, torch.float64):
+            return f"float32/float64 only, got {call.dtype} ('torch' runs bf16/fp16)"
+        if call.attn_drop > 0:
+            return "no attention dropout ('torch' has it)"
+        return kernel_build_error()  # last: the first call may build the kernel (~10 s, once)
     if backend == "natten":
         if natten_version() is None:
             return "natten is not importable (pip install --no-build-isolation natten==0.21.7)"

@@ -1,0 +1,128 @@
+"""Exact-window CPU kernel: k*k logits per query, in C++ built on first use by torch's extension JIT.
+
+The halo-tile backend computes (Th + k - 1)(Tw + k - 1) logits per query tile and pays the flash
+kernel's per-call overhead on small tiles; this one walks each query's own window (`csrc/na2d_cpu.cpp`:
+forward, and a fused one-pass backward that rebuilds the probabilities from the saved logsumexp).
+Window geometry comes from `windows.py`, shared with every other backend.
+
+The build (~10 s, once per torch version) lands in `$TORCH_EXTENSIONS_DIR` (default
+`~/.cache/torch_extensions`); `make setup` does it up front. Without a C++ compiler or ninja the
+dispatcher says so and runs the `torch` backend instead. `NAT_NO_CPP_KERNEL=1` turns the kernel off.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from .windows import bias_indices, geometry_cache, window_starts
+
+_SOURCE = Path(__file__).with_name("csrc") / "na2d_cpu.cpp"
+_log = logging.getLogger(__name__)
+
+
+def _build_directory() -> Path:
+    # One per torch version: an extension built against another libtorch would not load (ABI).
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    path = root / f"nat_na2d_cpu-torch{re.sub(r'[^A-Za-z0-9.]', '_', torch.__version__)}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@functools.cache
+def kernel_build_error() -> str | None:
+    """Build (if the cached build is stale) and load the kernel; None, or why it isn't available."""
+    if os.environ.get("NAT_NO_CPP_KERNEL"):
+        return "turned off by NAT_NO_CPP_KERNEL"
+    # Importing cpp_extension logs "No CUDA runtime is found" on CPU machines: noise for a CPU build.
+    extension_log = logging.getLogger("torch.utils.cpp_extension")
+    level = extension_log.level
+    extension_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torch.utils import cpp_extension
+
+            _log.info("loading the NA C++ CPU kernel (the first time builds it, ~10 s)")
+            cpp_extension.load(
+                name="nat_na2d_cpu",
+                sources=[str(_SOURCE)],
+                extra_cflags=["-O3", "-fopenmp"],  # at::parallel_for is OpenMP inlined into our code
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(_build_directory()),
+                is_python_module=False,
+            )
+    except Exception as error:  # no compiler, no ninja, no headers: the caller falls back and says why
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        return f"C++ kernel unavailable ({first_line}); it needs a C++ compiler and ninja (pip install ninja)"
+    finally:
+        extension_log.setLevel(level)
+    _register_fake_kernels()
+    return None
+
+
+def _register_fake_kernels() -> None:
+    """Shape-only versions of the two ops, so torch.compile can trace through the backend."""
+
+    @torch.library.register_fake("nat_na2d_cpu::forward")
+    def _(q, k, v, rpb, row_start, col_start, row_bias, col_bias, kernel_size, dilation, scale):
+        return torch.empty_like(q), q.new_empty(q.shape[:-1])
+
+    @torch.library.register_fake("nat_na2d_cpu::backward")
+    def _(grad_out, q, k, v, out, lse, rpb, *geometry_and_flags):
+        rpb_grad = geometry_and_flags[-1]
+        drpb = torch.empty_like(rpb) if rpb is not None and rpb_grad else q.new_empty(0)
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drpb
+
+
+@geometry_cache(maxsize=128)
+def _axis_geometry(length: int, kernel_size: int, dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first key position, first RPB row) of each query's window along one axis, int64 contiguous."""
+    return window_starts(length, kernel_size, dilation), bias_indices(length, kernel_size, dilation)[
+        :, 0
+    ].clone()
+
+
+class _ExactWindowAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, rpb, kernel_size: int, dilation: int, scale: float):
+        _, height, width, _, _ = q.shape
+        row_start, row_bias = _axis_geometry(height, kernel_size, dilation)
+        col_start, col_bias = _axis_geometry(width, kernel_size, dilation)
+        geometry = (row_start, col_start, row_bias, col_bias, kernel_size, dilation, scale)
+        out, lse = torch.ops.nat_na2d_cpu.forward(q, k, v, rpb, *geometry)
+        ctx.save_for_backward(q, k, v, rpb, out, lse)
+        ctx.geometry = geometry
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, rpb, out, lse = ctx.saved_tensors
+        rpb_grad = rpb is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, drpb = torch.ops.nat_na2d_cpu.backward(
+            grad_out.contiguous(), q, k, v, out, lse, rpb, *ctx.geometry, rpb_grad
+        )
+        return dq, dk, dv, (drpb if rpb_grad else None), None, None, None
+
+
+def na2d_cpp(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: int,
+    dilation: int,
+    rpb: torch.Tensor | None,
+    scale: float,
+    attn_drop: float,
+) -> torch.Tensor:
+    if rpb is not None:
+        rpb = rpb.to(q.dtype).contiguous()
+    return _ExactWindowAttention.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), rpb, kernel_size, dilation, scale
+    )

@@ -1,0 +1,351 @@
+// Exact-window 2-D neighborhood attention for CPU: k*k logits per query, none wasted.
+//
+// Layout (B, H, W, heads, D), contiguous. Window geometry comes in from Python (windows.py, the one
+// source of truth): key row of tap a is row_start[i] + a * dilation, its RPB row row_bias[i] + a;
+// columns likewise. Forward keeps each query's logsumexp; backward rebuilds the probabilities from it
+// in one fused pass per query (flash-attention style), so nothing of size B*H*W*k*k is ever stored.
+//
+// Per query the work is: offsets of its k*k keys -> k*k dot products -> softmax -> weighted sum.
+// float with a head dim that is a multiple of 8 takes 8-lane vector code (GCC vector extensions,
+// lowered to whatever the clone's ISA has); anything else (float64 for the tests, odd head dims)
+// runs the same steps with scalar loops.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+// Hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time, so a build
+// cached on one machine still runs on an older one.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define NA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define NA_CLONES
+#endif
+#define NA_INLINE inline __attribute__((always_inline))
+
+namespace {
+
+using v8f = float __attribute__((vector_size(32)));
+using v8i = int32_t __attribute__((vector_size(32)));
+using v8f_unaligned = float __attribute__((vector_size(32), aligned(4), may_alias));
+
+NA_INLINE v8f load8(const float* p) { return *reinterpret_cast<const v8f_unaligned*>(p); }
+NA_INLINE void store8(float* p, v8f x) { *reinterpret_cast<v8f_unaligned*>(p) = x; }
+
+// Lane l of the result: sum of the 8 lanes of x[l] (a transposing reduction: no serial add chain).
+NA_INLINE v8f sum_lanes_of_8(const v8f* x) {
+  auto pair_sums = [](v8f a, v8f b) {  // the haddps pattern
+    return __builtin_shuffle(a, b, v8i{0, 2, 8, 10, 4, 6, 12, 14}) +
+           __builtin_shuffle(a, b, v8i{1, 3, 9, 11, 5, 7, 13, 15});
+  };
+  const v8f low = pair_sums(pair_sums(x[0], x[1]), pair_sums(x[2], x[3]));
+  const v8f high = pair_sums(pair_sums(x[4], x[5]), pair_sums(x[6], x[7]));
+  return __builtin_shuffle(low, high, v8i{0, 1, 2, 3, 8, 9, 10, 11}) +
+         __builtin_shuffle(low, high, v8i{4, 5, 6, 7, 12, 13, 14, 15});
+}
+
+// exp on (-inf, 0], the only range the softmax needs (logit - max). Cephes' expf: reduction by ln 2,
+// degree-6 polynomial, ~1 ulp; written on vectors because std::exp stays a scalar libm call.
+NA_INLINE v8f exp_nonpositive(v8f x) {
+  const v8f lowest = v8f{} - 87.0f, magic = v8f{} + 12582912.0f;  // 1.5 * 2^23: rounds to integer
+  x = x < lowest ? lowest : x;
+  const v8f shifted = x * 1.44269504088896341f + magic;
+  const v8f n = shifted - magic;
+  const v8f r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  v8f p = v8f{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const v8i exponent = (reinterpret_cast<const v8i&>(shifted) - reinterpret_cast<const v8i&>(magic) + 127) << 23;
+  return p * reinterpret_cast<const v8f&>(exponent);
+}
+
+template <typename T, int kD>
+constexpr bool kVectorPath = std::is_same_v<T, float> && kD > 0 && kD % 8 == 0;
+
+// out[t] = <x, base + offsets[t]> for t < taps. `out` has room for taps rounded up to 8.
+template <typename T, int kD>
+NA_INLINE void window_dots(const T* x, const T* base, const int64_t* offsets, int64_t taps, int64_t dim,
+                           T* out) {
+  if constexpr (kVectorPath<T, kD>) {
+    constexpr int kChunks = kD / 8;
+    v8f xv[kChunks];
+    for (int c = 0; c < kChunks; ++c) xv[c] = load8(x + 8 * c);
+    v8f partial[8];
+    for (int64_t first = 0; first < taps; first += 8) {
+      for (int64_t t = 0; t < 8; ++t) {
+        if (first + t >= taps) {
+          partial[t] = v8f{};
+          continue;
+        }
+        const float* row = base + offsets[first + t];
+        v8f acc = xv[0] * load8(row);
+        for (int c = 1; c < kChunks; ++c) acc += xv[c] * load8(row + 8 * c);
+        partial[t] = acc;
+      }
+      store8(out + first, sum_lanes_of_8(partial));
+    }
+  } else {
+    for (int64_t t = 0; t < taps; ++t) {
+      const T* row = base + offsets[t];
+      T acc = 0;
+      for (int64_t d = 0; d < dim; ++d) acc += x[d] * row[d];
+      out[t] = acc;
+    }
+  }
+}
+
+// weights[t] = exp(weights[t] - shift) for t < taps; returns their sum. Tail lanes up to 8 are zeroed.
+template <typename T, int kD>
+NA_INLINE T exp_shifted(T* weights, int64_t taps, T shift) {
+  if constexpr (kVectorPath<T, kD>) {
+    v8f total{};
+    const v8i lane{0, 1, 2, 3, 4, 5, 6, 7};
+    for (int64_t first = 0; first < taps; first += 8) {
+      v8f w = exp_nonpositive(load8(weights + first) - shift);
+      w = (lane + static_cast<int32_t>(first)) < static_cast<int32_t>(taps) ? w : v8f{};
+      store8(weights + first, w);
+      total += w;
+    }
+    float sum = 0;
+    for (int l = 0; l < 8; ++l) sum += total[l];
+    return sum;
+  } else {
+    T sum = 0;
+    for (int64_t t = 0; t < taps; ++t) sum += (weights[t] = std::exp(weights[t] - shift));
+    return sum;
+  }
+}
+
+template <typename T, int kD>
+NA_INLINE void axpy(T alpha, const T* x, T* y, int64_t dim) {
+  const int64_t n = kD > 0 ? kD : dim;
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) y[d] += alpha * x[d];
+}
+
+struct Geometry {
+  const int64_t* row_start;
+  const int64_t* col_start;
+  const int64_t* row_bias;
+  const int64_t* col_bias;
+  int64_t kernel;
+  int64_t dilation;
+};
+
+struct Shape {
+  int64_t B, H, W, heads, D;
+  int64_t offset(int64_t b, int64_t i, int64_t j, int64_t h) const {
+    return ((b * H + i) * W + j) * heads * D + h * D;
+  }
+};
+
+// Scratch for one query: key offsets (relative to the (b, h) plane), logits, gradients of logits.
+template <typename T>
+struct Scratch {
+  explicit Scratch(int64_t taps) : offsets(taps), logits(taps + 8), second(taps + 8) {}
+  std::vector<int64_t> offsets;
+  std::vector<T> logits, second;
+};
+
+// Offsets of query (i, j)'s keys; logits = scale * <q, k> + rpb. Returns the largest logit.
+template <typename T, int kD>
+NA_INLINE T window_logits(const T* qp, const T* k_plane, const T* rpb_plane, Shape s, Geometry g,
+                          int64_t i, int64_t j, T scale, Scratch<T>& scratch) {
+  const int64_t kk = g.kernel, span = 2 * kk - 1, taps = kk * kk, pixel = s.heads * s.D;
+  for (int64_t a = 0; a < kk; ++a) {
+    const int64_t row = (g.row_start[i] + a * g.dilation) * s.W;
+    for (int64_t c = 0; c < kk; ++c) scratch.offsets[a * kk + c] = (row + g.col_start[j] + c * g.dilation) * pixel;
+  }
+  T* logits = scratch.logits.data();
+  window_dots<T, kD>(qp, k_plane, scratch.offsets.data(), taps, s.D, logits);
+  T maximum = -INFINITY;
+  for (int64_t a = 0; a < kk; ++a) {
+    const T* bias = rpb_plane ? rpb_plane + (g.row_bias[i] + a) * span + g.col_bias[j] : nullptr;
+    for (int64_t c = 0; c < kk; ++c) {
+      T& logit = logits[a * kk + c];
+      logit = logit * scale + (bias ? bias[c] : T(0));
+      maximum = std::max(maximum, logit);
+    }
+  }
+  return maximum;
+}
+
+// Rows r in [begin, end) of the flattened (B * H) map; every (j, head) of a row.
+template <typename T, int kD>
+NA_CLONES void forward_rows(const T* q, const T* k, const T* v, const T* rpb, T* out, T* lse, Shape s,
+                            Geometry g, T scale, int64_t begin, int64_t end) {
+  const int64_t taps = g.kernel * g.kernel, span = 2 * g.kernel - 1, D = kD > 0 ? kD : s.D;
+  Scratch<T> scratch(taps);
+  std::vector<T> acc(D);
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t b = r / s.H, i = r % s.H;
+    for (int64_t j = 0; j < s.W; ++j) {
+      for (int64_t h = 0; h < s.heads; ++h) {
+        const int64_t at = s.offset(b, i, j, h), plane = s.offset(b, 0, 0, h);
+        const T* rpb_plane = rpb ? rpb + h * span * span : nullptr;
+        const T maximum = window_logits<T, kD>(q + at, k + plane, rpb_plane, s, g, i, j, scale, scratch);
+        const T total = exp_shifted<T, kD>(scratch.logits.data(), taps, maximum);
+        std::fill(acc.begin(), acc.end(), T(0));
+        for (int64_t t = 0; t < taps; ++t) axpy<T, kD>(scratch.logits[t], v + plane + scratch.offsets[t], acc.data(), D);
+        const T inverse = T(1) / total;
+        for (int64_t d = 0; d < D; ++d) out[at + d] = acc[d] * inverse;
+        lse[at / D] = maximum + std::log(total);
+      }
+    }
+  }
+}
+
+// Units u in [begin, end) of the flattened (B * heads): one thread owns a unit's slices of dk and dv
+// (and its rpb-gradient plane), so the scatter into keys needs no atomics.
+template <typename T, int kD>
+NA_CLONES void backward_units(const T* grad_out, const T* q, const T* k, const T* v, const T* lse,
+                              const T* delta, const T* rpb, T* dq, T* dk, T* dv, T* drpb, Shape s, Geometry g,
+                              T scale, int64_t begin, int64_t end) {
+  const int64_t kk = g.kernel, taps = kk * kk, span = 2 * kk - 1, D = kD > 0 ? kD : s.D;
+  Scratch<T> scratch(taps);
+  std::vector<T> dq_row(D);
+  for (int64_t u = begin; u < end; ++u) {
+    const int64_t b = u / s.heads, h = u % s.heads, plane = s.offset(b, 0, 0, h);
+    const T* rpb_plane = rpb ? rpb + h * span * span : nullptr;
+    T* drpb_plane = drpb ? drpb + u * span * span : nullptr;
+    for (int64_t i = 0; i < s.H; ++i) {
+      for (int64_t j = 0; j < s.W; ++j) {
+        const int64_t at = s.offset(b, i, j, h);
+        const T* qp = q + at;
+        const T* gp = grad_out + at;
+        window_logits<T, kD>(qp, k + plane, rpb_plane, s, g, i, j, scale, scratch);
+        exp_shifted<T, kD>(scratch.logits.data(), taps, lse[at / D]);  // probabilities
+        T* dlogits = scratch.second.data();
+        window_dots<T, kD>(gp, v + plane, scratch.offsets.data(), taps, D, dlogits);  // dP
+        const T row_delta = delta[at / D];
+        for (int64_t t = 0; t < taps; ++t) dlogits[t] = scratch.logits[t] * (dlogits[t] - row_delta);
+        std::fill(dq_row.begin(), dq_row.end(), T(0));
+        for (int64_t t = 0; t < taps; ++t) {
+          const int64_t key_at = plane + scratch.offsets[t];
+          axpy<T, kD>(dlogits[t] * scale, k + key_at, dq_row.data(), D);
+          axpy<T, kD>(dlogits[t] * scale, qp, dk + key_at, D);
+          axpy<T, kD>(scratch.logits[t], gp, dv + key_at, D);
+        }
+        std::copy(dq_row.begin(), dq_row.end(), dq + at);
+        if (drpb_plane) {
+          for (int64_t a = 0; a < kk; ++a) {
+            T* bias = drpb_plane + (g.row_bias[i] + a) * span + g.col_bias[j];
+            for (int64_t c = 0; c < kk; ++c) bias[c] += dlogits[a * kk + c];
+          }
+        }
+      }
+    }
+  }
+}
+
+// Head dims of every NAT/DiNAT variant get loops of known length (unrolled, kept in registers);
+// any other runs the same code with a runtime length.
+template <typename F>
+void dispatch_head_dim(int64_t dim, const F& body) {
+  switch (dim) {
+    case 16: return body(std::integral_constant<int, 16>());
+    case 32: return body(std::integral_constant<int, 32>());
+    case 64: return body(std::integral_constant<int, 64>());
+    default: return body(std::integral_constant<int, 0>());
+  }
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const std::optional<at::Tensor>& rpb, const at::Tensor& row_start) {
+  TORCH_CHECK(q.dim() == 5, "q must be (B, H, W, heads, D)");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k, v must be contiguous");
+  TORCH_CHECK(q.sizes() == k.sizes() && q.sizes() == v.sizes(), "q, k, v shapes differ");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "dtypes differ");
+  TORCH_CHECK(!rpb || (rpb->is_contiguous() && rpb->scalar_type() == q.scalar_type()),
+              "rpb must be contiguous and of q's dtype");
+  TORCH_CHECK(row_start.scalar_type() == at::kLong, "geometry must be int64");
+}
+
+Shape shape_of(const at::Tensor& q) { return Shape{q.size(0), q.size(1), q.size(2), q.size(3), q.size(4)}; }
+
+Geometry geometry_of(const at::Tensor& row_start, const at::Tensor& col_start, const at::Tensor& row_bias,
+                     const at::Tensor& col_bias, int64_t kernel_size, int64_t dilation) {
+  return Geometry{row_start.data_ptr<int64_t>(), col_start.data_ptr<int64_t>(), row_bias.data_ptr<int64_t>(),
+                  col_bias.data_ptr<int64_t>(), kernel_size, dilation};
+}
+
+std::tuple<at::Tensor, at::Tensor> na2d_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const std::optional<at::Tensor>& rpb,
+                                                const at::Tensor& row_start, const at::Tensor& col_start,
+                                                const at::Tensor& row_bias, const at::Tensor& col_bias,
+                                                int64_t kernel_size, int64_t dilation, double scale) {
+  check_inputs(q, k, v, rpb, row_start);
+  const Shape s = shape_of(q);
+  const Geometry g = geometry_of(row_start, col_start, row_bias, col_bias, kernel_size, dilation);
+  auto out = at::empty_like(q);
+  auto lse = at::empty({s.B, s.H, s.W, s.heads}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_forward", [&] {
+    const scalar_t* bias = rpb ? rpb->data_ptr<scalar_t>() : nullptr;
+    dispatch_head_dim(s.D, [&](auto head_dim) {
+      at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
+        forward_rows<scalar_t, decltype(head_dim)::value>(
+            q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), bias,
+            out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), s, g, static_cast<scalar_t>(scale), begin, end);
+      });
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& rpb,
+    const at::Tensor& row_start, const at::Tensor& col_start, const at::Tensor& row_bias,
+    const at::Tensor& col_bias, int64_t kernel_size, int64_t dilation, double scale, bool rpb_grad) {
+  check_inputs(q, k, v, rpb, row_start);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.is_contiguous(), "grad_out must match q");
+  const Shape s = shape_of(q);
+  const Geometry g = geometry_of(row_start, col_start, row_bias, col_bias, kernel_size, dilation);
+  const auto delta = (grad_out * out).sum(-1).contiguous();  // rowsum(dO * O) of the softmax backward
+  auto dq = at::empty_like(q);
+  auto dk = at::zeros_like(k);
+  auto dv = at::zeros_like(v);
+  const int64_t span = 2 * kernel_size - 1;
+  auto drpb_per_unit = (rpb && rpb_grad) ? at::zeros({s.B, s.heads, span, span}, q.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_backward", [&] {
+    const scalar_t* bias = rpb ? rpb->data_ptr<scalar_t>() : nullptr;
+    scalar_t* drpb = drpb_per_unit.defined() ? drpb_per_unit.data_ptr<scalar_t>() : nullptr;
+    dispatch_head_dim(s.D, [&](auto head_dim) {
+      at::parallel_for(0, s.B * s.heads, 1, [&](int64_t begin, int64_t end) {
+        backward_units<scalar_t, decltype(head_dim)::value>(
+            grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+            v.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), bias,
+            dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), drpb, s, g,
+            static_cast<scalar_t>(scale), begin, end);
+      });
+    });
+  });
+  auto drpb = drpb_per_unit.defined() ? drpb_per_unit.sum(0) : at::empty({0}, q.options());
+  return {dq, dk, dv, drpb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(nat_na2d_cpu, m) {
+  m.def(
+      "forward(Tensor q, Tensor k, Tensor v, Tensor? rpb, Tensor row_start, Tensor col_start, "
+      "Tensor row_bias, Tensor col_bias, int kernel_size, int dilation, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? rpb, "
+      "Tensor row_start, Tensor col_start, Tensor row_bias, Tensor col_bias, int kernel_size, "
+      "int dilation, float scale, bool rpb_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(nat_na2d_cpu, CPU, m) {
+  m.impl("forward", &na2d_forward);
+  m.impl("backward", &na2d_backward);
+}
