@@ -121,6 +121,9 @@ def na2d_cpp(
     scale: float,
     attn_drop: float,
 ) -> torch.Tensor:
+    error = kernel_build_error()  # cached: loads the kernel when called without the dispatcher
+    if error is not None:
+        raise RuntimeError(error)
     if rpb is not None:
         rpb = rpb.to(q.dtype).contiguous()
     return _ExactWindowAttention.apply(

@@ -125,11 +125,67 @@ NA_INLINE T exp_shifted(T* weights, int64_t taps, T shift) {
   }
 }
 
+// out = sum_t weights[t] * (base + offsets[t])[0:dim]: the attention-weighted sum of value rows.
 template <typename T, int kD>
-NA_INLINE void axpy(T alpha, const T* x, T* y, int64_t dim) {
-  const int64_t n = kD > 0 ? kD : dim;
-#pragma omp simd
-  for (int64_t d = 0; d < n; ++d) y[d] += alpha * x[d];
+NA_INLINE void weighted_rows(const T* weights, const T* base, const int64_t* offsets, int64_t taps, int64_t dim,
+                             T* out) {
+  if constexpr (kVectorPath<T, kD>) {
+    constexpr int kChunks = kD / 8;
+    v8f acc[kChunks] = {};
+    for (int64_t t = 0; t < taps; ++t) {
+      const float* row = base + offsets[t];
+      for (int c = 0; c < kChunks; ++c) acc[c] += weights[t] * load8(row + 8 * c);
+    }
+    for (int c = 0; c < kChunks; ++c) store8(out + 8 * c, acc[c]);
+  } else {
+    std::fill(out, out + dim, T(0));
+    for (int64_t t = 0; t < taps; ++t) {
+      const T* row = base + offsets[t];
+      for (int64_t d = 0; d < dim; ++d) out[d] += weights[t] * row[d];
+    }
+  }
+}
+
+// One query's gradient step, one pass over its window: dq = sum_t dlogit_t * k_t (written), and
+// into the key rows dk_t += dlogit_t * q, dv_t += p_t * dO (dlogits arrive multiplied by the scale).
+// Measured: 20% faster than taking dq in a pass of its own; gathering dk/dv per key instead
+// (row-band inverse windows, sums in registers, k read-modify-writes per query rather than k*k)
+// was no faster and needs more geometry.
+template <typename T, int kD>
+NA_INLINE void query_gradients(const T* qp, const T* gp, const T* k_plane, T* dk_plane, T* dv_plane,
+                               const int64_t* offsets, const T* probs, const T* dlogits, int64_t taps,
+                               int64_t dim, T* dq_out) {
+  if constexpr (kVectorPath<T, kD>) {
+    constexpr int kChunks = kD / 8;
+    v8f qv[kChunks], gv[kChunks], dq[kChunks] = {};
+    for (int c = 0; c < kChunks; ++c) {
+      qv[c] = load8(qp + 8 * c);
+      gv[c] = load8(gp + 8 * c);
+    }
+    for (int64_t t = 0; t < taps; ++t) {
+      const float* key = k_plane + offsets[t];
+      float* dkey = dk_plane + offsets[t];
+      float* dvalue = dv_plane + offsets[t];
+      for (int c = 0; c < kChunks; ++c) {
+        dq[c] += dlogits[t] * load8(key + 8 * c);
+        store8(dkey + 8 * c, load8(dkey + 8 * c) + dlogits[t] * qv[c]);
+        store8(dvalue + 8 * c, load8(dvalue + 8 * c) + probs[t] * gv[c]);
+      }
+    }
+    for (int c = 0; c < kChunks; ++c) store8(dq_out + 8 * c, dq[c]);
+  } else {
+    std::fill(dq_out, dq_out + dim, T(0));
+    for (int64_t t = 0; t < taps; ++t) {
+      const T* key = k_plane + offsets[t];
+      T* dkey = dk_plane + offsets[t];
+      T* dvalue = dv_plane + offsets[t];
+      for (int64_t d = 0; d < dim; ++d) {
+        dq_out[d] += dlogits[t] * key[d];
+        dkey[d] += dlogits[t] * qp[d];
+        dvalue[d] += probs[t] * gp[d];
+      }
+    }
+  }
 }
 
 struct Geometry {
@@ -185,7 +241,6 @@ NA_CLONES void forward_rows(const T* q, const T* k, const T* v, const T* rpb, T*
                             Geometry g, T scale, int64_t begin, int64_t end) {
   const int64_t taps = g.kernel * g.kernel, span = 2 * g.kernel - 1, D = kD > 0 ? kD : s.D;
   Scratch<T> scratch(taps);
-  std::vector<T> acc(D);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t b = r / s.H, i = r % s.H;
     for (int64_t j = 0; j < s.W; ++j) {
@@ -194,10 +249,9 @@ NA_CLONES void forward_rows(const T* q, const T* k, const T* v, const T* rpb, T*
         const T* rpb_plane = rpb ? rpb + h * span * span : nullptr;
         const T maximum = window_logits<T, kD>(q + at, k + plane, rpb_plane, s, g, i, j, scale, scratch);
         const T total = exp_shifted<T, kD>(scratch.logits.data(), taps, maximum);
-        std::fill(acc.begin(), acc.end(), T(0));
-        for (int64_t t = 0; t < taps; ++t) axpy<T, kD>(scratch.logits[t], v + plane + scratch.offsets[t], acc.data(), D);
+        weighted_rows<T, kD>(scratch.logits.data(), v + plane, scratch.offsets.data(), taps, D, out + at);
         const T inverse = T(1) / total;
-        for (int64_t d = 0; d < D; ++d) out[at + d] = acc[d] * inverse;
+        for (int64_t d = 0; d < D; ++d) out[at + d] *= inverse;
         lse[at / D] = maximum + std::log(total);
       }
     }
@@ -212,7 +266,6 @@ NA_CLONES void backward_units(const T* grad_out, const T* q, const T* k, const T
                               T scale, int64_t begin, int64_t end) {
   const int64_t kk = g.kernel, taps = kk * kk, span = 2 * kk - 1, D = kD > 0 ? kD : s.D;
   Scratch<T> scratch(taps);
-  std::vector<T> dq_row(D);
   for (int64_t u = begin; u < end; ++u) {
     const int64_t b = u / s.heads, h = u % s.heads, plane = s.offset(b, 0, 0, h);
     const T* rpb_plane = rpb ? rpb + h * span * span : nullptr;
@@ -228,20 +281,15 @@ NA_CLONES void backward_units(const T* grad_out, const T* q, const T* k, const T
         window_dots<T, kD>(gp, v + plane, scratch.offsets.data(), taps, D, dlogits);  // dP
         const T row_delta = delta[at / D];
         for (int64_t t = 0; t < taps; ++t) dlogits[t] = scratch.logits[t] * (dlogits[t] - row_delta);
-        std::fill(dq_row.begin(), dq_row.end(), T(0));
-        for (int64_t t = 0; t < taps; ++t) {
-          const int64_t key_at = plane + scratch.offsets[t];
-          axpy<T, kD>(dlogits[t] * scale, k + key_at, dq_row.data(), D);
-          axpy<T, kD>(dlogits[t] * scale, qp, dk + key_at, D);
-          axpy<T, kD>(scratch.logits[t], gp, dv + key_at, D);
-        }
-        std::copy(dq_row.begin(), dq_row.end(), dq + at);
         if (drpb_plane) {
           for (int64_t a = 0; a < kk; ++a) {
             T* bias = drpb_plane + (g.row_bias[i] + a) * span + g.col_bias[j];
             for (int64_t c = 0; c < kk; ++c) bias[c] += dlogits[a * kk + c];
           }
         }
+        for (int64_t t = 0; t < taps; ++t) dlogits[t] *= scale;
+        query_gradients<T, kD>(qp, gp, k + plane, dk + plane, dv + plane, scratch.offsets.data(),
+                               scratch.logits.data(), dlogits, taps, D, dq + at);
       }
     }
   }
