@@ -3,7 +3,8 @@
 
 Times forward and forward+backward of one attention call (q, k, v of shape (B, S, S, heads, D), plus
 the relative position bias where the method has one) for several map sizes S, side by side in one
-run, and prints ratios against our `torch` backend. Writes CSV and a log-log plot of time vs tokens.
+run, and prints ratios against the first method (default `cpp`, the CPU default). Writes CSV and a
+log-log plot of time vs tokens.
 
     python scripts/bench_na.py                      # the full CPU sweep, 14^2 ... 224^2
     python scripts/bench_na.py --sizes 56 --tiles 4 6 8 10 14   # tile-size sweep of the torch backend
@@ -122,7 +123,7 @@ def measure(method, fn, args, size, mode, warmup, repeats) -> dict:
 
 def available(method: str, mode: str, args) -> str | None:
     """None if `method` can run in `mode`, else why not."""
-    if method not in ("natten", "flex"):
+    if method not in ("cpp", "natten", "flex"):
         return None
     probe = torch.zeros(1, 1, 1, 1, 1, requires_grad=mode == "fwd+bwd")
     return why_not(method, call_info(probe, probe, probe, None, 0.0))
@@ -140,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
-        "--methods", nargs="+", default=["torch", "naive", "window", "dense", "natten", "flex"]
+        "--methods",
+        nargs="+",
+        default=["cpp", "torch", "naive", "window", "dense", "natten", "flex"],
+        help="ratios are taken against the first",
     )
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     parser.add_argument(
@@ -157,10 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in args.sizes if s % args.kernel_size or s < args.kernel_size]
     if bad:
         parser.error(f"sizes must be multiples of --kernel-size {args.kernel_size} (window attention): {bad}")
-    if "torch" not in args.methods:
-        parser.error("--methods must include 'torch': ratios are taken against it")
+    reference = args.methods[0]
+    for mode in args.modes:
+        if reason := available(reference, mode, args):
+            parser.error(
+                f"the first method {reference!r} is the ratios' reference but can't run {mode}: {reason}"
+            )
 
     methods = {
+        "cpp": na_method("cpp"),
         "torch": na_method("torch"),
         "naive": na_method("naive"),
         "natten": na_method("natten"),
@@ -195,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print_ratios(rows, args)
+    print_ratios(rows, args, reference)
     for note in notes:
         print("note:", note)
     plot(rows, args.out / "bench_na.png")
@@ -203,21 +212,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def print_ratios(rows: list[dict], args) -> None:
-    """Time of each method over the torch backend's, per size (>1: slower than ours)."""
+def print_ratios(rows: list[dict], args, reference: str) -> None:
+    """Time of each method over the reference method's, per size (>1: slower than the reference)."""
     index = {(r["method"], r["mode"], r["size"]): r["median_s"] for r in rows}
     names = list(dict.fromkeys(r["method"] for r in rows))
     for mode in args.modes:
-        print(f"\n{mode}: time / torch backend time (torch column: ms)")
+        print(f"\n{mode}: time / {reference} time ({reference} column: ms)")
         print("size   " + "".join(f"{n:>13s}" for n in names))
         for size in args.sizes:
-            base = index.get(("torch", mode, size))
+            base = index.get((reference, mode, size))
             cells = []
             for n in names:
                 t = index.get((n, mode, size))
                 if t is None or base is None:
                     cells.append(f"{'-':>13s}")
-                elif n == "torch":
+                elif n == reference:
                     cells.append(f"{t * 1e3:12.1f}m")
                 else:
                     cells.append(f"{t / base:13.2f}")
