@@ -61,7 +61,9 @@ class ConvStem(nn.Module):
         self.norm = norm_layer(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv2(self.conv1(x))
+        # Channels-last convs: oneDNN's native layout on CPU (stem + downsamplers fwd+bwd 90 -> 74 ms
+        # at 224, batch 8), and the permute below is then a free view instead of a copy.
+        x = self.conv2(self.conv1(x.contiguous(memory_format=torch.channels_last)))
         return self.norm(x.permute(0, 2, 3, 1))
 
 
