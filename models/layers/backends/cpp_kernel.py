@@ -49,7 +49,7 @@ def kernel_build_error() -> str | None:
             warnings.simplefilter("ignore")
             from torch.utils import cpp_extension
 
-            _log.info("loading the NA C++ CPU kernel (the first time builds it, ~10 s)")
+            _log.debug("loading the NA C++ CPU kernel (the first time builds it, ~10 s)")
             cpp_extension.load(
                 name="nat_na2d_cpu",
                 sources=[str(_SOURCE)],
