@@ -71,13 +71,15 @@ def _register_fake_kernels() -> None:
     """Shape-only versions of the two ops, so torch.compile can trace through the backend."""
 
     @torch.library.register_fake("nat_na2d_cpu::forward")
-    def _(q, k, v, rpb, row_start, col_start, row_bias, col_bias, kernel_size, dilation, scale):
-        return torch.empty_like(q), q.new_empty(q.shape[:-1])
+    def _(q, k, v, rpb, row_start, col_start, row_bias, col_bias, kernel_size, dilation, scale, save_probs):
+        probs_shape = (*q.shape[:-1], kernel_size * kernel_size) if save_probs else (0,)
+        return torch.empty_like(q), q.new_empty(probs_shape)
 
     @torch.library.register_fake("nat_na2d_cpu::backward")
-    def _(grad_out, q, k, v, out, lse, rpb, *geometry_and_flags):
-        rpb_grad = geometry_and_flags[-1]
-        drpb = torch.empty_like(rpb) if rpb is not None and rpb_grad else q.new_empty(0)
+    def _(grad_out, q, k, v, out, probs, row_start, col_start, row_bias, col_bias, kernel_size, *rest):
+        rpb_grad = rest[-1]
+        span = 2 * kernel_size - 1
+        drpb = q.new_empty((q.shape[3], span, span) if rpb_grad else (0,))
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drpb
 
 
@@ -96,17 +98,18 @@ class _ExactWindowAttention(torch.autograd.Function):
         row_start, row_bias = _axis_geometry(height, kernel_size, dilation)
         col_start, col_bias = _axis_geometry(width, kernel_size, dilation)
         geometry = (row_start, col_start, row_bias, col_bias, kernel_size, dilation, scale)
-        out, lse = torch.ops.nat_na2d_cpu.forward(q, k, v, rpb, *geometry)
-        ctx.save_for_backward(q, k, v, rpb, out, lse)
+        save_probs = any(ctx.needs_input_grad[:4])  # no backward coming: skip the k*k-per-query buffer
+        out, probs = torch.ops.nat_na2d_cpu.forward(q, k, v, rpb, *geometry, save_probs)
+        ctx.save_for_backward(q, k, v, out, probs)
         ctx.geometry = geometry
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, rpb, out, lse = ctx.saved_tensors
-        rpb_grad = rpb is not None and ctx.needs_input_grad[3]
+        q, k, v, out, probs = ctx.saved_tensors
+        rpb_grad = ctx.needs_input_grad[3]
         dq, dk, dv, drpb = torch.ops.nat_na2d_cpu.backward(
-            grad_out.contiguous(), q, k, v, out, lse, rpb, *ctx.geometry, rpb_grad
+            grad_out.contiguous(), q, k, v, out, probs, *ctx.geometry, rpb_grad
         )
         return dq, dk, dv, (drpb if rpb_grad else None), None, None, None
 

@@ -2,8 +2,11 @@
 //
 // Layout (B, H, W, heads, D), contiguous. Window geometry comes in from Python (windows.py, the one
 // source of truth): key row of tap a is row_start[i] + a * dilation, its RPB row row_bias[i] + a;
-// columns likewise. Forward keeps each query's logsumexp; backward rebuilds the probabilities from it
-// in one fused pass per query (flash-attention style), so nothing of size B*H*W*k*k is ever stored.
+// columns likewise. In training the forward keeps each query's k*k probabilities (as Swin keeps its
+// attention matrix: B*H*W*heads*k*k floats); the backward takes dP, dq, dk, dv and the RPB gradient
+// from them in one pass per query. Rebuilding them from a saved logsumexp instead (flash-attention
+// style, no B*H*W*k*k buffer) costs the backward the logits' dot products and exps again: keeping
+// them took the backward 29.2 -> 24.0 ms and the forward 10.4 -> 11.1 ms at 56^2 (docs/benchmarks.md).
 //
 // Per query the work is: offsets of its k*k keys -> k*k dot products -> softmax -> weighted sum.
 // float with a head dim that is a multiple of 8 takes 8-lane vector code (GCC vector extensions,
@@ -212,15 +215,21 @@ struct Scratch {
   std::vector<T> logits, second;
 };
 
-// Offsets of query (i, j)'s keys; logits = scale * <q, k> + rpb. Returns the largest logit.
+// Offsets of query (i, j)'s k*k keys, relative to its (b, h) plane, tap (a, c) at a * k + c.
+NA_INLINE void window_offsets(Shape s, Geometry g, int64_t i, int64_t j, int64_t* offsets) {
+  const int64_t kk = g.kernel, pixel = s.heads * s.D;
+  for (int64_t a = 0; a < kk; ++a) {
+    const int64_t row = (g.row_start[i] + a * g.dilation) * s.W;
+    for (int64_t c = 0; c < kk; ++c) offsets[a * kk + c] = (row + g.col_start[j] + c * g.dilation) * pixel;
+  }
+}
+
+// Query (i, j)'s key offsets and logits = scale * <q, k> + rpb. Returns the largest logit.
 template <typename T, int kD>
 NA_INLINE T window_logits(const T* qp, const T* k_plane, const T* rpb_plane, Shape s, Geometry g,
                           int64_t i, int64_t j, T scale, Scratch<T>& scratch) {
-  const int64_t kk = g.kernel, span = 2 * kk - 1, taps = kk * kk, pixel = s.heads * s.D;
-  for (int64_t a = 0; a < kk; ++a) {
-    const int64_t row = (g.row_start[i] + a * g.dilation) * s.W;
-    for (int64_t c = 0; c < kk; ++c) scratch.offsets[a * kk + c] = (row + g.col_start[j] + c * g.dilation) * pixel;
-  }
+  const int64_t kk = g.kernel, span = 2 * kk - 1, taps = kk * kk;
+  window_offsets(s, g, i, j, scratch.offsets.data());
   T* logits = scratch.logits.data();
   window_dots<T, kD>(qp, k_plane, scratch.offsets.data(), taps, s.D, logits);
   T maximum = -INFINITY;
@@ -235,12 +244,14 @@ NA_INLINE T window_logits(const T* qp, const T* k_plane, const T* rpb_plane, Sha
   return maximum;
 }
 
-// Rows r in [begin, end) of the flattened (B * H) map; every (j, head) of a row.
+// Rows r in [begin, end) of the flattened (B * H) map; every (j, head) of a row. With `probs`
+// (training), each query's k*k probabilities are kept for the backward.
 template <typename T, int kD>
-NA_CLONES void forward_rows(const T* q, const T* k, const T* v, const T* rpb, T* out, T* lse, Shape s,
+NA_CLONES void forward_rows(const T* q, const T* k, const T* v, const T* rpb, T* out, T* probs, Shape s,
                             Geometry g, T scale, int64_t begin, int64_t end) {
   const int64_t taps = g.kernel * g.kernel, span = 2 * g.kernel - 1, D = kD > 0 ? kD : s.D;
   Scratch<T> scratch(taps);
+  T* weights = scratch.logits.data();
   for (int64_t r = begin; r < end; ++r) {
     const int64_t b = r / s.H, i = r % s.H;
     for (int64_t j = 0; j < s.W; ++j) {
@@ -248,11 +259,13 @@ NA_CLONES void forward_rows(const T* q, const T* k, const T* v, const T* rpb, T*
         const int64_t at = s.offset(b, i, j, h), plane = s.offset(b, 0, 0, h);
         const T* rpb_plane = rpb ? rpb + h * span * span : nullptr;
         const T maximum = window_logits<T, kD>(q + at, k + plane, rpb_plane, s, g, i, j, scale, scratch);
-        const T total = exp_shifted<T, kD>(scratch.logits.data(), taps, maximum);
-        weighted_rows<T, kD>(scratch.logits.data(), v + plane, scratch.offsets.data(), taps, D, out + at);
-        const T inverse = T(1) / total;
+        const T inverse = T(1) / exp_shifted<T, kD>(weights, taps, maximum);
+        weighted_rows<T, kD>(weights, v + plane, scratch.offsets.data(), taps, D, out + at);
         for (int64_t d = 0; d < D; ++d) out[at + d] *= inverse;
-        lse[at / D] = maximum + std::log(total);
+        if (probs) {
+          T* query_probs = probs + at / D * taps;
+          for (int64_t t = 0; t < taps; ++t) query_probs[t] = weights[t] * inverse;
+        }
       }
     }
   }
@@ -261,26 +274,25 @@ NA_CLONES void forward_rows(const T* q, const T* k, const T* v, const T* rpb, T*
 // Units u in [begin, end) of the flattened (B * heads): one thread owns a unit's slices of dk and dv
 // (and its rpb-gradient plane), so the scatter into keys needs no atomics.
 template <typename T, int kD>
-NA_CLONES void backward_units(const T* grad_out, const T* q, const T* k, const T* v, const T* lse,
-                              const T* delta, const T* rpb, T* dq, T* dk, T* dv, T* drpb, Shape s, Geometry g,
-                              T scale, int64_t begin, int64_t end) {
+NA_CLONES void backward_units(const T* grad_out, const T* q, const T* k, const T* v, const T* probs,
+                              const T* delta, T* dq, T* dk, T* dv, T* drpb, Shape s, Geometry g, T scale,
+                              int64_t begin, int64_t end) {
   const int64_t kk = g.kernel, taps = kk * kk, span = 2 * kk - 1, D = kD > 0 ? kD : s.D;
   Scratch<T> scratch(taps);
   for (int64_t u = begin; u < end; ++u) {
     const int64_t b = u / s.heads, h = u % s.heads, plane = s.offset(b, 0, 0, h);
-    const T* rpb_plane = rpb ? rpb + h * span * span : nullptr;
     T* drpb_plane = drpb ? drpb + u * span * span : nullptr;
     for (int64_t i = 0; i < s.H; ++i) {
       for (int64_t j = 0; j < s.W; ++j) {
         const int64_t at = s.offset(b, i, j, h);
         const T* qp = q + at;
         const T* gp = grad_out + at;
-        window_logits<T, kD>(qp, k + plane, rpb_plane, s, g, i, j, scale, scratch);
-        exp_shifted<T, kD>(scratch.logits.data(), taps, lse[at / D]);  // probabilities
+        const T* query_probs = probs + at / D * taps;
+        window_offsets(s, g, i, j, scratch.offsets.data());
         T* dlogits = scratch.second.data();
         window_dots<T, kD>(gp, v + plane, scratch.offsets.data(), taps, D, dlogits);  // dP
         const T row_delta = delta[at / D];
-        for (int64_t t = 0; t < taps; ++t) dlogits[t] = scratch.logits[t] * (dlogits[t] - row_delta);
+        for (int64_t t = 0; t < taps; ++t) dlogits[t] = query_probs[t] * (dlogits[t] - row_delta);
         if (drpb_plane) {
           for (int64_t a = 0; a < kk; ++a) {
             T* bias = drpb_plane + (g.row_bias[i] + a) * span + g.col_bias[j];
@@ -288,8 +300,8 @@ NA_CLONES void backward_units(const T* grad_out, const T* q, const T* k, const T
           }
         }
         for (int64_t t = 0; t < taps; ++t) dlogits[t] *= scale;
-        query_gradients<T, kD>(qp, gp, k + plane, dk + plane, dv + plane, scratch.offsets.data(),
-                               scratch.logits.data(), dlogits, taps, D, dq + at);
+        query_gradients<T, kD>(qp, gp, k + plane, dk + plane, dv + plane, scratch.offsets.data(), query_probs,
+                               dlogits, taps, D, dq + at);
       }
     }
   }
@@ -330,48 +342,52 @@ std::tuple<at::Tensor, at::Tensor> na2d_forward(const at::Tensor& q, const at::T
                                                 const std::optional<at::Tensor>& rpb,
                                                 const at::Tensor& row_start, const at::Tensor& col_start,
                                                 const at::Tensor& row_bias, const at::Tensor& col_bias,
-                                                int64_t kernel_size, int64_t dilation, double scale) {
+                                                int64_t kernel_size, int64_t dilation, double scale,
+                                                bool save_probs) {
   check_inputs(q, k, v, rpb, row_start);
   const Shape s = shape_of(q);
   const Geometry g = geometry_of(row_start, col_start, row_bias, col_bias, kernel_size, dilation);
   auto out = at::empty_like(q);
-  auto lse = at::empty({s.B, s.H, s.W, s.heads}, q.options());
+  auto probs = save_probs ? at::empty({s.B, s.H, s.W, s.heads, kernel_size * kernel_size}, q.options())
+                          : at::empty({0}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_forward", [&] {
     const scalar_t* bias = rpb ? rpb->data_ptr<scalar_t>() : nullptr;
+    scalar_t* kept = save_probs ? probs.data_ptr<scalar_t>() : nullptr;
     dispatch_head_dim(s.D, [&](auto head_dim) {
       at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
         forward_rows<scalar_t, decltype(head_dim)::value>(
             q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), bias,
-            out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), s, g, static_cast<scalar_t>(scale), begin, end);
+            out.data_ptr<scalar_t>(), kept, s, g, static_cast<scalar_t>(scale), begin, end);
       });
     });
   });
-  return {out, lse};
+  return {out, probs};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& rpb,
-    const at::Tensor& row_start, const at::Tensor& col_start, const at::Tensor& row_bias,
-    const at::Tensor& col_bias, int64_t kernel_size, int64_t dilation, double scale, bool rpb_grad) {
-  check_inputs(q, k, v, rpb, row_start);
+    const at::Tensor& out, const at::Tensor& probs, const at::Tensor& row_start, const at::Tensor& col_start,
+    const at::Tensor& row_bias, const at::Tensor& col_bias, int64_t kernel_size, int64_t dilation,
+    double scale, bool rpb_grad) {
+  check_inputs(q, k, v, std::nullopt, row_start);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.is_contiguous(), "grad_out must match q");
   const Shape s = shape_of(q);
+  const int64_t taps = kernel_size * kernel_size, span = 2 * kernel_size - 1;
+  TORCH_CHECK(probs.is_contiguous() && probs.numel() == s.B * s.H * s.W * s.heads * taps,
+              "probs must be the forward's saved probabilities (forward with save_probs=True)");
   const Geometry g = geometry_of(row_start, col_start, row_bias, col_bias, kernel_size, dilation);
   const auto delta = (grad_out * out).sum(-1).contiguous();  // rowsum(dO * O) of the softmax backward
   auto dq = at::empty_like(q);
   auto dk = at::zeros_like(k);
   auto dv = at::zeros_like(v);
-  const int64_t span = 2 * kernel_size - 1;
-  auto drpb_per_unit = (rpb && rpb_grad) ? at::zeros({s.B, s.heads, span, span}, q.options()) : at::Tensor();
+  auto drpb_per_unit = rpb_grad ? at::zeros({s.B, s.heads, span, span}, q.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_backward", [&] {
-    const scalar_t* bias = rpb ? rpb->data_ptr<scalar_t>() : nullptr;
     scalar_t* drpb = drpb_per_unit.defined() ? drpb_per_unit.data_ptr<scalar_t>() : nullptr;
     dispatch_head_dim(s.D, [&](auto head_dim) {
       at::parallel_for(0, s.B * s.heads, 1, [&](int64_t begin, int64_t end) {
         backward_units<scalar_t, decltype(head_dim)::value>(
             grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-            v.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), bias,
+            v.data_ptr<scalar_t>(), probs.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
             dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), drpb, s, g,
             static_cast<scalar_t>(scale), begin, end);
       });
@@ -386,9 +402,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_backward(
 TORCH_LIBRARY(nat_na2d_cpu, m) {
   m.def(
       "forward(Tensor q, Tensor k, Tensor v, Tensor? rpb, Tensor row_start, Tensor col_start, "
-      "Tensor row_bias, Tensor col_bias, int kernel_size, int dilation, float scale) -> (Tensor, Tensor)");
+      "Tensor row_bias, Tensor col_bias, int kernel_size, int dilation, float scale, bool save_probs) "
+      "-> (Tensor, Tensor)");
   m.def(
-      "backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? rpb, "
+      "backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor probs, "
       "Tensor row_start, Tensor col_start, Tensor row_bias, Tensor col_bias, int kernel_size, "
       "int dilation, float scale, bool rpb_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
