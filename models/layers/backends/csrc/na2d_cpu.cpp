@@ -74,7 +74,7 @@ NA_INLINE v8f exp_nonpositive(v8f x) {
 template <typename T, int kD>
 constexpr bool kVectorPath = std::is_same_v<T, float> && kD > 0 && kD % 8 == 0;
 
-// out[t] = <x, base + offsets[t]> for t < taps. `out` has room for taps rounded up to 8.
+// out[t] = <x, base + offsets[t]> for t < taps (base: a window's first key). `out` has room for taps rounded up to 8.
 template <typename T, int kD>
 NA_INLINE void window_dots(const T* x, const T* base, const int64_t* offsets, int64_t taps, int64_t dim,
                            T* out) {
@@ -155,7 +155,7 @@ NA_INLINE void weighted_rows(const T* weights, const T* base, const int64_t* off
 // (row-band inverse windows, sums in registers, k read-modify-writes per query rather than k*k)
 // was no faster and needs more geometry.
 template <typename T, int kD>
-NA_INLINE void query_gradients(const T* qp, const T* gp, const T* k_plane, T* dk_plane, T* dv_plane,
+NA_INLINE void query_gradients(const T* qp, const T* gp, const T* keys, T* dkeys, T* dvalues,
                                const int64_t* offsets, const T* probs, const T* dlogits, int64_t taps,
                                int64_t dim, T* dq_out) {
   if constexpr (kVectorPath<T, kD>) {
@@ -166,9 +166,9 @@ NA_INLINE void query_gradients(const T* qp, const T* gp, const T* k_plane, T* dk
       gv[c] = load8(gp + 8 * c);
     }
     for (int64_t t = 0; t < taps; ++t) {
-      const float* key = k_plane + offsets[t];
-      float* dkey = dk_plane + offsets[t];
-      float* dvalue = dv_plane + offsets[t];
+      const float* key = keys + offsets[t];
+      float* dkey = dkeys + offsets[t];
+      float* dvalue = dvalues + offsets[t];
       for (int c = 0; c < kChunks; ++c) {
         dq[c] += dlogits[t] * load8(key + 8 * c);
         store8(dkey + 8 * c, load8(dkey + 8 * c) + dlogits[t] * qv[c]);
@@ -179,9 +179,9 @@ NA_INLINE void query_gradients(const T* qp, const T* gp, const T* k_plane, T* dk
   } else {
     std::fill(dq_out, dq_out + dim, T(0));
     for (int64_t t = 0; t < taps; ++t) {
-      const T* key = k_plane + offsets[t];
-      T* dkey = dk_plane + offsets[t];
-      T* dvalue = dv_plane + offsets[t];
+      const T* key = keys + offsets[t];
+      T* dkey = dkeys + offsets[t];
+      T* dvalue = dvalues + offsets[t];
       for (int64_t d = 0; d < dim; ++d) {
         dq_out[d] += dlogits[t] * key[d];
         dkey[d] += dlogits[t] * qp[d];
@@ -198,6 +198,9 @@ struct Geometry {
   const int64_t* col_bias;
   int64_t kernel;
   int64_t dilation;
+  // Every window is the same k x k grid of keys (dilated) from its first key: offsets of tap (a, c)
+  // from that key, computed once per call instead of k*k index computations per query.
+  const int64_t* tap_offsets;
 };
 
 struct Shape {
@@ -207,31 +210,34 @@ struct Shape {
   }
 };
 
-// Scratch for one query: key offsets (relative to the (b, h) plane), logits, gradients of logits.
+// Scratch for one query: logits (then probabilities), gradients of logits; room for 8-lane tails.
 template <typename T>
 struct Scratch {
-  explicit Scratch(int64_t taps) : offsets(taps), logits(taps + 8), second(taps + 8) {}
-  std::vector<int64_t> offsets;
+  explicit Scratch(int64_t taps) : logits(taps + 8), second(taps + 8) {}
   std::vector<T> logits, second;
 };
 
-// Offsets of query (i, j)'s k*k keys, relative to its (b, h) plane, tap (a, c) at a * k + c.
-NA_INLINE void window_offsets(Shape s, Geometry g, int64_t i, int64_t j, int64_t* offsets) {
-  const int64_t kk = g.kernel, pixel = s.heads * s.D;
-  for (int64_t a = 0; a < kk; ++a) {
-    const int64_t row = (g.row_start[i] + a * g.dilation) * s.W;
-    for (int64_t c = 0; c < kk; ++c) offsets[a * kk + c] = (row + g.col_start[j] + c * g.dilation) * pixel;
-  }
+// Offsets of tap (a, c) from a window's first key, a * k + c, in the (B, H, W, heads, D) layout.
+std::vector<int64_t> tap_offsets(int64_t kernel, int64_t dilation, int64_t width, int64_t heads, int64_t dim) {
+  std::vector<int64_t> offsets(kernel * kernel);
+  const int64_t pixel = heads * dim;
+  for (int64_t a = 0; a < kernel; ++a)
+    for (int64_t c = 0; c < kernel; ++c) offsets[a * kernel + c] = (a * width + c) * dilation * pixel;
+  return offsets;
 }
 
-// Query (i, j)'s key offsets and logits = scale * <q, k> + rpb. Returns the largest logit.
+// Offset of query (i, j)'s first key within its (b, h) plane.
+NA_INLINE int64_t window_origin(Shape s, Geometry g, int64_t i, int64_t j) {
+  return (g.row_start[i] * s.W + g.col_start[j]) * s.heads * s.D;
+}
+
+// Query (i, j)'s logits = scale * <q, k> + rpb over its window from `keys`. Returns the largest logit.
 template <typename T, int kD>
-NA_INLINE T window_logits(const T* qp, const T* k_plane, const T* rpb_plane, Shape s, Geometry g,
-                          int64_t i, int64_t j, T scale, Scratch<T>& scratch) {
+NA_INLINE T window_logits(const T* qp, const T* keys, const T* rpb_plane, Shape s, Geometry g, int64_t i,
+                          int64_t j, T scale, Scratch<T>& scratch) {
   const int64_t kk = g.kernel, span = 2 * kk - 1, taps = kk * kk;
-  window_offsets(s, g, i, j, scratch.offsets.data());
   T* logits = scratch.logits.data();
-  window_dots<T, kD>(qp, k_plane, scratch.offsets.data(), taps, s.D, logits);
+  window_dots<T, kD>(qp, keys, g.tap_offsets, taps, s.D, logits);
   T maximum = -INFINITY;
   for (int64_t a = 0; a < kk; ++a) {
     const T* bias = rpb_plane ? rpb_plane + (g.row_bias[i] + a) * span + g.col_bias[j] : nullptr;
@@ -256,11 +262,11 @@ NA_CLONES void forward_rows(const T* q, const T* k, const T* v, const T* rpb, T*
     const int64_t b = r / s.H, i = r % s.H;
     for (int64_t j = 0; j < s.W; ++j) {
       for (int64_t h = 0; h < s.heads; ++h) {
-        const int64_t at = s.offset(b, i, j, h), plane = s.offset(b, 0, 0, h);
+        const int64_t at = s.offset(b, i, j, h), window = s.offset(b, 0, 0, h) + window_origin(s, g, i, j);
         const T* rpb_plane = rpb ? rpb + h * span * span : nullptr;
-        const T maximum = window_logits<T, kD>(q + at, k + plane, rpb_plane, s, g, i, j, scale, scratch);
+        const T maximum = window_logits<T, kD>(q + at, k + window, rpb_plane, s, g, i, j, scale, scratch);
         const T inverse = T(1) / exp_shifted<T, kD>(weights, taps, maximum);
-        weighted_rows<T, kD>(weights, v + plane, scratch.offsets.data(), taps, D, out + at);
+        weighted_rows<T, kD>(weights, v + window, g.tap_offsets, taps, D, out + at);
         for (int64_t d = 0; d < D; ++d) out[at + d] *= inverse;
         if (probs) {
           T* query_probs = probs + at / D * taps;
@@ -288,9 +294,9 @@ NA_CLONES void backward_units(const T* grad_out, const T* q, const T* k, const T
         const T* qp = q + at;
         const T* gp = grad_out + at;
         const T* query_probs = probs + at / D * taps;
-        window_offsets(s, g, i, j, scratch.offsets.data());
+        const int64_t window = plane + window_origin(s, g, i, j);
         T* dlogits = scratch.second.data();
-        window_dots<T, kD>(gp, v + plane, scratch.offsets.data(), taps, D, dlogits);  // dP
+        window_dots<T, kD>(gp, v + window, g.tap_offsets, taps, D, dlogits);  // dP
         const T row_delta = delta[at / D];
         for (int64_t t = 0; t < taps; ++t) dlogits[t] = query_probs[t] * (dlogits[t] - row_delta);
         if (drpb_plane) {
@@ -300,7 +306,7 @@ NA_CLONES void backward_units(const T* grad_out, const T* q, const T* k, const T
           }
         }
         for (int64_t t = 0; t < taps; ++t) dlogits[t] *= scale;
-        query_gradients<T, kD>(qp, gp, k + plane, dk + plane, dv + plane, scratch.offsets.data(), query_probs,
+        query_gradients<T, kD>(qp, gp, k + window, dk + window, dv + window, g.tap_offsets, query_probs,
                                dlogits, taps, D, dq + at);
       }
     }
@@ -333,9 +339,10 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 Shape shape_of(const at::Tensor& q) { return Shape{q.size(0), q.size(1), q.size(2), q.size(3), q.size(4)}; }
 
 Geometry geometry_of(const at::Tensor& row_start, const at::Tensor& col_start, const at::Tensor& row_bias,
-                     const at::Tensor& col_bias, int64_t kernel_size, int64_t dilation) {
+                     const at::Tensor& col_bias, int64_t kernel_size, int64_t dilation,
+                     const std::vector<int64_t>& offsets) {
   return Geometry{row_start.data_ptr<int64_t>(), col_start.data_ptr<int64_t>(), row_bias.data_ptr<int64_t>(),
-                  col_bias.data_ptr<int64_t>(), kernel_size, dilation};
+                  col_bias.data_ptr<int64_t>(), kernel_size, dilation, offsets.data()};
 }
 
 std::tuple<at::Tensor, at::Tensor> na2d_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -346,7 +353,8 @@ std::tuple<at::Tensor, at::Tensor> na2d_forward(const at::Tensor& q, const at::T
                                                 bool save_probs) {
   check_inputs(q, k, v, rpb, row_start);
   const Shape s = shape_of(q);
-  const Geometry g = geometry_of(row_start, col_start, row_bias, col_bias, kernel_size, dilation);
+  const auto offsets = tap_offsets(kernel_size, dilation, s.W, s.heads, s.D);
+  const Geometry g = geometry_of(row_start, col_start, row_bias, col_bias, kernel_size, dilation, offsets);
   auto out = at::empty_like(q);
   auto probs = save_probs ? at::empty({s.B, s.H, s.W, s.heads, kernel_size * kernel_size}, q.options())
                           : at::empty({0}, q.options());
@@ -375,7 +383,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_backward(
   const int64_t taps = kernel_size * kernel_size, span = 2 * kernel_size - 1;
   TORCH_CHECK(probs.is_contiguous() && probs.numel() == s.B * s.H * s.W * s.heads * taps,
               "probs must be the forward's saved probabilities (forward with save_probs=True)");
-  const Geometry g = geometry_of(row_start, col_start, row_bias, col_bias, kernel_size, dilation);
+  const auto offsets = tap_offsets(kernel_size, dilation, s.W, s.heads, s.D);
+  const Geometry g = geometry_of(row_start, col_start, row_bias, col_bias, kernel_size, dilation, offsets);
   const auto delta = (grad_out * out).sum(-1).contiguous();  // rowsum(dO * O) of the softmax backward
   auto dq = at::empty_like(q);
   auto dk = at::zeros_like(k);
