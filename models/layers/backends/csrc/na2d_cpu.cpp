@@ -226,45 +226,96 @@ std::vector<int64_t> tap_offsets(int64_t kernel, int64_t dilation, int64_t width
   return offsets;
 }
 
+// A query's window takes k x k of the (2k-1)^2 relative position biases, starting at (row_bias[i],
+// col_bias[j]), each in [0, k): one of k*k placements. Each placement's k*k biases are laid out once,
+// contiguous, per head: a (heads, k, k, taps rounded up to 8) table, so that adding them (forward) or
+// summing gradients into them (backward) is a vector add per query rather than k*k scalar ones.
+constexpr int64_t padded_taps(int64_t taps) { return (taps + 7) / 8 * 8; }
+
+NA_INLINE int64_t bias_placement(Geometry g, int64_t i, int64_t j) {
+  return (g.row_bias[i] * g.kernel + g.col_bias[j]) * padded_taps(g.kernel * g.kernel);
+}
+
+template <typename T>
+std::vector<T> placement_biases(const T* rpb, int64_t heads, int64_t kk) {
+  const int64_t span = 2 * kk - 1, stride = padded_taps(kk * kk);
+  std::vector<T> table(heads * kk * kk * stride, T(0));
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t first_row = 0; first_row < kk; ++first_row)
+      for (int64_t first_col = 0; first_col < kk; ++first_col) {
+        T* placement = table.data() + ((h * kk + first_row) * kk + first_col) * stride;
+        for (int64_t a = 0; a < kk; ++a)
+          for (int64_t c = 0; c < kk; ++c)
+            placement[a * kk + c] = rpb[(h * span + first_row + a) * span + first_col + c];
+      }
+  return table;
+}
+
+// The backward's way back: adds one head's (k, k, padded) table of summed logit gradients into its
+// (2k-1, 2k-1) RPB-gradient plane.
+template <typename T>
+void add_placements_to_plane(const T* table, int64_t kk, T* plane) {
+  const int64_t span = 2 * kk - 1, stride = padded_taps(kk * kk);
+  for (int64_t first_row = 0; first_row < kk; ++first_row)
+    for (int64_t first_col = 0; first_col < kk; ++first_col) {
+      const T* placement = table + (first_row * kk + first_col) * stride;
+      for (int64_t a = 0; a < kk; ++a)
+        for (int64_t c = 0; c < kk; ++c) plane[(first_row + a) * span + first_col + c] += placement[a * kk + c];
+    }
+}
+
 // Offset of query (i, j)'s first key within its (b, h) plane.
 NA_INLINE int64_t window_origin(Shape s, Geometry g, int64_t i, int64_t j) {
   return (g.row_start[i] * s.W + g.col_start[j]) * s.heads * s.D;
 }
 
-// Query (i, j)'s logits = scale * <q, k> + rpb over its window from `keys`. Returns the largest logit.
+// Query (i, j)'s logits = scale * <q, k> + bias over its window from `keys` (`bias`: its placement's
+// k*k biases, or null). Returns the largest logit.
 template <typename T, int kD>
-NA_INLINE T window_logits(const T* qp, const T* keys, const T* rpb_plane, Shape s, Geometry g, int64_t i,
-                          int64_t j, T scale, Scratch<T>& scratch) {
-  const int64_t kk = g.kernel, span = 2 * kk - 1, taps = kk * kk;
-  T* logits = scratch.logits.data();
-  window_dots<T, kD>(qp, keys, g.tap_offsets, taps, s.D, logits);
-  T maximum = -INFINITY;
-  for (int64_t a = 0; a < kk; ++a) {
-    const T* bias = rpb_plane ? rpb_plane + (g.row_bias[i] + a) * span + g.col_bias[j] : nullptr;
-    for (int64_t c = 0; c < kk; ++c) {
-      T& logit = logits[a * kk + c];
-      logit = logit * scale + (bias ? bias[c] : T(0));
-      maximum = std::max(maximum, logit);
+NA_INLINE T window_logits(const T* qp, const T* keys, const T* bias, Geometry g, int64_t dim, T scale,
+                          T* logits) {
+  const int64_t taps = g.kernel * g.kernel;
+  window_dots<T, kD>(qp, keys, g.tap_offsets, taps, dim, logits);
+  if constexpr (kVectorPath<T, kD>) {
+    const v8i lane{0, 1, 2, 3, 4, 5, 6, 7};
+    v8f largest = v8f{} - INFINITY;
+    for (int64_t first = 0; first < taps; first += 8) {
+      v8f logit = load8(logits + first) * scale;
+      if (bias) logit += load8(bias + first);
+      store8(logits + first, logit);
+      largest = (lane + static_cast<int32_t>(first)) < static_cast<int32_t>(taps) && logit > largest ? logit
+                                                                                                       : largest;
     }
+    float maximum = largest[0];
+    for (int l = 1; l < 8; ++l) maximum = std::max(maximum, largest[l]);
+    return maximum;
+  } else {
+    T maximum = -INFINITY;
+    for (int64_t t = 0; t < taps; ++t) {
+      logits[t] = logits[t] * scale + (bias ? bias[t] : T(0));
+      maximum = std::max(maximum, logits[t]);
+    }
+    return maximum;
   }
-  return maximum;
 }
 
 // Rows r in [begin, end) of the flattened (B * H) map; every (j, head) of a row. With `probs`
 // (training), each query's k*k probabilities are kept for the backward.
 template <typename T, int kD>
-NA_CLONES void forward_rows(const T* q, const T* k, const T* v, const T* rpb, T* out, T* probs, Shape s,
+NA_CLONES void forward_rows(const T* q, const T* k, const T* v, const T* biases, T* out, T* probs, Shape s,
                             Geometry g, T scale, int64_t begin, int64_t end) {
-  const int64_t taps = g.kernel * g.kernel, span = 2 * g.kernel - 1, D = kD > 0 ? kD : s.D;
+  const int64_t taps = g.kernel * g.kernel, D = kD > 0 ? kD : s.D;
+  const int64_t head_biases = g.kernel * g.kernel * padded_taps(taps);
   Scratch<T> scratch(taps);
   T* weights = scratch.logits.data();
   for (int64_t r = begin; r < end; ++r) {
     const int64_t b = r / s.H, i = r % s.H;
     for (int64_t j = 0; j < s.W; ++j) {
+      const int64_t origin = window_origin(s, g, i, j), placement = bias_placement(g, i, j);
       for (int64_t h = 0; h < s.heads; ++h) {
-        const int64_t at = s.offset(b, i, j, h), window = s.offset(b, 0, 0, h) + window_origin(s, g, i, j);
-        const T* rpb_plane = rpb ? rpb + h * span * span : nullptr;
-        const T maximum = window_logits<T, kD>(q + at, k + window, rpb_plane, s, g, i, j, scale, scratch);
+        const int64_t at = s.offset(b, i, j, h), window = s.offset(b, 0, 0, h) + origin;
+        const T* bias = biases ? biases + h * head_biases + placement : nullptr;
+        const T maximum = window_logits<T, kD>(q + at, k + window, bias, g, D, scale, weights);
         const T inverse = T(1) / exp_shifted<T, kD>(weights, taps, maximum);
         weighted_rows<T, kD>(weights, v + window, g.tap_offsets, taps, D, out + at);
         for (int64_t d = 0; d < D; ++d) out[at + d] *= inverse;
@@ -285,9 +336,10 @@ NA_CLONES void backward_units(const T* grad_out, const T* q, const T* k, const T
                               int64_t begin, int64_t end) {
   const int64_t kk = g.kernel, taps = kk * kk, span = 2 * kk - 1, D = kD > 0 ? kD : s.D;
   Scratch<T> scratch(taps);
+  std::vector<T> placement_grads(drpb ? kk * kk * padded_taps(taps) : 0);
   for (int64_t u = begin; u < end; ++u) {
     const int64_t b = u / s.heads, h = u % s.heads, plane = s.offset(b, 0, 0, h);
-    T* drpb_plane = drpb ? drpb + u * span * span : nullptr;
+    std::fill(placement_grads.begin(), placement_grads.end(), T(0));
     for (int64_t i = 0; i < s.H; ++i) {
       for (int64_t j = 0; j < s.W; ++j) {
         const int64_t at = s.offset(b, i, j, h);
@@ -299,17 +351,16 @@ NA_CLONES void backward_units(const T* grad_out, const T* q, const T* k, const T
         window_dots<T, kD>(gp, v + window, g.tap_offsets, taps, D, dlogits);  // dP
         const T row_delta = delta[at / D];
         for (int64_t t = 0; t < taps; ++t) dlogits[t] = query_probs[t] * (dlogits[t] - row_delta);
-        if (drpb_plane) {
-          for (int64_t a = 0; a < kk; ++a) {
-            T* bias = drpb_plane + (g.row_bias[i] + a) * span + g.col_bias[j];
-            for (int64_t c = 0; c < kk; ++c) bias[c] += dlogits[a * kk + c];
-          }
+        if (drpb) {
+          T* placement = placement_grads.data() + bias_placement(g, i, j);
+          for (int64_t t = 0; t < taps; ++t) placement[t] += dlogits[t];
         }
         for (int64_t t = 0; t < taps; ++t) dlogits[t] *= scale;
         query_gradients<T, kD>(qp, gp, k + window, dk + window, dv + window, g.tap_offsets, query_probs,
                                dlogits, taps, D, dq + at);
       }
     }
+    if (drpb) add_placements_to_plane(placement_grads.data(), kk, drpb + u * span * span);
   }
 }
 
@@ -341,6 +392,11 @@ Shape shape_of(const at::Tensor& q) { return Shape{q.size(0), q.size(1), q.size(
 Geometry geometry_of(const at::Tensor& row_start, const at::Tensor& col_start, const at::Tensor& row_bias,
                      const at::Tensor& col_bias, int64_t kernel_size, int64_t dilation,
                      const std::vector<int64_t>& offsets) {
+  for (const at::Tensor* first : {&row_bias, &col_bias}) {  // bias placements index the tables above
+    const int64_t* index = first->data_ptr<int64_t>();
+    for (int64_t n = 0; n < first->numel(); ++n)
+      TORCH_CHECK(index[n] >= 0 && index[n] < kernel_size, "window RPB start out of range [0, kernel_size)");
+  }
   return Geometry{row_start.data_ptr<int64_t>(), col_start.data_ptr<int64_t>(), row_bias.data_ptr<int64_t>(),
                   col_bias.data_ptr<int64_t>(), kernel_size, dilation, offsets.data()};
 }
@@ -359,7 +415,9 @@ std::tuple<at::Tensor, at::Tensor> na2d_forward(const at::Tensor& q, const at::T
   auto probs = save_probs ? at::empty({s.B, s.H, s.W, s.heads, kernel_size * kernel_size}, q.options())
                           : at::empty({0}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_forward", [&] {
-    const scalar_t* bias = rpb ? rpb->data_ptr<scalar_t>() : nullptr;
+    const auto biases = rpb ? placement_biases(rpb->data_ptr<scalar_t>(), s.heads, kernel_size)
+                            : std::vector<scalar_t>();
+    const scalar_t* bias = rpb ? biases.data() : nullptr;
     scalar_t* kept = save_probs ? probs.data_ptr<scalar_t>() : nullptr;
     dispatch_head_dim(s.D, [&](auto head_dim) {
       at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
