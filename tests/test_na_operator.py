@@ -119,6 +119,34 @@ def test_cpp_backend_rpb_without_gradient_and_under_inference_mode():
         torch.testing.assert_close(neighborhood_attention_2d(q, k, v, 5, rpb=rpb, backend="cpp"), out)
 
 
+def test_cpp_backend_keeps_probabilities_only_when_a_backward_can_come(monkeypatch):
+    """The k*k-per-query probability buffer is training memory: not under no_grad / inference_mode,
+    where the RPB parameter still has requires_grad (and autograd's needs_input_grad says True)."""
+    from models.layers.backends.cpp_kernel import kernel_build_error
+
+    if kernel_build_error():
+        pytest.skip(kernel_build_error())
+    forward = torch.ops.nat_na2d_cpu.forward
+    kept = []
+
+    def spy(*args):
+        out, probs = forward(*args)
+        kept.append(probs.numel() > 0)
+        return out, probs
+
+    monkeypatch.setattr(torch.ops.nat_na2d_cpu, "forward", spy)
+    q, k, v, _ = _inputs(9, 9, 3, dtype=torch.float32, grad=False)
+    rpb = torch.nn.Parameter(torch.zeros(2, 5, 5))
+    with torch.no_grad():
+        neighborhood_attention_2d(q, k, v, 3, rpb=rpb, backend="cpp")
+    with torch.inference_mode():
+        neighborhood_attention_2d(q, k, v, 3, rpb=rpb, backend="cpp")
+    neighborhood_attention_2d(q, k, v, 3, backend="cpp")  # nothing requires grad
+    neighborhood_attention_2d(q, k, v, 3, rpb=rpb, backend="cpp").sum().backward()
+    assert kept == [False, False, False, True]
+    assert rpb.grad is not None
+
+
 @pytest.mark.parametrize("case", CASES[:6], ids=lambda c: "x".join(map(str, c)))
 def test_flex_forward_matches_reference(case):
     height, width, kernel_size, dilation = case

@@ -93,12 +93,11 @@ def _axis_geometry(length: int, kernel_size: int, dilation: int) -> tuple[torch.
 
 class _ExactWindowAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, rpb, kernel_size: int, dilation: int, scale: float):
+    def forward(ctx, q, k, v, rpb, kernel_size: int, dilation: int, scale: float, save_probs: bool):
         _, height, width, _, _ = q.shape
         row_start, row_bias = _axis_geometry(height, kernel_size, dilation)
         col_start, col_bias = _axis_geometry(width, kernel_size, dilation)
         geometry = (row_start, col_start, row_bias, col_bias, kernel_size, dilation, scale)
-        save_probs = any(ctx.needs_input_grad[:4])  # no backward coming: skip the k*k-per-query buffer
         out, probs = torch.ops.nat_na2d_cpu.forward(q, k, v, rpb, *geometry, save_probs)
         ctx.save_for_backward(q, k, v, out, probs)
         ctx.geometry = geometry
@@ -111,7 +110,7 @@ class _ExactWindowAttention(torch.autograd.Function):
         dq, dk, dv, drpb = torch.ops.nat_na2d_cpu.backward(
             grad_out.contiguous(), q, k, v, out, probs, *ctx.geometry, rpb_grad
         )
-        return dq, dk, dv, (drpb if rpb_grad else None), None, None, None
+        return dq, dk, dv, (drpb if rpb_grad else None), None, None, None, None
 
 
 def na2d_cpp(
@@ -129,6 +128,9 @@ def na2d_cpp(
         raise RuntimeError(error)
     if rpb is not None:
         rpb = rpb.to(q.dtype).contiguous()
+    # The k*k probabilities per query are kept only when a backward can come. Not from
+    # ctx.needs_input_grad: under no_grad it still says True for parameters (the RPB).
+    save_probs = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rpb))
     return _ExactWindowAttention.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), rpb, kernel_size, dilation, scale
+        q.contiguous(), k.contiguous(), v.contiguous(), rpb, kernel_size, dilation, scale, save_probs
     )
