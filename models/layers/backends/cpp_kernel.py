@@ -76,7 +76,7 @@ def _register_fake_kernels() -> None:
         return torch.empty_like(q), q.new_empty(probs_shape)
 
     @torch.library.register_fake("nat_na2d_cpu::backward")
-    def _(grad_out, q, k, v, out, probs, row_start, col_start, row_bias, col_bias, kernel_size, *rest):
+    def _(grad_out, q, k, v, probs, row_start, col_start, row_bias, col_bias, kernel_size, *rest):
         rpb_grad = rest[-1]
         span = 2 * kernel_size - 1
         drpb = q.new_empty((q.shape[3], span, span) if rpb_grad else (0,))
@@ -99,16 +99,16 @@ class _ExactWindowAttention(torch.autograd.Function):
         col_start, col_bias = _axis_geometry(width, kernel_size, dilation)
         geometry = (row_start, col_start, row_bias, col_bias, kernel_size, dilation, scale)
         out, probs = torch.ops.nat_na2d_cpu.forward(q, k, v, rpb, *geometry, save_probs)
-        ctx.save_for_backward(q, k, v, out, probs)
+        ctx.save_for_backward(q, k, v, probs)
         ctx.geometry = geometry
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, probs = ctx.saved_tensors
+        q, k, v, probs = ctx.saved_tensors
         rpb_grad = ctx.needs_input_grad[3]
         dq, dk, dv, drpb = torch.ops.nat_na2d_cpu.backward(
-            grad_out.contiguous(), q, k, v, out, probs, *ctx.geometry, rpb_grad
+            grad_out.contiguous(), q, k, v, probs, *ctx.geometry, rpb_grad
         )
         return dq, dk, dv, (drpb if rpb_grad else None), None, None, None, None
 

@@ -332,7 +332,7 @@ NA_CLONES void forward_rows(const T* q, const T* k, const T* v, const T* biases,
 // (and its rpb-gradient plane), so the scatter into keys needs no atomics.
 template <typename T, int kD>
 NA_CLONES void backward_units(const T* grad_out, const T* q, const T* k, const T* v, const T* probs,
-                              const T* delta, T* dq, T* dk, T* dv, T* drpb, Shape s, Geometry g, T scale,
+                              T* dq, T* dk, T* dv, T* drpb, Shape s, Geometry g, T scale,
                               int64_t begin, int64_t end) {
   const int64_t kk = g.kernel, taps = kk * kk, span = 2 * kk - 1, D = kD > 0 ? kD : s.D;
   Scratch<T> scratch(taps);
@@ -349,7 +349,10 @@ NA_CLONES void backward_units(const T* grad_out, const T* q, const T* k, const T
         const int64_t window = plane + window_origin(s, g, i, j);
         T* dlogits = scratch.second.data();
         window_dots<T, kD>(gp, v + window, g.tap_offsets, taps, D, dlogits);  // dP
-        const T row_delta = delta[at / D];
+        // Softmax backward: dlogit_t = p_t (dP_t - sum_u p_u dP_u); the sum is dO . O, taken here from
+        // what is at hand instead of from the output (one pass fewer over dO and O).
+        T row_delta = 0;
+        for (int64_t t = 0; t < taps; ++t) row_delta += query_probs[t] * dlogits[t];
         for (int64_t t = 0; t < taps; ++t) dlogits[t] = query_probs[t] * (dlogits[t] - row_delta);
         if (drpb) {
           T* placement = placement_grads.data() + bias_placement(g, i, j);
@@ -432,7 +435,7 @@ std::tuple<at::Tensor, at::Tensor> na2d_forward(const at::Tensor& q, const at::T
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& probs, const at::Tensor& row_start, const at::Tensor& col_start,
+    const at::Tensor& probs, const at::Tensor& row_start, const at::Tensor& col_start,
     const at::Tensor& row_bias, const at::Tensor& col_bias, int64_t kernel_size, int64_t dilation,
     double scale, bool rpb_grad) {
   check_inputs(q, k, v, std::nullopt, row_start);
@@ -443,7 +446,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_backward(
               "probs must be the forward's saved probabilities (forward with save_probs=True)");
   const auto offsets = tap_offsets(kernel_size, dilation, s.W, s.heads, s.D);
   const Geometry g = geometry_of(row_start, col_start, row_bias, col_bias, kernel_size, dilation, offsets);
-  const auto delta = (grad_out * out).sum(-1).contiguous();  // rowsum(dO * O) of the softmax backward
   auto dq = at::empty_like(q);
   auto dk = at::zeros_like(k);
   auto dv = at::zeros_like(v);
@@ -454,7 +456,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_backward(
       at::parallel_for(0, s.B * s.heads, 1, [&](int64_t begin, int64_t end) {
         backward_units<scalar_t, decltype(head_dim)::value>(
             grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-            v.data_ptr<scalar_t>(), probs.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
+            v.data_ptr<scalar_t>(), probs.data_ptr<scalar_t>(),
             dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), drpb, s, g,
             static_cast<scalar_t>(scale), begin, end);
       });
@@ -472,7 +474,7 @@ TORCH_LIBRARY(nat_na2d_cpu, m) {
       "Tensor row_bias, Tensor col_bias, int kernel_size, int dilation, float scale, bool save_probs) "
       "-> (Tensor, Tensor)");
   m.def(
-      "backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor probs, "
+      "backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor probs, "
       "Tensor row_start, Tensor col_start, Tensor row_bias, Tensor col_bias, int kernel_size, "
       "int dilation, float scale, bool rpb_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
