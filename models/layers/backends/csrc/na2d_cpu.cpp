@@ -8,7 +8,8 @@
 // style, no B*H*W*k*k buffer) costs the backward the logits' dot products and exps again: keeping
 // them took the backward 29.2 -> 24.0 ms and the forward 10.4 -> 11.1 ms at 56^2 (docs/benchmarks.md).
 //
-// Per query the work is: offsets of its k*k keys -> k*k dot products -> softmax -> weighted sum.
+// Per query the work is: its window's first key (every window is the same k x k grid from there)
+// -> k*k dot products -> + its RPB placement -> softmax -> weighted sum.
 // float with a head dim that is a multiple of 8 takes 8-lane vector code (GCC vector extensions,
 // lowered to whatever the clone's ISA has); anything else (float64 for the tests, odd head dims)
 // runs the same steps with scalar loops.
@@ -74,7 +75,8 @@ NA_INLINE v8f exp_nonpositive(v8f x) {
 template <typename T, int kD>
 constexpr bool kVectorPath = std::is_same_v<T, float> && kD > 0 && kD % 8 == 0;
 
-// out[t] = <x, base + offsets[t]> for t < taps (base: a window's first key). `out` has room for taps rounded up to 8.
+// out[t] = <x, base + offsets[t]> for t < taps (base: a window's first key). `out` has room for
+// taps rounded up to 8.
 template <typename T, int kD>
 NA_INLINE void window_dots(const T* x, const T* base, const int64_t* offsets, int64_t taps, int64_t dim,
                            T* out) {
@@ -283,8 +285,8 @@ NA_INLINE T window_logits(const T* qp, const T* keys, const T* bias, Geometry g,
       v8f logit = load8(logits + first) * scale;
       if (bias) logit += load8(bias + first);
       store8(logits + first, logit);
-      largest = (lane + static_cast<int32_t>(first)) < static_cast<int32_t>(taps) && logit > largest ? logit
-                                                                                                       : largest;
+      const auto in_window = (lane + static_cast<int32_t>(first)) < static_cast<int32_t>(taps);
+      largest = in_window && logit > largest ? logit : largest;
     }
     float maximum = largest[0];
     for (int l = 1; l < 8; ++l) maximum = std::max(maximum, largest[l]);
