@@ -704,15 +704,49 @@ def fmt(value, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
-def print_table(rows: list[dict], baseline: str, out=sys.stdout) -> None:
-    """Per device and resolution: absolute numbers and ratios against `baseline`."""
+def table_groups(rows: list[dict], baseline: str) -> Iterator[tuple[dict, list[dict]]]:
+    """What both tables show, per device and resolution (CPU first): the group's first row (device
+    name, batch, precision) and one entry per model, in run order, with its ratios vs `baseline`."""
     groups = sorted({(r["device"], r["resolution"]) for r in rows}, key=lambda g: (g[0] != "cpu", g[0], g[1]))
     for device, resolution in groups:
         sel = [r for r in rows if (r["device"], r["resolution"]) == (device, resolution)]
-        batch = sel[0]["batch"]
+        models = []
+        for model in dict.fromkeys(r["model"] for r in sel):
+            cells = {r["mode"]: r for r in sel if r["model"] == model}
+            any_row = next(iter(cells.values()))
+            modes = {}
+            for mode in ("infer", "train"):
+                r = cells.get(mode)
+                if r is None or r["error"]:
+                    modes[mode] = dict(error=(r or {}).get("error", "not run"))
+                    continue
+                base = find(rows, device, resolution, mode, baseline)
+                modes[mode] = dict(
+                    row=r, ratio=ratio(r, base, "img_s_median"), ratio_best=ratio(r, base, "img_s_max")
+                )
+            train = cells.get("train") if cells.get("train") and not cells["train"]["error"] else None
+            base = find(rows, device, resolution, "train", baseline)
+            models.append(
+                dict(
+                    name=model,
+                    params_m=any_row["params_m"],
+                    gmacs=any_row["gmacs"],
+                    modes=modes,
+                    train_mb=train and train["peak_mem_mb"],
+                    train_mb_ratio=ratio(train, base, "peak_mem_mb"),
+                    backend=next((r.get("na_backend") for r in cells.values() if r.get("na_backend")), "-"),
+                )
+            )
+        yield sel[0], models
+
+
+def print_table(rows: list[dict], baseline: str, out=sys.stdout) -> None:
+    """Per device and resolution: absolute numbers and ratios against `baseline`."""
+    for first, models in table_groups(rows, baseline):
+        resolution = first["resolution"]
         print(
-            f"\n{device} ({sel[0]['device_name']}), {resolution}x{resolution}, batch {batch}, "
-            f"{sel[0]['amp']}; ratios vs {baseline}",
+            f"\n{first['device']} ({first['device_name']}), {resolution}x{resolution}, "
+            f"batch {first['batch']}, {first['amp']}; ratios vs {baseline}",
             file=out,
         )
         header = (
@@ -721,24 +755,18 @@ def print_table(rows: list[dict], baseline: str, out=sys.stdout) -> None:
         )
         print(header, file=out)
         print("-" * len(header), file=out)
-        for model in dict.fromkeys(r["model"] for r in sel):
-            cells = {r["mode"]: r for r in sel if r["model"] == model}
-            any_row = next(iter(cells.values()))
-            line = f"{model:32s} {any_row['params_m']:6.1f}M {any_row['gmacs']:7.2f}"
+        for m in models:
+            line = f"{m['name']:32s} {m['params_m']:6.1f}M {m['gmacs']:7.2f}"
             for mode in ("infer", "train"):
-                r = cells.get(mode)
-                if r is None or r["error"]:
-                    line += f" {(r or {}).get('error', 'not run')[:24]:>24s} {'-':>6s}"
+                cell = m["modes"][mode]
+                if "error" in cell:
+                    line += f" {cell['error'][:24]:>24s} {'-':>6s}"
                     continue
-                base = find(rows, device, resolution, mode, baseline)
+                r = cell["row"]
                 iqr = f"{r['img_s_median']:.1f} [{r['img_s_q1']:.1f}-{r['img_s_q3']:.1f}]"
-                line += f" {iqr:>24s} {fmt(ratio(r, base, 'img_s_median'), '.2f'):>6s}"
-            train = cells.get("train") if cells.get("train") and not cells["train"]["error"] else None
-            base = find(rows, device, resolution, "train", baseline)
-            line += f" {fmt(train and train['peak_mem_mb'], '.0f'):>9s}"
-            line += f" {fmt(ratio(train, base, 'peak_mem_mb'), '.2f'):>6s}"
-            backend = next((r.get("na_backend") for r in cells.values() if r.get("na_backend")), "-")
-            print(f"{line}  {backend}", file=out)
+                line += f" {iqr:>24s} {fmt(cell['ratio'], '.2f'):>6s}"
+            line += f" {fmt(m['train_mb'], '.0f'):>9s} {fmt(m['train_mb_ratio'], '.2f'):>6s}"
+            print(f"{line}  {m['backend']}", file=out)
 
 
 def markdown(result: dict) -> str:
@@ -751,10 +779,8 @@ def markdown(result: dict) -> str:
         "img/s as median [IQR] of the repeats, and the best repeat (noise on a shared machine only ever "
         "adds time, so best-of-N ratios are the steadier ones under load).",
     ]
-    groups = sorted({(r["device"], r["resolution"]) for r in rows}, key=lambda g: (g[0] != "cpu", g[0], g[1]))
-    for device, resolution in groups:
-        sel = [r for r in rows if (r["device"], r["resolution"]) == (device, resolution)]
-        first = sel[0]
+    for first, models in table_groups(rows, baseline):
+        resolution = first["resolution"]
         lines += [
             "",
             f"**{first['device_name']}, {resolution}x{resolution}, batch {first['batch']}, {first['amp']}**",
@@ -763,25 +789,19 @@ def markdown(result: dict) -> str:
             "| train peak MB | x | NA backend |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
-        for model in dict.fromkeys(r["model"] for r in sel):
-            cells = {r["mode"]: r for r in sel if r["model"] == model}
-            any_row = next(iter(cells.values()))
-            line = f"| {model} | {any_row['params_m']:.1f}M | {any_row['gmacs']:.2f} |"
+        for m in models:
+            line = f"| {m['name']} | {m['params_m']:.1f}M | {m['gmacs']:.2f} |"
             for mode in ("infer", "train"):
-                r = cells.get(mode)
-                if r is None or r["error"]:
-                    line += f" {(r or {}).get('error', 'not run')[:40]} | - | - | - |"
+                cell = m["modes"][mode]
+                if "error" in cell:
+                    line += f" {cell['error'][:40]} | - | - | - |"
                     continue
-                base = find(rows, device, resolution, mode, baseline)
+                r = cell["row"]
                 line += f" {r['img_s_median']:.2f} [{r['img_s_q1']:.2f}-{r['img_s_q3']:.2f}] |"
-                line += f" {fmt(ratio(r, base, 'img_s_median'), '.2f')} |"
-                line += f" {r['img_s_max']:.2f} | {fmt(ratio(r, base, 'img_s_max'), '.2f')} |"
-            train = cells.get("train") if cells.get("train") and not cells["train"]["error"] else None
-            base = find(rows, device, resolution, "train", baseline)
-            line += f" {fmt(train and train['peak_mem_mb'], '.0f')} |"
-            line += f" {fmt(ratio(train, base, 'peak_mem_mb'), '.2f')} |"
-            backend = next((r.get("na_backend") for r in cells.values() if r.get("na_backend")), "-")
-            lines.append(f"{line} {backend} |")
+                line += f" {fmt(cell['ratio'], '.2f')} |"
+                line += f" {r['img_s_max']:.2f} | {fmt(cell['ratio_best'], '.2f')} |"
+            line += f" {fmt(m['train_mb'], '.0f')} | {fmt(m['train_mb_ratio'], '.2f')} |"
+            lines.append(f"{line} {m['backend']} |")
     if result["targets"]:
         lines += ["", "| target | batch | median ratio | best-repeat ratio | verdict |"]
         lines += ["|---|---:|---:|---:|---|"]
