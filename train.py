@@ -1146,21 +1146,9 @@ def setup_logging(log_file=None, level=logging.INFO):
 
 def data_build_config(cfg: dict) -> dict:
     """The subset of `data` that data.build_datasets takes (the rest is loader/transform settings)."""
-    keys = (
-        "dataset",
-        "root",
-        "train_split",
-        "val_split",
-        "class_list",
-        "num_classes",
-        "max_per_class",
-        "max_per_class_val",
-        "seed",
-        "synthetic",
-        "timm_kwargs",
-        "download",
-    )
-    return {k: cfg["data"][k] for k in keys}
+    from data.builder import DEFAULTS as BUILD_KEYS
+
+    return {k: cfg["data"][k] for k in BUILD_KEYS}
 
 
 def resolve_run_config(args) -> tuple[dict, str | None, dict | None]:

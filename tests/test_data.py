@@ -264,20 +264,13 @@ def test_build_datasets_synthetic_subset_same_order_and_selection_files(tmp_path
 def test_build_datasets_takes_the_trainer_config_shape(small_synthetic):
     """train.py passes every data key, with None for unused ones and its default synthetic dict even for
     folder datasets; the folder path must ignore the generator settings."""
-    cfg = dict(
-        dataset="folder",
-        root=str(small_synthetic),
-        train_split="train",
-        val_split="val",
-        class_list=None,
-        num_classes=None,
-        max_per_class=None,
-        max_per_class_val=None,
-        seed=0,
-        synthetic=dict(num_classes=10, train_per_class=200, val_per_class=50, image_size=64, seed=0),
-        timm_kwargs=None,
-        download=False,
-    )
+    from configs import load_config
+    from train import data_build_config
+
+    cfg = load_config()
+    cfg["data"]["root"] = str(small_synthetic)
+    cfg = data_build_config(cfg)
+    assert cfg["dataset"] == "folder" and cfg["synthetic"] and cfg["class_list"] is None
     bundle = build_datasets(cfg)
     assert bundle.classes == sorted(SHAPE_NAMES[:4]) and len(bundle.train) == 48
 
