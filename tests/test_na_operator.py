@@ -317,16 +317,19 @@ def test_inference_mode_first_call_does_not_poison_training(backend):
     assert attn.rpb.grad is not None
 
 
-def test_cpp_backend_under_torch_compile_matches_eager():
-    """The kernel's fake (shape-only) ops let torch.compile trace the module; outputs and grads agree."""
+@pytest.mark.parametrize("backend", ["cpp", "auto"])
+def test_module_compiles_to_one_graph_and_matches_eager(backend):
+    """torch.compile traces the module in one graph (fullgraph: no break at the backend choice, whose
+    checks once broke every NA layer into its own graph), through the kernel's fake ops; outputs and
+    grads agree with eager."""
     torch.manual_seed(0)
-    attn = NeighborhoodAttention2D(32, 2, 5, backend="cpp")
+    attn = NeighborhoodAttention2D(32, 2, 5, backend=backend)
     x = torch.randn(2, 12, 11, 32)
     eager = attn(x)
     eager.sum().backward()
     eager_grad = attn.rpb.grad.clone()
     attn.zero_grad()
-    compiled = torch.compile(attn)(x)
+    compiled = torch.compile(attn, fullgraph=True)(x)
     compiled.sum().backward()
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(attn.rpb.grad, eager_grad)

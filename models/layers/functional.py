@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .backends.checks import BACKENDS, call_info, select_backend, why_not
+from .backends.checks import BACKENDS, call_fields, resolve_backend
 from .backends.cpp_kernel import na2d_cpp
 from .backends.flex import na2d_flex
 from .backends.naive import na2d_naive
@@ -93,12 +93,5 @@ def neighborhood_attention_2d(
     _validate(q, k, v, kernel_size, dilation, rpb)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    call = call_info(q, k, v, rpb, attn_drop)
-    name = _forced_backend.get() or backend
-    if name == "auto":
-        name = select_backend(call).name
-    else:
-        reason = why_not(name, call)
-        if reason is not None:
-            raise ValueError(f"NA backend {name!r} can't serve this call: {reason}")
+    name = resolve_backend(_forced_backend.get() or backend, *call_fields(q, k, v, rpb, attn_drop))
     return _IMPLEMENTATIONS[name](q, k, v, kernel_size, dilation, rpb, scale, attn_drop)

@@ -85,15 +85,33 @@ def _auto_excludes(backend: str, call: CallInfo) -> str | None:
     return None
 
 
-def call_info(q: torch.Tensor, k, v, rpb: torch.Tensor | None, attn_drop: float) -> CallInfo:
+def call_fields(q: torch.Tensor, k, v, rpb: torch.Tensor | None, attn_drop: float) -> tuple:
+    """`CallInfo`'s fields for a call, in order (plain values: see `resolve_backend`)."""
     tensors = (q, k, v) if rpb is None else (q, k, v, rpb)
-    return CallInfo(
-        device_type="cuda" if q.is_cuda else "cpu",
-        dtype=q.dtype,
-        has_rpb=rpb is not None,
-        attn_drop=attn_drop,
-        needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in tensors),
-    )
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return "cuda" if q.is_cuda else "cpu", q.dtype, rpb is not None, attn_drop, needs_grad
+
+
+def call_info(q: torch.Tensor, k, v, rpb: torch.Tensor | None, attn_drop: float) -> CallInfo:
+    return CallInfo(*call_fields(q, k, v, rpb, attn_drop))
+
+
+# A constant to torch.compile: evaluated once while tracing (its arguments are plain values) and its
+# answer baked into the graph. Traced instead, the checks (the kernel's build, natten's import)
+# broke the graph at every NA layer, and the per-layer graphs then ran into dynamo's recompile limit.
+@torch.compiler.assume_constant_result
+def resolve_backend(
+    requested: str, device_type: str, dtype: torch.dtype, has_rpb: bool, attn_drop: float, needs_grad: bool
+) -> str:
+    """The backend that runs a call: `requested` if it can serve it (else ValueError saying why),
+    or `auto`'s choice."""
+    call = CallInfo(device_type, dtype, has_rpb, attn_drop, needs_grad)
+    if requested == "auto":
+        return select_backend(call).name
+    reason = why_not(requested, call)
+    if reason is not None:
+        raise ValueError(f"NA backend {requested!r} can't serve this call: {reason}")
+    return requested
 
 
 def select_backend(call: CallInfo) -> BackendChoice:

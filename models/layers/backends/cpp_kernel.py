@@ -12,7 +12,6 @@ dispatcher says so and runs the `torch` backend instead. `NAT_NO_CPP_KERNEL=1` t
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
@@ -35,9 +34,20 @@ def _build_directory() -> Path:
     return path
 
 
-@functools.cache
+_build_outcome: list[str | None] = []  # the one build-and-load attempt's answer, once made
+
+
+# torch.compile takes its answer instead of tracing the build. Cached by hand: dynamo looks through
+# a functools.cache wrapper (with a warning), so the mark would be lost.
+@torch.compiler.assume_constant_result
 def kernel_build_error() -> str | None:
-    """Build (if the cached build is stale) and load the kernel; None, or why it isn't available."""
+    """Build (if the cached build is stale) and load the kernel, once; None, or why it isn't available."""
+    if not _build_outcome:
+        _build_outcome.append(_build_and_load())
+    return _build_outcome[0]
+
+
+def _build_and_load() -> str | None:
     if os.environ.get("NAT_NO_CPP_KERNEL"):
         return "turned off by NAT_NO_CPP_KERNEL"
     # Importing cpp_extension logs "No CUDA runtime is found" on CPU machines: noise for a CPU build.
@@ -123,7 +133,7 @@ def na2d_cpp(
     scale: float,
     attn_drop: float,
 ) -> torch.Tensor:
-    error = kernel_build_error()  # cached: loads the kernel when called without the dispatcher
+    error = kernel_build_error()  # loads the kernel when called without the dispatcher
     if error is not None:
         raise RuntimeError(error)
     if rpb is not None:
