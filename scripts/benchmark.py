@@ -650,6 +650,7 @@ def check_targets(rows: list[dict]) -> list[dict]:
         r = ratio(row, base_row, key)
         best = ratio(row, base_row, "img_s_max") if key == "img_s_median" else None
         rounds = round_ratios(row, base_row) if key == "img_s_median" else []
+        round_stats = spread(rounds) if rounds else None
         if r is not None:
             checks.append(
                 dict(
@@ -661,12 +662,12 @@ def check_targets(rows: list[dict]) -> list[dict]:
                     ratio=round(r, 3),
                     ratio_best=None if best is None else round(best, 3),
                     # per-round ratios: their median and IQR, and in how many rounds the bound held
-                    ratio_rounds={k: round(v, 3) for k, v in spread(rounds).items()} if rounds else None,
+                    ratio_rounds=round_stats and {k: round(v, 3) for k, v in round_stats.items()},
                     rounds_met=sum(bool(compare[op](x, bound)) for x in rounds),
                     rounds=len(rounds),
                     bound=f"{op} {bound}",
                     # judged on the per-round ratios where there are rounds to pair
-                    met=bool(compare[op](spread(rounds)["median"] if len(rounds) > 1 else r, bound)),
+                    met=bool(compare[op](round_stats["median"] if len(rounds) > 1 else r, bound)),
                 )
             )
     return checks

@@ -174,8 +174,9 @@ def test_targets_compare_against_the_right_baseline():
 
 
 def test_targets_are_judged_on_per_round_ratios():
-    """The machine slows in round 2: the ratio of medians (0.95x) pairs NAT's slow round with Swin's
-    fast one; per round NAT is ahead in 2 of 3 (1.10, 0.95, 1.08), median 1.08x."""
+    """The machine's speed changes from round to round (Swin-T 4, 10, 12 img/s): the ratio of medians
+    (0.95x) sets NAT-T's round-2 step against Swin-T's round-2 step only by chance; per round NAT-T
+    is ahead in 2 of 3 (1.10, 0.95, 1.08), median 1.08x."""
     swin = "swin_tiny_patch4_window7_224"
     nat = dict(_row("cpu", 224, "train", "nat_tiny", 9.5), img_s_rounds=[4.4, 9.5, 13.0])
     base = dict(_row("cpu", 224, "train", swin, 10.0), img_s_rounds=[4.0, 10.0, 12.0])
