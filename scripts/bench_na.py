@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import statistics
 import sys
 import time
@@ -26,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmark import loglog_slope  # noqa: E402  (the model benchmark's, beside this script)
 
 from models.layers import neighborhood_attention_2d  # noqa: E402
 from models.layers.backends import torch_tiled  # noqa: E402
@@ -231,23 +232,15 @@ def print_ratios(rows: list[dict], args, reference: str) -> None:
                 else:
                     cells.append(f"{t / base:13.2f}")
             print(f"{size:4d}^2" + "".join(cells))
-        slopes = {n: loglog_slope(rows, n, mode) for n in names}
+        slopes = {n: time_slope(rows, n, mode) for n in names}
         shown = ", ".join(f"{n} {v:.2f}" for n, v in slopes.items() if v is not None)
         print(f"log-log slope of time vs tokens (1 = linear, 2 = quadratic): {shown}")
 
 
-def loglog_slope(rows: list[dict], method: str, mode: str) -> float | None:
-    """Least-squares slope of log(time) against log(tokens) over the sizes `method` ran at."""
-    pts = [
-        (math.log(r["tokens"]), math.log(r["median_s"]))
-        for r in rows
-        if r["method"] == method and r["mode"] == mode
-    ]
-    if len(pts) < 2:
-        return None
-    mx = sum(x for x, _ in pts) / len(pts)
-    my = sum(y for _, y in pts) / len(pts)
-    return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+def time_slope(rows: list[dict], method: str, mode: str) -> float | None:
+    """Slope of log(time) against log(tokens) over the sizes `method` ran at."""
+    sel = [r for r in rows if r["method"] == method and r["mode"] == mode]
+    return loglog_slope([r["tokens"] for r in sel], [r["median_s"] for r in sel])
 
 
 def plot(rows: list[dict], path: Path) -> None:
