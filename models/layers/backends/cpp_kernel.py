@@ -2,7 +2,7 @@
 
 The halo-tile backend computes (Th + k - 1)(Tw + k - 1) logits per query tile and pays the flash
 kernel's per-call overhead on small tiles; this one walks each query's own window (`csrc/na2d_cpu.cpp`:
-forward, and a fused one-pass backward that rebuilds the probabilities from the saved logsumexp).
+forward, and a fused one-pass backward from the probabilities the forward kept).
 Window geometry comes from `windows.py`, shared with every other backend.
 
 The build (~10 s, once per torch version) lands in `$TORCH_EXTENSIONS_DIR` (default
