@@ -82,8 +82,9 @@ def _register_fake_kernels() -> None:
 
     @torch.library.register_fake("nat_na2d_cpu::forward")
     def _(q, k, v, rpb, row_start, col_start, row_bias, col_bias, kernel_size, dilation, scale, save_probs):
-        probs_shape = (*q.shape[:-1], kernel_size * kernel_size) if save_probs else (0,)
-        return torch.empty_like(q), q.new_empty(probs_shape)
+        batch, height, width, heads, _ = q.shape
+        probs_shape = (batch, heads, height, width, kernel_size * kernel_size) if save_probs else (0,)
+        return q.new_empty(q.shape), q.new_empty(probs_shape)
 
     @torch.library.register_fake("nat_na2d_cpu::backward")
     def _(grad_out, q, k, v, probs, row_start, col_start, row_bias, col_bias, kernel_size, *rest):
@@ -117,10 +118,15 @@ class _ExactWindowAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, probs = ctx.saved_tensors
         rpb_grad = ctx.needs_input_grad[3]
-        dq, dk, dv, drpb = torch.ops.nat_na2d_cpu.backward(
-            grad_out.contiguous(), q, k, v, probs, *ctx.geometry, rpb_grad
-        )
+        if grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
+        dq, dk, dv, drpb = torch.ops.nat_na2d_cpu.backward(grad_out, q, k, v, probs, *ctx.geometry, rpb_grad)
         return dq, dk, dv, (drpb if rpb_grad else None), None, None, None, None
+
+
+def _head_planes(x: torch.Tensor) -> torch.Tensor:
+    """x `(B, H, W, heads, D)` as a view of `(B, heads, H, W, D)` memory (a copy unless it is already)."""
+    return x.permute(0, 3, 1, 2, 4).contiguous().permute(0, 2, 3, 1, 4)
 
 
 def na2d_cpp(
@@ -141,6 +147,10 @@ def na2d_cpp(
     # The k*k probabilities per query are kept only when a backward can come. Not from
     # ctx.needs_input_grad: under no_grad it still says True for parameters (the RPB).
     save_probs = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rpb))
+    # Keys and values in per-head planes: the kernel's backward is 1.2x-1.6x faster on them than on
+    # (B, H, W, heads, D) memory (csrc/na2d_cpu.cpp). q, k, v arrive as views of the qkv projection, so
+    # this is the copy a `.contiguous()` would make anyway; q follows for the same reason, the output
+    # stays (B, H, W, heads, D) for the output projection.
     return _ExactWindowAttention.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), rpb, kernel_size, dilation, scale, save_probs
+        _head_planes(q), _head_planes(k), _head_planes(v), rpb, kernel_size, dilation, scale, save_probs
     )

@@ -1,6 +1,11 @@
 // Exact-window 2-D neighborhood attention for CPU: k*k logits per query, none wasted.
 //
-// Layout (B, H, W, heads, D), contiguous. Window geometry comes in from Python (windows.py, the one
+// Tensors are (B, H, W, heads, D) with any strides but a contiguous head dim; k and v (and so dk, dv)
+// share theirs, dense in any dim order. The Python side hands over q, k, v with (B, heads, H, W, D) memory: each (b, head)
+// plane of keys dense. In (B, H, W, heads, D) memory a window's key rows lie a whole map row of all
+// heads apart (14 KB at every NAT stage), which lands its rows on few L1 sets; the planes made the
+// backward 1.2x (56^2, 2 heads) to 1.6x (7^2, 16 heads) faster, the forward no slower, at the same copy
+// cost (q, k, v were copied out of the packed qkv projection before too). Window geometry comes in from Python (windows.py, the one
 // source of truth): key row of tap a is row_start[i] + a * dilation, its RPB row row_bias[i] + a;
 // columns likewise. In training the forward keeps each query's k*k probabilities (as Swin keeps its
 // attention matrix: B*H*W*heads*k*k floats); the backward takes dP, dq, dk, dv and the RPB gradient
@@ -207,10 +212,16 @@ struct Geometry {
 
 struct Shape {
   int64_t B, H, W, heads, D;
-  int64_t offset(int64_t b, int64_t i, int64_t j, int64_t h) const {
-    return ((b * H + i) * W + j) * heads * D + h * D;
+};
+
+// Element strides of a (B, H, W, heads, D) tensor whose head dim is contiguous.
+struct Layout {
+  int64_t b, i, j, h;
+  int64_t offset(int64_t batch, int64_t row, int64_t col, int64_t head) const {
+    return batch * b + row * i + col * j + head * h;
   }
 };
+Layout layout_of(const at::Tensor& t) { return Layout{t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
 // Scratch for one query: logits (then probabilities), gradients of logits; room for 8-lane tails.
 template <typename T>
@@ -219,12 +230,11 @@ struct Scratch {
   std::vector<T> logits, second;
 };
 
-// Offsets of tap (a, c) from a window's first key, a * k + c, in the (B, H, W, heads, D) layout.
-std::vector<int64_t> tap_offsets(int64_t kernel, int64_t dilation, int64_t width, int64_t heads, int64_t dim) {
+// Offsets of tap (a, c) from a window's first key, a * k + c, in the keys' layout.
+std::vector<int64_t> tap_offsets(int64_t kernel, int64_t dilation, Layout kv) {
   std::vector<int64_t> offsets(kernel * kernel);
-  const int64_t pixel = heads * dim;
   for (int64_t a = 0; a < kernel; ++a)
-    for (int64_t c = 0; c < kernel; ++c) offsets[a * kernel + c] = (a * width + c) * dilation * pixel;
+    for (int64_t c = 0; c < kernel; ++c) offsets[a * kernel + c] = (a * kv.i + c * kv.j) * dilation;
   return offsets;
 }
 
@@ -267,8 +277,8 @@ void add_placements_to_plane(const T* table, int64_t kk, T* plane) {
 }
 
 // Offset of query (i, j)'s first key within its (b, h) plane.
-NA_INLINE int64_t window_origin(Shape s, Geometry g, int64_t i, int64_t j) {
-  return (g.row_start[i] * s.W + g.col_start[j]) * s.heads * s.D;
+NA_INLINE int64_t window_origin(Layout kv, Geometry g, int64_t i, int64_t j) {
+  return g.row_start[i] * kv.i + g.col_start[j] * kv.j;
 }
 
 // Query (i, j)'s logits = scale * <q, k> + bias over its window from `keys` (`bias`: its placement's
@@ -301,30 +311,29 @@ NA_INLINE T window_logits(const T* qp, const T* keys, const T* bias, Geometry g,
   }
 }
 
-// Rows r in [begin, end) of the flattened (B * H) map; every (j, head) of a row. With `probs`
-// (training), each query's k*k probabilities are kept for the backward.
+// Rows r in [begin, end) of the flattened (B * heads * H) map: every j of one head's row. With
+// `probs` (training), each query's k*k probabilities are kept, (B, heads, H, W, k*k), for the backward.
 template <typename T, int kD>
 NA_CLONES void forward_rows(const T* q, const T* k, const T* v, const T* biases, T* out, T* probs, Shape s,
-                            Geometry g, T scale, int64_t begin, int64_t end) {
+                            Layout lq, Layout lkv, Layout lo, Geometry g, T scale, int64_t begin, int64_t end) {
   const int64_t taps = g.kernel * g.kernel, D = kD > 0 ? kD : s.D;
   const int64_t head_biases = g.kernel * g.kernel * padded_taps(taps);
   Scratch<T> scratch(taps);
   T* weights = scratch.logits.data();
   for (int64_t r = begin; r < end; ++r) {
-    const int64_t b = r / s.H, i = r % s.H;
+    const int64_t b = r / (s.heads * s.H), h = r / s.H % s.heads, i = r % s.H;
     for (int64_t j = 0; j < s.W; ++j) {
-      const int64_t origin = window_origin(s, g, i, j), placement = bias_placement(g, i, j);
-      for (int64_t h = 0; h < s.heads; ++h) {
-        const int64_t at = s.offset(b, i, j, h), window = s.offset(b, 0, 0, h) + origin;
-        const T* bias = biases ? biases + h * head_biases + placement : nullptr;
-        const T maximum = window_logits<T, kD>(q + at, k + window, bias, g, D, scale, weights);
-        const T inverse = T(1) / exp_shifted<T, kD>(weights, taps, maximum);
-        weighted_rows<T, kD>(weights, v + window, g.tap_offsets, taps, D, out + at);
-        for (int64_t d = 0; d < D; ++d) out[at + d] *= inverse;
-        if (probs) {
-          T* query_probs = probs + at / D * taps;
-          for (int64_t t = 0; t < taps; ++t) query_probs[t] = weights[t] * inverse;
-        }
+      const int64_t placement = bias_placement(g, i, j);
+      const int64_t window = lkv.offset(b, 0, 0, h) + window_origin(lkv, g, i, j);
+      const T* bias = biases ? biases + h * head_biases + placement : nullptr;
+      const T maximum = window_logits<T, kD>(q + lq.offset(b, i, j, h), k + window, bias, g, D, scale, weights);
+      const T inverse = T(1) / exp_shifted<T, kD>(weights, taps, maximum);
+      T* o = out + lo.offset(b, i, j, h);
+      weighted_rows<T, kD>(weights, v + window, g.tap_offsets, taps, D, o);
+      for (int64_t d = 0; d < D; ++d) o[d] *= inverse;
+      if (probs) {
+        T* query_probs = probs + (r * s.W + j) * taps;
+        for (int64_t t = 0; t < taps; ++t) query_probs[t] = weights[t] * inverse;
       }
     }
   }
@@ -334,21 +343,20 @@ NA_CLONES void forward_rows(const T* q, const T* k, const T* v, const T* biases,
 // (and its rpb-gradient plane), so the scatter into keys needs no atomics.
 template <typename T, int kD>
 NA_CLONES void backward_units(const T* grad_out, const T* q, const T* k, const T* v, const T* probs,
-                              T* dq, T* dk, T* dv, T* drpb, Shape s, Geometry g, T scale,
-                              int64_t begin, int64_t end) {
+                              T* dq, T* dk, T* dv, T* drpb, Shape s, Layout lg, Layout lq, Layout lkv, Layout ldq,
+                              Geometry g, T scale, int64_t begin, int64_t end) {
   const int64_t kk = g.kernel, taps = kk * kk, span = 2 * kk - 1, D = kD > 0 ? kD : s.D;
   Scratch<T> scratch(taps);
   std::vector<T> placement_grads(drpb ? kk * kk * padded_taps(taps) : 0);
   for (int64_t u = begin; u < end; ++u) {
-    const int64_t b = u / s.heads, h = u % s.heads, plane = s.offset(b, 0, 0, h);
+    const int64_t b = u / s.heads, h = u % s.heads, plane = lkv.offset(b, 0, 0, h);
     std::fill(placement_grads.begin(), placement_grads.end(), T(0));
     for (int64_t i = 0; i < s.H; ++i) {
       for (int64_t j = 0; j < s.W; ++j) {
-        const int64_t at = s.offset(b, i, j, h);
-        const T* qp = q + at;
-        const T* gp = grad_out + at;
-        const T* query_probs = probs + at / D * taps;
-        const int64_t window = plane + window_origin(s, g, i, j);
+        const T* qp = q + lq.offset(b, i, j, h);
+        const T* gp = grad_out + lg.offset(b, i, j, h);
+        const T* query_probs = probs + ((u * s.H + i) * s.W + j) * taps;
+        const int64_t window = plane + window_origin(lkv, g, i, j);
         T* dlogits = scratch.second.data();
         window_dots<T, kD>(gp, v + window, g.tap_offsets, taps, D, dlogits);  // dP
         // Softmax backward: dlogit_t = p_t (dP_t - sum_u p_u dP_u); the sum is dO . O, taken here from
@@ -362,7 +370,7 @@ NA_CLONES void backward_units(const T* grad_out, const T* q, const T* k, const T
         }
         for (int64_t t = 0; t < taps; ++t) dlogits[t] *= scale;
         query_gradients<T, kD>(qp, gp, k + window, dk + window, dv + window, g.tap_offsets, query_probs,
-                               dlogits, taps, D, dq + at);
+                               dlogits, taps, D, dq + ldq.offset(b, i, j, h));
       }
     }
     if (drpb) add_placements_to_plane(placement_grads.data(), kk, drpb + u * span * span);
@@ -384,7 +392,11 @@ void dispatch_head_dim(int64_t dim, const F& body) {
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const std::optional<at::Tensor>& rpb, const at::Tensor& row_start) {
   TORCH_CHECK(q.dim() == 5, "q must be (B, H, W, heads, D)");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k, v must be contiguous");
+  // dk and dv are allocated like k and v and walked with k's tap offsets: k and v must be dense (in
+  // any dim order) and share strides.
+  TORCH_CHECK(q.stride(4) == 1 && k.stride(4) == 1 && k.strides() == v.strides() &&
+                  k.is_non_overlapping_and_dense(),
+              "q needs a contiguous head dim; k and v the same dense strides with a contiguous head dim");
   TORCH_CHECK(q.sizes() == k.sizes() && q.sizes() == v.sizes(), "q, k, v shapes differ");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "dtypes differ");
   TORCH_CHECK(!rpb || (rpb->is_contiguous() && rpb->scalar_type() == q.scalar_type()),
@@ -414,10 +426,10 @@ std::tuple<at::Tensor, at::Tensor> na2d_forward(const at::Tensor& q, const at::T
                                                 bool save_probs) {
   check_inputs(q, k, v, rpb, row_start);
   const Shape s = shape_of(q);
-  const auto offsets = tap_offsets(kernel_size, dilation, s.W, s.heads, s.D);
+  const auto offsets = tap_offsets(kernel_size, dilation, layout_of(k));
   const Geometry g = geometry_of(row_start, col_start, row_bias, col_bias, kernel_size, dilation, offsets);
-  auto out = at::empty_like(q);
-  auto probs = save_probs ? at::empty({s.B, s.H, s.W, s.heads, kernel_size * kernel_size}, q.options())
+  auto out = at::empty_like(q, at::MemoryFormat::Contiguous);  // what the output projection reads
+  auto probs = save_probs ? at::empty({s.B, s.heads, s.H, s.W, kernel_size * kernel_size}, q.options())
                           : at::empty({0}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_forward", [&] {
     const auto biases = rpb ? placement_biases(rpb->data_ptr<scalar_t>(), s.heads, kernel_size)
@@ -425,10 +437,11 @@ std::tuple<at::Tensor, at::Tensor> na2d_forward(const at::Tensor& q, const at::T
     const scalar_t* bias = rpb ? biases.data() : nullptr;
     scalar_t* kept = save_probs ? probs.data_ptr<scalar_t>() : nullptr;
     dispatch_head_dim(s.D, [&](auto head_dim) {
-      at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, s.B * s.heads * s.H, 1, [&](int64_t begin, int64_t end) {
         forward_rows<scalar_t, decltype(head_dim)::value>(
             q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), bias,
-            out.data_ptr<scalar_t>(), kept, s, g, static_cast<scalar_t>(scale), begin, end);
+            out.data_ptr<scalar_t>(), kept, s, layout_of(q), layout_of(k), layout_of(out), g,
+            static_cast<scalar_t>(scale), begin, end);
       });
     });
   });
@@ -441,14 +454,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_backward(
     const at::Tensor& row_bias, const at::Tensor& col_bias, int64_t kernel_size, int64_t dilation,
     double scale, bool rpb_grad) {
   check_inputs(q, k, v, std::nullopt, row_start);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.is_contiguous(), "grad_out must match q");
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.stride(4) == 1,
+              "grad_out must have q's shape and a contiguous head dim");
   const Shape s = shape_of(q);
   const int64_t taps = kernel_size * kernel_size, span = 2 * kernel_size - 1;
   TORCH_CHECK(probs.is_contiguous() && probs.numel() == s.B * s.H * s.W * s.heads * taps,
               "probs must be the forward's saved probabilities (forward with save_probs=True)");
-  const auto offsets = tap_offsets(kernel_size, dilation, s.W, s.heads, s.D);
+  const auto offsets = tap_offsets(kernel_size, dilation, layout_of(k));
   const Geometry g = geometry_of(row_start, col_start, row_bias, col_bias, kernel_size, dilation, offsets);
-  auto dq = at::empty_like(q);
+  auto dq = at::empty_like(q);  // each in its input's layout
   auto dk = at::zeros_like(k);
   auto dv = at::zeros_like(v);
   auto drpb_per_unit = rpb_grad ? at::zeros({s.B, s.heads, span, span}, q.options()) : at::Tensor();
@@ -459,7 +473,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_backward(
         backward_units<scalar_t, decltype(head_dim)::value>(
             grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
             v.data_ptr<scalar_t>(), probs.data_ptr<scalar_t>(),
-            dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), drpb, s, g,
+            dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), drpb, s,
+            layout_of(grad_out), layout_of(q), layout_of(k), layout_of(dq), g,
             static_cast<scalar_t>(scale), begin, end);
       });
     });
