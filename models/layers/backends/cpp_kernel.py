@@ -147,10 +147,17 @@ def na2d_cpp(
     # The k*k probabilities per query are kept only when a backward can come. Not from
     # ctx.needs_input_grad: under no_grad it still says True for parameters (the RPB).
     save_probs = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rpb))
-    # Keys and values in per-head planes: the kernel's backward is 1.2x-1.6x faster on them than on
-    # (B, H, W, heads, D) memory (csrc/na2d_cpu.cpp). q, k, v arrive as views of the qkv projection, so
-    # this is the copy a `.contiguous()` would make anyway; q follows for the same reason, the output
-    # stays (B, H, W, heads, D) for the output projection.
-    return _ExactWindowAttention.apply(
-        _head_planes(q), _head_planes(k), _head_planes(v), rpb, kernel_size, dilation, scale, save_probs
-    )
+    if save_probs:
+        # Every operand in per-head planes: the kernel's backward is 1.2x-1.6x faster on them than on
+        # (B, H, W, heads, D) memory (csrc/na2d_cpu.cpp). In NAT q, k, v arrive as views of the qkv
+        # projection, so this is the copy a `.contiguous()` would make anyway.
+        q, k, v = _head_planes(q), _head_planes(k), _head_planes(v)
+    else:
+        # Forward only: the layout does not change its speed, so nothing is copied that the kernel can
+        # read: q in any strides (one read per query), k and v when dense.
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        if not (k.is_contiguous() and v.is_contiguous()):
+            k, v = _head_planes(k), _head_planes(v)
+    # The output stays (B, H, W, heads, D), the layout the output projection reads.
+    return _ExactWindowAttention.apply(q, k, v, rpb, kernel_size, dilation, scale, save_probs)
