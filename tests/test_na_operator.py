@@ -147,10 +147,11 @@ def test_cpp_backend_keeps_probabilities_only_when_a_backward_can_come(monkeypat
     assert rpb.grad is not None
 
 
-@pytest.mark.parametrize("layout", ["tokens", "mixed"])
+@pytest.mark.parametrize("layout", ["qkv_views", "tokens", "mixed"])
 def test_cpp_kernel_reads_other_layouts(layout):
-    """The Python side always hands the kernel per-head planes; the kernel itself takes q with any
-    strides and k, v dense in any dim order (head dim contiguous). Those must give the same numbers."""
+    """NAT's q, k, v (views into the qkv projection) go to the kernel in per-head planes; contiguous
+    ones as they are. The kernel itself takes q in any strides and k, v dense in any dim order (head
+    dim contiguous): every layout must give the reference's numbers, gradients included."""
     from models.layers.backends.cpp_kernel import _ExactWindowAttention, kernel_build_error
 
     if kernel_build_error():
@@ -159,14 +160,17 @@ def test_cpp_kernel_reads_other_layouts(layout):
     qkv = torch.randn(batch, height, width, 3, heads, head_dim, dtype=torch.float64, requires_grad=True)
     span = 2 * kernel_size - 1
     rpb = torch.randn(heads, span, span, dtype=torch.float64, requires_grad=True)
-    q, k, v = qkv.unbind(3)  # views into the projection's output, as the module produces them
-    if layout == "tokens":
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    else:  # q strided as it comes; k, v in (B, W, H, heads, D) memory
-        k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
     grad_out = torch.randn(batch, height, width, heads, head_dim, dtype=torch.float64)
     scale = head_dim**-0.5
-    out = _ExactWindowAttention.apply(q, k, v, rpb, kernel_size, dilation, scale, True)
+    q, k, v = qkv.unbind(3)
+    if layout == "qkv_views":
+        out = neighborhood_attention_2d(q, k, v, kernel_size, dilation, rpb=rpb, scale=scale, backend="cpp")
+    else:
+        if layout == "tokens":
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        else:  # q strided as it comes; k, v in (B, W, H, heads, D) memory
+            k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
+        out = _ExactWindowAttention.apply(q, k, v, rpb, kernel_size, dilation, scale, True)
     ref = reference_na2d(*qkv.unbind(3), kernel_size, dilation, rpb, scale=scale)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     for got, want in zip(_grads(out, (qkv, rpb), grad_out), _grads(ref, (qkv, rpb), grad_out), strict=True):
