@@ -147,7 +147,7 @@ def test_cpp_backend_keeps_probabilities_only_when_a_backward_can_come(monkeypat
     assert rpb.grad is not None
 
 
-@pytest.mark.parametrize("layout", ["qkv_views", "tokens", "mixed"])
+@pytest.mark.parametrize("layout", ["qkv_views", "k_tokens_v_planes", "tokens", "mixed"])
 def test_cpp_kernel_reads_other_layouts(layout):
     """NAT's q, k, v (views into the qkv projection) go to the kernel in per-head planes; contiguous
     ones as they are. The kernel itself takes q in any strides and k, v dense in any dim order (head
@@ -163,7 +163,9 @@ def test_cpp_kernel_reads_other_layouts(layout):
     grad_out = torch.randn(batch, height, width, heads, head_dim, dtype=torch.float64)
     scale = head_dim**-0.5
     q, k, v = qkv.unbind(3)
-    if layout == "qkv_views":
+    if layout in ("qkv_views", "k_tokens_v_planes"):
+        if layout == "k_tokens_v_planes":  # each readable alone, but not walkable with one offset table
+            k, v = k.contiguous(), v.permute(0, 3, 1, 2, 4).contiguous().permute(0, 2, 3, 1, 4)
         out = neighborhood_attention_2d(q, k, v, kernel_size, dilation, rpb=rpb, scale=scale, backend="cpp")
     else:
         if layout == "tokens":

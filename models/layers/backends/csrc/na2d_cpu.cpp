@@ -212,6 +212,8 @@ struct Geometry {
 
 struct Shape {
   int64_t B, H, W, heads, D;
+  // Query (b, h, i, j) in (B, heads, H, W) order: where its k*k kept probabilities start, in taps.
+  int64_t query_index(int64_t b, int64_t h, int64_t i, int64_t j) const { return ((b * heads + h) * H + i) * W + j; }
 };
 
 // Element strides of a (B, H, W, heads, D) tensor whose head dim is contiguous.
@@ -341,7 +343,7 @@ NA_CLONES void forward_rows(const T* q, const T* k, const T* v, const T* biases,
         weighted_rows<T, kD>(weights, v + window, g.tap_offsets, taps, D, o);
         for (int64_t d = 0; d < D; ++d) o[d] *= inverse;
         if (probs) {
-          T* query_probs = probs + (((b * s.heads + h) * s.H + i) * s.W + j) * taps;
+          T* query_probs = probs + s.query_index(b, h, i, j) * taps;
           for (int64_t t = 0; t < taps; ++t) query_probs[t] = weights[t] * inverse;
         }
       }
@@ -365,7 +367,7 @@ NA_CLONES void backward_units(const T* grad_out, const T* q, const T* k, const T
       for (int64_t j = 0; j < s.W; ++j) {
         const T* qp = q + lq.offset(b, i, j, h);
         const T* gp = grad_out + lg.offset(b, i, j, h);
-        const T* query_probs = probs + ((u * s.H + i) * s.W + j) * taps;
+        const T* query_probs = probs + s.query_index(b, h, i, j) * taps;
         const int64_t window = plane + window_origin(lkv, g, i, j);
         T* dlogits = scratch.second.data();
         window_dots<T, kD>(gp, v + window, g.tap_offsets, taps, D, dlogits);  // dP
@@ -440,6 +442,7 @@ std::tuple<at::Tensor, at::Tensor> na2d_forward(const at::Tensor& q, const at::T
   const Geometry g = geometry_of(row_start, col_start, row_bias, col_bias, kernel_size, dilation, offsets);
   auto out = at::empty_like(q, at::MemoryFormat::Contiguous);  // what the output projection reads
   const bool heads_per_pixel = k.stride(3) < k.stride(2);
+  const int64_t rows = heads_per_pixel ? s.B * s.H : s.B * s.heads * s.H;
   auto probs = save_probs ? at::empty({s.B, s.heads, s.H, s.W, kernel_size * kernel_size}, q.options())
                           : at::empty({0}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_forward", [&] {
@@ -448,7 +451,7 @@ std::tuple<at::Tensor, at::Tensor> na2d_forward(const at::Tensor& q, const at::T
     const scalar_t* bias = rpb ? biases.data() : nullptr;
     scalar_t* kept = save_probs ? probs.data_ptr<scalar_t>() : nullptr;
     dispatch_head_dim(s.D, [&](auto head_dim) {
-      at::parallel_for(0, heads_per_pixel ? s.B * s.H : s.B * s.heads * s.H, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
         forward_rows<scalar_t, decltype(head_dim)::value>(
             q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), bias,
             out.data_ptr<scalar_t>(), kept, s, layout_of(q), layout_of(k), layout_of(out), g,
