@@ -243,46 +243,44 @@ def _is_complete(root, params):
     return True
 
 
-def generate_synthetic_dataset(
-    root, num_classes=10, train_per_class=200, val_per_class=50, image_size=64, seed=0
-) -> Path:
-    """Write the shapes dataset to root/{train,val}/<class>/*.png; return root.
+def write_generated_dataset(root, params: dict, classes: list, render, kind: str = "synthetic") -> Path:
+    """Write a generated dataset to root/{train,val}/<class>/*.png; return root.
 
-    Deterministic (same arguments -> same bytes) and idempotent: if `root` already holds a complete
-    dataset made with the same arguments (checked through ``synthetic_manifest.json``) it returns at once.
+    `params` (recorded in the manifest) must hold `train_per_class` and `val_per_class`;
+    `render(rng, class_index) -> H x W x 3 uint8` draws one image from its own RNG, seeded by
+    (params["seed"], split, class, index), so the bytes depend only on those and the library versions.
+    Idempotent: if `root` already holds a complete dataset with the same `params` it returns at once.
     The data is built in a sibling staging folder and renamed into place, so `root` is either complete
     or absent, never half-written. An existing non-empty `root` that is not this dataset -> DataError.
     """
     root = Path(root)
-    _check_params(num_classes, train_per_class, val_per_class, image_size)
-    params = _params(num_classes, train_per_class, val_per_class, image_size, seed)
     if _is_complete(root, params):
         return root
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         old = read_manifest(root)
         if old is not None:
             diff = {k: old.get(k) for k, v in params.items() if old.get(k) != v}
-            what = f"a synthetic dataset made with different parameters {diff} (now {params})"
+            what = f"a {kind} dataset made with different parameters {diff} (now {params})"
             if not diff:
-                what = "an incomplete synthetic dataset (files missing)"
+                what = f"an incomplete {kind} dataset (files missing)"
         else:
-            what = "other files (it is not a synthetic dataset)"
+            what = f"other files (it is not a {kind} dataset)"
         raise DataError(
-            f"synthetic dataset root {root} already holds {what}; choose another root or delete {root}"
+            f"{kind} dataset root {root} already holds {what}; choose another root or delete {root}"
         )
 
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = root.parent / f".{root.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    classes = SHAPE_NAMES[:num_classes]
+    seed = params["seed"]
     try:
-        for split_index, (split, count) in enumerate((("train", train_per_class), ("val", val_per_class))):
+        for split_index, split in enumerate(("train", "val")):
             for class_index, name in enumerate(classes):
                 out = staging / split / name
                 out.mkdir(parents=True)
-                for i in range(count):
+                for i in range(params[f"{split}_per_class"]):
                     rng = np.random.default_rng([seed, split_index, class_index, i])
-                    pixels = render_image(class_index, image_size, rng, classes)
+                    pixels = render(rng, class_index)
                     Image.fromarray(pixels).save(out / f"{name}_{i:05d}.png", compress_level=1)
         manifest = dict(params, classes=classes)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -294,3 +292,19 @@ def generate_synthetic_dataset(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return root
+
+
+def generate_synthetic_dataset(
+    root, num_classes=10, train_per_class=200, val_per_class=50, image_size=64, seed=0
+) -> Path:
+    """Write the shapes dataset to root/{train,val}/<class>/*.png; return root.
+
+    Deterministic (same arguments -> same bytes) and idempotent (see `write_generated_dataset`, which
+    also says how a half-written or foreign `root` is handled).
+    """
+    _check_params(num_classes, train_per_class, val_per_class, image_size)
+    params = _params(num_classes, train_per_class, val_per_class, image_size, seed)
+    classes = SHAPE_NAMES[:num_classes]
+    return write_generated_dataset(
+        root, params, classes, lambda rng, class_index: render_image(class_index, image_size, rng, classes)
+    )
