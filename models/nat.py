@@ -507,7 +507,13 @@ def _arch_of_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, Any] | None:
                 blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
         num_stages = max(blocks) + 1
         depths = tuple(max(blocks.get(i, {-1})) + 1 for i in range(num_stages))
-        heads = tuple(sd[f"stages.{i}.blocks.0.attn.rpb"].shape[0] for i in range(num_stages))
+        # None where a zoo mixer keeps no RPB table (nothing in the weights tells its head count)
+        heads = tuple(
+            sd[rpb].shape[0] if (rpb := f"stages.{i}.blocks.0.attn.rpb") in sd else None
+            for i in range(num_stages)
+        )
+        if all(h is None for h in heads) and not any(".attn." in k for k in sd):
+            return None
         hidden = sd["stages.0.blocks.0.mlp.fc1.weight"].shape[0]
     except (KeyError, ValueError):
         return None
@@ -563,6 +569,10 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: NAT) -> dict[str, to
             f"checkpoint is not a NAT/DiNAT state dict (no stem.conv2 / stages.*.blocks.*.attn.rpb / "
             f"mlp keys; first keys: {list(sd)[:5]}); model is {model_name}"
         )
+    # a stage whose mixer has no RPB table matches any head count; the key check below does the rest
+    ckpt_arch["num_heads"] = tuple(
+        m if c is None else c for c, m in zip(ckpt_arch["num_heads"], model_arch["num_heads"], strict=False)
+    )
     if ckpt_arch != model_arch:
         raise ValueError(
             f"checkpoint looks like {_names_for(ckpt_arch)} ({_describe(ckpt_arch)}), "

@@ -496,3 +496,19 @@ def test_mixer_equals_dense_attention_with_its_pattern(name, options, reference)
         want = torch.autograd.grad(expected, [x, *params], grad)
         for (pname, _), a, b in zip([("input", x), *mixer.named_parameters()], got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"{name} {size} grad of {pname}")
+
+
+def test_checkpoint_of_a_zoo_model_loads_through_the_filter(tmp_path):
+    kwargs = dict(TINY, mixer=("full", "window"), mixer_kwargs=(None, dict(window_size=2)))
+    torch.manual_seed(0)
+    trained = timm.create_model("nat_mini", **kwargs).eval()
+    path = tmp_path / "zoo.pth"
+    torch.save({"state_dict": trained.state_dict()}, path)
+    loaded = timm.create_model("nat_mini", pretrained=str(path), **kwargs).eval()
+    x = torch.randn(1, 3, 32, 32)
+    # (timm re-initialises the classifier: the pretrained cfg has 1000 classes)
+    assert torch.equal(loaded.forward_features(x), trained.forward_features(x))
+    with pytest.raises(
+        ValueError, match=r"does not fit nat_mini: missing \['stages.0.blocks.0.attn.global_tokens'"
+    ):
+        timm.create_model("nat_mini", pretrained=str(path), **dict(kwargs, mixer=("global", "window")))
