@@ -89,8 +89,11 @@ class SinkhornAttention(QKVMixer):
         summaries = blocks.sum(dim=2) / valid.sum(dim=1, keepdim=True)  # mean of the real tokens
         codes = self.sort_net(summaries).reshape(B, -1, 2, self.num_heads, self.head_dim)
         query_codes, key_codes = codes.permute(2, 0, 3, 1, 4)
-        logits = self.scale * query_codes @ key_codes.transpose(-2, -1)
-        return gumbel_sinkhorn(logits, self.temperature, self.sinkhorn_iters, noise=self.training)
+        # Sinkhorn's repeated normalisations amplify rounding: at least fp32, autocast or not.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = self.scale * query_codes.to(dtype) @ key_codes.to(dtype).transpose(-2, -1)
+            return gumbel_sinkhorn(logits, self.temperature, self.sinkhorn_iters, noise=self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
