@@ -386,6 +386,24 @@ def test_any_size_deterministic_eval_and_every_parameter_learns(name):
 
 
 @pytest.mark.parametrize("name", GLOBAL_MIXERS)
+def test_no_token_by_token_matrix_is_kept_for_backward(name):
+    """At 64x64 (4096 tokens) nothing autograd saves is N x N per head: the content-sparse mixers
+    gather or chunk, the low-rank and kernel ones stay linear, and the synthesizers' N x N weights
+    (their mechanism) are formed inside fused SDPA only."""
+    torch.manual_seed(0)
+    m = MIXERS[name](DIM, HEADS)
+    tokens, largest = 64 * 64, [0]
+
+    def pack(t):
+        largest[0] = max(largest[0], t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        m(torch.randn(1, 64, 64, DIM))
+    assert largest[0] < tokens**2 / 4, largest[0] / tokens**2
+
+
+@pytest.mark.parametrize("name", GLOBAL_MIXERS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_autocast_and_half_weights(name, dtype):
     """Under autocast: finite outputs and gradients (padding included), close to fp32; half weights run."""
