@@ -363,6 +363,12 @@ def test_random_synthesizer_equals_resized_full_table(size):
     assert_matches(m, random_synthesizer_reference, x_of(*size))
 
 
+def test_synthesizers_exempt_their_bias_and_position_logits_from_weight_decay():
+    for cls, exempt in ((DenseSynthesizerAttention, {"key_bias"}), (RandomSynthesizerAttention, {"factors"})):
+        m = build(cls)
+        assert m.no_weight_decay() == exempt and exempt <= dict(m.named_parameters()).keys()
+
+
 # ---- the shared contract --------------------------------------------------------------------------
 
 

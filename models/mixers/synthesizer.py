@@ -69,6 +69,11 @@ class DenseSynthesizerAttention(QKVMixer):
         self.key_bias = nn.Parameter(torch.zeros(num_heads, ref_size, ref_size))
         trunc_normal_(self.key_maps, std=0.02)
 
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """b2 is a bias (3-D only because it is a map), exempt as NAT exempts biases."""
+        return {"key_bias"}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         hidden, v = self.qkv(x).reshape(B, H * W, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -118,6 +123,12 @@ class RandomSynthesizerAttention(QKVMixer):
         # (query/key factor, heads, rank, ref, ref); std rank^-1/4 starts the logits at unit variance.
         self.factors = nn.Parameter(torch.empty(2, num_heads, rank, ref_size, ref_size))
         trunc_normal_(self.factors, std=rank**-0.25)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """R's factors are learned attention logits by position, exempt as NAT exempts its RPB tables
+        (decay would pull the attention towards a uniform average)."""
+        return {"factors"}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
