@@ -29,3 +29,6 @@ def register_mixer(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
 
 
 __all__ = ["MIXERS", "register_mixer"]
+
+# Family files register their mixers on import (they import `register_mixer` from here).
+from . import kernel, lowrank, lsh, sinkhorn, synthesizer  # noqa: E402, F401
