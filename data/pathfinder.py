@@ -1,15 +1,16 @@
 """Embedded long-range task: Pathfinder-like "are the two marked dots on the same curve?".
 
 Every image holds `num_curves` smooth random curves, each long enough to cross most of the image, on
-a dark noisy background. Two white dots mark two curve ends. Class `connected`: the dots sit on the two
-ends of one curve; class `disconnected`: on one end each of two different curves. Both classes have
-the same number of curves, dots and unmarked ends, and the dots are at least `min_dot_distance` (a
-fraction of the side) apart in both, so nothing near either dot tells the class: the answer needs
-information from both dots, which are further apart than a small local window can see.
+a dark noisy background. Two dots (a white ring around the curve's own colour) mark two curve ends.
+Class `connected`: the dots sit on the two ends of one curve; class `disconnected`: on one end each
+of two different curves. Both classes have the same number of curves, dots and unmarked ends, and
+the dots are at least `min_dot_distance` (a fraction of the side) apart in both, so nothing near
+either dot tells the class: the answer needs information from both dots, which are further apart
+than a small local window can see.
 
 With `colour_curves: true` (the default) each curve has its own random hue, so the class is "do the
-curves under the two dots have the same colour": one long-range comparison, which a global mixer can
-learn in minutes on a CPU. With `colour_curves: false` every curve is the same grey and the class can
+two dots have the same colour": one long-range comparison, which a global mixer can learn in
+minutes on a CPU. With `colour_curves: false` every curve is the same grey and the class can
 only be read by tracing the curve (LRA's Pathfinder): far harder, and beyond a short CPU budget.
 
 Written as `root/{train,val}/{disconnected,connected}/*.png` by the shapes set's writer
@@ -31,11 +32,12 @@ from .synthetic import write_generated_dataset
 GENERATOR_VERSION = 1
 CLASS_NAMES = ["disconnected", "connected"]
 _SUPERSAMPLE = 4  # curves are drawn at 4x and box-filtered down: anti-aliased, ~1.5 px wide
-_CURVE_WIDTH = 1.5  # px at the output size
-_DOT_RADIUS = 1.6  # px at the output size
+_CURVE_WIDTH = 2.0  # px at the output size
+_DOT_RADIUS = 2.6  # px at the output size: a white ring...
+_DOT_CORE = 1.4  # ...around a core of the curve's own colour
 _CURVE_LENGTH = 1.1  # curve length as a fraction of the image side: most of the image
 _TURN_STD = 0.35  # heading change per step (radians, steps of ~1 px): smooth but not straight
-_MIN_HUE_GAP = 0.12  # hues of two curves in one image differ by at least this (of the 0..1 circle)
+_MIN_HUE_GAP = 0.2  # hues of two curves in one image differ by at least this (of the 0..1 circle)
 _DOT_CLEARANCE = 5.0  # px between a dot and any other curve
 _MAX_TRIES = 1000
 
@@ -108,20 +110,23 @@ def render_pathfinder(
     img = Image.new("RGB", (size * s, size * s), tuple(int(c) for c in background))
     draw = ImageDraw.Draw(img)
     hues = _hues(rng, num_curves) if colour_curves else [None] * num_curves
-    order = rng.permutation(num_curves)  # which curve is on top at a crossing carries no class
-    for i in order:
+    colours = []
+    for i in range(num_curves):
         if colour_curves:
             rgb = colorsys.hsv_to_rgb(hues[i], rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0))
-            colour = tuple(int(255 * c) for c in rgb)
+            colours.append(tuple(int(255 * c) for c in rgb))
         else:
             grey = int(rng.uniform(150, 200))
-            colour = (grey, grey, grey)
-        draw.line(
-            [tuple(p) for p in curves[i] * s], fill=colour, width=round(_CURVE_WIDTH * s), joint="curve"
-        )
-    r = _DOT_RADIUS * s
-    for x, y in (d * s for d in dots):
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=(255, 255, 255))
+            colours.append((grey, grey, grey))
+    for i in rng.permutation(num_curves):  # which curve is on top at a crossing carries no class
+        line = [tuple(p) for p in curves[i] * s]
+        draw.line(line, fill=colours[i], width=round(_CURVE_WIDTH * s), joint="curve")
+    # A dot: a white ring (the mark) around its curve's colour (what has to be compared), so the
+    # mark and the colour fall in the same few pixels, i.e. the same token after a stride-4 stem.
+    for (x, y), owner in zip((d * s for d in dots), owners, strict=True):
+        for radius, fill in ((_DOT_RADIUS, (255, 255, 255)), (_DOT_CORE, colours[owner])):
+            r = radius * s
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
     pixels = np.asarray(img.reduce(s), dtype=np.float32)
     noise = rng.standard_normal(pixels.shape, dtype=np.float32) * np.float32(rng.uniform(3, 10))
     return np.clip(pixels + noise, 0, 255).round().astype(np.uint8)

@@ -30,7 +30,7 @@ def _images(root, split="train"):
 
 
 def _dots(img):
-    """Centres of the two white dots, found from the pixels alone: white pixels split by 2-means."""
+    """Centres of the two dots, found from the pixels alone: their white rings split by 2-means."""
     ys, xs = np.nonzero(img.min(axis=-1) > 230)
     pts = np.stack([ys, xs], 1).astype(np.float64)
     a = pts[0]
@@ -41,15 +41,23 @@ def _dots(img):
     return a, b
 
 
-def _hue_near(img, centre, inner=2.5, outer=4.5):
-    """Circular-mean hue of the saturated pixels in a ring around a dot: the colour of its curve."""
+def _hue(img, centre, inner, outer, min_saturation=0.45):
+    """Circular-mean hue of the saturated pixels between radii `inner` and `outer` around `centre`
+    (None if there are none)."""
     yy, xx = np.mgrid[: img.shape[0], : img.shape[1]]
     dist = np.hypot(yy - centre[0], xx - centre[1])
     ring = img[(dist >= inner) & (dist <= outer)] / 255.0
     hsv = np.array([colorsys.rgb_to_hsv(*p) for p in ring])
-    keep = hsv[(hsv[:, 1] > 0.45) & (hsv[:, 2] > 0.45)]
+    keep = hsv[(hsv[:, 1] > min_saturation) & (hsv[:, 2] > 0.45)]
+    if not len(keep):
+        return None
     angle = 2 * np.pi * keep[:, 0]
     return np.arctan2(np.sin(angle).mean(), np.cos(angle).mean()) / (2 * np.pi) % 1.0
+
+
+def _hue_gap(a, b):
+    gap = abs(a - b)
+    return min(gap, 1 - gap)
 
 
 def test_layout_determinism_and_idempotence(tmp_path, pathfinder_root):
@@ -72,15 +80,21 @@ def test_layout_determinism_and_idempotence(tmp_path, pathfinder_root):
 
 
 def test_label_matches_the_picture_and_dots_are_far_apart(pathfinder_root):
-    """Read back from the pixels alone: the curves under the two dots have one hue iff `connected`,
-    and the dots are at least min_dot_distance (0.5) x size apart in both classes."""
-    agree = []
+    """Read back from the pixels alone: the two dots' cores have one hue iff `connected`, each core has
+    the hue of the curve leaving its dot (read just outside the white ring), and the dots are at least
+    min_dot_distance (0.5) x size apart in both classes."""
+    agree, core_is_curve = [], []
     for img, label in _images(pathfinder_root):
         a, b = _dots(img)
         assert np.hypot(*(a - b)) >= 0.5 * SIZE - 1.5
-        gap = abs(_hue_near(img, a) - _hue_near(img, b))
-        agree.append((min(gap, 1 - gap) < 0.06) == bool(label))
-    assert np.mean(agree) > 0.9, np.mean(agree)
+        cores = [_hue(img, c, 0, 1.5, min_saturation=0.2) for c in (a, b)]  # blurred by the ring
+        agree.append((_hue_gap(*cores) < 0.06) == bool(label))
+        for centre, core in zip((a, b), cores, strict=True):
+            curve = _hue(img, centre, 2.9, 4.5)
+            if curve is not None:
+                core_is_curve.append(_hue_gap(core, curve) < 0.06)
+    assert np.mean(agree) > 0.95, np.mean(agree)
+    assert len(core_is_curve) > 50 and np.mean(core_is_curve) > 0.9, np.mean(core_is_curve)
 
 
 def test_one_dot_neighbourhood_does_not_tell_the_class(pathfinder_root):
