@@ -71,6 +71,18 @@ def test_eval_depends_only_on_weights_and_input(name):
 
 
 @pytest.mark.parametrize("name", sorted(MIXERS))
+def test_inference_mode_first_then_training(name):
+    # index / mask caches first built under inference_mode must still serve autograd
+    mixer = MIXERS[name](DIM, HEADS)
+    x = torch.randn(1, 5, 6, DIM)
+    with torch.inference_mode():
+        expected = mixer.eval()(x)
+    out = mixer.train()(x.requires_grad_())
+    out.sum().backward()
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
 def test_tiny_nat_with_the_mixer_trains(name):
     torch.manual_seed(0)
     model = timm.create_model("nat_mini", mixer=name, drop_path_rate=0.0, **TINY)

@@ -110,7 +110,8 @@ class BigBirdAttention(QKVMixer):
     def _pattern(self, grid_h: int, grid_w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (grid_h, grid_w, str(device))
         if key not in self._patterns:
-            self._patterns[key] = tuple(t.to(device) for t in self.key_blocks(grid_h, grid_w))
+            with torch.inference_mode(False):  # an inference tensor could not serve a later training step
+                self._patterns[key] = tuple(t.to(device) for t in self.key_blocks(grid_h, grid_w))
         return self._patterns[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
