@@ -28,6 +28,7 @@ from models.layers import NeighborhoodAttention2D
 from models.mixers import build_mixer
 
 DIM, HEADS = 8, 2
+SMALL = dict(embed_dim=16, num_heads=(2, 4), num_classes=4)  # depths given by each test
 TINY = dict(embed_dim=16, depths=(1, 1), num_heads=(2, 4), mlp_ratio=2.0, kernel_size=3, num_classes=4)
 
 
@@ -131,6 +132,10 @@ def test_per_stage_mixers_and_options_reach_the_blocks():
     assert [b.attn.head_dilations for b in s2[:2]] == [(1, 1, 1, 1, 2, 2, 2, 2), (1, 1, 1, 1, 2, 2, 2, 2)]
     assert s2[0].attn.num_global == 2 and s2[0].attn.kernel_size == 3
     assert type(s3[0].attn) is NeighborhoodAttention2D and s3[0].attn.kernel_size == 3
+    # a stage entry that is a sequence is cycled over the blocks: Swin's W-MSA / SW-MSA alternation
+    swin = timm.create_model("nat_mini", mixer=[["window", "shifted_window"], "na"], depths=(3, 1), **SMALL)
+    assert [b.attn.shift_size for b in swin.stages[0].blocks] == [0, 3, 0]
+    assert type(swin.stages[1].blocks[0].attn) is NeighborhoodAttention2D
     one_dict = timm.create_model("nat_mini", mixer="halo", mixer_kwargs=dict(block_size=4, halo=2), **TINY)
     assert all(b.attn.block_size == 4 and b.attn.halo == 2 for s in one_dict.stages for b in s.blocks)
 
@@ -155,8 +160,14 @@ def test_bad_mixers_and_options_raise_one_clear_error():
         timm.create_model("nat_mini", mixer="sasa", mixer_kwargs=dict(window_size=3))
     with pytest.raises(ValueError, match="qkv_bias: set on the model"):
         NAT(**TINY, mixer="full", mixer_kwargs=dict(qkv_bias=False))
-    with pytest.raises(ValueError, match="one name per stage"):
+    with pytest.raises(ValueError, match="one entry per stage"):
         NAT(**TINY, mixer=("full", "na", "na"))
+    with pytest.raises(ValueError, match="one entry per stage"):
+        NAT(**TINY, mixer=("full", []))
+    with pytest.raises(ValueError, match="one entry per stage"):
+        NAT(**TINY, mixer=("full", 3))
+    with pytest.raises(ValueError, match="unknown mixer 'swin'"):
+        NAT(**TINY, mixer=("full", ("window", "swin")))
     with pytest.raises(ValueError, match="one dict per stage"):
         NAT(**TINY, mixer_kwargs=[{}])
     impossible = [
