@@ -28,6 +28,19 @@ from models.layers import NeighborhoodAttention2D
 from models.mixers import build_mixer
 
 DIM, HEADS = 8, 2
+# this file's families (tests/test_mixers_global.py has the others' semantics)
+LOCAL_MIXERS = (
+    "bigbird",
+    "dilated",
+    "full",
+    "global",
+    "halo",
+    "longformer",
+    "na",
+    "sasa",
+    "shifted_window",
+    "window",
+)
 SMALL = dict(embed_dim=16, num_heads=(2, 4), num_classes=4)  # depths given by each test
 TINY = dict(embed_dim=16, depths=(1, 1), num_heads=(2, 4), mlp_ratio=2.0, kernel_size=3, num_classes=4)
 
@@ -78,9 +91,21 @@ def test_inference_mode_first_then_training(name):
     x = torch.randn(1, 5, 6, DIM)
     with torch.inference_mode():
         expected = mixer.eval()(x)
-    out = mixer.train()(x.requires_grad_())
-    out.sum().backward()
-    torch.testing.assert_close(out, expected)
+    mixer.train()(x.requires_grad_()).sum().backward()  # (training may draw noise: no comparison)
+    assert x.grad is not None
+    torch.testing.assert_close(mixer.eval()(x), expected)
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_attention_dropout_only_in_training(name):
+    torch.manual_seed(0)
+    plain = MIXERS[name](DIM, HEADS).eval()
+    dropping = MIXERS[name](DIM, HEADS, attn_drop=0.5)
+    dropping.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 9, 10, DIM)
+    assert torch.equal(dropping.eval()(x), plain(x))
+    if name in LOCAL_MIXERS:  # (a mixer without attention weights may have nothing to drop)
+        assert not torch.allclose(dropping.train()(x), plain(x))
 
 
 @pytest.mark.parametrize("name", sorted(MIXERS))
@@ -535,3 +560,8 @@ def test_checkpoint_of_a_zoo_model_loads_through_the_filter(tmp_path):
         ValueError, match=r"does not fit nat_mini: missing \['stages.0.blocks.0.attn.global_tokens'"
     ):
         timm.create_model("nat_mini", pretrained=str(path), **dict(kwargs, mixer=("global", "window")))
+
+
+def test_every_local_mixer_is_registered_and_checked_against_its_pattern():
+    assert set(LOCAL_MIXERS) <= set(MIXERS)
+    assert {name for name, _, _ in SEMANTIC_CASES} == set(LOCAL_MIXERS)
