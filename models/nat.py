@@ -52,14 +52,22 @@ def dinat_dilations(depths: Sequence[int], stage_dilations: Sequence[int]) -> tu
 
 
 def _stage_mixers(
-    mixer: str | Sequence[str],
+    mixer: str | Sequence[str | Sequence[str]],
     mixer_kwargs: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None,
     num_stages: int,
-) -> tuple[tuple[str, ...], tuple[dict[str, Any], ...]]:
-    """Per-stage mixer names and options from NAT's `mixer` / `mixer_kwargs`, all checked up front."""
-    mixers = (mixer,) * num_stages if isinstance(mixer, str) else tuple(mixer)
-    if len(mixers) != num_stages:
-        raise ValueError(f"mixer {mixer!r} must be a name or one name per stage ({num_stages})")
+) -> tuple[tuple[str | tuple[str, ...], ...], tuple[dict[str, Any], ...]]:
+    """Per-stage mixers (a name, or names cycled over the blocks) and options, all checked up front."""
+
+    def entry(m: Any) -> str | tuple[str, ...]:  # () for anything else: the error below
+        return m if isinstance(m, str) else tuple(m) if isinstance(m, Sequence) else ()
+
+    per_stage = (mixer,) * num_stages if isinstance(mixer, str) else entry(mixer)
+    mixers = tuple(entry(m) for m in per_stage)
+    if len(mixers) != num_stages or any(not m for m in mixers):
+        raise ValueError(
+            f"mixer {mixer!r} must be a name or one entry per stage ({num_stages}): a name or a non-empty "
+            "sequence of names cycled over the stage's blocks"
+        )
     if mixer_kwargs is None or isinstance(mixer_kwargs, Mapping):
         options = (dict(mixer_kwargs or {}),) * num_stages
     else:
@@ -68,8 +76,9 @@ def _stage_mixers(
             raise ValueError(
                 f"mixer_kwargs must be one dict or one dict per stage ({num_stages}), got {len(options)}"
             )
-    for name, opts in zip(mixers, options, strict=True):
-        check_mixer(name, opts)
+    for names, opts in zip(mixers, options, strict=True):
+        for name in (names,) if isinstance(names, str) else names:
+            check_mixer(name, opts)
     return mixers, options
 
 
@@ -157,7 +166,11 @@ class NATBlock(nn.Module):
 
 
 class NATStage(nn.Module):
-    """Optional downsampler (stages 1..N-1) followed by `depth` NAT blocks; NHWC in and out."""
+    """Optional downsampler (stages 1..N-1) followed by `depth` NAT blocks; NHWC in and out.
+
+    `mixer`: the blocks' token mixer, or a sequence cycled over the blocks (Swin's alternation:
+    ("window", "shifted_window")).
+    """
 
     def __init__(
         self,
@@ -170,9 +183,11 @@ class NATStage(nn.Module):
         downsample: bool,
         drop_path: Sequence[float],
         norm_layer: type[nn.Module] = nn.LayerNorm,
+        mixer: str | Sequence[str] = "na",
         **block_kwargs: Any,
     ):
         super().__init__()
+        mixers = (mixer,) if isinstance(mixer, str) else tuple(mixer)
         self.grad_checkpointing = False
         self.downsample = ConvDownsample(dim, out_dim, norm_layer) if downsample else nn.Identity()
         self.blocks = nn.Sequential(
@@ -184,6 +199,7 @@ class NATStage(nn.Module):
                     dilation=dilations[i],
                     drop_path=drop_path[i],
                     norm_layer=norm_layer,
+                    mixer=mixers[i % len(mixers)],
                     **block_kwargs,
                 )
                 for i in range(depth)
@@ -223,7 +239,8 @@ class NAT(nn.Module):
         norm_layer: Normalization (channels-last).
         attn_backend: NA backend for every block ('auto', 'cpp', 'torch', 'naive', 'natten', 'flex').
         mixer: Token mixer of every block, or one per stage: a name in `models.mixers.MIXERS`
-            ("na", the default, builds NAT exactly; "full", "window", "bigbird", ...).
+            ("na", the default, builds NAT exactly; "full", "window", "bigbird", ...); a stage's
+            entry may be a sequence of names, cycled over its blocks (("window", "shifted_window")).
         mixer_kwargs: The mixers' options: one dict for all stages or one dict (or None) per stage.
             `kernel_size`, the dilations (> 1) and `attn_backend` reach mixers that take them.
     """
@@ -248,7 +265,7 @@ class NAT(nn.Module):
         drop_path_rate: float = 0.2,
         norm_layer: type[nn.Module] = nn.LayerNorm,
         attn_backend: str = "auto",
-        mixer: str | Sequence[str] = "na",
+        mixer: str | Sequence[str | Sequence[str]] = "na",
         mixer_kwargs: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None = None,
     ):
         super().__init__()

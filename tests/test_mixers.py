@@ -28,6 +28,20 @@ from models.layers import NeighborhoodAttention2D
 from models.mixers import build_mixer
 
 DIM, HEADS = 8, 2
+# this file's families (tests/test_mixers_global.py has the others' semantics)
+LOCAL_MIXERS = (
+    "bigbird",
+    "dilated",
+    "full",
+    "global",
+    "halo",
+    "longformer",
+    "na",
+    "sasa",
+    "shifted_window",
+    "window",
+)
+SMALL = dict(embed_dim=16, num_heads=(2, 4), num_classes=4)  # depths given by each test
 TINY = dict(embed_dim=16, depths=(1, 1), num_heads=(2, 4), mlp_ratio=2.0, kernel_size=3, num_classes=4)
 
 
@@ -68,6 +82,30 @@ def test_eval_depends_only_on_weights_and_input(name):
     twin = MIXERS[name](DIM, HEADS).eval()
     twin.load_state_dict(copy.deepcopy(mixer.state_dict()))
     assert torch.equal(first, twin(x))
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_inference_mode_first_then_training(name):
+    # index / mask caches first built under inference_mode must still serve autograd
+    mixer = MIXERS[name](DIM, HEADS)
+    x = torch.randn(1, 5, 6, DIM)
+    with torch.inference_mode():
+        expected = mixer.eval()(x)
+    mixer.train()(x.requires_grad_()).sum().backward()  # (training may draw noise: no comparison)
+    assert x.grad is not None
+    torch.testing.assert_close(mixer.eval()(x), expected)
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_attention_dropout_only_in_training(name):
+    torch.manual_seed(0)
+    plain = MIXERS[name](DIM, HEADS).eval()
+    dropping = MIXERS[name](DIM, HEADS, attn_drop=0.5)
+    dropping.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 9, 10, DIM)
+    assert torch.equal(dropping.eval()(x), plain(x))
+    if name in LOCAL_MIXERS:  # (a mixer without attention weights may have nothing to drop)
+        assert not torch.allclose(dropping.train()(x), plain(x))
 
 
 @pytest.mark.parametrize("name", sorted(MIXERS))
@@ -119,6 +157,10 @@ def test_per_stage_mixers_and_options_reach_the_blocks():
     assert [b.attn.head_dilations for b in s2[:2]] == [(1, 1, 1, 1, 2, 2, 2, 2), (1, 1, 1, 1, 2, 2, 2, 2)]
     assert s2[0].attn.num_global == 2 and s2[0].attn.kernel_size == 3
     assert type(s3[0].attn) is NeighborhoodAttention2D and s3[0].attn.kernel_size == 3
+    # a stage entry that is a sequence is cycled over the blocks: Swin's W-MSA / SW-MSA alternation
+    swin = timm.create_model("nat_mini", mixer=[["window", "shifted_window"], "na"], depths=(3, 1), **SMALL)
+    assert [b.attn.shift_size for b in swin.stages[0].blocks] == [0, 3, 0]
+    assert type(swin.stages[1].blocks[0].attn) is NeighborhoodAttention2D
     one_dict = timm.create_model("nat_mini", mixer="halo", mixer_kwargs=dict(block_size=4, halo=2), **TINY)
     assert all(b.attn.block_size == 4 and b.attn.halo == 2 for s in one_dict.stages for b in s.blocks)
 
@@ -143,8 +185,14 @@ def test_bad_mixers_and_options_raise_one_clear_error():
         timm.create_model("nat_mini", mixer="sasa", mixer_kwargs=dict(window_size=3))
     with pytest.raises(ValueError, match="qkv_bias: set on the model"):
         NAT(**TINY, mixer="full", mixer_kwargs=dict(qkv_bias=False))
-    with pytest.raises(ValueError, match="one name per stage"):
+    with pytest.raises(ValueError, match="one entry per stage"):
         NAT(**TINY, mixer=("full", "na", "na"))
+    with pytest.raises(ValueError, match="one entry per stage"):
+        NAT(**TINY, mixer=("full", []))
+    with pytest.raises(ValueError, match="one entry per stage"):
+        NAT(**TINY, mixer=("full", 3))
+    with pytest.raises(ValueError, match="unknown mixer 'swin'"):
+        NAT(**TINY, mixer=("full", ("window", "swin")))
     with pytest.raises(ValueError, match="one dict per stage"):
         NAT(**TINY, mixer_kwargs=[{}])
     impossible = [
@@ -512,3 +560,8 @@ def test_checkpoint_of_a_zoo_model_loads_through_the_filter(tmp_path):
         ValueError, match=r"does not fit nat_mini: missing \['stages.0.blocks.0.attn.global_tokens'"
     ):
         timm.create_model("nat_mini", pretrained=str(path), **dict(kwargs, mixer=("global", "window")))
+
+
+def test_every_local_mixer_is_registered_and_checked_against_its_pattern():
+    assert set(LOCAL_MIXERS) <= set(MIXERS)
+    assert {name for name, _, _ in SEMANTIC_CASES} == set(LOCAL_MIXERS)

@@ -7,7 +7,14 @@ import torch.nn.functional as F
 
 from ..layers.backends.windows import window_indices
 from . import register_mixer
-from .common import QKVMixer, check_size, global_token_keys, learned_global_tokens, pad_to_multiple
+from .common import (
+    QKVMixer,
+    blocked_attention,
+    check_size,
+    global_token_keys,
+    learned_global_tokens,
+    pad_to_multiple,
+)
 
 
 def _to_blocks(t: torch.Tensor, bh: int, bw: int) -> torch.Tensor:
@@ -103,7 +110,8 @@ class BigBirdAttention(QKVMixer):
     def _pattern(self, grid_h: int, grid_w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (grid_h, grid_w, str(device))
         if key not in self._patterns:
-            self._patterns[key] = tuple(t.to(device) for t in self.key_blocks(grid_h, grid_w))
+            with torch.inference_mode(False):  # an inference tensor could not serve a later training step
+                self._patterns[key] = tuple(t.to(device) for t in self.key_blocks(grid_h, grid_w))
         return self._patterns[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,8 +137,8 @@ class BigBirdAttention(QKVMixer):
             keys = torch.cat([keys, global_k], dim=3)
             values = torch.cat([values, global_v], dim=3)
             mask = F.pad(mask, (0, self.num_global), value=True)
-        out = F.scaled_dot_product_attention(
-            _to_blocks(q, bh, bw), keys, values, mask[:, :, None], dropout_p=self.dropout_p, scale=self.scale
+        out = blocked_attention(
+            _to_blocks(q, bh, bw), keys, values, mask[:, :, None], self.dropout_p, self.scale
         )  # (B, heads, num_blocks, block tokens, D)
         out = out.reshape(B, self.num_heads, grid_h, grid_w, bh, bw, -1).transpose(3, 4)
         return self.merge_heads(out.reshape(B, self.num_heads, Hp, Wp, -1)[:, :, :H, :W])

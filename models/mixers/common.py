@@ -117,3 +117,31 @@ def global_token_keys(
     kv = F.linear(updated, mixer.qkv.weight[C:], bias).reshape(B, G, 2, mixer.num_heads, mixer.head_dim)
     key, value = kv.permute(2, 0, 3, 1, 4).unbind(0)
     return key, value
+
+
+def blocked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """SDPA of many small blocks: q `(*batch, L, D)`, k / v `(*batch, S, D)`, `mask` (bool, or a float
+    bias with -inf) broadcastable to `(*batch, L, S)`.
+
+    Runs as one 4-D call over the flattened batch: torch's fused CPU kernel takes 4-D inputs only,
+    and beats the math path that 5-D inputs fall back to by ~2x forward+backward.
+    """
+    *batch, L, D = q.shape
+    S = k.shape[-2]
+    mask = mask.expand(*batch, mask.shape[-2], S).reshape(-1, 1, mask.shape[-2], S)
+    out = F.scaled_dot_product_attention(
+        q.reshape(-1, 1, L, D),
+        k.reshape(-1, 1, S, D),
+        v.reshape(-1, 1, S, v.shape[-1]),
+        mask,
+        dropout_p,
+        scale=scale,
+    )
+    return out.view(*batch, L, v.shape[-1])

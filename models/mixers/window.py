@@ -10,7 +10,7 @@ from timm.models.swin_transformer import window_partition, window_reverse
 
 from ..layers.backends.windows import geometry_cache
 from . import register_mixer
-from .common import QKVMixer, check_size, pad_to_multiple
+from .common import QKVMixer, blocked_attention, check_size, pad_to_multiple
 
 
 def _axis_windows(length: int, window: int, shift: int) -> tuple[int, int, torch.Tensor]:
@@ -116,7 +116,7 @@ class WindowAttention2D(QKVMixer):
         windows = window_partition(self.qkv(x), (wh, ww))  # (B * num_windows, wh, ww, 3C)
         q, k, v = windows.reshape(B, -1, wh * ww, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
         mask = _attn_mask(self.rpb, rel, allowed, q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, mask, dropout_p=self.dropout_p, scale=self.scale)
+        out = blocked_attention(q, k, v, mask, self.dropout_p, self.scale)
         x = window_reverse(out.transpose(2, 3).reshape(-1, wh, ww, C), (wh, ww), Hp, Wp)
         if sh or sw:
             x = torch.roll(x, (sh, sw), (1, 2))
@@ -230,9 +230,7 @@ class HaloAttention2D(QKVMixer):
             return t.permute(0, 2, 3, 1, 5, 6, 4).flatten(4, 5).flatten(1, 2)
 
         mask = _attn_mask(self.rpb, rel, valid, q.dtype)
-        out = F.scaled_dot_product_attention(
-            q, haloed(k), haloed(v), mask, dropout_p=self.dropout_p, scale=self.scale
-        )
+        out = blocked_attention(q, haloed(k), haloed(v), mask, self.dropout_p, self.scale)
         out = out.unflatten(1, (nh, nw)).unflatten(-2, (bh, bw))  # (B, nh, nw, heads, bh, bw, D)
         out = out.permute(0, 3, 1, 4, 2, 5, 6).reshape(B, self.num_heads, Hp, Wp, -1)
         return self.merge_heads(out[:, :, :H, :W])
