@@ -8,9 +8,13 @@ the dots are at least `min_dot_distance` (a fraction of the side) apart in both,
 either dot tells the class: the answer needs information from both dots, which are further apart
 than a small local window can see.
 
-With `colour_curves: true` (the default) each curve has its own random hue, so the class is "do the
-two dots have the same colour": one long-range comparison, which a global mixer can learn in
-minutes on a CPU. With `colour_curves: false` every curve is the same grey and the class can
+With `colour_curves: true` (the default) each curve has its own random hue, drawn dim, and its dots
+carry the hue at full brightness, so the class is "do the two dots have the same hue": one
+long-range comparison. Dots are the only bright colours, so even near-uniform attention (a global
+mean of the bright-hue features) hands each dot what it needs, and a global mixer learns the task
+in minutes on a CPU; an additive model of local features (a local mixer and average pooling)
+provably cannot (the sum u(a) + u(b) cannot tell a == b from a != b for every pair).
+With `colour_curves: false` every curve is the same grey and the class can
 only be read by tracing the curve (LRA's Pathfinder): far harder, and beyond a short CPU budget.
 
 Written as `root/{train,val}/{disconnected,connected}/*.png` by the shapes set's writer
@@ -29,7 +33,7 @@ from .errors import DataError
 from .synthetic import write_generated_dataset
 
 # Bump when the drawing changes, so an old dataset on disk is not mistaken for a current one.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 CLASS_NAMES = ["disconnected", "connected"]
 _SUPERSAMPLE = 4  # curves are drawn at 4x and box-filtered down: anti-aliased, ~1.5 px wide
 _CURVE_WIDTH = 2.0  # px at the output size
@@ -74,6 +78,10 @@ def _clear_of_others(dot: np.ndarray, owner: int, curves: list[np.ndarray]) -> b
     )
 
 
+def _rgb(colour: tuple[float, float, float]) -> tuple[int, int, int]:
+    return tuple(int(round(255 * c)) for c in colour)
+
+
 def _hues(rng, count: int) -> list[float]:
     """`count` random hues at least `_MIN_HUE_GAP` apart on the hue circle."""
     for _ in range(_MAX_TRIES):
@@ -110,21 +118,23 @@ def render_pathfinder(
     img = Image.new("RGB", (size * s, size * s), tuple(int(c) for c in background))
     draw = ImageDraw.Draw(img)
     hues = _hues(rng, num_curves) if colour_curves else [None] * num_curves
-    colours = []
+    curve_colours, dot_colours = [], []
     for i in range(num_curves):
-        if colour_curves:
-            rgb = colorsys.hsv_to_rgb(hues[i], rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0))
-            colours.append(tuple(int(255 * c) for c in rgb))
+        if colour_curves:  # a dim curve; its dots in the same hue at full brightness
+            saturation = rng.uniform(0.7, 1.0)
+            curve_colours.append(_rgb(colorsys.hsv_to_rgb(hues[i], saturation, rng.uniform(0.35, 0.55))))
+            dot_colours.append(_rgb(colorsys.hsv_to_rgb(hues[i], saturation, 1.0)))
         else:
             grey = int(rng.uniform(150, 200))
-            colours.append((grey, grey, grey))
+            curve_colours.append((grey, grey, grey))
+            dot_colours.append((grey, grey, grey))
     for i in rng.permutation(num_curves):  # which curve is on top at a crossing carries no class
         line = [tuple(p) for p in curves[i] * s]
-        draw.line(line, fill=colours[i], width=round(_CURVE_WIDTH * s), joint="curve")
-    # A dot: a white ring (the mark) around its curve's colour (what has to be compared), so the
-    # mark and the colour fall in the same few pixels, i.e. the same token after a stride-4 stem.
+        draw.line(line, fill=curve_colours[i], width=round(_CURVE_WIDTH * s), joint="curve")
+    # A dot: a white ring (the mark) around its curve's hue at full brightness (what has to be
+    # compared), so the mark and the colour fall in the same token after a stride-4 stem.
     for (x, y), owner in zip((d * s for d in dots), owners, strict=True):
-        for radius, fill in ((_DOT_RADIUS, (255, 255, 255)), (_DOT_CORE, colours[owner])):
+        for radius, fill in ((_DOT_RADIUS, (255, 255, 255)), (_DOT_CORE, dot_colours[owner])):
             r = radius * s
             draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
     pixels = np.asarray(img.reduce(s), dtype=np.float32)
