@@ -53,6 +53,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
             "val_per_class": 50,
             "image_size": 64,
             "seed": 0,
+            "polarity": "any",  # any | light (light shapes on a dark background: learnt much sooner)
         },
         "timm_kwargs": None,  # extra timm create_dataset arguments (timm reader datasets only)
         "download": False,  # let a timm reader download its dataset (never implicit)
