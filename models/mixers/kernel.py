@@ -84,11 +84,9 @@ def orthogonal_random_features(num_features: int, dim: int) -> torch.Tensor:
     Gaussian, so the positive features are unbiased while orthogonality lowers their variance. Drawn
     from torch's default generator (the caller seeds it).
     """
-    blocks = []
-    for _ in range(math.ceil(num_features / dim)):
-        q, r = torch.linalg.qr(torch.randn(dim, dim))
-        blocks.append((q * torch.sign(torch.diagonal(r))).T)
-    directions = torch.cat(blocks)[:num_features]
+    q, r = torch.linalg.qr(torch.randn(math.ceil(num_features / dim), dim, dim))
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)  # column j times sign(r_jj)
+    directions = q.transpose(-2, -1).reshape(-1, dim)[:num_features]
     return directions * torch.randn(num_features, dim).norm(dim=1, keepdim=True)
 
 
