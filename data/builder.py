@@ -1,4 +1,4 @@
-"""`build_datasets(data_cfg)`: the one entry point train.py / eval.py use to get train and val sets."""
+"""`build_datasets(data_cfg)`: the one call engine.trainer / engine.evaluate make for train and val sets."""
 
 import json
 import logging

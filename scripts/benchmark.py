@@ -7,7 +7,8 @@ memory, each timed over several repeats after warm-up (median and spread reporte
 backend that actually ran. Models are timed interleaved (round r times every model once, then round
 r + 1), so load on a shared machine hits all of them alike and the ratios stay side by side; the
 targets are judged on the per-round ratios (model / baseline within one round, seconds apart), in
-which slow drifts of the machine's speed over the run cancel.
+which slow drifts of the machine's speed over the run cancel. Timing, memory, statistics, result
+files and plots are engine.bench's (shared with bench_na.py and zoo.py); this script owns the models.
 
     python scripts/benchmark.py                       # CPU (+ GPU when there is one), default models
     python scripts/benchmark.py --devices cuda --compile          # GPU only, torch.compile'd

@@ -262,10 +262,10 @@ def test_build_datasets_synthetic_subset_same_order_and_selection_files(tmp_path
 
 
 def test_build_datasets_takes_the_trainer_config_shape(small_synthetic):
-    """train.py passes every data key, with None for unused ones and its default synthetic dict even for
+    """The trainer passes every data key, with None for unused ones and its default synthetic dict even for
     folder datasets; the folder path must ignore the generator settings."""
     from configs import load_config
-    from train import data_build_config
+    from engine.factory import data_build_config
 
     cfg = load_config()
     cfg["data"]["root"] = str(small_synthetic)

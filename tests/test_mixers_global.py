@@ -107,6 +107,7 @@ def test_linear_never_counts_padding():
 
 
 def test_kernel_mixers_accumulate_in_fp32_under_autocast():
+    """1600 tokens of exp-type features summed under bf16 autocast stay finite and near fp32."""
     for cls in (LinearAttention, PerformerAttention):
         torch.manual_seed(0)
         m = cls(DIM, HEADS)
@@ -362,6 +363,12 @@ def test_random_synthesizer_equals_resized_full_table(size):
     assert_matches(m, random_synthesizer_reference, x_of(*size))
 
 
+def test_synthesizers_exempt_their_bias_and_position_logits_from_weight_decay():
+    for cls, exempt in ((DenseSynthesizerAttention, {"key_bias"}), (RandomSynthesizerAttention, {"factors"})):
+        m = build(cls)
+        assert m.no_weight_decay() == exempt and exempt <= dict(m.named_parameters()).keys()
+
+
 # ---- the shared contract --------------------------------------------------------------------------
 
 
@@ -382,6 +389,41 @@ def test_any_size_deterministic_eval_and_every_parameter_learns(name):
         m.eval()
         with torch.no_grad():
             assert torch.equal(m(x), m(x)), size
+
+
+@pytest.mark.parametrize("name", GLOBAL_MIXERS)
+def test_no_token_by_token_matrix_is_kept_for_backward(name):
+    """At 64x64 (4096 tokens) nothing autograd saves is N x N per head: the content-sparse mixers
+    gather or chunk, the low-rank and kernel ones stay linear, and the synthesizers' N x N weights
+    (their mechanism) are formed inside fused SDPA only."""
+    torch.manual_seed(0)
+    m = MIXERS[name](DIM, HEADS)
+    tokens, largest = 64 * 64, [0]
+
+    def pack(t):
+        largest[0] = max(largest[0], t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        m(torch.randn(1, 64, 64, DIM))
+    assert largest[0] < tokens**2 / 4, largest[0] / tokens**2
+
+
+@pytest.mark.parametrize("name", GLOBAL_MIXERS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_autocast_and_half_weights(name, dtype):
+    """Under autocast: finite outputs and gradients (padding included), close to fp32; half weights run."""
+    torch.manual_seed(0)
+    m = MIXERS[name](DIM, HEADS).eval()
+    x = 4 * torch.randn(2, 9, 11, DIM)
+    x.requires_grad_(True)
+    with torch.autocast("cpu", dtype=dtype):
+        low = m(x)
+    low.float().square().sum().backward()
+    assert torch.isfinite(low).all() and torch.isfinite(x.grad).all()
+    want = m(x)
+    assert ((low.float() - want).norm() / want.norm()) < 0.02
+    assert torch.isfinite(m.to(dtype)(x.detach().to(dtype))).all()
 
 
 @pytest.mark.parametrize(

@@ -25,14 +25,15 @@ def resize_maps(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
     if maps.shape[-2:] == (height, width):
         return maps
     lead = maps.shape[:-2]
+    # At least fp32: the antialiased kernel has no half-precision CPU version (and the maps are small).
     resized = F.interpolate(
-        maps.reshape(1, -1, *maps.shape[-2:]),
+        maps.reshape(1, -1, *maps.shape[-2:]).to(torch.promote_types(maps.dtype, torch.float32)),
         size=(height, width),
         mode="bilinear",
         align_corners=False,
         antialias=True,
     )
-    return resized.reshape(*lead, height, width)
+    return resized.reshape(*lead, height, width).to(maps.dtype)
 
 
 @register_mixer("linformer")

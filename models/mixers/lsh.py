@@ -68,13 +68,16 @@ class ReformerAttention(QKVMixer):
         N, chunk = H * W, self.block_size
         qk, v = self.qkv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         buckets = self.hash_buckets(qk)
+        # Keys are the unit queries; the floor is representable in half precision (1e-12 is not, and
+        # a zero vector would give 0/0).
+        k = F.normalize(qk, dim=-1, eps=torch.finfo(qk.dtype).tiny)
         num_chunks = -(-N // chunk)
         padded = num_chunks * chunk
         pad = padded - N
         if pad:
             # Padding tokens take a bucket past the last, so the stable sort puts them at the end.
             buckets = F.pad(buckets, (0, pad), value=self.num_buckets)
-            qk, v = F.pad(qk, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
+            qk, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (qk, k, v))
         order = torch.sort(buckets, dim=-1, stable=True).indices  # (B, heads, R, padded) positions
 
         def sort(t: torch.Tensor) -> torch.Tensor:
@@ -88,7 +91,7 @@ class ReformerAttention(QKVMixer):
             return t if num_chunks == 1 else torch.cat([t, t.roll(1, dims=3)], dim=4)
 
         query = sort(qk)
-        key, value = with_previous(sort(F.normalize(qk, dim=-1))), with_previous(sort(v))
+        key, value = with_previous(sort(k)), with_previous(sort(v))
         positions = order.unflatten(3, (num_chunks, chunk))
         key_positions = with_previous(positions)
         logits = self.scale * query @ key.transpose(-2, -1)  # (B, heads, R, chunks, chunk, keys)

@@ -31,14 +31,22 @@ def to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return x.reshape(*lead, (H // block) * (W // block), block * block, D)
 
 
+def from_blocks(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of `to_blocks` for a `height x width` map: `(..., blocks, block^2, D)` -> `(..., H, W, D)`."""
+    *lead, _, area, D = x.shape
+    block = round(area**0.5)
+    x = x.reshape(*lead, height // block, width // block, block, block, D).transpose(-4, -3)
+    return x.reshape(*lead, height, width, D)
+
+
 @register_mixer("sinkhorn")
 class SinkhornAttention(QKVMixer):
     """Sparse Sinkhorn attention on 2-D blocks of `block_size x block_size` tokens.
 
-    A sort net (Linear, GELU, Linear) maps each block's mean input token to a query code and a key
-    code per head; block-to-block logits scale * a_i·b_j go through Gumbel-Sinkhorn
-    (`sinkhorn_iters` normalisations at `temperature`; Gumbel noise in training only) to a soft
-    permutation S (`block_permutation`). The sorted block i is k'_i = sum_j S_ij k_j (values alike),
+    A sort net (Linear to dim / 4, GELU, Linear) maps each block's mean input token to a query code
+    and a key code (head_dim each) per head; block-to-block logits scale * a_i·b_j go through
+    Gumbel-Sinkhorn (`sinkhorn_iters` normalisations at `temperature`; Gumbel noise in training only)
+    to a soft permutation S (`block_permutation`). The sorted block i is k'_i = sum_j S_ij k_j (values alike),
     token slot by token slot. Pattern: a query in block i attends to the real tokens of its own block
     plus the block_size^2 slots of the sorted block i, slot p weighed by the share of real tokens
     mixed into it (logit + log sum_j S_ij valid_j(p); a slot that is padding in every block is out).
@@ -73,7 +81,9 @@ class SinkhornAttention(QKVMixer):
         self.block_size = block_size
         self.sinkhorn_iters = sinkhorn_iters
         self.temperature = temperature
-        self.sort_net = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 2 * dim))
+        # Bottlenecked (dim / 4 hidden): 0.75 dim^2 parameters, under a tenth of a NAT block's.
+        hidden = max(1, dim // 4)
+        self.sort_net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 2 * dim))
 
     def _valid_blocks(self, H: int, W: int, device: torch.device) -> torch.Tensor:
         """`(blocks, block_size^2)` bool: True on real tokens of the padded map's blocks."""
@@ -89,8 +99,11 @@ class SinkhornAttention(QKVMixer):
         summaries = blocks.sum(dim=2) / valid.sum(dim=1, keepdim=True)  # mean of the real tokens
         codes = self.sort_net(summaries).reshape(B, -1, 2, self.num_heads, self.head_dim)
         query_codes, key_codes = codes.permute(2, 0, 3, 1, 4)
-        logits = self.scale * query_codes @ key_codes.transpose(-2, -1)
-        return gumbel_sinkhorn(logits, self.temperature, self.sinkhorn_iters, noise=self.training)
+        # Sinkhorn's repeated normalisations amplify rounding: at least fp32, autocast or not.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = self.scale * query_codes.to(dtype) @ key_codes.to(dtype).transpose(-2, -1)
+            return gumbel_sinkhorn(logits, self.temperature, self.sinkhorn_iters, noise=self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
@@ -117,10 +130,8 @@ class SinkhornAttention(QKVMixer):
             dropout_p=self.dropout_p,
             scale=self.scale,
         )
-        Hp, Wp = H + pad_h, W + pad_w
-        out = out.reshape(B, self.num_heads, Hp // size, Wp // size, size, size, self.head_dim)
-        out = out.transpose(3, 4).reshape(B, self.num_heads, Hp, Wp, self.head_dim)[:, :, :H, :W]
-        return self.merge_heads(out)
+        out = from_blocks(out.unflatten(1, (self.num_heads, -1)), H + pad_h, W + pad_w)
+        return self.merge_heads(out[:, :, :H, :W])
 
     def extra_repr(self) -> str:
         return (

@@ -4,7 +4,7 @@ Both variants keep their key-position parameters as maps on a `ref_size x ref_si
 and resize them bilinearly (antialiased, `lowrank.resize_maps`) to the actual H x W: a weight learned
 for an image region applies to the same region at any resolution, and at the reference size the
 mechanism is exactly the paper's. The synthesized N x N weights are the mechanism itself; both are
-low-rank products here (rank head_dim, or `rank`), handed to fused SDPA, which need not keep them.
+low-rank products here (rank head_dim + 1, or `rank`), handed to fused SDPA, which does not keep them.
 """
 
 from __future__ import annotations
@@ -20,6 +20,20 @@ from .lowrank import resize_maps
 from .options import check_int, reject_unused
 
 
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """softmax(q·k) v (no scale) through SDPA's fused kernels, which keep no N x N matrix.
+
+    Those kernels need one head width for q, k and v, rows contiguous in memory and a mask without
+    gradient, so the synthesizers put their learned bias into q·k and zero-pad q, k and v to a common
+    width: q·k is unchanged and the padded output columns are dropped. Otherwise SDPA (torch 2.x,
+    CPU) falls back to materialising the N x N weights.
+    """
+    width = max(q.shape[-1], v.shape[-1])
+    q, k, padded_v = (F.pad(t, (0, width - t.shape[-1])).contiguous() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, padded_v, dropout_p=dropout_p, scale=1.0)
+    return out[..., : v.shape[-1]]
+
+
 @register_mixer("synthesizer_dense")
 class DenseSynthesizerAttention(QKVMixer):
     """Dense Synthesizer: each token alone predicts its logits over all key positions, no Q·K.
@@ -30,7 +44,7 @@ class DenseSynthesizerAttention(QKVMixer):
     and b2 are head_dim + 1 maps over a reference grid of absolute key positions, resized
     bilinearly to H x W, so the logit a token gives to position j is its logit for that image region
     (resolution-free; at ref_size x ref_size it is the paper's layer). Cost O(N^2 D) time, as for
-    full attention; the N x N weights are the mechanism (a rank-head_dim product, SDPA-fused).
+    full attention; the N x N weights are the mechanism (a rank head_dim + 1 product, fused SDPA).
     """
 
     def __init__(
@@ -55,19 +69,19 @@ class DenseSynthesizerAttention(QKVMixer):
         self.key_bias = nn.Parameter(torch.zeros(num_heads, ref_size, ref_size))
         trunc_normal_(self.key_maps, std=0.02)
 
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """b2 is a bias (3-D only because it is a map), exempt as NAT exempts biases."""
+        return {"key_bias"}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         hidden, v = self.qkv(x).reshape(B, H * W, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        key_maps = resize_maps(self.key_maps, H, W).flatten(2).transpose(1, 2)  # (heads, N, head_dim)
-        key_bias = resize_maps(self.key_bias, H, W).flatten(1)[:, None]  # (heads, 1, N)
-        out = F.scaled_dot_product_attention(
-            F.relu(hidden),
-            key_maps.to(x.dtype).expand(B, -1, -1, -1),
-            v,
-            attn_mask=key_bias.to(x.dtype).expand(B, -1, -1, -1),
-            dropout_p=self.dropout_p,
-            scale=self.scale,
-        )
+        # Keys: W2's maps and b2's map at this size, (heads, N, head_dim + 1); queries get a 1 for b2.
+        keys = torch.cat([resize_maps(self.key_maps, H, W), resize_maps(self.key_bias, H, W)[:, None]], 1)
+        keys = keys.flatten(2).transpose(1, 2).to(x.dtype).expand(B, -1, -1, -1)
+        queries = torch.cat([self.scale * F.relu(hidden), hidden.new_ones(*hidden.shape[:-1], 1)], -1)
+        out = fused_attention(queries, keys, v, self.dropout_p)
         return self.merge_heads(out.unflatten(2, (H, W)))
 
     def extra_repr(self) -> str:
@@ -110,17 +124,18 @@ class RandomSynthesizerAttention(QKVMixer):
         self.factors = nn.Parameter(torch.empty(2, num_heads, rank, ref_size, ref_size))
         trunc_normal_(self.factors, std=rank**-0.25)
 
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """R's factors are learned attention logits by position, exempt as NAT exempts its RPB tables
+        (decay would pull the attention towards a uniform average)."""
+        return {"factors"}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         v = self.qkv(x).reshape(B, H * W, self.num_heads, self.head_dim).transpose(1, 2)
         query_factor, key_factor = resize_maps(self.factors, H, W).flatten(3).transpose(2, 3).to(x.dtype)
-        out = F.scaled_dot_product_attention(
-            query_factor.expand(B, -1, -1, -1),
-            key_factor.expand(B, -1, -1, -1),
-            v,
-            dropout_p=self.dropout_p,
-            scale=1.0,
-        )
+        query_factor, key_factor = (f.expand(B, -1, -1, -1) for f in (query_factor, key_factor))
+        out = fused_attention(query_factor, key_factor, v, self.dropout_p)
         return self.merge_heads(out.unflatten(2, (H, W)))
 
     def extra_repr(self) -> str:

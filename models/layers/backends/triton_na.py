@@ -25,6 +25,7 @@ decorates the kernels).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -452,9 +453,11 @@ class _TritonNeighborhoodAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rpb, kernel_size: int, dilation: int, scale: float, tile: tuple[int, int]):
         bias = None if rpb is None else rpb.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-        out, lse = _forward(
-            q, k, v, None if bias is None else bias.contiguous(), kernel_size, dilation, scale, tile
-        )
+        # Triton launches on the current device; autograd's engine sets it for the backward.
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+            out, lse = _forward(
+                q, k, v, None if bias is None else bias.contiguous(), kernel_size, dilation, scale, tile
+            )
         ctx.save_for_backward(q, k, v, bias, out, lse)
         ctx.geometry = (kernel_size, dilation, scale, tile)
         ctx.rpb_dtype = None if rpb is None else rpb.dtype
