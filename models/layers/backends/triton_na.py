@@ -157,10 +157,11 @@ def _na2d_forward_kernel(
 
 
 def _na2d_backward_query_kernel(
-    Q, K, V, RPB, DO, LSE, DELTA, DQ, DRPB_PARTS,
+    Q, K, V, RPB, OUT, DO, LSE, DELTA, DQ, DRPB_PARTS,
     sqb, sqh, sqw, sqn, sqd,
     skb, skh, skw, skn, skd,
     svb, svh, svw, svn, svd,
+    sob, soh, sow, son, sod,
     sdb, sdh, sdw, sdn, sdd,
     sgb, sgh, sgw, sgn, sgd,
     heads, height, width, head_dim, tiles_h, tiles_w, qk_scale, scale,
@@ -203,7 +204,11 @@ def _na2d_backward_query_kernel(
     do = tl.load(DO + b * sdb + h * sdn + do_offset, mask=d_ok[None, :], other=0.0).to(DOT_DTYPE)
     stat_index = bh.to(tl.int64) * height * width + rows_q * width + cols_q
     lse = tl.load(LSE + stat_index)
-    delta = tl.load(DELTA + stat_index)
+    # rowsum(dO * O), the softmax backward's correction; stored for the key-major pass (launched next)
+    out_offset = rows_q[:, None] * soh + cols_q[:, None] * sow + d[None, :] * sod
+    out = tl.load(OUT + b * sob + h * son + out_offset, mask=d_ok[None, :], other=0.0)
+    delta = tl.sum(do.to(lse.dtype) * out.to(lse.dtype), 1)
+    tl.store(DELTA + stat_index, delta, mask=q_valid)
     key_ok = (kb < len_w)[:, None] & d_ok[None, :]
     cols_k = gj + DIL * kb
     col_in = (kb[None, :] >= sb[:, None]) & (kb[None, :] < sb[:, None] + KS)
@@ -426,7 +431,7 @@ def _backward(q, k, v, rpb, out, lse, grad_out, kernel_size, dilation, scale, ti
     _, query_kernel, key_kernel = _kernels()
     B, H, W, heads, dim = q.shape
     geo = _geometry(q, kernel_size, dilation, tile)
-    delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1).permute(0, 3, 1, 2).contiguous()
+    delta = torch.empty_like(lse)  # written by the query-major pass
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     span = 2 * kernel_size - 1
     n_tiles = geo["grid"][0]
@@ -436,7 +441,8 @@ def _backward(q, k, v, rpb, out, lse, grad_out, kernel_size, dilation, scale, ti
     common = (*geo["scalars"], scale * math.log2(math.e), scale)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride())
     query_kernel[geo["grid"]](
-        q, k, v, rpb if rpb is not None else q, grad_out, lse, delta, dq, parts, *strides, *common,
+        q, k, v, rpb if rpb is not None else q, out, grad_out, lse, delta, dq, parts,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(), *common,
         HAS_RPB=rpb is not None, RPB_GRAD=rpb_grad, BH=tile[0], BW=tile[1],
         KW=_pow2(tile[1] + kernel_size - 1), SPAN_P=_pow2(span), **geo["constants"],
     )  # fmt: skip
