@@ -38,7 +38,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "kwargs": {},  # extra timm.create_model kwargs (e.g. embed_dim, depths for small variants)
     },
     "data": {  # passed to data.build_datasets (see data/)
-        "dataset": "folder",  # folder | synthetic | a timm reader name
+        "dataset": "folder",  # folder | synthetic | pathfinder | a timm reader name
         "root": "datasets/imagenet",
         "train_split": "train",
         "val_split": "val",
@@ -52,6 +52,16 @@ DEFAULTS: dict[str, dict[str, Any]] = {
             "train_per_class": 200,
             "val_per_class": 50,
             "image_size": 64,
+            "seed": 0,
+            "polarity": "any",  # any | light (light shapes on a dark background: learnt much sooner)
+        },
+        "pathfinder": {  # dataset: pathfinder (data/pathfinder.py): are the two dots on one curve?
+            "train_per_class": 1000,
+            "val_per_class": 200,
+            "image_size": 48,
+            "num_curves": 3,
+            "colour_curves": True,
+            "min_dot_distance": 0.5,
             "seed": 0,
         },
         "timm_kwargs": None,  # extra timm create_dataset arguments (timm reader datasets only)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.error import URLError
 
@@ -36,7 +36,7 @@ from timm.models._features import feature_take_indices
 from timm.models._helpers import clean_state_dict
 from torch import nn
 
-from .layers import NeighborhoodAttention2D
+from .mixers import build_mixer, check_mixer
 
 __all__ = ["NAT", "checkpoint_filter_fn", "dinat_dilations"]
 
@@ -49,6 +49,37 @@ def dinat_dilations(depths: Sequence[int], stage_dilations: Sequence[int]) -> tu
         tuple(1 if j % 2 == 0 else d for j in range(depth))
         for depth, d in zip(depths, stage_dilations, strict=True)
     )
+
+
+def _stage_mixers(
+    mixer: str | Sequence[str | Sequence[str]],
+    mixer_kwargs: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None,
+    num_stages: int,
+) -> tuple[tuple[str | tuple[str, ...], ...], tuple[dict[str, Any], ...]]:
+    """Per-stage mixers (a name, or names cycled over the blocks) and options, all checked up front."""
+
+    def entry(m: Any) -> str | tuple[str, ...]:  # () for anything else: the error below
+        return m if isinstance(m, str) else tuple(m) if isinstance(m, Sequence) else ()
+
+    per_stage = (mixer,) * num_stages if isinstance(mixer, str) else entry(mixer)
+    mixers = tuple(entry(m) for m in per_stage)
+    if len(mixers) != num_stages or any(not m for m in mixers):
+        raise ValueError(
+            f"mixer {mixer!r} must be a name or one entry per stage ({num_stages}): a name or a non-empty "
+            "sequence of names cycled over the stage's blocks"
+        )
+    if mixer_kwargs is None or isinstance(mixer_kwargs, Mapping):
+        options = (dict(mixer_kwargs or {}),) * num_stages
+    else:
+        options = tuple(dict(o or {}) for o in mixer_kwargs)
+        if len(options) != num_stages:
+            raise ValueError(
+                f"mixer_kwargs must be one dict or one dict per stage ({num_stages}), got {len(options)}"
+            )
+    for names, opts in zip(mixers, options, strict=True):
+        for name in (names,) if isinstance(names, str) else names:
+            check_mixer(name, opts)
+    return mixers, options
 
 
 class ConvStem(nn.Module):
@@ -81,7 +112,11 @@ class ConvDownsample(nn.Module):
 
 
 class NATBlock(nn.Module):
-    """LN -> NA (with RPB) -> [layer scale] -> drop-path residual; LN -> MLP -> [layer scale] -> residual."""
+    """LN -> NA (with RPB) -> [layer scale] -> drop-path residual; LN -> MLP -> [layer scale] -> residual.
+
+    `mixer` names another token mixer of the attention zoo (`models.mixers.MIXERS`) in NA's place,
+    with `mixer_kwargs` as its options; the default "na" is `NeighborhoodAttention2D`.
+    """
 
     def __init__(
         self,
@@ -99,19 +134,23 @@ class NATBlock(nn.Module):
         act_layer: type[nn.Module] = nn.GELU,
         norm_layer: type[nn.Module] = nn.LayerNorm,
         attn_backend: str = "auto",
+        mixer: str = "na",
+        mixer_kwargs: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.attn = NeighborhoodAttention2D(
+        self.attn = build_mixer(
+            mixer,
             dim,
             num_heads,
             kernel_size=kernel_size,
             dilation=dilation,
+            backend=attn_backend,
             qkv_bias=qkv_bias,
             qk_scale=qk_scale,
             attn_drop=attn_drop,
             proj_drop=proj_drop,
-            backend=attn_backend,
+            options=mixer_kwargs,
         )
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
@@ -127,7 +166,11 @@ class NATBlock(nn.Module):
 
 
 class NATStage(nn.Module):
-    """Optional downsampler (stages 1..N-1) followed by `depth` NAT blocks; NHWC in and out."""
+    """Optional downsampler (stages 1..N-1) followed by `depth` NAT blocks; NHWC in and out.
+
+    `mixer`: the blocks' token mixer, or a sequence cycled over the blocks (Swin's alternation:
+    ("window", "shifted_window")).
+    """
 
     def __init__(
         self,
@@ -140,9 +183,11 @@ class NATStage(nn.Module):
         downsample: bool,
         drop_path: Sequence[float],
         norm_layer: type[nn.Module] = nn.LayerNorm,
+        mixer: str | Sequence[str] = "na",
         **block_kwargs: Any,
     ):
         super().__init__()
+        mixers = (mixer,) if isinstance(mixer, str) else tuple(mixer)
         self.grad_checkpointing = False
         self.downsample = ConvDownsample(dim, out_dim, norm_layer) if downsample else nn.Identity()
         self.blocks = nn.Sequential(
@@ -154,6 +199,7 @@ class NATStage(nn.Module):
                     dilation=dilations[i],
                     drop_path=drop_path[i],
                     norm_layer=norm_layer,
+                    mixer=mixers[i % len(mixers)],
                     **block_kwargs,
                 )
                 for i in range(depth)
@@ -192,6 +238,11 @@ class NAT(nn.Module):
         drop_path_rate: Stochastic depth, linearly increasing over all blocks up to this value.
         norm_layer: Normalization (channels-last).
         attn_backend: NA backend for every block ('auto', 'cpp', 'torch', 'naive', 'natten', 'flex').
+        mixer: Token mixer of every block, or one per stage: a name in `models.mixers.MIXERS`
+            ("na", the default, builds NAT exactly; "full", "window", "bigbird", ...); a stage's
+            entry may be a sequence of names, cycled over its blocks (("window", "shifted_window")).
+        mixer_kwargs: The mixers' options: one dict for all stages or one dict (or None) per stage.
+            `kernel_size`, the dilations (> 1) and `attn_backend` reach mixers that take them.
     """
 
     def __init__(
@@ -214,6 +265,8 @@ class NAT(nn.Module):
         drop_path_rate: float = 0.2,
         norm_layer: type[nn.Module] = nn.LayerNorm,
         attn_backend: str = "auto",
+        mixer: str | Sequence[str | Sequence[str]] = "na",
+        mixer_kwargs: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None = None,
     ):
         super().__init__()
         num_stages = len(depths)
@@ -234,6 +287,7 @@ class NAT(nn.Module):
                 f"dilations must give one value per block: got lengths {[len(s) for s in dilations]} "
                 f"for depths {tuple(depths)}"
             )
+        mixers, mixer_options = _stage_mixers(mixer, mixer_kwargs, num_stages)
 
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -246,6 +300,7 @@ class NAT(nn.Module):
         self.dilations = dilations
         self.mlp_ratio = float(mlp_ratio)
         self.layer_scale = layer_scale
+        self.mixer = mixers
         dims = [int(embed_dim * 2**i) for i in range(num_stages)]
         self.num_features = self.head_hidden_size = dims[-1]
 
@@ -274,6 +329,8 @@ class NAT(nn.Module):
                     proj_drop=proj_drop_rate,
                     attn_drop=attn_drop_rate,
                     attn_backend=attn_backend,
+                    mixer=mixers[i],
+                    mixer_kwargs=mixer_options[i],
                 )
             )
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}"))
@@ -297,8 +354,13 @@ class NAT(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """RPB tables, norm weights, biases and layer-scale gammas: all but weight matrices and kernels."""
-        return {n for n, p in self.named_parameters() if p.ndim <= 1 or n.endswith(".rpb")}
+        """RPB tables, norm weights, biases and layer-scale gammas: all but weight matrices and kernels;
+        plus what a block's mixer names in its own `no_weight_decay()` (e.g. learned global tokens)."""
+        skip = {n for n, p in self.named_parameters() if p.ndim <= 1 or n.endswith(".rpb")}
+        for name, module in self.stages.named_modules(prefix="stages"):
+            if hasattr(module, "no_weight_decay"):
+                skip |= {f"{name}.{n}" for n in module.no_weight_decay()}
+        return skip
 
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set[str]:
@@ -462,7 +524,13 @@ def _arch_of_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, Any] | None:
                 blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
         num_stages = max(blocks) + 1
         depths = tuple(max(blocks.get(i, {-1})) + 1 for i in range(num_stages))
-        heads = tuple(sd[f"stages.{i}.blocks.0.attn.rpb"].shape[0] for i in range(num_stages))
+        # None where a zoo mixer keeps no RPB table (nothing in the weights tells its head count)
+        heads = tuple(
+            sd[rpb].shape[0] if (rpb := f"stages.{i}.blocks.0.attn.rpb") in sd else None
+            for i in range(num_stages)
+        )
+        if all(h is None for h in heads) and not any(".attn." in k for k in sd):
+            return None
         hidden = sd["stages.0.blocks.0.mlp.fc1.weight"].shape[0]
     except (KeyError, ValueError):
         return None
@@ -518,6 +586,10 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: NAT) -> dict[str, to
             f"checkpoint is not a NAT/DiNAT state dict (no stem.conv2 / stages.*.blocks.*.attn.rpb / "
             f"mlp keys; first keys: {list(sd)[:5]}); model is {model_name}"
         )
+    # a stage whose mixer has no RPB table matches any head count; the key check below does the rest
+    ckpt_arch["num_heads"] = tuple(
+        m if c is None else c for c, m in zip(ckpt_arch["num_heads"], model_arch["num_heads"], strict=False)
+    )
     if ckpt_arch != model_arch:
         raise ValueError(
             f"checkpoint looks like {_names_for(ckpt_arch)} ({_describe(ckpt_arch)}), "

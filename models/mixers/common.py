@@ -67,3 +67,81 @@ def valid_token_mask(height: int, width: int, padded_h: int, padded_w: int, devi
     rows = torch.arange(padded_h, device=device) < height
     cols = torch.arange(padded_w, device=device) < width
     return rows[:, None] & cols[None, :]
+
+
+def check_size(mixer: str, option: str, value: object, minimum: int = 1) -> None:
+    """One ValueError unless `value` is an int >= `minimum` (a window / block / token count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"mixer {mixer!r}: {option} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_odd_size(mixer: str, option: str, value: object) -> None:
+    """One ValueError unless `value` is an odd int >= 1 (a window centred on its query)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
+        raise ValueError(
+            f"mixer {mixer!r}: {option} must be an odd integer >= 1 (a window centred on the query), "
+            f"got {value!r}"
+        )
+
+
+def learned_global_tokens(num_global: int, dim: int) -> nn.Parameter | None:
+    """`(num_global, dim)` learned tokens (trunc-normal 0.02, as timm's class tokens); None for none."""
+    if num_global == 0:
+        return None
+    tokens = nn.Parameter(torch.zeros(num_global, dim))
+    nn.init.trunc_normal_(tokens, std=0.02)
+    return tokens
+
+
+def global_token_keys(
+    mixer: QKVMixer, tokens: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Let learned global tokens attend to every token, then give the keys/values they are attended by.
+
+    tokens: `(G, C)`; k, v: the map's `(B, heads, N, head_dim)`. Each global token's query attends to
+    all N tokens and the G global tokens (one SDPA, cost N*G); its update is added back through
+    `mixer.proj` (a residual, as a transformer layer would), and the updated tokens are projected
+    with `mixer.qkv`'s key/value rows. Returns keys, values `(B, heads, G, head_dim)`. Done per block
+    (nothing carried between blocks), so the global tokens' pooling over the map reaches every query
+    in the same block.
+    """
+    B, G, C = k.shape[0], tokens.shape[0], mixer.dim
+    qg, kg, vg = mixer.qkv(tokens).reshape(G, 3, mixer.num_heads, mixer.head_dim).permute(1, 2, 0, 3)
+    keys = torch.cat([k, kg.expand(B, -1, -1, -1)], dim=2)
+    values = torch.cat([v, vg.expand(B, -1, -1, -1)], dim=2)
+    pooled = F.scaled_dot_product_attention(
+        qg.expand(B, -1, -1, -1), keys, values, dropout_p=mixer.dropout_p, scale=mixer.scale
+    )
+    updated = tokens + mixer.proj(pooled.transpose(1, 2).reshape(B, G, C))
+    bias = mixer.qkv.bias[C:] if mixer.qkv.bias is not None else None
+    kv = F.linear(updated, mixer.qkv.weight[C:], bias).reshape(B, G, 2, mixer.num_heads, mixer.head_dim)
+    key, value = kv.permute(2, 0, 3, 1, 4).unbind(0)
+    return key, value
+
+
+def blocked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """SDPA of many small blocks: q `(*batch, L, D)`, k / v `(*batch, S, D)`, `mask` (bool, or a float
+    bias with -inf) broadcastable to `(*batch, L, S)`.
+
+    Runs as one 4-D call over the flattened batch: torch's fused CPU kernel takes 4-D inputs only,
+    and beats the math path that 5-D inputs fall back to by ~2x forward+backward.
+    """
+    *batch, L, D = q.shape
+    S = k.shape[-2]
+    mask = mask.expand(*batch, mask.shape[-2], S).reshape(-1, 1, mask.shape[-2], S)
+    out = F.scaled_dot_product_attention(
+        q.reshape(-1, 1, L, D),
+        k.reshape(-1, 1, S, D),
+        v.reshape(-1, 1, S, v.shape[-1]),
+        mask,
+        dropout_p,
+        scale=scale,
+    )
+    return out.view(*batch, L, v.shape[-1])

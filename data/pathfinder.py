@@ -1,0 +1,194 @@
+"""Embedded long-range task: Pathfinder-like "are the two marked dots on the same curve?".
+
+Every image holds `num_curves` smooth random curves, each long enough to cross most of the image, on
+a dark noisy background. Two dots (a white ring around the curve's own colour) mark two curve ends.
+Class `connected`: the dots sit on the two ends of one curve; class `disconnected`: on one end each
+of two different curves. Both classes have the same number of curves, dots and unmarked ends, and
+the dots are at least `min_dot_distance` (a fraction of the side) apart in both, so nothing near
+either dot tells the class: the answer needs information from both dots, which are further apart
+than a small local window can see.
+
+With `colour_curves: true` (the default) each curve has its own random hue, drawn dim, and its dots
+carry the hue at full brightness, so the class is "do the two dots have the same hue": one
+long-range comparison. Dots are the only bright colours, so even near-uniform attention (a global
+mean of the bright-hue features) hands each dot what it needs, and a global mixer learns the task
+in minutes on a CPU; an additive model of local features (a local mixer and average pooling)
+provably cannot (the sum u(a) + u(b) cannot tell a == b from a != b for every pair).
+With `colour_curves: false` every curve is the same grey and the class can
+only be read by tracing the curve (LRA's Pathfinder): far harder, and beyond a short CPU budget.
+
+Written as `root/{train,val}/{disconnected,connected}/*.png` by the shapes set's writer
+(`data.synthetic.write_generated_dataset`): deterministic, idempotent, read back as a folder dataset.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .errors import DataError
+from .synthetic import write_generated_dataset
+
+# Bump when the drawing changes, so an old dataset on disk is not mistaken for a current one.
+GENERATOR_VERSION = 2
+CLASS_NAMES = ["disconnected", "connected"]
+_SUPERSAMPLE = 4  # curves are drawn at 4x and box-filtered down: anti-aliased, ~1.5 px wide
+_CURVE_WIDTH = 2.0  # px at the output size
+_DOT_RADIUS = 2.6  # px at the output size: a white ring...
+_DOT_CORE = 1.4  # ...around a core of the curve's own colour
+_CURVE_LENGTH = 1.1  # curve length as a fraction of the image side: most of the image
+_TURN_STD = 0.35  # heading change per step (radians, steps of ~1 px): smooth but not straight
+_MIN_HUE_GAP = 0.2  # hues of two curves in one image differ by at least this (of the 0..1 circle)
+_DOT_CLEARANCE = 5.0  # px between a dot and any other curve
+_MAX_TRIES = 1000
+
+
+def _random_curve(rng, size: int) -> np.ndarray:
+    """(n, 2) points of a smooth random walk of length `_CURVE_LENGTH * size` that stays inside the
+    image: the heading drifts by a Gaussian turn per 1-px step and turns back from the border."""
+    margin = 3.0
+    steps = int(_CURVE_LENGTH * size)
+    pos = rng.uniform(margin, size - margin, 2)
+    heading = rng.uniform(0, 2 * np.pi)
+    points = [pos.copy()]
+    for _ in range(steps):
+        heading += rng.normal(0.0, _TURN_STD)
+        step = np.array([np.cos(heading), np.sin(heading)])
+        nxt = pos + step
+        if not (margin <= nxt[0] <= size - margin and margin <= nxt[1] <= size - margin):
+            # steer toward the centre, keeping some randomness
+            centre = np.array([size / 2, size / 2]) - pos
+            heading = np.arctan2(centre[1], centre[0]) + rng.normal(0.0, 0.5)
+            nxt = pos + np.array([np.cos(heading), np.sin(heading)])
+        pos = np.clip(nxt, margin, size - margin)
+        points.append(pos.copy())
+    return np.asarray(points)
+
+
+def _clear_of_others(dot: np.ndarray, owner: int, curves: list[np.ndarray]) -> bool:
+    """No other curve passes within `_DOT_CLEARANCE` px of a dot: which curve a dot ends is then
+    visible, not hidden under a crossing."""
+    return all(
+        np.min(np.linalg.norm(curve - dot, axis=1)) >= _DOT_CLEARANCE
+        for i, curve in enumerate(curves)
+        if i != owner
+    )
+
+
+def _rgb(colour: tuple[float, float, float]) -> tuple[int, int, int]:
+    return tuple(int(round(255 * c)) for c in colour)
+
+
+def _hues(rng, count: int) -> list[float]:
+    """`count` random hues at least `_MIN_HUE_GAP` apart on the hue circle."""
+    for _ in range(_MAX_TRIES):
+        hues = rng.uniform(0, 1, count)
+        gaps = np.abs(hues[:, None] - hues[None, :])
+        gaps = np.minimum(gaps, 1 - gaps) + np.eye(count)
+        if gaps.min() >= _MIN_HUE_GAP:
+            return hues.tolist()
+    raise DataError(f"pathfinder: cannot draw {count} hues {_MIN_HUE_GAP} apart; use fewer curves")
+
+
+def render_pathfinder(
+    connected: bool, size: int, rng, num_curves: int = 3, colour_curves: bool = True, min_dot_distance=0.5
+) -> np.ndarray:
+    """One H x W x 3 uint8 image; the dots are on one curve's two ends iff `connected`."""
+    min_dist = min_dot_distance * size
+    for _ in range(_MAX_TRIES):
+        curves = [_random_curve(rng, size) for _ in range(num_curves)]
+        if connected:
+            dots, owners = [curves[0][0], curves[0][-1]], [0, 0]
+        else:
+            dots, owners = [curves[0][rng.integers(2) * -1], curves[1][rng.integers(2) * -1]], [0, 1]
+        if np.linalg.norm(dots[0] - dots[1]) >= min_dist and all(
+            _clear_of_others(dot, owner, curves) for dot, owner in zip(dots, owners, strict=True)
+        ):
+            break
+    else:
+        raise DataError(
+            f"pathfinder: no curves with dots {min_dot_distance} x size apart after {_MAX_TRIES} tries; "
+            "lower min_dot_distance or num_curves"
+        )
+    s = _SUPERSAMPLE
+    background = rng.uniform(0, 40, 3)
+    img = Image.new("RGB", (size * s, size * s), tuple(int(c) for c in background))
+    draw = ImageDraw.Draw(img)
+    hues = _hues(rng, num_curves) if colour_curves else [None] * num_curves
+    curve_colours, dot_colours = [], []
+    for i in range(num_curves):
+        if colour_curves:  # a dim curve; its dots in the same hue at full brightness
+            saturation = rng.uniform(0.7, 1.0)
+            curve_colours.append(_rgb(colorsys.hsv_to_rgb(hues[i], saturation, rng.uniform(0.35, 0.55))))
+            dot_colours.append(_rgb(colorsys.hsv_to_rgb(hues[i], saturation, 1.0)))
+        else:
+            grey = int(rng.uniform(150, 200))
+            curve_colours.append((grey, grey, grey))
+            dot_colours.append((grey, grey, grey))
+    for i in rng.permutation(num_curves):  # which curve is on top at a crossing carries no class
+        line = [tuple(p) for p in curves[i] * s]
+        draw.line(line, fill=curve_colours[i], width=round(_CURVE_WIDTH * s), joint="curve")
+    # A dot: a white ring (the mark) around its curve's hue at full brightness (what has to be
+    # compared), so the mark and the colour fall in the same token after a stride-4 stem.
+    for (x, y), owner in zip((d * s for d in dots), owners, strict=True):
+        for radius, fill in ((_DOT_RADIUS, (255, 255, 255)), (_DOT_CORE, dot_colours[owner])):
+            r = radius * s
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+    pixels = np.asarray(img.reduce(s), dtype=np.float32)
+    noise = rng.standard_normal(pixels.shape, dtype=np.float32) * np.float32(rng.uniform(3, 10))
+    return np.clip(pixels + noise, 0, 255).round().astype(np.uint8)
+
+
+def _check_params(train_per_class, val_per_class, image_size, num_curves, min_dot_distance):
+    if train_per_class < 1 or val_per_class < 1:
+        raise DataError(
+            f"pathfinder train_per_class={train_per_class}, val_per_class={val_per_class}: both must be >= 1"
+        )
+    if image_size < 16:
+        raise DataError(f"pathfinder image_size={image_size} is too small for curves: use >= 16 (e.g. 48)")
+    if not 2 <= num_curves <= 6:
+        raise DataError(
+            f"pathfinder num_curves={num_curves}: use 2..6 (two carry the dots, the rest distract)"
+        )
+    if not 0 <= min_dot_distance <= 0.8:
+        raise DataError(
+            f"pathfinder min_dot_distance={min_dot_distance} (a fraction of the side): use 0..0.8"
+        )
+
+
+def generate_pathfinder_dataset(
+    root,
+    train_per_class=1000,
+    val_per_class=200,
+    image_size=48,
+    num_curves=3,
+    colour_curves=True,
+    min_dot_distance=0.5,
+    seed=0,
+) -> Path:
+    """Write the pathfinder set to root/{train,val}/{disconnected,connected}/*.png; return root.
+
+    Deterministic (same arguments -> same bytes) and idempotent, as `generate_synthetic_dataset`.
+    """
+    _check_params(train_per_class, val_per_class, image_size, num_curves, min_dot_distance)
+    params = dict(
+        generator="pathfinder",
+        generator_version=GENERATOR_VERSION,
+        train_per_class=int(train_per_class),
+        val_per_class=int(val_per_class),
+        image_size=int(image_size),
+        num_curves=int(num_curves),
+        colour_curves=bool(colour_curves),
+        min_dot_distance=float(min_dot_distance),
+        seed=int(seed),
+    )
+
+    def render(rng, class_index):
+        return render_pathfinder(
+            bool(class_index), image_size, rng, num_curves, bool(colour_curves), float(min_dot_distance)
+        )
+
+    return write_generated_dataset(root, params, CLASS_NAMES, render, kind="pathfinder")
