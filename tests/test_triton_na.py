@@ -190,7 +190,9 @@ def test_auto_on_cuda_prefers_triton_for_rpb_training_and_inference():
     assert set(choice.rejected) == set(checks.BACKENDS) - {"triton"}
     assert "relative position bias" in choice.rejected["natten"]
     assert "CPU-only" in choice.rejected["cpp"]
-    assert "'triton'" in choice.rejected["flex"] or "upstream" in choice.rejected["flex"]
+    assert "upstream" in choice.rejected["flex"]  # RPB training: flex only when asked for
+    inference = select_backend(CallInfo("cuda", torch.bfloat16, True, 0.0, False))
+    assert "'triton' comes first" in inference.rejected["flex"]
 
 
 def test_auto_without_triton_falls_back_and_says_why(monkeypatch):
