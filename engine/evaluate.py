@@ -264,7 +264,8 @@ def default_output(args) -> Path:
     ckpt = Path(args.checkpoint)
     if ckpt.is_dir():
         return ckpt / suffix.lstrip("-")
-    return ckpt.with_name(ckpt.name.removesuffix(".tar").removesuffix(".pth") + suffix)
+    stem = ckpt.name.removesuffix(".tar").removesuffix(".pth").removesuffix(".safetensors")
+    return ckpt.with_name(stem + suffix)
 
 
 def run(args) -> int:
