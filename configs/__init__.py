@@ -58,9 +58,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
             "train_per_class": 1000,
             "val_per_class": 200,
             "image_size": 48,
-            "num_curves": 3,
+            "num_curves": 2,
             "colour_curves": True,
             "min_dot_distance": 0.5,
+            "palette": 2,
             "seed": 0,
         },
         "timm_kwargs": None,  # extra timm create_dataset arguments (timm reader datasets only)
