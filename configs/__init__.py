@@ -62,6 +62,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
             "colour_curves": True,
             "min_dot_distance": 0.5,
             "palette": 2,
+            "dot_radius": 3.2,  # px: the dots' size (a white ring around the curve's colour)
             "seed": 0,
         },
         "timm_kwargs": None,  # extra timm create_dataset arguments (timm reader datasets only)

@@ -41,6 +41,7 @@ PATHFINDER_DEFAULTS = dict(
     colour_curves=True,
     min_dot_distance=0.5,
     palette=2,
+    dot_radius=3.2,
     seed=0,
 )
 DEFAULT_PATHFINDER_ROOT = "datasets/pathfinder"

@@ -144,5 +144,7 @@ def test_build_datasets_pathfinder_and_errors(tmp_path):
         generate_pathfinder_dataset(tmp_path / "y", num_curves=9)
     with pytest.raises(DataError, match="palette=2 with num_curves=3"):
         generate_pathfinder_dataset(tmp_path / "p", num_curves=3)
+    with pytest.raises(DataError, match="dot_radius=9.0 px: use 2..6"):
+        generate_pathfinder_dataset(tmp_path / "r", dot_radius=9.0)
     with pytest.raises(DataError, match="min_dot_distance=0.95"):
         generate_pathfinder_dataset(tmp_path / "z", min_dot_distance=0.95)
