@@ -59,9 +59,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
             "train_per_class": 1000,
             "val_per_class": 200,
             "image_size": 48,
-            "num_curves": 3,
+            "num_curves": 2,
             "colour_curves": True,
             "min_dot_distance": 0.5,
+            "palette": 2,
+            "dot_radius": 3.2,  # px: the dots' size (a white ring around the curve's colour)
             "seed": 0,
         },
         "timm_kwargs": None,  # extra timm create_dataset arguments (timm reader datasets only)

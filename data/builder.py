@@ -39,9 +39,11 @@ PATHFINDER_DEFAULTS = dict(
     train_per_class=1000,
     val_per_class=200,
     image_size=48,
-    num_curves=3,
+    num_curves=2,
     colour_curves=True,
     min_dot_distance=0.5,
+    palette=2,
+    dot_radius=3.2,
     seed=0,
 )
 DEFAULT_PATHFINDER_ROOT = "datasets/pathfinder"

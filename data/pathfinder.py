@@ -8,12 +8,12 @@ the dots are at least `min_dot_distance` (a fraction of the side) apart in both,
 either dot tells the class: the answer needs information from both dots, which are further apart
 than a small local window can see.
 
-With `colour_curves: true` (the default) each curve has its own random hue, drawn dim, and its dots
-carry the hue at full brightness, so the class is "do the two dots have the same hue": one
-long-range comparison. Dots are the only bright colours, so even near-uniform attention (a global
-mean of the bright-hue features) hands each dot what it needs, and a global mixer learns the task
-in minutes on a CPU; an additive model of local features (a local mixer and average pooling)
-provably cannot (the sum u(a) + u(b) cannot tell a == b from a != b for every pair).
+With `colour_curves: true` (the default) each curve has its own colour, drawn dim, and its dots carry
+it at full brightness, so the class is "do the two dots have the same colour": one long-range
+comparison. An additive model of local features (a local mixer, then average pooling and a linear
+head) cannot compute it: with the default two curves in a two-colour palette (`palette: 2`), the
+count of red dots is 0 or 2 when connected and 1 when not, and no threshold on a sum splits {0, 2}
+from {1}. `palette: 0` draws random hues (>= 0.2 apart) instead: harder, continuous comparisons.
 With `colour_curves: false` every curve is the same grey and the class can
 only be read by tracing the curve (LRA's Pathfinder): far harder, and beyond a short CPU budget.
 
@@ -33,16 +33,15 @@ from .errors import DataError
 from .synthetic import write_generated_dataset
 
 # Bump when the drawing changes, so an old dataset on disk is not mistaken for a current one.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 CLASS_NAMES = ["disconnected", "connected"]
 _SUPERSAMPLE = 4  # curves are drawn at 4x and box-filtered down: anti-aliased, ~1.5 px wide
 _CURVE_WIDTH = 2.0  # px at the output size
-_DOT_RADIUS = 2.6  # px at the output size: a white ring...
-_DOT_CORE = 1.4  # ...around a core of the curve's own colour
+_RING_WIDTH = 1.2  # px: a dot is a white ring this wide around a core of its curve's colour
 _CURVE_LENGTH = 1.1  # curve length as a fraction of the image side: most of the image
 _TURN_STD = 0.35  # heading change per step (radians, steps of ~1 px): smooth but not straight
 _MIN_HUE_GAP = 0.2  # hues of two curves in one image differ by at least this (of the 0..1 circle)
-_DOT_CLEARANCE = 5.0  # px between a dot and any other curve
+_DOT_CLEARANCE = 2.0  # px between a dot's edge and any other curve
 _MAX_TRIES = 1000
 
 
@@ -68,11 +67,11 @@ def _random_curve(rng, size: int) -> np.ndarray:
     return np.asarray(points)
 
 
-def _clear_of_others(dot: np.ndarray, owner: int, curves: list[np.ndarray]) -> bool:
-    """No other curve passes within `_DOT_CLEARANCE` px of a dot: which curve a dot ends is then
-    visible, not hidden under a crossing."""
+def _clear_of_others(dot: np.ndarray, owner: int, curves: list[np.ndarray], dot_radius: float) -> bool:
+    """No other curve passes within `_DOT_CLEARANCE` px of a dot's edge: which curve a dot ends is
+    then visible, not hidden under a crossing."""
     return all(
-        np.min(np.linalg.norm(curve - dot, axis=1)) >= _DOT_CLEARANCE
+        np.min(np.linalg.norm(curve - dot, axis=1)) >= dot_radius + _DOT_CLEARANCE
         for i, curve in enumerate(curves)
         if i != owner
     )
@@ -82,8 +81,11 @@ def _rgb(colour: tuple[float, float, float]) -> tuple[int, int, int]:
     return tuple(int(round(255 * c)) for c in colour)
 
 
-def _hues(rng, count: int) -> list[float]:
-    """`count` random hues at least `_MIN_HUE_GAP` apart on the hue circle."""
+def _hues(rng, count: int, palette: int = 0) -> list[float]:
+    """`count` distinct hues: from a fixed palette of `palette` evenly spaced ones (red first), or with
+    `palette=0` random hues at least `_MIN_HUE_GAP` apart on the hue circle."""
+    if palette:
+        return (rng.permutation(palette)[:count] / palette).tolist()
     for _ in range(_MAX_TRIES):
         hues = rng.uniform(0, 1, count)
         gaps = np.abs(hues[:, None] - hues[None, :])
@@ -94,7 +96,14 @@ def _hues(rng, count: int) -> list[float]:
 
 
 def render_pathfinder(
-    connected: bool, size: int, rng, num_curves: int = 3, colour_curves: bool = True, min_dot_distance=0.5
+    connected: bool,
+    size: int,
+    rng,
+    num_curves: int = 2,
+    colour_curves: bool = True,
+    min_dot_distance: float = 0.5,
+    palette: int = 2,
+    dot_radius: float = 3.2,
 ) -> np.ndarray:
     """One H x W x 3 uint8 image; the dots are on one curve's two ends iff `connected`."""
     min_dist = min_dot_distance * size
@@ -105,7 +114,7 @@ def render_pathfinder(
         else:
             dots, owners = [curves[0][rng.integers(2) * -1], curves[1][rng.integers(2) * -1]], [0, 1]
         if np.linalg.norm(dots[0] - dots[1]) >= min_dist and all(
-            _clear_of_others(dot, owner, curves) for dot, owner in zip(dots, owners, strict=True)
+            _clear_of_others(dot, owner, curves, dot_radius) for dot, owner in zip(dots, owners, strict=True)
         ):
             break
     else:
@@ -117,7 +126,7 @@ def render_pathfinder(
     background = rng.uniform(0, 40, 3)
     img = Image.new("RGB", (size * s, size * s), tuple(int(c) for c in background))
     draw = ImageDraw.Draw(img)
-    hues = _hues(rng, num_curves) if colour_curves else [None] * num_curves
+    hues = _hues(rng, num_curves, palette) if colour_curves else [None] * num_curves
     curve_colours, dot_colours = [], []
     for i in range(num_curves):
         if colour_curves:  # a dim curve; its dots in the same hue at full brightness
@@ -134,7 +143,7 @@ def render_pathfinder(
     # A dot: a white ring (the mark) around its curve's hue at full brightness (what has to be
     # compared), so the mark and the colour fall in the same token after a stride-4 stem.
     for (x, y), owner in zip((d * s for d in dots), owners, strict=True):
-        for radius, fill in ((_DOT_RADIUS, (255, 255, 255)), (_DOT_CORE, dot_colours[owner])):
+        for radius, fill in ((dot_radius, (255, 255, 255)), (dot_radius - _RING_WIDTH, dot_colours[owner])):
             r = radius * s
             draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
     pixels = np.asarray(img.reduce(s), dtype=np.float32)
@@ -142,7 +151,9 @@ def render_pathfinder(
     return np.clip(pixels + noise, 0, 255).round().astype(np.uint8)
 
 
-def _check_params(train_per_class, val_per_class, image_size, num_curves, min_dot_distance):
+def _check_params(
+    train_per_class, val_per_class, image_size, num_curves, min_dot_distance, palette, dot_radius
+):
     if train_per_class < 1 or val_per_class < 1:
         raise DataError(
             f"pathfinder train_per_class={train_per_class}, val_per_class={val_per_class}: both must be >= 1"
@@ -153,6 +164,13 @@ def _check_params(train_per_class, val_per_class, image_size, num_curves, min_do
         raise DataError(
             f"pathfinder num_curves={num_curves}: use 2..6 (two carry the dots, the rest distract)"
         )
+    if palette and not num_curves <= palette <= 12:
+        raise DataError(
+            f"pathfinder palette={palette} with num_curves={num_curves}: every curve needs its own colour; "
+            "use num_curves..12 colours, or 0 for random hues"
+        )
+    if not 2.0 <= dot_radius <= image_size / 8:
+        raise DataError(f"pathfinder dot_radius={dot_radius} px: use 2..{image_size / 8:g} (image_size / 8)")
     if not 0 <= min_dot_distance <= 0.8:
         raise DataError(
             f"pathfinder min_dot_distance={min_dot_distance} (a fraction of the side): use 0..0.8"
@@ -164,16 +182,20 @@ def generate_pathfinder_dataset(
     train_per_class=1000,
     val_per_class=200,
     image_size=48,
-    num_curves=3,
+    num_curves=2,
     colour_curves=True,
     min_dot_distance=0.5,
+    palette=2,
+    dot_radius=3.2,
     seed=0,
 ) -> Path:
     """Write the pathfinder set to root/{train,val}/{disconnected,connected}/*.png; return root.
 
     Deterministic (same arguments -> same bytes) and idempotent, as `generate_synthetic_dataset`.
     """
-    _check_params(train_per_class, val_per_class, image_size, num_curves, min_dot_distance)
+    _check_params(
+        train_per_class, val_per_class, image_size, num_curves, min_dot_distance, palette, dot_radius
+    )
     params = dict(
         generator="pathfinder",
         generator_version=GENERATOR_VERSION,
@@ -183,12 +205,21 @@ def generate_pathfinder_dataset(
         num_curves=int(num_curves),
         colour_curves=bool(colour_curves),
         min_dot_distance=float(min_dot_distance),
+        palette=int(palette),
+        dot_radius=float(dot_radius),
         seed=int(seed),
     )
 
     def render(rng, class_index):
         return render_pathfinder(
-            bool(class_index), image_size, rng, num_curves, bool(colour_curves), float(min_dot_distance)
+            bool(class_index),
+            image_size,
+            rng,
+            num_curves,
+            bool(colour_curves),
+            float(min_dot_distance),
+            int(palette),
+            float(dot_radius),
         )
 
     return write_generated_dataset(root, params, CLASS_NAMES, render, kind="pathfinder")

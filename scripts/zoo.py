@@ -130,9 +130,21 @@ def stage1_mixer(name: str, seed: int = 0) -> torch.nn.Module:
 # 1. Scaling
 
 
-def scaling(mixers: list[str], sides, rounds: int, warmup: int, max_step_s: float, out: Path) -> dict:
+def repeated(step, n: int):
+    """`step` called `n` times (one timed sample of a short step)."""
+
+    def run():
+        for _ in range(n):
+            step()
+
+    return run
+
+
+def scaling(
+    mixers: list[str], sides, rounds: int, warmup: int, max_step_s: float, min_sample_s: float, out: Path
+) -> dict:
     """Forward + backward time and peak memory of each mixer alone, per map side; ratios to full."""
-    rows, dropped, errors = [], {}, {}
+    rows, dropped, errors, repeats = [], {}, {}, {}
     modules = {name: stage1_mixer(name) for name in mixers}
     for side in sides:
         steps = {}
@@ -155,9 +167,14 @@ def scaling(mixers: list[str], sides, rounds: int, warmup: int, max_step_s: floa
             if probe > max_step_s and name != BASELINE:  # every ratio needs the baseline
                 dropped[name] = f"one step at side {side} took {probe:.1f} s > --max-step-s {max_step_s}"
                 continue
+            # Short steps are repeated up to `min_sample_s` per timed sample: on a shared machine a
+            # single ms-long call can land on a preemption (tens of ms) and its median is noise.
+            repeats[name] = max(1, math.ceil(min_sample_s / max(probe, 1e-6)))
             steps[name] = step
+        timed = {name: repeated(steps[name], repeats[name]) for name in steps}
         failed: dict[str, BaseException] = {}
-        times = bench.interleaved_rounds(steps, rounds=rounds, warmup=warmup, errors=failed)
+        times = bench.interleaved_rounds(timed, rounds=rounds, warmup=warmup, errors=failed)
+        times = {name: [t / repeats[name] for t in ts] for name, ts in times.items()}  # per call
         errors.update({n: f"side {side}: {type(e).__name__}: {e}" for n, e in failed.items()})
         for name, ts in times.items():
             stats = bench.spread(ts)
@@ -166,6 +183,7 @@ def scaling(mixers: list[str], sides, rounds: int, warmup: int, max_step_s: floa
                 side=side,
                 tokens=side * side,
                 rounds=len(ts),
+                calls_per_sample=repeats[name],
                 **{f"s_{k}": v for k, v in stats.items()},
             )
             row["peak_mb"] = bench.peak_memory_mb(steps[name], "cpu")
@@ -186,7 +204,13 @@ def scaling(mixers: list[str], sides, rounds: int, warmup: int, max_step_s: floa
     result = dict(
         environment=bench.environment(),
         settings=dict(
-            stage1=STAGE1, sides=list(sides), rounds=rounds, warmup=warmup, batch=1, slope_from=SLOPE_FROM
+            stage1=STAGE1,
+            sides=list(sides),
+            rounds=rounds,
+            warmup=warmup,
+            min_sample_s=min_sample_s,
+            batch=1,
+            slope_from=SLOPE_FROM,
         ),
         memory=bench.memory_kind("cpu"),
         rows=rows,
@@ -196,6 +220,7 @@ def scaling(mixers: list[str], sides, rounds: int, warmup: int, max_step_s: floa
     )
     result["targets"] = scaling_targets(result)
     bench.write_json(result, out / "scaling.json")
+    (out / "scaling.md").write_text(scaling_markdown(result) + "\n")
     bench.write_csv([dict(r, slope=slopes.get(r["mixer"])) for r in rows], out / "scaling.csv")
     panels = [
         [
@@ -205,6 +230,65 @@ def scaling(mixers: list[str], sides, rounds: int, warmup: int, max_step_s: floa
     ]
     bench.plot_panels(panels, out / "scaling.png", xlabel="tokens", ylabel="", loglog=True, slope_guides="N")
     return result
+
+
+def scaling_markdown(result: dict) -> str:
+    """Per mixer: time per size (ms), speed-up over full per size, peak memory at the largest size
+    (and vs full), slope; then the drops and errors."""
+    rows, sides = result["rows"], result["settings"]["sides"]
+    at = {(r["mixer"], r["side"]): r for r in rows}
+    largest = sides[-1]
+    header = ["mixer", *[f"{s}² ms (x full)" for s in sides], f"MiB @{largest}² (x full)", "slope"]
+    cells = []
+    for name, slope in result["slopes"].items():
+        line = [name]
+        for side in sides:
+            r = at.get((name, side))
+            line.append(
+                "-"
+                if r is None
+                else f"{1e3 * r['s_median']:.1f} ({bench.fmt(r.get('speedup_vs_full'), '.2f')})"
+            )
+        r = at.get((name, largest))
+        memory = "-" if r is None else f"{r['peak_mb']:.0f} ({bench.fmt(r.get('memory_vs_full'), '.2f')})"
+        cells.append([*line, memory, bench.fmt(slope, ".2f")])
+    lines = bench.markdown_table(header, cells, "l" + "r" * (len(header) - 1))
+    lines += [f"- {name}: not timed further: {why}" for name, why in result["dropped"].items()]
+    lines += [f"- {name}: error: {why}" for name, why in result["errors"].items()]
+    return "\n".join(lines)
+
+
+def accuracy_markdown(result: dict) -> str:
+    header = [
+        "task",
+        "mixer",
+        "seeds",
+        "top-1 mean (min-max)",
+        "vs na",
+        "> seed range?",
+        "params",
+        "MACs",
+        "img/s",
+    ]
+    cells = []
+    for t in result["table"]:
+        real = {True: "yes", False: "no", None: "-"}[t.get("real")]
+        cells.append(
+            [
+                t["task"],
+                t["mixer"],
+                t["seeds"],
+                f"{t['top1_mean']:.1f} ({t['top1_min']:.1f}-{t['top1_max']:.1f})",
+                bench.fmt(t.get("vs_na"), "+.1f"),
+                real if t["mixer"] != "na" else "",
+                bench.fmt(t.get("params") and t["params"] / 1e3, ".0f") + "k",
+                bench.fmt(t.get("flops") and t["flops"] / 1e6, ".1f") + "M",
+                f"{t['train_img_per_sec']:.0f}",
+            ]
+        )
+    lines = bench.markdown_table(header, cells, "llrrrlrrr")
+    lines += [f"- {label}: error: {why}" for label, why in result["errors"].items()]
+    return "\n".join(lines)
 
 
 def memory_ratio(rows: list[dict], name: str, side: int) -> None:
@@ -425,6 +509,7 @@ def accuracy(
         full_study_estimate=full_study_estimate(runs),
     )
     bench.write_json(result, out / "accuracy.json")
+    (out / "accuracy.md").write_text(accuracy_markdown(result) + "\n")
     bench.write_csv(table, out / "accuracy.csv")
     return result
 
@@ -562,6 +647,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--max-step-s", type=float, default=30.0, help="scaling: drop a mixer whose step is slower"
     )
+    p.add_argument(
+        "--min-sample-s", type=float, default=0.3, help="scaling: repeat short steps up to this per sample"
+    )
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--seeds", type=int, default=1, help="accuracy: seeds per mixer")
     p.add_argument(
@@ -599,7 +687,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if "scaling" in args.parts:
         print(f"scaling: {len(mixers)} mixers, sides {list(sides)}, {rounds} rounds", flush=True)
-        res = scaling(mixers, sides, rounds, args.warmup, args.max_step_s, out)
+        min_sample_s = 0.01 if args.quick else args.min_sample_s
+        res = scaling(mixers, sides, rounds, args.warmup, args.max_step_s, min_sample_s, out)
         print_targets(res["targets"])
     if "accuracy" in args.parts:
         task_overrides = {task: list(overrides) for task in args.tasks}

@@ -74,27 +74,33 @@ def test_layout_determinism_and_idempotence(tmp_path, pathfinder_root):
     assert digest(a) != digest(generate_pathfinder_dataset(tmp_path / "c", **{**args, "seed": 4}))
     assert generate_pathfinder_dataset(a, **args) == a  # complete: returns at once
     with pytest.raises(DataError, match="different parameters"):
-        generate_pathfinder_dataset(a, **{**args, "num_curves": 4})
+        generate_pathfinder_dataset(a, **{**args, "min_dot_distance": 0.6})
     assert sorted(p.name for p in (pathfinder_root / "val").iterdir()) == sorted(CLASS_NAMES)
     assert Image.open(next((pathfinder_root / "val" / "connected").glob("*.png"))).size == (SIZE, SIZE)
 
 
-def test_label_matches_the_picture_and_dots_are_far_apart(pathfinder_root):
+@pytest.mark.parametrize("palette", [2, 0])
+def test_label_matches_the_picture_and_dots_are_far_apart(pathfinder_root, tmp_path, palette):
     """Read back from the pixels alone: the two dots' cores have one hue iff `connected`, each core has
     the hue of the curve leaving its dot (read just outside the white ring), and the dots are at least
     min_dot_distance (0.5) x size apart in both classes."""
+    root = pathfinder_root
+    if palette == 0:  # random hues, three curves (one distractor)
+        root = generate_pathfinder_dataset(
+            tmp_path / "hues", train_per_class=30, val_per_class=1, image_size=SIZE, num_curves=3, palette=0
+        )
     agree, core_is_curve = [], []
-    for img, label in _images(pathfinder_root):
+    for img, label in _images(root):
         a, b = _dots(img)
         assert np.hypot(*(a - b)) >= 0.5 * SIZE - 1.5
-        cores = [_hue(img, c, 0, 1.5, min_saturation=0.2) for c in (a, b)]  # blurred by the ring
+        cores = [_hue(img, c, 0, 1.8, min_saturation=0.2) for c in (a, b)]  # blurred by the ring
         agree.append((_hue_gap(*cores) < 0.06) == bool(label))
         for centre, core in zip((a, b), cores, strict=True):
-            curve = _hue(img, centre, 2.9, 4.5, min_value=0.25)  # curves are dim
+            curve = _hue(img, centre, 3.6, 5.0, min_value=0.25)  # curves are dim
             if curve is not None:
                 core_is_curve.append(_hue_gap(core, curve) < 0.06)
     assert np.mean(agree) > 0.95, np.mean(agree)
-    assert len(core_is_curve) > 50 and np.mean(core_is_curve) > 0.9, np.mean(core_is_curve)
+    assert len(core_is_curve) > 30 and np.mean(core_is_curve) > 0.9, np.mean(core_is_curve)
 
 
 def test_one_dot_neighbourhood_does_not_tell_the_class(pathfinder_root):
@@ -136,5 +142,9 @@ def test_build_datasets_pathfinder_and_errors(tmp_path):
         build_datasets(dict(dataset="pathfinder", root=str(tmp_path / "x"), pathfinder=dict(num_curve=2)))
     with pytest.raises(DataError, match="num_curves=9"):
         generate_pathfinder_dataset(tmp_path / "y", num_curves=9)
+    with pytest.raises(DataError, match="palette=2 with num_curves=3"):
+        generate_pathfinder_dataset(tmp_path / "p", num_curves=3)
+    with pytest.raises(DataError, match="dot_radius=9.0 px: use 2..6"):
+        generate_pathfinder_dataset(tmp_path / "r", dot_radius=9.0)
     with pytest.raises(DataError, match="min_dot_distance=0.95"):
         generate_pathfinder_dataset(tmp_path / "z", min_dot_distance=0.95)
