@@ -73,6 +73,19 @@ def test_a_wrong_gradient_fails_the_check(tmp_path, monkeypatch):
     assert any(r["status"] == "FAILED" for r in report["sections"]["operator"])
 
 
+def test_a_crashing_model_is_its_rows_verdict_and_the_others_still_train(tmp_path, monkeypatch):
+    gpu_check = load_script()
+    monkeypatch.setattr(gpu_check, "TRAIN_MODELS", ["convnext_tiny", "no_such_model_xyz"])
+    status = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--sections", "train"])
+    rows = {r["model"]: r for r in json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["train"]}
+    assert status == 1 and rows["convnext_tiny"]["status"] == "ok"
+    assert (
+        rows["no_such_model_xyz"]["status"] == "FAILED"
+        and "no_such_model_xyz" in rows["no_such_model_xyz"]["error"]
+    )
+    assert "FAILED: " in (tmp_path / "gpu_check.md").read_text()
+
+
 @pytest.mark.slow
 def test_dry_run_whole_script_with_benchmark_sweep(tmp_path):
     proc = subprocess.run(
