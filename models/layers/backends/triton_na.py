@@ -74,8 +74,9 @@ def _na2d_forward_kernel(
 ):  # fmt: skip
     LOG2E: tl.constexpr = 1.4426950408889634
     SPAN: tl.constexpr = 2 * KS - 1
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid = tl.program_id(0)  # one axis: (batch * heads) * tiles can pass the 65535 of axes 1 and 2
+    tile = pid % (DIL * DIL * tiles_h * tiles_w)
+    bh = pid // (DIL * DIL * tiles_h * tiles_w)
     b = (bh // heads).to(tl.int64)
     h = bh % heads
     group = tile // (tiles_h * tiles_w)
@@ -172,8 +173,9 @@ def _na2d_backward_query_kernel(
 ):  # fmt: skip
     LOG2E: tl.constexpr = 1.4426950408889634
     SPAN: tl.constexpr = 2 * KS - 1
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid = tl.program_id(0)  # one axis: (batch * heads) * tiles can pass the 65535 of axes 1 and 2
+    tile = pid % (DIL * DIL * tiles_h * tiles_w)
+    bh = pid // (DIL * DIL * tiles_h * tiles_w)
     b = (bh // heads).to(tl.int64)
     h = bh % heads
     group = tile // (tiles_h * tiles_w)
@@ -258,8 +260,7 @@ def _na2d_backward_query_kernel(
         mask=q_valid[:, None] & d_ok[None, :],
     )
     if RPB_GRAD:
-        n_tiles = tl.num_programs(0)
-        slot = DRPB_PARTS + (bh.to(tl.int64) * n_tiles + tile) * SPAN * SPAN
+        slot = DRPB_PARTS + pid.to(tl.int64) * SPAN * SPAN  # = (b, h, tile): parts' layout
         tl.store(slot + c[:, None] * SPAN + c[None, :], table, mask=(c[:, None] < SPAN) & (c[None, :] < SPAN))
 
 
@@ -277,8 +278,9 @@ def _na2d_backward_key_kernel(
 ):  # fmt: skip
     LOG2E: tl.constexpr = 1.4426950408889634
     SPAN: tl.constexpr = 2 * KS - 1
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid = tl.program_id(0)  # one axis: (batch * heads) * tiles can pass the 65535 of axes 1 and 2
+    tile = pid % (DIL * DIL * tiles_h * tiles_w)
+    bh = pid // (DIL * DIL * tiles_h * tiles_w)
     b = (bh // heads).to(tl.int64)
     h = bh % heads
     group = tile // (tiles_h * tiles_w)
@@ -398,7 +400,7 @@ def _geometry(q: torch.Tensor, kernel_size: int, dilation: int, tile: tuple[int,
     B, H, W, heads, dim = q.shape
     tiles_h, tiles_w = _group_tiles(H, W, dilation, tile)
     return dict(
-        grid=(dilation * dilation * tiles_h * tiles_w, B * heads),
+        n_tiles=dilation * dilation * tiles_h * tiles_w,
         scalars=(heads, H, W, dim, tiles_h, tiles_w),
         constants=dict(
             KS=kernel_size,
@@ -418,7 +420,7 @@ def _forward(q, k, v, rpb, kernel_size, dilation, scale, tile):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse = torch.empty((B, heads, H, W), dtype=stat_dtype, device=q.device)
-    forward_kernel[geo["grid"]](
+    forward_kernel[(B * heads * geo["n_tiles"],)](
         q, k, v, rpb if rpb is not None else q, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *geo["scalars"], scale * math.log2(math.e),
@@ -435,18 +437,18 @@ def _backward(q, k, v, rpb, out, lse, grad_out, kernel_size, dilation, scale, ti
     delta = torch.empty_like(lse)  # written by the query-major pass
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     span = 2 * kernel_size - 1
-    n_tiles = geo["grid"][0]
+    n_tiles = geo["n_tiles"]
     parts = (
         torch.empty((B, heads, n_tiles, span, span), dtype=lse.dtype, device=q.device) if rpb_grad else lse
     )
     common = (*geo["scalars"], scale * math.log2(math.e), scale)
-    query_kernel[geo["grid"]](
+    query_kernel[(B * heads * geo["n_tiles"],)](
         q, k, v, rpb if rpb is not None else q, out, grad_out, lse, delta, dq, parts,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(), *common,
         HAS_RPB=rpb is not None, RPB_GRAD=rpb_grad, BH=tile[0], BW=tile[1],
         KW=_pow2(tile[1] + kernel_size - 1), SPAN_P=_pow2(span), **geo["constants"],
     )  # fmt: skip
-    key_kernel[geo["grid"]](
+    key_kernel[(B * heads * geo["n_tiles"],)](
         q, k, v, rpb if rpb is not None else q, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *common,
         HAS_RPB=rpb is not None, KH=tile[0], KWT=tile[1], QW=_pow2(tile[1] + kernel_size - 1),
