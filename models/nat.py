@@ -29,6 +29,7 @@ from typing import Any
 from urllib.error import URLError
 
 import torch
+from safetensors import SafetensorError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, LayerScale, Mlp, trunc_normal_
 from timm.layers.pos_embed_rel import resize_rel_pos_bias_table_simple
@@ -757,6 +758,11 @@ def _create_nat(variant: str, pretrained: bool | str | os.PathLike = False, **kw
             feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
             **model_args,
         )
+    except SafetensorError as e:  # timm's loader reads a .safetensors file: name it, not just the header
+        raise ValueError(
+            f"cannot read safetensors file {overlay.get('file')!r} for {variant} ({str(e).strip()[:200]}); "
+            "it must be a safetensors file of tensors (e.g. written by scripts/export_weights.py)"
+        ) from None
     except URLError as e:
         raise RuntimeError(
             f"could not download the {variant} checkpoint ({e.reason}); offline, pass a local file with "

@@ -175,6 +175,8 @@ def test_corrupt_or_foreign_safetensors_is_one_clear_error(tmp_path):
             CheckpointError, match=r"cannot read safetensors file .*\); it must be a safetensors"
         ):
             load_checkpoint(path)
+    with pytest.raises(ValueError, match=r"cannot read safetensors file '.*junk.safetensors' for nat_mini"):
+        timm.create_model("nat_mini", pretrained=str(junk))
     resnet = tmp_path / "resnet.safetensors"
     save_weights(timm.create_model("resnet10t", num_classes=3).state_dict(), resnet)
     sd = extract_state_dict(load_checkpoint(resnet), resnet)
