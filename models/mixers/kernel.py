@@ -78,12 +78,15 @@ class LinearAttention(QKVMixer):
 def orthogonal_random_features(num_features: int, dim: int) -> torch.Tensor:
     """`(num_features, dim)` rows: blocks of `dim` orthogonal directions with chi(dim) norms (FAVOR+).
 
-    Each block is the Q of a Gaussian matrix's QR; the norms make each row marginally Gaussian, so the
-    positive features stay unbiased while orthogonality lowers their variance. Drawn from torch's
-    default generator (the caller seeds it).
+    Each block is the Q of a Gaussian matrix's QR with its columns' signs fixed by R's diagonal, which
+    makes Q uniformly (Haar) distributed: raw Householder QR gives directions with a biased sign, and
+    the estimate then stops improving with more features. The norms make each row marginally
+    Gaussian, so the positive features are unbiased while orthogonality lowers their variance. Drawn
+    from torch's default generator (the caller seeds it).
     """
-    blocks = [torch.linalg.qr(torch.randn(dim, dim))[0].T for _ in range(math.ceil(num_features / dim))]
-    directions = torch.cat(blocks)[:num_features]
+    q, r = torch.linalg.qr(torch.randn(math.ceil(num_features / dim), dim, dim))
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)  # column j times sign(r_jj)
+    directions = q.transpose(-2, -1).reshape(-1, dim)[:num_features]
     return directions * torch.randn(num_features, dim).norm(dim=1, keepdim=True)
 
 
