@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import register_mixer
-from .common import QKVMixer
-from .options import check_int, reject_unused
+from .common import QKVMixer, check_size, reject_unused
 
 
 def normalized_kernel_attention(
@@ -62,7 +61,7 @@ class LinearAttention(QKVMixer):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
     ):
-        reject_unused("linear attention", qk_scale=qk_scale, attn_drop=attn_drop)
+        reject_unused("linear", qk_scale=qk_scale, attn_drop=attn_drop)
         super().__init__(dim, num_heads, qkv_bias=qkv_bias, proj_drop=proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,8 +116,8 @@ class PerformerAttention(QKVMixer):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
     ):
-        check_int("num_features", num_features, 1)
-        reject_unused("performer attention", attn_drop=attn_drop)
+        check_size("performer", "num_features", num_features)
+        reject_unused("performer", attn_drop=attn_drop)
         super().__init__(dim, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, proj_drop=proj_drop)
         self.num_features = num_features
         self.register_buffer("features", orthogonal_random_features(num_features, self.head_dim))
