@@ -41,6 +41,8 @@ LOCAL_MIXERS = (
     "shifted_window",
     "window",
 )
+# kernelized mixers: no attention matrix, so attn_drop > 0 is one ValueError (tests/test_mixers_global.py)
+NO_ATTENTION_MATRIX = ("linear", "performer")
 SMALL = dict(embed_dim=16, num_heads=(2, 4), num_classes=4)  # depths given by each test
 TINY = dict(embed_dim=16, depths=(1, 1), num_heads=(2, 4), mlp_ratio=2.0, kernel_size=3, num_classes=4)
 
@@ -98,6 +100,10 @@ def test_inference_mode_first_then_training(name):
 
 @pytest.mark.parametrize("name", sorted(MIXERS))
 def test_attention_dropout_only_in_training(name):
+    if name in NO_ATTENTION_MATRIX:  # nothing to apply it to: refused, not silently ignored
+        with pytest.raises(ValueError, match=rf"mixer '{name}' forms no attention matrix to drop out"):
+            MIXERS[name](DIM, HEADS, attn_drop=0.5)
+        return
     torch.manual_seed(0)
     plain = MIXERS[name](DIM, HEADS).eval()
     dropping = MIXERS[name](DIM, HEADS, attn_drop=0.5)

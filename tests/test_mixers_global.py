@@ -308,36 +308,84 @@ def test_linformer_projection_keeps_its_scale_across_resolutions():
     torch.testing.assert_close(at_4x, at_ref, rtol=0.02, atol=0)
 
 
+def adaptive_bins(size: int, pooled: int) -> list[range]:
+    """The tokens adaptive average pooling averages into each of `pooled` outputs along one axis."""
+    return [range(i * size // pooled, -(-(i + 1) * size // pooled)) for i in range(pooled)]
+
+
 def compressed_reference(m, x):
+    """Every query against keys/values of the reduced map: P x P bin means -> 1x1 conv -> LN -> GELU
+    (pooled), or r x r cells of the zero-padded map -> conv -> LN (strided)."""
     B, H, W, C = x.shape
     q = heads_of(F.linear(x.flatten(1, 2), m.qkv.weight[:C], m.qkv.bias[:C]), m.num_heads)
-    r = m.sr_ratio
-    reduced = x.flatten(1, 2)
-    if r > 1:
+    if m.pool_size is not None:
+        P = m.pool_size
+        bins = [(rows, cols) for rows in adaptive_bins(H, P) for cols in adaptive_bins(W, P)]  # row-major
+        means = torch.stack([x[:, rows][:, :, cols].mean((1, 2)) for rows, cols in bins], 1)  # (B, P*P, C)
+        reduced = F.linear(means, m.sr.weight.flatten(1), m.sr.bias)
+        reduced = F.gelu(F.layer_norm(reduced, (C,), m.norm.weight, m.norm.bias, m.norm.eps))
+    elif m.sr_ratio > 1:
+        r = m.sr_ratio
         padded = F.pad(x, (0, 0, 0, -W % r, 0, -H % r)).permute(0, 3, 1, 2)
         reduced = F.conv2d(padded, m.sr.weight, m.sr.bias, stride=r).flatten(2).transpose(1, 2)
         reduced = F.layer_norm(reduced, (C,), m.norm.weight, m.norm.bias, m.norm.eps)
+    else:
+        reduced = x.flatten(1, 2)
     k, v = (
         heads_of(t, m.num_heads) for t in F.linear(reduced, m.qkv.weight[C:], m.qkv.bias[C:]).chunk(2, -1)
     )
     return project_out(m, softmax_attention(q, k, v, m.scale), H, W)
 
 
-@pytest.mark.parametrize("size,sr_ratio", [((7, 9), 2), ((8, 8), 4), ((1, 1), 2), ((3, 2), 4), ((5, 5), 1)])
-def test_compressed_equals_reduced_attention(size, sr_ratio):
-    assert_matches(build(SpatialReductionAttention, sr_ratio=sr_ratio), compressed_reference, x_of(*size))
+@pytest.mark.parametrize(
+    "size,options",
+    [
+        ((7, 9), dict()),  # pooled to 7 x 7: uneven bins
+        ((16, 12), dict(pool_size=5)),
+        ((3, 5), dict()),  # smaller than the pool: overlapping bins
+        ((1, 1), dict(pool_size=3)),
+        ((7, 9), dict(pool_size=None, sr_ratio=2)),
+        ((8, 8), dict(pool_size=None, sr_ratio=4)),
+        ((1, 1), dict(pool_size=None, sr_ratio=2)),
+        ((3, 2), dict(pool_size=None, sr_ratio=4)),
+        ((5, 5), dict(pool_size=None, sr_ratio=1)),
+    ],
+)
+def test_compressed_equals_reduced_attention(size, options):
+    m = build(SpatialReductionAttention, **options)
+    if m.norm is not None:
+        with torch.no_grad():
+            m.norm.weight.normal_()  # 1 at init: make the LayerNorm's scale visible
+    assert_matches(m, compressed_reference, x_of(*size))
 
 
-def test_compressed_equals_timm_pvt_v2_on_divisible_maps():
-    m = build(SpatialReductionAttention, sr_ratio=2)
-    timm_attn = PvtV2Attention(DIM, HEADS, sr_ratio=2).double().eval()
+def timm_twin(m: SpatialReductionAttention, **options) -> PvtV2Attention:
+    """timm's PVT-v2 attention holding `m`'s weights (its q / kv are our packed qkv's rows)."""
+    timm_attn = PvtV2Attention(DIM, HEADS, **options).double().eval()
     timm_attn.q.weight.data, timm_attn.q.bias.data = m.qkv.weight[:DIM], m.qkv.bias[:DIM]
     timm_attn.kv.weight.data, timm_attn.kv.bias.data = m.qkv.weight[DIM:], m.qkv.bias[DIM:]
     for name in ("sr", "norm", "proj"):
         getattr(timm_attn, name).load_state_dict(getattr(m, name).state_dict())
+    return timm_attn
+
+
+@pytest.mark.parametrize("size", [(8, 6), (14, 14), (7, 7), (3, 5), (1, 1), (20, 9)])
+def test_compressed_default_equals_timm_pvt_v2_linear(size):
+    """The default is PVT-v2-li (timm `linear_attn=True`, 7 x 7 pooled keys), at any map size."""
+    m = build(SpatialReductionAttention)
+    assert m.pool_size == 7 and m.sr.kernel_size == (1, 1)
+    x = x_of(*size)
+    with torch.no_grad():
+        m.norm.weight.normal_()
+        want = timm_twin(m, linear_attn=True)(x.flatten(1, 2), list(size))
+        torch.testing.assert_close(m(x).flatten(1, 2), want)
+
+
+def test_compressed_sr_ratio_equals_timm_pvt_v2_on_divisible_maps():
+    m = build(SpatialReductionAttention, pool_size=None, sr_ratio=2)
     x = x_of(8, 6)
     with torch.no_grad():
-        torch.testing.assert_close(m(x).flatten(1, 2), timm_attn(x.flatten(1, 2), [8, 6]))
+        torch.testing.assert_close(m(x).flatten(1, 2), timm_twin(m, sr_ratio=2)(x.flatten(1, 2), [8, 6]))
 
 
 # ---- synthesizers ---------------------------------------------------------------------------------
@@ -448,21 +496,24 @@ def test_half_precision_autocast_and_half_weights(name, dtype):
 @pytest.mark.parametrize(
     "name,options,message",
     [
-        ("reformer", dict(block_size=0), r"block_size must be an int >= 1, got 0"),
-        ("reformer", dict(num_buckets=3), r"num_buckets must be an even int >= 2, got 3"),
-        ("reformer", dict(num_hashes=0), r"num_hashes must be an int >= 1"),
-        ("sinkhorn", dict(block_size=-2), r"block_size must be an int >= 1"),
-        ("sinkhorn", dict(sinkhorn_iters=0), r"sinkhorn_iters must be an int >= 1"),
+        ("reformer", dict(block_size=0), r"block_size must be an integer >= 1, got 0"),
+        ("reformer", dict(num_buckets=3), r"num_buckets must be an even integer >= 2, got 3"),
+        ("reformer", dict(num_hashes=0), r"num_hashes must be an integer >= 1"),
+        ("sinkhorn", dict(block_size=-2), r"block_size must be an integer >= 1"),
+        ("sinkhorn", dict(sinkhorn_iters=0), r"sinkhorn_iters must be an integer >= 1"),
         ("sinkhorn", dict(temperature=0.0), r"temperature must be a number > 0"),
-        ("linformer", dict(num_proj=0), r"num_proj must be an int >= 1"),
-        ("linformer", dict(ref_size=2.5), r"ref_size must be an int >= 1, got 2.5"),
-        ("compressed", dict(sr_ratio=0), r"sr_ratio must be an int >= 1"),
+        ("linformer", dict(num_proj=0), r"num_proj must be an integer >= 1"),
+        ("linformer", dict(ref_size=2.5), r"ref_size must be an integer >= 1, got 2.5"),
+        ("compressed", dict(pool_size=0), r"'compressed': pool_size must be an integer >= 1, got 0"),
+        ("compressed", dict(pool_size=None, sr_ratio=0), r"sr_ratio must be an integer >= 1"),
+        ("compressed", dict(sr_ratio=2), r"set exactly one of pool_size .* pass pool_size=None with it"),
+        ("compressed", dict(pool_size=None), r"exactly one of .* got pool_size=None, sr_ratio=None"),
         ("linear", dict(qk_scale=0.5), r"no q·k logits to scale"),
         ("linear", dict(attn_drop=0.1), r"no attention matrix to drop out"),
-        ("performer", dict(num_features=0), r"num_features must be an int >= 1, got 0"),
+        ("performer", dict(num_features=0), r"num_features must be an integer >= 1, got 0"),
         ("performer", dict(attn_drop=0.1), r"no attention matrix to drop out"),
-        ("synthesizer_dense", dict(ref_size=0), r"ref_size must be an int >= 1"),
-        ("synthesizer_random", dict(rank=0), r"rank must be an int >= 1"),
+        ("synthesizer_dense", dict(ref_size=0), r"ref_size must be an integer >= 1"),
+        ("synthesizer_random", dict(rank=0), r"rank must be an integer >= 1"),
         ("synthesizer_random", dict(qk_scale=1.0), r"no q·k logits to scale"),
     ],
 )

@@ -72,10 +72,14 @@ def valid_token_mask(height: int, width: int, padded_h: int, padded_w: int, devi
     return rows[:, None] & cols[None, :]
 
 
-def check_size(mixer: str, option: str, value: object, minimum: int = 1) -> None:
-    """One ValueError unless `value` is an int >= `minimum` (a window / block / token count)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"mixer {mixer!r}: {option} must be an integer >= {minimum}, got {value!r}")
+# Option checks of every zoo family: one ValueError naming the mixer, the option and the valid range.
+
+
+def check_size(mixer: str, option: str, value: object, minimum: int = 1, *, even: bool = False) -> None:
+    """One ValueError unless `value` is an int >= `minimum` (a window, block, token count), even if asked."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (even and value % 2):
+        kind = "an even integer" if even else "an integer"
+        raise ValueError(f"mixer {mixer!r}: {option} must be {kind} >= {minimum}, got {value!r}")
 
 
 def check_odd_size(mixer: str, option: str, value: object) -> None:
@@ -84,6 +88,25 @@ def check_odd_size(mixer: str, option: str, value: object) -> None:
         raise ValueError(
             f"mixer {mixer!r}: {option} must be an odd integer >= 1 (a window centred on the query), "
             f"got {value!r}"
+        )
+
+
+def check_positive(mixer: str, option: str, value: object) -> None:
+    """One ValueError unless `value` is a real number > 0 (a temperature, a rate)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"mixer {mixer!r}: {option} must be a number > 0, got {value!r}")
+
+
+def reject_unused(mixer: str, qk_scale: float | None = None, attn_drop: float = 0.0) -> None:
+    """Refuse block options a mechanism has nothing to apply to (no q·k logits, no attention matrix)."""
+    if qk_scale is not None:
+        raise ValueError(
+            f"mixer {mixer!r} has no q·k logits to scale: leave qk_scale=None (got {qk_scale!r})"
+        )
+    if attn_drop:
+        raise ValueError(
+            f"mixer {mixer!r} forms no attention matrix to drop out: use attn_drop=0.0 and proj_drop "
+            f"instead (got attn_drop={attn_drop!r})"
         )
 
 
