@@ -64,6 +64,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
             "min_dot_distance": 0.5,
             "palette": 2,
             "dot_radius": 3.2,  # px: the dots' size (a white ring around the curve's colour)
+            "near_fraction": 0.0,  # training images with the dots side by side (a curriculum)
             "seed": 0,
         },
         "timm_kwargs": None,  # extra timm create_dataset arguments (timm reader datasets only)

@@ -44,6 +44,7 @@ PATHFINDER_DEFAULTS = dict(
     min_dot_distance=0.5,
     palette=2,
     dot_radius=3.2,
+    near_fraction=0.0,
     seed=0,
 )
 DEFAULT_PATHFINDER_ROOT = "datasets/pathfinder"

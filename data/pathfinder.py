@@ -33,7 +33,7 @@ from .errors import DataError
 from .synthetic import write_generated_dataset
 
 # Bump when the drawing changes, so an old dataset on disk is not mistaken for a current one.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 CLASS_NAMES = ["disconnected", "connected"]
 _SUPERSAMPLE = 4  # curves are drawn at 4x and box-filtered down: anti-aliased, ~1.5 px wide
 _CURVE_WIDTH = 2.0  # px at the output size
@@ -42,7 +42,8 @@ _CURVE_LENGTH = 1.1  # curve length as a fraction of the image side: most of the
 _TURN_STD = 0.35  # heading change per step (radians, steps of ~1 px): smooth but not straight
 _MIN_HUE_GAP = 0.2  # hues of two curves in one image differ by at least this (of the 0..1 circle)
 _DOT_CLEARANCE = 2.0  # px between a dot's edge and any other curve
-_MAX_TRIES = 1000
+_NEAR_GAP = (1.0, 6.0)  # px between the edges of two `near` dots: both in one small window
+_MAX_TRIES = 3000
 
 
 def _random_curve(rng, size: int) -> np.ndarray:
@@ -104,16 +105,20 @@ def render_pathfinder(
     min_dot_distance: float = 0.5,
     palette: int = 2,
     dot_radius: float = 3.2,
+    near: bool = False,
 ) -> np.ndarray:
-    """One H x W x 3 uint8 image; the dots are on one curve's two ends iff `connected`."""
-    min_dist = min_dot_distance * size
+    """One H x W x 3 uint8 image; the dots are on one curve's two ends iff `connected`. The dots are
+    >= min_dot_distance x size apart, or with `near` only `_NEAR_GAP` px apart (edge to edge)."""
+    min_dist, max_dist = min_dot_distance * size, np.inf
+    if near:
+        min_dist, max_dist = 2 * dot_radius + _NEAR_GAP[0], 2 * dot_radius + _NEAR_GAP[1]
     for _ in range(_MAX_TRIES):
         curves = [_random_curve(rng, size) for _ in range(num_curves)]
         if connected:
             dots, owners = [curves[0][0], curves[0][-1]], [0, 0]
         else:
             dots, owners = [curves[0][rng.integers(2) * -1], curves[1][rng.integers(2) * -1]], [0, 1]
-        if np.linalg.norm(dots[0] - dots[1]) >= min_dist and all(
+        if min_dist <= np.linalg.norm(dots[0] - dots[1]) <= max_dist and all(
             _clear_of_others(dot, owner, curves, dot_radius) for dot, owner in zip(dots, owners, strict=True)
         ):
             break
@@ -187,12 +192,18 @@ def generate_pathfinder_dataset(
     min_dot_distance=0.5,
     palette=2,
     dot_radius=3.2,
+    near_fraction=0.0,
     seed=0,
 ) -> Path:
     """Write the pathfinder set to root/{train,val}/{disconnected,connected}/*.png; return root.
 
-    Deterministic (same arguments -> same bytes) and idempotent, as `generate_synthetic_dataset`.
+    `near_fraction` of the training images (none of the val images) have their dots side by side
+    instead: a curriculum. The comparison is then learnable inside one window, by every mixer; the
+    val set, all far pairs, asks which mixers carry it across the image. Deterministic (same
+    arguments -> same bytes) and idempotent, as `generate_synthetic_dataset`.
     """
+    if not 0 <= near_fraction < 1:
+        raise DataError(f"pathfinder near_fraction={near_fraction}: use 0 <= near_fraction < 1")
     _check_params(
         train_per_class, val_per_class, image_size, num_curves, min_dot_distance, palette, dot_radius
     )
@@ -207,10 +218,12 @@ def generate_pathfinder_dataset(
         min_dot_distance=float(min_dot_distance),
         palette=int(palette),
         dot_radius=float(dot_radius),
+        near_fraction=float(near_fraction),
         seed=int(seed),
     )
 
-    def render(rng, class_index):
+    def render(rng, class_index, split):
+        near = split == "train" and rng.random() < near_fraction
         return render_pathfinder(
             bool(class_index),
             image_size,
@@ -220,6 +233,7 @@ def generate_pathfinder_dataset(
             float(min_dot_distance),
             int(palette),
             float(dot_radius),
+            near,
         )
 
     return write_generated_dataset(root, params, CLASS_NAMES, render, kind="pathfinder")

@@ -271,7 +271,7 @@ def write_generated_dataset(root, params: dict, classes: list, render, kind: str
     """Write a generated dataset to root/{train,val}/<class>/*.png; return root.
 
     `params` (recorded in the manifest) must hold `train_per_class` and `val_per_class`;
-    `render(rng, class_index) -> H x W x 3 uint8` draws one image from its own RNG, seeded by
+    `render(rng, class_index, split) -> H x W x 3 uint8` draws one image from its own RNG, seeded by
     (params["seed"], split, class, index), so the bytes depend only on those and the library versions.
     Idempotent: if `root` already holds a complete dataset with the same `params` it returns at once.
     The data is built in a sibling staging folder and renamed into place, so `root` is either complete
@@ -304,7 +304,7 @@ def write_generated_dataset(root, params: dict, classes: list, render, kind: str
                 out.mkdir(parents=True)
                 for i in range(params[f"{split}_per_class"]):
                     rng = np.random.default_rng([seed, split_index, class_index, i])
-                    pixels = render(rng, class_index)
+                    pixels = render(rng, class_index, split)
                     Image.fromarray(pixels).save(out / f"{name}_{i:05d}.png", compress_level=1)
         manifest = dict(params, classes=classes)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -333,5 +333,5 @@ def generate_synthetic_dataset(
         root,
         params,
         classes,
-        lambda rng, class_index: render_image(class_index, image_size, rng, classes, polarity),
+        lambda rng, class_index, split: render_image(class_index, image_size, rng, classes, polarity),
     )

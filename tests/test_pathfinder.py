@@ -148,3 +148,20 @@ def test_build_datasets_pathfinder_and_errors(tmp_path):
         generate_pathfinder_dataset(tmp_path / "r", dot_radius=9.0)
     with pytest.raises(DataError, match="min_dot_distance=0.95"):
         generate_pathfinder_dataset(tmp_path / "z", min_dot_distance=0.95)
+
+
+def test_near_fraction_is_a_training_curriculum_only(tmp_path):
+    """near_fraction puts that share of the training pairs side by side (edges 1-6 px apart, read from
+    the pixels), and none of the val pairs: val always asks for the long-range comparison."""
+    root = generate_pathfinder_dataset(
+        tmp_path / "near", train_per_class=30, val_per_class=15, image_size=SIZE, near_fraction=0.5
+    )
+
+    def distances(split):
+        return np.array([np.hypot(*np.subtract(*_dots(img))) for img, _ in _images(root, split)])
+
+    train, val = distances("train"), distances("val")
+    near = train < 0.5 * SIZE - 1.5
+    assert 0.3 < near.mean() < 0.7
+    assert np.all(train[near] <= 2 * 3.2 + 6.0 + 1.5)
+    assert np.all(val >= 0.5 * SIZE - 1.5)
