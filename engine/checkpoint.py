@@ -3,8 +3,8 @@ model (classifier resize, the family's checkpoint_filter_fn), and the atomic tra
 
 `load_checkpoint` is the one function that opens a checkpoint file (torch.load with
 weights_only=True, or safetensors for a `.safetensors` file); a new format is added there and every
-caller gets it. `save_weights` writes the bare weights (.pth or .safetensors) that
-scripts/export_weights.py exports.
+caller gets it. `export_weights` / `save_weights` write bare weights (.pth or .safetensors), what
+scripts/export_weights.py does.
 Training checkpoints carry `CHECKPOINT_FORMAT` and everything an exact resume needs.
 """
 
@@ -85,6 +85,42 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path) -> Path:
         torch.save(tensors, tmp)
     os.replace(tmp, path)
     return path
+
+
+WEIGHTS_FORMATS = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def export_weights(
+    checkpoint: str | Path,
+    output: str | Path,
+    use_ema: bool = False,
+    model_name: str | None = None,
+    model_kwargs: str | None = None,
+) -> tuple[Path, int]:
+    """A checkpoint's (EMA) weights as a bare state dict file; (output path, number of tensors).
+
+    timm's clean_checkpoint: no optimizer / run state / wrapper prefixes. The weights are loaded into
+    the model (this repo's checkpoints: their own arch; else `model_name` if given), which checks them
+    and re-keys official / Hugging Face layouts to this repo's; without a model they are copied as is."""
+    from engine.factory import check_model_name, create_model_for_checkpoint
+
+    output = Path(output)
+    if output.suffix not in WEIGHTS_FORMATS:
+        raise CheckpointError(
+            f"output '{output}' must end in one of {', '.join(WEIGHTS_FORMATS)} (the format to write)"
+        )
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "model_best.pth.tar"
+    ckpt = load_checkpoint(path)
+    sd = extract_state_dict(ckpt, path, use_ema=use_ema)
+    name = model_name or (ckpt.get("arch") if "state_dict" in ckpt else None)
+    if name:
+        check_model_name(name)
+        model, _ = create_model_for_checkpoint(name, ckpt, sd, path, model_kwargs=model_kwargs)
+        sd = model.state_dict()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return save_weights(sd, output), len(sd)
 
 
 def extract_state_dict(ckpt, path, use_ema: bool = False) -> dict:
