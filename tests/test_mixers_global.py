@@ -2,8 +2,9 @@
 
 Each reference recomputes q, k, v from the module's weights and builds the attention the mechanism
 defines (densely, N x N, where the module never does); outputs and gradients (input and every
-parameter) must agree. Then the shared contract: any size, determinism in eval, gradients everywhere,
-one ValueError per bad option.
+parameter) must agree. `count_flops` must charge each mixer the multiply-adds its mechanism
+defines. Then the shared contract: any size, determinism in eval, gradients everywhere, one
+ValueError per bad option.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_mixers import _MapModel  # a mixer alone on count_flops' NCHW input
 from timm.models.pvt_v2 import Attention as PvtV2Attention
 
+from models import count_flops
 from models.mixers import MIXERS
 from models.mixers.kernel import LinearAttention, PerformerAttention
 from models.mixers.lowrank import LinformerAttention, SpatialReductionAttention
@@ -434,6 +437,75 @@ def test_synthesizers_exempt_their_bias_and_position_logits_from_weight_decay():
     for cls, exempt in ((DenseSynthesizerAttention, {"key_bias"}), (RandomSynthesizerAttention, {"factors"})):
         m = build(cls)
         assert m.no_weight_decay() == exempt and exempt <= dict(m.named_parameters()).keys()
+
+
+# ---- FLOPs ----------------------------------------------------------------------------------------
+
+
+def mechanism_macs(name: str, options: dict, H: int, W: int, C: int, heads: int) -> int:
+    """Multiply-adds of one forward of mixer `name` on an H x W map, from its mechanism's definition.
+
+    Linears, convs and matmuls only, as `models.count_flops` (pooling, norms, softmax are not counted).
+    """
+    N, d = H * W, C // heads
+    linears = 4 * N * C * C  # qkv and proj
+    if name == "linear":  # phi(K)^T [V, 1] and phi(Q) (...): d x (d + 1) per token and head each
+        return linears + 2 * heads * N * d * (d + 1)
+    if name == "performer":
+        # features of q and of k: w_r·x and -|x|^2 / 2 per feature; then phi(K)^T [V, 1], phi(Q) (...)
+        return linears + 4 * heads * N * options["num_features"] * (d + 1)
+    if name == "linformer":  # E K and F V (k x N projections), then N queries x k keys: QK^T and AV
+        k = options["num_proj"]
+        return linears + 2 * k * N * C + 2 * N * k * C
+    if name == "compressed":
+        if options.get("pool_size", 7) is not None:  # P^2 pooled tokens, 1x1 conv
+            keys = options.get("pool_size", 7) ** 2
+            conv = keys * C * C
+        else:  # one token per r x r cell of the zero-padded map, r x r conv
+            r = options["sr_ratio"]
+            keys = math.ceil(H / r) * math.ceil(W / r)
+            conv = keys * C * C * r * r
+        return 2 * N * C * C + conv + keys * 2 * C * C + 2 * N * keys * C  # q, proj; conv; kv; attention
+    if name == "reformer":  # shared qk (2 C outputs); per round: hashing, a chunk and its previous one
+        R, b = options["num_hashes"], options["block_size"]
+        chunks = math.ceil(N / b)
+        keys = 2 * b if chunks > 1 else b
+        hashing = R * heads * N * d * options["num_buckets"] // 2
+        return 3 * N * C * C + hashing + 2 * R * heads * chunks * b * keys * d
+    if name == "sinkhorn":
+        s = options["block_size"]
+        blocks, hidden = math.ceil(H / s) * math.ceil(W / s), C // 4
+        sort_net = blocks * (C * hidden + hidden * 2 * C)
+        block_logits = heads * blocks * blocks * d
+        sorting = heads * blocks * blocks * s * s * (2 * d + 1)  # S K, S V and S (validity)
+        attention = 2 * heads * blocks * s * s * (2 * s * s) * d  # own block + the sorted block
+        return linears + sort_net + block_logits + sorting + attention
+    if name == "synthesizer_dense":  # (hidden, v) and proj; logits over d + 1 columns (W2 and b2),
+        return 3 * N * C * C + 2 * heads * N * N * (d + 1)  # v zero-padded to d + 1 for fused SDPA
+    if name == "synthesizer_random":  # v and proj; R1 R2^T logits and AV at max(rank, d) columns
+        return 2 * N * C * C + 2 * heads * N * N * max(options["rank"], d)
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("linear", {}),
+        ("performer", dict(num_features=24)),
+        ("linformer", dict(num_proj=5)),
+        ("compressed", {}),
+        ("compressed", dict(pool_size=3)),
+        ("compressed", dict(pool_size=None, sr_ratio=3)),
+        ("reformer", dict(block_size=16, num_buckets=4, num_hashes=3)),
+        ("sinkhorn", dict(block_size=4)),
+        ("synthesizer_dense", dict(ref_size=6)),
+        ("synthesizer_random", dict(rank=3, ref_size=5)),
+    ],
+)
+def test_flops_charge_each_mixer_its_mechanism(name, options):
+    H, W = 13, 11
+    mixer = MIXERS[name](DIM, HEADS, **options)
+    assert count_flops(_MapModel(mixer), (DIM, H, W)) == mechanism_macs(name, options, H, W, DIM, HEADS)
 
 
 # ---- the shared contract --------------------------------------------------------------------------

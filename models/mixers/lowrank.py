@@ -104,8 +104,9 @@ class SpatialReductionAttention(QKVMixer):
     * `pool_size=P` (default 7): PVT-v2-li, timm's `linear_attn=True`. Keys/values come from
       GELU(LayerNorm(Conv1x1(AdaptiveAvgPool2d(x, P)))): P^2 keys at every resolution, key (i, j)
       made from the mean of the tokens in rows floor(i H / P) .. ceil((i + 1) H / P) - 1 and the
-      matching columns. A map smaller than P has bins that overlap (a token feeds several keys), as
-      in timm. Cost O(N P^2 D) attention + O(N D) pooling + O(P^2 D^2) conv: linear in tokens.
+      matching columns. Where P does not divide H (or W) neighbouring bins share a row (column), so
+      a token may feed several keys; a map smaller than P repeats tokens over keys (as timm).
+      Cost O(N P^2 D) attention + O(N D) pooling + O(P^2 D^2) conv: linear in tokens.
     * `sr_ratio=r` with `pool_size=None`: PVT-v2's strided conv. Keys/values come from
       LayerNorm(Conv2d(x, kernel = stride = r)), one per r x r cell; the map is zero-padded
       bottom/right to a multiple of r first (PVT-v2 drops the remainder rows instead), so there are
