@@ -182,3 +182,27 @@ def test_export_rejects_bad_arguments_with_one_line(tmp_path):
     result = _export("nat_mini", "--out", str(tmp_path / "model.txt"))
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: --out") and len(result.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention maps (scripts/visualize_attention.py)
+
+
+def test_visualize_attention_writes_a_png_and_rejects_bad_layers(tmp_path):
+    from PIL import Image
+
+    script = str(ROOT / "scripts" / "visualize_attention.py")
+    args = ["--model", "dinat_mini", "--img-size", "64", "--queries", "0,0", "40,20", "--heads", "0", "1"]
+    out = tmp_path / "attention.png"
+    result = subprocess.run(
+        [sys.executable, script, *args, "--layers", "0.0", "0.1", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    with Image.open(out) as png:  # 2 layers x (2 queries x 2 heads) panels
+        assert png.format == "PNG" and png.width > png.height > 300
+    result = subprocess.run(
+        [sys.executable, script, *args, "--layers", "0.9", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stderr.startswith("error: --layers '0.9'")
