@@ -38,7 +38,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "kwargs": {},  # extra timm.create_model kwargs (e.g. embed_dim, depths for small variants)
     },
     "data": {  # passed to data.build_datasets (see data/)
-        "dataset": "folder",  # folder | synthetic | a timm reader name
+        "dataset": "folder",  # folder | synthetic | pathfinder | a timm reader name
         "root": "datasets/imagenet",
         "train_split": "train",
         "val_split": "val",
@@ -52,6 +52,19 @@ DEFAULTS: dict[str, dict[str, Any]] = {
             "train_per_class": 200,
             "val_per_class": 50,
             "image_size": 64,
+            "seed": 0,
+            "polarity": "any",  # any | light (light shapes on a dark background: learnt much sooner)
+        },
+        "pathfinder": {  # dataset: pathfinder (data/pathfinder.py): are the two dots on one curve?
+            "train_per_class": 1000,
+            "val_per_class": 200,
+            "image_size": 48,
+            "num_curves": 2,
+            "colour_curves": True,
+            "min_dot_distance": 0.5,
+            "palette": 2,
+            "dot_radius": 3.2,  # px: the dots' size (a white ring around the curve's colour)
+            "near_fraction": 0.0,  # training images with the dots side by side (a curriculum)
             "seed": 0,
         },
         "timm_kwargs": None,  # extra timm create_dataset arguments (timm reader datasets only)

@@ -1,5 +1,6 @@
 """Data sets for NAT training: ImageNet-style class folders, subsets, timm readers, and an embedded
-synthetic shapes set that needs no download. See `build_datasets` for the config keys."""
+synthetic shapes set and a long-range Pathfinder-like set, generated locally (no download).
+See `build_datasets` for the config keys."""
 
 from .builder import DatasetBundle, build_datasets, write_selection
 from .errors import DataError
@@ -11,6 +12,7 @@ from .folder import (
     read_class_list,
     resolve_classes,
 )
+from .pathfinder import generate_pathfinder_dataset
 from .synthetic import SHAPE_NAMES, generate_synthetic_dataset
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "build_datasets",
     "build_image_folder",
     "corrupt_count",
+    "generate_pathfinder_dataset",
     "generate_synthetic_dataset",
     "list_images",
     "read_class_list",

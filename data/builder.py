@@ -1,4 +1,4 @@
-"""`build_datasets(data_cfg)`: the one entry point train.py / eval.py use to get train and val sets."""
+"""`build_datasets(data_cfg)`: the one call engine.trainer / engine.evaluate make for train and val sets."""
 
 import json
 import logging
@@ -9,6 +9,7 @@ from timm.data import create_dataset
 
 from .errors import DataError, unknown_key_error
 from .folder import build_image_folder, corrupt_count, resolve_classes
+from .pathfinder import generate_pathfinder_dataset
 from .synthetic import generate_synthetic_dataset
 
 _logger = logging.getLogger(__name__)
@@ -24,13 +25,29 @@ DEFAULTS = dict(
     max_per_class_val=None,
     seed=0,
     synthetic=None,
+    pathfinder=None,
     # Only for timm reader pass-through (tfds/, wds/, hfds/, hfids/, torch/): extra create_dataset
     # arguments (e.g. batch_size / is_training for iterable readers) and the explicit download opt-in.
     timm_kwargs=None,
     download=False,
 )
-SYNTHETIC_DEFAULTS = dict(num_classes=10, train_per_class=200, val_per_class=50, image_size=64, seed=0)
+SYNTHETIC_DEFAULTS = dict(
+    num_classes=10, train_per_class=200, val_per_class=50, image_size=64, seed=0, polarity="any"
+)
 DEFAULT_SYNTHETIC_ROOT = "datasets/synthetic"
+PATHFINDER_DEFAULTS = dict(
+    train_per_class=1000,
+    val_per_class=200,
+    image_size=48,
+    num_curves=2,
+    colour_curves=True,
+    min_dot_distance=0.5,
+    palette=2,
+    dot_radius=3.2,
+    near_fraction=0.0,
+    seed=0,
+)
+DEFAULT_PATHFINDER_ROOT = "datasets/pathfinder"
 FOLDER_NAMES = ("folder", "imagefolder", "")
 TIMM_PREFIXES = ("tfds", "wds", "hfds", "hfids", "torch")
 SUBSET_KEYS = ("class_list", "num_classes", "max_per_class", "max_per_class_val")
@@ -64,14 +81,17 @@ def _dataset_kind(name):
     name = "" if name is None else str(name)
     if name.lower() in FOLDER_NAMES:
         return "folder"
-    if name.lower() == "synthetic":
-        return "synthetic"
+    if name.lower() in ("synthetic", "pathfinder"):
+        return name.lower()
     prefix, sep, _ = name.partition("/")
     if sep and prefix.lower() in TIMM_PREFIXES:
         return "timm"
-    choices = ["folder", "synthetic"] + [p + "/" for p in TIMM_PREFIXES]
+    choices = ["folder", "synthetic", "pathfinder"] + [p + "/" for p in TIMM_PREFIXES]
     raise unknown_key_error(
-        name, choices, "data.dataset (folder, synthetic, or a timm reader name like torch/cifar10)", "dataset"
+        name,
+        choices,
+        "data.dataset (folder, synthetic, pathfinder, or a timm reader name like torch/cifar10)",
+        "dataset",
     )
 
 
@@ -79,8 +99,10 @@ def build_datasets(data_cfg: dict, run_dir=None) -> DatasetBundle:
     """Train and val datasets (and the class list) from the `data` section of a config.
 
     dataset: 'folder' (root/train/<class>/*, root/val/<class>/*), 'synthetic' (the embedded shapes
-    set, generated into root first if needed, then read as a folder), or a timm reader name such as
-    'torch/cifar10', 'hfds/<name>', 'tfds/<name>', 'wds/<name>' passed to timm.data.create_dataset.
+    set, generated into root first if needed, then read as a folder), 'pathfinder' (the embedded
+    long-range set of data/pathfinder.py, options under data.pathfinder, generated the same way),
+    or a timm reader name such as 'torch/cifar10', 'hfds/<name>', 'tfds/<name>', 'wds/<name>' passed
+    to timm.data.create_dataset.
     With run_dir, the selection (class order, per-class counts, caps, seed) goes to
     run_dir/classes.json and run_dir/classes.txt (the latter loadable as a timm class_map).
     """
@@ -97,8 +119,16 @@ def build_datasets(data_cfg: dict, run_dir=None) -> DatasetBundle:
             cfg["root"] = cfg["root"] or DEFAULT_SYNTHETIC_ROOT
             generate_synthetic_dataset(cfg["root"], **syn)
             cfg["synthetic"] = syn
-        else:
-            cfg["synthetic"] = None  # generator settings only matter for dataset: synthetic
+        if kind == "pathfinder":
+            opts = cfg["pathfinder"] or {}
+            _check_keys(opts, PATHFINDER_DEFAULTS, "data.pathfinder")
+            opts = {**PATHFINDER_DEFAULTS, **opts}
+            cfg["root"] = cfg["root"] or DEFAULT_PATHFINDER_ROOT
+            generate_pathfinder_dataset(cfg["root"], **opts)
+            cfg["pathfinder"] = opts
+        # generator settings only matter for their own dataset
+        cfg["synthetic"] = cfg["synthetic"] if kind == "synthetic" else None
+        cfg["pathfinder"] = cfg["pathfinder"] if kind == "pathfinder" else None
         bundle = _build_folder(cfg)
     if run_dir is not None:
         write_selection(run_dir, bundle)
@@ -134,6 +164,7 @@ def _build_folder(cfg):
         max_per_class=cfg["max_per_class"],
         max_per_class_val=cfg["max_per_class_val"],
         synthetic=cfg["synthetic"],
+        pathfinder=cfg["pathfinder"],
         num_classes=len(classes),
         classes=classes,
         counts=dict(train=train.class_counts(), val=val.class_counts()),

@@ -6,6 +6,10 @@ kernel_size**2 keys per query: the counter then charges NA what the papers do. C
 matmuls are counted; norms, activations, softmax and pooling are not (negligible, and left out of
 the papers' tables too). Numbers are multiply-accumulates ("FLOPs" in the NAT/DiNAT/Swin tables).
 
+Fused attention (`F.scaled_dot_product_attention`, the zoo mixers' workhorse) is charged its
+QK^T and AV matmuls over the keys it is given: torch's counter knows the CUDA kernels but not the
+CPU flash kernel, which is added here (without it a CPU count would miss full attention entirely).
+
 A model built under `with torch.device("meta"):` is counted without allocating weights or
 activations (the counter needs shapes only): the fast way to count big variants on a CPU.
 """
@@ -16,7 +20,14 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+
+def _cpu_flash_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_sdpa_flops}
 
 
 def count_flops(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), batch_size: int = 1) -> int:
@@ -32,7 +43,7 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), bat
     was_training = model.training
     model.eval()
     try:
-        counter = FlopCounterMode(display=False)
+        counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
         with torch.no_grad(), use_backend("naive"), counter:
             model(x)
     finally:

@@ -10,7 +10,8 @@ dilated NA, with the dilation picked so the dilated window spans the stage's map
 resolution (224: 8/4/2/1, 384: 13/6/3/1).
 
 Internal names are timm's (`stem`, `stages.N.downsample`, `stages.N.blocks.M`, `norm`, `head.fc`);
-`checkpoint_filter_fn` maps the official key layout (`patch_embed`, `levels`, `head`) onto them.
+`checkpoint_filter_fn` maps the official key layout (`patch_embed`, `levels`, `head`) and Hugging Face
+transformers' (`nat.embeddings`, `nat.encoder.levels`, `classifier`) onto them.
 The official repo puts the downsampler at the end of level i, here it opens stage i + 1.
 
 Inputs of any size work: a map smaller than a layer's window (kernel_size * dilation) is
@@ -23,11 +24,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.error import URLError
 
 import torch
+from safetensors import SafetensorError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, LayerScale, Mlp, trunc_normal_
 from timm.layers.pos_embed_rel import resize_rel_pos_bias_table_simple
@@ -36,7 +38,7 @@ from timm.models._features import feature_take_indices
 from timm.models._helpers import clean_state_dict
 from torch import nn
 
-from .layers import NeighborhoodAttention2D
+from .mixers import build_mixer, check_mixer
 
 __all__ = ["NAT", "checkpoint_filter_fn", "dinat_dilations"]
 
@@ -49,6 +51,37 @@ def dinat_dilations(depths: Sequence[int], stage_dilations: Sequence[int]) -> tu
         tuple(1 if j % 2 == 0 else d for j in range(depth))
         for depth, d in zip(depths, stage_dilations, strict=True)
     )
+
+
+def _stage_mixers(
+    mixer: str | Sequence[str | Sequence[str]],
+    mixer_kwargs: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None,
+    num_stages: int,
+) -> tuple[tuple[str | tuple[str, ...], ...], tuple[dict[str, Any], ...]]:
+    """Per-stage mixers (a name, or names cycled over the blocks) and options, all checked up front."""
+
+    def entry(m: Any) -> str | tuple[str, ...]:  # () for anything else: the error below
+        return m if isinstance(m, str) else tuple(m) if isinstance(m, Sequence) else ()
+
+    per_stage = (mixer,) * num_stages if isinstance(mixer, str) else entry(mixer)
+    mixers = tuple(entry(m) for m in per_stage)
+    if len(mixers) != num_stages or any(not m for m in mixers):
+        raise ValueError(
+            f"mixer {mixer!r} must be a name or one entry per stage ({num_stages}): a name or a non-empty "
+            "sequence of names cycled over the stage's blocks"
+        )
+    if mixer_kwargs is None or isinstance(mixer_kwargs, Mapping):
+        options = (dict(mixer_kwargs or {}),) * num_stages
+    else:
+        options = tuple(dict(o or {}) for o in mixer_kwargs)
+        if len(options) != num_stages:
+            raise ValueError(
+                f"mixer_kwargs must be one dict or one dict per stage ({num_stages}), got {len(options)}"
+            )
+    for names, opts in zip(mixers, options, strict=True):
+        for name in (names,) if isinstance(names, str) else names:
+            check_mixer(name, opts)
+    return mixers, options
 
 
 class ConvStem(nn.Module):
@@ -81,7 +114,11 @@ class ConvDownsample(nn.Module):
 
 
 class NATBlock(nn.Module):
-    """LN -> NA (with RPB) -> [layer scale] -> drop-path residual; LN -> MLP -> [layer scale] -> residual."""
+    """LN -> NA (with RPB) -> [layer scale] -> drop-path residual; LN -> MLP -> [layer scale] -> residual.
+
+    `mixer` names another token mixer of the attention zoo (`models.mixers.MIXERS`) in NA's place,
+    with `mixer_kwargs` as its options; the default "na" is `NeighborhoodAttention2D`.
+    """
 
     def __init__(
         self,
@@ -99,19 +136,23 @@ class NATBlock(nn.Module):
         act_layer: type[nn.Module] = nn.GELU,
         norm_layer: type[nn.Module] = nn.LayerNorm,
         attn_backend: str = "auto",
+        mixer: str = "na",
+        mixer_kwargs: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.attn = NeighborhoodAttention2D(
+        self.attn = build_mixer(
+            mixer,
             dim,
             num_heads,
             kernel_size=kernel_size,
             dilation=dilation,
+            backend=attn_backend,
             qkv_bias=qkv_bias,
             qk_scale=qk_scale,
             attn_drop=attn_drop,
             proj_drop=proj_drop,
-            backend=attn_backend,
+            options=mixer_kwargs,
         )
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
@@ -127,7 +168,11 @@ class NATBlock(nn.Module):
 
 
 class NATStage(nn.Module):
-    """Optional downsampler (stages 1..N-1) followed by `depth` NAT blocks; NHWC in and out."""
+    """Optional downsampler (stages 1..N-1) followed by `depth` NAT blocks; NHWC in and out.
+
+    `mixer`: the blocks' token mixer, or a sequence cycled over the blocks (Swin's alternation:
+    ("window", "shifted_window")).
+    """
 
     def __init__(
         self,
@@ -140,9 +185,11 @@ class NATStage(nn.Module):
         downsample: bool,
         drop_path: Sequence[float],
         norm_layer: type[nn.Module] = nn.LayerNorm,
+        mixer: str | Sequence[str] = "na",
         **block_kwargs: Any,
     ):
         super().__init__()
+        mixers = (mixer,) if isinstance(mixer, str) else tuple(mixer)
         self.grad_checkpointing = False
         self.downsample = ConvDownsample(dim, out_dim, norm_layer) if downsample else nn.Identity()
         self.blocks = nn.Sequential(
@@ -154,6 +201,7 @@ class NATStage(nn.Module):
                     dilation=dilations[i],
                     drop_path=drop_path[i],
                     norm_layer=norm_layer,
+                    mixer=mixers[i % len(mixers)],
                     **block_kwargs,
                 )
                 for i in range(depth)
@@ -192,6 +240,11 @@ class NAT(nn.Module):
         drop_path_rate: Stochastic depth, linearly increasing over all blocks up to this value.
         norm_layer: Normalization (channels-last).
         attn_backend: NA backend for every block ('auto', 'cpp', 'torch', 'naive', 'natten', 'flex').
+        mixer: Token mixer of every block, or one per stage: a name in `models.mixers.MIXERS`
+            ("na", the default, builds NAT exactly; "full", "window", "bigbird", ...); a stage's
+            entry may be a sequence of names, cycled over its blocks (("window", "shifted_window")).
+        mixer_kwargs: The mixers' options: one dict for all stages or one dict (or None) per stage.
+            `kernel_size`, the dilations (> 1) and `attn_backend` reach mixers that take them.
     """
 
     def __init__(
@@ -214,6 +267,8 @@ class NAT(nn.Module):
         drop_path_rate: float = 0.2,
         norm_layer: type[nn.Module] = nn.LayerNorm,
         attn_backend: str = "auto",
+        mixer: str | Sequence[str | Sequence[str]] = "na",
+        mixer_kwargs: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None = None,
     ):
         super().__init__()
         num_stages = len(depths)
@@ -234,6 +289,7 @@ class NAT(nn.Module):
                 f"dilations must give one value per block: got lengths {[len(s) for s in dilations]} "
                 f"for depths {tuple(depths)}"
             )
+        mixers, mixer_options = _stage_mixers(mixer, mixer_kwargs, num_stages)
 
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -246,6 +302,7 @@ class NAT(nn.Module):
         self.dilations = dilations
         self.mlp_ratio = float(mlp_ratio)
         self.layer_scale = layer_scale
+        self.mixer = mixers
         dims = [int(embed_dim * 2**i) for i in range(num_stages)]
         self.num_features = self.head_hidden_size = dims[-1]
 
@@ -274,6 +331,8 @@ class NAT(nn.Module):
                     proj_drop=proj_drop_rate,
                     attn_drop=attn_drop_rate,
                     attn_backend=attn_backend,
+                    mixer=mixers[i],
+                    mixer_kwargs=mixer_options[i],
                 )
             )
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}"))
@@ -297,8 +356,13 @@ class NAT(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """RPB tables, norm weights, biases and layer-scale gammas: all but weight matrices and kernels."""
-        return {n for n, p in self.named_parameters() if p.ndim <= 1 or n.endswith(".rpb")}
+        """RPB tables, norm weights, biases and layer-scale gammas: all but weight matrices and kernels;
+        plus what a block's mixer names in its own `no_weight_decay()` (e.g. learned global tokens)."""
+        skip = {n for n, p in self.named_parameters() if p.ndim <= 1 or n.endswith(".rpb")}
+        for name, module in self.stages.named_modules(prefix="stages"):
+            if hasattr(module, "no_weight_decay"):
+                skip |= {f"{name}.{n}" for n in module.no_weight_decay()}
+        return skip
 
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set[str]:
@@ -434,6 +498,69 @@ def _remap_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
+# Hugging Face transformers' NatModel / DinatModel (their *ForImageClassification wrap it in `nat.` /
+# `dinat.` and add `classifier`): modeling_nat.py / modeling_dinat.py, the shi-labs/*-in1k-224 hub weights.
+_HF_PREFIXES = ("nat.", "dinat.", "embeddings.patch_embeddings.", "encoder.levels.")
+_HF_BLOCK = r"^encoder\.levels\.(\d+)\.layers\.(\d+)\."
+_HF_BLOCK_QKV = r"^(encoder\.levels\.(\d+)\.layers\.(\d+)\.attention\.self\.)(query|key|value)\.(\w+)$"
+_HF_RENAMES = (
+    (r"^embeddings\.patch_embeddings\.projection\.0\.", "stem.conv1."),
+    (r"^embeddings\.patch_embeddings\.projection\.1\.", "stem.conv2."),
+    (r"^embeddings\.norm\.", "stem.norm."),
+    (_HF_BLOCK + r"layernorm_before\.", r"stages.\1.blocks.\2.norm1."),
+    (_HF_BLOCK + r"attention\.self\.rpb$", r"stages.\1.blocks.\2.attn.rpb"),
+    (_HF_BLOCK + r"attention\.output\.dense\.", r"stages.\1.blocks.\2.attn.proj."),
+    (_HF_BLOCK + r"layernorm_after\.", r"stages.\1.blocks.\2.norm2."),
+    (_HF_BLOCK + r"intermediate\.dense\.", r"stages.\1.blocks.\2.mlp.fc1."),
+    (_HF_BLOCK + r"output\.dense\.", r"stages.\1.blocks.\2.mlp.fc2."),
+    (r"^layernorm\.", "norm."),
+    (r"^classifier\.", "head.fc."),
+)
+
+
+def _remap_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face NAT/DiNAT key layout -> this module's.
+
+    Separate query / key / value linears are packed into `qkv` (rows q, k, v: the `(3, heads, head_dim)`
+    layout NeighborhoodAttention2D splits), the (2, dim) `layer_scale_parameters` split into ls1 / ls2,
+    and level i's downsampler opens stage i + 1 (as in the official layout)."""
+    sd = dict(state_dict)
+    for base in ("nat.", "dinat."):  # the *ForImageClassification wrapper; `classifier` sits outside it
+        if any(k.startswith(base) for k in sd) and all(k.startswith((base, "classifier.")) for k in sd):
+            sd = {k.removeprefix(base): v for k, v in sd.items()}
+    if any(k.startswith("hidden_states_norms.") for k in sd):
+        raise ValueError(
+            "checkpoint is a Hugging Face NatBackbone / DinatBackbone state dict (per-stage "
+            "hidden_states_norms, no final layernorm), which has no NAT equivalent; use the weights of "
+            "NatModel / NatForImageClassification (DinatModel / DinatForImageClassification)"
+        )
+    out = {}
+    for k, v in sd.items():
+        m = re.match(_HF_BLOCK_QKV, k)
+        if m:
+            head, stage, block, which, kind = m.groups()
+            parts = [sd.get(f"{head}{name}.{kind}") for name in ("query", "key", "value")]
+            if all(t is not None for t in parts):  # a lone q/k/v stays unmatched: the key check reports it
+                if which == "query":
+                    out[f"stages.{stage}.blocks.{block}.attn.qkv.{kind}"] = torch.cat(parts)
+                continue
+        m = re.match(_HF_BLOCK + r"layer_scale_parameters$", k)
+        if m and v.ndim == 2 and v.shape[0] == 2:
+            out[f"stages.{m.group(1)}.blocks.{m.group(2)}.ls1.gamma"] = v[0]
+            out[f"stages.{m.group(1)}.blocks.{m.group(2)}.ls2.gamma"] = v[1]
+            continue
+        m = re.match(r"^encoder\.levels\.(\d+)\.downsample\.(reduction|norm)\.(.*)$", k)
+        if m:
+            part = "conv" if m.group(2) == "reduction" else "norm"
+            out[f"stages.{int(m.group(1)) + 1}.downsample.{part}.{m.group(3)}"] = v
+            continue
+        new = k
+        for pattern, repl in _HF_RENAMES:
+            new = re.sub(pattern, repl, new)
+        out[new] = v
+    return out
+
+
 def _describe(arch: dict[str, Any]) -> str:
     return (
         f"embed_dim {arch['embed_dim']}, depths {arch['depths']}, heads {arch['num_heads']}, "
@@ -462,7 +589,13 @@ def _arch_of_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, Any] | None:
                 blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
         num_stages = max(blocks) + 1
         depths = tuple(max(blocks.get(i, {-1})) + 1 for i in range(num_stages))
-        heads = tuple(sd[f"stages.{i}.blocks.0.attn.rpb"].shape[0] for i in range(num_stages))
+        # None where a zoo mixer keeps no RPB table (nothing in the weights tells its head count)
+        heads = tuple(
+            sd[rpb].shape[0] if (rpb := f"stages.{i}.blocks.0.attn.rpb") in sd else None
+            for i in range(num_stages)
+        )
+        if all(h is None for h in heads) and not any(".attn." in k for k in sd):
+            return None
         hidden = sd["stages.0.blocks.0.mlp.fc1.weight"].shape[0]
     except (KeyError, ValueError):
         return None
@@ -498,16 +631,20 @@ def _unwrap(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: NAT) -> dict[str, torch.Tensor]:
-    """Turn an official NAT/DiNAT checkpoint (or one of this module's) into `model`'s state dict.
+    """Turn an official NAT/DiNAT checkpoint, a Hugging Face one (NatForImageClassification /
+    DinatForImageClassification / NatModel / DinatModel), or one of this module's, into `model`'s state dict.
 
-    Unwraps 'model' / 'state_dict' wrappers, renames official keys, bicubically resizes RPB tables
-    when the kernel size differs (how DiNAT's 11x11 weights were made from the 7x7 ones), and resets
-    the classifier when the class count differs (drops it for `num_classes=0`). Everything else must
-    match exactly: a checkpoint of another variant, or a key missing / left over, raises ValueError.
+    Unwraps 'model' / 'state_dict' wrappers, renames official / Hugging Face keys (packing HF's q/k/v),
+    bicubically resizes RPB tables when the kernel size differs (how DiNAT's 11x11 weights were made
+    from the 7x7 ones), and resets the classifier when the class count differs (drops it for
+    `num_classes=0`). Everything else must match exactly: a checkpoint of another variant, or a key
+    missing / left over, raises ValueError.
     """
     sd = _unwrap(state_dict)
     if any(k.startswith(_OFFICIAL_PREFIXES) for k in sd):
         sd = _remap_official(sd)
+    elif any(k.startswith(_HF_PREFIXES) for k in sd):
+        sd = _remap_hf(sd)
     model_sd = model.state_dict()
 
     ckpt_arch = _arch_of_state_dict(sd)
@@ -518,6 +655,10 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: NAT) -> dict[str, to
             f"checkpoint is not a NAT/DiNAT state dict (no stem.conv2 / stages.*.blocks.*.attn.rpb / "
             f"mlp keys; first keys: {list(sd)[:5]}); model is {model_name}"
         )
+    # a stage whose mixer has no RPB table matches any head count; the key check below does the rest
+    ckpt_arch["num_heads"] = tuple(
+        m if c is None else c for c, m in zip(ckpt_arch["num_heads"], model_arch["num_heads"], strict=False)
+    )
     if ckpt_arch != model_arch:
         raise ValueError(
             f"checkpoint looks like {_names_for(ckpt_arch)} ({_describe(ckpt_arch)}), "
@@ -617,6 +758,11 @@ def _create_nat(variant: str, pretrained: bool | str | os.PathLike = False, **kw
             feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
             **model_args,
         )
+    except SafetensorError as e:  # timm's loader reads a .safetensors file: name it, not just the header
+        raise ValueError(
+            f"cannot read safetensors file {overlay.get('file')!r} for {variant} ({str(e).strip()[:200]}); "
+            "it must be a safetensors file of tensors (e.g. written by scripts/export_weights.py)"
+        ) from None
     except URLError as e:
         raise RuntimeError(
             f"could not download the {variant} checkpoint ({e.reason}); offline, pass a local file with "

@@ -3,8 +3,9 @@
 
 Times forward and forward+backward of one attention call (q, k, v of shape (B, S, S, heads, D), plus
 the relative position bias where the method has one) for several map sizes S, side by side in one
-run, and prints ratios against the first method (default `cpp`, the CPU default). Writes CSV and a
-log-log plot of time vs tokens.
+run (interleaved rounds through engine.bench: each round times every method once), and prints ratios
+against the first method (default `cpp`, the CPU default). Writes CSV and a log-log plot of time vs
+tokens.
 
     python scripts/bench_na.py                      # the full CPU sweep, 14^2 ... 224^2
     python scripts/bench_na.py --sizes 56 --tiles 4 6 8 10 14   # tile-size sweep of the torch backend
@@ -14,10 +15,7 @@ log-log plot of time vs tokens.
 from __future__ import annotations
 
 import argparse
-import csv
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,8 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmark import loglog_slope  # noqa: E402  (the model benchmark's, beside this script)
-
+from engine import bench  # noqa: E402
 from models.layers import neighborhood_attention_2d  # noqa: E402
 from models.layers.backends import torch_tiled  # noqa: E402
 from models.layers.backends.checks import call_info, why_not  # noqa: E402
@@ -83,42 +80,40 @@ def working_set(method: str, batch: int, size: int, heads: int, dim: int, kernel
     return 4 * tokens * (8 * dim + 4 * logits)  # q/k/v/out (+ grads), logits, probs and grads
 
 
-def time_call(fn: Callable[[], None], warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def measure(method, fn, args, size, mode, warmup, repeats) -> dict:
+def step_fns(methods: dict[str, Callable], args, size: int, mode: str) -> dict[str, Callable[[], None]]:
+    """One zero-argument step per method, all on the same q, k, v and bias (seeded: every run alike)."""
     torch.manual_seed(0)
     B, heads, dim, kernel_size = args.batch, args.heads, args.head_dim, args.kernel_size
     grad = mode == "fwd+bwd"
     q, k, v = (torch.randn(B, size, size, heads, dim, requires_grad=grad) for _ in range(3))
     rpb = torch.randn(heads, 2 * kernel_size - 1, 2 * kernel_size - 1, requires_grad=grad)
-    uses_rpb = method not in ("dense", "natten")
     scale = dim**-0.5
 
-    def step():
-        if grad:
-            fn(q, k, v, rpb if uses_rpb else None, kernel_size, scale).sum().backward()
-        else:
-            with torch.no_grad():
-                fn(q, k, v, rpb if uses_rpb else None, kernel_size, scale)
+    def step(method: str, fn: Callable) -> Callable[[], None]:
+        bias = rpb if method not in ("dense", "natten") else None
 
-    times = time_call(step, warmup, repeats)
+        def run():
+            if grad:
+                fn(q, k, v, bias, kernel_size, scale).sum().backward()
+            else:
+                with torch.no_grad():
+                    fn(q, k, v, bias, kernel_size, scale)
+
+        return run
+
+    return {method: step(method, fn) for method, fn in methods.items()}
+
+
+def row(method: str, mode: str, size: int, times: list[float]) -> dict:
+    stats = bench.spread(times)
     return {
         "method": method,
         "mode": mode,
         "size": size,
         "tokens": size * size,
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "max_s": max(times),
+        "median_s": stats["median"],
+        "min_s": stats["min"],
+        "max_s": stats["max"],
     }
 
 
@@ -188,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, notes = [], []
     for mode in args.modes:
         for size in args.sizes:
+            runnable = {}
             for name, fn in methods.items():
                 reason = available(name, mode, args)
                 if reason is None:
@@ -196,15 +192,16 @@ def main(argv: list[str] | None = None) -> int:
                         reason = f"needs ~{need / 2**30:.1f} GiB"
                 if reason:
                     notes.append(f"{mode} {size}^2 {name}: skipped ({reason})")
-                    continue
-                rows.append(measure(name, fn, args, size, mode, args.warmup, args.repeats))
+                else:
+                    runnable[name] = fn
+            # interleaved: every method once per round, so load on the machine hits them alike
+            times = bench.interleaved_rounds(step_fns(runnable, args, size, mode), args.repeats, args.warmup)
+            for name, seconds in times.items():
+                rows.append(row(name, mode, size, seconds))
                 print(f"  {mode:8s} {size:4d}^2 {name:12s} {rows[-1]['median_s'] * 1e3:10.2f} ms", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "bench_na.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    bench.write_csv(rows, args.out / "bench_na.csv")
     print_ratios(rows, args, reference)
     for note in notes:
         print("note:", note)
@@ -240,33 +237,19 @@ def print_ratios(rows: list[dict], args, reference: str) -> None:
 def time_slope(rows: list[dict], method: str, mode: str) -> float | None:
     """Slope of log(time) against log(tokens) over the sizes `method` ran at."""
     sel = [r for r in rows if r["method"] == method and r["mode"] == mode]
-    return loglog_slope([r["tokens"] for r in sel], [r["median_s"] for r in sel])
+    return bench.loglog_slope([r["tokens"] for r in sel], [r["median_s"] for r in sel])
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
-    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
-    for ax, mode in zip(axes[0], modes, strict=True):
-        for name in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted(
-                (r["tokens"], r["median_s"]) for r in rows if r["method"] == name and r["mode"] == mode
-            )
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=name)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("tokens (H x W)")
-        ax.set_ylabel("seconds per call")
-        ax.set_title(f"NA operator, {mode}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    """Seconds per call vs tokens, log-log, one panel per mode."""
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    panels = []
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        sel = [r for r in rows if r["mode"] == mode]
+        series = {n: [(r["tokens"], r["median_s"]) for r in sel if r["method"] == n] for n in names}
+        panels.append((f"NA operator, {mode}", series))
+    xlabel, ylabel = "tokens (H x W)", "seconds per call"
+    bench.plot_panels([panels], path, xlabel, ylabel, loglog=True, panel_size=(6, 4.5), dpi=90, fontsize=None)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ memory, each timed over several repeats after warm-up (median and spread reporte
 backend that actually ran. Models are timed interleaved (round r times every model once, then round
 r + 1), so load on a shared machine hits all of them alike and the ratios stay side by side; the
 targets are judged on the per-round ratios (model / baseline within one round, seconds apart), in
-which slow drifts of the machine's speed over the run cancel.
+which slow drifts of the machine's speed over the run cancel. Timing, memory, statistics, result
+files and plots are engine.bench's (shared with bench_na.py and zoo.py); this script owns the models.
 
     python scripts/benchmark.py                       # CPU (+ GPU when there is one), default models
     python scripts/benchmark.py --devices cuda --compile          # GPU only, torch.compile'd
@@ -29,16 +30,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import ctypes
 import gc
 import json
-import math
 import os
-import platform
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -54,6 +50,24 @@ sys.path.insert(0, str(REPO))
 
 import timm  # noqa: E402
 
+from engine.bench import (  # noqa: E402
+    device_name,
+    environment,
+    fmt,
+    interleaved_rounds,
+    is_oom,
+    load_average,
+    loglog_slope,
+    markdown_table,
+    memory_kind,
+    peak_memory_mb,
+    plot_panels,
+    spread,
+    state_bytes,
+    write_csv,
+    write_json,
+)
+from engine.bench import round_ratios as paired_ratios  # noqa: E402
 from models import count_flops  # noqa: E402  (importing models registers nat_* / dinat_* with timm)
 
 DEFAULT_MODELS = [
@@ -201,91 +215,6 @@ def na_context(spec: ModelSpec):
 
 
 # ----------------------------------------------------------------------------------------------
-# Memory
-# ----------------------------------------------------------------------------------------------
-
-
-def _malloc_trim() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _status_kb(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM := VmRSS
-        return True
-    except OSError:
-        return False
-
-
-class _RssSampler(threading.Thread):
-    """Fallback where VmHWM can't be reset: poll VmRSS every millisecond."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.peak_kb = 0
-        self.done = threading.Event()
-
-    def run(self):
-        while not self.done.is_set():
-            self.peak_kb = max(self.peak_kb, _status_kb("VmRSS") or 0)
-            time.sleep(0.001)
-
-
-def cpu_peak_rss_delta_mb(step: Callable[[], None]) -> float:
-    gc.collect()
-    _malloc_trim()
-    before = _status_kb("VmRSS")
-    if before is None:
-        step()
-        return float("nan")
-    if _reset_peak_rss():
-        step()
-        peak = _status_kb("VmHWM") or before
-    else:
-        sampler = _RssSampler()
-        sampler.start()
-        step()
-        sampler.done.set()
-        sampler.join()
-        peak = max(sampler.peak_kb, _status_kb("VmRSS") or 0)
-    return max(0, peak - before) / 1024
-
-
-def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None, *inputs: torch.Tensor) -> int:
-    """Bytes that live across steps: parameters, their gradients, buffers, optimizer state, inputs."""
-    tensors = list(model.parameters()) + list(model.buffers()) + list(inputs)
-    tensors += [p.grad for p in model.parameters() if p.grad is not None]
-    if optimizer is not None:
-        for state in optimizer.state.values():
-            tensors += [t for t in state.values() if torch.is_tensor(t)]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def cuda_peak_mb(step: Callable[[], None], own_bytes: int) -> float:
-    """max_memory_allocated over one step, as if this model were alone on the GPU: the other
-    models' resident tensors are in `before` and cancel; `own_bytes` (what of this model was
-    resident before the step) is added back."""
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    return (peak - before + own_bytes) / 2**20
-
-
-# ----------------------------------------------------------------------------------------------
 # One model on one device at one resolution
 # ----------------------------------------------------------------------------------------------
 
@@ -353,29 +282,10 @@ class Runner:
     def set_mode(self, mode: str) -> None:
         self.model.train(mode == "train")
 
-    def timed(self, mode: str) -> float:
-        """Seconds for `iters` steps: CUDA events on the GPU, perf_counter on the CPU."""
-        step, iters = self.step_fn(mode), self.settings.iters
-        if self.settings.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            for _ in range(iters):
-                step()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            step()
-        return time.perf_counter() - t0
-
     def peak_memory_mb(self, mode: str) -> float:
-        step = self.step_fn(mode)
-        if self.settings.device.type == "cuda":
-            optimizer = self.optimizer if mode == "train" else None
-            return cuda_peak_mb(step, state_bytes(self.model, optimizer, self.x, self.y))
-        return cpu_peak_rss_delta_mb(step)
+        # what of this model lives across steps: CUDA's reading counts it, the CPU's RSS delta doesn't
+        resident = state_bytes(self.model, self.optimizer if mode == "train" else None, self.x, self.y)
+        return peak_memory_mb(self.step_fn(mode), self.settings.device, resident)
 
     def na_backend(self, mode: str, seen: set[str]) -> str:
         if not self.uses_na:
@@ -386,19 +296,6 @@ class Runner:
             return self.spec.na_backend
         # compiled graphs bypass the spy; say what `auto` picks for this device / dtype
         return predicted_na_backend(self.settings.device, self.compute_dtype, mode == "train")
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    values = sorted(values)
-    if len(values) >= 4:
-        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    else:
-        q1, q3 = values[0], values[-1]
-    return dict(median=statistics.median(values), q1=q1, q3=q3, min=values[0], max=values[-1])
-
-
-def is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 def bench_resolution(
@@ -431,14 +328,13 @@ def bench_resolution(
                 log(f"  {label} {mode}: {mode_errors[label]}")
                 if settings.device.type == "cuda":
                     torch.cuda.empty_cache()
-        times: dict[str, list[float]] = {label: [] for label in memory}
-        for _ in range(cfg["repeats"]):
-            for label in list(times):
-                try:
-                    times[label].append(runners[label].timed(mode))
-                except Exception as e:  # noqa: BLE001
-                    mode_errors[label] = ("OOM" if is_oom(e) else f"{type(e).__name__}: {e}")[:200]
-                    del times[label]
+        steps = {label: runners[label].step_fn(mode) for label in memory}
+        failed: dict[str, BaseException] = {}  # a failing model is dropped, the others keep their rounds
+        times = interleaved_rounds(
+            steps, cfg["repeats"], warmup=0, iters=settings.iters, device=settings.device, errors=failed
+        )
+        for label, e in failed.items():
+            mode_errors[label] = ("OOM" if is_oom(e) else f"{type(e).__name__}: {e}")[:200]
         for spec in specs:
             row = dict(model=spec.label, timm_name=spec.name, mode=mode, resolution=resolution, batch=batch)
             if spec.label in times:
@@ -541,48 +437,6 @@ def scaled_batch(batch_at_224: int, resolution: int, fixed: bool) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    return f"{cpu_name()}, torch threads: {torch.get_num_threads()}"
-
-
-def load_average() -> list[float] | None:
-    with contextlib.suppress(OSError, AttributeError):
-        return [round(x, 2) for x in os.getloadavg()]
-    return None
-
-
-def environment() -> dict:
-    try:
-        import natten
-
-        natten_version = natten.__version__
-    except Exception:  # noqa: BLE001 (any import failure means "not available")
-        natten_version = None
-    return dict(
-        python=platform.python_version(),
-        platform=platform.platform(),
-        torch=torch.__version__,
-        timm=timm.__version__,
-        natten=natten_version,
-        cuda=torch.version.cuda,
-        cudnn=torch.backends.cudnn.version() if torch.cuda.is_available() else None,
-        cpu=cpu_name(),
-        cpu_count=os.cpu_count(),
-        torch_threads=torch.get_num_threads(),
-        gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    )
-
-
 def find(rows: list[dict], device: str, resolution: int, mode: str, name: str) -> dict | None:
     """The measured row of timm model `name` (its own NA backend, not an @-forced one)."""
     for row in rows:
@@ -602,8 +456,7 @@ def round_ratios(row: dict | None, base: dict | None) -> list[float]:
     over the run, which move a ratio of medians, cancel in these. Empty for rows without rounds."""
     if row is None or base is None:
         return []
-    pairs = zip(row.get("img_s_rounds", []), base.get("img_s_rounds", []), strict=False)
-    return [a / b for a, b in pairs if b > 0]
+    return paired_ratios(row.get("img_s_rounds", []), base.get("img_s_rounds", []))
 
 
 # Issue 5's targets: (device, resolution, mode, model, baseline, metric, comparison, bound, description)
@@ -673,19 +526,6 @@ def check_targets(rows: list[dict]) -> list[dict]:
     return checks
 
 
-def loglog_slope(xs: list[float], ys: list[float]) -> float | None:
-    """Least-squares slope of log(y) against log(x)."""
-    pairs = [(math.log(x), math.log(y)) for x, y in zip(xs, ys, strict=True) if x > 0 and y > 0]
-    if len(pairs) < 2:
-        return None
-    mx = sum(p[0] for p in pairs) / len(pairs)
-    my = sum(p[1] for p in pairs) / len(pairs)
-    sxx = sum((p[0] - mx) ** 2 for p in pairs)
-    if sxx == 0:
-        return None
-    return sum((p[0] - mx) * (p[1] - my) for p in pairs) / sxx
-
-
 def scaling_slopes(rows: list[dict]) -> list[dict]:
     """Per device, mode and model: how time per image and FLOPs grow with pixels (1 linear, 2 quadratic)."""
     out = []
@@ -718,10 +558,6 @@ def scaling_slopes(rows: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------
-
-
-def fmt(value, spec: str, missing: str = "-") -> str:
-    return missing if value is None else format(value, spec)
 
 
 def table_groups(rows: list[dict], baseline: str) -> Iterator[tuple[dict, list[dict]]]:
@@ -799,55 +635,58 @@ def markdown(result: dict) -> str:
         "img/s as median [IQR] of the repeats, and the best repeat (noise on a shared machine only ever "
         "adds time, so best-of-N ratios are the steadier ones under load).",
     ]
+    header = ["model", "params", "GMACs"] + ["infer img/s", "x", "best", "x", "train img/s", "x", "best", "x"]
+    header += ["train peak MB", "x", "NA backend"]
     for first, models in table_groups(rows, baseline):
         resolution = first["resolution"]
+        table = []
+        for m in models:
+            cells = [m["name"], f"{m['params_m']:.1f}M", f"{m['gmacs']:.2f}"]
+            for mode in ("infer", "train"):
+                cell = m["modes"][mode]
+                if "error" in cell:
+                    cells += [cell["error"][:40], "-", "-", "-"]
+                    continue
+                r = cell["row"]
+                cells += [f"{r['img_s_median']:.2f} [{r['img_s_q1']:.2f}-{r['img_s_q3']:.2f}]"]
+                cells += [fmt(cell["ratio"], ".2f"), f"{r['img_s_max']:.2f}", fmt(cell["ratio_best"], ".2f")]
+            cells += [fmt(m["train_mb"], ".0f"), fmt(m["train_mb_ratio"], ".2f"), m["backend"]]
+            table.append(cells)
         lines += [
             "",
             f"**{first['device_name']}, {resolution}x{resolution}, batch {first['batch']}, {first['amp']}**",
             "",
-            "| model | params | GMACs | infer img/s | x | best | x | train img/s | x | best | x "
-            "| train peak MB | x | NA backend |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            *markdown_table(header, table, "l" + "r" * 12 + "l"),
         ]
-        for m in models:
-            line = f"| {m['name']} | {m['params_m']:.1f}M | {m['gmacs']:.2f} |"
-            for mode in ("infer", "train"):
-                cell = m["modes"][mode]
-                if "error" in cell:
-                    line += f" {cell['error'][:40]} | - | - | - |"
-                    continue
-                r = cell["row"]
-                line += f" {r['img_s_median']:.2f} [{r['img_s_q1']:.2f}-{r['img_s_q3']:.2f}] |"
-                line += f" {fmt(cell['ratio'], '.2f')} |"
-                line += f" {r['img_s_max']:.2f} | {fmt(cell['ratio_best'], '.2f')} |"
-            line += f" {fmt(m['train_mb'], '.0f')} | {fmt(m['train_mb_ratio'], '.2f')} |"
-            lines.append(f"{line} {m['backend']} |")
     if result["targets"]:
-        lines += [
-            "",
-            "| target | batch | ratio of medians | best-repeat ratio | per-round ratio [IQR], rounds met "
-            "| verdict |",
+        header = ["target", "batch", "ratio of medians", "best-repeat ratio"]
+        header += ["per-round ratio [IQR], rounds met", "verdict"]
+        table = [
+            [
+                c["target"],
+                c["batch"],
+                f"{c['ratio']:.2f}x ({c['bound']})",
+                fmt(c.get("ratio_best"), ".2f"),
+                rounds_text(c),
+                "met" if c["met"] else "**missed**",
+            ]
+            for c in result["targets"]
         ]
-        lines += ["|---|---:|---:|---:|---:|---|"]
-        for c in result["targets"]:
-            verdict = "met" if c["met"] else "**missed**"
-            best = fmt(c.get("ratio_best"), ".2f")
-            measured = f"{c['ratio']:.2f}x ({c['bound']})"
-            lines.append(
-                f"| {c['target']} | {c['batch']} | {measured} | {best} | {rounds_text(c)} | {verdict} |"
-            )
+        lines += ["", *markdown_table(header, table, "lrrrrl")]
     if result["scaling"]:
-        lines += [
-            "",
-            "| device | mode | model | time slope | FLOPs slope | resolutions |",
-            "|---|---|---|---:|---:|---|",
+        header = ["device", "mode", "model", "time slope", "FLOPs slope", "resolutions"]
+        table = [
+            [
+                sl["device"],
+                sl["mode"],
+                sl["model"],
+                fmt(sl["time_slope"], ".2f"),
+                fmt(sl["flops_slope"], ".2f"),
+                ", ".join(map(str, sl["resolutions"])),
+            ]
+            for sl in result["scaling"]
         ]
-        for sl in result["scaling"]:
-            res = ", ".join(map(str, sl["resolutions"]))
-            lines.append(
-                f"| {sl['device']} | {sl['mode']} | {sl['model']} | {fmt(sl['time_slope'], '.2f')} | "
-                f"{fmt(sl['flops_slope'], '.2f')} | {res} |"
-            )
+        lines += ["", *markdown_table(header, table, "lllrrl")]
     return "\n".join(lines) + "\n"
 
 
@@ -910,114 +749,58 @@ CSV_FIELDS = [
 ]
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
-
-
 def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     """img/s vs resolution, memory vs resolution, log-log time per image vs tokens; one panel per
     device x mode. Small PNGs (80 dpi) so they can live in docs/img."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ok = [r for r in rows if not r["error"]]
     devices = sorted({r["device"] for r in ok}, key=lambda d: d != "cpu")
     modes = [m for m in ("infer", "train") if any(r["mode"] == m for r in ok)]
     if not devices or not modes:
         return []
     labels = list(dict.fromkeys(r["model"] for r in ok))
-    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(labels)}
-    paths = []
 
     def figure(
         name: str, ylabel: str, xlabel: str, value: Callable[[dict], float], x: Callable, loglog: bool
     ):
-        fig, axes = plt.subplots(
-            len(devices), len(modes), figsize=(5 * len(modes), 3.6 * len(devices)), squeeze=False
-        )
-        for i, device in enumerate(devices):
-            for j, mode in enumerate(modes):
-                ax = axes[i][j]
-                for model in labels:
-                    sel = sorted(
-                        (r for r in ok if (r["device"], r["mode"], r["model"]) == (device, mode, model)),
-                        key=lambda r: r["resolution"],
-                    )
-                    if sel:
-                        ax.plot(
-                            [x(r) for r in sel],
-                            [value(r) for r in sel],
-                            "o-",
-                            ms=3,
-                            label=model,
-                            color=colors[model],
-                        )
-                if loglog:
-                    ax.set_xscale("log")
-                    ax.set_yscale("log")
-                    guide(ax, [r for r in ok if (r["device"], r["mode"]) == (device, mode)], x, value)
-                dev = next(r["device_name"] for r in ok if r["device"] == device)
-                ax.set_title(f"{device}: {mode} ({dev[:40]})", fontsize=8)
-                ax.set_xlabel(xlabel, fontsize=8)
-                ax.set_ylabel(ylabel, fontsize=8)
-                ax.tick_params(labelsize=7)
-                ax.grid(True, which="both", alpha=0.3)
-        axes[0][-1].legend(fontsize=6)
-        fig.tight_layout()
-        path = out_dir / name
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
-        paths.append(path)
-
-    def guide(ax, sel, x, value):
-        """Dotted slope-1 (linear) and slope-2 (quadratic) lines through the smallest point."""
-        if not sel:
-            return
-        first = min(sel, key=lambda r: (x(r), value(r)))
-        xs = sorted({x(r) for r in sel})
-        x0, y0 = x(first), value(first)
-        for power, style in ((1, ":"), (2, "--")):
-            ax.plot(
-                xs,
-                [y0 * (v / x0) ** power for v in xs],
-                style,
-                color="gray",
-                lw=0.8,
-                label=f"∝ tokens^{power}",
-            )
+        panels = []
+        for device in devices:
+            dev = next(r["device_name"] for r in ok if r["device"] == device)
+            row = []
+            for mode in modes:
+                sel = [r for r in ok if (r["device"], r["mode"]) == (device, mode)]
+                series = {m: [(x(r), value(r)) for r in sel if r["model"] == m] for m in labels}
+                row.append((f"{device}: {mode} ({dev[:40]})", series))
+            panels.append(row)
+        guides = "tokens" if loglog else None
+        return plot_panels(panels, out_dir / name, xlabel, ylabel, loglog=loglog, slope_guides=guides)
 
     res = lambda r: r["resolution"]
-    figure(
-        "throughput_vs_resolution.png",
-        "img/s (median)",
-        "resolution (px)",
-        lambda r: r["img_s_median"],
-        res,
-        False,
-    )
-    figure(
-        "memory_vs_resolution.png",
-        "peak memory (MB)",
-        "resolution (px)",
-        lambda r: r["peak_mem_mb"],
-        res,
-        False,
-    )
-    figure(
-        "time_vs_tokens.png",
-        "ms per image (median)",
-        "tokens at stride 4 (H*W/16)",
-        lambda r: 1e3 / r["img_s_median"],
-        lambda r: r["resolution"] ** 2 / 16,
-        True,
-    )
-    return paths
+    return [
+        figure(
+            "throughput_vs_resolution.png",
+            "img/s (median)",
+            "resolution (px)",
+            lambda r: r["img_s_median"],
+            res,
+            False,
+        ),
+        figure(
+            "memory_vs_resolution.png",
+            "peak memory (MB)",
+            "resolution (px)",
+            lambda r: r["peak_mem_mb"],
+            res,
+            False,
+        ),
+        figure(
+            "time_vs_tokens.png",
+            "ms per image (median)",
+            "tokens at stride 4 (H*W/16)",
+            lambda r: 1e3 / r["img_s_median"],
+            lambda r: r["resolution"] ** 2 / 16,
+            True,
+        ),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1205,7 +988,7 @@ def main(argv: list[str] | None = None) -> int:
                     repeats=res_cfg["repeats"],
                     iters=cfg["iters"],
                     warmup=cfg["warmup"],
-                    mem_kind="cuda_max_allocated" if device_type == "cuda" else "cpu_rss_delta",
+                    mem_kind=memory_kind(device_type),
                 )
             rows += measured
 
@@ -1229,8 +1012,8 @@ def main(argv: list[str] | None = None) -> int:
         scaling=slopes,
         profiles=profiles,
     )
-    (args.out / "results.json").write_text(json.dumps(result, indent=1, default=str))
-    write_csv(rows, args.out / "results.csv")
+    write_json(result, args.out / "results.json")
+    write_csv(rows, args.out / "results.csv", CSV_FIELDS)
     (args.out / "results.md").write_text(markdown(result))
     paths = [] if args.no_plots else plot(rows, args.out)
     written = ["results.csv", "results.json", "results.md", *(p.name for p in paths)]

@@ -88,9 +88,10 @@ def count_flops(run_dir: Path) -> int | None:
     """Multiply-adds at the eval resolution: models.flops (NA at its true cost), else torch's counter."""
     import torch
 
-    from train import create_model, torch_load
+    from engine.checkpoint import load_checkpoint
+    from engine.factory import create_model
 
-    ck = torch_load(run_dir / "model_best.pth.tar")
+    ck = load_checkpoint(run_dir / "model_best.pth.tar")
     model = create_model(ck["arch"], ck["num_classes"], {"kwargs": ck.get("model_kwargs") or {}})
     size = tuple(ck["data_config"]["input_size"])
     try:

@@ -11,6 +11,20 @@ from na_reference import reference_na2d
 
 from models.layers import NeighborhoodAttention2D, explain_backends, neighborhood_attention_2d, use_backend
 from models.layers.backends.checks import call_info, why_not
+from models.layers.backends.triton_na import triton_error, triton_interpreting
+
+# These tests use CPU tensors: Triton runs them interpreted (tests/conftest.py, without a GPU), at
+# seconds a case, so in the slow selection here; tests/test_triton_na.py covers it in the default one.
+TRITON = pytest.param(
+    "triton",
+    marks=[
+        pytest.mark.slow,
+        pytest.mark.skipif(
+            triton_error() is not None or not triton_interpreting(),
+            reason=triton_error() or "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)",
+        ),
+    ],
+)
 
 
 def _random_case(seed: int):
@@ -43,7 +57,7 @@ def _grads(out, inputs, grad_out):
     return torch.autograd.grad((out * grad_out).sum(), inputs)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "torch", "naive"])
+@pytest.mark.parametrize("backend", ["cpp", "torch", "naive", TRITON])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 def test_forward_and_gradients_match_reference(backend, case):
     height, width, kernel_size, dilation = case
@@ -58,7 +72,7 @@ def test_forward_and_gradients_match_reference(backend, case):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("backend", ["cpp", "torch", TRITON])
 @pytest.mark.parametrize("case", CASES[:8], ids=lambda c: "x".join(map(str, c)))
 def test_backend_without_rpb_and_custom_scale(backend, case):
     height, width, kernel_size, dilation = case
@@ -294,7 +308,7 @@ def test_auto_is_inspectable_and_use_backend_overrides():
     q = torch.randn(1, 14, 14, 2, 8)
     choice = explain_backends(q, rpb=torch.zeros(2, 13, 13), requires_grad=True)
     assert choice.name == "cpp"
-    assert set(choice.rejected) == {"torch", "naive", "natten", "flex"}
+    assert set(choice.rejected) == {"torch", "naive", "natten", "flex", "triton"}
     assert "relative position bias" in choice.rejected["natten"]
     assert "backend: cpp" in str(choice)
     call = call_info(q, q, q, None, 0.0)
@@ -315,14 +329,16 @@ def test_auto_decision_table_for_cuda_calls():
     """The CUDA choices, checked on the decision logic itself (this suite runs without a GPU)."""
     from models.layers.backends.checks import CallInfo, select_backend
     from models.layers.backends.natten_na import natten_version
+    from models.layers.backends.triton_na import triton_error
 
     def pick(**kw):
         base = dict(device_type="cuda", dtype=torch.bfloat16, has_rpb=True, attn_drop=0.0, needs_grad=False)
         return select_backend(CallInfo(**{**base, **kw})).name
 
-    assert pick(has_rpb=False) == ("natten" if natten_version() else "flex")
-    assert pick() == "flex"  # RPB inference: fused flex kernel
-    assert pick(needs_grad=True) == "torch"  # RPB training: SDPA with a mask gradient
+    fused_rpb = "triton" if triton_error() is None else None  # tests/test_triton_na.py: without it
+    assert pick(has_rpb=False) == ("natten" if natten_version() else fused_rpb or "flex")
+    assert pick() == (fused_rpb or "flex")  # RPB inference: a fused kernel
+    assert pick(needs_grad=True) == (fused_rpb or "torch")  # RPB training: fused, else SDPA's mask gradient
     assert pick(attn_drop=0.1, has_rpb=False) == "torch"  # only SDPA has attention dropout
 
 

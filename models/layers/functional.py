@@ -14,6 +14,7 @@ from .backends.flex import na2d_flex
 from .backends.naive import na2d_naive, naive_attention
 from .backends.natten_na import na2d_natten
 from .backends.torch_tiled import na2d_tiled
+from .backends.triton_na import na2d_triton
 
 _IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "cpp": na2d_cpp,
@@ -21,6 +22,7 @@ _IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "naive": na2d_naive,
     "natten": na2d_natten,
     "flex": na2d_flex,
+    "triton": na2d_triton,
 }
 assert set(_IMPLEMENTATIONS) == set(BACKENDS)
 

@@ -12,10 +12,14 @@ import torch
 from .cpp_kernel import kernel_build_error
 from .flex import flex_available
 from .natten_na import natten_version
+from .triton_na import DTYPES as TRITON_DTYPES
+from .triton_na import triton_error, triton_interpreting
 
-BACKENDS = ("cpp", "torch", "naive", "natten", "flex")
+BACKENDS = ("cpp", "torch", "naive", "natten", "flex", "triton")
 # Fastest first, per device type; `naive` is never picked automatically (k^2 copies of K and V).
-AUTO_ORDER = {"cuda": ("natten", "flex", "torch"), "cpu": ("cpp", "torch")}
+# CUDA: natten's fused kernels where they serve (no RPB), then the fused Triton kernel (the only
+# fused one that trains an RPB), flex, and SDPA over halo tiles (the one with attention dropout).
+AUTO_ORDER = {"cuda": ("natten", "triton", "flex", "torch"), "cpu": ("cpp", "torch")}
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,18 @@ def why_not(backend: str, call: CallInfo) -> str | None:
         if call.dtype == torch.float64:
             return "natten has no float64 kernels"
         return None
+    if backend == "triton":
+        if triton_error() is not None:
+            return triton_error()
+        if call.device_type == "cpu" and not triton_interpreting():
+            return "Triton kernels run on CUDA tensors (on CPU only under TRITON_INTERPRET=1, for tests)"
+        if call.device_type not in ("cuda", "cpu"):
+            return f"Triton kernels run on CUDA tensors, got {call.device_type}"
+        if call.dtype not in TRITON_DTYPES:
+            return f"float16/bfloat16/float32/float64 only, got {call.dtype}"
+        if call.attn_drop > 0:
+            return "no attention dropout ('torch' has it)"
+        return None
     # flex
     if not flex_available():
         return "torch.nn.attention.flex_attention is not available in this torch build"
@@ -82,6 +98,8 @@ def _auto_excludes(backend: str, call: CallInfo) -> str | None:
         # Learnable score_mod buffers train through atomics with open upstream bugs
         # (pytorch/pytorch#157677, #145208); request backend='flex' explicitly to train with it.
         return "auto uses flex for inference only when the RPB needs a gradient (upstream learned-bias bugs)"
+    if backend == "triton" and call.device_type != "cuda":
+        return "auto runs it on CUDA only (on CPU it is Triton's interpreter, for tests)"
     return None
 
 
@@ -114,6 +132,12 @@ def resolve_backend(
     return requested
 
 
+def _passed_over(chosen: str, device_type: str) -> str:
+    if device_type == "cuda":  # the CUDA order is by design until timed: scripts/gpu_check.py
+        return f"'{chosen}' comes first in auto's CUDA order (not yet timed on a GPU: scripts/gpu_check.py)"
+    return f"'{chosen}' is faster here"
+
+
 def select_backend(call: CallInfo) -> BackendChoice:
     """The fastest backend that can serve `call`, with the reasons every other one was passed over."""
     order = AUTO_ORDER.get(call.device_type, ("torch",))
@@ -123,7 +147,7 @@ def select_backend(call: CallInfo) -> BackendChoice:
         if reason is None and chosen is None:
             chosen = name
         else:
-            rejected[name] = reason or f"'{chosen}' is faster here"
+            rejected[name] = reason or _passed_over(chosen, call.device_type)
     for name in BACKENDS:
         if name not in order:
             rejected[name] = (

@@ -1,0 +1,39 @@
+"""User-facing errors: the exception types that are the user's mistake, and how a command reports them.
+
+Owns the contract of every entry point: a bad input (config, checkpoint, data, a diverged run) is ONE
+line `error: ...` on stderr and exit status 2, never a traceback; an interrupted run exits 130/143 as
+shells expect. Library code raises the ValueError subclasses below (or configs.ConfigError /
+data.DataError) with a message that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+from configs import ConfigError
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = {"SIGINT": 130, "SIGTERM": 143}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint can't be read or doesn't fit the model; the message says what to do."""
+
+
+class TrainingError(RuntimeError):
+    """Training can't go on (e.g. non-finite loss); the last good checkpoint is kept."""
+
+
+def user_errors() -> tuple:
+    """Exception types that are the user's input, reported as one line without a traceback."""
+    errors = [ConfigError, CheckpointError, TrainingError, FileNotFoundError, NotADirectoryError]
+    try:
+        from data import DataError
+
+        errors.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

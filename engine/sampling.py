@@ -1,0 +1,113 @@
+"""Resumable randomness: the training order and every RNG state, so a stopped run continues exactly.
+
+Owns what makes `--resume` bit-exact: the sampler whose order depends only on (seed, epoch) and can
+start mid-epoch, the dataset wrapper that seeds each sample's augmentation from (seed, epoch,
+index), and the snapshot / restore of the python, numpy, torch and CUDA generators (as tensors and
+plain types, so checkpoints stay weights_only-loadable).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import random
+
+import numpy as np
+import torch
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Shuffled, sharded over ranks, restartable mid-epoch: the order depends only on (seed, epoch).
+
+    timm's loaders use RandomSampler/DistributedSampler, whose order can't be resumed part-way
+    through an epoch; this is DistributedSampler's scheme plus a start offset.
+    """
+
+    def __init__(self, size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        self.size, self.num_replicas, self.rank, self.seed = size, num_replicas, rank, seed
+        self.num_samples = math.ceil(size / num_replicas)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0):
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=g).tolist()
+        total = self.num_samples * self.num_replicas
+        order += order[: total - len(order)]
+        return iter(order[self.rank : total : self.num_replicas][self.start :])
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+@contextlib.contextmanager
+def isolated_rng(seed: int):
+    """Seed python/numpy/torch for one sample, then put the caller's RNG states back."""
+    py, npy, pt = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(pt)
+
+
+class SampleSeededDataset(torch.utils.data.Dataset):
+    """Augmentation randomness as a function of (seed, epoch, index), not of worker/process history,
+    so a resumed epoch sees exactly the crops/RandAugment ops it would have seen."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    @property
+    def transform(self):
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, value):
+        self.dataset.transform = value
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        digest = hashlib.blake2b(f"{self.seed}/{self.epoch}/{index}".encode(), digest_size=4).digest()
+        with isolated_rng(int.from_bytes(digest, "little")):
+            return self.dataset[index]
+
+
+def rng_state() -> dict:
+    """Every RNG the training loop consumes, as tensors / plain types (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": [int(x) for x in random.getstate()[1]],
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    """Put back what `rng_state` saved (CUDA only when the device count matches)."""
+    py = state["python"]
+    random.setstate((3, tuple(py), None))
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

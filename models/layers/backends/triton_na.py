@@ -1,0 +1,496 @@
+"""Triton neighborhood attention: fused 2-D NA forward and backward with a trainable RPB.
+
+FlashAttention-2 structure, in the coordinates of one dilation group (positions `g, g+d, g+2d, ...`
+of each axis, where every window is a plain run of k positions, clamped inside the group):
+
+* forward: a program takes a `BH x BW` tile of queries of one group, walks the union of their
+  windows (its halo, `BH + k - 1` key rows of `KW >= BW + k - 1` columns) one key row at a time,
+  with `tl.dot` logits, each query's own window as a mask, the RPB gathered per (query, key) from
+  the `(2k-1)^2` table, and an online softmax; it keeps the logsumexp for the backward.
+* backward, query-major (dq and the RPB gradient): the same walk recomputes P from the logsumexp;
+  `dS = P * (dP - rowsum(dO * O))` (the row sum computed here, stored for the next pass) gives dq
+  and, per key row, the RPB gradient: within one key row the table row depends on the query alone
+  and the column on (query, key), so a `tl.gather` shifts each query's dS into table columns and a
+  one-hot `tl.dot` sums them into table rows. Each program writes its partial `(2k-1)^2` table to
+  its own slot; one `sum` reduces them (no atomics).
+* backward, key-major (dk, dv): a program takes a tile of keys and walks the queries whose windows
+  contain them (the inverse neighbourhood, wider than k at borders), one query row at a time; each
+  key's gradient is owned by one program (no atomics).
+
+Inputs in float16/bfloat16/float32 (float64 too: handy for exact tests) in any strides; softmax,
+logsumexp and gradients accumulate in float32 (float64 for float64). float32 logits follow
+`torch.backends.cuda.matmul.allow_tf32`. On CPU tensors it runs only under `TRITON_INTERPRET=1`
+(Triton's interpreter, for tests), set before Triton is imported (torch imports it): Triton's own
+library functions are decorated then, compiled or interpreted (tests/conftest.py sets it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # checks.py says so; the kernels below are decorated on first use only
+    triton = tl = None
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Query tile (rows, cols) of the forward and dq passes and key tile of the dk/dv pass, in group
+# coordinates; 8x8 = 64 rows for tl.dot. Not tuned on a GPU yet (none was lent): scripts/gpu_check.py.
+DEFAULT_TILE = (8, 8)
+
+
+def triton_error() -> str | None:
+    """None when Triton can run here, else why not."""
+    if triton is None:
+        return "Triton is not importable (pip install triton; torch's CUDA wheels bring it)"
+    return None
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (`TRITON_INTERPRET=1`)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))  # tl.dot wants every dim >= 16
+
+
+def _na2d_forward_kernel(
+    Q, K, V, RPB, OUT, LSE,
+    sqb, sqh, sqw, sqn, sqd,
+    skb, skh, skw, skn, skd,
+    svb, svh, svw, svn, svd,
+    sob, soh, sow, son, sod,
+    heads, height, width, head_dim, tiles_h, tiles_w, qk_scale,
+    KS: tl.constexpr, DIL: tl.constexpr, HAS_RPB: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    KW: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):  # fmt: skip
+    LOG2E: tl.constexpr = 1.4426950408889634
+    SPAN: tl.constexpr = 2 * KS - 1
+    pid = tl.program_id(0)  # one axis: (batch * heads) * tiles can pass the 65535 of axes 1 and 2
+    tile = pid % (DIL * DIL * tiles_h * tiles_w)
+    bh = pid // (DIL * DIL * tiles_h * tiles_w)
+    b = (bh // heads).to(tl.int64)
+    h = bh % heads
+    group = tile // (tiles_h * tiles_w)
+    gi = group // DIL
+    gj = group % DIL
+    ta = (tile % (tiles_h * tiles_w)) // tiles_w
+    tb = tile % tiles_w
+    len_h = (height - gi + DIL - 1) // DIL
+    len_w = (width - gj + DIL - 1) // DIL
+    # Queries of the tile; slots past the group's end repeat its last query (stores masked).
+    m = tl.arange(0, BH * BW)
+    qa = ta * BH + m // BW
+    qb = tb * BW + m % BW
+    q_valid = (qa < len_h) & (qb < len_w)
+    qa = tl.minimum(qa, len_h - 1)
+    qb = tl.minimum(qb, len_w - 1)
+    sa = tl.minimum(tl.maximum(qa - KS // 2, 0), len_h - KS)  # window starts
+    sb = tl.minimum(tl.maximum(qb - KS // 2, 0), len_w - KS)
+    # Halo: the first query's window start to the last one's end.
+    ha0 = tl.minimum(tl.maximum(tl.minimum(ta * BH, len_h - 1) - KS // 2, 0), len_h - KS)
+    ha1 = tl.minimum(tl.maximum(tl.minimum(ta * BH + BH - 1, len_h - 1) - KS // 2, 0), len_h - KS) + KS
+    hb0 = tl.minimum(tl.maximum(tl.minimum(tb * BW, len_w - 1) - KS // 2, 0), len_w - KS)
+    kb = hb0 + tl.arange(0, KW)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    rows_q = gi + DIL * qa
+    cols_q = gj + DIL * qb
+    q = tl.load(
+        Q + b * sqb + h * sqn + rows_q[:, None] * sqh + cols_q[:, None] * sqw + d[None, :] * sqd,
+        mask=d_ok[None, :],
+        other=0.0,
+    ).to(DOT_DTYPE)
+    key_ok = (kb < len_w)[:, None] & d_ok[None, :]
+    cols_k = gj + DIL * kb
+    col_in = (kb[None, :] >= sb[:, None]) & (kb[None, :] < sb[:, None] + KS)
+    if IS_FP64:
+        acc = tl.zeros([BH * BW, BLOCK_D], dtype=tl.float64)
+        l_i = tl.zeros([BH * BW], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BH * BW, BLOCK_D], dtype=tl.float32)
+        l_i = tl.zeros([BH * BW], dtype=tl.float32)
+    m_i = l_i - 1e30  # finite: a key row outside every window of a query leaves alpha = 1
+    for ka in range(ha0, ha1):
+        row_k = gi + DIL * ka
+        k = tl.load(
+            K + b * skb + h * skn + row_k * skh + cols_k[:, None] * skw + d[None, :] * skd,
+            mask=key_ok,
+            other=0.0,
+        ).to(DOT_DTYPE)
+        v = tl.load(
+            V + b * svb + h * svn + row_k * svh + cols_k[:, None] * svw + d[None, :] * svd,
+            mask=key_ok,
+            other=0.0,
+        ).to(DOT_DTYPE)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 units
+        inside = col_in & ((ka >= sa) & (ka < sa + KS))[:, None]
+        if HAS_RPB:
+            bias_index = (
+                h * SPAN * SPAN + (ka - qa + KS - 1)[:, None] * SPAN + (kb[None, :] - qb[:, None] + KS - 1)
+            )
+            s += tl.load(RPB + bias_index, mask=inside, other=0.0) * LOG2E
+        s = tl.where(inside, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(
+            p.to(Q.dtype.element_ty).to(DOT_DTYPE), v, input_precision=PRECISION
+        )
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(
+        OUT + b * sob + h * son + rows_q[:, None] * soh + cols_q[:, None] * sow + d[None, :] * sod,
+        out.to(OUT.dtype.element_ty),
+        mask=q_valid[:, None] & d_ok[None, :],
+    )
+    tl.store(
+        LSE + bh.to(tl.int64) * height * width + rows_q * width + cols_q, m_i + tl.log2(l_i), mask=q_valid
+    )
+
+
+def _na2d_backward_query_kernel(
+    Q, K, V, RPB, OUT, DO, LSE, DELTA, DQ, DRPB_PARTS,
+    sqb, sqh, sqw, sqn, sqd,
+    skb, skh, skw, skn, skd,
+    svb, svh, svw, svn, svd,
+    sob, soh, sow, son, sod,
+    sdb, sdh, sdw, sdn, sdd,
+    sgb, sgh, sgw, sgn, sgd,
+    heads, height, width, head_dim, tiles_h, tiles_w, qk_scale, scale,
+    KS: tl.constexpr, DIL: tl.constexpr, HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, BH: tl.constexpr,
+    BW: tl.constexpr, KW: tl.constexpr, BLOCK_D: tl.constexpr, SPAN_P: tl.constexpr, IS_FP64: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):  # fmt: skip
+    LOG2E: tl.constexpr = 1.4426950408889634
+    SPAN: tl.constexpr = 2 * KS - 1
+    pid = tl.program_id(0)  # one axis: (batch * heads) * tiles can pass the 65535 of axes 1 and 2
+    tile = pid % (DIL * DIL * tiles_h * tiles_w)
+    bh = pid // (DIL * DIL * tiles_h * tiles_w)
+    b = (bh // heads).to(tl.int64)
+    h = bh % heads
+    group = tile // (tiles_h * tiles_w)
+    gi = group // DIL
+    gj = group % DIL
+    ta = (tile % (tiles_h * tiles_w)) // tiles_w
+    tb = tile % tiles_w
+    len_h = (height - gi + DIL - 1) // DIL
+    len_w = (width - gj + DIL - 1) // DIL
+    m = tl.arange(0, BH * BW)
+    qa = ta * BH + m // BW
+    qb = tb * BW + m % BW
+    q_valid = (qa < len_h) & (qb < len_w)
+    qa = tl.minimum(qa, len_h - 1)
+    qb = tl.minimum(qb, len_w - 1)
+    sa = tl.minimum(tl.maximum(qa - KS // 2, 0), len_h - KS)
+    sb = tl.minimum(tl.maximum(qb - KS // 2, 0), len_w - KS)
+    ha0 = tl.minimum(tl.maximum(tl.minimum(ta * BH, len_h - 1) - KS // 2, 0), len_h - KS)
+    ha1 = tl.minimum(tl.maximum(tl.minimum(ta * BH + BH - 1, len_h - 1) - KS // 2, 0), len_h - KS) + KS
+    hb0 = tl.minimum(tl.maximum(tl.minimum(tb * BW, len_w - 1) - KS // 2, 0), len_w - KS)
+    kb = hb0 + tl.arange(0, KW)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    rows_q = gi + DIL * qa
+    cols_q = gj + DIL * qb
+    q_offset = rows_q[:, None] * sqh + cols_q[:, None] * sqw + d[None, :] * sqd
+    q = tl.load(Q + b * sqb + h * sqn + q_offset, mask=d_ok[None, :], other=0.0).to(DOT_DTYPE)
+    do_offset = rows_q[:, None] * sdh + cols_q[:, None] * sdw + d[None, :] * sdd
+    do = tl.load(DO + b * sdb + h * sdn + do_offset, mask=d_ok[None, :], other=0.0).to(DOT_DTYPE)
+    stat_index = bh.to(tl.int64) * height * width + rows_q * width + cols_q
+    lse = tl.load(LSE + stat_index)
+    # rowsum(dO * O), the softmax backward's correction; stored for the key-major pass (launched next)
+    out_offset = rows_q[:, None] * soh + cols_q[:, None] * sow + d[None, :] * sod
+    out = tl.load(OUT + b * sob + h * son + out_offset, mask=d_ok[None, :], other=0.0)
+    delta = tl.sum(do.to(lse.dtype) * out.to(lse.dtype), 1)
+    tl.store(DELTA + stat_index, delta, mask=q_valid)
+    key_ok = (kb < len_w)[:, None] & d_ok[None, :]
+    cols_k = gj + DIL * kb
+    col_in = (kb[None, :] >= sb[:, None]) & (kb[None, :] < sb[:, None] + KS)
+    # RPB gradient: in key row ka, query m's dS at key column n goes to table column
+    # c = kb[n] - qb[m] + k - 1; `gather_n[m, c]` is that n (masked where outside the key row).
+    c = tl.arange(0, SPAN_P)
+    gather_n = c[None, :] - (KS - 1) + qb[:, None] - hb0
+    gather_ok = (gather_n >= 0) & (gather_n < KW) & (c[None, :] < SPAN)
+    gather_n = tl.minimum(tl.maximum(gather_n, 0), KW - 1)
+    if IS_FP64:
+        dq = tl.zeros([BH * BW, BLOCK_D], dtype=tl.float64)
+        table = tl.zeros([SPAN_P, SPAN_P], dtype=tl.float64)
+    else:
+        dq = tl.zeros([BH * BW, BLOCK_D], dtype=tl.float32)
+        table = tl.zeros([SPAN_P, SPAN_P], dtype=tl.float32)
+    for ka in range(ha0, ha1):
+        row_k = gi + DIL * ka
+        k = tl.load(
+            K + b * skb + h * skn + row_k * skh + cols_k[:, None] * skw + d[None, :] * skd,
+            mask=key_ok,
+            other=0.0,
+        ).to(DOT_DTYPE)
+        v = tl.load(
+            V + b * svb + h * svn + row_k * svh + cols_k[:, None] * svw + d[None, :] * svd,
+            mask=key_ok,
+            other=0.0,
+        ).to(DOT_DTYPE)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        inside = col_in & ((ka >= sa) & (ka < sa + KS))[:, None]
+        if HAS_RPB:
+            bias_index = (
+                h * SPAN * SPAN + (ka - qa + KS - 1)[:, None] * SPAN + (kb[None, :] - qb[:, None] + KS - 1)
+            )
+            s += tl.load(RPB + bias_index, mask=inside, other=0.0) * LOG2E
+        p = tl.where(inside, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = tl.where(q_valid[:, None], p * (dp - delta[:, None]), 0.0)  # repeated queries count once
+        dq += tl.dot(ds.to(Q.dtype.element_ty).to(DOT_DTYPE), k, input_precision=PRECISION)
+        if RPB_GRAD:
+            by_column = tl.where(gather_ok, tl.gather(ds, gather_n, 1), 0.0)  # (queries, table columns)
+            row_hot = ((ka - qa + KS - 1)[None, :] == c[:, None]).to(ds.dtype)  # (table rows, queries)
+            table += tl.dot(row_hot, by_column, input_precision="ieee")
+    tl.store(
+        DQ + b * sgb + h * sgn + rows_q[:, None] * sgh + cols_q[:, None] * sgw + d[None, :] * sgd,
+        (dq * scale).to(DQ.dtype.element_ty),
+        mask=q_valid[:, None] & d_ok[None, :],
+    )
+    if RPB_GRAD:
+        slot = DRPB_PARTS + pid.to(tl.int64) * SPAN * SPAN  # = (b, h, tile): parts' layout
+        tl.store(slot + c[:, None] * SPAN + c[None, :], table, mask=(c[:, None] < SPAN) & (c[None, :] < SPAN))
+
+
+def _na2d_backward_key_kernel(
+    Q, K, V, RPB, DO, LSE, DELTA, DK, DV,
+    sqb, sqh, sqw, sqn, sqd,
+    skb, skh, skw, skn, skd,
+    svb, svh, svw, svn, svd,
+    sdb, sdh, sdw, sdn, sdd,
+    sgb, sgh, sgw, sgn, sgd,
+    heads, height, width, head_dim, tiles_h, tiles_w, qk_scale, scale,
+    KS: tl.constexpr, DIL: tl.constexpr, HAS_RPB: tl.constexpr, KH: tl.constexpr, KWT: tl.constexpr,
+    QW: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):  # fmt: skip
+    LOG2E: tl.constexpr = 1.4426950408889634
+    SPAN: tl.constexpr = 2 * KS - 1
+    pid = tl.program_id(0)  # one axis: (batch * heads) * tiles can pass the 65535 of axes 1 and 2
+    tile = pid % (DIL * DIL * tiles_h * tiles_w)
+    bh = pid // (DIL * DIL * tiles_h * tiles_w)
+    b = (bh // heads).to(tl.int64)
+    h = bh % heads
+    group = tile // (tiles_h * tiles_w)
+    gi = group // DIL
+    gj = group % DIL
+    ta = (tile % (tiles_h * tiles_w)) // tiles_w
+    tb = tile % tiles_w
+    len_h = (height - gi + DIL - 1) // DIL
+    len_w = (width - gj + DIL - 1) // DIL
+    n = tl.arange(0, KH * KWT)
+    ka = ta * KH + n // KWT
+    kb = tb * KWT + n % KWT
+    k_valid = (ka < len_h) & (kb < len_w)
+    ka = tl.minimum(ka, len_h - 1)
+    kb = tl.minimum(kb, len_w - 1)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    rows_k = gi + DIL * ka
+    cols_k = gj + DIL * kb
+    k_offset = rows_k[:, None] * skh + cols_k[:, None] * skw + d[None, :] * skd
+    k = tl.load(K + b * skb + h * skn + k_offset, mask=d_ok[None, :], other=0.0).to(DOT_DTYPE)
+    v_offset = rows_k[:, None] * svh + cols_k[:, None] * svw + d[None, :] * svd
+    v = tl.load(V + b * svb + h * svn + v_offset, mask=d_ok[None, :], other=0.0).to(DOT_DTYPE)
+    # Queries whose windows can hold a key of the tile: window starts are monotone in the query,
+    # so the first query whose window ends at/after the first key row to the last whose window
+    # starts at/before the last key row (near borders that is wider than k).
+    first_a = tl.minimum(ta * KH, len_h - 1)
+    last_a = tl.minimum(ta * KH + KH - 1, len_h - 1)
+    qa_lo = tl.where(first_a <= KS - 1, 0, first_a - KS + 1 + KS // 2)
+    qa_hi = tl.where(last_a >= len_h - KS, len_h - 1, last_a + KS // 2)
+    first_b = tl.minimum(tb * KWT, len_w - 1)
+    last_b = tl.minimum(tb * KWT + KWT - 1, len_w - 1)
+    qb_lo = tl.where(first_b <= KS - 1, 0, first_b - KS + 1 + KS // 2)
+    qb_hi = tl.where(last_b >= len_w - KS, len_w - 1, last_b + KS // 2)
+    if IS_FP64:
+        dk = tl.zeros([KH * KWT, BLOCK_D], dtype=tl.float64)
+        dv = tl.zeros([KH * KWT, BLOCK_D], dtype=tl.float64)
+    else:
+        dk = tl.zeros([KH * KWT, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([KH * KWT, BLOCK_D], dtype=tl.float32)
+    for qa in range(qa_lo, qa_hi + 1):
+        sa = tl.minimum(tl.maximum(qa - KS // 2, 0), len_h - KS)
+        row_in = (ka >= sa) & (ka < sa + KS)
+        row_q = gi + DIL * qa
+        for qb0 in range(qb_lo, qb_hi + 1, QW):
+            qb = qb0 + tl.arange(0, QW)
+            q_ok = qb <= qb_hi
+            qb = tl.minimum(qb, qb_hi)
+            sb = tl.minimum(tl.maximum(qb - KS // 2, 0), len_w - KS)
+            inside = row_in[:, None] & (kb[:, None] >= sb[None, :]) & (kb[:, None] < sb[None, :] + KS)
+            inside = inside & q_ok[None, :]
+            cols_q = gj + DIL * qb
+            q = tl.load(
+                Q + b * sqb + h * sqn + row_q * sqh + cols_q[:, None] * sqw + d[None, :] * sqd,
+                mask=d_ok[None, :],
+                other=0.0,
+            ).to(DOT_DTYPE)
+            do = tl.load(
+                DO + b * sdb + h * sdn + row_q * sdh + cols_q[:, None] * sdw + d[None, :] * sdd,
+                mask=d_ok[None, :],
+                other=0.0,
+            ).to(DOT_DTYPE)
+            stat_index = bh.to(tl.int64) * height * width + row_q * width + cols_q
+            lse = tl.load(LSE + stat_index)
+            delta = tl.load(DELTA + stat_index)
+            st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (keys, queries)
+            if HAS_RPB:
+                bias_index = (
+                    h * SPAN * SPAN
+                    + (ka[:, None] - qa + KS - 1) * SPAN
+                    + (kb[:, None] - qb[None, :] + KS - 1)
+                )
+                st += tl.load(RPB + bias_index, mask=inside, other=0.0) * LOG2E
+            pt = tl.where(inside, tl.exp2(st - lse[None, :]), 0.0)
+            dv += tl.dot(pt.to(Q.dtype.element_ty).to(DOT_DTYPE), do, input_precision=PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(Q.dtype.element_ty).to(DOT_DTYPE), q, input_precision=PRECISION)
+    store_mask = k_valid[:, None] & d_ok[None, :]
+    out_offset = b * sgb + h * sgn + rows_k[:, None] * sgh + cols_k[:, None] * sgw + d[None, :] * sgd
+    tl.store(DK + out_offset, (dk * scale).to(DK.dtype.element_ty), mask=store_mask)
+    tl.store(DV + out_offset, dv.to(DV.dtype.element_ty), mask=store_mask)
+
+
+@functools.cache
+def _kernels() -> tuple:
+    """The kernels, decorated on first use (Triton picks compiled or interpreted at decoration)."""
+    return tuple(
+        triton.jit(fn)
+        for fn in (_na2d_forward_kernel, _na2d_backward_query_kernel, _na2d_backward_key_kernel)
+    )
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"  # ignored for 16-bit inputs (their products are exact in the fp32 accumulator)
+
+
+def _dot_dtype(dtype: torch.dtype):
+    """What tl.dot multiplies: the input dtype, but float32 for bfloat16 under the interpreter, whose
+    dot multiplies bfloat16's raw 16-bit patterns (triton 3.8). Operands are rounded to bfloat16
+    first, so the products are those of the GPU's bfloat16 dot (exact in float32)."""
+    if dtype == torch.bfloat16 and triton_interpreting():
+        return tl.float32
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}.get(
+        dtype, tl.float64
+    )
+
+
+def _group_tiles(height: int, width: int, dilation: int, tile: tuple[int, int]) -> tuple[int, int]:
+    """Tiles per axis of the longest dilation group (group 0); shorter groups mask their tail."""
+    return math.ceil(math.ceil(height / dilation) / tile[0]), math.ceil(math.ceil(width / dilation) / tile[1])
+
+
+def _geometry(q: torch.Tensor, kernel_size: int, dilation: int, tile: tuple[int, int]) -> dict:
+    B, H, W, heads, dim = q.shape
+    tiles_h, tiles_w = _group_tiles(H, W, dilation, tile)
+    return dict(
+        n_tiles=dilation * dilation * tiles_h * tiles_w,
+        scalars=(heads, H, W, dim, tiles_h, tiles_w),
+        constants=dict(
+            KS=kernel_size,
+            DIL=dilation,
+            BLOCK_D=_pow2(dim),
+            IS_FP64=q.dtype == torch.float64,
+            PRECISION=_precision(q.dtype),
+            DOT_DTYPE=_dot_dtype(q.dtype),
+        ),
+    )
+
+
+def _forward(q, k, v, rpb, kernel_size, dilation, scale, tile):
+    forward_kernel, _, _ = _kernels()
+    B, H, W, heads, dim = q.shape
+    geo = _geometry(q, kernel_size, dilation, tile)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.empty((B, heads, H, W), dtype=stat_dtype, device=q.device)
+    forward_kernel[(B * heads * geo["n_tiles"],)](
+        q, k, v, rpb if rpb is not None else q, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *geo["scalars"], scale * math.log2(math.e),
+        HAS_RPB=rpb is not None, BH=tile[0], BW=tile[1], KW=_pow2(tile[1] + kernel_size - 1),
+        **geo["constants"],
+    )  # fmt: skip
+    return out, lse
+
+
+def _backward(q, k, v, rpb, out, lse, grad_out, kernel_size, dilation, scale, tile, rpb_grad: bool):
+    _, query_kernel, key_kernel = _kernels()
+    B, H, W, heads, dim = q.shape
+    geo = _geometry(q, kernel_size, dilation, tile)
+    delta = torch.empty_like(lse)  # written by the query-major pass
+    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    span = 2 * kernel_size - 1
+    n_tiles = geo["n_tiles"]
+    parts = (
+        torch.empty((B, heads, n_tiles, span, span), dtype=lse.dtype, device=q.device) if rpb_grad else lse
+    )
+    common = (*geo["scalars"], scale * math.log2(math.e), scale)
+    query_kernel[(B * heads * geo["n_tiles"],)](
+        q, k, v, rpb if rpb is not None else q, out, grad_out, lse, delta, dq, parts,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(), *common,
+        HAS_RPB=rpb is not None, RPB_GRAD=rpb_grad, BH=tile[0], BW=tile[1],
+        KW=_pow2(tile[1] + kernel_size - 1), SPAN_P=_pow2(span), **geo["constants"],
+    )  # fmt: skip
+    key_kernel[(B * heads * geo["n_tiles"],)](
+        q, k, v, rpb if rpb is not None else q, grad_out, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *common,
+        HAS_RPB=rpb is not None, KH=tile[0], KWT=tile[1], QW=_pow2(tile[1] + kernel_size - 1),
+        **geo["constants"],
+    )  # fmt: skip
+    return dq, dk, dv, parts.sum((0, 2)) if rpb_grad else None
+
+
+class _TritonNeighborhoodAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, rpb, kernel_size: int, dilation: int, scale: float, tile: tuple[int, int]):
+        # The kernels read the table in their accumulation dtype (an fp32 parameter as it is).
+        bias = None if rpb is None else rpb.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+        bias = None if bias is None else bias.contiguous()
+        # Triton launches on the current device; autograd's engine sets it for the backward.
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+            out, lse = _forward(q, k, v, bias, kernel_size, dilation, scale, tile)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.geometry = (kernel_size, dilation, scale, tile)
+        ctx.rpb_dtype = None if rpb is None else rpb.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        rpb_grad = bias is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, drpb = _backward(q, k, v, bias, out, lse, grad_out, *ctx.geometry, rpb_grad)
+        return dq, dk, dv, None if drpb is None else drpb.to(ctx.rpb_dtype), None, None, None, None
+
+
+@torch.compiler.disable  # an opaque call to dynamo (a graph break), not traced into the launches
+def na2d_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: int,
+    dilation: int,
+    rpb: torch.Tensor | None,
+    scale: float,
+    attn_drop: float,
+    tile: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    return _TritonNeighborhoodAttention.apply(
+        q, k, v, rpb, kernel_size, dilation, scale, tile or DEFAULT_TILE
+    )

@@ -1,0 +1,716 @@
+#!/usr/bin/env python3
+"""The attention zoo study: what each token mixer costs and what it buys, measured here.
+
+    python scripts/zoo.py --out runs/zoo-study              # the full study (about an hour, 2 cores)
+    python scripts/zoo.py --out /tmp/zoo --quick            # all three parts end to end, tiny (CI)
+    python scripts/zoo.py --out runs/zoo-study --parts scaling --mixers na full linear
+
+Three parts, each writing OUT/<part>.{json,csv} (and a figure):
+
+1. scaling: each mixer of `models.mixers.MIXERS` alone at NAT-Tiny's stage-1 width (dim 64, 2 heads,
+   windows 7), forward + backward of a (1, side, side, 64) map at side 16, 32, 64, 128, in interleaved
+   rounds through the repo's harness (`engine.bench`); per size the time, the peak-RSS increase, the
+   ratio to `full` (fused SDPA) round by round, and per mixer the log-log slope of time vs tokens over
+   32^2..128^2 (1 = linear, 2 = quadratic). LRA's speed/memory table, against a fused baseline.
+2. accuracy: every mixer in one small NAT backbone under one recipe (configs/zoo.yaml) on the
+   embedded shapes task (configs/zoo_shapes.yaml: rewards locality) and the embedded long-range
+   Pathfinder-like task (configs/zoo_pathfinder.yaml: needs it); `train.py` runs each (mixer, seed)
+   as a subprocess. Final-epoch val top-1, mean and range over seeds, params, FLOPs
+   (`models.count_flops`), train img/s. A difference counts only when it exceeds the seed range.
+3. patterns: one PNG, a panel per mixer: on a 14x14 map, which input positions a centre query and a
+   corner query read, as |d out[query] / d x| (exact for every mechanism: a linear or low-rank mixer
+   reads everywhere, and the panel shows it). Stage-1 mixers of the seed-0 pathfinder models when
+   the accuracy part has trained them (learned/random patterns as trained), else freshly built ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from engine import bench  # noqa: E402
+
+# Mixer names of the zoo in the order the tables list them: the baseline, the exact local ones, the
+# sparse global ones, then the approximations. Mixers registered later are appended.
+ORDER = (
+    "full",
+    "na",
+    "dilated",
+    "sasa",
+    "window",
+    "shifted_window",
+    "halo",
+    "global",
+    "longformer",
+    "bigbird",
+    "reformer",
+    "sinkhorn",
+    "linformer",
+    "compressed",
+    "linear",
+    "performer",
+    "synthesizer_dense",
+    "synthesizer_random",
+)
+BASELINE = "full"
+LOCAL = ("na", "dilated", "sasa", "window", "shifted_window", "halo")  # no global reach in one layer
+EXACT_LOCAL = ("sasa", "window", "shifted_window", "halo")  # NA's rivals at equal window size
+LINEAR_COST = (
+    "na", "dilated", "window", "shifted_window", "halo", "sasa", "global", "longformer", "bigbird",
+    "linformer", "compressed", "linear", "performer",
+)  # fmt: skip
+NEAR_LINEAR = ("reformer", "sinkhorn")
+HEADLINE = ("na", "full")  # mixers that get --headline-seeds seeds
+TASKS = {"shapes": "configs/zoo_shapes.yaml", "pathfinder": "configs/zoo_pathfinder.yaml"}
+RECIPE = "configs/zoo.yaml"
+
+STAGE1 = dict(dim=64, num_heads=2, kernel_size=7)  # NAT-Tiny stage 1
+SIDES = (16, 32, 64, 128)
+SLOPE_FROM = 32  # the slope is fitted over sides >= this (small maps are overhead-bound)
+PATTERN_SIDE = 14
+
+QUICK = dict(
+    sides=(8, 16),
+    rounds=2,
+    mixers_accuracy=("na", "full"),
+    overrides=(
+        "sched.epochs=1",
+        "sched.warmup_epochs=0",
+        "train.batch_size=8",
+        "data.pathfinder.train_per_class=8",
+        "data.pathfinder.val_per_class=4",
+        "data.pathfinder.image_size=32",
+        "data.synthetic.num_classes=3",
+        "data.synthetic.train_per_class=6",
+        "data.synthetic.val_per_class=4",
+        "data.synthetic.image_size=32",
+        "data.img_size=32",
+    ),
+)
+
+
+class UsageError(Exception):
+    """A user mistake: printed as one `error:` line, exit 2."""
+
+
+def registered_mixers() -> list[str]:
+    import models  # noqa: F401  (registers every mixer family)
+    from models.mixers import MIXERS
+
+    return [m for m in ORDER if m in MIXERS] + sorted(set(MIXERS) - set(ORDER))
+
+
+def check_mixers(names: list[str], available: list[str]) -> list[str]:
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise UsageError(f"unknown mixer(s) {', '.join(unknown)}; registered: {', '.join(available)}")
+    return names
+
+
+def stage1_mixer(name: str, seed: int = 0) -> torch.nn.Module:
+    """Mixer `name` as a NAT-Tiny stage-1 block would build it (dim 64, 2 heads, window 7)."""
+    from models.mixers import build_mixer
+
+    torch.manual_seed(seed)
+    return build_mixer(name, STAGE1["dim"], STAGE1["num_heads"], kernel_size=STAGE1["kernel_size"])
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Scaling
+
+
+def repeated(step, n: int):
+    """`step` called `n` times (one timed sample of a short step)."""
+
+    def run():
+        for _ in range(n):
+            step()
+
+    return run
+
+
+def scaling(
+    mixers: list[str], sides, rounds: int, warmup: int, max_step_s: float, min_sample_s: float, out: Path
+) -> dict:
+    """Forward + backward time and peak memory of each mixer alone, per map side; ratios to full."""
+    rows, dropped, errors, repeats = [], {}, {}, {}
+    modules = {name: stage1_mixer(name) for name in mixers}
+    for side in sides:
+        steps = {}
+        for name, module in modules.items():
+            if name in dropped or name in errors:
+                continue
+            x = torch.randn(1, side, side, STAGE1["dim"], requires_grad=True)
+
+            def step(module=module, x=x):
+                module.zero_grad(set_to_none=True)
+                x.grad = None
+                module(x).sum().backward()
+
+            try:  # a first call (JIT builds, caches), then one probe: a mixer over budget is dropped
+                step()
+                probe = bench.time_call(step)
+            except Exception as e:  # noqa: BLE001 (recorded per mixer: one failure must not stop the rest)
+                errors[name] = f"side {side}: {type(e).__name__}: {e}"
+                continue
+            if probe > max_step_s and name != BASELINE:  # every ratio needs the baseline
+                dropped[name] = f"one step at side {side} took {probe:.1f} s > --max-step-s {max_step_s}"
+                continue
+            # Short steps are repeated up to `min_sample_s` per timed sample: on a shared machine a
+            # single ms-long call can land on a preemption (tens of ms) and its median is noise.
+            repeats[name] = max(1, math.ceil(min_sample_s / max(probe, 1e-6)))
+            steps[name] = step
+        timed = {name: repeated(steps[name], repeats[name]) for name in steps}
+        failed: dict[str, BaseException] = {}
+        times = bench.interleaved_rounds(timed, rounds=rounds, warmup=warmup, errors=failed)
+        times = {name: [t / repeats[name] for t in ts] for name, ts in times.items()}  # per call
+        errors.update({n: f"side {side}: {type(e).__name__}: {e}" for n, e in failed.items()})
+        for name, ts in times.items():
+            stats = bench.spread(ts)
+            row = dict(
+                mixer=name,
+                side=side,
+                tokens=side * side,
+                rounds=len(ts),
+                calls_per_sample=repeats[name],
+                **{f"s_{k}": v for k, v in stats.items()},
+            )
+            row["peak_mb"] = bench.peak_memory_mb(steps[name], "cpu")
+            if BASELINE in times:
+                ratios = bench.round_ratios(times[BASELINE], ts)  # full's time / this mixer's: speed-up
+                row["speedup_vs_full"] = statistics.median(ratios)
+                row["speedup_q1"], row["speedup_q3"] = bench.spread(ratios)["q1"], bench.spread(ratios)["q3"]
+            rows.append(row)
+        for name in steps:
+            memory_ratio(rows, name, side)
+        print(f"  scaling: side {side} done ({len(times)} mixers)", flush=True)
+    slopes = {}
+    for name in mixers:
+        pts = [(r["tokens"], r["s_median"]) for r in rows if r["mixer"] == name and r["side"] >= SLOPE_FROM]
+        if len(pts) < 2:  # quick runs: fit what there is
+            pts = [(r["tokens"], r["s_median"]) for r in rows if r["mixer"] == name]
+        slopes[name] = bench.loglog_slope(*zip(*pts, strict=True)) if len(pts) >= 2 else None
+    result = dict(
+        environment=bench.environment(),
+        settings=dict(
+            stage1=STAGE1,
+            sides=list(sides),
+            rounds=rounds,
+            warmup=warmup,
+            min_sample_s=min_sample_s,
+            batch=1,
+            slope_from=SLOPE_FROM,
+        ),
+        memory=bench.memory_kind("cpu"),
+        rows=rows,
+        slopes=slopes,
+        dropped=dropped,
+        errors=errors,
+    )
+    result["targets"] = scaling_targets(result)
+    bench.write_json(result, out / "scaling.json")
+    (out / "scaling.md").write_text(scaling_markdown(result) + "\n")
+    bench.write_csv([dict(r, slope=slopes.get(r["mixer"])) for r in rows], out / "scaling.csv")
+    panels = [
+        [
+            ("forward+backward time (s), dim 64, 2 heads", series(rows, "s_median")),
+            ("peak RSS increase (MiB)", series(rows, "peak_mb")),
+        ]
+    ]
+    bench.plot_panels(panels, out / "scaling.png", xlabel="tokens", ylabel="", loglog=True, slope_guides="N")
+    return result
+
+
+def scaling_markdown(result: dict) -> str:
+    """Per mixer: time per size (ms), speed-up over full per size, peak memory at the largest size
+    (and vs full), slope; then the drops and errors."""
+    rows, sides = result["rows"], result["settings"]["sides"]
+    at = {(r["mixer"], r["side"]): r for r in rows}
+    largest = sides[-1]
+    header = ["mixer", *[f"{s}² ms (x full)" for s in sides], f"MiB @{largest}² (x full)", "slope"]
+    cells = []
+    for name, slope in result["slopes"].items():
+        line = [name]
+        for side in sides:
+            r = at.get((name, side))
+            line.append(
+                "-"
+                if r is None
+                else f"{1e3 * r['s_median']:.1f} ({bench.fmt(r.get('speedup_vs_full'), '.2f')})"
+            )
+        r = at.get((name, largest))
+        memory = "-" if r is None else f"{r['peak_mb']:.0f} ({bench.fmt(r.get('memory_vs_full'), '.2f')})"
+        cells.append([*line, memory, bench.fmt(slope, ".2f")])
+    lines = bench.markdown_table(header, cells, "l" + "r" * (len(header) - 1))
+    lines += [f"- {name}: not timed further: {why}" for name, why in result["dropped"].items()]
+    lines += [f"- {name}: error: {why}" for name, why in result["errors"].items()]
+    return "\n".join(lines)
+
+
+def accuracy_markdown(result: dict) -> str:
+    header = [
+        "task",
+        "mixer",
+        "seeds",
+        "top-1 mean (min-max)",
+        "vs na",
+        "> seed range?",
+        "params",
+        "MACs",
+        "img/s",
+    ]
+    cells = []
+    for t in result["table"]:
+        real = {True: "yes", False: "no", None: "-"}[t.get("real")]
+        cells.append(
+            [
+                t["task"],
+                t["mixer"],
+                t["seeds"],
+                f"{t['top1_mean']:.1f} ({t['top1_min']:.1f}-{t['top1_max']:.1f})",
+                bench.fmt(t.get("vs_na"), "+.1f"),
+                real if t["mixer"] != "na" else "",
+                bench.fmt(t.get("params") and t["params"] / 1e3, ".0f") + "k",
+                bench.fmt(t.get("flops") and t["flops"] / 1e6, ".1f") + "M",
+                f"{t['train_img_per_sec']:.0f}",
+            ]
+        )
+    lines = bench.markdown_table(header, cells, "llrrrlrrr")
+    lines += [f"- {label}: error: {why}" for label, why in result["errors"].items()]
+    return "\n".join(lines)
+
+
+def memory_ratio(rows: list[dict], name: str, side: int) -> None:
+    row = next((r for r in rows if r["mixer"] == name and r["side"] == side), None)
+    base = next((r for r in rows if r["mixer"] == BASELINE and r["side"] == side), None)
+    if row and base and base["peak_mb"] > 0 and not math.isnan(row["peak_mb"]):
+        row["memory_vs_full"] = row["peak_mb"] / base["peak_mb"]
+
+
+def series(rows: list[dict], key: str) -> dict[str, list[tuple[float, float]]]:
+    out: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r.get(key) is not None and not math.isnan(r[key]) and r[key] > 0:
+            out.setdefault(r["mixer"], []).append((r["tokens"], r[key]))
+    return out
+
+
+def scaling_targets(result: dict) -> list[dict]:
+    """The issue's targets, checked on this run's numbers (None where a mixer or size is missing)."""
+    rows, slopes = result["rows"], result["slopes"]
+    largest = max((r["side"] for r in rows), default=None)
+    at_largest = {r["mixer"]: r for r in rows if r["side"] == largest}
+    checks = []
+    for name in slopes:
+        limit = 1.15 if name in LINEAR_COST else 1.3 if name in NEAR_LINEAR else None
+        if limit is None:
+            continue
+        slope = slopes[name]
+        checks.append(
+            dict(
+                target=f"{name}: time slope <= {limit}",
+                value=slope,
+                met=None if slope is None else slope <= limit,
+            )
+        )
+        if name in LINEAR_COST:
+            speedup = at_largest.get(name, {}).get("speedup_vs_full")
+            checks.append(
+                dict(
+                    target=f"{name}: >= 4x faster than full at {largest}^2",
+                    value=speedup,
+                    met=None if speedup is None else speedup >= 4,
+                )
+            )
+    na = at_largest.get("na", {}).get("s_median")
+    for rival in EXACT_LOCAL:
+        other = at_largest.get(rival, {}).get("s_median")
+        if na and other:
+            checks.append(
+                dict(
+                    target=f"na faster than {rival} at {largest}^2 (time ratio {rival}/na)",
+                    value=other / na,
+                    met=other > na,
+                )
+            )
+    return checks
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Accuracy
+
+
+def run_dir_of(out: Path, task: str, mixer: str, seed: int) -> Path:
+    return out / "accuracy" / task / f"{mixer}-s{seed}"
+
+
+def train_run(out: Path, task: str, mixer: str, seed: int, overrides: list[str], quiet: bool) -> dict:
+    """One `train.py` run (a subprocess: the CLI is the interface); its result from summary.csv."""
+    run_dir = run_dir_of(out, task, mixer, seed)
+    if not (run_dir / "summary.csv").is_file() or not (run_dir / "last.pth.tar").is_file():
+        cmd = [
+            sys.executable,
+            str(REPO / "train.py"),
+            "-c",
+            str(REPO / RECIPE),
+            "-c",
+            str(REPO / TASKS[task]),
+        ]
+        cmd += ["--output", str(run_dir.parent), "--experiment", run_dir.name]
+        cmd += [
+            "--set",
+            f"model.kwargs.mixer={mixer}",
+            f"train.seed={seed}",
+            "train.progress=off",
+            *overrides,
+        ]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=quiet, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr or "").strip().splitlines()[-1:] if quiet else []
+            raise RuntimeError(
+                f"train.py failed (exit {proc.returncode}) {' '.join(tail)}; see {run_dir / 'train.log'}"
+            )
+        (run_dir / "wall_s.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
+    epochs = list(csv.DictReader((run_dir / "summary.csv").open()))
+    speeds = [float(e["train_img_per_sec"]) for e in epochs]
+    return dict(
+        task=task,
+        mixer=mixer,
+        seed=seed,
+        top1=float(epochs[-1]["eval_top1"]),
+        best_top1=max(float(e["eval_top1"]) for e in epochs),
+        epochs=len(epochs),
+        # the first epoch includes warm-up (allocator, caches): left out when there are others
+        train_img_per_sec=statistics.median(speeds[1:] if len(speeds) > 1 else speeds),
+        wall_s=float((run_dir / "wall_s.txt").read_text()) if (run_dir / "wall_s.txt").is_file() else None,
+        run_dir=str(run_dir),
+    )
+
+
+def model_cost(run_dir: Path) -> dict:
+    """Params and multiply-adds (`models.count_flops`) of a run's model at its input size."""
+    import timm
+    import yaml
+
+    from models import count_flops
+
+    cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    classes = (Path(run_dir) / "classes.txt").read_text().split()
+    with torch.device("meta"):
+        model = timm.create_model(cfg["model"]["name"], num_classes=len(classes), **cfg["model"]["kwargs"])
+    size = cfg["data"]["img_size"]
+    return dict(params=sum(p.numel() for p in model.parameters()), flops=count_flops(model, (3, size, size)))
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Per (task, mixer): mean and range of final top-1 over seeds, costs, and whether the difference
+    to `na` exceeds the seed noise (the largest seed range among that task's multi-seed mixers)."""
+    table = []
+    for task in dict.fromkeys(r["task"] for r in runs):
+        group = [r for r in runs if r["task"] == task]
+        by_mixer: dict[str, list[dict]] = {}
+        for r in group:
+            by_mixer.setdefault(r["mixer"], []).append(r)
+        noise = max(
+            (
+                max(x["top1"] for x in rs) - min(x["top1"] for x in rs)
+                for rs in by_mixer.values()
+                if len(rs) > 1
+            ),
+            default=None,
+        )
+        for mixer, rs in by_mixer.items():
+            tops = [x["top1"] for x in rs]
+            table.append(
+                dict(
+                    task=task,
+                    mixer=mixer,
+                    seeds=len(rs),
+                    top1_mean=statistics.mean(tops),
+                    top1_min=min(tops),
+                    top1_max=max(tops),
+                    top1_range=max(tops) - min(tops),
+                    noise=noise,
+                    params=rs[0].get("params"),
+                    flops=rs[0].get("flops"),
+                    train_img_per_sec=statistics.median(x["train_img_per_sec"] for x in rs),
+                    wall_s=sum(x["wall_s"] or 0 for x in rs),
+                )
+            )
+        na = next((t for t in table if t["task"] == task and t["mixer"] == "na"), None)
+        for t in table:
+            if t["task"] == task and na is not None and t is not na:
+                t["vs_na"] = t["top1_mean"] - na["top1_mean"]
+                t["real"] = None if noise is None else abs(t["vs_na"]) > noise
+    return table
+
+
+def accuracy_targets(table: list[dict]) -> list[dict]:
+    rows = [t for t in table if t["task"] == "pathfinder"]
+    na = next((t for t in rows if t["mixer"] == "na"), None)
+    global_reach = [t for t in rows if t["mixer"] not in LOCAL]
+    if na is None or not global_reach:
+        return []
+    best = max(global_reach, key=lambda t: t["top1_mean"])
+    return [
+        dict(
+            target=f"pathfinder: best global-reach mixer ({best['mixer']}) beats na by > the seed range",
+            value=best["top1_mean"] - na["top1_mean"],
+            noise=best["noise"],
+            met=None if best["noise"] is None else best["top1_mean"] - na["top1_mean"] > best["noise"],
+        )
+    ]
+
+
+def accuracy(
+    mixers: list[str],
+    overrides: dict[str, list[str]],
+    seeds: int,
+    headline_seeds: int,
+    out: Path,
+    quiet: bool,
+) -> dict:
+    """Train every (task, mixer, seed) of the plan (`overrides`: task -> train.py overrides)."""
+    runs, errors = [], {}
+    for task in overrides:
+        for mixer in mixers:
+            for seed in range(headline_seeds if mixer in HEADLINE else seeds):
+                label = f"{task}/{mixer}-s{seed}"
+                print(f"  accuracy: {label}", flush=True)
+                try:
+                    run = train_run(out, task, mixer, seed, overrides[task], quiet)
+                    run.update(model_cost(Path(run["run_dir"])))
+                    runs.append(run)
+                except Exception as e:  # noqa: BLE001 (the table says which run failed)
+                    errors[label] = str(e)
+                    print(f"  !!! {label}: {e}", file=sys.stderr, flush=True)
+    table = summarize(runs)
+    result = dict(
+        environment=bench.environment(),
+        recipe=RECIPE,
+        tasks={t: TASKS[t] for t in overrides},
+        overrides=overrides,
+        runs=runs,
+        table=table,
+        errors=errors,
+        targets=accuracy_targets(table),
+        full_study_estimate=full_study_estimate(runs),
+    )
+    bench.write_json(result, out / "accuracy.json")
+    (out / "accuracy.md").write_text(accuracy_markdown(result) + "\n")
+    bench.write_csv(table, out / "accuracy.csv")
+    return result
+
+
+def full_study_estimate(runs: list[dict]) -> dict | None:
+    """Seconds the default study's training would take at these runs' measured img/s (unmeasured
+    mixers at the median speed): images per run from the configs, epochs x (train + val)."""
+    if not runs:
+        return None
+    from configs import load_config
+
+    speeds = {(r["task"], r["mixer"]): r["train_img_per_sec"] for r in runs}
+    total, per_task = 0.0, {}
+    for task, path in TASKS.items():
+        cfg = load_config([REPO / RECIPE, REPO / path])
+        data = cfg["data"][cfg["data"]["dataset"]]  # the generator's options: synthetic / pathfinder
+        classes = data.get("num_classes", 2)
+        images = classes * (data["train_per_class"] + data["val_per_class"] / 3)  # val ~3x cheaper
+        task_speeds = [v for (t, _), v in speeds.items() if t == task] or list(speeds.values())
+        median = statistics.median(task_speeds)
+        seconds = 0.0
+        for mixer in ORDER:
+            n = 2 if mixer in HEADLINE else 1
+            seconds += n * cfg["sched"]["epochs"] * images / speeds.get((task, mixer), median)
+        per_task[task] = seconds
+        total += seconds
+    return dict(
+        train_seconds=total, per_task=per_task, cpu=bench.cpu_name(), torch_threads=torch.get_num_threads()
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Patterns
+
+
+def trained_stage1_mixer(run_dir: Path) -> torch.nn.Module | None:
+    """The first block's mixer of a trained run (last.pth.tar), or None when there is none."""
+    import timm
+    import yaml
+
+    ckpt = run_dir / "last.pth.tar"
+    if not ckpt.is_file():
+        return None
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    classes = (run_dir / "classes.txt").read_text().split()
+    model = timm.create_model(cfg["model"]["name"], num_classes=len(classes), **cfg["model"]["kwargs"])
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["state_dict"])
+    return model.stages[0].blocks[0].attn
+
+
+def read_map(
+    module: torch.nn.Module, query: tuple[int, int], dim: int, side: int = PATTERN_SIDE
+) -> torch.Tensor:
+    """(side, side) map of ||d <out[query], u> / d x[pos]||: where the query's output reads the input
+    (u a fixed random direction, so no channel sums cancel). Exactly zero where it cannot read."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, side, side, dim, generator=gen, requires_grad=True)
+    u = torch.randn(dim, generator=gen)
+    module.eval()
+    (module(x)[0, query[0], query[1]] @ u).backward()
+    return x.grad[0].norm(dim=-1)
+
+
+def patterns(mixers: list[str], out: Path) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    queries = dict(centre=(PATTERN_SIDE // 2, PATTERN_SIDE // 2), corner=(0, 0))
+    info, panels = {}, []
+    for name in mixers:
+        trained = trained_stage1_mixer(run_dir_of(out, "pathfinder", name, 0))
+        module = trained if trained is not None else stage1_mixer(name)
+        dim = module.qkv.in_features if hasattr(module, "qkv") else STAGE1["dim"]
+        maps = {q: read_map(module, pos, dim) for q, pos in queries.items()}
+        info[name] = dict(
+            source="trained (pathfinder, seed 0, stage 1, block 0)" if trained is not None else "initialised",
+            kernel_size=getattr(module, "kernel_size", None),
+            **{f"reach_{q}": float((m > 1e-6 * m.max()).float().mean()) for q, m in maps.items()},
+        )
+        # one RGB panel: centre query in red, corner query in blue, on a log scale over 4 decades so
+        # that faint reads (global tokens, kernels) show; exact zeros stay black
+        rgb = torch.zeros(PATTERN_SIDE, PATTERN_SIDE, 3)
+        for channel, m in ((0, maps["centre"]), (2, maps["corner"])):
+            rgb[..., channel] = (1 + torch.log10(m / m.max()).clamp(min=-4) / 4) * (m > 0)
+        panels.append((name, rgb.numpy()))
+    cols = min(6, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (name, rgb) in zip(axes.flat, panels, strict=False):
+        ax.imshow(rgb, interpolation="nearest")
+        for colour, (y, x) in zip(("white", "yellow"), queries.values(), strict=True):
+            ax.plot(x, y, marker="x", color=colour, ms=5)
+        tag = "" if info[name]["source"] == "initialised" else " (trained)"
+        ax.set_title(f"{name}{tag}", fontsize=8)
+    fig.suptitle(
+        f"What a query reads on a {PATTERN_SIDE}x{PATTERN_SIDE} map (|d out[q] / d x|, log scale over "
+        "4 decades): centre query red, corner query blue",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(out / "patterns.png", dpi=90)
+    plt.close(fig)
+    result = dict(side=PATTERN_SIDE, queries=queries, mixers=info)
+    bench.write_json(result, out / "patterns.json")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/zoo-study", help="output folder")
+    p.add_argument(
+        "--parts",
+        nargs="+",
+        default=["scaling", "accuracy", "patterns"],
+        choices=["scaling", "accuracy", "patterns"],
+    )
+    p.add_argument("--mixers", nargs="+", help="mixers to study (default: every registered one)")
+    p.add_argument("--quick", action="store_true", help="all parts, tiny: seconds (CI)")
+    p.add_argument("--sides", nargs="+", type=int, default=list(SIDES), help="scaling: map sides")
+    p.add_argument("--rounds", type=int, default=5, help="scaling: interleaved timing rounds")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=0,
+        help="scaling: untimed calls per mixer and size (after a first call and a probe)",
+    )
+    p.add_argument(
+        "--max-step-s", type=float, default=30.0, help="scaling: drop a mixer whose step is slower"
+    )
+    p.add_argument(
+        "--min-sample-s", type=float, default=0.3, help="scaling: repeat short steps up to this per sample"
+    )
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--seeds", type=int, default=1, help="accuracy: seeds per mixer")
+    p.add_argument(
+        "--headline-seeds",
+        type=int,
+        help=f"accuracy: seeds for {', '.join(HEADLINE)} (default 2; --quick: 1)",
+    )
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="accuracy: train.py overrides")
+    p.add_argument("--verbose", action="store_true", help="show train.py's output")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.headline_seeds is None:
+            args.headline_seeds = 1 if args.quick else 2
+        if args.rounds < 1 or args.seeds < 1 or args.headline_seeds < 1:
+            raise UsageError("--rounds, --seeds and --headline-seeds must be >= 1")
+        if any(s < 1 for s in args.sides):
+            raise UsageError(f"--sides must be positive, got {args.sides}")
+        available = registered_mixers()
+        mixers = check_mixers(args.mixers or available, available)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sides, rounds, overrides = args.sides, args.rounds, list(args.set)
+    accuracy_mixers = mixers
+    if args.quick:
+        sides, rounds = QUICK["sides"], QUICK["rounds"]
+        accuracy_mixers = [m for m in mixers if m in QUICK["mixers_accuracy"]] or mixers[:2]
+        overrides = [*QUICK["overrides"], *overrides]
+    t0 = time.perf_counter()
+    if "scaling" in args.parts:
+        print(f"scaling: {len(mixers)} mixers, sides {list(sides)}, {rounds} rounds", flush=True)
+        min_sample_s = 0.01 if args.quick else args.min_sample_s
+        res = scaling(mixers, sides, rounds, args.warmup, args.max_step_s, min_sample_s, out)
+        print_targets(res["targets"])
+    if "accuracy" in args.parts:
+        task_overrides = {task: list(overrides) for task in args.tasks}
+        if args.quick:  # tiny data sets of their own, not the study's
+            task_overrides = {t: [*o, f"data.root={out / 'data' / t}"] for t, o in task_overrides.items()}
+        res = accuracy(
+            accuracy_mixers, task_overrides, args.seeds, args.headline_seeds, out, not args.verbose
+        )
+        print_targets(res["targets"])
+    if "patterns" in args.parts:
+        res = patterns(mixers, out)
+        print(f"patterns: {out / 'patterns.png'}")
+    print(f"done in {time.perf_counter() - t0:.0f} s: {out}")
+    return 0
+
+
+def print_targets(checks: list[dict]) -> None:
+    for c in checks:
+        mark = {True: "met", False: "NOT met", None: "n/a"}[c["met"]]
+        value = "-" if c["value"] is None else f"{c['value']:.2f}"
+        print(f"  [{mark}] {c['target']}: {value}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

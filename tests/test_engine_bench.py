@@ -1,0 +1,96 @@
+"""engine/bench.py, the benchmark harness: round order, error handling, statistics against
+hand-computed values, memory against a known allocation, and the result files read back."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine import bench  # noqa: E402
+
+
+def recording_steps(names, log):
+    return {name: (lambda name=name: log.append(name)) for name in names}
+
+
+def test_interleaved_rounds_warm_up_then_rotate_the_order_each_round():
+    log: list[str] = []
+    times = bench.interleaved_rounds(recording_steps("abc", log), rounds=4, warmup=2)
+    warm, timed = log[:6], log[6:]
+    assert warm == ["a", "a", "b", "b", "c", "c"]
+    assert timed == list("abcbcacababc")  # round r starts at step r mod 3
+    assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4, "c": 4}
+    assert all(t >= 0 for v in times.values() for t in v)
+
+
+def test_interleaved_rounds_times_iters_calls_per_entry():
+    log: list[str] = []
+    nap = lambda: (log.append("x"), time.sleep(0.005))
+    times = bench.interleaved_rounds({"nap": nap}, rounds=2, warmup=0, iters=3)
+    assert len(log) == 6
+    assert all(t >= 3 * 0.005 for t in times["nap"])
+
+
+def test_interleaved_rounds_drops_a_failing_step_only_when_asked():
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] == 3:  # warm-up, round 0, then fails in round 1
+            raise RuntimeError("boom")
+
+    steps = {"ok": lambda: None, "flaky": flaky}
+    errors: dict[str, BaseException] = {}
+    times = bench.interleaved_rounds(steps, rounds=3, warmup=1, errors=errors)
+    assert list(times) == ["ok"] and len(times["ok"]) == 3
+    assert isinstance(errors["flaky"], RuntimeError)
+    calls["n"] = 0
+    with pytest.raises(RuntimeError, match="boom"):
+        bench.interleaved_rounds(steps, rounds=3, warmup=1)
+
+
+def test_spread_ratios_and_slope_against_hand_computed_values():
+    assert bench.spread([5.0, 1.0, 3.0, 2.0, 4.0]) == dict(median=3.0, q1=2.0, q3=4.0, min=1.0, max=5.0)
+    assert bench.spread([1.0, 2.0, 9.0]) == dict(median=2.0, q1=1.0, q3=9.0, min=1.0, max=9.0)
+    assert bench.round_ratios([2.0, 3.0, 4.0], [1.0, 0.0, 8.0]) == [2.0, 0.5]  # round 1: no reference
+    xs = [1.0, 10.0, 100.0]
+    assert bench.loglog_slope(xs, [7 * x**1.5 for x in xs]) == pytest.approx(1.5)
+    assert bench.loglog_slope([3.0, 3.0], [1.0, 2.0]) is None
+
+
+def test_cpu_peak_memory_sees_a_known_allocation():
+    mib = 64
+    step = lambda: torch.ones(mib * 2**20 // 4).sum()  # 64 MiB of float32, touched
+    measured = bench.peak_memory_mb(step, torch.device("cpu"))
+    assert mib * 0.9 <= measured <= mib * 2, measured
+    assert bench.memory_kind("cpu") == "cpu_rss_delta"
+
+
+def test_result_files_read_back(tmp_path):
+    rows = [dict(model="a", img_s=1.5), dict(model="b", error="OOM")]
+    bench.write_csv(rows, tmp_path / "all.csv")
+    with (tmp_path / "all.csv").open() as f:
+        assert list(csv.DictReader(f)) == [
+            {"model": "a", "img_s": "1.5", "error": ""},
+            {"model": "b", "img_s": "", "error": "OOM"},
+        ]
+    bench.write_csv(rows, tmp_path / "some.csv", fields=["model"])
+    assert (tmp_path / "some.csv").read_text().split() == ["model", "a", "b"]
+    bench.write_json(dict(path=tmp_path, env=bench.environment()), tmp_path / "r.json")
+    loaded = json.loads((tmp_path / "r.json").read_text())
+    assert loaded["path"] == str(tmp_path) and loaded["env"]["torch"] == torch.__version__
+    table = bench.markdown_table(["model", "img/s"], [["a", "1.50"]], "lr")
+    assert table == ["| model | img/s |", "|---|---:|", "| a | 1.50 |"]
+
+
+def test_plot_panels_writes_a_png(tmp_path):
+    series = {"lin": [(1, 1.0), (10, 10.0)], "quad": [(1, 1.0), (10, 100.0)]}
+    path = bench.plot_panels([[("p", series), ("q", series)]], tmp_path / "p.png", "x", "y", True, "x")
+    assert path.stat().st_size > 1000

@@ -1,0 +1,276 @@
+"""The Triton NA backend against the float64 reference (tests/na_reference.py), and auto's CUDA choice.
+
+Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, which conftest.py
+sets before torch imports Triton); with one, on CUDA. Interpreted Triton is slow: shapes are tiny,
+and the wider sweep is marked slow.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from na_reference import reference_na2d
+
+pytest.importorskip("triton", reason="Triton is not importable: the 'triton' NA backend can't run")
+
+from models.layers import NeighborhoodAttention2D, explain_backends, neighborhood_attention_2d  # noqa: E402
+from models.layers.backends import checks  # noqa: E402
+from models.layers.backends.checks import CallInfo, select_backend  # noqa: E402
+from models.layers.backends.natten_na import natten_version  # noqa: E402
+from models.layers.backends.triton_na import na2d_triton, triton_interpreting  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not triton_interpreting():
+    pytest.skip(
+        "no GPU and Triton not in interpreter mode: set TRITON_INTERPRET=1 before torch is imported "
+        "(tests/conftest.py does when there is no /dev/nvidia0)",
+        allow_module_level=True,
+    )
+
+
+def _inputs(height, width, kernel_size, heads=2, head_dim=16, batch=1, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, height, width, heads, head_dim)
+    q, k, v, grad_out = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(4))
+    rpb = torch.randn(heads, 2 * kernel_size - 1, 2 * kernel_size - 1, generator=gen, dtype=torch.float64)
+    return [t.to(DEVICE) for t in (q, k, v, rpb, grad_out)]
+
+
+def _run(fn, q, k, v, rpb, grad_out, dtype, rpb_dtype=None):
+    """Outputs and gradients of `fn` on `dtype` copies of the float64 inputs (rpb: `rpb_dtype`)."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    bias = None if rpb is None else rpb.detach().to(rpb_dtype or dtype).requires_grad_()
+    out = fn(*leaves, bias)
+    wrt = leaves if bias is None else [*leaves, bias]
+    return [out, *torch.autograd.grad((out * grad_out.to(out.dtype)).sum(), wrt)]
+
+
+def _relative_errors(got, want):
+    names = ["out", "dq", "dk", "dv", "drpb"]
+    return {n: ((a.double() - b).norm() / b.norm()).item() for n, a, b in zip(names, got, want, strict=False)}
+
+
+def _reference(q, k, v, rpb, grad_out, kernel_size, dilation, scale=None):
+    def fn(q_, k_, v_, rpb_):
+        return reference_na2d(q_, k_, v_, kernel_size, dilation, rpb_, scale=scale)
+
+    return _run(fn, q, k, v, rpb, grad_out, torch.float64)
+
+
+# (height, width, kernel, dilation, query/key tile): k 3-9, dilation 1-3, odd sizes, maps not
+# divisible by the dilation, kernel == map, several tiles per dilation group (borders inside and
+# between tiles), tiles wider than tall.
+CASES = [
+    (9, 9, 3, 1, None),
+    (12, 11, 5, 2, None),
+    (10, 13, 3, 3, (4, 4)),
+    (9, 9, 9, 1, None),
+    (13, 11, 7, 1, (4, 4)),
+    (12, 12, 3, 1, (2, 8)),
+    (9, 20, 9, 1, None),  # a key tile's queries (border: 20 columns) span two chunks of the dk/dv walk
+]
+SLOW_CASES = [
+    (14, 14, 7, 2, None),
+    (19, 18, 9, 2, (4, 4)),
+    (17, 16, 5, 3, (4, 8)),
+    (21, 23, 7, 1, None),
+    (11, 9, 3, 3, (4, 4)),
+    (18, 20, 9, 1, (8, 4)),
+]
+
+
+def _case_id(case):
+    height, width, kernel_size, dilation, tile = case
+    return f"{height}x{width}-k{kernel_size}-d{dilation}-tile{'x'.join(map(str, tile or ('default',)))}"
+
+
+def _check_float64_case(case, batch=1, heads=1):
+    height, width, kernel_size, dilation, tile = case
+    q, k, v, rpb, grad_out = _inputs(height, width, kernel_size, heads=heads, batch=batch)
+    scale = q.shape[-1] ** -0.5
+
+    def triton_fn(q_, k_, v_, rpb_):
+        return na2d_triton(q_, k_, v_, kernel_size, dilation, rpb_, scale, 0.0, tile)
+
+    got = _run(triton_fn, q, k, v, rpb, grad_out, torch.float64)
+    want = _reference(q, k, v, rpb, grad_out, kernel_size, dilation)
+    for name, err in _relative_errors(got, want).items():
+        assert err < 1e-12, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_float64_output_and_every_gradient_match_reference(case):
+    _check_float64_case(case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SLOW_CASES, ids=_case_id)
+def test_float64_sweep_matches_reference(case):
+    _check_float64_case(case, batch=2, heads=2)
+
+
+@pytest.mark.parametrize(
+    "dtype, bound",
+    [(torch.float32, 1e-5), (torch.float16, 5e-3), (torch.bfloat16, 3e-2)],
+    ids=["fp32", "fp16", "bf16"],
+)
+def test_low_precision_within_tolerance_of_reference(dtype, bound):
+    """fp32 accumulation: fp32 close to exact; fp16/bf16 at the inputs' rounding, and the bf16 error
+    no worse than the existing SDPA path's ('torch' backend) on the same inputs."""
+    height, width, kernel_size, dilation = 11, 12, 5, 1
+    q, k, v, rpb, grad_out = _inputs(height, width, kernel_size, head_dim=32)
+    want = _reference(q, k, v, rpb, grad_out, kernel_size, dilation)
+
+    def backend_fn(name):
+        return lambda q_, k_, v_, rpb_: neighborhood_attention_2d(
+            q_, k_, v_, kernel_size, dilation, rpb=rpb_, backend=name
+        )
+
+    # the RPB is a float32 parameter under autocast; q, k, v come in `dtype`
+    got = _relative_errors(_run(backend_fn("triton"), q, k, v, rpb, grad_out, dtype, torch.float32), want)
+    assert got["out"] < bound and max(got.values()) < 2 * bound, got
+    if dtype == torch.bfloat16:
+        sdpa = _relative_errors(_run(backend_fn("torch"), q, k, v, rpb, grad_out, dtype, torch.float32), want)
+        for name, err in got.items():
+            assert err < 2 * sdpa[name] + 1e-3, f"{name}: triton {err:.2e} vs torch {sdpa[name]:.2e}"
+
+
+def test_without_rpb_custom_scale_and_strided_views_of_a_packed_qkv():
+    """NAT's q, k, v are views into the qkv projection (strided); no RPB; a non-default scale;
+    head_dim 8 below the kernel's 16-wide block (masked lanes)."""
+    batch, height, width, heads, head_dim, kernel_size, dilation = 2, 10, 9, 2, 8, 3, 2
+    gen = torch.Generator().manual_seed(1)
+    qkv = torch.randn(batch, height, width, 3, heads, head_dim, generator=gen, dtype=torch.float64)
+    grad_out = torch.randn(qkv.shape[:3] + qkv.shape[4:], generator=gen, dtype=torch.float64).to(DEVICE)
+    qkv = qkv.to(DEVICE).requires_grad_()
+    out = neighborhood_attention_2d(*qkv.unbind(3), kernel_size, dilation, scale=0.37, backend="triton")
+    ref = reference_na2d(*qkv.unbind(3), kernel_size, dilation, None, scale=0.37)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    (got,) = torch.autograd.grad((out * grad_out).sum(), qkv)
+    (want,) = torch.autograd.grad((ref * grad_out).sum(), qkv)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_module_trains_its_rpb_and_frozen_rpb_gets_no_gradient():
+    torch.manual_seed(0)
+    attn = NeighborhoodAttention2D(32, 2, 5, dilation=2, backend="triton").double().to(DEVICE)
+    x = torch.randn(1, 11, 10, 32, dtype=torch.float64, device=DEVICE)
+    attn(x).square().sum().backward()
+    grad = attn.rpb.grad.clone()
+    assert grad.abs().sum() > 0
+    attn.zero_grad()
+    with torch.no_grad():
+        ref_attn = NeighborhoodAttention2D(32, 2, 5, dilation=2, backend="torch").double().to(DEVICE)
+        ref_attn.load_state_dict(attn.state_dict())
+    ref_attn(x).square().sum().backward()
+    torch.testing.assert_close(grad, ref_attn.rpb.grad, rtol=1e-10, atol=1e-10)
+    # a frozen RPB: the kernel skips its gradient, q/k/v gradients still flow
+    attn.rpb.requires_grad_(False)
+    x.requires_grad_()
+    attn(x).sum().backward()
+    assert attn.rpb.grad is None and x.grad.abs().sum() > 0
+
+
+def _pick(**overrides) -> str:
+    base = dict(device_type="cuda", dtype=torch.bfloat16, has_rpb=True, attn_drop=0.0, needs_grad=True)
+    return select_backend(CallInfo(**{**base, **overrides})).name
+
+
+def test_auto_on_cuda_prefers_triton_for_rpb_training_and_inference():
+    assert _pick() == "triton"
+    assert _pick(needs_grad=False) == "triton"
+    assert _pick(dtype=torch.float32) == "triton"
+    assert _pick(has_rpb=False) == ("natten" if natten_version() else "triton")
+    assert _pick(attn_drop=0.1) == "torch"  # only the SDPA path has attention dropout
+    choice = select_backend(CallInfo("cuda", torch.bfloat16, True, 0.0, True))
+    assert set(choice.rejected) == set(checks.BACKENDS) - {"triton"}
+    assert "relative position bias" in choice.rejected["natten"]
+    assert "CPU-only" in choice.rejected["cpp"]
+    assert "upstream" in choice.rejected["flex"]  # RPB training: flex only when asked for
+    inference = select_backend(CallInfo("cuda", torch.bfloat16, True, 0.0, False))
+    assert "'triton' comes first" in inference.rejected["flex"]
+
+
+def test_auto_without_triton_falls_back_and_says_why(monkeypatch):
+    monkeypatch.setattr(checks, "triton_error", lambda: "Triton is not importable (test)")
+    assert _pick() == "torch"  # RPB training: SDPA over halo tiles
+    assert _pick(needs_grad=False) == "flex"
+    choice = select_backend(CallInfo("cuda", torch.bfloat16, True, 0.0, True))
+    assert choice.rejected["triton"] == "Triton is not importable (test)"
+    with pytest.raises(ValueError, match="not importable"):
+        q = torch.randn(1, 9, 9, 2, 16)
+        neighborhood_attention_2d(q, q, q, 3, backend="triton")
+
+
+def test_auto_never_picks_the_interpreter_on_cpu(monkeypatch):
+    q = torch.randn(1, 9, 9, 2, 16)
+    choice = explain_backends(q, rpb=torch.zeros(2, 5, 5), requires_grad=True)
+    assert choice.name in ("cpp", "torch") and "CUDA" in choice.rejected["triton"]
+    with pytest.raises(ValueError, match="attention dropout"):
+        neighborhood_attention_2d(q, q, q, 3, attn_drop=0.1, backend="triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET=1" in explain_backends(q).rejected["triton"]
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        neighborhood_attention_2d(q, q, q, 3, backend="triton")
+
+
+# Compiles the three kernels for a GPU without one: Triton's front end, its NVIDIA passes and the
+# bundled ptxas (types, layouts, tl.gather, the fp32 one-hot dot): what the interpreter can't show.
+# Run in a fresh process, since this one has Triton in interpreter mode.
+_COMPILE_SCRIPT = """
+import inspect, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from models.layers.backends import triton_na as t
+
+arch, dtype, kernel_size, dilation = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+dot_dtype = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
+forward, query, key = t._kernels()
+halo = t._pow2(8 + kernel_size - 1)
+common = dict(KS=kernel_size, DIL=dilation, BLOCK_D=32, IS_FP64=False, PRECISION="tf32", DOT_DTYPE=dot_dtype)
+for jit, extra in [
+    (forward, dict(HAS_RPB=True, BH=8, BW=8, KW=halo)),
+    (query, dict(HAS_RPB=True, RPB_GRAD=True, BH=8, BW=8, KW=halo, SPAN_P=t._pow2(2 * kernel_size - 1))),
+    (key, dict(HAS_RPB=True, KH=8, KWT=8, QW=halo)),
+]:
+    constants = {**common, **extra}
+    names = list(inspect.signature(jit.fn).parameters)
+    signature = {}
+    for name in names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in ("Q", "K", "V", "DO", "OUT", "DQ", "DK", "DV"):
+            signature[name] = "*" + dtype
+        elif name in ("RPB", "LSE", "DELTA", "DRPB_PARTS"):
+            signature[name] = "*fp32"
+        else:
+            signature[name] = "fp32" if name in ("qk_scale", "scale") else "i32"
+    source = ASTSource(jit, signature, constexprs={(names.index(k),): v for k, v in constants.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
+    assert compiled.asm["cubin"], jit.fn.__name__
+    print(jit.fn.__name__, "compiled")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "arch, dtype, kernel_size, dilation", [(90, "bf16", 7, 1), (80, "fp16", 9, 2), (90, "fp32", 3, 3)]
+)
+def test_kernels_compile_for_cuda_without_a_gpu(arch, dtype, kernel_size, dilation):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT, str(arch), dtype, str(kernel_size), str(dilation)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("compiled") == 3

@@ -1,0 +1,94 @@
+"""scripts/zoo.py end to end (--quick): the files it writes say what the mechanisms are.
+
+The reference for the pattern part is each mechanism's definition: a 7x7 neighborhood reads exactly
+49 of the 196 positions of a 14x14 map, full and linear attention read all of them."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+ZOO = REPO / "scripts" / "zoo.py"
+
+
+def run_zoo(out, *args, timeout=600):
+    proc = subprocess.run(
+        [sys.executable, str(ZOO), "--out", str(out), "--quick", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_quick_scaling_and_patterns(tmp_path):
+    run_zoo(tmp_path, "--parts", "scaling", "patterns", "--mixers", "full", "na", "linear")
+    scaling = json.loads((tmp_path / "scaling.json").read_text())
+    assert not scaling["errors"] and not scaling["dropped"]
+    rows = {(r["mixer"], r["side"]): r for r in scaling["rows"]}
+    assert set(rows) == {(m, s) for m in ("full", "na", "linear") for s in (8, 16)}
+    for (_, side), r in rows.items():
+        assert r["tokens"] == side * side and r["rounds"] == 2
+        assert 0 < r["s_min"] <= r["s_median"] <= r["s_max"]
+        assert r["speedup_vs_full"] > 0
+    assert all(rows[("full", s)]["speedup_vs_full"] == 1.0 for s in (8, 16))  # full / full, round by round
+    assert set(scaling["slopes"]) == {"full", "na", "linear"}
+    assert scaling["environment"]["cpu"] and scaling["settings"]["stage1"]["dim"] == 64
+    targets = {t["target"] for t in scaling["targets"]}
+    assert "na: time slope <= 1.15" in targets and "linear: >= 4x faster than full at 16^2" in targets
+    with (tmp_path / "scaling.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 6
+    assert Image.open(tmp_path / "scaling.png").size[0] > 200
+
+    patterns = json.loads((tmp_path / "patterns.json").read_text())["mixers"]
+    assert patterns["na"]["kernel_size"] == 7
+    assert patterns["na"]["reach_centre"] == pytest.approx(49 / 196)
+    assert patterns["na"]["reach_corner"] == pytest.approx(49 / 196)  # NA's window shifts at borders
+    assert patterns["full"]["reach_centre"] == patterns["full"]["reach_corner"] == 1.0
+    assert patterns["linear"]["reach_centre"] == 1.0
+    assert all(p["source"] == "initialised" for p in patterns.values())
+    assert Image.open(tmp_path / "patterns.png").size[0] > 200
+
+
+def test_bad_arguments_get_one_error_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ZOO), "--out", str(tmp_path), "--mixers", "na", "nosuchmixer"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "unknown mixer(s) nosuchmixer" in proc.stderr and "registered:" in proc.stderr
+
+
+@pytest.mark.slow
+def test_quick_study_end_to_end(tmp_path):
+    """All three parts: tiny training runs of na and full on both tasks, their table, and patterns
+    drawn from the trained pathfinder models."""
+    run_zoo(tmp_path, "--mixers", "full", "na", "linear")
+    acc = json.loads((tmp_path / "accuracy.json").read_text())
+    assert not acc["errors"]
+    assert {(r["task"], r["mixer"]) for r in acc["runs"]} == {
+        (t, m) for t in ("shapes", "pathfinder") for m in ("full", "na")
+    }
+    for r in acc["runs"]:
+        assert 0 <= r["top1"] <= 100 and r["epochs"] == 1 and r["train_img_per_sec"] > 0
+        assert r["params"] > 0 and r["flops"] > 0
+    table = {(t["task"], t["mixer"]): t for t in acc["table"]}
+    assert table[("pathfinder", "full")]["vs_na"] == pytest.approx(
+        table[("pathfinder", "full")]["top1_mean"] - table[("pathfinder", "na")]["top1_mean"]
+    )
+    # full attention has no relative-position table: fewer parameters than NA in the same backbone
+    assert table[("shapes", "full")]["params"] < table[("shapes", "na")]["params"]
+    assert acc["full_study_estimate"]["train_seconds"] > 0
+    patterns = json.loads((tmp_path / "patterns.json").read_text())["mixers"]
+    assert patterns["na"]["source"].startswith("trained") and patterns["linear"]["source"] == "initialised"
+    assert patterns["na"]["reach_centre"] == pytest.approx(25 / 196)  # the zoo backbone's stage-1 window 5
