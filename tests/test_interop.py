@@ -6,6 +6,10 @@ query-by-query NA of tests/na_reference.py (attention weights), onnxruntime (ONN
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -125,3 +129,80 @@ def test_module_attention_weights_on_a_padded_map():
     qkv = attn.qkv(torch.nn.functional.pad(x, (0, 0, 0, 0, 0, 4))).unflatten(-1, (3, 2, 4))
     want = reference_attention_maps(qkv[..., 0, :, :], qkv[..., 1, :, :], 3, 3, attn.rpb, attn.scale)
     torch.testing.assert_close(_dense(weights, 3, 3, map_size=(9, 11)), want[:, :5], rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# ONNX (scripts/export.py)
+
+ROOT = Path(__file__).resolve().parents[1]
+# one stage: an NA block and a dilated one (kernel 3, dilation 4: window 12, padded below that)
+TINY_DINAT = dict(
+    embed_dim=16, depths=(2,), num_heads=(2,), kernel_size=3, dilations=((1, 4),), num_classes=5
+)
+
+
+def _export(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "scripts" / "export.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+@pytest.mark.slow  # ~30 s of CPU: tracing with symbolic H, W dominates
+def test_onnx_export_runs_exact_na_at_any_size(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = timm.create_model("dinat_mini", **TINY_DINAT).eval()
+    with torch.no_grad():  # RPB and head away from their init, so a dropped or misplaced one shows
+        for name, p in model.named_parameters():
+            if name.endswith("rpb") or name.startswith("head"):
+                p.normal_(0, 0.5)
+    torch.save(model.state_dict(), tmp_path / "tiny.pth")
+    kwargs = [f"{k}={v!r}".replace(" ", "") for k, v in TINY_DINAT.items()]
+    result = _export(
+        "dinat_mini", "--out", str(tmp_path / "tiny.onnx"), "--checkpoint", str(tmp_path / "tiny.pth"),
+        "--img-size", "64", "--bench-iters", "1", "--model-kwargs", *kwargs,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count(" ok") == 2 and "onnxruntime" in result.stdout and "img/s" in result.stdout
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "tiny.onnx"), providers=["CPUExecutionProvider"])
+    # a third size and batch, non-square; 20 px: a 5x5 map, smaller than the dilated window
+    for shape in ((3, 3, 44, 28), (1, 3, 20, 20)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            want = model(x)
+        got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    graph = onnx.load(str(tmp_path / "tiny.onnx")).graph
+    ops = {node.op_type for node in graph.node}  # standard ops only: no custom domain
+    assert {"Softmax", "MatMul"} <= ops and {node.domain for node in graph.node} <= {"", "ai.onnx"}
+
+
+def test_export_rejects_bad_arguments_with_one_line(tmp_path):
+    result = _export("nat_mini", "--out", str(tmp_path / "model.txt"))
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: --out") and len(result.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention maps (scripts/visualize_attention.py)
+
+
+def test_visualize_attention_writes_a_png_and_rejects_bad_layers(tmp_path):
+    from PIL import Image
+
+    script = str(ROOT / "scripts" / "visualize_attention.py")
+    args = ["--model", "dinat_mini", "--img-size", "64", "--queries", "0,0", "40,20", "--heads", "0", "1"]
+    out = tmp_path / "attention.png"
+    result = subprocess.run(
+        [sys.executable, script, *args, "--layers", "0.0", "0.1", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    with Image.open(out) as png:  # 2 layers x (2 queries x 2 heads) panels
+        assert png.format == "PNG" and png.width > png.height > 300
+    result = subprocess.run(
+        [sys.executable, script, *args, "--layers", "0.9", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stderr.startswith("error: --layers '0.9'")
