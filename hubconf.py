@@ -1,8 +1,9 @@
 """torch.hub entry points: `torch.hub.load(<repo path>, 'nat_tiny', source='local', pretrained=...)`.
 
 `pretrained` is False (random init), True (download the official checkpoint: needs network) or a
-local checkpoint path (official or this repo's key layout; no network). Other keyword arguments go
-to the model (e.g. `num_classes=10`, `drop_path_rate=0.1`, `pretrained_cfg_overlay=dict(file=...)`).
+local checkpoint path (.pth or .safetensors; official, Hugging Face or this repo's key layout; no
+network). Other keyword arguments go to the model (e.g. `num_classes=10`, `drop_path_rate=0.1`,
+`pretrained_cfg_overlay=dict(file=...)`).
 """
 
 dependencies = ["torch", "timm"]

@@ -53,6 +53,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
             "val_per_class": 50,
             "image_size": 64,
             "seed": 0,
+            "polarity": "any",  # any | light (light shapes on a dark background: learnt much sooner)
         },
         "pathfinder": {  # dataset: pathfinder (data/pathfinder.py): are the two dots on one curve?
             "train_per_class": 1000,

@@ -31,7 +31,9 @@ DEFAULTS = dict(
     timm_kwargs=None,
     download=False,
 )
-SYNTHETIC_DEFAULTS = dict(num_classes=10, train_per_class=200, val_per_class=50, image_size=64, seed=0)
+SYNTHETIC_DEFAULTS = dict(
+    num_classes=10, train_per_class=200, val_per_class=50, image_size=64, seed=0, polarity="any"
+)
 DEFAULT_SYNTHETIC_ROOT = "datasets/synthetic"
 PATHFINDER_DEFAULTS = dict(
     train_per_class=1000,

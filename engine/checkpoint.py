@@ -2,7 +2,9 @@
 model (classifier resize, the family's checkpoint_filter_fn), and the atomic training saves.
 
 `load_checkpoint` is the one function that opens a checkpoint file (torch.load with
-weights_only=True); a new format (e.g. .safetensors) is added there and every caller gets it.
+weights_only=True, or safetensors for a `.safetensors` file); a new format is added there and every
+caller gets it. `export_weights` / `save_weights` write bare weights (.pth or .safetensors), what
+scripts/export_weights.py does.
 Training checkpoints carry `CHECKPOINT_FORMAT` and everything an exact resume needs.
 """
 
@@ -22,7 +24,8 @@ CHECKPOINT_FORMAT = "nat-classification/1"
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint file (or a run folder's last / best one): the one place that opens one.
 
-    torch.load(weights_only=True) with a one-line error for every way a file can be wrong."""
+    torch.load(weights_only=True), or safetensors' loader for a `.safetensors` file (a flat state
+    dict); a one-line error for every way a file can be wrong."""
     path = Path(path)
     if path.is_dir():
         for name in ("last.pth.tar", "model_best.pth.tar"):
@@ -35,6 +38,8 @@ def load_checkpoint(path: str | Path) -> dict:
             )
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' not found; check the path")
+    if path.suffix == ".safetensors":  # by extension, as timm's load_state_dict
+        return _load_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle/zip errors have many types
@@ -42,6 +47,80 @@ def load_checkpoint(path: str | Path) -> dict:
             f"cannot read checkpoint '{path}' ({first_line(e)[:200]}); it must be a PyTorch .pth/.pth.tar "
             "file loadable with torch.load(weights_only=True)"
         ) from None
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A .safetensors file: a flat name -> tensor dict (weights only: no optimizer, no run state)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"cannot read safetensors file '{path}' ({first_line(e)[:200]}); it must be a safetensors "
+            "file of tensors (e.g. written by scripts/export_weights.py or safetensors.torch.save_file)"
+        ) from None
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Write a bare state dict (timm's clean_checkpoint output): .safetensors by extension, else torch.save.
+
+    Tensors are made contiguous and un-shared (safetensors refuses aliased or strided storage); the
+    file is written next to its target and renamed, so a failed export leaves no partial file."""
+    path = Path(path)
+    tensors, storages = {}, set()
+    for k, v in state_dict.items():
+        v = v.detach().cpu().contiguous()
+        if v.untyped_storage().data_ptr() in storages:
+            v = v.clone()
+        storages.add(v.untyped_storage().data_ptr())
+        tensors[k] = v
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    else:
+        torch.save(tensors, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+WEIGHTS_FORMATS = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def export_weights(
+    checkpoint: str | Path,
+    output: str | Path,
+    use_ema: bool = False,
+    model_name: str | None = None,
+    model_kwargs: str | None = None,
+) -> tuple[Path, int]:
+    """A checkpoint's (EMA) weights as a bare state dict file; (output path, number of tensors).
+
+    timm's clean_checkpoint: no optimizer / run state / wrapper prefixes. The weights are loaded into
+    the model (this repo's checkpoints: their own arch; else `model_name` if given), which checks them
+    and re-keys official / Hugging Face layouts to this repo's; without a model they are copied as is."""
+    from engine.factory import check_model_name, create_model_for_checkpoint
+
+    output = Path(output)
+    if output.suffix not in WEIGHTS_FORMATS:
+        raise CheckpointError(
+            f"output '{output}' must end in one of {', '.join(WEIGHTS_FORMATS)} (the format to write)"
+        )
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "model_best.pth.tar"
+    ckpt = load_checkpoint(path)
+    sd = extract_state_dict(ckpt, path, use_ema=use_ema)
+    name = model_name or (ckpt.get("arch") if "state_dict" in ckpt else None)
+    if name:
+        check_model_name(name)
+        model, _ = create_model_for_checkpoint(name, ckpt, sd, path, model_kwargs=model_kwargs)
+        sd = model.state_dict()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return save_weights(sd, output), len(sd)
 
 
 def extract_state_dict(ckpt, path, use_ema: bool = False) -> dict:

@@ -17,13 +17,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import yaml
 
 import configs
 from configs import ConfigError
-from engine.checkpoint import checkpoint_num_classes, extract_state_dict, load_checkpoint, load_model_weights
+from engine.checkpoint import extract_state_dict, load_checkpoint
 from engine.errors import EXIT_ERROR, CheckpointError, first_line, user_errors
-from engine.factory import check_model_name, create_model, data_build_config
+from engine.factory import check_model_name, create_model_for_checkpoint, data_build_config
 
 
 def data_settings(args, ckpt: dict) -> dict:
@@ -122,26 +121,15 @@ def evaluate(args) -> dict:
         raise ConfigError(f"'{ckpt_path}' does not name its model: pass --model NAME (e.g. --model nat_mini)")
     check_model_name(name)
     sd = extract_state_dict(ckpt, ckpt_path, use_ema=args.use_ema)
-    same_arch = ours and name == ckpt.get("arch")
-    kwargs = (ckpt.get("model_kwargs") or {}) if same_arch else {}
-    if args.model_kwargs:
-        kwargs = yaml.safe_load(args.model_kwargs)
-    if not isinstance(kwargs, dict):
-        raise ConfigError(f"--model-kwargs must be a YAML mapping, got {args.model_kwargs!r}")
-
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
 
     # outputs: what the checkpoint says (ours), else its classifier's rows, else the model default
-    num_classes = args.num_classes or (ckpt.get("num_classes") if same_arch else None)
-    model = create_model(name, num_classes, {"kwargs": kwargs, "drop_path_rate": 0.0})
-    if num_classes is None:
-        n = checkpoint_num_classes(model, sd)
-        if n is not None and n != model.num_classes:
-            model.reset_classifier(n)
-    load_model_weights(model, sd, ckpt_path, name, resize_head=False)
+    model, kwargs = create_model_for_checkpoint(
+        name, ckpt, sd, ckpt_path, model_kwargs=args.model_kwargs, num_classes=args.num_classes
+    )
     num_outputs = model.num_classes
     model_classes = ckpt.get("classes") if ours else None
 
@@ -264,7 +252,8 @@ def default_output(args) -> Path:
     ckpt = Path(args.checkpoint)
     if ckpt.is_dir():
         return ckpt / suffix.lstrip("-")
-    return ckpt.with_name(ckpt.name.removesuffix(".tar").removesuffix(".pth") + suffix)
+    stem = ckpt.name.removesuffix(".tar").removesuffix(".pth").removesuffix(".safetensors")
+    return ckpt.with_name(stem + suffix)
 
 
 def run(args) -> int:

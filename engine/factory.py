@@ -59,6 +59,34 @@ def create_model(name: str, num_classes: int | None, cfg_model: dict, pretrained
         ) from None
 
 
+def create_model_for_checkpoint(
+    name: str, ckpt, sd: dict, path, model_kwargs: str | None = None, num_classes: int | None = None
+) -> tuple:
+    """(model `name` holding the weights `sd` of checkpoint `ckpt`, its create_model kwargs).
+
+    This repo's checkpoints of `name` bring their model kwargs and class count; other files get the
+    class count from their classifier. `model_kwargs` (YAML) and `num_classes` override both. The weights
+    must fit exactly (the family's checkpoint_filter_fn maps official / Hugging Face layouts)."""
+    import yaml
+
+    from engine.checkpoint import checkpoint_num_classes, load_model_weights
+
+    same_arch = isinstance(ckpt, dict) and "state_dict" in ckpt and ckpt.get("arch") == name
+    kwargs = (ckpt.get("model_kwargs") or {}) if same_arch else {}
+    if model_kwargs:
+        kwargs = yaml.safe_load(model_kwargs)
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"--model-kwargs must be a YAML mapping, got {model_kwargs!r}")
+    num_classes = num_classes or (ckpt.get("num_classes") if same_arch else None)
+    model = create_model(name, num_classes, {"kwargs": kwargs, "drop_path_rate": 0.0})
+    if num_classes is None:
+        n = checkpoint_num_classes(model, sd)
+        if n is not None and n != model.num_classes:
+            model.reset_classifier(n)
+    load_model_weights(model, sd, path, name, resize_head=False)
+    return model, kwargs
+
+
 def unwrap(model):
     """The model inside torch.compile / DDP wrappers."""
     model = getattr(model, "_orig_mod", model)

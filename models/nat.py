@@ -10,7 +10,8 @@ dilated NA, with the dilation picked so the dilated window spans the stage's map
 resolution (224: 8/4/2/1, 384: 13/6/3/1).
 
 Internal names are timm's (`stem`, `stages.N.downsample`, `stages.N.blocks.M`, `norm`, `head.fc`);
-`checkpoint_filter_fn` maps the official key layout (`patch_embed`, `levels`, `head`) onto them.
+`checkpoint_filter_fn` maps the official key layout (`patch_embed`, `levels`, `head`) and Hugging Face
+transformers' (`nat.embeddings`, `nat.encoder.levels`, `classifier`) onto them.
 The official repo puts the downsampler at the end of level i, here it opens stage i + 1.
 
 Inputs of any size work: a map smaller than a layer's window (kernel_size * dilation) is
@@ -28,6 +29,7 @@ from typing import Any
 from urllib.error import URLError
 
 import torch
+from safetensors import SafetensorError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, LayerScale, Mlp, trunc_normal_
 from timm.layers.pos_embed_rel import resize_rel_pos_bias_table_simple
@@ -496,6 +498,69 @@ def _remap_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
+# Hugging Face transformers' NatModel / DinatModel (their *ForImageClassification wrap it in `nat.` /
+# `dinat.` and add `classifier`): modeling_nat.py / modeling_dinat.py, the shi-labs/*-in1k-224 hub weights.
+_HF_PREFIXES = ("nat.", "dinat.", "embeddings.patch_embeddings.", "encoder.levels.")
+_HF_BLOCK = r"^encoder\.levels\.(\d+)\.layers\.(\d+)\."
+_HF_BLOCK_QKV = r"^(encoder\.levels\.(\d+)\.layers\.(\d+)\.attention\.self\.)(query|key|value)\.(\w+)$"
+_HF_RENAMES = (
+    (r"^embeddings\.patch_embeddings\.projection\.0\.", "stem.conv1."),
+    (r"^embeddings\.patch_embeddings\.projection\.1\.", "stem.conv2."),
+    (r"^embeddings\.norm\.", "stem.norm."),
+    (_HF_BLOCK + r"layernorm_before\.", r"stages.\1.blocks.\2.norm1."),
+    (_HF_BLOCK + r"attention\.self\.rpb$", r"stages.\1.blocks.\2.attn.rpb"),
+    (_HF_BLOCK + r"attention\.output\.dense\.", r"stages.\1.blocks.\2.attn.proj."),
+    (_HF_BLOCK + r"layernorm_after\.", r"stages.\1.blocks.\2.norm2."),
+    (_HF_BLOCK + r"intermediate\.dense\.", r"stages.\1.blocks.\2.mlp.fc1."),
+    (_HF_BLOCK + r"output\.dense\.", r"stages.\1.blocks.\2.mlp.fc2."),
+    (r"^layernorm\.", "norm."),
+    (r"^classifier\.", "head.fc."),
+)
+
+
+def _remap_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face NAT/DiNAT key layout -> this module's.
+
+    Separate query / key / value linears are packed into `qkv` (rows q, k, v: the `(3, heads, head_dim)`
+    layout NeighborhoodAttention2D splits), the (2, dim) `layer_scale_parameters` split into ls1 / ls2,
+    and level i's downsampler opens stage i + 1 (as in the official layout)."""
+    sd = dict(state_dict)
+    for base in ("nat.", "dinat."):  # the *ForImageClassification wrapper; `classifier` sits outside it
+        if any(k.startswith(base) for k in sd) and all(k.startswith((base, "classifier.")) for k in sd):
+            sd = {k.removeprefix(base): v for k, v in sd.items()}
+    if any(k.startswith("hidden_states_norms.") for k in sd):
+        raise ValueError(
+            "checkpoint is a Hugging Face NatBackbone / DinatBackbone state dict (per-stage "
+            "hidden_states_norms, no final layernorm), which has no NAT equivalent; use the weights of "
+            "NatModel / NatForImageClassification (DinatModel / DinatForImageClassification)"
+        )
+    out = {}
+    for k, v in sd.items():
+        m = re.match(_HF_BLOCK_QKV, k)
+        if m:
+            head, stage, block, which, kind = m.groups()
+            parts = [sd.get(f"{head}{name}.{kind}") for name in ("query", "key", "value")]
+            if all(t is not None for t in parts):  # a lone q/k/v stays unmatched: the key check reports it
+                if which == "query":
+                    out[f"stages.{stage}.blocks.{block}.attn.qkv.{kind}"] = torch.cat(parts)
+                continue
+        m = re.match(_HF_BLOCK + r"layer_scale_parameters$", k)
+        if m and v.ndim == 2 and v.shape[0] == 2:
+            out[f"stages.{m.group(1)}.blocks.{m.group(2)}.ls1.gamma"] = v[0]
+            out[f"stages.{m.group(1)}.blocks.{m.group(2)}.ls2.gamma"] = v[1]
+            continue
+        m = re.match(r"^encoder\.levels\.(\d+)\.downsample\.(reduction|norm)\.(.*)$", k)
+        if m:
+            part = "conv" if m.group(2) == "reduction" else "norm"
+            out[f"stages.{int(m.group(1)) + 1}.downsample.{part}.{m.group(3)}"] = v
+            continue
+        new = k
+        for pattern, repl in _HF_RENAMES:
+            new = re.sub(pattern, repl, new)
+        out[new] = v
+    return out
+
+
 def _describe(arch: dict[str, Any]) -> str:
     return (
         f"embed_dim {arch['embed_dim']}, depths {arch['depths']}, heads {arch['num_heads']}, "
@@ -566,16 +631,20 @@ def _unwrap(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: NAT) -> dict[str, torch.Tensor]:
-    """Turn an official NAT/DiNAT checkpoint (or one of this module's) into `model`'s state dict.
+    """Turn an official NAT/DiNAT checkpoint, a Hugging Face one (NatForImageClassification /
+    DinatForImageClassification / NatModel / DinatModel), or one of this module's, into `model`'s state dict.
 
-    Unwraps 'model' / 'state_dict' wrappers, renames official keys, bicubically resizes RPB tables
-    when the kernel size differs (how DiNAT's 11x11 weights were made from the 7x7 ones), and resets
-    the classifier when the class count differs (drops it for `num_classes=0`). Everything else must
-    match exactly: a checkpoint of another variant, or a key missing / left over, raises ValueError.
+    Unwraps 'model' / 'state_dict' wrappers, renames official / Hugging Face keys (packing HF's q/k/v),
+    bicubically resizes RPB tables when the kernel size differs (how DiNAT's 11x11 weights were made
+    from the 7x7 ones), and resets the classifier when the class count differs (drops it for
+    `num_classes=0`). Everything else must match exactly: a checkpoint of another variant, or a key
+    missing / left over, raises ValueError.
     """
     sd = _unwrap(state_dict)
     if any(k.startswith(_OFFICIAL_PREFIXES) for k in sd):
         sd = _remap_official(sd)
+    elif any(k.startswith(_HF_PREFIXES) for k in sd):
+        sd = _remap_hf(sd)
     model_sd = model.state_dict()
 
     ckpt_arch = _arch_of_state_dict(sd)
@@ -689,6 +758,11 @@ def _create_nat(variant: str, pretrained: bool | str | os.PathLike = False, **kw
             feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
             **model_args,
         )
+    except SafetensorError as e:  # timm's loader reads a .safetensors file: name it, not just the header
+        raise ValueError(
+            f"cannot read safetensors file {overlay.get('file')!r} for {variant} ({str(e).strip()[:200]}); "
+            "it must be a safetensors file of tensors (e.g. written by scripts/export_weights.py)"
+        ) from None
     except URLError as e:
         raise RuntimeError(
             f"could not download the {variant} checkpoint ({e.reason}); offline, pass a local file with "

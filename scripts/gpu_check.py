@@ -180,7 +180,11 @@ def check_operator(plan: Plan) -> list[dict]:
                             *t[:3], ks, dil, rpb=t[3] if len(t) > 3 else None, backend=name
                         )
 
-                    got = _outputs_and_grads(run, inputs, grad_out, dtype, train_reason is None)
+                    try:
+                        got = _outputs_and_grads(run, inputs, grad_out, dtype, train_reason is None)
+                    except Exception as error:  # a backend that says it serves the call must
+                        rows.append(dict(row, status="FAILED", reason=_error_text(error)))
+                        continue
                     errors = _relative_errors(got, want)
                     bound = BOUNDS[dtype]
                     ok = all(err < bound.get(name, bound["grad"]) for name, err in errors.items())
@@ -244,7 +248,12 @@ def time_operator(plan: Plan) -> list[dict]:
                 out = neighborhood_attention_2d(*qkv, kernel_size, dil, rpb=b, backend=name)
                 out.sum().backward()
 
-            row["ms"][label] = round(_time_ms(step, plan.device, plan.timing_repeats, plan.timing_warmup), 3)
+            try:
+                row["ms"][label] = round(
+                    _time_ms(step, plan.device, plan.timing_repeats, plan.timing_warmup), 3
+                )
+            except Exception as error:
+                row.update(status="FAILED", error=f"{label}: {_error_text(error)}")
         if "triton+rpb" in row["ms"] and "natten" in row["ms"]:
             row["triton_over_natten"] = round(row["ms"]["triton+rpb"] / row["ms"]["natten"], 3)
             row["target_met"] = row["triton_over_natten"] <= 1.5
@@ -276,53 +285,56 @@ def backends_used() -> Iterator[set[str]]:
         functional._IMPLEMENTATIONS.update(originals)
 
 
+def _error_text(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"[:500]
+
+
+def _train_model(plan: Plan, name: str) -> dict:
+    torch.manual_seed(0)
+    kwargs = DRY_RUN_KWARGS[name] if plan.dry_run else {}
+    model = timm.create_model(name, pretrained=False, num_classes=100, **kwargs).to(plan.device)
+    images = torch.randn(plan.train_batch, 3, plan.train_res, plan.train_res, device=plan.device)
+    labels = torch.randint(0, 100, (plan.train_batch,), device=plan.device)
+    if plan.device == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=plan.device == "cuda")
+    losses, times = [], []
+    with backends_used() as used:
+        for _ in range(plan.train_steps):
+            t0 = time.perf_counter()
+            with torch.autocast(plan.device, dtype=torch.bfloat16, enabled=plan.device == "cuda"):
+                loss = torch.nn.functional.cross_entropy(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())  # synchronises
+            times.append((time.perf_counter() - t0) * 1e3)
+    step_ms = statistics.median(times[1:])  # the first step compiles kernels
+    finite = all(math.isfinite(x) for x in losses)
+    return dict(
+        na_backend=",".join(sorted(used)) or "-",
+        losses=[round(x, 4) for x in losses],
+        ms_per_step=round(step_ms, 2),
+        img_s=round(plan.train_batch / step_ms * 1e3, 1),
+        peak_mem_mb=round(torch.cuda.max_memory_allocated() / 2**20) if plan.device == "cuda" else None,
+        status="ok" if finite and min(losses[1:]) < losses[0] else "FAILED",
+    )
+
+
 def train_steps(plan: Plan) -> list[dict]:
     rows = []
     for name in TRAIN_MODELS:
-        torch.manual_seed(0)
-        kwargs = DRY_RUN_KWARGS[name] if plan.dry_run else {}
-        model = timm.create_model(name, pretrained=False, num_classes=100, **kwargs).to(plan.device)
-        images = torch.randn(plan.train_batch, 3, plan.train_res, plan.train_res, device=plan.device)
-        labels = torch.randint(0, 100, (plan.train_batch,), device=plan.device)
-        if plan.device == "cuda":
-            model, images = (
-                model.to(memory_format=torch.channels_last),
-                images.contiguous(memory_format=torch.channels_last),
-            )
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=plan.device == "cuda")
-        losses, times = [], []
-        with backends_used() as used:
-            for _ in range(plan.train_steps):
-                t0 = time.perf_counter()
-                with torch.autocast(plan.device, dtype=torch.bfloat16, enabled=plan.device == "cuda"):
-                    loss = torch.nn.functional.cross_entropy(model(images), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())  # synchronises
-                times.append((time.perf_counter() - t0) * 1e3)
-        finite = all(math.isfinite(x) for x in losses)
-        falling = min(losses[1:]) < losses[0]
-        rows.append(
-            dict(
-                model=name,
-                batch=plan.train_batch,
-                resolution=plan.train_res,
-                na_backend=",".join(sorted(used)) or "-",
-                losses=[round(x, 4) for x in losses],
-                ms_per_step=round(statistics.median(times[1:]), 2),
-                img_s=round(plan.train_batch / statistics.median(times[1:]) * 1e3, 1),
-                peak_mem_mb=round(torch.cuda.max_memory_allocated() / 2**20)
-                if plan.device == "cuda"
-                else None,
-                status="ok" if finite and falling else "FAILED",
-            )
-        )
-        del model, optimizer
+        row = dict(model=name, batch=plan.train_batch, resolution=plan.train_res)
+        try:
+            row.update(_train_model(plan, name))
+        except Exception as error:  # one model's crash is its row's verdict; the others still run
+            row.update(status="FAILED", error=_error_text(error))
         if plan.device == "cuda":
             torch.cuda.empty_cache()
+        rows.append(row)
     return rows
 
 
@@ -431,14 +443,17 @@ def markdown(report: dict) -> str:
                 )
         elif name == "na_timing":
             lines += [
-                "| shape | triton+rpb ms | natten ms | torch+rpb ms | triton/natten (<= 1.5) |",
-                "|---|---:|---:|---:|---:|",
+                "| shape | triton+rpb ms | natten ms | torch+rpb ms | triton/natten (<= 1.5) | note |",
+                "|---|---:|---:|---:|---:|---|",
             ]
             for r in result:
                 ms = r["ms"]
                 cells = [f"{ms[k]:.3f}" if k in ms else "-" for k in ("triton+rpb", "natten", "torch+rpb")]
+                note = r.get("error") or "; ".join(f"{k}: {v}" for k, v in r["skipped"].items())
                 lines.append(
-                    f"| {r['shape']} | " + " | ".join(cells) + f" | {r.get('triton_over_natten', '-')} |"
+                    f"| {r['shape']} | "
+                    + " | ".join(cells)
+                    + f" | {r.get('triton_over_natten', '-')} | {note} |"
                 )
         elif name == "train":
             lines += [
@@ -446,6 +461,13 @@ def markdown(report: dict) -> str:
                 "|" + "---|" * 9,
             ]
             for r in result:
+                if "error" in r:
+                    lines.append(
+                        f"| {r['model']} | {r['batch']} | {r['resolution']} |"
+                        + " |" * 5
+                        + f" FAILED: {r['error']} |"
+                    )
+                    continue
                 lines.append(
                     f"| {r['model']} | {r['batch']} | {r['resolution']} | {r['na_backend']} | {r['img_s']} | "
                     f"{r['ms_per_step']} | {r['peak_mem_mb']} | {r['losses'][0]} -> {r['losses'][-1]} | "

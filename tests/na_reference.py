@@ -47,3 +47,27 @@ def reference_na2d(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
             attn = logits.flatten(2).softmax(-1).view_as(logits)
             out[:, i, j] = torch.einsum("bhxy,bxyhd->bhd", attn, vals)
     return out
+
+
+def reference_attention_maps(q, k, kernel_size, dilation=1, rpb=None, scale=None):
+    """Each query's NA weights spread over the whole map: float64 `(B, H, W, heads, H, W)`, zero
+    outside the query's window (window and logits as in `reference_na2d`)."""
+    q, k = q.double(), k.double()
+    B, H, W, heads, D = q.shape
+    scale = D**-0.5 if scale is None else scale
+    maps = torch.zeros(B, H, W, heads, H, W, dtype=torch.float64)
+    for i in range(H):
+        si = natten_window_start(i, H, kernel_size, dilation)
+        rows = [si + dilation * t for t in range(kernel_size)]
+        for j in range(W):
+            sj = natten_window_start(j, W, kernel_size, dilation)
+            cols = [sj + dilation * t for t in range(kernel_size)]
+            logits = torch.einsum("bhd,bxyhd->bhxy", q[:, i, j] * scale, k[:, rows][:, :, cols])
+            if rpb is not None:
+                ri = [(r - i) // dilation + kernel_size - 1 for r in rows]
+                rj = [(c - j) // dilation + kernel_size - 1 for c in cols]
+                logits = logits + rpb.double()[:, ri][:, :, rj]
+            attn = logits.flatten(2).softmax(-1).view_as(logits)
+            for a, r in enumerate(rows):
+                maps[:, i, j, :, r, cols] = attn[:, :, a]
+    return maps

@@ -25,6 +25,7 @@ from data import (
     resolve_classes,
 )
 from data.imagenet import read_val_labels
+from data.synthetic import render_image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,6 +46,14 @@ def standard_synthetic(tmp_path_factory):
     start = time.process_time()  # CPU time: wall time swings when other jobs share the 2 cores
     generate_synthetic_dataset(root, num_classes=10, train_per_class=200, val_per_class=50, image_size=64)
     return root, time.process_time() - start
+
+
+@pytest.fixture(scope="session")
+def light_synthetic(tmp_path_factory):
+    """The demo's kind: polarity light at 32 px, 10 classes x (200 train + 50 val)."""
+    root = tmp_path_factory.mktemp("syn") / "light"
+    generate_synthetic_dataset(root, 10, 200, 50, image_size=32, polarity="light")
+    return root, None
 
 
 @pytest.fixture
@@ -119,6 +128,40 @@ def test_generation_is_idempotent_and_guards_foreign_roots(tmp_path):
         generate_synthetic_dataset(tmp_path / "e", num_classes=len(SHAPE_NAMES) + 1)
 
 
+def test_light_polarity_draws_a_light_class_shape_on_a_dark_background():
+    """polarity light: about the main shape's area (7-20 %, plus the odd light distractor) is light (all
+    channels >= 170 after noise); everything else is dark on average. polarity any: no such split."""
+    size, n = 32, 60
+    light_fraction, dark_mean, any_light = [], [], []
+    for i in range(n):
+        img = render_image(i % 10, size, np.random.default_rng([1, i]), polarity="light").astype(np.float64)
+        is_light = img.min(axis=2) >= 170
+        light_fraction.append(is_light.mean())
+        dark_mean.append(img[~is_light].mean())
+        other = render_image(i % 10, size, np.random.default_rng([1, i]), polarity="any")
+        any_light.append((other.min(axis=2) >= 170).mean())
+    assert 0.05 < np.median(light_fraction) < 0.25 and min(light_fraction) > 0.03
+    assert np.mean(dark_mean) < 70
+    assert np.median(any_light) < 0.03  # the default's shapes are light only by chance
+
+
+def test_polarity_is_recorded_and_checked(tmp_path):
+    args = dict(num_classes=3, train_per_class=2, val_per_class=1, image_size=32)
+    light = generate_synthetic_dataset(tmp_path / "light", polarity="light", **args)
+    assert json.loads((light / "synthetic_manifest.json").read_text())["polarity"] == "light"
+    assert tree_hash(light) != tree_hash(generate_synthetic_dataset(tmp_path / "any", **args))
+    with pytest.raises(DataError, match="different parameters"):
+        generate_synthetic_dataset(tmp_path / "light", **args)  # same root, other polarity
+    with pytest.raises(DataError, match="polarity='dark' is not one of any, light"):
+        generate_synthetic_dataset(tmp_path / "x", polarity="dark", **args)
+    # a dataset written before the option existed (no "polarity" in its manifest) is the "any" one
+    manifest = tmp_path / "any" / "synthetic_manifest.json"
+    old = json.loads(manifest.read_text())
+    del old["polarity"]
+    manifest.write_text(json.dumps(old))
+    assert generate_synthetic_dataset(tmp_path / "any", **args) == tmp_path / "any"
+
+
 def _load_split(root, split, classes):
     ds = build_image_folder(root / split, classes)
     images = np.stack(
@@ -135,10 +178,11 @@ def _nearest_centroid_accuracy(train_x, train_y, val_x, val_y):
     return float((pred == val_y).mean())
 
 
-def test_class_is_not_decodable_from_colour_statistics(standard_synthetic):
+@pytest.mark.parametrize("dataset", ["standard_synthetic", "light_synthetic"])
+def test_class_is_not_decodable_from_colour_statistics(dataset, request):
     """Nearest class-centroid on mean RGB, and on a 4x4x4 colour histogram, stays at chance (10 %): the
-    class is in the shape, so a model has to use spatial structure."""
-    root, _ = standard_synthetic
+    class is in the shape, so a model has to use spatial structure (either polarity)."""
+    root, _ = request.getfixturevalue(dataset)
     classes = resolve_classes(root / "train")
     (tx, ty), (vx, vy) = _load_split(root, "train", classes), _load_split(root, "val", classes)
 

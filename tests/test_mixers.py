@@ -41,6 +41,8 @@ LOCAL_MIXERS = (
     "shifted_window",
     "window",
 )
+# kernelized mixers: no attention matrix, so attn_drop > 0 is one ValueError (tests/test_mixers_global.py)
+NO_ATTENTION_MATRIX = ("linear", "performer")
 SMALL = dict(embed_dim=16, num_heads=(2, 4), num_classes=4)  # depths given by each test
 TINY = dict(embed_dim=16, depths=(1, 1), num_heads=(2, 4), mlp_ratio=2.0, kernel_size=3, num_classes=4)
 
@@ -98,6 +100,10 @@ def test_inference_mode_first_then_training(name):
 
 @pytest.mark.parametrize("name", sorted(MIXERS))
 def test_attention_dropout_only_in_training(name):
+    if name in NO_ATTENTION_MATRIX:  # nothing to apply it to: refused, not silently ignored
+        with pytest.raises(ValueError, match=rf"mixer '{name}' forms no attention matrix to drop out"):
+            MIXERS[name](DIM, HEADS, attn_drop=0.5)
+        return
     torch.manual_seed(0)
     plain = MIXERS[name](DIM, HEADS).eval()
     dropping = MIXERS[name](DIM, HEADS, attn_drop=0.5)
@@ -246,26 +252,32 @@ class _MapModel(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "name, options, qkv_tokens, queries, keys",
+    "name, options, qkv_tokens, logits",
     [
-        # a 13 x 11 map (143 tokens); maps padded to a window / block multiple are 16 x 12 = 192 tokens
-        ("full", {}, 143, 143, 143),
-        ("na", dict(kernel_size=5), 143, 143, 25),
-        ("sasa", dict(kernel_size=5), 143, 143, 25),  # the border slots are computed, then masked
-        ("window", dict(window_size=4), 192, 192, 16),
-        ("shifted_window", dict(window_size=4), 192, 192, 16),
-        ("halo", dict(block_size=4, halo=1), 192, 192, 36),
-        ("global", dict(kernel_size=3, num_global=2), 143, 143, 9 + 2),
-        ("longformer", dict(kernel_size=3, num_global=1), 143, 143, 9 + 1),
+        # a 13 x 11 map (143 tokens); maps padded to a window / block multiple are 16 x 12 = 192 tokens;
+        # logits: query-key products per head (averaged over heads), masked ones included
+        ("full", {}, 143, 143 * 143),
+        ("na", dict(kernel_size=5), 143, 143 * 25),
+        # blocked (7 x 7 query blocks): 14 x 14 query slots, each block against the union of its
+        # queries' windows, at most (7 + k - 1) per axis: 9 x 9 for k = 5
+        ("sasa", dict(kernel_size=5), 143, 196 * 81),
+        ("window", dict(window_size=4), 192, 192 * 16),
+        ("shifted_window", dict(window_size=4), 192, 192 * 16),
+        ("halo", dict(block_size=4, halo=1), 192, 192 * 36),
+        # blocked as sasa: 8 x 8 window keys for k = 3, + the global tokens
+        ("global", dict(kernel_size=3, num_global=2), 143, 196 * (64 + 2)),
+        # head 1 as global; head 2 (dilation 2) blocked per dilation group: 14 x 12 query slots
+        # against 7 x 6 keys
+        ("longformer", dict(kernel_size=3, num_global=1), 143, (196 * (64 + 1) + 168 * (42 + 1)) // 2),
         # 4 x 3 blocks of 16: a 3 x 3 window of blocks + 1 random block + 2 global tokens
-        ("bigbird", dict(block_size=4, num_random=1, num_global=2), 192, 192, 10 * 16 + 2),
+        ("bigbird", dict(block_size=4, num_random=1, num_global=2), 192, 192 * (10 * 16 + 2)),
     ],
 )
-def test_flops_charge_each_mixer_what_it_computes(name, options, qkv_tokens, queries, keys):
+def test_flops_charge_each_mixer_what_it_computes(name, options, qkv_tokens, logits):
     H, W, C = 13, 11, DIM
     mixer = MIXERS[name](C, HEADS, **options)
     expected = qkv_tokens * 3 * C * C + H * W * C * C  # qkv (on the padded map if padded), proj
-    expected += 2 * queries * keys * C  # QK^T and AV
+    expected += 2 * logits * C  # QK^T and AV
     G = options.get("num_global", 0)
     # global tokens: their qkv, their attention over the map and each other, proj, updated keys/values
     expected += G * 3 * C * C + 2 * G * (H * W + G) * C + G * C * C + G * 2 * C * C

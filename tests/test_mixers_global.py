@@ -2,8 +2,9 @@
 
 Each reference recomputes q, k, v from the module's weights and builds the attention the mechanism
 defines (densely, N x N, where the module never does); outputs and gradients (input and every
-parameter) must agree. Then the shared contract: any size, determinism in eval, gradients everywhere,
-one ValueError per bad option.
+parameter) must agree. `count_flops` must charge each mixer the multiply-adds its mechanism
+defines. Then the shared contract: any size, determinism in eval, gradients everywhere, one
+ValueError per bad option.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_mixers import _MapModel  # a mixer alone on count_flops' NCHW input
 from timm.models.pvt_v2 import Attention as PvtV2Attention
 
+from models import count_flops
 from models.mixers import MIXERS
 from models.mixers.kernel import LinearAttention, PerformerAttention
 from models.mixers.lowrank import LinformerAttention, SpatialReductionAttention
@@ -126,20 +129,29 @@ def exact_softmax_reference(m, x):
     return project_out(m, softmax_attention(q, k, v, m.scale), *x.shape[1:3])
 
 
-def test_performer_error_falls_with_more_features():
+def performer_errors(feature_counts, draws: int = 8, model_seed: int = 0) -> list[float]:
+    """Mean relative error vs exact softmax attention of one model, features redrawn `draws` times."""
     x = x_of(8, 8, batch=1)
+    weights = build(PerformerAttention, seed=model_seed, num_features=1).state_dict()
     errors = []
-    for num_features in (16, 256, 1024):
+    for num_features in feature_counts:
         trials = []
-        for seed in range(4):
-            m = build(PerformerAttention, seed=seed, num_features=num_features).eval()
+        for seed in range(draws):
+            m = build(PerformerAttention, seed=100 + seed, num_features=num_features).eval()
+            m.load_state_dict({**weights, "features": m.features})
             with torch.no_grad():
                 want = exact_softmax_reference(m, x)
                 trials.append(((m(x) - want).norm() / want.norm()).item())
-        errors.append(sum(trials) / len(trials))
+        errors.append(sum(trials) / draws)
+    return errors
+
+
+def test_performer_error_falls_with_more_features():
+    errors = performer_errors((16, 256, 4096))
     assert errors[0] > errors[1] > errors[2], errors
-    # Monte-Carlo error ~ features^-1/2: 64x the features should cut it well below half.
-    assert errors[2] < 0.4 * errors[0], errors
+    # Unbiased features: error ~ features^-1/2, 1/16 of it at 256x the features (0.13 measured).
+    # A biased draw (e.g. QR without the sign fix) levels off instead (0.28).
+    assert errors[2] < 0.2 * errors[0], errors
 
 
 def test_performer_is_stable_for_large_logits_and_keeps_its_features():
@@ -147,9 +159,19 @@ def test_performer_is_stable_for_large_logits_and_keeps_its_features():
     x = 50 * torch.randn(1, 6, 6, DIM)
     assert torch.isfinite(m(x)).all()
     assert "features" in m.state_dict()
-    rows = m.features / m.features.norm(dim=1, keepdim=True)
-    block = rows[: m.head_dim] @ rows[: m.head_dim].T  # one block: orthogonal directions
-    torch.testing.assert_close(block, torch.eye(m.head_dim), atol=1e-5, rtol=0)
+
+
+def test_performer_features_are_orthogonal_blocks_of_gaussian_rows():
+    """Unbiased positive features need rows N(0, I) marginally: zero mean, identity second moment
+    (a QR without the sign fix fails the mean: -0.1 on the first coordinate); rows orthogonal in blocks."""
+    features = build(PerformerAttention, num_features=2**15).features.double()
+    D = features.shape[1]
+    assert features.mean(0).abs().max() < 0.03, features.mean(0)
+    torch.testing.assert_close(
+        features.T @ features / len(features), torch.eye(D, dtype=features.dtype), atol=0.05, rtol=0
+    )
+    rows = features[:D] / features[:D].norm(dim=1, keepdim=True)
+    torch.testing.assert_close(rows @ rows.T, torch.eye(D, dtype=features.dtype), atol=1e-6, rtol=0)
 
 
 # ---- reformer -------------------------------------------------------------------------------------
@@ -289,36 +311,84 @@ def test_linformer_projection_keeps_its_scale_across_resolutions():
     torch.testing.assert_close(at_4x, at_ref, rtol=0.02, atol=0)
 
 
+def adaptive_bins(size: int, pooled: int) -> list[range]:
+    """The tokens adaptive average pooling averages into each of `pooled` outputs along one axis."""
+    return [range(i * size // pooled, -(-(i + 1) * size // pooled)) for i in range(pooled)]
+
+
 def compressed_reference(m, x):
+    """Every query against keys/values of the reduced map: P x P bin means -> 1x1 conv -> LN -> GELU
+    (pooled), or r x r cells of the zero-padded map -> conv -> LN (strided)."""
     B, H, W, C = x.shape
     q = heads_of(F.linear(x.flatten(1, 2), m.qkv.weight[:C], m.qkv.bias[:C]), m.num_heads)
-    r = m.sr_ratio
-    reduced = x.flatten(1, 2)
-    if r > 1:
+    if m.pool_size is not None:
+        P = m.pool_size
+        bins = [(rows, cols) for rows in adaptive_bins(H, P) for cols in adaptive_bins(W, P)]  # row-major
+        means = torch.stack([x[:, rows][:, :, cols].mean((1, 2)) for rows, cols in bins], 1)  # (B, P*P, C)
+        reduced = F.linear(means, m.sr.weight.flatten(1), m.sr.bias)
+        reduced = F.gelu(F.layer_norm(reduced, (C,), m.norm.weight, m.norm.bias, m.norm.eps))
+    elif m.sr_ratio > 1:
+        r = m.sr_ratio
         padded = F.pad(x, (0, 0, 0, -W % r, 0, -H % r)).permute(0, 3, 1, 2)
         reduced = F.conv2d(padded, m.sr.weight, m.sr.bias, stride=r).flatten(2).transpose(1, 2)
         reduced = F.layer_norm(reduced, (C,), m.norm.weight, m.norm.bias, m.norm.eps)
+    else:
+        reduced = x.flatten(1, 2)
     k, v = (
         heads_of(t, m.num_heads) for t in F.linear(reduced, m.qkv.weight[C:], m.qkv.bias[C:]).chunk(2, -1)
     )
     return project_out(m, softmax_attention(q, k, v, m.scale), H, W)
 
 
-@pytest.mark.parametrize("size,sr_ratio", [((7, 9), 2), ((8, 8), 4), ((1, 1), 2), ((3, 2), 4), ((5, 5), 1)])
-def test_compressed_equals_reduced_attention(size, sr_ratio):
-    assert_matches(build(SpatialReductionAttention, sr_ratio=sr_ratio), compressed_reference, x_of(*size))
+@pytest.mark.parametrize(
+    "size,options",
+    [
+        ((7, 9), dict()),  # pooled to 7 x 7: uneven bins
+        ((16, 12), dict(pool_size=5)),
+        ((3, 5), dict()),  # smaller than the pool: overlapping bins
+        ((1, 1), dict(pool_size=3)),
+        ((7, 9), dict(pool_size=None, sr_ratio=2)),
+        ((8, 8), dict(pool_size=None, sr_ratio=4)),
+        ((1, 1), dict(pool_size=None, sr_ratio=2)),
+        ((3, 2), dict(pool_size=None, sr_ratio=4)),
+        ((5, 5), dict(pool_size=None, sr_ratio=1)),
+    ],
+)
+def test_compressed_equals_reduced_attention(size, options):
+    m = build(SpatialReductionAttention, **options)
+    if m.norm is not None:
+        with torch.no_grad():
+            m.norm.weight.normal_()  # 1 at init: make the LayerNorm's scale visible
+    assert_matches(m, compressed_reference, x_of(*size))
 
 
-def test_compressed_equals_timm_pvt_v2_on_divisible_maps():
-    m = build(SpatialReductionAttention, sr_ratio=2)
-    timm_attn = PvtV2Attention(DIM, HEADS, sr_ratio=2).double().eval()
+def timm_twin(m: SpatialReductionAttention, **options) -> PvtV2Attention:
+    """timm's PVT-v2 attention holding `m`'s weights (its q / kv are our packed qkv's rows)."""
+    timm_attn = PvtV2Attention(DIM, HEADS, **options).double().eval()
     timm_attn.q.weight.data, timm_attn.q.bias.data = m.qkv.weight[:DIM], m.qkv.bias[:DIM]
     timm_attn.kv.weight.data, timm_attn.kv.bias.data = m.qkv.weight[DIM:], m.qkv.bias[DIM:]
     for name in ("sr", "norm", "proj"):
         getattr(timm_attn, name).load_state_dict(getattr(m, name).state_dict())
+    return timm_attn
+
+
+@pytest.mark.parametrize("size", [(8, 6), (14, 14), (7, 7), (3, 5), (1, 1), (20, 9)])
+def test_compressed_default_equals_timm_pvt_v2_linear(size):
+    """The default is PVT-v2-li (timm `linear_attn=True`, 7 x 7 pooled keys), at any map size."""
+    m = build(SpatialReductionAttention)
+    assert m.pool_size == 7 and m.sr.kernel_size == (1, 1)
+    x = x_of(*size)
+    with torch.no_grad():
+        m.norm.weight.normal_()
+        want = timm_twin(m, linear_attn=True)(x.flatten(1, 2), list(size))
+        torch.testing.assert_close(m(x).flatten(1, 2), want)
+
+
+def test_compressed_sr_ratio_equals_timm_pvt_v2_on_divisible_maps():
+    m = build(SpatialReductionAttention, pool_size=None, sr_ratio=2)
     x = x_of(8, 6)
     with torch.no_grad():
-        torch.testing.assert_close(m(x).flatten(1, 2), timm_attn(x.flatten(1, 2), [8, 6]))
+        torch.testing.assert_close(m(x).flatten(1, 2), timm_twin(m, sr_ratio=2)(x.flatten(1, 2), [8, 6]))
 
 
 # ---- synthesizers ---------------------------------------------------------------------------------
@@ -367,6 +437,75 @@ def test_synthesizers_exempt_their_bias_and_position_logits_from_weight_decay():
     for cls, exempt in ((DenseSynthesizerAttention, {"key_bias"}), (RandomSynthesizerAttention, {"factors"})):
         m = build(cls)
         assert m.no_weight_decay() == exempt and exempt <= dict(m.named_parameters()).keys()
+
+
+# ---- FLOPs ----------------------------------------------------------------------------------------
+
+
+def mechanism_macs(name: str, options: dict, H: int, W: int, C: int, heads: int) -> int:
+    """Multiply-adds of one forward of mixer `name` on an H x W map, from its mechanism's definition.
+
+    Linears, convs and matmuls only, as `models.count_flops` (pooling, norms, softmax are not counted).
+    """
+    N, d = H * W, C // heads
+    linears = 4 * N * C * C  # qkv and proj
+    if name == "linear":  # phi(K)^T [V, 1] and phi(Q) (...): d x (d + 1) per token and head each
+        return linears + 2 * heads * N * d * (d + 1)
+    if name == "performer":
+        # features of q and of k: w_r·x and -|x|^2 / 2 per feature; then phi(K)^T [V, 1], phi(Q) (...)
+        return linears + 4 * heads * N * options["num_features"] * (d + 1)
+    if name == "linformer":  # E K and F V (k x N projections), then N queries x k keys: QK^T and AV
+        k = options["num_proj"]
+        return linears + 2 * k * N * C + 2 * N * k * C
+    if name == "compressed":
+        if options.get("pool_size", 7) is not None:  # P^2 pooled tokens, 1x1 conv
+            keys = options.get("pool_size", 7) ** 2
+            conv = keys * C * C
+        else:  # one token per r x r cell of the zero-padded map, r x r conv
+            r = options["sr_ratio"]
+            keys = math.ceil(H / r) * math.ceil(W / r)
+            conv = keys * C * C * r * r
+        return 2 * N * C * C + conv + keys * 2 * C * C + 2 * N * keys * C  # q, proj; conv; kv; attention
+    if name == "reformer":  # shared qk (2 C outputs); per round: hashing, a chunk and its previous one
+        R, b = options["num_hashes"], options["block_size"]
+        chunks = math.ceil(N / b)
+        keys = 2 * b if chunks > 1 else b
+        hashing = R * heads * N * d * options["num_buckets"] // 2
+        return 3 * N * C * C + hashing + 2 * R * heads * chunks * b * keys * d
+    if name == "sinkhorn":
+        s = options["block_size"]
+        blocks, hidden = math.ceil(H / s) * math.ceil(W / s), C // 4
+        sort_net = blocks * (C * hidden + hidden * 2 * C)
+        block_logits = heads * blocks * blocks * d
+        sorting = heads * blocks * blocks * s * s * (2 * d + 1)  # S K, S V and S (validity)
+        attention = 2 * heads * blocks * s * s * (2 * s * s) * d  # own block + the sorted block
+        return linears + sort_net + block_logits + sorting + attention
+    if name == "synthesizer_dense":  # (hidden, v) and proj; logits over d + 1 columns (W2 and b2),
+        return 3 * N * C * C + 2 * heads * N * N * (d + 1)  # v zero-padded to d + 1 for fused SDPA
+    if name == "synthesizer_random":  # v and proj; R1 R2^T logits and AV at max(rank, d) columns
+        return 2 * N * C * C + 2 * heads * N * N * max(options["rank"], d)
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("linear", {}),
+        ("performer", dict(num_features=24)),
+        ("linformer", dict(num_proj=5)),
+        ("compressed", {}),
+        ("compressed", dict(pool_size=3)),
+        ("compressed", dict(pool_size=None, sr_ratio=3)),
+        ("reformer", dict(block_size=16, num_buckets=4, num_hashes=3)),
+        ("sinkhorn", dict(block_size=4)),
+        ("synthesizer_dense", dict(ref_size=6)),
+        ("synthesizer_random", dict(rank=3, ref_size=5)),
+    ],
+)
+def test_flops_charge_each_mixer_its_mechanism(name, options):
+    H, W = 13, 11
+    mixer = MIXERS[name](DIM, HEADS, **options)
+    assert count_flops(_MapModel(mixer), (DIM, H, W)) == mechanism_macs(name, options, H, W, DIM, HEADS)
 
 
 # ---- the shared contract --------------------------------------------------------------------------
@@ -429,21 +568,24 @@ def test_half_precision_autocast_and_half_weights(name, dtype):
 @pytest.mark.parametrize(
     "name,options,message",
     [
-        ("reformer", dict(block_size=0), r"block_size must be an int >= 1, got 0"),
-        ("reformer", dict(num_buckets=3), r"num_buckets must be an even int >= 2, got 3"),
-        ("reformer", dict(num_hashes=0), r"num_hashes must be an int >= 1"),
-        ("sinkhorn", dict(block_size=-2), r"block_size must be an int >= 1"),
-        ("sinkhorn", dict(sinkhorn_iters=0), r"sinkhorn_iters must be an int >= 1"),
+        ("reformer", dict(block_size=0), r"block_size must be an integer >= 1, got 0"),
+        ("reformer", dict(num_buckets=3), r"num_buckets must be an even integer >= 2, got 3"),
+        ("reformer", dict(num_hashes=0), r"num_hashes must be an integer >= 1"),
+        ("sinkhorn", dict(block_size=-2), r"block_size must be an integer >= 1"),
+        ("sinkhorn", dict(sinkhorn_iters=0), r"sinkhorn_iters must be an integer >= 1"),
         ("sinkhorn", dict(temperature=0.0), r"temperature must be a number > 0"),
-        ("linformer", dict(num_proj=0), r"num_proj must be an int >= 1"),
-        ("linformer", dict(ref_size=2.5), r"ref_size must be an int >= 1, got 2.5"),
-        ("compressed", dict(sr_ratio=0), r"sr_ratio must be an int >= 1"),
+        ("linformer", dict(num_proj=0), r"num_proj must be an integer >= 1"),
+        ("linformer", dict(ref_size=2.5), r"ref_size must be an integer >= 1, got 2.5"),
+        ("compressed", dict(pool_size=0), r"'compressed': pool_size must be an integer >= 1, got 0"),
+        ("compressed", dict(pool_size=None, sr_ratio=0), r"sr_ratio must be an integer >= 1"),
+        ("compressed", dict(sr_ratio=2), r"set exactly one of pool_size .* pass pool_size=None with it"),
+        ("compressed", dict(pool_size=None), r"exactly one of .* got pool_size=None, sr_ratio=None"),
         ("linear", dict(qk_scale=0.5), r"no q·k logits to scale"),
         ("linear", dict(attn_drop=0.1), r"no attention matrix to drop out"),
-        ("performer", dict(num_features=0), r"num_features must be an int >= 1, got 0"),
+        ("performer", dict(num_features=0), r"num_features must be an integer >= 1, got 0"),
         ("performer", dict(attn_drop=0.1), r"no attention matrix to drop out"),
-        ("synthesizer_dense", dict(ref_size=0), r"ref_size must be an int >= 1"),
-        ("synthesizer_random", dict(rank=0), r"rank must be an int >= 1"),
+        ("synthesizer_dense", dict(ref_size=0), r"ref_size must be an integer >= 1"),
+        ("synthesizer_random", dict(rank=0), r"rank must be an integer >= 1"),
         ("synthesizer_random", dict(qk_scale=1.0), r"no q·k logits to scale"),
     ],
 )

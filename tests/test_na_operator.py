@@ -11,13 +11,19 @@ from na_reference import reference_na2d
 
 from models.layers import NeighborhoodAttention2D, explain_backends, neighborhood_attention_2d, use_backend
 from models.layers.backends.checks import call_info, why_not
-from models.layers.backends.triton_na import triton_error
+from models.layers.backends.triton_na import triton_error, triton_interpreting
 
-# Interpreted on CPU (tests/conftest.py), Triton takes seconds a case: in the slow selection here,
-# tests/test_triton_na.py covers it in the default one.
+# These tests use CPU tensors: Triton runs them interpreted (tests/conftest.py, without a GPU), at
+# seconds a case, so in the slow selection here; tests/test_triton_na.py covers it in the default one.
 TRITON = pytest.param(
     "triton",
-    marks=[pytest.mark.slow, pytest.mark.skipif(triton_error() is not None, reason=str(triton_error()))],
+    marks=[
+        pytest.mark.slow,
+        pytest.mark.skipif(
+            triton_error() is not None or not triton_interpreting(),
+            reason=triton_error() or "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)",
+        ),
+    ],
 )
 
 

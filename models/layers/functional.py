@@ -11,7 +11,7 @@ import torch
 from .backends.checks import BACKENDS, call_fields, resolve_backend
 from .backends.cpp_kernel import na2d_cpp
 from .backends.flex import na2d_flex
-from .backends.naive import na2d_naive
+from .backends.naive import na2d_naive, naive_attention
 from .backends.natten_na import na2d_natten
 from .backends.torch_tiled import na2d_tiled
 from .backends.triton_na import na2d_triton
@@ -95,5 +95,30 @@ def neighborhood_attention_2d(
     _validate(q, k, v, kernel_size, dilation, rpb)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    name = resolve_backend(_forced_backend.get() or backend, *call_fields(q, k, v, rpb, attn_drop))
+    requested = _forced_backend.get() or backend
+    if requested == "auto" and torch.onnx.is_in_onnx_export():
+        requested = "naive"  # standard ONNX ops (Gather, MatMul, Softmax); the kernels would be custom ops
+    name = resolve_backend(requested, *call_fields(q, k, v, rpb, attn_drop))
     return _IMPLEMENTATIONS[name](q, k, v, kernel_size, dilation, rpb, scale, attn_drop)
+
+
+def neighborhood_attention_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: int,
+    dilation: int = 1,
+    rpb: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The attention weights `(B, H, W, heads, k, k)` of `neighborhood_attention_2d` (same arguments).
+
+    `weights[b, i, j, h, a, c]` is query (i, j)'s weight on the key at
+    (`window_indices(H, k, d)[i, a]`, `window_indices(W, k, d)[j, c]`) (`backends/windows.py`); each
+    query's k*k weights sum to 1. Computed on the exact gather path (the `naive` backend).
+    """
+    _validate(q, k, v, kernel_size, dilation, rpb)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    _, weights = naive_attention(q, k, v, kernel_size, dilation, rpb, scale, 0.0)
+    return weights.unflatten(-1, (kernel_size, kernel_size))

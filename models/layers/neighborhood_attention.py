@@ -11,7 +11,28 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
-from .functional import neighborhood_attention_2d
+from .backends.naive import na2d_naive
+from .functional import neighborhood_attention_2d, neighborhood_attention_weights
+
+# FX (torchvision's create_feature_extractor, timm's FX features) records the operator as one call
+# and runs it eagerly: its validation and backend dispatch branch on shapes and flags.
+torch.fx.wrap("neighborhood_attention_2d")
+
+
+@torch.fx.wrap
+def pad_to_window(x: torch.Tensor, window_size: int) -> torch.Tensor:
+    """Zero-pad `(B, H, W, C)` right/bottom to at least `window_size` on both spatial axes.
+
+    With symbolic sizes (torch.export / ONNX with dynamic H, W) the amounts are computed in the graph
+    and applied even when 0, so one graph serves maps smaller and larger than the window.
+    """
+    if torch.jit.is_scripting():
+        pad_b, pad_r = max(0, window_size - x.shape[1]), max(0, window_size - x.shape[2])
+    else:
+        pad_b, pad_r = torch.sym_max(0, window_size - x.shape[1]), torch.sym_max(0, window_size - x.shape[2])
+    if isinstance(pad_b, int) and isinstance(pad_r, int) and pad_b == 0 and pad_r == 0:
+        return x
+    return F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
 
 
 class NeighborhoodAttention2D(nn.Module):
@@ -56,27 +77,47 @@ class NeighborhoodAttention2D(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v `(B, Hp, Wp, heads, head_dim)` of `x` padded to the window."""
+        x = pad_to_window(x, self.window_size)
+        B, Hp, Wp, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, Hp, Wp, 3, self.num_heads, self.head_dim).unbind(3)
+        return q, k, v
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        pad_b = max(0, self.window_size - H)
-        pad_r = max(0, self.window_size - W)
-        if pad_b or pad_r:
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        Hp, Wp = H + pad_b, W + pad_r
-        q, k, v = self.qkv(x).reshape(B, Hp, Wp, 3, self.num_heads, self.head_dim).unbind(3)
-        x = neighborhood_attention_2d(
-            q,
-            k,
-            v,
-            self.kernel_size,
-            dilation=self.dilation,
-            rpb=self.rpb,
-            scale=self.scale,
-            attn_drop=self.attn_drop if self.training else 0.0,
-            backend=self.backend,
-        )
-        x = x.reshape(B, Hp, Wp, C)[:, :H, :W]
+        q, k, v = self._qkv(x)
+        attn_drop = self.attn_drop if self.training else 0.0
+        if torch.jit.is_scripting():
+            # TorchScript can't follow the dispatcher; the gather path is plain ATen ops (exact)
+            x = na2d_naive(q, k, v, self.kernel_size, self.dilation, self.rpb, self.scale, attn_drop)
+        else:
+            x = neighborhood_attention_2d(
+                q,
+                k,
+                v,
+                self.kernel_size,
+                dilation=self.dilation,
+                rpb=self.rpb,
+                scale=self.scale,
+                attn_drop=attn_drop,
+                backend=self.backend,
+            )
+        x = x.reshape(B, q.shape[1], q.shape[2], C)[:, :H, :W]
         return self.proj_drop(self.proj(x))
+
+    @torch.jit.ignore
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """NA weights `(B, H, W, heads, k, k)` of each query of `x` `(B, H, W, C)` (no dropout).
+
+        Indexed as `neighborhood_attention_weights`' on the padded map (`H, W` at least the window;
+        the window positions are `windows.window_indices` of the padded sizes), queries cropped to x's.
+        """
+        q, k, v = self._qkv(x)
+        weights = neighborhood_attention_weights(
+            q, k, v, self.kernel_size, dilation=self.dilation, rpb=self.rpb, scale=self.scale
+        )
+        return weights[:, : x.shape[1], : x.shape[2]]
 
     def extra_repr(self) -> str:
         return (

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import register_mixer
-from .common import QKVMixer
-from .options import check_int, reject_unused
+from .common import QKVMixer, check_size, reject_unused
 
 
 def normalized_kernel_attention(
@@ -22,16 +21,20 @@ def normalized_kernel_attention(
 ) -> torch.Tensor:
     """phi(Q) (phi(K)^T V) / (phi(Q) sum_n phi(K)); features `(B, heads, N, F)`, v `(B, heads, N, D)`.
 
-    The features must be positive. Sums run in at least fp32 (autocast off): exp-type features and
-    sums over thousands of tokens overflow or lose their small terms in half precision.
+    The features must be positive. The key sum rides as an extra column of ones on V, so each
+    feature tensor is read by one matmul forward and gets one gradient backward (no N x F sums or
+    gradient accumulations: those memory-bound passes are what the cost is at large N). Sums run in
+    at least fp32 (autocast off): exp-type features and sums over thousands of tokens overflow or
+    lose their small terms in half precision.
     """
     dtype = torch.promote_types(v.dtype, torch.float32)
     with torch.autocast(v.device.type, enabled=False):
         q_features, k_features, v32 = q_features.to(dtype), k_features.to(dtype), v.to(dtype)
-        kv = k_features.transpose(-2, -1) @ v32  # (B, heads, F, D)
-        normalizer = q_features @ k_features.sum(-2).unsqueeze(-1)  # (B, heads, N, 1)
+        values_and_ones = torch.cat([v32, v32.new_ones(*v32.shape[:-1], 1)], dim=-1)
+        kv = k_features.transpose(-2, -1) @ values_and_ones  # (B, heads, F, D + 1): sum phi(k) v, sum phi(k)
+        out = q_features @ kv  # (B, heads, N, D + 1): numerator, normalizer
         # Positive features give a positive normalizer; the floor only guards exp underflow to 0 / 0.
-        out = (q_features @ kv) / normalizer.clamp_min(torch.finfo(dtype).tiny)
+        out = out[..., :-1] / out[..., -1:].clamp_min(torch.finfo(dtype).tiny)
     return out.to(v.dtype)
 
 
@@ -62,7 +65,7 @@ class LinearAttention(QKVMixer):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
     ):
-        reject_unused("linear attention", qk_scale=qk_scale, attn_drop=attn_drop)
+        reject_unused("linear", qk_scale=qk_scale, attn_drop=attn_drop)
         super().__init__(dim, num_heads, qkv_bias=qkv_bias, proj_drop=proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,12 +81,15 @@ class LinearAttention(QKVMixer):
 def orthogonal_random_features(num_features: int, dim: int) -> torch.Tensor:
     """`(num_features, dim)` rows: blocks of `dim` orthogonal directions with chi(dim) norms (FAVOR+).
 
-    Each block is the Q of a Gaussian matrix's QR; the norms make each row marginally Gaussian, so the
-    positive features stay unbiased while orthogonality lowers their variance. Drawn from torch's
-    default generator (the caller seeds it).
+    Each block is the Q of a Gaussian matrix's QR with its columns' signs fixed by R's diagonal, which
+    makes Q uniformly (Haar) distributed: raw Householder QR gives directions with a biased sign, and
+    the estimate then stops improving with more features. The norms make each row marginally
+    Gaussian, so the positive features are unbiased while orthogonality lowers their variance. Drawn
+    from torch's default generator (the caller seeds it).
     """
-    blocks = [torch.linalg.qr(torch.randn(dim, dim))[0].T for _ in range(math.ceil(num_features / dim))]
-    directions = torch.cat(blocks)[:num_features]
+    q, r = torch.linalg.qr(torch.randn(math.ceil(num_features / dim), dim, dim))
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)  # column j times sign(r_jj)
+    directions = q.transpose(-2, -1).reshape(-1, dim)[:num_features]
     return directions * torch.randn(num_features, dim).norm(dim=1, keepdim=True)
 
 
@@ -114,8 +120,8 @@ class PerformerAttention(QKVMixer):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
     ):
-        check_int("num_features", num_features, 1)
-        reject_unused("performer attention", attn_drop=attn_drop)
+        check_size("performer", "num_features", num_features)
+        reject_unused("performer", attn_drop=attn_drop)
         super().__init__(dim, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, proj_drop=proj_drop)
         self.num_features = num_features
         self.register_buffer("features", orthogonal_random_features(num_features, self.head_dim))
@@ -123,11 +129,15 @@ class PerformerAttention(QKVMixer):
     def feature_map(self, x: torch.Tensor, is_query: bool) -> torch.Tensor:
         """Positive random features of `(B, heads, N, D)` queries or keys, up to a cancelling constant."""
         x = x * self.scale**0.5
-        logits = x @ self.features.to(x.dtype).T - x.square().sum(-1, keepdim=True) / 2
+        # w_r·x - |x|^2 / 2 as one matmul: x with -|x|^2 / 2 appended, against w_r with 1 appended.
+        x = torch.cat([x, x.square().sum(-1, keepdim=True) / -2], dim=-1)
+        features = self.features.to(x.dtype)
+        logits = x @ torch.cat([features, features.new_ones(len(features), 1)], dim=-1).T
         # Largest term per query (any constant per query cancels) or over all keys of a head (one
-        # constant for every key cancels); detached because it cancels exactly.
+        # constant for every key cancels); detached because it cancels exactly. In place: neither the
+        # matmul nor the subtraction needs this N x F tensor for backward, and exp keeps only its result.
         dims = (-1,) if is_query else (-2, -1)
-        return torch.exp(logits - logits.amax(dim=dims, keepdim=True).detach())
+        return logits.sub_(logits.detach().amax(dim=dims, keepdim=True)).exp_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, _ = x.shape

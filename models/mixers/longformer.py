@@ -1,40 +1,37 @@
 """Neighborhood attention with learned global tokens (`global`), and Longformer's mix of local,
 dilated and global attention across heads (`longformer`).
 
-The neighbourhood part gathers each query's k*k keys (NA's windows, `models.layers` geometry) so
-that one softmax spans the neighbourhood and the global tokens together.
+One softmax spans each query's NA window (`models.layers` geometry) and the global tokens, so the
+NA operator (which returns no logsumexp to merge with) is not used: the windows run blocked
+(`common.blocked_window_attention`), each block of `QUERY_BLOCK`^2 queries of one dilation group
+against the union of its windows plus the global tokens.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from ..layers.backends.windows import bias_indices, geometry_cache, window_indices
+from ..layers.backends.windows import bias_indices, window_indices
 from . import register_mixer
-from .common import QKVMixer, check_odd_size, check_size, global_token_keys, learned_global_tokens
+from .common import (
+    QUERY_BLOCK,
+    QKVMixer,
+    blocked_window_attention,
+    check_odd_size,
+    check_size,
+    global_token_keys,
+    learned_global_tokens,
+)
 
 
-@geometry_cache(maxsize=64)
-def _neighborhood_geometry(height: int, width: int, kernel_size: int, dilation: int, device: str):
-    """Flat key index, real-key mask and flat RPB index of each query's NA window, each `(N, k*k)`.
-
-    Windows are NA's (clamped inside the map, within the dilation group) on the map zero-padded
-    bottom/right to at least `kernel_size * dilation`; keys on that padding are masked out.
-    """
-    window = kernel_size * dilation
-    Hp, Wp = max(height, window), max(width, window)
-    rows = window_indices(Hp, kernel_size, dilation)[:height, None, :, None]  # (H, 1, k, 1)
-    cols = window_indices(Wp, kernel_size, dilation)[None, :width, None, :]  # (1, W, 1, k)
-    real = (rows < height) & (cols < width)
-    index = torch.where(real, rows * width + cols, 0)
-    span = 2 * kernel_size - 1
-    bias = (
-        bias_indices(Hp, kernel_size, dilation)[:height, None, :, None] * span
-        + bias_indices(Wp, kernel_size, dilation)[None, :width, None, :]
-    )
-    return tuple(t.flatten(2).flatten(0, 1).to(device) for t in (index, real, bias))
+def na_windows(length: int, kernel_size: int, dilation: int):
+    """One axis of NA's windows (`common.blocked_window_attention`): clamped inside the axis within the
+    dilation group, on the axis zero-padded to at least `kernel_size * dilation` (keys on that
+    padding are not real keys); RPB row as NA's."""
+    padded = max(length, kernel_size * dilation)
+    keys = window_indices(padded, kernel_size, dilation)[:length]
+    return keys, keys < length, bias_indices(padded, kernel_size, dilation)[:length], dilation
 
 
 @register_mixer("global")
@@ -47,7 +44,8 @@ class GlobalNeighborhoodAttention(QKVMixer):
     attend to every token of the map and to each other (`common.global_token_keys`); the keys and
     values the map then attends to are those of the updated global tokens. Learned per block, not
     carried across blocks or stages. With `rel_pos_bias`, NA's RPB on the window keys (none on the
-    global ones). Cost: k*k + num_global keys per query, N + num_global per global token.
+    global ones). Cost: N + num_global keys per global token; per query (QUERY_BLOCK + k - 1)^2
+    window logits computed (blocked), k^2 of them unmasked, + num_global.
     """
 
     registered_name = "global"  # for error messages
@@ -83,36 +81,30 @@ class GlobalNeighborhoodAttention(QKVMixer):
     def no_weight_decay(self) -> set[str]:
         return {"global_tokens"} if self.global_tokens is not None else set()
 
-    def _windows(self, q, k, v, height: int, width: int):
-        """Logits (masked), values of each query's window: `(B, heads, N, k*k)`, `(B, heads, N, k*k, D)`."""
-        logits, values, first = [], [], 0
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.split_heads(x)  # (B, heads, H, W, D)
+        global_k = global_v = None
+        if self.global_tokens is not None:
+            global_k, global_v = global_token_keys(self, self.global_tokens, k.flatten(2, 3), v.flatten(2, 3))
+        out, first = [], 0
         for dilation in sorted(set(self.head_dilations), key=self.head_dilations.index):
             heads = slice(first, first + self.head_dilations.count(dilation))
             first = heads.stop
-            index, real, bias = _neighborhood_geometry(
-                height, width, self.kernel_size, dilation, str(q.device)
+            out.append(
+                blocked_window_attention(
+                    q[:, heads],
+                    k[:, heads],
+                    v[:, heads],
+                    (na_windows, self.kernel_size, dilation),
+                    QUERY_BLOCK,
+                    self.rpb[heads] if self.rpb is not None else None,
+                    global_k[:, heads] if global_k is not None else None,
+                    global_v[:, heads] if global_v is not None else None,
+                    self.dropout_p,
+                    self.scale,
+                )
             )
-            keys = k[:, heads, index]  # (B, h, N, k*k, D): the gather, k*k per query
-            group = ((q[:, heads] * self.scale).unsqueeze(-2) @ keys.transpose(-1, -2)).squeeze(-2)
-            if self.rpb is not None:
-                group = group + self.rpb[heads].to(q.dtype).flatten(1)[:, bias]
-            logits.append(group.masked_fill(~real, float("-inf")))
-            values.append(v[:, heads, index])
-        return torch.cat(logits, 1), torch.cat(values, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, _ = x.shape
-        q, k, v = (t.flatten(2, 3) for t in self.split_heads(x))  # (B, heads, N, D)
-        logits, values = self._windows(q, k, v, H, W)
-        window = logits.shape[-1]
-        if self.global_tokens is not None:
-            global_k, global_v = global_token_keys(self, self.global_tokens, k, v)
-            logits = torch.cat([logits, (q * self.scale) @ global_k.transpose(-1, -2)], dim=-1)
-        attn = F.dropout(logits.softmax(dim=-1), self.dropout_p)
-        out = (attn[..., None, :window] @ values).squeeze(-2)
-        if self.global_tokens is not None:
-            out = out + attn[..., window:] @ global_v
-        return self.merge_heads(out.unflatten(2, (H, W)))
+        return self.merge_heads(torch.cat(out, 1))
 
     def extra_repr(self) -> str:
         return (
@@ -129,7 +121,7 @@ class LongformerAttention(GlobalNeighborhoodAttention):
     `heads // 2` to their dilated NA window (`dilation` apart, DiNA's windows); every head's
     queries also attend to the `num_global` global tokens, which attend to every token. Windows,
     padding, global tokens and RPB exactly as in `global` (see there). With one head there is no
-    dilated head. Cost: k*k + num_global keys per query.
+    dilated head. Cost as in `global`.
     """
 
     registered_name = "longformer"

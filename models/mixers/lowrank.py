@@ -1,7 +1,8 @@
 """Attention over a reduced set of keys/values: Linformer's learned projection, PVT-v2's spatial reduction.
 
-Each query attends to all of a fixed-size (Linformer) or resolution/ratio^2-size (spatial reduction)
-set of key/value representatives, each a weighted sum of the map's tokens: no N x N matrix.
+Each query attends to all of a fixed-size (Linformer, pooled spatial reduction) or
+resolution/ratio^2-size (strided spatial reduction) set of key/value representatives, each made from
+the map's tokens: no N x N matrix.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from . import register_mixer
-from .common import QKVMixer, pad_to_multiple
-from .options import check_int
+from .common import QKVMixer, check_size, pad_to_multiple
 
 
 def resize_maps(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -65,8 +65,8 @@ class LinformerAttention(QKVMixer):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
     ):
-        check_int("num_proj", num_proj, 1)
-        check_int("ref_size", ref_size, 1)
+        check_size("linformer", "num_proj", num_proj)
+        check_size("linformer", "ref_size", ref_size)
         super().__init__(
             dim, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=proj_drop
         )
@@ -96,17 +96,23 @@ class LinformerAttention(QKVMixer):
 
 @register_mixer("compressed")
 class SpatialReductionAttention(QKVMixer):
-    """PVT-v2's spatial-reduction attention (Wang et al. 2022; timm `pvt_v2.Attention`).
+    """PVT-v2's spatial-reduction attention (Wang et al. 2022; timm `pvt_v2.Attention`), two reductions.
 
-    Pattern: every query attends to all keys of the reduced map: keys/values come from
-    LayerNorm(Conv2d(x, kernel = stride = `sr_ratio`)), one per `sr_ratio x sr_ratio` cell. `qkv`
-    packs PVT-v2's `q` (applied to x) and `kv` (applied to the reduced map) as one linear.
-    `sr_ratio=1` is full attention (no conv, no norm, as in PVT-v2).
+    Every query attends to all keys of a reduced map; `qkv` packs PVT-v2's `q` (applied to x) and
+    `kv` (applied to the reduced map) as one linear. Set exactly one of:
 
-    Resolution-free: the map is zero-padded bottom/right to a multiple of `sr_ratio` before the conv
-    (PVT-v2's conv drops the remainder rows instead), so the reduced map is ceil(H/r) x ceil(W/r) and
-    every token feeds a key; a map smaller than the ratio (down to 1 x 1) reduces to one key, i.e.
-    the stride is clamped to the map. Cost O(N^2 D / r^2): quadratic in tokens, r^2 times cheaper.
+    * `pool_size=P` (default 7): PVT-v2-li, timm's `linear_attn=True`. Keys/values come from
+      GELU(LayerNorm(Conv1x1(AdaptiveAvgPool2d(x, P)))): P^2 keys at every resolution, key (i, j)
+      made from the mean of the tokens in rows floor(i H / P) .. ceil((i + 1) H / P) - 1 and the
+      matching columns. Where P does not divide H (or W) neighbouring bins share a row (column), so
+      a token may feed several keys; a map smaller than P repeats tokens over keys (as timm).
+      Cost O(N P^2 D) attention + O(N D) pooling + O(P^2 D^2) conv: linear in tokens.
+    * `sr_ratio=r` with `pool_size=None`: PVT-v2's strided conv. Keys/values come from
+      LayerNorm(Conv2d(x, kernel = stride = r)), one per r x r cell; the map is zero-padded
+      bottom/right to a multiple of r first (PVT-v2 drops the remainder rows instead), so there are
+      ceil(H/r) ceil(W/r) keys, every token feeds one, and a map smaller than r gives one key.
+      `sr_ratio=1` is full attention (no conv, no norm, as in PVT-v2). Cost O(N^2 D / r^2):
+      quadratic in tokens, r^2 times cheaper than full attention.
     """
 
     def __init__(
@@ -114,30 +120,49 @@ class SpatialReductionAttention(QKVMixer):
         dim: int,
         num_heads: int,
         *,
-        sr_ratio: int = 2,
+        pool_size: int | None = 7,
+        sr_ratio: int | None = None,
         qkv_bias: bool = True,
         qk_scale: float | None = None,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
     ):
-        check_int("sr_ratio", sr_ratio, 1)
+        if (pool_size is None) == (sr_ratio is None):
+            raise ValueError(
+                "mixer 'compressed': set exactly one of pool_size (pooled keys, linear cost) and "
+                "sr_ratio (strided-conv keys, quadratic cost: pass pool_size=None with it), "
+                f"got pool_size={pool_size!r}, sr_ratio={sr_ratio!r}"
+            )
+        if pool_size is not None:
+            check_size("compressed", "pool_size", pool_size)
+        else:
+            check_size("compressed", "sr_ratio", sr_ratio)
         super().__init__(
             dim, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=proj_drop
         )
+        self.pool_size = pool_size
         self.sr_ratio = sr_ratio
-        if sr_ratio > 1:
-            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+        # Submodule names as timm's pvt_v2.Attention (pool, sr, norm, act).
+        self.pool = nn.AdaptiveAvgPool2d(pool_size) if pool_size is not None else None
+        if pool_size is not None or sr_ratio > 1:
+            kernel = 1 if pool_size is not None else sr_ratio
+            self.sr = nn.Conv2d(dim, dim, kernel_size=kernel, stride=kernel)
             self.norm = nn.LayerNorm(dim)
         else:
             self.sr = None
             self.norm = None
+        self.act = nn.GELU() if pool_size is not None else None
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """`(B, H, W, C)` -> the `(B, ceil(H/r) * ceil(W/r), C)` tokens keys and values are made from."""
+        """`(B, H, W, C)` -> the `(B, keys, C)` tokens keys and values are made from."""
         if self.sr is None:
             return x.flatten(1, 2)
-        x = pad_to_multiple(x, self.sr_ratio).permute(0, 3, 1, 2)
-        return self.norm(self.sr(x).flatten(2).transpose(1, 2))
+        if self.pool is not None:
+            x = self.pool(x.permute(0, 3, 1, 2))
+        else:
+            x = pad_to_multiple(x, self.sr_ratio).permute(0, 3, 1, 2)
+        x = self.norm(self.sr(x).flatten(2).transpose(1, 2))
+        return x if self.act is None else self.act(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
@@ -151,4 +176,5 @@ class SpatialReductionAttention(QKVMixer):
         return self.merge_heads(out.unflatten(2, (H, W)))
 
     def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, sr_ratio={self.sr_ratio}"
+        reduction = f"pool_size={self.pool_size}" if self.pool is not None else f"sr_ratio={self.sr_ratio}"
+        return f"heads={self.num_heads}, {reduction}"

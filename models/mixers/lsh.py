@@ -7,8 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register_mixer
-from .common import QKVMixer
-from .options import check_int
+from .common import QKVMixer, check_size
 
 
 @register_mixer("reformer")
@@ -46,9 +45,9 @@ class ReformerAttention(QKVMixer):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
     ):
-        check_int("block_size", block_size, 1)
-        check_int("num_buckets", num_buckets, 2, even=True)
-        check_int("num_hashes", num_hashes, 1)
+        check_size("reformer", "block_size", block_size)
+        check_size("reformer", "num_buckets", num_buckets, 2, even=True)
+        check_size("reformer", "num_hashes", num_hashes)
         super().__init__(
             dim, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=proj_drop
         )

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from ..layers import NeighborhoodAttention2D
-from ..layers.backends.windows import geometry_cache
 from . import register_mixer
-from .common import QKVMixer, check_odd_size
+from .common import QUERY_BLOCK, QKVMixer, blocked_window_attention, check_odd_size
 
 # NAT's own mixer, unchanged: the NA window is clamped inside the map (border queries see a window
 # shifted inwards, always k x k keys); maps smaller than the window are zero-padded then cropped.
@@ -53,12 +51,13 @@ class DilatedNeighborhoodAttention2D(NeighborhoodAttention2D):
         )
 
 
-@geometry_cache(maxsize=64)
-def _centred_window_mask(height: int, width: int, kernel_size: int, device: str) -> torch.Tensor:
-    """`(H, W, k*k)` bool: which slots of each query's centred window fall inside the map."""
-    r = kernel_size // 2
-    inside = F.pad(torch.ones(height, width, device=device), (r, r, r, r))
-    return inside.unfold(0, kernel_size, 1).unfold(1, kernel_size, 1).flatten(2).bool()
+def centred_windows(length: int, kernel_size: int):
+    """One axis of SASA's windows (`common.blocked_window_attention`): the k positions centred on each
+    query, those outside the map not real keys; RPB row = slot."""
+    offsets = torch.arange(kernel_size) - kernel_size // 2
+    keys = torch.arange(length)[:, None] + offsets
+    real = (keys >= 0) & (keys < length)
+    return keys.clamp(0, length - 1), real, (offsets + kernel_size // 2).expand(length, -1), 1
 
 
 @register_mixer("sasa")
@@ -70,8 +69,9 @@ class StandAloneSelfAttention(QKVMixer):
     `|x - j| <= k // 2`: fewer keys near the borders (the padding is masked out, never attended), so
     unlike NA it does not become full attention when the window covers the map. With
     `rel_pos_bias`, a learned per-head bias for each of the k*k window offsets (the paper's
-    relative embeddings, as a bias table like NA's). Cost: k*k keys per query, gathered with
-    `Tensor.unfold` over the padded keys and values.
+    relative embeddings, as a bias table like NA's). Computed blocked
+    (`common.blocked_window_attention`, blocks of `QUERY_BLOCK`^2 queries): each query computes
+    (QUERY_BLOCK + k - 1)^2 logits, k^2 of them unmasked (fewer at the borders).
     """
 
     def __init__(
@@ -96,21 +96,18 @@ class StandAloneSelfAttention(QKVMixer):
             self.register_parameter("rpb", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, _ = x.shape
-        ks, r = self.kernel_size, self.kernel_size // 2
         q, k, v = self.split_heads(x)  # (B, heads, H, W, D)
-
-        def windows(t: torch.Tensor) -> torch.Tensor:  # (B, heads, H, W, D, k*k): a copy, k*k per query
-            return F.pad(t, (0, 0, r, r, r, r)).unfold(2, ks, 1).unfold(3, ks, 1).flatten(-2)
-
-        logits = (q.unsqueeze(-2) * self.scale) @ windows(k)  # (B, heads, H, W, 1, k*k)
-        if self.rpb is not None:
-            logits = logits + self.rpb.to(q.dtype).flatten(1)[:, None, None, None, :]
-        inside = _centred_window_mask(H, W, ks, str(x.device))
-        attn = logits.masked_fill(~inside.unsqueeze(-2), float("-inf")).softmax(dim=-1)
-        attn = F.dropout(attn, self.dropout_p)
-        out = attn @ windows(v).transpose(-1, -2)  # (B, heads, H, W, 1, D)
-        return self.merge_heads(out.squeeze(-2))
+        out = blocked_window_attention(
+            q,
+            k,
+            v,
+            (centred_windows, self.kernel_size),
+            QUERY_BLOCK,
+            self.rpb,
+            dropout_p=self.dropout_p,
+            scale=self.scale,
+        )
+        return self.merge_heads(out)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, kernel_size={self.kernel_size}, rel_pos_bias={self.rpb is not None}"

@@ -7,8 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register_mixer
-from .common import QKVMixer, pad_to_multiple, valid_token_mask
-from .options import check_int, check_positive
+from .common import QKVMixer, check_positive, check_size, pad_to_multiple, valid_token_mask
 
 
 def gumbel_sinkhorn(logits: torch.Tensor, temperature: float, iters: int, noise: bool) -> torch.Tensor:
@@ -72,9 +71,9 @@ class SinkhornAttention(QKVMixer):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
     ):
-        check_int("block_size", block_size, 1)
-        check_int("sinkhorn_iters", sinkhorn_iters, 1)
-        check_positive("temperature", temperature)
+        check_size("sinkhorn", "block_size", block_size)
+        check_size("sinkhorn", "sinkhorn_iters", sinkhorn_iters)
+        check_positive("sinkhorn", "temperature", temperature)
         super().__init__(
             dim, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=proj_drop
         )

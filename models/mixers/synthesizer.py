@@ -15,9 +15,8 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from . import register_mixer
-from .common import QKVMixer
+from .common import QKVMixer, check_size, reject_unused
 from .lowrank import resize_maps
-from .options import check_int, reject_unused
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
@@ -58,7 +57,7 @@ class DenseSynthesizerAttention(QKVMixer):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
     ):
-        check_int("ref_size", ref_size, 1)
+        check_size("synthesizer_dense", "ref_size", ref_size)
         super().__init__(
             dim, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=proj_drop
         )
@@ -113,9 +112,9 @@ class RandomSynthesizerAttention(QKVMixer):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
     ):
-        check_int("rank", rank, 1)
-        check_int("ref_size", ref_size, 1)
-        reject_unused("the random synthesizer", qk_scale=qk_scale)
+        check_size("synthesizer_random", "rank", rank)
+        check_size("synthesizer_random", "ref_size", ref_size)
+        reject_unused("synthesizer_random", qk_scale=qk_scale)
         super().__init__(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
         self.rank = rank
         self.ref_size = ref_size

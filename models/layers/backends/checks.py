@@ -132,6 +132,12 @@ def resolve_backend(
     return requested
 
 
+def _passed_over(chosen: str, device_type: str) -> str:
+    if device_type == "cuda":  # the CUDA order is by design until timed: scripts/gpu_check.py
+        return f"'{chosen}' comes first in auto's CUDA order (not yet timed on a GPU: scripts/gpu_check.py)"
+    return f"'{chosen}' is faster here"
+
+
 def select_backend(call: CallInfo) -> BackendChoice:
     """The fastest backend that can serve `call`, with the reasons every other one was passed over."""
     order = AUTO_ORDER.get(call.device_type, ("torch",))
@@ -141,7 +147,7 @@ def select_backend(call: CallInfo) -> BackendChoice:
         if reason is None and chosen is None:
             chosen = name
         else:
-            rejected[name] = reason or f"'{chosen}' is faster here"
+            rejected[name] = reason or _passed_over(chosen, call.device_type)
     for name in BACKENDS:
         if name not in order:
             rejected[name] = (

@@ -2,30 +2,56 @@
 
 Memory-hungry (k^2 copies of K and V) and slow, but it does exactly the paper's arithmetic (k^2
 logits per query), so FLOP counting runs through it, and the benchmark uses it as the baseline.
+It is also the portable path: plain tensor ops whose window indices come from arithmetic on the
+map's shape, so it scripts (TorchScript), exports with symbolic H, W (ONNX: Gather, MatMul, Softmax)
+and hands back the attention weights (`naive_attention`) for visualisation.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .windows import bias_indices, geometry_cache, window_indices
+from .windows import axis_indices
 
 
-@geometry_cache(maxsize=128)
-def _plane_indices(height: int, width: int, kernel_size: int, dilation: int, device: str):
-    dev = torch.device(device)
-    rows = window_indices(height, kernel_size, dilation)  # (H, k)
-    cols = window_indices(width, kernel_size, dilation)  # (W, k)
-    span = 2 * kernel_size - 1
-    bias = (
-        bias_indices(height, kernel_size, dilation)[:, None, :, None] * span
-        + bias_indices(width, kernel_size, dilation)[None, :, None, :]
-    )  # (H, W, k, k) flat RPB index
-    return (
-        rows[:, None, :, None].to(dev),
-        cols[None, :, None, :].to(dev),
-        bias.flatten(2).to(dev),
-    )
+def _plane_indices(
+    height: int, width: int, kernel_size: int, dilation: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Key rows `(H, 1, k, 1)` and columns `(1, W, 1, k)` of each query's window, and the flat RPB
+    index `(H, W, k*k)` of each (query, key) pair. Built per call (microseconds next to the gather),
+    not cached: a cache keyed on sizes would pin them, and symbolic sizes can't key one."""
+    rows, row_bias = axis_indices(height, kernel_size, dilation)  # (H, k) each
+    cols, col_bias = axis_indices(width, kernel_size, dilation)  # (W, k) each
+    bias = row_bias[:, None, :, None] * (2 * kernel_size - 1) + col_bias[None, :, None, :]  # (H, W, k, k)
+    return rows[:, None, :, None].to(device), cols[None, :, None, :].to(device), bias.flatten(2).to(device)
+
+
+def naive_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: int,
+    dilation: int,
+    rpb: torch.Tensor | None,
+    scale: float,
+    attn_drop: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output `(B, H, W, heads, D)` and attention weights `(B, H, W, heads, k*k)` (before dropout);
+    weight `a * k + b` is the key at (`rows[i, a]`, `cols[j, b]`) of `windows.window_indices`."""
+    B, H, W, heads, dim = q.shape
+    rows, cols, bias_index = _plane_indices(H, W, kernel_size, dilation, q.device)
+    # (B, H, W, k, k, heads, D) -> (B, H, W, heads, k*k, D)
+    keys = k[:, rows, cols].flatten(3, 4).transpose(3, 4)
+    values = v[:, rows, cols].flatten(3, 4).transpose(3, 4)
+    logits = (q.unsqueeze(-2) * scale) @ keys.transpose(-1, -2)  # (B, H, W, heads, 1, k*k)
+    if rpb is not None:
+        bias = rpb.to(q.dtype).flatten(1)[:, bias_index]  # (heads, H, W, k*k)
+        logits = logits + bias.permute(1, 2, 0, 3).unsqueeze(-2)
+    attn = logits.softmax(dim=-1)
+    weights = attn.squeeze(-2)
+    if attn_drop > 0:
+        attn = torch.nn.functional.dropout(attn, attn_drop)
+    return (attn @ values).squeeze(-2), weights
 
 
 def na2d_naive(
@@ -38,16 +64,4 @@ def na2d_naive(
     scale: float,
     attn_drop: float,
 ) -> torch.Tensor:
-    B, H, W, heads, dim = q.shape
-    rows, cols, bias_index = _plane_indices(H, W, kernel_size, dilation, str(q.device))
-    # (B, H, W, k, k, heads, D) -> (B, H, W, heads, k*k, D)
-    keys = k[:, rows, cols].flatten(3, 4).transpose(3, 4)
-    values = v[:, rows, cols].flatten(3, 4).transpose(3, 4)
-    logits = (q.unsqueeze(-2) * scale) @ keys.transpose(-1, -2)  # (B, H, W, heads, 1, k*k)
-    if rpb is not None:
-        bias = rpb.to(q.dtype).flatten(1)[:, bias_index]  # (heads, H, W, k*k)
-        logits = logits + bias.permute(1, 2, 0, 3).unsqueeze(-2)
-    attn = logits.softmax(dim=-1)
-    if attn_drop:
-        attn = torch.nn.functional.dropout(attn, attn_drop)
-    return (attn @ values).squeeze(-2)
+    return naive_attention(q, k, v, kernel_size, dilation, rpb, scale, attn_drop)[0]

@@ -8,10 +8,11 @@ of each axis, where every window is a plain run of k positions, clamped inside t
   with `tl.dot` logits, each query's own window as a mask, the RPB gathered per (query, key) from
   the `(2k-1)^2` table, and an online softmax; it keeps the logsumexp for the backward.
 * backward, query-major (dq and the RPB gradient): the same walk recomputes P from the logsumexp;
-  `dS = P * (dP - rowsum(dO * O))` gives dq and, per key row, the RPB gradient: within one key row
-  the table row depends on the query alone and the column on (query, key), so a `tl.gather` shifts
-  each query's dS into table columns and a one-hot `tl.dot` sums them into table rows. Each program
-  writes its partial `(2k-1)^2` table to its own slot; one `sum` reduces them (no atomics).
+  `dS = P * (dP - rowsum(dO * O))` (the row sum computed here, stored for the next pass) gives dq
+  and, per key row, the RPB gradient: within one key row the table row depends on the query alone
+  and the column on (query, key), so a `tl.gather` shifts each query's dS into table columns and a
+  one-hot `tl.dot` sums them into table rows. Each program writes its partial `(2k-1)^2` table to
+  its own slot; one `sum` reduces them (no atomics).
 * backward, key-major (dk, dv): a program takes a tile of keys and walks the queries whose windows
   contain them (the inverse neighbourhood, wider than k at borders), one query row at a time; each
   key's gradient is owned by one program (no atomics).
@@ -19,8 +20,8 @@ of each axis, where every window is a plain run of k positions, clamped inside t
 Inputs in float16/bfloat16/float32 (float64 too: handy for exact tests) in any strides; softmax,
 logsumexp and gradients accumulate in float32 (float64 for float64). float32 logits follow
 `torch.backends.cuda.matmul.allow_tf32`. On CPU tensors it runs only under `TRITON_INTERPRET=1`
-(Triton's interpreter, for tests; the variable must be set before the first call here, which
-decorates the kernels).
+(Triton's interpreter, for tests), set before Triton is imported (torch imports it): Triton's own
+library functions are decorated then, compiled or interpreted (tests/conftest.py sets it).
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ def _na2d_forward_kernel(
 ):  # fmt: skip
     LOG2E: tl.constexpr = 1.4426950408889634
     SPAN: tl.constexpr = 2 * KS - 1
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid = tl.program_id(0)  # one axis: (batch * heads) * tiles can pass the 65535 of axes 1 and 2
+    tile = pid % (DIL * DIL * tiles_h * tiles_w)
+    bh = pid // (DIL * DIL * tiles_h * tiles_w)
     b = (bh // heads).to(tl.int64)
     h = bh % heads
     group = tile // (tiles_h * tiles_w)
@@ -157,10 +159,11 @@ def _na2d_forward_kernel(
 
 
 def _na2d_backward_query_kernel(
-    Q, K, V, RPB, DO, LSE, DELTA, DQ, DRPB_PARTS,
+    Q, K, V, RPB, OUT, DO, LSE, DELTA, DQ, DRPB_PARTS,
     sqb, sqh, sqw, sqn, sqd,
     skb, skh, skw, skn, skd,
     svb, svh, svw, svn, svd,
+    sob, soh, sow, son, sod,
     sdb, sdh, sdw, sdn, sdd,
     sgb, sgh, sgw, sgn, sgd,
     heads, height, width, head_dim, tiles_h, tiles_w, qk_scale, scale,
@@ -170,8 +173,9 @@ def _na2d_backward_query_kernel(
 ):  # fmt: skip
     LOG2E: tl.constexpr = 1.4426950408889634
     SPAN: tl.constexpr = 2 * KS - 1
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid = tl.program_id(0)  # one axis: (batch * heads) * tiles can pass the 65535 of axes 1 and 2
+    tile = pid % (DIL * DIL * tiles_h * tiles_w)
+    bh = pid // (DIL * DIL * tiles_h * tiles_w)
     b = (bh // heads).to(tl.int64)
     h = bh % heads
     group = tile // (tiles_h * tiles_w)
@@ -203,7 +207,11 @@ def _na2d_backward_query_kernel(
     do = tl.load(DO + b * sdb + h * sdn + do_offset, mask=d_ok[None, :], other=0.0).to(DOT_DTYPE)
     stat_index = bh.to(tl.int64) * height * width + rows_q * width + cols_q
     lse = tl.load(LSE + stat_index)
-    delta = tl.load(DELTA + stat_index)
+    # rowsum(dO * O), the softmax backward's correction; stored for the key-major pass (launched next)
+    out_offset = rows_q[:, None] * soh + cols_q[:, None] * sow + d[None, :] * sod
+    out = tl.load(OUT + b * sob + h * son + out_offset, mask=d_ok[None, :], other=0.0)
+    delta = tl.sum(do.to(lse.dtype) * out.to(lse.dtype), 1)
+    tl.store(DELTA + stat_index, delta, mask=q_valid)
     key_ok = (kb < len_w)[:, None] & d_ok[None, :]
     cols_k = gj + DIL * kb
     col_in = (kb[None, :] >= sb[:, None]) & (kb[None, :] < sb[:, None] + KS)
@@ -252,8 +260,7 @@ def _na2d_backward_query_kernel(
         mask=q_valid[:, None] & d_ok[None, :],
     )
     if RPB_GRAD:
-        n_tiles = tl.num_programs(0)
-        slot = DRPB_PARTS + (bh.to(tl.int64) * n_tiles + tile) * SPAN * SPAN
+        slot = DRPB_PARTS + pid.to(tl.int64) * SPAN * SPAN  # = (b, h, tile): parts' layout
         tl.store(slot + c[:, None] * SPAN + c[None, :], table, mask=(c[:, None] < SPAN) & (c[None, :] < SPAN))
 
 
@@ -271,8 +278,9 @@ def _na2d_backward_key_kernel(
 ):  # fmt: skip
     LOG2E: tl.constexpr = 1.4426950408889634
     SPAN: tl.constexpr = 2 * KS - 1
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid = tl.program_id(0)  # one axis: (batch * heads) * tiles can pass the 65535 of axes 1 and 2
+    tile = pid % (DIL * DIL * tiles_h * tiles_w)
+    bh = pid // (DIL * DIL * tiles_h * tiles_w)
     b = (bh // heads).to(tl.int64)
     h = bh % heads
     group = tile // (tiles_h * tiles_w)
@@ -392,7 +400,7 @@ def _geometry(q: torch.Tensor, kernel_size: int, dilation: int, tile: tuple[int,
     B, H, W, heads, dim = q.shape
     tiles_h, tiles_w = _group_tiles(H, W, dilation, tile)
     return dict(
-        grid=(dilation * dilation * tiles_h * tiles_w, B * heads),
+        n_tiles=dilation * dilation * tiles_h * tiles_w,
         scalars=(heads, H, W, dim, tiles_h, tiles_w),
         constants=dict(
             KS=kernel_size,
@@ -412,7 +420,7 @@ def _forward(q, k, v, rpb, kernel_size, dilation, scale, tile):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse = torch.empty((B, heads, H, W), dtype=stat_dtype, device=q.device)
-    forward_kernel[geo["grid"]](
+    forward_kernel[(B * heads * geo["n_tiles"],)](
         q, k, v, rpb if rpb is not None else q, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *geo["scalars"], scale * math.log2(math.e),
@@ -426,38 +434,38 @@ def _backward(q, k, v, rpb, out, lse, grad_out, kernel_size, dilation, scale, ti
     _, query_kernel, key_kernel = _kernels()
     B, H, W, heads, dim = q.shape
     geo = _geometry(q, kernel_size, dilation, tile)
-    delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1).permute(0, 3, 1, 2).contiguous()
+    delta = torch.empty_like(lse)  # written by the query-major pass
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     span = 2 * kernel_size - 1
-    n_tiles = geo["grid"][0]
+    n_tiles = geo["n_tiles"]
     parts = (
         torch.empty((B, heads, n_tiles, span, span), dtype=lse.dtype, device=q.device) if rpb_grad else lse
     )
     common = (*geo["scalars"], scale * math.log2(math.e), scale)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride())
-    query_kernel[geo["grid"]](
-        q, k, v, rpb if rpb is not None else q, grad_out, lse, delta, dq, parts, *strides, *common,
+    query_kernel[(B * heads * geo["n_tiles"],)](
+        q, k, v, rpb if rpb is not None else q, out, grad_out, lse, delta, dq, parts,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(), *common,
         HAS_RPB=rpb is not None, RPB_GRAD=rpb_grad, BH=tile[0], BW=tile[1],
         KW=_pow2(tile[1] + kernel_size - 1), SPAN_P=_pow2(span), **geo["constants"],
     )  # fmt: skip
-    key_kernel[geo["grid"]](
-        q, k, v, rpb if rpb is not None else q, grad_out, lse, delta, dk, dv, *strides, *common,
+    key_kernel[(B * heads * geo["n_tiles"],)](
+        q, k, v, rpb if rpb is not None else q, grad_out, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *common,
         HAS_RPB=rpb is not None, KH=tile[0], KWT=tile[1], QW=_pow2(tile[1] + kernel_size - 1),
         **geo["constants"],
     )  # fmt: skip
-    drpb = parts.sum((0, 2)).to(rpb.dtype) if rpb_grad else None
-    return dq, dk, dv, drpb
+    return dq, dk, dv, parts.sum((0, 2)) if rpb_grad else None
 
 
 class _TritonNeighborhoodAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rpb, kernel_size: int, dilation: int, scale: float, tile: tuple[int, int]):
+        # The kernels read the table in their accumulation dtype (an fp32 parameter as it is).
         bias = None if rpb is None else rpb.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+        bias = None if bias is None else bias.contiguous()
         # Triton launches on the current device; autograd's engine sets it for the backward.
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-            out, lse = _forward(
-                q, k, v, None if bias is None else bias.contiguous(), kernel_size, dilation, scale, tile
-            )
+            out, lse = _forward(q, k, v, bias, kernel_size, dilation, scale, tile)
         ctx.save_for_backward(q, k, v, bias, out, lse)
         ctx.geometry = (kernel_size, dilation, scale, tile)
         ctx.rpb_dtype = None if rpb is None else rpb.dtype
@@ -467,9 +475,7 @@ class _TritonNeighborhoodAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, bias, out, lse = ctx.saved_tensors
         rpb_grad = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, drpb = _backward(
-            q, k, v, None if bias is None else bias.contiguous(), out, lse, grad_out, *ctx.geometry, rpb_grad
-        )
+        dq, dk, dv, drpb = _backward(q, k, v, bias, out, lse, grad_out, *ctx.geometry, rpb_grad)
         return dq, dk, dv, None if drpb is None else drpb.to(ctx.rpb_dtype), None, None, None, None
 
 

@@ -39,24 +39,42 @@ def group_length(length: int, group, dilation: int):
     return (length - group + dilation - 1) // dilation
 
 
+def _starts_in_group(
+    length: int, kernel_size: int, dilation: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per position: its dilation group, its index in the group, and its window's start in the group."""
+    pos = torch.arange(length)
+    if dilation == 1:  # one group: skips the integer divisions (fewer nodes in exported graphs)
+        group, index_in_group = torch.zeros_like(pos), pos
+        size = torch.full_like(pos, length)
+    else:
+        group, index_in_group = pos % dilation, pos // dilation
+        size = group_length(length, group, dilation)
+    start_in_group = torch.minimum((index_in_group - kernel_size // 2).clamp(min=0), size - kernel_size)
+    return group, index_in_group, start_in_group
+
+
 def window_starts(length: int, kernel_size: int, dilation: int = 1) -> torch.Tensor:
     """`(length,)` int64: first key position of each query's window (keys: start + d * t, t < k)."""
-    pos = torch.arange(length)
-    group = pos % dilation
-    index_in_group = pos // dilation
-    start_in_group = torch.minimum(
-        (index_in_group - kernel_size // 2).clamp(min=0), group_length(length, group, dilation) - kernel_size
-    )
+    group, _, start_in_group = _starts_in_group(length, kernel_size, dilation)
     return group + dilation * start_in_group
+
+
+def axis_indices(length: int, kernel_size: int, dilation: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """`window_indices` and `bias_indices` from one geometry computation (half the ops in a traced graph)."""
+    group, index_in_group, start_in_group = _starts_in_group(length, kernel_size, dilation)
+    slots = torch.arange(kernel_size)
+    keys = (group + dilation * start_in_group)[:, None] + dilation * slots
+    # (key - query) / d + k - 1, key and query in one group: the difference of their in-group indices
+    bias = (start_in_group - index_in_group + kernel_size - 1)[:, None] + slots
+    return keys, bias
 
 
 def window_indices(length: int, kernel_size: int, dilation: int = 1) -> torch.Tensor:
     """`(length, k)` int64: the key positions each query attends to on one axis."""
-    offsets = dilation * torch.arange(kernel_size)
-    return window_starts(length, kernel_size, dilation)[:, None] + offsets
+    return axis_indices(length, kernel_size, dilation)[0]
 
 
 def bias_indices(length: int, kernel_size: int, dilation: int = 1) -> torch.Tensor:
     """`(length, k)` int64: RPB row `(key - query) / d + k - 1` of each (query, window slot)."""
-    keys = window_indices(length, kernel_size, dilation)
-    return (keys - torch.arange(length)[:, None]) // dilation + kernel_size - 1
+    return axis_indices(length, kernel_size, dilation)[1]

@@ -1,0 +1,208 @@
+"""NAT / DiNAT outside eager PyTorch: FX, TorchScript, attention weights, ONNX, weight formats.
+
+References: the eager model (traced / scripted / exported graphs must reproduce it), the float64
+query-by-query NA of tests/na_reference.py (attention weights), onnxruntime (ONNX files).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from na_reference import reference_attention_maps
+from timm.models import FeatureGraphNet
+from torchvision.models.feature_extraction import create_feature_extractor
+
+import models  # noqa: F401  (registers the family)
+from models.layers import NeighborhoodAttention2D, neighborhood_attention_weights
+from models.layers.backends.windows import window_indices
+
+MINIS = ["nat_mini", "dinat_mini"]
+
+
+def _mini(name: str, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, num_classes=10, drop_path_rate=0.0, **kwargs).eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# FX
+
+
+@pytest.mark.parametrize("name", MINIS)
+def test_fx_feature_extractor_equals_eager_and_trains(name):
+    model = _mini(name)
+    # 40 px: stage maps 10/5/3/2, smaller than DiNAT's dilated windows (padding) and not even
+    x = torch.randn(2, 3, 40, 40)
+    extractor = create_feature_extractor(
+        model, return_nodes={"stages.1": "stage1", "stages.3": "stage3", "head.fc": "logits"}
+    )
+    assert not model.training and not extractor.training  # modes restored after the train/eval traces
+    with torch.no_grad():
+        out = extractor(x)
+        logits = model(x)
+        stage1, stage3 = model.forward_intermediates(
+            x, indices=(1, 3), output_fmt="NHWC", intermediates_only=True
+        )
+    torch.testing.assert_close(out["logits"], logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out["stage1"], stage1, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out["stage3"], stage3, rtol=1e-6, atol=1e-6)
+
+    # backward through the traced (train-mode) graph reaches every parameter, as eager's does
+    model.train()
+    extractor.train()
+    model(x).square().mean().backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    extractor(x)["logits"].square().mean().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", MINIS)
+def test_timm_fx_feature_path_equals_forward_intermediates(name):
+    model = _mini(name)
+    features = FeatureGraphNet(model, out_indices=(0, 2, 3))
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        got = features(x)
+        want = model.forward_intermediates(x, indices=(0, 2, 3), output_fmt="NHWC", intermediates_only=True)
+    assert len(got) == 3
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# TorchScript
+
+
+@pytest.mark.parametrize("name", MINIS)
+def test_torchscript_equals_eager_after_save_and_load(name, tmp_path):
+    model = _mini(name)
+    torch.jit.save(torch.jit.script(model), tmp_path / "model.pt")
+    scripted = torch.jit.load(tmp_path / "model.pt")
+    for size in ((64, 64), (40, 56)):  # the second pads DiNAT's dilated windows in every stage
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention weights
+
+
+def _dense(weights: torch.Tensor, kernel_size: int, dilation: int, map_size=None) -> torch.Tensor:
+    """`(B, Hq, Wq, heads, k, k)` window weights -> `(B, Hq, Wq, heads, H, W)` maps (zero off-window);
+    the windows are those of an `H x W` map (`map_size`, default the queries' `Hq x Wq`)."""
+    B, Hq, Wq, heads = weights.shape[:4]
+    H, W = map_size or (Hq, Wq)
+    rows = window_indices(H, kernel_size, dilation)
+    cols = window_indices(W, kernel_size, dilation)
+    maps = torch.zeros(B, Hq, Wq, heads, H, W, dtype=weights.dtype)
+    for i in range(Hq):
+        for j in range(Wq):
+            maps[:, i, j, :, rows[i][:, None], cols[j][None, :]] = weights[:, i, j]
+    return maps
+
+
+@pytest.mark.parametrize("case", [(9, 11, 3, 1), (10, 13, 3, 3), (7, 7, 7, 1)], ids=str)
+def test_attention_weights_equal_float64_reference(case):
+    height, width, kernel_size, dilation = case
+    q, k, v = (torch.randn(2, height, width, 2, 4, dtype=torch.float64) for _ in range(3))
+    rpb = torch.randn(2, 2 * kernel_size - 1, 2 * kernel_size - 1, dtype=torch.float64)
+    weights = neighborhood_attention_weights(q, k, v, kernel_size, dilation, rpb=rpb, scale=0.3)
+    assert weights.shape == (2, height, width, 2, kernel_size, kernel_size)
+    want = reference_attention_maps(q, k, kernel_size, dilation, rpb, scale=0.3)
+    torch.testing.assert_close(_dense(weights, kernel_size, dilation), want, rtol=1e-10, atol=1e-12)
+
+
+def test_module_attention_weights_on_a_padded_map():
+    torch.manual_seed(0)
+    attn = NeighborhoodAttention2D(8, 2, kernel_size=3, dilation=3).double()
+    x = torch.randn(1, 5, 11, 8, dtype=torch.float64)  # height 5 < window 9: padded to 9, queries cropped
+    weights = attn.attention_weights(x)
+    assert weights.shape == (1, 5, 11, 2, 3, 3)
+    qkv = attn.qkv(torch.nn.functional.pad(x, (0, 0, 0, 0, 0, 4))).unflatten(-1, (3, 2, 4))
+    want = reference_attention_maps(qkv[..., 0, :, :], qkv[..., 1, :, :], 3, 3, attn.rpb, attn.scale)
+    torch.testing.assert_close(_dense(weights, 3, 3, map_size=(9, 11)), want[:, :5], rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# ONNX (scripts/export.py)
+
+ROOT = Path(__file__).resolve().parents[1]
+# one stage: an NA block and a dilated one (kernel 3, dilation 4: window 12, padded below that)
+TINY_DINAT = dict(
+    embed_dim=16, depths=(2,), num_heads=(2,), kernel_size=3, dilations=((1, 4),), num_classes=5
+)
+
+
+def _export(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "scripts" / "export.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+@pytest.mark.slow  # ~30 s of CPU: tracing with symbolic H, W dominates
+def test_onnx_export_runs_exact_na_at_any_size(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = timm.create_model("dinat_mini", **TINY_DINAT).eval()
+    with torch.no_grad():  # RPB and head away from their init, so a dropped or misplaced one shows
+        for name, p in model.named_parameters():
+            if name.endswith("rpb") or name.startswith("head"):
+                p.normal_(0, 0.5)
+    torch.save(model.state_dict(), tmp_path / "tiny.pth")
+    kwargs = [f"{k}={v!r}".replace(" ", "") for k, v in TINY_DINAT.items()]
+    result = _export(
+        "dinat_mini", "--out", str(tmp_path / "tiny.onnx"), "--checkpoint", str(tmp_path / "tiny.pth"),
+        "--img-size", "64", "--bench-iters", "1", "--model-kwargs", *kwargs,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count(" ok") == 2 and "onnxruntime" in result.stdout and "img/s" in result.stdout
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "tiny.onnx"), providers=["CPUExecutionProvider"])
+    # a third size and batch, non-square; 20 px: a 5x5 map, smaller than the dilated window
+    for shape in ((3, 3, 44, 28), (1, 3, 20, 20)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            want = model(x)
+        got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    graph = onnx.load(str(tmp_path / "tiny.onnx")).graph
+    ops = {node.op_type for node in graph.node}  # standard ops only: no custom domain
+    assert {"Softmax", "MatMul"} <= ops and {node.domain for node in graph.node} <= {"", "ai.onnx"}
+
+
+def test_export_rejects_bad_arguments_with_one_line(tmp_path):
+    result = _export("nat_mini", "--out", str(tmp_path / "model.txt"))
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: --out") and len(result.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention maps (scripts/visualize_attention.py)
+
+
+def test_visualize_attention_writes_a_png_and_rejects_bad_layers(tmp_path):
+    from PIL import Image
+
+    script = str(ROOT / "scripts" / "visualize_attention.py")
+    args = ["--model", "dinat_mini", "--img-size", "64", "--queries", "0,0", "40,20", "--heads", "0", "1"]
+    out = tmp_path / "attention.png"
+    result = subprocess.run(
+        [sys.executable, script, *args, "--layers", "0.0", "0.1", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    with Image.open(out) as png:  # 2 layers x (2 queries x 2 heads) panels
+        assert png.format == "PNG" and png.width > png.height > 300
+    result = subprocess.run(
+        [sys.executable, script, *args, "--layers", "0.9", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stderr.startswith("error: --layers '0.9'")
