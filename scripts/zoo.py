@@ -91,6 +91,7 @@ QUICK = dict(
         "data.pathfinder.train_per_class=8",
         "data.pathfinder.val_per_class=4",
         "data.pathfinder.image_size=32",
+        "data.pathfinder.dot_radius=3.0",
         "data.synthetic.num_classes=3",
         "data.synthetic.train_per_class=6",
         "data.synthetic.val_per_class=4",
