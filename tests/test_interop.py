@@ -228,3 +228,19 @@ def test_visualize_attention_writes_a_png_and_rejects_bad_layers(tmp_path):
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )  # fmt: skip
     assert result.returncode == 2 and result.stderr.startswith("error: --layers '0.9'")
+
+
+@pytest.mark.slow  # ~65 s of CPU: 13 variants, shapes only (meta device)
+def test_every_registered_variant_traces_and_scripts():
+    for name in timm.list_models(["nat_*", "dinat_*"]):
+        with torch.device("meta"):
+            model = timm.create_model(name).eval()
+        nodes = {f"stages.{i}": f"stage{i}" for i in range(4)} | {"head.fc": "logits"}
+        extractor = create_feature_extractor(model, return_nodes=nodes)
+        outputs = [n for n in extractor.graph.nodes if n.op == "output"][0].args[0]
+        assert set(outputs) == set(nodes.values()), name
+        assert (
+            len(FeatureGraphNet(model, out_indices=(0, 1, 2, 3)).graph_module.graph.find_nodes(op="output"))
+            == 1
+        )
+        assert "forward" in torch.jit.script(model).code, name
