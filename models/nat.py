@@ -38,6 +38,7 @@ from timm.models._features import feature_take_indices
 from timm.models._helpers import clean_state_dict
 from torch import nn
 
+from .layers import NeighborhoodAttention2D
 from .mixers import build_mixer, check_mixer
 
 __all__ = ["NAT", "checkpoint_filter_fn", "dinat_dilations"]
@@ -82,6 +83,13 @@ def _stage_mixers(
         for name in (names,) if isinstance(names, str) else names:
             check_mixer(name, opts)
     return mixers, options
+
+
+@torch.fx.wrap
+def _mix(mixer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`mixer(x)`, recorded by FX (torchvision / timm feature extraction) as one call that runs eagerly:
+    the zoo's mixers pick block sizes, paddings and paths from the map's size."""
+    return mixer(x)
 
 
 class ConvStem(nn.Module):
@@ -162,7 +170,11 @@ class NATBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        if torch.jit.is_scripting() or isinstance(self.attn, NeighborhoodAttention2D):
+            mixed = self.attn(self.norm1(x))  # NA traces through (its shape-dependent parts are FX leaves)
+        else:
+            mixed = _mix(self.attn, self.norm1(x))
+        x = x + self.drop_path1(self.ls1(mixed))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 

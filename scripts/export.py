@@ -2,14 +2,16 @@
 
     python scripts/export.py nat_mini --out nat_mini.onnx
     python scripts/export.py dinat_mini --checkpoint dinat_mini_in1k_224.pth --out dinat_mini.onnx
-    python scripts/export.py nat_mini --checkpoint runs/x/model_best.pth.tar --out nat_mini.safetensors
+    python scripts/export.py nat_mini --checkpoint runs/<run>/model_best.pth.tar --out nat_mini.onnx
 
-`.onnx`: dynamic batch, height and width. Neighborhood attention is lowered to standard ONNX ops
+The ONNX file has a dynamic batch, height and width. Neighborhood attention is lowered to standard ONNX ops
 (the `naive` backend: window key indices from arithmetic on the map's shape, Gather, MatMul,
 Softmax), so it is exact NA (clamped windows, dilation, RPB) at any size, with no custom op. The
 script then runs the file with onnxruntime on CPU at the export size and at a second size, fails
 (exit 1) if either differs from eager by more than 1e-4 (relative to the largest logit), and prints
-both throughputs. `.safetensors` / `.pth`: the model's state dict (timm key layout).
+both throughputs. Checkpoints: this repo's (its model kwargs and classes come with it), timm's,
+official NAT/DiNAT or Hugging Face ones, .pth or .safetensors (engine.checkpoint's loader). Bare
+weights files (.safetensors / .pth) come from scripts/export_weights.py.
 """
 
 from __future__ import annotations
@@ -21,79 +23,54 @@ import warnings
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import timm  # noqa: E402
-from timm.models import load_state_dict  # noqa: E402
-from timm.utils import ParseKwargs  # noqa: E402
-
-import models  # noqa: E402, F401  (registers NAT / DiNAT with timm)
+from engine.checkpoint import extract_state_dict, load_checkpoint  # noqa: E402
+from engine.errors import EXIT_ERROR, first_line, user_errors  # noqa: E402
+from engine.factory import check_model_name, create_model, create_model_for_checkpoint  # noqa: E402
 from models.layers import use_backend  # noqa: E402
 
 MAX_RELATIVE_ERROR = 1e-4
-SUFFIXES = (".onnx", ".safetensors", ".pth")
 
 
-class UserError(Exception):
-    """A bad argument or file: printed as one `error:` line, exit 2."""
+class UserError(ValueError):
+    """A bad argument: printed as one `error:` line, exit 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="timm model name, e.g. nat_mini, dinat_large_384")
-    p.add_argument("--out", required=True, help=f"output file: {', '.join(SUFFIXES)}")
-    p.add_argument(
-        "--checkpoint", help="weights: this repo's, timm's, official NAT/DiNAT or HF transformers'"
-    )
+    p.add_argument("--out", required=True, help="ONNX file to write (.onnx)")
+    p.add_argument("--checkpoint", help="weights (.pth/.pth.tar/.safetensors): ours, timm's, official, HF")
     p.add_argument("--img-size", type=int, help="export / check size (default: the model's input size)")
     p.add_argument("--check-size", type=int, help="second size checked (default: img-size / 2 + 8)")
     p.add_argument("--num-classes", type=int, help="classifier outputs (default: the checkpoint's)")
-    p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="key=value model args")
+    p.add_argument("--model-kwargs", help="YAML dict of timm.create_model kwargs, e.g. '{kernel_size: 5}'")
     p.add_argument("--bench-batch", type=int, default=4, help="batch size of the throughput measurement")
     p.add_argument("--bench-iters", type=int, default=3, help="timed iterations per runtime")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     return p
 
 
-# classifier weight names: timm's / this repo's, official NAT's, HF transformers'
-_HEAD_WEIGHTS = ("head.fc.weight", "head.weight", "classifier.weight")
-
-
-def create_model(args) -> torch.nn.Module:
-    """The model with the checkpoint's weights (and its number of classes unless --num-classes)."""
-    if not timm.is_model(args.model):
-        raise UserError(
-            f"unknown model {args.model!r}; python -c 'import timm, models; print(timm.list_models())'"
-        )
-    kwargs = dict(args.model_kwargs)
-    state_dict = None
-    if args.checkpoint:
-        if not Path(args.checkpoint).is_file():
-            raise UserError(f"checkpoint {args.checkpoint!r} not found; check the path")
-        try:  # .safetensors or torch.load(weights_only=True); unwraps 'state_dict' / 'model'
-            state_dict = load_state_dict(args.checkpoint, use_ema=False)
-        except Exception as e:
-            raise UserError(f"cannot read checkpoint {args.checkpoint!r}: {first_line(e)}") from None
-        heads = [state_dict[k].shape[0] for k in _HEAD_WEIGHTS if k in state_dict]
-        if heads and args.num_classes is None:
-            kwargs["num_classes"] = heads[0]
-    if args.num_classes is not None:
-        kwargs["num_classes"] = args.num_classes
-    try:
-        model = timm.create_model(args.model, **kwargs)
-        if state_dict is not None:
-            filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
-            model.load_state_dict(filter_fn(state_dict, model) if filter_fn else state_dict)
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise UserError(
-            f"cannot build {args.model} from {args.checkpoint or 'its arguments'}: {first_line(e)}"
-        ) from None
+def load_model(args) -> torch.nn.Module:
+    """The model, with the checkpoint's weights (and, unless given, its kwargs and classes)."""
+    check_model_name(args.model)
+    if not args.checkpoint:
+        try:
+            kwargs = yaml.safe_load(args.model_kwargs or "{}")
+        except yaml.YAMLError:
+            kwargs = None
+        if not isinstance(kwargs, dict):
+            raise UserError(f"--model-kwargs must be a YAML mapping, got {args.model_kwargs!r}")
+        return create_model(args.model, args.num_classes, {"kwargs": kwargs}).eval()
+    ckpt = load_checkpoint(args.checkpoint)
+    sd = extract_state_dict(ckpt, args.checkpoint)
+    model, _ = create_model_for_checkpoint(
+        args.model, ckpt, sd, args.checkpoint, model_kwargs=args.model_kwargs, num_classes=args.num_classes
+    )
     return model.eval()
-
-
-def first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def export_onnx(model: torch.nn.Module, path: Path, img_size: int, opset: int | None) -> None:
@@ -160,40 +137,31 @@ def check_onnx(
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    out = Path(args.out)
     try:
-        out = Path(args.out)
-        if out.suffix not in SUFFIXES:
-            raise UserError(f"--out {args.out!r}: unknown format; end the file name in {', '.join(SUFFIXES)}")
+        if out.suffix != ".onnx":
+            hint = (
+                "; bare weights: scripts/export_weights.py" if out.suffix in (".safetensors", ".pth") else ""
+            )
+            raise UserError(f"--out {args.out!r} must end in .onnx{hint}")
         if not out.parent.is_dir():
             raise UserError(f"--out {args.out!r}: folder {str(out.parent)!r} does not exist; create it first")
-        model = create_model(args)
-        if out.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
-        elif out.suffix == ".pth":
-            torch.save(model.state_dict(), out)
-        else:
-            img_size = args.img_size or model.pretrained_cfg["input_size"][-1]
-            check_size = args.check_size or img_size // 2 + 8
-            if min(img_size, check_size) < 8:
-                raise UserError(
-                    f"--img-size / --check-size must be at least 8, got {img_size} / {check_size}"
-                )
-            start = time.perf_counter()
-            export_onnx(model, out, img_size, args.opset)
-            print(
-                f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.0f} s"
-            )
-            if not check_onnx(model, out, [img_size, check_size], args.bench_batch, args.bench_iters):
-                print(f"error: {out} does not reproduce the eager model (see above)", file=sys.stderr)
-                return 1
-            return 0
-        print(f"wrote {out}")
-        return 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        model = load_model(args)
+        img_size = args.img_size or model.pretrained_cfg["input_size"][-1]
+        check_size = args.check_size or img_size // 2 + 8
+        if min(img_size, check_size) < 8:
+            raise UserError(f"--img-size and --check-size must be >= 8, got {img_size}, {check_size}")
+    except (*user_errors(), UserError) as e:
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    start = time.perf_counter()
+    export_onnx(model, out, img_size, args.opset)
+    seconds = time.perf_counter() - start
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) in {seconds:.0f} s")
+    if not check_onnx(model, out, [img_size, check_size], args.bench_batch, args.bench_iters):
+        print(f"error: {out} does not reproduce the eager model (see above)", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -29,15 +29,16 @@ import numpy as np  # noqa: E402
 import timm  # noqa: E402
 from PIL import Image  # noqa: E402
 from timm.data import create_transform, resolve_data_config  # noqa: E402
-from timm.models import load_state_dict  # noqa: E402
 
-import models  # noqa: E402, F401  (registers NAT / DiNAT with timm)
+from engine.checkpoint import extract_state_dict, load_checkpoint  # noqa: E402
+from engine.errors import EXIT_ERROR, first_line, user_errors  # noqa: E402
+from engine.factory import check_model_name, create_model_for_checkpoint  # noqa: E402
 from models.layers import NeighborhoodAttention2D  # noqa: E402
 from models.layers.backends.windows import window_indices  # noqa: E402
 
 
-class UserError(Exception):
-    """A bad argument or file: printed as one `error:` line, exit 2."""
+class UserError(ValueError):
+    """A bad argument: printed as one `error:` line, exit 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,25 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_model(name: str, checkpoint: str | None) -> torch.nn.Module:
-    if not timm.is_model(name) or not name.startswith(("nat_", "dinat_")):
+    check_model_name(name)
+    if not name.startswith(("nat_", "dinat_")):
         raise UserError(
             f"--model {name!r} is not a NAT/DiNAT model; choose one of {timm.list_models('*nat_*')}"
         )
-    model = timm.create_model(name)
-    if checkpoint:
-        if not Path(checkpoint).is_file():
-            raise UserError(f"checkpoint {checkpoint!r} not found; check the path")
-        try:
-            state_dict = load_state_dict(checkpoint, use_ema=False)  # .safetensors or weights_only torch.load
-            head = state_dict.get("head.fc.weight", state_dict.get("head.weight"))
-            if head is not None and head.shape[0] != model.num_classes:
-                model.reset_classifier(head.shape[0])
-            model.load_state_dict(models.checkpoint_filter_fn(state_dict, model))
-        except Exception as e:
-            raise UserError(
-                f"cannot load {checkpoint!r} into {name}: {str(e).strip().splitlines()[0]}"
-            ) from None
-    return model.eval()
+    if not checkpoint:
+        return timm.create_model(name).eval()
+    ckpt = load_checkpoint(checkpoint)  # .pth (weights_only) or .safetensors; ours, timm, official, HF
+    sd = extract_state_dict(ckpt, checkpoint)
+    return create_model_for_checkpoint(name, ckpt, sd, checkpoint)[0].eval()
 
 
 def synthetic_image(size: int) -> Image.Image:
@@ -145,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             bad = [name for name, attn in layers if not 0 <= head < attn.num_heads]
             if bad:
                 raise UserError(f"--heads {head}: {bad[0]} has {dict(layers)[bad[0]].num_heads} heads")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (*user_errors(), UserError) as e:
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
 
     inputs = {}
     hooks = [

@@ -6,20 +6,23 @@ query-by-query NA of tests/na_reference.py (attention weights), onnxruntime (ONN
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import timm
 import torch
 from na_reference import reference_attention_maps
 from timm.models import FeatureGraphNet
 from torchvision.models.feature_extraction import create_feature_extractor
 
-import models  # noqa: F401  (registers the family)
 from models.layers import NeighborhoodAttention2D, neighborhood_attention_weights
 from models.layers.backends.windows import window_indices
+from models.mixers import MIXERS
+from models.nat import NAT
 
 MINIS = ["nat_mini", "dinat_mini"]
 
@@ -74,6 +77,24 @@ def test_timm_fx_feature_path_equals_forward_intermediates(name):
     assert len(got) == 3
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_fx_traces_every_zoo_mixer_in_a_nat():
+    # the zoo's mixers branch on map sizes: NATBlock hands them to FX as one (eager) call each
+    x = torch.randn(2, 3, 32, 24)
+    for name in sorted(MIXERS):
+        torch.manual_seed(0)
+        model = NAT(embed_dim=16, depths=(1, 1), num_heads=(1, 2), kernel_size=3, mixer=name, num_classes=5)
+        extractor = create_feature_extractor(
+            model.eval(), return_nodes={"stages.0": "stage0", "head.fc": "out"}
+        )
+        with torch.no_grad():
+            out = extractor(x)
+            want = model.forward_intermediates(x, indices=(0,), output_fmt="NHWC", intermediates_only=True)
+            torch.testing.assert_close(out["out"], model(x), rtol=1e-6, atol=1e-6, msg=name)
+            torch.testing.assert_close(out["stage0"], want[0], rtol=1e-6, atol=1e-6, msg=name)
+        extractor.train()(x)["out"].sum().backward()
+        assert all(p.grad is not None for p in model.stages[0].blocks[0].attn.parameters()), name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,11 +177,11 @@ def test_onnx_export_runs_exact_na_at_any_size(tmp_path):
         for name, p in model.named_parameters():
             if name.endswith("rpb") or name.startswith("head"):
                 p.normal_(0, 0.5)
-    torch.save(model.state_dict(), tmp_path / "tiny.pth")
-    kwargs = [f"{k}={v!r}".replace(" ", "") for k, v in TINY_DINAT.items()]
+    weights = tmp_path / "tiny.safetensors"  # through engine's one checkpoint loader
+    safetensors.torch.save_file(model.state_dict(), weights)
     result = _export(
-        "dinat_mini", "--out", str(tmp_path / "tiny.onnx"), "--checkpoint", str(tmp_path / "tiny.pth"),
-        "--img-size", "64", "--bench-iters", "1", "--model-kwargs", *kwargs,
+        "dinat_mini", "--out", str(tmp_path / "tiny.onnx"), "--checkpoint", str(weights),
+        "--img-size", "64", "--bench-iters", "1", "--model-kwargs", json.dumps(TINY_DINAT),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count(" ok") == 2 and "onnxruntime" in result.stdout and "img/s" in result.stdout
@@ -181,7 +202,8 @@ def test_onnx_export_runs_exact_na_at_any_size(tmp_path):
 def test_export_rejects_bad_arguments_with_one_line(tmp_path):
     result = _export("nat_mini", "--out", str(tmp_path / "model.txt"))
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("error: --out") and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("error: --out") and "export_weights.py" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,3 +228,19 @@ def test_visualize_attention_writes_a_png_and_rejects_bad_layers(tmp_path):
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )  # fmt: skip
     assert result.returncode == 2 and result.stderr.startswith("error: --layers '0.9'")
+
+
+@pytest.mark.slow  # ~65 s of CPU: 13 variants, shapes only (meta device)
+def test_every_registered_variant_traces_and_scripts():
+    for name in timm.list_models(["nat_*", "dinat_*"]):
+        with torch.device("meta"):
+            model = timm.create_model(name).eval()
+        nodes = {f"stages.{i}": f"stage{i}" for i in range(4)} | {"head.fc": "logits"}
+        extractor = create_feature_extractor(model, return_nodes=nodes)
+        outputs = [n for n in extractor.graph.nodes if n.op == "output"][0].args[0]
+        assert set(outputs) == set(nodes.values()), name
+        assert (
+            len(FeatureGraphNet(model, out_indices=(0, 1, 2, 3)).graph_module.graph.find_nodes(op="output"))
+            == 1
+        )
+        assert "forward" in torch.jit.script(model).code, name
