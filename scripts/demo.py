@@ -31,11 +31,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
-
-import compare  # noqa: E402
 
 import configs  # noqa: E402
+from engine import compare  # noqa: E402
 
 MODELS = {
     "nat": "configs/demo_nat.yaml",
