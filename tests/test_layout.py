@@ -8,9 +8,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {"train", "eval", "hubconf"} | {p.stem for p in (REPO / "scripts").glob("*.py")}
-# The one exception left: the demo drives compare.py's functions (both scripts; its library part is
-# to move into engine/ with the demo's next change). Anything else is a new offender.
-KNOWN = {"scripts/demo.py": ["compare"]}
+# No exceptions: scripts/demo.py and scripts/compare.py drive engine/demo.py and engine/compare.py.
+KNOWN = {}
 
 
 def python_files():
