@@ -33,7 +33,11 @@ def label_of(config: str) -> str:
     return Path(config).stem
 
 
-def train(label, model_cfg, common, overrides, out, nproc=1, quiet=False) -> float:
+def train(label, model_cfg, common, overrides, out, nproc=1, quiet=False, quiet_stderr=False) -> float:
+    """Train `model_cfg` (+ `common` configs, `overrides`) into out/label with train.py; its wall time (s).
+
+    `quiet` hides train.py's stdout; `quiet_stderr` its stderr too, whose last line then goes into the
+    error of a failed run."""
     cmd = [str(REPO / "train.py"), "-c", str(model_cfg)]
     for c in common:
         cmd += ["-c", str(c)]
@@ -52,10 +56,14 @@ def train(label, model_cfg, common, overrides, out, nproc=1, quiet=False) -> flo
     else:
         cmd = [sys.executable, *cmd]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL if quiet else None)
+    stdout = subprocess.DEVNULL if quiet else None
+    proc = subprocess.run(
+        cmd, cwd=REPO, stdout=stdout, stderr=subprocess.PIPE if quiet_stderr else None, text=True
+    )
     if proc.returncode != 0:
+        tail = "".join(f" {line}" for line in (proc.stderr or "").strip().splitlines()[-1:])
         raise RuntimeError(
-            f"training {label} failed (exit {proc.returncode}); see {out / label / 'train.log'}"
+            f"training {label} failed (exit {proc.returncode}){tail}; see {out / label / 'train.log'}"
         )
     return time.perf_counter() - t0
 
@@ -79,16 +87,20 @@ def evaluate(run_dir: Path, batch_size: int = 64, extra=()) -> dict:
     return json.loads(out.read_text())
 
 
-def count_flops(run_dir: Path) -> int | None:
-    """Multiply-adds at the eval resolution: models.flops (NA at its true cost), else torch's counter."""
-    import torch
-
+def run_model(run_dir: Path) -> tuple:
+    """(a run's model, built from its best checkpoint's arch, classes and kwargs; its eval input size)."""
     from engine.checkpoint import load_checkpoint
     from engine.factory import create_model
 
     ck = load_checkpoint(run_dir / "model_best.pth.tar")
     model = create_model(ck["arch"], ck["num_classes"], {"kwargs": ck.get("model_kwargs") or {}})
-    size = tuple(ck["data_config"]["input_size"])
+    return model, tuple(ck["data_config"]["input_size"])
+
+
+def model_flops(model, size: tuple) -> int:
+    """Multiply-adds of one (1, *size) input: models.flops (NA at its true cost), else torch's counter."""
+    import torch
+
     try:
         from models.flops import count_flops as na_flops
 
@@ -100,6 +112,11 @@ def count_flops(run_dir: Path) -> int | None:
         with torch.no_grad(), counter:
             model.eval()(torch.zeros(1, *size))
         return counter.get_total_flops() // 2
+
+
+def count_flops(run_dir: Path) -> int | None:
+    """Multiply-adds of a run's model at its eval resolution."""
+    return model_flops(*run_model(run_dir))
 
 
 def train_throughput(run_dir: Path) -> float | None:

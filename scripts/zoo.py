@@ -29,7 +29,6 @@ import argparse
 import csv
 import math
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from engine import bench  # noqa: E402
+from engine import bench, compare  # noqa: E402
 
 # Mixer names of the zoo in the order the tables list them: the baseline, the exact local ones, the
 # sparse global ones, then the approximations. Mixers registered later are appended.
@@ -357,35 +356,21 @@ def run_dir_of(out: Path, task: str, mixer: str, seed: int) -> Path:
 
 
 def train_run(out: Path, task: str, mixer: str, seed: int, overrides: list[str], quiet: bool) -> dict:
-    """One `train.py` run (a subprocess: the CLI is the interface); its result from summary.csv."""
+    """One `train.py` run (`engine.compare.train`: a subprocess); its result from summary.csv."""
     run_dir = run_dir_of(out, task, mixer, seed)
     if not (run_dir / "summary.csv").is_file() or not (run_dir / "last.pth.tar").is_file():
-        cmd = [
-            sys.executable,
-            str(REPO / "train.py"),
-            "-c",
-            str(REPO / RECIPE),
-            "-c",
-            str(REPO / TASKS[task]),
-        ]
-        cmd += ["--output", str(run_dir.parent), "--experiment", run_dir.name]
-        cmd += [
-            "--set",
-            f"model.kwargs.mixer={mixer}",
-            f"train.seed={seed}",
-            "train.progress=off",
-            *overrides,
-        ]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=quiet, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr or "").strip().splitlines()[-1:] if quiet else []
-            raise RuntimeError(
-                f"train.py failed (exit {proc.returncode}) {' '.join(tail)}; see {run_dir / 'train.log'}"
-            )
-        (run_dir / "wall_s.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
+        run_overrides = [f"model.kwargs.mixer={mixer}", f"train.seed={seed}", "train.progress=off"]
+        wall_s = compare.train(
+            run_dir.name,
+            REPO / RECIPE,
+            [REPO / TASKS[task]],
+            [*run_overrides, *overrides],
+            run_dir.parent,
+            quiet=quiet,
+            quiet_stderr=quiet,
+        )
+        (run_dir / "wall_s.txt").write_text(f"{wall_s:.1f}\n")
     epochs = list(csv.DictReader((run_dir / "summary.csv").open()))
-    speeds = [float(e["train_img_per_sec"]) for e in epochs]
     return dict(
         task=task,
         mixer=mixer,
@@ -393,8 +378,7 @@ def train_run(out: Path, task: str, mixer: str, seed: int, overrides: list[str],
         top1=float(epochs[-1]["eval_top1"]),
         best_top1=max(float(e["eval_top1"]) for e in epochs),
         epochs=len(epochs),
-        # the first epoch includes warm-up (allocator, caches): left out when there are others
-        train_img_per_sec=statistics.median(speeds[1:] if len(speeds) > 1 else speeds),
+        train_img_per_sec=compare.train_throughput(run_dir),
         wall_s=float((run_dir / "wall_s.txt").read_text()) if (run_dir / "wall_s.txt").is_file() else None,
         run_dir=str(run_dir),
     )
@@ -402,17 +386,8 @@ def train_run(out: Path, task: str, mixer: str, seed: int, overrides: list[str],
 
 def model_cost(run_dir: Path) -> dict:
     """Params and multiply-adds (`models.count_flops`) of a run's model at its input size."""
-    import timm
-    import yaml
-
-    from models import count_flops
-
-    cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-    classes = (Path(run_dir) / "classes.txt").read_text().split()
-    with torch.device("meta"):
-        model = timm.create_model(cfg["model"]["name"], num_classes=len(classes), **cfg["model"]["kwargs"])
-    size = cfg["data"]["img_size"]
-    return dict(params=sum(p.numel() for p in model.parameters()), flops=count_flops(model, (3, size, size)))
+    model, size = compare.run_model(run_dir)
+    return dict(params=sum(p.numel() for p in model.parameters()), flops=compare.model_flops(model, size))
 
 
 def summarize(runs: list[dict]) -> list[dict]:
