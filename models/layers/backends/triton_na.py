@@ -61,19 +61,12 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))  # tl.dot wants every dim >= 16
 
 
-def _na2d_forward_kernel(
-    Q, K, V, RPB, OUT, LSE,
-    sqb, sqh, sqw, sqn, sqd,
-    skb, skh, skw, skn, skd,
-    svb, svh, svw, svn, svd,
-    sob, soh, sow, son, sod,
-    heads, height, width, head_dim, tiles_h, tiles_w, qk_scale,
-    KS: tl.constexpr, DIL: tl.constexpr, HAS_RPB: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
-    KW: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-):  # fmt: skip
-    LOG2E: tl.constexpr = 1.4426950408889634
-    SPAN: tl.constexpr = 2 * KS - 1
+# Device functions shared by the kernels (decorated in `_kernels`, before them; Triton inlines them).
+
+
+def _program_tile(heads, height, width, tiles_h, tiles_w, DIL: tl.constexpr):
+    """This program's id, (batch * heads) index, batch, head, dilation group (gi, gj), tile (ta, tb)
+    and the group's lengths (len_h, len_w)."""
     pid = tl.program_id(0)  # one axis: (batch * heads) * tiles can pass the 65535 of axes 1 and 2
     tile = pid % (DIL * DIL * tiles_h * tiles_w)
     bh = pid // (DIL * DIL * tiles_h * tiles_w)
@@ -86,7 +79,13 @@ def _na2d_forward_kernel(
     tb = tile % tiles_w
     len_h = (height - gi + DIL - 1) // DIL
     len_w = (width - gj + DIL - 1) // DIL
-    # Queries of the tile; slots past the group's end repeat its last query (stores masked).
+    return pid, bh, b, h, gi, gj, ta, tb, len_h, len_w
+
+
+def _query_tile(ta, tb, len_h, len_w, KS: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, KW: tl.constexpr):
+    """The query tile (ta, tb) in group coordinates (qa, qb), which slots are real queries, their window
+    starts (sa, sb), and the tile's halo: key rows ha0..ha1 - 1, key columns kb from hb0."""
+    # Slots past the group's end repeat its last query (stores masked).
     m = tl.arange(0, BH * BW)
     qa = ta * BH + m // BW
     qb = tb * BW + m % BW
@@ -100,15 +99,55 @@ def _na2d_forward_kernel(
     ha1 = tl.minimum(tl.maximum(tl.minimum(ta * BH + BH - 1, len_h - 1) - KS // 2, 0), len_h - KS) + KS
     hb0 = tl.minimum(tl.maximum(tl.minimum(tb * BW, len_w - 1) - KS // 2, 0), len_w - KS)
     kb = hb0 + tl.arange(0, KW)
+    return qa, qb, q_valid, sa, sb, ha0, ha1, hb0, kb
+
+
+def _load_rows(base, row, cols, d, s_row, s_col, s_d, mask, DOT_DTYPE: tl.constexpr):
+    """The (len(cols), BLOCK_D) vectors at (row, cols) from `base` (one batch and head), in tl.dot's
+    operand dtype; `row` is one row or a column of them, one per col."""
+    pointers = base + row * s_row + cols[:, None] * s_col + d[None, :] * s_d  # each term added to the pointer
+    return tl.load(pointers, mask=mask, other=0.0).to(DOT_DTYPE)
+
+
+def _window_logits(
+    q, k, RPB, h, ka, qa, qb, kb, sa, col_in, qk_scale,
+    KS: tl.constexpr, HAS_RPB: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Logits (log2 units) of the query tile against key row `ka`, with the RPB, and which of them lie
+    in each query's window (`col_in`: the columns that do)."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    SPAN: tl.constexpr = 2 * KS - 1
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    inside = col_in & ((ka >= sa) & (ka < sa + KS))[:, None]
+    if HAS_RPB:
+        bias_index = (
+            h * SPAN * SPAN + (ka - qa + KS - 1)[:, None] * SPAN + (kb[None, :] - qb[:, None] + KS - 1)
+        )
+        s += tl.load(RPB + bias_index, mask=inside, other=0.0) * LOG2E
+    return s, inside
+
+
+_DEVICE_FUNCTIONS = ("_program_tile", "_query_tile", "_load_rows", "_window_logits")
+
+
+def _na2d_forward_kernel(
+    Q, K, V, RPB, OUT, LSE,
+    sqb, sqh, sqw, sqn, sqd,
+    skb, skh, skw, skn, skd,
+    svb, svh, svw, svn, svd,
+    sob, soh, sow, son, sod,
+    heads, height, width, head_dim, tiles_h, tiles_w, qk_scale,
+    KS: tl.constexpr, DIL: tl.constexpr, HAS_RPB: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    KW: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):  # fmt: skip
+    pid, bh, b, h, gi, gj, ta, tb, len_h, len_w = _program_tile(heads, height, width, tiles_h, tiles_w, DIL)
+    qa, qb, q_valid, sa, sb, ha0, ha1, hb0, kb = _query_tile(ta, tb, len_h, len_w, KS, BH, BW, KW)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
     rows_q = gi + DIL * qa
     cols_q = gj + DIL * qb
-    q = tl.load(
-        Q + b * sqb + h * sqn + rows_q[:, None] * sqh + cols_q[:, None] * sqw + d[None, :] * sqd,
-        mask=d_ok[None, :],
-        other=0.0,
-    ).to(DOT_DTYPE)
+    q = _load_rows(Q + b * sqb + h * sqn, rows_q[:, None], cols_q, d, sqh, sqw, sqd, d_ok[None, :], DOT_DTYPE)
     key_ok = (kb < len_w)[:, None] & d_ok[None, :]
     cols_k = gj + DIL * kb
     col_in = (kb[None, :] >= sb[:, None]) & (kb[None, :] < sb[:, None] + KS)
@@ -121,23 +160,9 @@ def _na2d_forward_kernel(
     m_i = l_i - 1e30  # finite: a key row outside every window of a query leaves alpha = 1
     for ka in range(ha0, ha1):
         row_k = gi + DIL * ka
-        k = tl.load(
-            K + b * skb + h * skn + row_k * skh + cols_k[:, None] * skw + d[None, :] * skd,
-            mask=key_ok,
-            other=0.0,
-        ).to(DOT_DTYPE)
-        v = tl.load(
-            V + b * svb + h * svn + row_k * svh + cols_k[:, None] * svw + d[None, :] * svd,
-            mask=key_ok,
-            other=0.0,
-        ).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 units
-        inside = col_in & ((ka >= sa) & (ka < sa + KS))[:, None]
-        if HAS_RPB:
-            bias_index = (
-                h * SPAN * SPAN + (ka - qa + KS - 1)[:, None] * SPAN + (kb[None, :] - qb[:, None] + KS - 1)
-            )
-            s += tl.load(RPB + bias_index, mask=inside, other=0.0) * LOG2E
+        k = _load_rows(K + b * skb + h * skn, row_k, cols_k, d, skh, skw, skd, key_ok, DOT_DTYPE)
+        v = _load_rows(V + b * svb + h * svn, row_k, cols_k, d, svh, svw, svd, key_ok, DOT_DTYPE)
+        s, inside = _window_logits(q, k, RPB, h, ka, qa, qb, kb, sa, col_in, qk_scale, KS, HAS_RPB, PRECISION)
         s = tl.where(inside, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -171,32 +196,9 @@ def _na2d_backward_query_kernel(
     BW: tl.constexpr, KW: tl.constexpr, BLOCK_D: tl.constexpr, SPAN_P: tl.constexpr, IS_FP64: tl.constexpr,
     PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):  # fmt: skip
-    LOG2E: tl.constexpr = 1.4426950408889634
     SPAN: tl.constexpr = 2 * KS - 1
-    pid = tl.program_id(0)  # one axis: (batch * heads) * tiles can pass the 65535 of axes 1 and 2
-    tile = pid % (DIL * DIL * tiles_h * tiles_w)
-    bh = pid // (DIL * DIL * tiles_h * tiles_w)
-    b = (bh // heads).to(tl.int64)
-    h = bh % heads
-    group = tile // (tiles_h * tiles_w)
-    gi = group // DIL
-    gj = group % DIL
-    ta = (tile % (tiles_h * tiles_w)) // tiles_w
-    tb = tile % tiles_w
-    len_h = (height - gi + DIL - 1) // DIL
-    len_w = (width - gj + DIL - 1) // DIL
-    m = tl.arange(0, BH * BW)
-    qa = ta * BH + m // BW
-    qb = tb * BW + m % BW
-    q_valid = (qa < len_h) & (qb < len_w)
-    qa = tl.minimum(qa, len_h - 1)
-    qb = tl.minimum(qb, len_w - 1)
-    sa = tl.minimum(tl.maximum(qa - KS // 2, 0), len_h - KS)
-    sb = tl.minimum(tl.maximum(qb - KS // 2, 0), len_w - KS)
-    ha0 = tl.minimum(tl.maximum(tl.minimum(ta * BH, len_h - 1) - KS // 2, 0), len_h - KS)
-    ha1 = tl.minimum(tl.maximum(tl.minimum(ta * BH + BH - 1, len_h - 1) - KS // 2, 0), len_h - KS) + KS
-    hb0 = tl.minimum(tl.maximum(tl.minimum(tb * BW, len_w - 1) - KS // 2, 0), len_w - KS)
-    kb = hb0 + tl.arange(0, KW)
+    pid, bh, b, h, gi, gj, ta, tb, len_h, len_w = _program_tile(heads, height, width, tiles_h, tiles_w, DIL)
+    qa, qb, q_valid, sa, sb, ha0, ha1, hb0, kb = _query_tile(ta, tb, len_h, len_w, KS, BH, BW, KW)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
     rows_q = gi + DIL * qa
@@ -229,23 +231,9 @@ def _na2d_backward_query_kernel(
         table = tl.zeros([SPAN_P, SPAN_P], dtype=tl.float32)
     for ka in range(ha0, ha1):
         row_k = gi + DIL * ka
-        k = tl.load(
-            K + b * skb + h * skn + row_k * skh + cols_k[:, None] * skw + d[None, :] * skd,
-            mask=key_ok,
-            other=0.0,
-        ).to(DOT_DTYPE)
-        v = tl.load(
-            V + b * svb + h * svn + row_k * svh + cols_k[:, None] * svw + d[None, :] * svd,
-            mask=key_ok,
-            other=0.0,
-        ).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        inside = col_in & ((ka >= sa) & (ka < sa + KS))[:, None]
-        if HAS_RPB:
-            bias_index = (
-                h * SPAN * SPAN + (ka - qa + KS - 1)[:, None] * SPAN + (kb[None, :] - qb[:, None] + KS - 1)
-            )
-            s += tl.load(RPB + bias_index, mask=inside, other=0.0) * LOG2E
+        k = _load_rows(K + b * skb + h * skn, row_k, cols_k, d, skh, skw, skd, key_ok, DOT_DTYPE)
+        v = _load_rows(V + b * svb + h * svn, row_k, cols_k, d, svh, svw, svd, key_ok, DOT_DTYPE)
+        s, inside = _window_logits(q, k, RPB, h, ka, qa, qb, kb, sa, col_in, qk_scale, KS, HAS_RPB, PRECISION)
         p = tl.where(inside, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = tl.where(q_valid[:, None], p * (dp - delta[:, None]), 0.0)  # repeated queries count once
@@ -278,18 +266,7 @@ def _na2d_backward_key_kernel(
 ):  # fmt: skip
     LOG2E: tl.constexpr = 1.4426950408889634
     SPAN: tl.constexpr = 2 * KS - 1
-    pid = tl.program_id(0)  # one axis: (batch * heads) * tiles can pass the 65535 of axes 1 and 2
-    tile = pid % (DIL * DIL * tiles_h * tiles_w)
-    bh = pid // (DIL * DIL * tiles_h * tiles_w)
-    b = (bh // heads).to(tl.int64)
-    h = bh % heads
-    group = tile // (tiles_h * tiles_w)
-    gi = group // DIL
-    gj = group % DIL
-    ta = (tile % (tiles_h * tiles_w)) // tiles_w
-    tb = tile % tiles_w
-    len_h = (height - gi + DIL - 1) // DIL
-    len_w = (width - gj + DIL - 1) // DIL
+    pid, bh, b, h, gi, gj, ta, tb, len_h, len_w = _program_tile(heads, height, width, tiles_h, tiles_w, DIL)
     n = tl.arange(0, KH * KWT)
     ka = ta * KH + n // KWT
     kb = tb * KWT + n % KWT
@@ -333,16 +310,8 @@ def _na2d_backward_key_kernel(
             inside = row_in[:, None] & (kb[:, None] >= sb[None, :]) & (kb[:, None] < sb[None, :] + KS)
             inside = inside & q_ok[None, :]
             cols_q = gj + DIL * qb
-            q = tl.load(
-                Q + b * sqb + h * sqn + row_q * sqh + cols_q[:, None] * sqw + d[None, :] * sqd,
-                mask=d_ok[None, :],
-                other=0.0,
-            ).to(DOT_DTYPE)
-            do = tl.load(
-                DO + b * sdb + h * sdn + row_q * sdh + cols_q[:, None] * sdw + d[None, :] * sdd,
-                mask=d_ok[None, :],
-                other=0.0,
-            ).to(DOT_DTYPE)
+            q = _load_rows(Q + b * sqb + h * sqn, row_q, cols_q, d, sqh, sqw, sqd, d_ok[None, :], DOT_DTYPE)
+            do = _load_rows(DO + b * sdb + h * sdn, row_q, cols_q, d, sdh, sdw, sdd, d_ok[None, :], DOT_DTYPE)
             stat_index = bh.to(tl.int64) * height * width + row_q * width + cols_q
             lse = tl.load(LSE + stat_index)
             delta = tl.load(DELTA + stat_index)
@@ -367,7 +336,11 @@ def _na2d_backward_key_kernel(
 
 @functools.cache
 def _kernels() -> tuple:
-    """The kernels, decorated on first use (Triton picks compiled or interpreted at decoration)."""
+    """The kernels, decorated on first use (Triton picks compiled or interpreted at decoration).
+
+    The device functions they call are decorated first and rebound under their names, where the
+    kernels look them up."""
+    globals().update({name: triton.jit(globals()[name]) for name in _DEVICE_FUNCTIONS})
     return tuple(
         triton.jit(fn)
         for fn in (_na2d_forward_kernel, _na2d_backward_query_kernel, _na2d_backward_key_kernel)
