@@ -333,6 +333,25 @@ def _out(mixer, o, H, W):
     return mixer.proj(o.transpose(1, 2).reshape(B, H, W, h * D))
 
 
+def _with_global_keys(mixer, k, v):
+    """The map's keys/values `(B, h, N, D)` followed by the global tokens', after the tokens' own step:
+    each attends to every map token and every token, and is updated residually through `proj`."""
+    B, h, N, D = k.shape
+    G, g = mixer.num_global, mixer.global_tokens
+    qg, kg, vg = mixer.qkv(g).reshape(G, 3, h, D).permute(1, 2, 0, 3)
+    every = torch.ones(1, G, N + G, dtype=torch.bool)
+    pooled = _attend(
+        mixer,
+        qg.expand(B, -1, -1, -1),
+        torch.cat([k, kg.expand(B, -1, -1, -1)], 2),
+        torch.cat([v, vg.expand(B, -1, -1, -1)], 2),
+        every,
+    )
+    updated = g + mixer.proj(pooled.transpose(1, 2).reshape(B, G, h * D))
+    _, k2, v2 = mixer.qkv(updated).reshape(B, G, 3, h, D).permute(2, 0, 3, 1, 4)
+    return torch.cat([k, k2], 2), torch.cat([v, v2], 2)
+
+
 def dense_reference(mixer, x, allowed, bias=None):
     """Self-attention of the map on itself with the pattern `allowed` (h or 1, N, N) and `bias` (h, N, N)."""
     q, k, v = _qkv(mixer, x)
@@ -427,8 +446,8 @@ def na_reference(mixer, x):
 
 def global_reference(mixer, x, head_dilations):
     """Two steps: global tokens attend to everything; the map attends to NA windows + updated tokens."""
-    B, H, W, C = x.shape
-    h, D = mixer.num_heads, C // mixer.num_heads
+    H, W = x.shape[1:3]
+    h = mixer.num_heads
     k_size = mixer.kernel_size
     local, bias = [], []
     for head, d in enumerate(head_dilations):
@@ -441,23 +460,11 @@ def global_reference(mixer, x, head_dilations):
         bias.append(b[:, keep][:, :, keep])
     local, bias = torch.stack(local), torch.cat(bias)
     q, k, v = _qkv(mixer, x)
+    k, v = _with_global_keys(mixer, k, v)
     G = mixer.num_global
-    g = mixer.global_tokens
-    qg, kg, vg = mixer.qkv(g).reshape(G, 3, h, D).permute(1, 2, 0, 3)
-    every = torch.ones(1, G, H * W + G, dtype=torch.bool)
-    pooled = _attend(
-        mixer,
-        qg.expand(B, -1, -1, -1),
-        torch.cat([k, kg.expand(B, -1, -1, -1)], 2),
-        torch.cat([v, vg.expand(B, -1, -1, -1)], 2),
-        every,
-    )
-    updated = g + mixer.proj(pooled.transpose(1, 2).reshape(B, G, C))
-    _, k2, v2 = mixer.qkv(updated).reshape(B, G, 3, h, D).permute(2, 0, 3, 1, 4)
     allowed = torch.cat([local, torch.ones(h, H * W, G, dtype=torch.bool)], -1)
     bias = torch.cat([bias, torch.zeros(h, H * W, G, dtype=bias.dtype)], -1)
-    o = _attend(mixer, q, torch.cat([k, k2], 2), torch.cat([v, v2], 2), allowed, bias)
-    return _out(mixer, o, H, W)
+    return _out(mixer, _attend(mixer, q, k, v, allowed, bias), H, W)
 
 
 def bigbird_reference(mixer, x):
@@ -489,21 +496,10 @@ def bigbird_reference(mixer, x):
     q, k, v = _qkv(mixer, x)
     if mixer.num_global == 0:
         return _out(mixer, _attend(mixer, q, k, v, allowed), H, W)
-    G, h, D = mixer.num_global, mixer.num_heads, C // mixer.num_heads
-    g = mixer.global_tokens
-    qg, kg, vg = mixer.qkv(g).reshape(G, 3, h, D).permute(1, 2, 0, 3)
-    every = torch.ones(1, G, H * W + G, dtype=torch.bool)
-    pooled = _attend(
-        mixer,
-        qg.expand(B, -1, -1, -1),
-        torch.cat([k, kg.expand(B, -1, -1, -1)], 2),
-        torch.cat([v, vg.expand(B, -1, -1, -1)], 2),
-        every,
-    )
-    updated = g + mixer.proj(pooled.transpose(1, 2).reshape(B, G, C))
-    _, k2, v2 = mixer.qkv(updated).reshape(B, G, 3, h, D).permute(2, 0, 3, 1, 4)
+    k, v = _with_global_keys(mixer, k, v)
+    G, h = mixer.num_global, mixer.num_heads
     allowed = torch.cat([allowed, torch.ones(h, H * W, G, dtype=torch.bool)], -1)
-    return _out(mixer, _attend(mixer, q, torch.cat([k, k2], 2), torch.cat([v, v2], 2), allowed), H, W)
+    return _out(mixer, _attend(mixer, q, k, v, allowed), H, W)
 
 
 def _pattern_reference(pattern):
