@@ -4,7 +4,8 @@ Every image holds `num_curves` smooth random curves, each long enough to cross m
 a dark noisy background. Two dots (a white ring around the curve's own colour) mark two curve ends.
 Class `connected`: the dots sit on the two ends of one curve; class `disconnected`: on one end each
 of two different curves. Both classes have the same number of curves, dots and unmarked ends, and
-the dots are at least `min_dot_distance` (a fraction of the side) apart in both, so nothing near
+the dots are at least `min_dot_distance` (a fraction of the side) apart in both, and so are the two
+ends of every curve (a connected pair's curve is no straighter than any other), so nothing near
 either dot tells the class: the answer needs information from both dots, which are further apart
 than a small local window can see.
 
@@ -24,6 +25,7 @@ Written as `root/{train,val}/{disconnected,connected}/*.png` by the shapes set's
 from __future__ import annotations
 
 import colorsys
+import math
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +35,7 @@ from .errors import DataError
 from .synthetic import write_generated_dataset
 
 # Bump when the drawing changes, so an old dataset on disk is not mistaken for a current one.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 CLASS_NAMES = ["disconnected", "connected"]
 _SUPERSAMPLE = 4  # curves are drawn at 4x and box-filtered down: anti-aliased, ~1.5 px wide
 _CURVE_WIDTH = 2.0  # px at the output size
@@ -49,23 +51,33 @@ _MAX_TRIES = 3000
 def _random_curve(rng, size: int) -> np.ndarray:
     """(n, 2) points of a smooth random walk of length `_CURVE_LENGTH * size` that stays inside the
     image: the heading drifts by a Gaussian turn per 1-px step and turns back from the border."""
-    margin = 3.0
+    margin, far = 3.0, size - 3.0
     steps = int(_CURVE_LENGTH * size)
-    pos = rng.uniform(margin, size - margin, 2)
+    x, y = rng.uniform(margin, far, 2)
     heading = rng.uniform(0, 2 * np.pi)
-    points = [pos.copy()]
-    for _ in range(steps):
-        heading += rng.normal(0.0, _TURN_STD)
-        step = np.array([np.cos(heading), np.sin(heading)])
-        nxt = pos + step
-        if not (margin <= nxt[0] <= size - margin and margin <= nxt[1] <= size - margin):
+    turns, steers = rng.normal(0.0, _TURN_STD, steps), rng.normal(0.0, 0.5, steps)
+    points = np.empty((steps + 1, 2))
+    points[0] = x, y
+    for i in range(steps):  # plain floats: a numpy op per step would be ~10x slower
+        heading += turns[i]
+        nx, ny = x + math.cos(heading), y + math.sin(heading)
+        if not (margin <= nx <= far and margin <= ny <= far):
             # steer toward the centre, keeping some randomness
-            centre = np.array([size / 2, size / 2]) - pos
-            heading = np.arctan2(centre[1], centre[0]) + rng.normal(0.0, 0.5)
-            nxt = pos + np.array([np.cos(heading), np.sin(heading)])
-        pos = np.clip(nxt, margin, size - margin)
-        points.append(pos.copy())
-    return np.asarray(points)
+            heading = math.atan2(size / 2 - y, size / 2 - x) + steers[i]
+            nx, ny = x + math.cos(heading), y + math.sin(heading)
+        x, y = min(max(nx, margin), far), min(max(ny, margin), far)
+        points[i + 1] = x, y
+    return points
+
+
+def _spanning_curve(rng, size: int, span: float) -> np.ndarray:
+    """A `_random_curve` whose ends are >= `span` px apart (curves are drawn independently, so
+    rejecting each on its own is the same distribution as rejecting the set)."""
+    for _ in range(_MAX_TRIES):
+        curve = _random_curve(rng, size)
+        if np.linalg.norm(curve[0] - curve[-1]) >= span:
+            return curve
+    raise DataError(f"pathfinder: no curve spans {span:.0f} px in a {size} px image; lower min_dot_distance")
 
 
 def _clear_of_others(dot: np.ndarray, owner: int, curves: list[np.ndarray], dot_radius: float) -> bool:
@@ -96,6 +108,39 @@ def _hues(rng, count: int, palette: int = 0) -> list[float]:
     raise DataError(f"pathfinder: cannot draw {count} hues {_MIN_HUE_GAP} apart; use fewer curves")
 
 
+def pathfinder_layout(
+    connected: bool,
+    size: int,
+    rng,
+    num_curves: int = 2,
+    min_dot_distance: float = 0.5,
+    dot_radius: float = 3.2,
+    near: bool = False,
+) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
+    """(curves, dots, owners) of one image: the dots are on one curve's two ends iff `connected`, and
+    >= min_dot_distance x size apart, or with `near` only `_NEAR_GAP` px apart (edge to edge)."""
+    min_dist, max_dist = min_dot_distance * size, np.inf
+    if near:
+        min_dist, max_dist = 2 * dot_radius + _NEAR_GAP[0], 2 * dot_radius + _NEAR_GAP[1]
+    # Far pairs: every curve spans at least the dot distance, in both classes, so a connected pair's
+    # curve is no straighter than any other and a curve's shape near a dot tells nothing.
+    span = 0.0 if near else min_dist
+    for _ in range(_MAX_TRIES):
+        curves = [_spanning_curve(rng, size, span) for _ in range(num_curves)]
+        if connected:
+            dots, owners = [curves[0][0], curves[0][-1]], [0, 0]
+        else:
+            dots, owners = [curves[0][rng.integers(2) * -1], curves[1][rng.integers(2) * -1]], [0, 1]
+        if min_dist <= np.linalg.norm(dots[0] - dots[1]) <= max_dist and all(
+            _clear_of_others(dot, owner, curves, dot_radius) for dot, owner in zip(dots, owners, strict=True)
+        ):
+            return curves, dots, owners
+    raise DataError(
+        f"pathfinder: no curves with dots {min_dot_distance} x size apart after {_MAX_TRIES} tries; "
+        "lower min_dot_distance or num_curves"
+    )
+
+
 def render_pathfinder(
     connected: bool,
     size: int,
@@ -107,26 +152,11 @@ def render_pathfinder(
     dot_radius: float = 3.2,
     near: bool = False,
 ) -> np.ndarray:
-    """One H x W x 3 uint8 image; the dots are on one curve's two ends iff `connected`. The dots are
-    >= min_dot_distance x size apart, or with `near` only `_NEAR_GAP` px apart (edge to edge)."""
-    min_dist, max_dist = min_dot_distance * size, np.inf
-    if near:
-        min_dist, max_dist = 2 * dot_radius + _NEAR_GAP[0], 2 * dot_radius + _NEAR_GAP[1]
-    for _ in range(_MAX_TRIES):
-        curves = [_random_curve(rng, size) for _ in range(num_curves)]
-        if connected:
-            dots, owners = [curves[0][0], curves[0][-1]], [0, 0]
-        else:
-            dots, owners = [curves[0][rng.integers(2) * -1], curves[1][rng.integers(2) * -1]], [0, 1]
-        if min_dist <= np.linalg.norm(dots[0] - dots[1]) <= max_dist and all(
-            _clear_of_others(dot, owner, curves, dot_radius) for dot, owner in zip(dots, owners, strict=True)
-        ):
-            break
-    else:
-        raise DataError(
-            f"pathfinder: no curves with dots {min_dot_distance} x size apart after {_MAX_TRIES} tries; "
-            "lower min_dot_distance or num_curves"
-        )
+    """One H x W x 3 uint8 image of a `pathfinder_layout`: dim curves, and the two dots as white rings
+    around their curve's colour at full brightness."""
+    curves, dots, owners = pathfinder_layout(
+        connected, size, rng, num_curves, min_dot_distance, dot_radius, near
+    )
     s = _SUPERSAMPLE
     background = rng.uniform(0, 40, 3)
     img = Image.new("RGB", (size * s, size * s), tuple(int(c) for c in background))

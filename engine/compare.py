@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -33,11 +34,13 @@ def label_of(config: str) -> str:
     return Path(config).stem
 
 
-def train(label, model_cfg, common, overrides, out, nproc=1, quiet=False, quiet_stderr=False) -> float:
+def train(
+    label, model_cfg, common, overrides, out, nproc=1, quiet=False, quiet_stderr=False, threads=None
+) -> float:
     """Train `model_cfg` (+ `common` configs, `overrides`) into out/label with train.py; its wall time (s).
 
     `quiet` hides train.py's stdout; `quiet_stderr` its stderr too, whose last line then goes into the
-    error of a failed run."""
+    error of a failed run. `threads` sets the run's OMP_NUM_THREADS (runs side by side: one each)."""
     cmd = [str(REPO / "train.py"), "-c", str(model_cfg)]
     for c in common:
         cmd += ["-c", str(c)]
@@ -57,8 +60,9 @@ def train(label, model_cfg, common, overrides, out, nproc=1, quiet=False, quiet_
         cmd = [sys.executable, *cmd]
     t0 = time.perf_counter()
     stdout = subprocess.DEVNULL if quiet else None
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(
-        cmd, cwd=REPO, stdout=stdout, stderr=subprocess.PIPE if quiet_stderr else None, text=True
+        cmd, cwd=REPO, stdout=stdout, stderr=subprocess.PIPE if quiet_stderr else None, text=True, env=env
     )
     if proc.returncode != 0:
         tail = "".join(f" {line}" for line in (proc.stderr or "").strip().splitlines()[-1:])

@@ -28,9 +28,11 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -355,7 +357,9 @@ def run_dir_of(out: Path, task: str, mixer: str, seed: int) -> Path:
     return out / "accuracy" / task / f"{mixer}-s{seed}"
 
 
-def train_run(out: Path, task: str, mixer: str, seed: int, overrides: list[str], quiet: bool) -> dict:
+def train_run(
+    out: Path, task: str, mixer: str, seed: int, overrides: list[str], quiet: bool, threads: int | None = None
+) -> dict:
     """One `train.py` run (`engine.compare.train`: a subprocess); its result from summary.csv."""
     run_dir = run_dir_of(out, task, mixer, seed)
     if not (run_dir / "summary.csv").is_file() or not (run_dir / "last.pth.tar").is_file():
@@ -368,6 +372,7 @@ def train_run(out: Path, task: str, mixer: str, seed: int, overrides: list[str],
             run_dir.parent,
             quiet=quiet,
             quiet_stderr=quiet,
+            threads=threads,
         )
         (run_dir / "wall_s.txt").write_text(f"{wall_s:.1f}\n")
     epochs = list(csv.DictReader((run_dir / "summary.csv").open()))
@@ -450,6 +455,24 @@ def accuracy_targets(table: list[dict]) -> list[dict]:
     ]
 
 
+def say(line: str, stream=None) -> None:
+    """One whole line per write: runs side by side must not interleave their progress lines."""
+    stream = stream or sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
+
+
+def prepare_data(overrides: dict[str, list[str]]) -> None:
+    """Generate each task's data set once, before runs that may start side by side need it."""
+    from configs import load_config
+    from data import build_datasets
+    from engine.factory import data_build_config
+
+    for task, task_overrides in overrides.items():
+        data = data_build_config(load_config([REPO / RECIPE, REPO / TASKS[task]], task_overrides))
+        build_datasets({**data, "root": str(REPO / data["root"])})  # train.py runs in REPO
+
+
 def accuracy(
     mixers: list[str],
     overrides: dict[str, list[str]],
@@ -457,21 +480,36 @@ def accuracy(
     headline_seeds: int,
     out: Path,
     quiet: bool,
+    jobs: int = 1,
 ) -> dict:
-    """Train every (task, mixer, seed) of the plan (`overrides`: task -> train.py overrides)."""
-    runs, errors = [], {}
-    for task in overrides:
-        for mixer in mixers:
-            for seed in range(headline_seeds if mixer in HEADLINE else seeds):
-                label = f"{task}/{mixer}-s{seed}"
-                print(f"  accuracy: {label}", flush=True)
-                try:
-                    run = train_run(out, task, mixer, seed, overrides[task], quiet)
-                    run.update(model_cost(Path(run["run_dir"])))
-                    runs.append(run)
-                except Exception as e:  # noqa: BLE001 (the table says which run failed)
-                    errors[label] = str(e)
-                    print(f"  !!! {label}: {e}", file=sys.stderr, flush=True)
+    """Train every (task, mixer, seed) of the plan (`overrides`: task -> train.py overrides), `jobs`
+    runs side by side with an equal share of the cores each (a small model uses one core better than
+    two threads do)."""
+    plan = [
+        (task, mixer, seed)
+        for task in overrides
+        for mixer in mixers
+        for seed in range(headline_seeds if mixer in HEADLINE else seeds)
+    ]
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    prepare_data(overrides)
+
+    def attempt(task: str, mixer: str, seed: int) -> dict | str:
+        label = f"{task}/{mixer}-s{seed}"
+        say(f"  accuracy: {label} ...")
+        try:
+            run = train_run(out, task, mixer, seed, overrides[task], quiet, threads)
+            run.update(model_cost(Path(run["run_dir"])))
+        except Exception as e:  # noqa: BLE001 (the table says which run failed)
+            say(f"  !!! {label}: {e}", sys.stderr)
+            return str(e)
+        say(f"  accuracy: {label}: top-1 {run['top1']:.1f}, {run['wall_s'] or 0:.0f} s")
+        return run
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        results = list(pool.map(lambda p: attempt(*p), plan))
+    runs = [r for r in results if isinstance(r, dict)]
+    errors = {f"{t}/{m}-s{s}": r for (t, m, s), r in zip(plan, results, strict=True) if isinstance(r, str)}
     table = summarize(runs)
     result = dict(
         environment=bench.environment(),
@@ -521,10 +559,13 @@ def full_study_estimate(runs: list[dict]) -> dict | None:
 # 3. Patterns
 
 
-def trained_stage1_mixer(run_dir: Path) -> torch.nn.Module | None:
-    """The first block's mixer of a trained run (last.pth.tar), or None when there is none."""
+def trained_model(run_dir: Path) -> tuple[torch.nn.Module, dict] | None:
+    """(a run's model with its last weights, its config), or None when the run has no checkpoint."""
     import timm
     import yaml
+
+    import models  # noqa: F401  (registers nat_mini and the mixers with timm)
+    from engine.checkpoint import load_checkpoint
 
     ckpt = run_dir / "last.pth.tar"
     if not ckpt.is_file():
@@ -532,9 +573,51 @@ def trained_stage1_mixer(run_dir: Path) -> torch.nn.Module | None:
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     classes = (run_dir / "classes.txt").read_text().split()
     model = timm.create_model(cfg["model"]["name"], num_classes=len(classes), **cfg["model"]["kwargs"])
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["state_dict"])
-    return model.stages[0].blocks[0].attn
+    model.load_state_dict(load_checkpoint(ckpt)["state_dict"])
+    return model.eval(), cfg
+
+
+def trained_stage1_mixer(run_dir: Path) -> torch.nn.Module | None:
+    """The first block's mixer of a trained run, or None when there is none."""
+    trained = trained_model(run_dir)
+    return None if trained is None else trained[0].stages[0].blocks[0].attn
+
+
+def receptive_field(run_dir: Path, images: int = 16) -> dict | None:
+    """Where a trained model's centre token (last stage, before pooling) reads the image, on the run's
+    first val images: the share of pixels it can read at all (nonzero gradient) and the radius
+    around the token's centre holding 90% of |d <token, u> / d pixels| (the effective field)."""
+    import numpy as np
+    from PIL import Image
+
+    trained = trained_model(run_dir)
+    if trained is None:
+        return None
+    model, cfg = trained
+    data = cfg["data"]
+    root = Path(data["root"]) if Path(data["root"]).is_absolute() else REPO / data["root"]
+    every = sorted((root / "val").glob("*/*.png"))  # class folders in turn: both classes sampled
+    paths = every[:: max(1, len(every) // images)][:images]
+    mean, std = torch.tensor(data["mean"]).view(3, 1, 1), torch.tensor(data["std"]).view(3, 1, 1)
+    pixels = torch.tensor(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]))
+    x = ((pixels.permute(0, 3, 1, 2) / 255 - mean) / std).requires_grad_(True)
+    tokens = model.forward_features(x)  # (B, h, w, C)
+    h, w = tokens.shape[1:3]
+    u = torch.randn(tokens.shape[-1], generator=torch.Generator().manual_seed(0))
+    (tokens[:, h // 2, w // 2] @ u).sum().backward()
+    reads = x.grad.abs().sum((0, 1))
+    side = reads.shape[0]
+    yy, xx = torch.meshgrid(torch.arange(side) + 0.5, torch.arange(side) + 0.5, indexing="ij")
+    centre = ((h // 2 + 0.5) * side / h, (w // 2 + 0.5) * side / w)
+    dist = torch.hypot(yy - centre[0], xx - centre[1]).flatten()
+    order = dist.argsort()
+    mass = reads.flatten()[order].cumsum(0) / reads.sum()
+    return dict(
+        images=len(paths),
+        readable_share=float((reads > 0).float().mean()),
+        radius90_px=float(dist[order][int((mass < 0.9).sum())]),
+        image_px=side,
+    )
 
 
 def read_map(
@@ -559,7 +642,8 @@ def patterns(mixers: list[str], out: Path) -> dict:
     queries = dict(centre=(PATTERN_SIDE // 2, PATTERN_SIDE // 2), corner=(0, 0))
     info, panels = {}, []
     for name in mixers:
-        trained = trained_stage1_mixer(run_dir_of(out, "pathfinder", name, 0))
+        run_dir = run_dir_of(out, "pathfinder", name, 0)
+        trained = trained_stage1_mixer(run_dir)
         module = trained if trained is not None else stage1_mixer(name)
         dim = module.qkv.in_features if hasattr(module, "qkv") else STAGE1["dim"]
         maps = {q: read_map(module, pos, dim) for q, pos in queries.items()}
@@ -567,6 +651,7 @@ def patterns(mixers: list[str], out: Path) -> dict:
             source="trained (pathfinder, seed 0, stage 1, block 0)" if trained is not None else "initialised",
             kernel_size=getattr(module, "kernel_size", None),
             **{f"reach_{q}": float((m > 1e-6 * m.max()).float().mean()) for q, m in maps.items()},
+            model_receptive_field=receptive_field(run_dir),
         )
         # one RGB panel: centre query in red, corner query in blue, on a log scale over 4 decades so
         # that faint reads (global tokens, kernels) show; exact zeros stay black
@@ -633,6 +718,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help=f"accuracy: seeds for {', '.join(HEADLINE)} (default 2; --quick: 1)",
     )
+    p.add_argument(
+        "--jobs", type=int, default=1, help="accuracy: training runs side by side (2 on a 2-core CPU)"
+    )
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="accuracy: train.py overrides")
     p.add_argument("--verbose", action="store_true", help="show train.py's output")
     return p.parse_args(argv)
@@ -643,8 +731,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.headline_seeds is None:
             args.headline_seeds = 1 if args.quick else 2
-        if args.rounds < 1 or args.seeds < 1 or args.headline_seeds < 1:
-            raise UsageError("--rounds, --seeds and --headline-seeds must be >= 1")
+        if min(args.rounds, args.seeds, args.headline_seeds, args.jobs) < 1:
+            raise UsageError("--rounds, --seeds, --headline-seeds and --jobs must be >= 1")
         if any(s < 1 for s in args.sides):
             raise UsageError(f"--sides must be positive, got {args.sides}")
         available = registered_mixers()
@@ -652,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # train.py runs in REPO: relative paths would land there
     out.mkdir(parents=True, exist_ok=True)
     sides, rounds, overrides = args.sides, args.rounds, list(args.set)
     accuracy_mixers = mixers
@@ -671,7 +759,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.quick:  # tiny data sets of their own, not the study's
             task_overrides = {t: [*o, f"data.root={out / 'data' / t}"] for t, o in task_overrides.items()}
         res = accuracy(
-            accuracy_mixers, task_overrides, args.seeds, args.headline_seeds, out, not args.verbose
+            accuracy_mixers,
+            task_overrides,
+            args.seeds,
+            args.headline_seeds,
+            out,
+            not args.verbose,
+            args.jobs,
         )
         print_targets(res["targets"])
     if "patterns" in args.parts:

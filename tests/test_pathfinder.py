@@ -165,3 +165,30 @@ def test_near_fraction_is_a_training_curriculum_only(tmp_path):
     assert 0.3 < near.mean() < 0.7
     assert np.all(train[near] <= 2 * 3.2 + 6.0 + 1.5)
     assert np.all(val >= 0.5 * SIZE - 1.5)
+
+
+def test_far_layouts_give_every_curve_the_dot_span():
+    """Far pairs: every curve's ends are >= the dot distance apart in both classes, so the curve a
+    connected pair sits on is no straighter than the curves of a disconnected pair (a local cue a
+    rejection on the pair alone would leave). Near pairs (training curriculum) have no such bound."""
+    from data.pathfinder import pathfinder_layout
+
+    size, fraction = 64, 0.65
+    spans = {True: [], False: []}
+    for i in range(120):
+        connected = bool(i % 2)
+        curves, dots, owners = pathfinder_layout(
+            connected, size, np.random.default_rng(i), min_dot_distance=fraction, dot_radius=5.0
+        )
+        assert np.hypot(*(dots[0] - dots[1])) >= fraction * size
+        curve_spans = [np.hypot(*(c[0] - c[-1])) for c in curves]
+        assert min(curve_spans) >= fraction * size
+        spans[connected] += [curve_spans[o] for o in set(owners)]
+    # same span distribution for the dot-carrying curves: a few px at most between the class means
+    assert abs(np.mean(spans[True]) - np.mean(spans[False])) < 2.5, {k: np.mean(v) for k, v in spans.items()}
+    near_spans = [
+        np.hypot(*(c[0] - c[-1]))
+        for i in range(20)
+        for c in pathfinder_layout(True, size, np.random.default_rng(i), dot_radius=5.0, near=True)[0][:1]
+    ]
+    assert min(near_spans) < 2 * 5.0 + 6.0 + 1e-6  # a near connected pair: its curve's ends touch

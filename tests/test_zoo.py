@@ -28,8 +28,31 @@ def run_zoo(out, *args, timeout=600):
     return proc
 
 
-def test_quick_scaling_and_patterns(tmp_path):
-    run_zoo(tmp_path, "--parts", "scaling", "patterns", "--mixers", "full", "na", "linear")
+def test_bad_arguments_get_one_error_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ZOO), "--out", str(tmp_path), "--mixers", "na", "nosuchmixer"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "unknown mixer(s) nosuchmixer" in proc.stderr and "registered:" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, str(ZOO), "--out", str(tmp_path), "--jobs", "0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: --rounds, --seeds, --headline-seeds and --jobs must be >= 1"
+    )
+
+
+def test_quick_study_end_to_end(tmp_path):
+    """All three parts: scaling rows and targets; tiny training runs of na and full on both tasks, two
+    side by side, and their table; patterns drawn from the trained pathfinder models."""
+    run_zoo(tmp_path, "--mixers", "full", "na", "linear", "--jobs", "2")
     scaling = json.loads((tmp_path / "scaling.json").read_text())
     assert not scaling["errors"] and not scaling["dropped"]
     rows = {(r["mixer"], r["side"]): r for r in scaling["rows"]}
@@ -46,34 +69,6 @@ def test_quick_scaling_and_patterns(tmp_path):
     with (tmp_path / "scaling.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 6
     assert Image.open(tmp_path / "scaling.png").size[0] > 200
-
-    patterns = json.loads((tmp_path / "patterns.json").read_text())["mixers"]
-    assert patterns["na"]["kernel_size"] == 7
-    assert patterns["na"]["reach_centre"] == pytest.approx(49 / 196)
-    assert patterns["na"]["reach_corner"] == pytest.approx(49 / 196)  # NA's window shifts at borders
-    assert patterns["full"]["reach_centre"] == patterns["full"]["reach_corner"] == 1.0
-    assert patterns["linear"]["reach_centre"] == 1.0
-    assert all(p["source"] == "initialised" for p in patterns.values())
-    assert Image.open(tmp_path / "patterns.png").size[0] > 200
-
-
-def test_bad_arguments_get_one_error_line(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ZOO), "--out", str(tmp_path), "--mixers", "na", "nosuchmixer"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
-    assert "unknown mixer(s) nosuchmixer" in proc.stderr and "registered:" in proc.stderr
-
-
-@pytest.mark.slow
-def test_quick_study_end_to_end(tmp_path):
-    """All three parts: tiny training runs of na and full on both tasks, their table, and patterns
-    drawn from the trained pathfinder models."""
-    run_zoo(tmp_path, "--mixers", "full", "na", "linear")
     acc = json.loads((tmp_path / "accuracy.json").read_text())
     assert not acc["errors"]
     assert {(r["task"], r["mixer"]) for r in acc["runs"]} == {
@@ -92,3 +87,12 @@ def test_quick_study_end_to_end(tmp_path):
     patterns = json.loads((tmp_path / "patterns.json").read_text())["mixers"]
     assert patterns["na"]["source"].startswith("trained") and patterns["linear"]["source"] == "initialised"
     assert patterns["na"]["reach_centre"] == pytest.approx(25 / 196)  # the zoo backbone's stage-1 window 5
+    assert patterns["na"]["reach_corner"] == pytest.approx(25 / 196)  # NA's window shifts at borders
+    assert patterns["full"]["reach_centre"] == patterns["full"]["reach_corner"] == 1.0
+    assert patterns["linear"]["reach_centre"] == 1.0
+    assert Image.open(tmp_path / "patterns.png").size[0] > 200
+    # the trained models' centre token reads the whole 32 px image through its stacked layers
+    for field in (patterns[m]["model_receptive_field"] for m in ("na", "full")):
+        assert field["readable_share"] == 1.0 and field["image_px"] == 32 and field["images"] == 8
+        assert 0 < field["radius90_px"] < 32 * 2**0.5
+    assert patterns["linear"]["model_receptive_field"] is None  # not trained: --quick trains na and full
