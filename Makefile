@@ -1,4 +1,5 @@
-# Two entry points (see README "Quick start"): `make demo` and `make test`.
+# Two entry points (see README "Quick start"): `make demo` and `make test`; `make zoo` runs the
+# attention-zoo study (docs/zoo.md).
 # Each creates .venv inside the repo on first use; the stamp makes re-runs instant
 # until a requirements file changes.
 PYTHON ?= python3
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NATTEN := natten==0.21.7
 
-.PHONY: setup demo test lint format
+.PHONY: setup demo test zoo lint format
 
 setup: $(STAMP)
 
@@ -23,6 +24,9 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
+
+zoo: $(STAMP)
+	$(PY) scripts/zoo.py --out runs/zoo-study --jobs 2
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -266,6 +266,7 @@ def accuracy_markdown(result: dict) -> str:
         "mixer",
         "seeds",
         "top-1 mean (min-max)",
+        "near pairs",
         "vs na",
         "> seed range?",
         "params",
@@ -281,6 +282,7 @@ def accuracy_markdown(result: dict) -> str:
                 t["mixer"],
                 t["seeds"],
                 f"{t['top1_mean']:.1f} ({t['top1_min']:.1f}-{t['top1_max']:.1f})",
+                bench.fmt(t.get("near_top1"), ".1f"),
                 bench.fmt(t.get("vs_na"), "+.1f"),
                 real if t["mixer"] != "na" else "",
                 bench.fmt(t.get("params") and t["params"] / 1e3, ".0f") + "k",
@@ -288,7 +290,7 @@ def accuracy_markdown(result: dict) -> str:
                 f"{t['train_img_per_sec']:.0f}",
             ]
         )
-    lines = bench.markdown_table(header, cells, "llrrrlrrr")
+    lines = bench.markdown_table(header, cells, "llrrrrlrrr")
     lines += [f"- {label}: error: {why}" for label, why in result["errors"].items()]
     return "\n".join(lines)
 
@@ -389,6 +391,42 @@ def train_run(
     )
 
 
+def near_pair_top1(run_dir: Path, per_class: int = 100) -> float:
+    """Top-1 of a trained pathfinder run on `2 x per_class` fresh images whose dots sit side by side
+    (the training curriculum's near pairs, never in val): did the model learn the colour comparison
+    at all? Val (far pairs only) then says whether it carries the comparison across the image."""
+    import numpy as np
+
+    from data.pathfinder import render_pathfinder
+
+    model, cfg = trained_model(run_dir)
+    data, opts = cfg["data"], cfg["data"]["pathfinder"]
+    classes = (run_dir / "classes.txt").read_text().split()
+    mean, std = torch.tensor(data["mean"]).view(3, 1, 1), torch.tensor(data["std"]).view(3, 1, 1)
+    images, labels = [], []
+    for i in range(2 * per_class):
+        connected = bool(i % 2)
+        rng = np.random.default_rng([opts["seed"], 2, i])  # split index 2: neither train (0) nor val (1)
+        images.append(
+            render_pathfinder(
+                connected,
+                opts["image_size"],
+                rng,
+                opts["num_curves"],
+                opts["colour_curves"],
+                opts["min_dot_distance"],
+                opts["palette"],
+                opts["dot_radius"],
+                near=True,
+            )
+        )
+        labels.append(classes.index("connected" if connected else "disconnected"))
+    x = (torch.tensor(np.stack(images)).permute(0, 3, 1, 2) / 255 - mean) / std
+    with torch.no_grad():
+        predicted = model(x).argmax(-1)
+    return round(100.0 * float((predicted == torch.tensor(labels)).float().mean()), 2)
+
+
 def model_cost(run_dir: Path) -> dict:
     """Params and multiply-adds (`models.count_flops`) of a run's model at its input size."""
     model, size = compare.run_model(run_dir)
@@ -426,6 +464,11 @@ def summarize(runs: list[dict]) -> list[dict]:
                     noise=noise,
                     params=rs[0].get("params"),
                     flops=rs[0].get("flops"),
+                    near_top1=(
+                        statistics.mean(x["near_top1"] for x in rs)
+                        if all("near_top1" in x for x in rs)
+                        else None
+                    ),
                     train_img_per_sec=statistics.median(x["train_img_per_sec"] for x in rs),
                     wall_s=sum(x["wall_s"] or 0 for x in rs),
                 )
@@ -500,6 +543,8 @@ def accuracy(
         try:
             run = train_run(out, task, mixer, seed, overrides[task], quiet, threads)
             run.update(model_cost(Path(run["run_dir"])))
+            if task == "pathfinder":
+                run["near_top1"] = near_pair_top1(Path(run["run_dir"]))
         except Exception as e:  # noqa: BLE001 (the table says which run failed)
             say(f"  !!! {label}: {e}", sys.stderr)
             return str(e)
@@ -520,7 +565,7 @@ def accuracy(
         table=table,
         errors=errors,
         targets=accuracy_targets(table),
-        full_study_estimate=full_study_estimate(runs),
+        full_study_estimate=full_study_estimate(runs, headline_seeds, jobs),
     )
     bench.write_json(result, out / "accuracy.json")
     (out / "accuracy.md").write_text(accuracy_markdown(result) + "\n")
@@ -528,9 +573,10 @@ def accuracy(
     return result
 
 
-def full_study_estimate(runs: list[dict]) -> dict | None:
+def full_study_estimate(runs: list[dict], headline_seeds: int, jobs: int) -> dict | None:
     """Seconds the default study's training would take at these runs' measured img/s (unmeasured
-    mixers at the median speed): images per run from the configs, epochs x (train + val)."""
+    mixers at the median speed): images per run from the configs, epochs x (train + val); in wall
+    time about that over `jobs` runs side by side."""
     if not runs:
         return None
     from configs import load_config
@@ -546,12 +592,17 @@ def full_study_estimate(runs: list[dict]) -> dict | None:
         median = statistics.median(task_speeds)
         seconds = 0.0
         for mixer in ORDER:
-            n = 2 if mixer in HEADLINE else 1
+            n = headline_seeds if mixer in HEADLINE else 1
             seconds += n * cfg["sched"]["epochs"] * images / speeds.get((task, mixer), median)
         per_task[task] = seconds
         total += seconds
     return dict(
-        train_seconds=total, per_task=per_task, cpu=bench.cpu_name(), torch_threads=torch.get_num_threads()
+        train_seconds=total,
+        wall_seconds=total / jobs,
+        jobs=jobs,
+        per_task=per_task,
+        cpu=bench.cpu_name(),
+        torch_threads=torch.get_num_threads(),
     )
 
 
@@ -716,7 +767,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--headline-seeds",
         type=int,
-        help=f"accuracy: seeds for {', '.join(HEADLINE)} (default 2; --quick: 1)",
+        help=f"accuracy: seeds for {', '.join(HEADLINE)} (default 3; --quick: 1)",
     )
     p.add_argument(
         "--jobs", type=int, default=1, help="accuracy: training runs side by side (2 on a 2-core CPU)"
@@ -730,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.headline_seeds is None:
-            args.headline_seeds = 1 if args.quick else 2
+            args.headline_seeds = 1 if args.quick else 3
         if min(args.rounds, args.seeds, args.headline_seeds, args.jobs) < 1:
             raise UsageError("--rounds, --seeds, --headline-seeds and --jobs must be >= 1")
         if any(s < 1 for s in args.sides):

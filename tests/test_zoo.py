@@ -77,6 +77,7 @@ def test_quick_study_end_to_end(tmp_path):
     for r in acc["runs"]:
         assert 0 <= r["top1"] <= 100 and r["epochs"] == 1 and r["train_img_per_sec"] > 0
         assert r["params"] > 0 and r["flops"] > 0
+        assert (0 <= r["near_top1"] <= 100) if r["task"] == "pathfinder" else "near_top1" not in r
     table = {(t["task"], t["mixer"]): t for t in acc["table"]}
     assert table[("pathfinder", "full")]["vs_na"] == pytest.approx(
         table[("pathfinder", "full")]["top1_mean"] - table[("pathfinder", "na")]["top1_mean"]
