@@ -16,7 +16,8 @@ Three parts, each writing OUT/<part>.{json,csv} (and a figure):
    embedded shapes task (configs/zoo_shapes.yaml: rewards locality) and the embedded long-range
    Pathfinder-like task (configs/zoo_pathfinder.yaml: needs it); `train.py` runs each (mixer, seed)
    as a subprocess. Final-epoch val top-1, mean and range over seeds, params, FLOPs
-   (`models.count_flops`), train img/s. A difference counts only when it exceeds the seed range.
+   (`models.count_flops`), train img/s. A difference counts only when it exceeds the noise: the
+   seed range, and at least two binomial standard errors of the val set.
 3. patterns: one PNG, a panel per mixer: on a 14x14 map, which input positions a centre query and a
    corner query read, as |d out[query] / d x| (exact for every mechanism: a linear or low-rank mixer
    reads everywhere, and the panel shows it). Stage-1 mixers of the seed-0 pathfinder models when
@@ -120,12 +121,43 @@ def check_mixers(names: list[str], available: list[str]) -> list[str]:
     return names
 
 
+def window_options(name: str, kernel_size: int) -> dict:
+    """Options that give an exact local mixer sizing its own windows the key extent of NA's
+    `kernel_size` window: NAT passes `kernel_size` only to mixers that take one (na, dilated, sasa,
+    global, longformer), so Swin windows and HaloNet blocks would keep their defaults (7; 7 + halo 3
+    = 13 keys wide) and the study would compare different reaches. HaloNet: block k - 2, halo 1."""
+    if name in ("window", "shifted_window"):
+        return {"window_size": kernel_size}
+    if name == "halo":
+        return {"block_size": kernel_size - 2, "halo": 1}
+    return {}
+
+
 def stage1_mixer(name: str, seed: int = 0) -> torch.nn.Module:
     """Mixer `name` as a NAT-Tiny stage-1 block would build it (dim 64, 2 heads, window 7)."""
     from models.mixers import build_mixer
 
     torch.manual_seed(seed)
-    return build_mixer(name, STAGE1["dim"], STAGE1["num_heads"], kernel_size=STAGE1["kernel_size"])
+    k = STAGE1["kernel_size"]
+    return build_mixer(
+        name, STAGE1["dim"], STAGE1["num_heads"], kernel_size=k, options=window_options(name, k)
+    )
+
+
+def window_overrides(mixer: str, task: str, overrides: list[str]) -> list[str]:
+    """train.py overrides giving `mixer` the backbone's window per stage (`window_options`)."""
+    import json
+
+    from configs import load_config
+
+    kernel_sizes = load_config([REPO / RECIPE, REPO / TASKS[task]], overrides)["model"]["kwargs"][
+        "kernel_size"
+    ]
+    if isinstance(kernel_sizes, int):  # one window for every stage
+        options = window_options(mixer, kernel_sizes)
+    else:
+        options = [window_options(mixer, k) for k in kernel_sizes]
+    return [f"model.kwargs.mixer_kwargs={json.dumps(options)}"] if any(options) else []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,7 +300,7 @@ def accuracy_markdown(result: dict) -> str:
         "top-1 mean (min-max)",
         "near pairs",
         "vs na",
-        "> seed range?",
+        "> noise?",
         "params",
         "MACs",
         "img/s",
@@ -366,6 +398,7 @@ def train_run(
     run_dir = run_dir_of(out, task, mixer, seed)
     if not (run_dir / "summary.csv").is_file() or not (run_dir / "last.pth.tar").is_file():
         run_overrides = [f"model.kwargs.mixer={mixer}", f"train.seed={seed}", "train.progress=off"]
+        run_overrides += window_overrides(mixer, task, overrides)
         wall_s = compare.train(
             run_dir.name,
             REPO / RECIPE,
@@ -433,22 +466,44 @@ def model_cost(run_dir: Path) -> dict:
     return dict(params=sum(p.numel() for p in model.parameters()), flops=compare.model_flops(model, size))
 
 
+def val_images(run_dir: Path) -> int:
+    """Size of a run's val set, from the generator options in its config."""
+    import yaml
+
+    data = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
+    options = data[data["dataset"]]
+    return options.get("num_classes", 2) * options["val_per_class"]
+
+
+def sampling_noise(images: int) -> float:
+    """Two binomial standard errors of a top-1 near 50% on `images` val images, in points: a single
+    run's top-1 moves that much from the val draw alone, so no smaller difference is called real."""
+    return 2 * 100 * math.sqrt(0.25 / images)
+
+
 def summarize(runs: list[dict]) -> list[dict]:
     """Per (task, mixer): mean and range of final top-1 over seeds, costs, and whether the difference
-    to `na` exceeds the seed noise (the largest seed range among that task's multi-seed mixers)."""
+    to `na` exceeds the noise: the largest seed range among that task's multi-seed mixers, and never
+    less than the val set's sampling noise (a 0-point seed range, e.g. every seed at chance, would
+    otherwise call any difference real)."""
     table = []
     for task in dict.fromkeys(r["task"] for r in runs):
         group = [r for r in runs if r["task"] == task]
         by_mixer: dict[str, list[dict]] = {}
         for r in group:
             by_mixer.setdefault(r["mixer"], []).append(r)
-        noise = max(
+        seed_range = max(
             (
                 max(x["top1"] for x in rs) - min(x["top1"] for x in rs)
                 for rs in by_mixer.values()
                 if len(rs) > 1
             ),
             default=None,
+        )
+        noise = (
+            None
+            if seed_range is None
+            else max(seed_range, sampling_noise(val_images(Path(group[0]["run_dir"]))))
         )
         for mixer, rs in by_mixer.items():
             tops = [x["top1"] for x in rs]
@@ -461,6 +516,7 @@ def summarize(runs: list[dict]) -> list[dict]:
                     top1_min=min(tops),
                     top1_max=max(tops),
                     top1_range=max(tops) - min(tops),
+                    seed_range=seed_range,
                     noise=noise,
                     params=rs[0].get("params"),
                     flops=rs[0].get("flops"),
@@ -490,7 +546,7 @@ def accuracy_targets(table: list[dict]) -> list[dict]:
     best = max(global_reach, key=lambda t: t["top1_mean"])
     return [
         dict(
-            target=f"pathfinder: best global-reach mixer ({best['mixer']}) beats na by > the seed range",
+            target=f"pathfinder: best global-reach mixer ({best['mixer']}) beats na by > the noise",
             value=best["top1_mean"] - na["top1_mean"],
             noise=best["noise"],
             met=None if best["noise"] is None else best["top1_mean"] - na["top1_mean"] > best["noise"],

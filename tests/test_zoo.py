@@ -82,6 +82,8 @@ def test_quick_study_end_to_end(tmp_path):
     assert table[("pathfinder", "full")]["vs_na"] == pytest.approx(
         table[("pathfinder", "full")]["top1_mean"] - table[("pathfinder", "na")]["top1_mean"]
     )
+    # one seed each here: no seed range, so no difference is called real or not
+    assert table[("pathfinder", "full")]["noise"] is None and table[("pathfinder", "full")]["real"] is None
     # full attention has no relative-position table: fewer parameters than NA in the same backbone
     assert table[("shapes", "full")]["params"] < table[("shapes", "na")]["params"]
     assert acc["full_study_estimate"]["train_seconds"] > 0
