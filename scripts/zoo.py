@@ -668,20 +668,18 @@ def full_study_estimate(runs: list[dict], headline_seeds: int, jobs: int) -> dic
 
 def trained_model(run_dir: Path) -> tuple[torch.nn.Module, dict] | None:
     """(a run's model with its last weights, its config), or None when the run has no checkpoint."""
-    import timm
     import yaml
 
     import models  # noqa: F401  (registers nat_mini and the mixers with timm)
-    from engine.checkpoint import load_checkpoint
+    from engine.checkpoint import extract_state_dict, load_checkpoint
+    from engine.factory import create_model_for_checkpoint
 
-    ckpt = run_dir / "last.pth.tar"
-    if not ckpt.is_file():
+    path = run_dir / "last.pth.tar"
+    if not path.is_file():
         return None
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    classes = (run_dir / "classes.txt").read_text().split()
-    model = timm.create_model(cfg["model"]["name"], num_classes=len(classes), **cfg["model"]["kwargs"])
-    model.load_state_dict(load_checkpoint(ckpt)["state_dict"])
-    return model.eval(), cfg
+    ckpt = load_checkpoint(path)
+    model, _ = create_model_for_checkpoint(ckpt["arch"], ckpt, extract_state_dict(ckpt, path), path)
+    return model.eval(), yaml.safe_load((run_dir / "config.yaml").read_text())
 
 
 def trained_stage1_mixer(run_dir: Path) -> torch.nn.Module | None:
