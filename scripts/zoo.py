@@ -144,15 +144,18 @@ def stage1_mixer(name: str, seed: int = 0) -> torch.nn.Module:
     )
 
 
+def task_config(task: str, overrides=()) -> dict:
+    """The study's recipe with `task`'s overlay and `overrides`: what train.py will run."""
+    from configs import load_config
+
+    return load_config([REPO / RECIPE, REPO / TASKS[task]], overrides)
+
+
 def window_overrides(mixer: str, task: str, overrides: list[str]) -> list[str]:
     """train.py overrides giving `mixer` the backbone's window per stage (`window_options`)."""
     import json
 
-    from configs import load_config
-
-    kernel_sizes = load_config([REPO / RECIPE, REPO / TASKS[task]], overrides)["model"]["kwargs"][
-        "kernel_size"
-    ]
+    kernel_sizes = task_config(task, overrides)["model"]["kwargs"]["kernel_size"]
     if isinstance(kernel_sizes, int):  # one window for every stage
         options = window_options(mixer, kernel_sizes)
     else:
@@ -424,6 +427,14 @@ def train_run(
     )
 
 
+def model_input(pixels, data: dict) -> torch.Tensor:
+    """(N, H, W, 3) uint8 images -> the model's (N, 3, H, W) input, normalised as in the run's eval."""
+    import numpy as np
+
+    mean, std = torch.tensor(data["mean"]).view(3, 1, 1), torch.tensor(data["std"]).view(3, 1, 1)
+    return (torch.tensor(np.stack(pixels)).permute(0, 3, 1, 2) / 255 - mean) / std
+
+
 def near_pair_top1(run_dir: Path, per_class: int = 100) -> float:
     """Top-1 of a trained pathfinder run on `2 x per_class` fresh images whose dots sit side by side
     (the training curriculum's near pairs, never in val): did the model learn the colour comparison
@@ -435,7 +446,6 @@ def near_pair_top1(run_dir: Path, per_class: int = 100) -> float:
     model, cfg = trained_model(run_dir)
     data, opts = cfg["data"], cfg["data"]["pathfinder"]
     classes = (run_dir / "classes.txt").read_text().split()
-    mean, std = torch.tensor(data["mean"]).view(3, 1, 1), torch.tensor(data["std"]).view(3, 1, 1)
     images, labels = [], []
     for i in range(2 * per_class):
         connected = bool(i % 2)
@@ -454,7 +464,7 @@ def near_pair_top1(run_dir: Path, per_class: int = 100) -> float:
             )
         )
         labels.append(classes.index("connected" if connected else "disconnected"))
-    x = (torch.tensor(np.stack(images)).permute(0, 3, 1, 2) / 255 - mean) / std
+    x = model_input(images, data)
     with torch.no_grad():
         predicted = model(x).argmax(-1)
     return round(100.0 * float((predicted == torch.tensor(labels)).float().mean()), 2)
@@ -563,12 +573,11 @@ def say(line: str, stream=None) -> None:
 
 def prepare_data(overrides: dict[str, list[str]]) -> None:
     """Generate each task's data set once, before runs that may start side by side need it."""
-    from configs import load_config
     from data import build_datasets
     from engine.factory import data_build_config
 
     for task, task_overrides in overrides.items():
-        data = data_build_config(load_config([REPO / RECIPE, REPO / TASKS[task]], task_overrides))
+        data = data_build_config(task_config(task, task_overrides))
         build_datasets({**data, "root": str(REPO / data["root"])})  # train.py runs in REPO
 
 
@@ -635,12 +644,10 @@ def full_study_estimate(runs: list[dict], headline_seeds: int, jobs: int) -> dic
     time about that over `jobs` runs side by side."""
     if not runs:
         return None
-    from configs import load_config
-
     speeds = {(r["task"], r["mixer"]): r["train_img_per_sec"] for r in runs}
     total, per_task = 0.0, {}
-    for task, path in TASKS.items():
-        cfg = load_config([REPO / RECIPE, REPO / path])
+    for task in TASKS:
+        cfg = task_config(task)
         data = cfg["data"][cfg["data"]["dataset"]]  # the generator's options: synthetic / pathfinder
         classes = data.get("num_classes", 2)
         images = classes * (data["train_per_class"] + data["val_per_class"] / 3)  # val ~3x cheaper
@@ -703,9 +710,7 @@ def receptive_field(run_dir: Path, images: int = 16) -> dict | None:
     root = Path(data["root"]) if Path(data["root"]).is_absolute() else REPO / data["root"]
     every = sorted((root / "val").glob("*/*.png"))  # class folders in turn: both classes sampled
     paths = every[:: max(1, len(every) // images)][:images]
-    mean, std = torch.tensor(data["mean"]).view(3, 1, 1), torch.tensor(data["std"]).view(3, 1, 1)
-    pixels = torch.tensor(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]))
-    x = ((pixels.permute(0, 3, 1, 2) / 255 - mean) / std).requires_grad_(True)
+    x = model_input([np.asarray(Image.open(p).convert("RGB")) for p in paths], data).requires_grad_(True)
     tokens = model.forward_features(x)  # (B, h, w, C)
     h, w = tokens.shape[1:3]
     u = torch.randn(tokens.shape[-1], generator=torch.Generator().manual_seed(0))
