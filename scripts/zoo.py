@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from configs import ConfigError  # noqa: E402
 from engine import bench, compare  # noqa: E402
 
 # Mixer names of the zoo in the order the tables list them: the baseline, the exact local ones, the
@@ -394,19 +395,57 @@ def run_dir_of(out: Path, task: str, mixer: str, seed: int) -> Path:
     return out / "accuracy" / task / f"{mixer}-s{seed}"
 
 
+def run_overrides(task: str, mixer: str, seed: int, overrides: list[str]) -> list[str]:
+    """train.py overrides of one study run: the mixer, its window sizes, the seed, then the user's."""
+    own = [f"model.kwargs.mixer={mixer}", f"train.seed={seed}", "train.progress=off"]
+    return [*own, *window_overrides(mixer, task, overrides), *overrides]
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / "summary.csv").is_file() and (run_dir / "last.pth.tar").is_file()
+
+
+def changed_settings(run_dir: Path, task: str, mixer: str, seed: int, overrides: list[str]) -> list[str]:
+    """The config keys in which a finished run's config.yaml differs from what this study would train
+    now (a changed recipe, task file or --set): such a run must not be reused as if it were this one."""
+    import yaml
+
+    from configs import dump_config, flat
+
+    saved = flat(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    wanted = flat(yaml.safe_load(dump_config(task_config(task, run_overrides(task, mixer, seed, overrides)))))
+    where = ("train.output", "train.experiment")  # set by the run folder itself
+    return sorted(k for k in saved.keys() | wanted.keys() if k not in where and saved.get(k) != wanted.get(k))
+
+
+def check_reusable(plan: list[tuple[str, str, int]], overrides: dict[str, list[str]], out: Path) -> None:
+    """Raise one UsageError when finished runs in `out` were trained with other settings than the plan's."""
+    stale = {}
+    for task, mixer, seed in plan:
+        run_dir = run_dir_of(out, task, mixer, seed)
+        if is_finished(run_dir) and (keys := changed_settings(run_dir, task, mixer, seed, overrides[task])):
+            stale[run_dir] = keys
+    if stale:
+        run_dir, keys = next(iter(stale.items()))
+        raise UsageError(
+            f"{len(stale)} finished run(s) in {out / 'accuracy'} were trained with other settings "
+            f"(e.g. {run_dir.relative_to(out)}: {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}); "
+            "give another --out, or delete those runs to retrain them"
+        )
+
+
 def train_run(
     out: Path, task: str, mixer: str, seed: int, overrides: list[str], quiet: bool, threads: int | None = None
 ) -> dict:
-    """One `train.py` run (`engine.compare.train`: a subprocess); its result from summary.csv."""
+    """One `train.py` run (`engine.compare.train`: a subprocess), or a finished one reused (its
+    settings checked first by `check_reusable`); its result from summary.csv."""
     run_dir = run_dir_of(out, task, mixer, seed)
-    if not (run_dir / "summary.csv").is_file() or not (run_dir / "last.pth.tar").is_file():
-        run_overrides = [f"model.kwargs.mixer={mixer}", f"train.seed={seed}", "train.progress=off"]
-        run_overrides += window_overrides(mixer, task, overrides)
+    if not is_finished(run_dir):
         wall_s = compare.train(
             run_dir.name,
             REPO / RECIPE,
             [REPO / TASKS[task]],
-            [*run_overrides, *overrides],
+            run_overrides(task, mixer, seed, overrides),
             run_dir.parent,
             quiet=quiet,
             quiet_stderr=quiet,
@@ -581,24 +620,31 @@ def prepare_data(overrides: dict[str, list[str]]) -> None:
         build_datasets({**data, "root": str(REPO / data["root"])})  # train.py runs in REPO
 
 
+def accuracy_plan(
+    mixers: list[str], overrides: dict[str, list[str]], seeds: int, headline_seeds: int
+) -> list[tuple[str, str, int]]:
+    """Every (task, mixer, seed) to train, the heaviest task first: with runs side by side, a slow
+    run started last would finish alone."""
+    tasks = sorted(overrides, key=lambda t: -task_work(task_config(t, overrides[t])))
+    return [
+        (task, mixer, seed)
+        for task in tasks
+        for mixer in mixers
+        for seed in range(headline_seeds if mixer in HEADLINE else seeds)
+    ]
+
+
 def accuracy(
-    mixers: list[str],
+    plan: list[tuple[str, str, int]],
     overrides: dict[str, list[str]],
-    seeds: int,
     headline_seeds: int,
     out: Path,
     quiet: bool,
     jobs: int = 1,
 ) -> dict:
-    """Train every (task, mixer, seed) of the plan (`overrides`: task -> train.py overrides), `jobs`
-    runs side by side with an equal share of the cores each (a small model uses one core better than
-    two threads do)."""
-    plan = [
-        (task, mixer, seed)
-        for task in overrides
-        for mixer in mixers
-        for seed in range(headline_seeds if mixer in HEADLINE else seeds)
-    ]
+    """Train every (task, mixer, seed) of `plan` (`overrides`: task -> train.py overrides) that `out`
+    does not hold yet (`check_reusable` first), `jobs` runs side by side with an equal share of the
+    cores each (a small model uses one core better than two threads do)."""
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     prepare_data(overrides)
 
@@ -638,6 +684,17 @@ def accuracy(
     return result
 
 
+def task_images(cfg: dict) -> float:
+    """Images one epoch of a task's run passes through the model, val counted as a third (no backward)."""
+    data = cfg["data"][cfg["data"]["dataset"]]  # the generator's options: synthetic / pathfinder
+    return data.get("num_classes", 2) * (data["train_per_class"] + data["val_per_class"] / 3)
+
+
+def task_work(cfg: dict) -> float:
+    """Pixels a task's run pushes through the model: epochs x images x image area."""
+    return cfg["sched"]["epochs"] * task_images(cfg) * cfg["data"]["img_size"] ** 2
+
+
 def full_study_estimate(runs: list[dict], headline_seeds: int, jobs: int) -> dict | None:
     """Seconds the default study's training would take at these runs' measured img/s (unmeasured
     mixers at the median speed): images per run from the configs, epochs x (train + val); in wall
@@ -648,9 +705,7 @@ def full_study_estimate(runs: list[dict], headline_seeds: int, jobs: int) -> dic
     total, per_task = 0.0, {}
     for task in TASKS:
         cfg = task_config(task)
-        data = cfg["data"][cfg["data"]["dataset"]]  # the generator's options: synthetic / pathfinder
-        classes = data.get("num_classes", 2)
-        images = classes * (data["train_per_class"] + data["val_per_class"] / 3)  # val ~3x cheaper
+        images = task_images(cfg)
         task_speeds = [v for (t, _), v in speeds.items() if t == task] or list(speeds.values())
         median = statistics.median(task_speeds)
         seconds = 0.0
@@ -808,7 +863,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mixers", nargs="+", help="mixers to study (default: every registered one)")
     p.add_argument("--quick", action="store_true", help="all parts, tiny: seconds (CI)")
     p.add_argument("--sides", nargs="+", type=int, default=list(SIDES), help="scaling: map sides")
-    p.add_argument("--rounds", type=int, default=5, help="scaling: interleaved timing rounds")
+    p.add_argument("--rounds", type=int, default=3, help="scaling: interleaved timing rounds")
     p.add_argument(
         "--warmup",
         type=int,
@@ -826,7 +881,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--headline-seeds",
         type=int,
-        help=f"accuracy: seeds for {', '.join(HEADLINE)} (default 3; --quick: 1)",
+        help=f"accuracy: seeds for {', '.join(HEADLINE)} (default 2; --quick: 1)",
     )
     p.add_argument(
         "--jobs", type=int, default=1, help="accuracy: training runs side by side (2 on a 2-core CPU)"
@@ -840,48 +895,50 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.headline_seeds is None:
-            args.headline_seeds = 1 if args.quick else 3
+            args.headline_seeds = 1 if args.quick else 2
         if min(args.rounds, args.seeds, args.headline_seeds, args.jobs) < 1:
             raise UsageError("--rounds, --seeds, --headline-seeds and --jobs must be >= 1")
         if any(s < 1 for s in args.sides):
             raise UsageError(f"--sides must be positive, got {args.sides}")
         available = registered_mixers()
         mixers = check_mixers(args.mixers or available, available)
-    except UsageError as e:
+        out = Path(args.out).resolve()  # train.py runs in REPO: relative paths would land there
+        sides, rounds, overrides = args.sides, args.rounds, list(args.set)
+        accuracy_mixers = mixers
+        if args.quick:
+            sides, rounds = QUICK["sides"], QUICK["rounds"]
+            accuracy_mixers = [m for m in mixers if m in QUICK["mixers_accuracy"]] or mixers[:2]
+            overrides = [*QUICK["overrides"], *overrides]
+        task_overrides = {task: list(overrides) for task in args.tasks}
+        if args.quick:  # tiny data sets of their own, not the study's
+            task_overrides = {t: [*o, f"data.root={out / 'data' / t}"] for t, o in task_overrides.items()}
+        if "accuracy" in args.parts:  # before anything runs: a bad --set or stale runs stop it here
+            plan = accuracy_plan(accuracy_mixers, task_overrides, args.seeds, args.headline_seeds)
+            check_reusable(plan, task_overrides, out)
+    except (UsageError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out).resolve()  # train.py runs in REPO: relative paths would land there
     out.mkdir(parents=True, exist_ok=True)
-    sides, rounds, overrides = args.sides, args.rounds, list(args.set)
-    accuracy_mixers = mixers
-    if args.quick:
-        sides, rounds = QUICK["sides"], QUICK["rounds"]
-        accuracy_mixers = [m for m in mixers if m in QUICK["mixers_accuracy"]] or mixers[:2]
-        overrides = [*QUICK["overrides"], *overrides]
     t0 = time.perf_counter()
+    failed = {}
     if "scaling" in args.parts:
         print(f"scaling: {len(mixers)} mixers, sides {list(sides)}, {rounds} rounds", flush=True)
         min_sample_s = 0.01 if args.quick else args.min_sample_s
         res = scaling(mixers, sides, rounds, args.warmup, args.max_step_s, min_sample_s, out)
         print_targets(res["targets"])
+        failed["scaling"] = len(res["errors"])
     if "accuracy" in args.parts:
-        task_overrides = {task: list(overrides) for task in args.tasks}
-        if args.quick:  # tiny data sets of their own, not the study's
-            task_overrides = {t: [*o, f"data.root={out / 'data' / t}"] for t, o in task_overrides.items()}
-        res = accuracy(
-            accuracy_mixers,
-            task_overrides,
-            args.seeds,
-            args.headline_seeds,
-            out,
-            not args.verbose,
-            args.jobs,
-        )
+        res = accuracy(plan, task_overrides, args.headline_seeds, out, not args.verbose, args.jobs)
         print_targets(res["targets"])
+        failed["accuracy"] = len(res["errors"])
     if "patterns" in args.parts:
         res = patterns(mixers, out)
         print(f"patterns: {out / 'patterns.png'}")
     print(f"done in {time.perf_counter() - t0:.0f} s: {out}")
+    if any(failed.values()):
+        parts = ", ".join(f"{n} in {part}" for part, n in failed.items() if n)
+        print(f"error: {parts} failed (see {out}/<part>.md); the tables leave them out", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -47,6 +47,14 @@ def test_bad_arguments_get_one_error_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: --rounds, --seeds, --headline-seeds and --jobs must be >= 1"
     )
+    proc = subprocess.run(
+        [sys.executable, str(ZOO), "--out", str(tmp_path), "--parts", "accuracy", "--set", "optim.lr_typo=1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "optim.lr_typo" in proc.stderr and not (tmp_path / "accuracy").exists()
 
 
 def test_quick_study_end_to_end(tmp_path):
@@ -99,3 +107,24 @@ def test_quick_study_end_to_end(tmp_path):
         assert field["readable_share"] == 1.0 and field["image_px"] == 32 and field["images"] == 8
         assert 0 < field["radius90_px"] < 32 * 2**0.5
     assert patterns["linear"]["model_receptive_field"] is None  # not trained: --quick trains na and full
+    # finished runs are reused only when trained with the settings asked for now: one error, nothing lost
+    before = (tmp_path / "accuracy" / "shapes" / "na-s0" / "last.pth.tar").stat().st_mtime_ns
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ZOO),
+            "--out",
+            str(tmp_path),
+            "--quick",
+            "--parts",
+            "accuracy",
+            "--set",
+            "optim.lr=1e-4",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "4 finished run(s)" in proc.stderr and "optim.lr" in proc.stderr and "another --out" in proc.stderr
+    assert (tmp_path / "accuracy" / "shapes" / "na-s0" / "last.pth.tar").stat().st_mtime_ns == before
