@@ -529,3 +529,37 @@ def test_help_documents_the_label_formats():
     ):
         assert word in help_text
     assert os.access(REPO / "scripts" / "prepare_imagenet_val.py", os.R_OK)
+
+
+def test_sample_seeded_augmentation_depends_on_seed_epoch_index_only_and_leaves_the_rngs_alone():
+    """SampleSeededDataset (exact resume): a sample's python / numpy / torch draws are those of
+    generators seeded for (seed, epoch, index), and the caller's RNG streams go on as if untouched."""
+    import random
+
+    from engine.sampling import SampleSeededDataset, isolated_rng
+
+    class Draws(torch.utils.data.Dataset):
+        transform = None
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, index):
+            return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    with isolated_rng(5):
+        seeded = Draws()[0]
+    assert seeded == (
+        random.Random(5).random(),
+        float(np.random.RandomState(5).rand()),
+        float(torch.rand((), generator=torch.Generator().manual_seed(5))),
+    )
+    data = SampleSeededDataset(Draws(), seed=3)
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    first = data[1]
+    caller = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    assert caller == (random.random(), float(np.random.rand()), float(torch.rand(())))
+    assert data[1] == first and data[2] != first
+    data.epoch = 1
+    assert data[1] != first

@@ -107,8 +107,12 @@ def test_quick_study_end_to_end(tmp_path):
         assert field["readable_share"] == 1.0 and field["image_px"] == 32 and field["images"] == 8
         assert 0 < field["radius90_px"] < 32 * 2**0.5
     assert patterns["linear"]["model_receptive_field"] is None  # not trained: --quick trains na and full
-    # finished runs are reused only when trained with the settings asked for now: one error, nothing lost
+    # finished runs are reused when trained with the settings asked for now (not retrained) ...
     before = (tmp_path / "accuracy" / "shapes" / "na-s0" / "last.pth.tar").stat().st_mtime_ns
+    run_zoo(tmp_path, "--parts", "accuracy", "--mixers", "full", "na")
+    assert (tmp_path / "accuracy" / "shapes" / "na-s0" / "last.pth.tar").stat().st_mtime_ns == before
+    assert json.loads((tmp_path / "accuracy.json").read_text())["runs"] == acc["runs"]
+    # ... and otherwise stop the study with one error line, nothing lost
     proc = subprocess.run(
         [
             sys.executable,
