@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The attention zoo study: what each token mixer costs and what it buys, measured here.
 
-    python scripts/zoo.py --out runs/zoo-study              # the full study (about an hour, 2 cores)
+    python scripts/zoo.py --out runs/zoo-study --jobs 2     # the full study (make zoo: docs/zoo.md)
     python scripts/zoo.py --out /tmp/zoo --quick            # all three parts end to end, tiny (CI)
     python scripts/zoo.py --out runs/zoo-study --parts scaling --mixers na full linear
 
