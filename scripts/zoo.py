@@ -643,8 +643,8 @@ def accuracy(
     jobs: int = 1,
 ) -> dict:
     """Train every (task, mixer, seed) of `plan` (`overrides`: task -> train.py overrides) that `out`
-    does not hold yet (`check_reusable` first), `jobs` runs side by side with an equal share of the
-    cores each (a small model uses one core better than two threads do)."""
+    does not hold yet (the caller has run `check_reusable` on the plan), `jobs` runs side by side
+    with an equal share of the cores each (a small model uses one core better than two threads do)."""
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     prepare_data(overrides)
 
