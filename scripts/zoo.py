@@ -515,13 +515,18 @@ def model_cost(run_dir: Path) -> dict:
     return dict(params=sum(p.numel() for p in model.parameters()), flops=compare.model_flops(model, size))
 
 
+def generated_images(data: dict, split: str) -> int:
+    """Images in the `split` ('train' / 'val') of a generated task, from the generator options in a
+    config's `data` section (synthetic shapes: num_classes; pathfinder: always 2 classes)."""
+    options = data[data["dataset"]]
+    return options.get("num_classes", 2) * options[f"{split}_per_class"]
+
+
 def val_images(run_dir: Path) -> int:
-    """Size of a run's val set, from the generator options in its config."""
+    """Size of a run's val set, from its config."""
     import yaml
 
-    data = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
-    options = data[data["dataset"]]
-    return options.get("num_classes", 2) * options["val_per_class"]
+    return generated_images(yaml.safe_load((run_dir / "config.yaml").read_text())["data"], "val")
 
 
 def sampling_noise(images: int) -> float:
@@ -686,8 +691,7 @@ def accuracy(
 
 def task_images(cfg: dict) -> float:
     """Images one epoch of a task's run passes through the model, val counted as a third (no backward)."""
-    data = cfg["data"][cfg["data"]["dataset"]]  # the generator's options: synthetic / pathfinder
-    return data.get("num_classes", 2) * (data["train_per_class"] + data["val_per_class"] / 3)
+    return generated_images(cfg["data"], "train") + generated_images(cfg["data"], "val") / 3
 
 
 def task_work(cfg: dict) -> float:
