@@ -554,12 +554,18 @@ def test_sample_seeded_augmentation_depends_on_seed_epoch_index_only_and_leaves_
         float(np.random.RandomState(5).rand()),
         float(torch.rand((), generator=torch.Generator().manual_seed(5))),
     )
+
+    def seed_all(seed):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
     data = SampleSeededDataset(Draws(), seed=3)
-    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    seed_all(1)
     first = data[1]
-    caller = (random.random(), float(np.random.rand()), float(torch.rand(())))
-    random.seed(1), np.random.seed(1), torch.manual_seed(1)
-    assert caller == (random.random(), float(np.random.rand()), float(torch.rand(())))
+    caller = Draws()[0]
+    seed_all(1)
+    assert caller == Draws()[0]
     assert data[1] == first and data[2] != first
     data.epoch = 1
     assert data[1] != first

@@ -17,14 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
 ZOO = REPO / "scripts" / "zoo.py"
 
 
-def run_zoo(out, *args, timeout=600):
-    proc = subprocess.run(
-        [sys.executable, str(ZOO), "--out", str(out), "--quick", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+def zoo_cli(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, str(ZOO), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
+
+
+def run_zoo(out, *args, timeout=600):
+    proc = zoo_cli("--out", str(out), "--quick", *args, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -37,30 +37,15 @@ def load_zoo():
 
 
 def test_bad_arguments_get_one_error_line(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ZOO), "--out", str(tmp_path), "--mixers", "na", "nosuchmixer"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    proc = zoo_cli("--out", str(tmp_path), "--mixers", "na", "nosuchmixer")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "unknown mixer(s) nosuchmixer" in proc.stderr and "registered:" in proc.stderr
-    proc = subprocess.run(
-        [sys.executable, str(ZOO), "--out", str(tmp_path), "--jobs", "0"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    proc = zoo_cli("--out", str(tmp_path), "--jobs", "0")
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: --rounds, --seeds, --headline-seeds and --jobs must be >= 1"
     )
-    proc = subprocess.run(
-        [sys.executable, str(ZOO), "--out", str(tmp_path), "--parts", "accuracy", "--set", "optim.lr_typo=1"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    proc = zoo_cli("--out", str(tmp_path), "--parts", "accuracy", "--set", "optim.lr_typo=1")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "optim.lr_typo" in proc.stderr and not (tmp_path / "accuracy").exists()
 
@@ -124,22 +109,7 @@ def test_quick_study_end_to_end(tmp_path):
         assert zoo.changed_settings(run_dir, task, mixer, 0, [*quick, "sched.epochs=2"]) == ["sched.epochs"]
     # ... and otherwise stop the study with one error line, nothing lost
     before = (tmp_path / "accuracy" / "shapes" / "na-s0" / "last.pth.tar").stat().st_mtime_ns
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ZOO),
-            "--out",
-            str(tmp_path),
-            "--quick",
-            "--parts",
-            "accuracy",
-            "--set",
-            "optim.lr=1e-4",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    proc = zoo_cli("--out", str(tmp_path), "--quick", "--parts", "accuracy", "--set", "optim.lr=1e-4")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "4 finished run(s)" in proc.stderr and "optim.lr" in proc.stderr and "another --out" in proc.stderr
     assert (tmp_path / "accuracy" / "shapes" / "na-s0" / "last.pth.tar").stat().st_mtime_ns == before
