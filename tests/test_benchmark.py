@@ -1,13 +1,11 @@
-"""scripts/benchmark.py: --quick end to end (files, table, recorded NA backend), and its arithmetic
-(slopes, spread, batch scaling, target verdicts) against hand-computed values. No timing assertions."""
+"""scripts/benchmark.py (engine/benchmark): --quick end to end (files, table, recorded NA backend),
+and its arithmetic (batch scaling, target verdicts) against hand-computed values. No timing assertions."""
 
 from __future__ import annotations
 
+import argparse
 import csv
-import importlib.util
 import json
-import math
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -15,19 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine import benchmark
+from engine.benchmark import measure, report
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "benchmark.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_script()
 
 
 def run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -49,7 +39,7 @@ def test_quick_writes_csv_json_and_plots(quick_run):
     out, _, models = quick_run
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
-    resolutions = bench.QUICK["resolutions"]
+    resolutions = benchmark.QUICK["resolutions"]
     assert len(rows) == len(models) * 2 * len(resolutions)  # every model x mode x resolution
     assert {r["model"] for r in rows} == set(models)
     assert all(r["error"] == "" for r in rows), [r["error"] for r in rows if r["error"]]
@@ -90,53 +80,51 @@ def test_quick_prints_the_ratio_table(quick_run):
     assert "Scaling: slope" in stdout
 
 
-def test_unknown_model_is_one_clear_error(tmp_path):
-    proc = run("--quick", "--models", "not_a_model", "--out", str(tmp_path), timeout=60)
+def test_unknown_model_is_one_clear_error_before_any_work(tmp_path):
+    proc = run("--quick", "--models", "not_a_model", "--out", str(tmp_path / "out"), timeout=60)
     assert proc.returncode != 0
     assert "'not_a_model' is not a timm model name" in proc.stderr
     assert "Traceback" not in proc.stderr
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--models", "nat_mini@fast"], "unknown NA backend 'fast'"),
-        (["--models", "nat_mini", "nat_mini"], "listed twice"),
-        (["--repeats", "0"], "--repeats, --iters"),
-        *([] if torch.cuda.is_available() else [(["--devices", "cuda"], "sees no CUDA device")]),
-    ],
-)
-def test_bad_arguments_stop_before_any_work(tmp_path, args, message):
-    with pytest.raises(SystemExit, match=message):
-        bench.main(["--quick", "--out", str(tmp_path / "out"), *args])
     assert not (tmp_path / "out").exists()
 
 
-def test_loglog_slope_recovers_powers():
-    xs = [224**2, 320**2, 448**2, 1024**2]
-    assert bench.loglog_slope(xs, [3.0 * x for x in xs]) == pytest.approx(1.0)
-    assert bench.loglog_slope(xs, [0.5 * x**2 for x in xs]) == pytest.approx(2.0)
-    assert bench.loglog_slope(xs, [x + x**2 / 1e5 for x in xs]) == pytest.approx(
-        statistics.linear_regression([math.log(x) for x in xs], [math.log(x + x**2 / 1e5) for x in xs]).slope
-    )
-    assert bench.loglog_slope([5.0], [1.0]) is None
+@pytest.mark.parametrize(
+    "names, message",
+    [(["nat_mini@fast"], "unknown NA backend 'fast'"), (["nat_mini", "nat_mini"], "listed twice")],
+)
+def test_bad_model_lists_are_one_clear_error(names, message):
+    with pytest.raises(SystemExit, match=message):
+        measure.parse_models(names, {})
 
 
-def test_spread_matches_statistics():
-    values = [5.0, 1.0, 4.0, 2.0, 3.0]
-    s = bench.spread(values)
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    assert (s["median"], s["min"], s["max"], s["q1"], s["q3"]) == (3.0, 1.0, 5.0, q1, q3)
-    assert bench.spread([2.0, 4.0]) == dict(median=3.0, q1=2.0, q3=4.0, min=2.0, max=4.0)
+def plan_args(**changes) -> argparse.Namespace:
+    """scripts/benchmark.py's defaults for what `device_plan` reads, with --quick."""
+    args = dict(devices=["cpu"], quick=True, cpu_res=None, gpu_res=None, cpu_batch=None, gpu_batch=None)
+    args.update(warmup=None, repeats=None, iters=None, amp="bf16", cpu_amp="fp32", channels_last="auto")
+    return argparse.Namespace(**{**args, **changes})
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(repeats=0), "--repeats, --iters"),
+        *([] if torch.cuda.is_available() else [(dict(devices=["cuda"]), "sees no CUDA device")]),
+    ],
+)
+def test_bad_device_settings_are_one_clear_error(changes, message):
+    with pytest.raises(SystemExit, match=message):
+        benchmark.device_plan(plan_args(**changes))
+    ((device, cfg),) = benchmark.device_plan(plan_args())
+    assert device == "cpu" and cfg["resolutions"] == [32, 64] and cfg["channels_last"] is False
 
 
 def test_batch_scales_with_pixels_above_224_only():
-    assert bench.scaled_batch(8, 224, fixed=False) == 8
-    assert bench.scaled_batch(8, 64, fixed=False) == 8
-    assert bench.scaled_batch(8, 448, fixed=False) == 2
-    assert bench.scaled_batch(256, 1024, fixed=False) == 12
-    assert bench.scaled_batch(8, 2048, fixed=False) == 1
-    assert bench.scaled_batch(8, 448, fixed=True) == 8
+    assert measure.scaled_batch(8, 224, fixed=False) == 8
+    assert measure.scaled_batch(8, 64, fixed=False) == 8
+    assert measure.scaled_batch(8, 448, fixed=False) == 2
+    assert measure.scaled_batch(256, 1024, fixed=False) == 12
+    assert measure.scaled_batch(8, 2048, fixed=False) == 1
+    assert measure.scaled_batch(8, 448, fixed=True) == 8
 
 
 def _row(device, resolution, mode, model, img_s, mem=100.0, error=""):
@@ -163,7 +151,7 @@ def test_targets_compare_against_the_right_baseline():
         _row("cuda", 224, "train", swin, 1000.0, mem=1000.0),
         _row("cuda", 224, "train", convnext, 1000.0, error="OOM"),  # failed rows are never compared
     ]
-    checks = {c["target"]: c for c in bench.check_targets(rows)}
+    checks = {c["target"]: c for c in report.check_targets(rows)}
     assert checks["CPU 224: NAT-T train >= 1.0x Swin-T"]["ratio"] == 1.2
     assert checks["CPU 224: NAT-T train >= 1.0x Swin-T"]["met"]
     assert not checks["CPU 224: NAT-T infer >= 1.0x Swin-T"]["met"]
@@ -180,12 +168,12 @@ def test_targets_are_judged_on_per_round_ratios():
     swin = "swin_tiny_patch4_window7_224"
     nat = dict(_row("cpu", 224, "train", "nat_tiny", 9.5), img_s_rounds=[4.4, 9.5, 13.0])
     base = dict(_row("cpu", 224, "train", swin, 10.0), img_s_rounds=[4.0, 10.0, 12.0])
-    (check,) = bench.check_targets([nat, base])
+    (check,) = report.check_targets([nat, base])
     assert check["ratio"] == 0.95
     assert check["ratio_rounds"]["median"] == pytest.approx(13 / 12, abs=1e-3)
     assert (check["rounds_met"], check["rounds"]) == (2, 3)
     assert check["met"]
-    assert bench.rounds_text(check) == "1.08x [0.95-1.10], 2/3 rounds"  # fewer than 4: min-max
+    assert report.rounds_text(check) == "1.08x [0.95-1.10], 2/3 rounds"  # fewer than 4: min-max
 
 
 def test_print_table_shows_ratios_and_errors():
@@ -207,7 +195,7 @@ def test_print_table_shows_ratios_and_errors():
             rows.append(row)
     rows.append(dict(rows[-1], model="vit_small_patch16_224", error="OOM"))
     buf = io.StringIO()
-    bench.print_table(rows, "swin_tiny_patch4_window7_224", out=buf)
+    report.print_table(rows, "swin_tiny_patch4_window7_224", out=buf)
     lines = {line.split()[0]: line for line in buf.getvalue().splitlines() if line.strip()}
     assert lines["nat_tiny"].count(" 1.50 ") == 2
     assert "OOM" in lines["vit_small_patch16_224"]

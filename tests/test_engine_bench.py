@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -63,6 +65,24 @@ def test_spread_ratios_and_slope_against_hand_computed_values():
     xs = [1.0, 10.0, 100.0]
     assert bench.loglog_slope(xs, [7 * x**1.5 for x in xs]) == pytest.approx(1.5)
     assert bench.loglog_slope([3.0, 3.0], [1.0, 2.0]) is None
+
+
+def test_loglog_slope_recovers_powers():
+    xs = [224**2, 320**2, 448**2, 1024**2]
+    assert bench.loglog_slope(xs, [3.0 * x for x in xs]) == pytest.approx(1.0)
+    assert bench.loglog_slope(xs, [0.5 * x**2 for x in xs]) == pytest.approx(2.0)
+    assert bench.loglog_slope(xs, [x + x**2 / 1e5 for x in xs]) == pytest.approx(
+        statistics.linear_regression([math.log(x) for x in xs], [math.log(x + x**2 / 1e5) for x in xs]).slope
+    )
+    assert bench.loglog_slope([5.0], [1.0]) is None
+
+
+def test_spread_matches_statistics():
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]
+    s = bench.spread(values)
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    assert (s["median"], s["min"], s["max"], s["q1"], s["q3"]) == (3.0, 1.0, 5.0, q1, q3)
+    assert bench.spread([2.0, 4.0]) == dict(median=3.0, q1=2.0, q3=4.0, min=2.0, max=4.0)
 
 
 def test_cpu_peak_memory_sees_a_known_allocation():

@@ -1,10 +1,9 @@
-"""scripts/zoo.py end to end (--quick): the files it writes say what the mechanisms are.
+"""scripts/zoo.py (engine/zoo) end to end (--quick): the files it writes say what the mechanisms are.
 
 The reference for the pattern part is each mechanism's definition: a 7x7 neighborhood reads exactly
 49 of the 196 positions of a 14x14 map, full and linear attention read all of them."""
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from engine.zoo import accuracy, study
 
 REPO = Path(__file__).resolve().parents[1]
 ZOO = REPO / "scripts" / "zoo.py"
@@ -27,13 +28,6 @@ def run_zoo(out, *args, timeout=600):
     proc = zoo_cli("--out", str(out), "--quick", *args, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-def load_zoo():
-    spec = importlib.util.spec_from_file_location("zoo_script", ZOO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_bad_arguments_get_one_error_line(tmp_path):
@@ -101,12 +95,12 @@ def test_quick_study_end_to_end(tmp_path):
         assert 0 < field["radius90_px"] < 32 * 2**0.5
     assert patterns["linear"]["model_receptive_field"] is None  # not trained: --quick trains na and full
     # finished runs are reused when trained with the settings asked for now (none differs) ...
-    zoo = load_zoo()
     for task, mixer in ((t, m) for t in ("shapes", "pathfinder") for m in ("full", "na")):
-        quick = [*zoo.QUICK["overrides"], f"data.root={tmp_path / 'data' / task}"]
+        quick = [*study.QUICK["overrides"], f"data.root={tmp_path / 'data' / task}"]
         run_dir = tmp_path / "accuracy" / task / f"{mixer}-s0"
-        assert zoo.changed_settings(run_dir, task, mixer, 0, quick) == []
-        assert zoo.changed_settings(run_dir, task, mixer, 0, [*quick, "sched.epochs=2"]) == ["sched.epochs"]
+        assert accuracy.changed_settings(run_dir, task, mixer, 0, quick) == []
+        changed = accuracy.changed_settings(run_dir, task, mixer, 0, [*quick, "sched.epochs=2"])
+        assert changed == ["sched.epochs"]
     # ... and otherwise stop the study with one error line, nothing lost
     before = (tmp_path / "accuracy" / "shapes" / "na-s0" / "last.pth.tar").stat().st_mtime_ns
     proc = zoo_cli("--out", str(tmp_path), "--quick", "--parts", "accuracy", "--set", "optim.lr=1e-4")
