@@ -331,17 +331,31 @@ def plot_panels(
     panel_size: tuple[float, float] = (5, 3.6),
     dpi: int = 80,
     fontsize: float | None = 8,
+    styles: Mapping[str, Mapping] | None = None,
+    legend_groups: Mapping[str, Iterable[str]] | None = None,
 ) -> Path:
     """A grid of line plots: panels[i][j] = (title, {label: [(x, y), ...]}); a label keeps its colour
     in every panel. `slope_guides`, the name of x (log-log only), draws dotted slope-1 and dashed
-    slope-2 lines through each panel's smallest point: linear and quadratic growth at a glance."""
+    slope-2 lines through each panel's smallest point: linear and quadratic growth at a glance.
+
+    `styles` gives labels their own line style (matplotlib keywords: color, marker, ms, ls, lw) over the
+    default (tab10 by first appearance, which repeats after ten labels). `legend_groups` ({heading:
+    labels}) puts one legend outside the panels, on the right, listing the labels under bold
+    headings (the rest after them), so that many series cover no data; without it the legend sits
+    in the first row's last panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     labels = list(dict.fromkeys(label for row in panels for _, series in row for label in series))
-    colors = {label: plt.get_cmap("tab10")(i % 10) for i, label in enumerate(labels)}
+    tab10 = plt.get_cmap("tab10")
+    own = styles or {}
+    line_styles = {
+        label: {"marker": "o", "ms": 3, "ls": "-", "color": tab10(i % 10), **own.get(label, {})}
+        for i, label in enumerate(labels)
+    }
     n_rows, n_cols = len(panels), max(len(row) for row in panels)
     fig, axes = plt.subplots(
         n_rows, n_cols, figsize=(panel_size[0] * n_cols, panel_size[1] * n_rows), squeeze=False
@@ -353,7 +367,7 @@ def plot_panels(
             for label, points in series.items():
                 if points:
                     xs, ys = zip(*sorted(points), strict=True)
-                    ax.plot(xs, ys, "o-", ms=3, label=label, color=colors[label])
+                    ax.plot(xs, ys, label=label, **line_styles[label])
             if loglog:
                 ax.set_xscale("log")
                 ax.set_yscale("log")
@@ -370,8 +384,30 @@ def plot_panels(
             if fontsize is not None:
                 ax.tick_params(labelsize=fontsize - 1)
             ax.grid(True, which="both", alpha=0.3)
-    axes[0][-1].legend(fontsize=None if fontsize is None else fontsize - 2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    legend_size = None if fontsize is None else fontsize - 2
+    if legend_groups is None:
+        axes[0][-1].legend(fontsize=legend_size)
+        fig.tight_layout()
+        fig.savefig(path, dpi=dpi)
+    else:
+        handles = {}  # every label once, over all panels (slope guides included)
+        for ax in axes.flat:
+            for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+                handles.setdefault(label, handle)
+        entries, listed = [], set()
+        for heading, members in legend_groups.items():
+            members = [m for m in members if m in handles]
+            if members:
+                entries += [(Line2D([], [], ls="none"), heading), *((handles[m], m) for m in members)]
+                listed.update(members)
+        entries += [(h, label) for label, h in handles.items() if label not in listed]
+        fig.tight_layout()
+        legend = fig.legend(
+            *zip(*entries, strict=True), loc="upper left", bbox_to_anchor=(1.0, 0.98), fontsize=legend_size
+        )
+        for text in legend.get_texts():
+            if text.get_text() in legend_groups:
+                text.set_fontweight("bold")
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return Path(path)

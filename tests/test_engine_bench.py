@@ -114,3 +114,29 @@ def test_plot_panels_writes_a_png(tmp_path):
     series = {"lin": [(1, 1.0), (10, 10.0)], "quad": [(1, 1.0), (10, 100.0)]}
     path = bench.plot_panels([[("p", series), ("q", series)]], tmp_path / "p.png", "x", "y", True, "x")
     assert path.stat().st_size > 1000
+
+
+def test_plot_panels_grouped_legend_goes_outside_the_panels(tmp_path):
+    """Same panels: the grouped legend widens the image (it sits to the right of the panels, over no
+    data) and a label's own style is drawn (a pure red line: tab10 has no pure red)."""
+    from PIL import Image
+
+    series = {f"s{i}": [(1, 1.0 + i), (10, 10.0 + i)] for i in range(12)}
+    panels = [[("p", series), ("q", series)]]
+    inside = bench.plot_panels(panels, tmp_path / "inside.png", "x", "y", True, "x")
+    outside = bench.plot_panels(
+        panels,
+        tmp_path / "outside.png",
+        "x",
+        "y",
+        True,
+        "x",
+        styles={"s0": dict(color=(1.0, 0.0, 0.0), marker="s", lw=3)},
+        legend_groups={"first": ["s0", "s1"], "rest": [f"s{i}" for i in range(2, 12)]},
+    )
+    with Image.open(inside) as a, Image.open(outside) as b:
+        assert b.size[0] > a.size[0] + 50
+        red = sum(1 for r, g, bl, *_ in b.convert("RGB").getdata() if r > 240 and g < 20 and bl < 20)
+        assert red > 100
+        red_inside = sum(1 for r, g, bl, *_ in a.convert("RGB").getdata() if r > 240 and g < 20 and bl < 20)
+        assert red_inside == 0

@@ -107,3 +107,18 @@ def test_quick_study_end_to_end(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "4 finished run(s)" in proc.stderr and "optim.lr" in proc.stderr and "another --out" in proc.stderr
     assert (tmp_path / "accuracy" / "shapes" / "na-s0" / "last.pth.tar").stat().st_mtime_ns == before
+
+
+def test_scaling_plot_styles_tell_every_mixer_apart():
+    """Every registered mixer has a family (the plot's colours, the tables' order), and each gets its
+    own (colour, marker): 18 series, none drawn like another."""
+    from engine.zoo.scaling import mixer_styles
+
+    assert study.registered_mixers() == list(study.ORDER) and len(study.ORDER) == 18
+    styles = mixer_styles()
+    assert set(styles) == set(study.ORDER)
+    looks = {(s["color"], s["marker"]) for s in styles.values()}
+    assert len(looks) == len(study.ORDER)
+    assert {styles[m]["color"] for m in study.FAMILIES["local"]}.isdisjoint(
+        styles[m]["color"] for m in study.FAMILIES["sparse"]
+    )

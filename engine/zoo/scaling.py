@@ -12,7 +12,16 @@ from pathlib import Path
 import torch
 
 from engine import bench
-from engine.zoo.study import BASELINE, EXACT_LOCAL, LINEAR_COST, NEAR_LINEAR, SLOPE_FROM, STAGE1, stage1_mixer
+from engine.zoo.study import (
+    BASELINE,
+    EXACT_LOCAL,
+    FAMILIES,
+    LINEAR_COST,
+    NEAR_LINEAR,
+    SLOPE_FROM,
+    STAGE1,
+    stage1_mixer,
+)
 
 
 def repeated(step, n: int):
@@ -107,14 +116,60 @@ def scaling(
     bench.write_json(result, out / "scaling.json")
     (out / "scaling.md").write_text(scaling_markdown(result) + "\n")
     bench.write_csv([dict(r, slope=slopes.get(r["mixer"])) for r in rows], out / "scaling.csv")
+    plot_scaling(rows, out / "scaling.png")
+    return result
+
+
+# A colour per family (baseline black), a shade and marker per member: the 18 series told apart, the
+# families seen at a glance; NA drawn thicker.
+FAMILY_COLOURS = {
+    "baseline": "black",
+    "local": "tab:blue",
+    "local + global tokens": "tab:orange",
+    "sparse": "tab:green",
+    "low-rank": "tab:red",
+    "kernel": "tab:purple",
+    "synthesizer": "tab:brown",
+}
+MARKERS = "osD^vP"
+
+
+def mixer_styles() -> dict[str, dict]:
+    """Line style per mixer of `FAMILIES`, for `bench.plot_panels`: members of a family go from its
+    colour towards white (at most halfway, so none is too pale to see)."""
+    from matplotlib.colors import to_rgb
+
+    styles = {}
+    for family, members in FAMILIES.items():
+        base = to_rgb(FAMILY_COLOURS[family])
+        for i, name in enumerate(members):
+            paler = 0.55 * i / max(1, len(members) - 1)
+            colour = tuple(c + (1 - c) * paler for c in base)
+            styles[name] = dict(color=colour, marker=MARKERS[i % len(MARKERS)], ms=4)
+    styles["na"]["lw"] = 2.5
+    return styles
+
+
+def plot_scaling(rows: list[dict], path: Path) -> Path:
+    """Time and peak memory against tokens, log-log, one line per mixer (rows: scaling.json's)."""
     panels = [
         [
             ("forward+backward time (s), dim 64, 2 heads", series(rows, "s_median")),
             ("peak RSS increase (MiB)", series(rows, "peak_mb")),
         ]
     ]
-    bench.plot_panels(panels, out / "scaling.png", xlabel="tokens", ylabel="", loglog=True, slope_guides="N")
-    return result
+    return bench.plot_panels(
+        panels,
+        path,
+        xlabel="tokens",
+        ylabel="",
+        loglog=True,
+        slope_guides="N",
+        dpi=100,
+        fontsize=9,
+        styles=mixer_styles(),
+        legend_groups=FAMILIES,
+    )
 
 
 def scaling_markdown(result: dict) -> str:

@@ -1,11 +1,12 @@
 """What the attention zoo study is: its mixers and their groups, tasks, recipe and sizes, and how a
 mixer is built for it.
 
-`ORDER` (the tables' order) and the groups the targets use (`LOCAL`, `EXACT_LOCAL`, `LINEAR_COST`,
-`NEAR_LINEAR`), `HEADLINE` (mixers with more seeds), `TASKS` / `RECIPE` (configs), `STAGE1` (NAT-Tiny's
-stage-1 width), `SIDES`, `PATTERN_SIDE`, `QUICK` (--quick's sizes and overrides); `registered_mixers`,
-`check_mixers`, `window_options` / `window_overrides` (every exact local mixer at NA's window extent),
-`stage1_mixer`, `task_config`; `UsageError`. The parts are `engine.zoo.scaling`, `.accuracy`, `.patterns`.
+`ORDER` (the tables' order), `FAMILIES` (the plots'), the groups the targets use (`LOCAL`,
+`EXACT_LOCAL`, `LINEAR_COST`, `NEAR_LINEAR`), `HEADLINE` (mixers with more seeds), `TASKS` / `RECIPE`
+(configs), `STAGE1` (NAT-Tiny's stage-1 width), `SIDES`, `PATTERN_SIDE`, `QUICK` (--quick's sizes and
+overrides); `registered_mixers`, `check_mixers`, `window_options` / `window_overrides` (every exact
+local mixer at NA's window extent), `stage1_mixer`, `task_config`; `UsageError`. The parts are
+`engine.zoo.scaling`, `.accuracy`, `.patterns`.
 """
 
 from __future__ import annotations
@@ -16,30 +17,20 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 
-# Mixer names of the zoo in the order the tables list them: the baseline, the exact local ones, the
-# sparse global ones, then the approximations. Mixers registered later are appended.
-ORDER = (
-    "full",
-    "na",
-    "dilated",
-    "sasa",
-    "window",
-    "shifted_window",
-    "halo",
-    "global",
-    "longformer",
-    "bigbird",
-    "reformer",
-    "sinkhorn",
-    "linformer",
-    "compressed",
-    "linear",
-    "performer",
-    "synthesizer_dense",
-    "synthesizer_random",
-)
+# The zoo's mixers by mechanism family (the plots colour by family), in the order the tables list
+# them: the baseline, the exact local ones, the sparse global ones, then the approximations.
+FAMILIES = {
+    "baseline": ("full",),
+    "local": ("na", "dilated", "sasa", "window", "shifted_window", "halo"),  # no global reach in one layer
+    "local + global tokens": ("global", "longformer"),
+    "sparse": ("bigbird", "reformer", "sinkhorn"),
+    "low-rank": ("linformer", "compressed"),
+    "kernel": ("linear", "performer"),
+    "synthesizer": ("synthesizer_dense", "synthesizer_random"),
+}
+ORDER = tuple(name for members in FAMILIES.values() for name in members)  # mixers registered later: appended
 BASELINE = "full"
-LOCAL = ("na", "dilated", "sasa", "window", "shifted_window", "halo")  # no global reach in one layer
+LOCAL = FAMILIES["local"]
 EXACT_LOCAL = ("sasa", "window", "shifted_window", "halo")  # NA's rivals at equal window size
 LINEAR_COST = (
     "na", "dilated", "window", "shifted_window", "halo", "sasa", "global", "longformer", "bigbird",
