@@ -16,7 +16,7 @@ from engine.bench import fmt, loglog_slope, markdown_table, plot_panels, spread
 from engine.bench import round_ratios as paired_ratios
 
 # ----------------------------------------------------------------------------------------------
-# Environment, ratios, targets, scaling
+# Ratios, targets, scaling
 # ----------------------------------------------------------------------------------------------
 
 
