@@ -104,9 +104,11 @@ def measure(
     warmup: int = 1,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
-    """One row per (backbone, size): median / quartiles of the backbone's forward seconds (interleaved
-    rounds over the backbones at that size), the FPN's seconds on its maps, peak-RSS increase (MiB) of
-    one backbone forward. `large_rounds` rounds from `large_from` pixels on (a 1024^2 ViT forward takes
+    """One row per (backbone, size): median / quartiles / min of the backbone's forward seconds
+    (interleaved rounds over the backbones at that size; on a shared machine other jobs only add time,
+    so the min is the least disturbed), the FPN's seconds on its maps, peak-RSS increase (MiB) of
+    one backbone forward, and `ratio`: the median over rounds of its time / the first backbone's in
+    that round (`reference`). `large_rounds` rounds from `large_from` pixels on (a 1024^2 ViT forward takes
     seconds). A backbone that fails (e.g. out of memory) gets its row's `error` and the others go on."""
     rows = []
     for h, w in sizes:
@@ -130,7 +132,10 @@ def measure(
                 log(f"  {name}: failed ({row['error'][:160]})")
                 continue
             s = bench.spread(times[name])
-            row.update(median_s=s["median"], q1_s=s["q1"], q3_s=s["q3"])
+            row.update(median_s=s["median"], q1_s=s["q1"], q3_s=s["q3"], min_s=s["min"])
+            reference = next(iter(times))  # the first backbone that ran: per-round ratios cancel drift
+            row["reference"] = reference
+            row["ratio"] = bench.spread(bench.round_ratios(times[name], times[reference]))["median"]
             row["peak_mb"] = bench.peak_memory_mb(steps[name], "cpu")
             if BACKBONES[name].pyramid:
                 necks[name] = _fpn_seconds(built[name], x, BACKBONES[name].nhwc, n, warmup)
@@ -166,7 +171,8 @@ def _fpn_seconds(backbone: nn.Module, x: torch.Tensor, nhwc: bool, rounds: int, 
 
 
 def slopes(rows: Sequence[dict], pixel_range: tuple[int, int] = SLOPE_RANGE) -> dict[str, dict]:
-    """Per backbone: log-log slope of forward time, backbone + FPN time and peak memory against pixels
+    """Per backbone: log-log slope of forward time (median and min), backbone + FPN time (median) and
+    peak memory against pixels
     over the square sizes within `pixel_range` (1: linear in pixels, 2: quadratic)."""
     out = {}
     for name in dict.fromkeys(r["backbone"] for r in rows):
@@ -181,6 +187,7 @@ def slopes(rows: Sequence[dict], pixel_range: tuple[int, int] = SLOPE_RANGE) -> 
         px = [r["pixels"] for r in sel]
         out[name] = dict(
             time=bench.loglog_slope(px, [r["median_s"] for r in sel]),
+            time_min=bench.loglog_slope(px, [r["min_s"] for r in sel]),
             time_with_fpn=bench.loglog_slope(px, [r["median_s"] + r["fpn_s"] for r in sel])
             if all("fpn_s" in r for r in sel)
             else None,
@@ -212,10 +219,17 @@ def markdown(rows: Sequence[dict], slope: dict[str, dict], cpu: str) -> str:
         return table
 
     ms = cells(lambda r: bench.fmt(r.get("median_s") and r["median_s"] * 1e3, ".0f"))
+    fastest = cells(lambda r: bench.fmt(r.get("min_s") and r["min_s"] * 1e3, ".0f"))
     neck = cells(lambda r: bench.fmt("fpn_s" in r and (r["median_s"] + r["fpn_s"]) * 1e3 or None, ".0f"))
     mem = cells(lambda r: bench.fmt(r.get("peak_mb"), ".0f"))
+    ratio = cells(lambda r: bench.fmt(r.get("ratio"), ".2f"))
+    reference = next((r["reference"] for r in rows if "reference" in r), None)
     lines = [f"Forward, batch 1, float32, one thread; {cpu}.", "", "Backbone forward time (ms, median):", ""]
     lines += bench.markdown_table(header, ms, "l" + "r" * len(sizes))
+    lines += ["", "Backbone forward time (ms, min over the rounds):", ""]
+    lines += bench.markdown_table(header, fastest, "l" + "r" * len(sizes))
+    lines += ["", f"Backbone forward time / {reference}'s (median of the per-round ratios):", ""]
+    lines += bench.markdown_table(header, ratio, "l" + "r" * len(sizes))
     lines += ["", f"Backbone + FPN ({FPN_CHANNELS} channels) forward time (ms, median):", ""]
     lines += bench.markdown_table(header, neck, "l" + "r" * len(sizes))
     lines += ["", "Peak memory of one backbone forward (MiB, peak-RSS increase):", ""]
@@ -224,6 +238,7 @@ def markdown(rows: Sequence[dict], slope: dict[str, dict], cpu: str) -> str:
         [
             name,
             bench.fmt(s["time"], ".2f"),
+            bench.fmt(s["time_min"], ".2f"),
             bench.fmt(s["time_with_fpn"], ".2f"),
             bench.fmt(s["memory"], ".2f"),
             ", ".join(s["sizes"]),
@@ -231,7 +246,9 @@ def markdown(rows: Sequence[dict], slope: dict[str, dict], cpu: str) -> str:
         for name, s in slope.items()
     ]
     lines += ["", "Log-log slopes against pixels (1 = linear, 2 = quadratic):", ""]
-    lines += bench.markdown_table(["backbone", "time", "time + FPN", "memory", "over"], slope_rows, "lrrrl")
+    lines += bench.markdown_table(
+        ["backbone", "time (median)", "time (min)", "time + FPN", "memory", "over"], slope_rows, "lrrrrl"
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -648,9 +648,8 @@ def _remap_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             sd = {k.removeprefix(base): v for k, v in sd.items()}
     out = {}
     for k, v in sd.items():
-        m = re.match(
-            r"^hidden_states_norms\.(\w+)\.(weight|bias)$", k
-        )  # NatBackbone: "stem", "stage1".."stage4"
+        # NatBackbone's output norms, keyed by stage name: "stem", "stage1" .. "stage4"
+        m = re.match(r"^hidden_states_norms\.(\w+)\.(weight|bias)$", k)
         if m:
             if not m.group(1).startswith("stage"):
                 raise ValueError(
