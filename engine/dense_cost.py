@@ -12,6 +12,7 @@ Batch 1, inference (`torch.no_grad`), float32, random weights (the cost does not
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,12 +105,14 @@ def measure(
     warmup: int = 1,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
-    """One row per (backbone, size): median / quartiles / min of the backbone's forward seconds
+    """One row per (backbone, size): median / quartiles / min of the backbone's forward wall seconds
     (interleaved rounds over the backbones at that size; on a shared machine other jobs only add time,
-    so the min is the least disturbed), the FPN's seconds on its maps, peak-RSS increase (MiB) of
-    one backbone forward, and `ratio`: the median over rounds of its time / the first backbone's in
-    that round (`reference`). `large_rounds` rounds from `large_from` pixels on (a 1024^2 ViT forward takes
-    seconds). A backbone that fails (e.g. out of memory) gets its row's `error` and the others go on."""
+    so the min is the least disturbed), `cpu_s` the median process CPU seconds of a forward (the work,
+    which time-slicing does not inflate), `ratio` the median over rounds of its time / the first
+    backbone's in that round (`reference`), `fpn_s` the FPN's seconds on its maps, `peak_mb` the
+    peak-RSS increase (MiB) of one forward. `large_rounds` rounds from `large_from` pixels on (a 1024^2
+    ViT forward takes seconds). A backbone that fails (e.g. out of memory) gets its row's `error` and
+    the others go on."""
     rows = []
     for h, w in sizes:
         x = torch.randn(1, 3, h, w)
@@ -120,10 +123,12 @@ def measure(
                 built[name] = spec.build(h, w).eval()
             except Exception as e:  # a backbone that can't take this size: say so, measure the rest
                 failed[name] = e
-        steps = {name: _step(module, x) for name, module in built.items()}
+        cpu_seconds: dict[str, list[float]] = {name: [] for name in built}
+        steps = {name: _step(module, x, cpu_seconds[name]) for name, module in built.items()}
         n = large_rounds if h * w >= large_from else rounds
         log(f"{h}x{w}: {n} rounds of {', '.join(steps)}")
         times = bench.interleaved_rounds(steps, rounds=n, warmup=warmup, errors=failed)
+        cpu_seconds = {name: values[warmup:] for name, values in cpu_seconds.items()}  # the timed calls
         for name in names:
             row = dict(backbone=name, model=BACKBONES[name].model, height=h, width=w, pixels=h * w, rounds=n)
             if name in failed:
@@ -133,6 +138,7 @@ def measure(
                 continue
             s = bench.spread(times[name])
             row.update(median_s=s["median"], q1_s=s["q1"], q3_s=s["q3"], min_s=s["min"])
+            row["cpu_s"] = bench.spread(cpu_seconds[name])["median"]
             reference = next(iter(times))  # the first backbone that ran: per-round ratios cancel drift
             row["reference"] = reference
             row["ratio"] = bench.spread(bench.round_ratios(times[name], times[reference]))["median"]
@@ -151,10 +157,16 @@ def measure(
     return rows
 
 
-def _step(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+def _step(module: nn.Module, x: torch.Tensor, cpu_seconds: list[float]) -> Callable[[], object]:
+    """A forward of `module` on `x` that also appends its process CPU seconds to `cpu_seconds`: with one
+    thread that is the work done, which other jobs on a shared machine don't inflate (wall time they do)."""
+
     def run():
+        start = time.process_time()
         with torch.no_grad():
-            return module(x)
+            out = module(x)
+        cpu_seconds.append(time.process_time() - start)
+        return out
 
     return run
 
@@ -171,7 +183,8 @@ def _fpn_seconds(backbone: nn.Module, x: torch.Tensor, nhwc: bool, rounds: int, 
 
 
 def slopes(rows: Sequence[dict], pixel_range: tuple[int, int] = SLOPE_RANGE) -> dict[str, dict]:
-    """Per backbone: log-log slope of forward time (median and min), backbone + FPN time (median) and
+    """Per backbone: log-log slope of forward time (median and min wall, median CPU), backbone + FPN
+    time (median) and
     peak memory against pixels
     over the square sizes within `pixel_range` (1: linear in pixels, 2: quadratic)."""
     out = {}
@@ -188,6 +201,7 @@ def slopes(rows: Sequence[dict], pixel_range: tuple[int, int] = SLOPE_RANGE) -> 
         out[name] = dict(
             time=bench.loglog_slope(px, [r["median_s"] for r in sel]),
             time_min=bench.loglog_slope(px, [r["min_s"] for r in sel]),
+            cpu=bench.loglog_slope(px, [r["cpu_s"] for r in sel]),
             time_with_fpn=bench.loglog_slope(px, [r["median_s"] + r["fpn_s"] for r in sel])
             if all("fpn_s" in r for r in sel)
             else None,
@@ -220,6 +234,7 @@ def markdown(rows: Sequence[dict], slope: dict[str, dict], cpu: str) -> str:
 
     ms = cells(lambda r: bench.fmt(r.get("median_s") and r["median_s"] * 1e3, ".0f"))
     fastest = cells(lambda r: bench.fmt(r.get("min_s") and r["min_s"] * 1e3, ".0f"))
+    cpu_ms = cells(lambda r: bench.fmt(r.get("cpu_s") and r["cpu_s"] * 1e3, ".0f"))
     neck = cells(lambda r: bench.fmt("fpn_s" in r and (r["median_s"] + r["fpn_s"]) * 1e3 or None, ".0f"))
     mem = cells(lambda r: bench.fmt(r.get("peak_mb"), ".0f"))
     ratio = cells(lambda r: bench.fmt(r.get("ratio"), ".2f"))
@@ -228,6 +243,8 @@ def markdown(rows: Sequence[dict], slope: dict[str, dict], cpu: str) -> str:
     lines += bench.markdown_table(header, ms, "l" + "r" * len(sizes))
     lines += ["", "Backbone forward time (ms, min over the rounds):", ""]
     lines += bench.markdown_table(header, fastest, "l" + "r" * len(sizes))
+    lines += ["", "Backbone forward CPU time (ms, median; process CPU time, one thread):", ""]
+    lines += bench.markdown_table(header, cpu_ms, "l" + "r" * len(sizes))
     lines += ["", f"Backbone forward time / {reference}'s (median of the per-round ratios):", ""]
     lines += bench.markdown_table(header, ratio, "l" + "r" * len(sizes))
     lines += ["", f"Backbone + FPN ({FPN_CHANNELS} channels) forward time (ms, median):", ""]
@@ -239,6 +256,7 @@ def markdown(rows: Sequence[dict], slope: dict[str, dict], cpu: str) -> str:
             name,
             bench.fmt(s["time"], ".2f"),
             bench.fmt(s["time_min"], ".2f"),
+            bench.fmt(s["cpu"], ".2f"),
             bench.fmt(s["time_with_fpn"], ".2f"),
             bench.fmt(s["memory"], ".2f"),
             ", ".join(s["sizes"]),
@@ -247,25 +265,33 @@ def markdown(rows: Sequence[dict], slope: dict[str, dict], cpu: str) -> str:
     ]
     lines += ["", "Log-log slopes against pixels (1 = linear, 2 = quadratic):", ""]
     lines += bench.markdown_table(
-        ["backbone", "time (median)", "time (min)", "time + FPN", "memory", "over"], slope_rows, "lrrrrl"
+        ["backbone", "time (median)", "time (min)", "CPU time", "time + FPN", "memory", "over"],
+        slope_rows,
+        "lrrrrrl",
     )
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: Sequence[dict], path: Path, cpu: str) -> Path:
-    """Two log-log panels against pixels, backbone forward time and peak memory, with slope-1 and
-    slope-2 guides."""
+    """Three log-log panels against pixels, with slope-1 and slope-2 guides: backbone forward CPU time
+    (the work), wall time (median) and peak memory."""
     names = list(dict.fromkeys(r["backbone"] for r in rows))
     ok = [r for r in rows if "median_s" in r]
-    time_series = {n: [(r["pixels"], r["median_s"] * 1e3) for r in ok if r["backbone"] == n] for n in names}
-    mem_series = {
-        n: [(r["pixels"], r["peak_mb"]) for r in ok if r["backbone"] == n and r["peak_mb"] > 0] for n in names
-    }
+
+    def series(value) -> dict[str, list[tuple[float, float]]]:
+        return {
+            n: [(r["pixels"], value(r)) for r in ok if r["backbone"] == n and value(r) > 0] for n in names
+        }
+
     panels = [
-        [(f"backbone forward time, ms ({cpu}, 1 thread)", time_series), ("peak memory, MiB", mem_series)]
+        [
+            (f"forward CPU time, ms (1 thread, {cpu})", series(lambda r: r["cpu_s"] * 1e3)),
+            ("forward wall time, ms (median; shared machine)", series(lambda r: r["median_s"] * 1e3)),
+            ("peak memory of a forward, MiB", series(lambda r: r["peak_mb"])),
+        ]
     ]
     return bench.plot_panels(
-        panels, path, "pixels", "", loglog=True, slope_guides="pixels", panel_size=(6, 4.5), dpi=90
+        panels, path, "pixels", "", loglog=True, slope_guides="pixels", panel_size=(5.5, 4.2), dpi=90
     )
 
 

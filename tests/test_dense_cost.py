@@ -13,6 +13,7 @@ from engine import dense_cost
 
 def _row(name, side, seconds, peak, fpn=None):
     row = dict(backbone=name, height=side, width=side, pixels=side * side, median_s=seconds, min_s=seconds)
+    row["cpu_s"] = seconds
     row.update(peak_mb=peak, ratio=1.0, reference="A")
     if fpn is not None:
         row["fpn_s"] = fpn
@@ -30,9 +31,10 @@ def test_slopes_of_linear_and_quadratic_costs():
     assert slope["A"]["time"] == pytest.approx(1.0) and slope["A"]["time_with_fpn"] == pytest.approx(1.0)
     assert slope["A"]["sizes"] == ["512^2", "768^2", "1024^2"]  # 224^2 and 800x1216 outside the range
     assert slope["B"]["time"] == pytest.approx(2.0) and slope["B"]["time_min"] == pytest.approx(2.0)
+    assert slope["B"]["cpu"] == pytest.approx(2.0)
     assert slope["B"]["memory"] == pytest.approx(0.0, abs=1e-12) and slope["B"]["time_with_fpn"] is None
     table = dense_cost.markdown(rows, slope, "a CPU")
-    assert "| A | 1.00 | 1.00 | 1.00 | 1.00 | 512^2, 768^2, 1024^2 |" in table
+    assert "| A | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 512^2, 768^2, 1024^2 |" in table
     assert "| backbone | 224^2 | 512^2 | 768^2 | 1024^2 | 800x1216 |" in table
 
 
@@ -49,6 +51,7 @@ def test_measure_and_write_outputs(tmp_path):
     ]
     for r in rows:
         assert r["median_s"] > 0 and r["min_s"] <= r["median_s"] and r["peak_mb"] >= 0
+        assert 0 < r["cpu_s"] <= 1.5 * r["median_s"]  # one thread: CPU time can't much exceed wall time
         assert r["reference"] == "NAT-T"
     assert all(r["ratio"] == 1.0 for r in rows if r["backbone"] == "NAT-T")
     assert all(("fpn_s" in r) == (r["backbone"] == "NAT-T") for r in rows)  # ViT-S: single scale, no neck
