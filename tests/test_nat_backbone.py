@@ -186,6 +186,19 @@ def test_classification_checkpoint_loads_as_the_official_backbones_load_it(tmp_p
     assert_features_match(model, ref, torch.randn(1, 3, 48, 40))
 
 
+@pytest.mark.parametrize("name", ["nat_small", "dinat_tiny"])
+def test_full_size_official_dense_checkpoint_fits_one_to_one(name):
+    """The key names and shapes of an official detection backbone of a registered variant (layer scale
+    in nat_small) map onto the dense layout with nothing missing or left over."""
+    with torch.device("meta"):
+        ref = RefDenseNAT(**_ARCHS[name])
+        model = timm.create_model(name, num_classes=0, stage_norms=True)
+    ckpt = {f"backbone.{k}": torch.zeros(v.shape) for k, v in ref.state_dict().items()}
+    out = checkpoint_filter_fn({"state_dict": ckpt}, model)
+    assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert len(out) == len(ckpt)
+
+
 def test_dense_checkpoints_need_the_dense_layout():
     ref = ref_dense(TINY_NAT)
     classification = NAT(**TINY_NAT, num_classes=0)
