@@ -17,9 +17,18 @@ The official repo puts the downsampler at the end of level i, here it opens stag
 Inputs of any size work: a map smaller than a layer's window (kernel_size * dilation) is
 zero-padded then cropped by `NeighborhoodAttention2D`, what the official models got from natten
 0.14. The official code does not shrink dilations for small inputs, so neither does this one.
-"""
+The stem and downsamplers are stride-2 3x3 convs with padding 1, as the official ones: any H x W
+(odd, non-square) gives maps of ceil(H / 4), then half of that rounded up per stage.
 
-from __future__ import annotations
+Dense backbones (detection / segmentation): `stage_norms=True` gives the layout of the official
+repo's `detection/` and `segmentation/` backbones and Hugging Face's NatBackbone / DinatBackbone,
+one LayerNorm per stage output (features taken before the next stage's downsampler, which is what a
+stage returns here), no final norm; `frozen_stages` freezes the stem and the first levels as mmdet
+does; `dilations="coco"` / `"ade20k"` / `"ade20k_640"` set the official dense configs' dilations:
+
+    timm.create_model("dinat_tiny", features_only=True, stage_norms=True, dilations="coco",
+                      frozen_stages=1, pretrained="dinat_tiny_in1k_224.pth")  # -> 4 NCHW maps
+"""
 
 import logging
 import os
@@ -31,7 +40,7 @@ from urllib.error import URLError
 import torch
 from safetensors import SafetensorError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, LayerScale, Mlp, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, LayerScale, Mlp, register_notrace_module, trunc_normal_
 from timm.layers.pos_embed_rel import resize_rel_pos_bias_table_simple
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -41,9 +50,43 @@ from torch import nn
 from .layers import NeighborhoodAttention2D
 from .mixers import build_mixer, check_mixer
 
-__all__ = ["NAT", "checkpoint_filter_fn", "dinat_dilations"]
+__all__ = ["DENSE_DILATIONS", "NAT", "checkpoint_filter_fn", "dinat_dilations", "named_dilations"]
 
 _logger = logging.getLogger(__name__)
+
+# A leaf for timm's FX tracer (FeatureGraphNet, timm's FX tests): the traced graph then calls the module,
+# so a traced NAT scripts (TorchScript takes the module's `is_scripting` path instead of compiling the
+# backend dispatcher, which it can't).
+register_notrace_module(NeighborhoodAttention2D)
+
+
+# Per-stage dilation patterns, cycled over a stage's blocks, of the official configs (kernel 7):
+# classification at 224 (DiNAT's rule, = dinat_dilations(depths, (8, 4, 2, 1))); detection/configs/dinat/
+# (Mask / Cascade Mask R-CNN, COCO 800 x 1333); segmentation/configs/dinat/ (UPerNet, ADE20K 512 x 512,
+# and DiNAT-L's 640 x 640, whose third stage is not a 6-block cycle).
+DENSE_DILATIONS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "imagenet": ((1, 8), (1, 4), (1, 2), (1, 1)),
+    "coco": ((1, 28, 1), (1, 7, 1, 14), (1, 3, 1, 5, 1, 7), (1, 3)),
+    "ade20k": ((1, 16, 1), (1, 4, 1, 8), (1, 2, 1, 3, 1, 4), (1, 2)),
+    "ade20k_640": ((1, 20, 1), (1, 5, 1, 10), (1, 2, 1, 3, 1, 4, 1, 5, 1, 2, 1, 3, 1, 4, 1, 5, 1, 5), (1, 2)),
+}
+
+
+def named_dilations(name: str, depths: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """The official dilations called `name` (a key of DENSE_DILATIONS) for a 4-stage model of `depths`:
+    block j of stage i gets pattern[i][j % len(pattern[i])] (DiNAT-T/S/B/L's 18-block stage 3 is the
+    6-block pattern three times)."""
+    if name not in DENSE_DILATIONS:
+        raise ValueError(f"dilations {name!r} is not a known set: use one of {sorted(DENSE_DILATIONS)}")
+    if len(depths) != 4:
+        raise ValueError(
+            f"dilations {name!r} are the official 4-stage ones; this model has {len(depths)} stages "
+            f"(depths {tuple(depths)}): give one dilation per block instead"
+        )
+    return tuple(
+        tuple(pattern[j % len(pattern)] for j in range(depth))
+        for depth, pattern in zip(depths, DENSE_DILATIONS[name], strict=True)
+    )
 
 
 def dinat_dilations(depths: Sequence[int], stage_dilations: Sequence[int]) -> tuple[tuple[int, ...], ...]:
@@ -241,7 +284,8 @@ class NAT(nn.Module):
         depths: Blocks per stage.
         num_heads: Attention heads per stage.
         kernel_size: NA window size (odd); an int for all stages or one per stage.
-        dilations: Per stage, one dilation per block (DiNAT); None means all 1 (NAT).
+        dilations: Per stage, one dilation per block (DiNAT); None means all 1 (NAT); or the name of
+            an official set in DENSE_DILATIONS ("coco", "ade20k", "ade20k_640", "imagenet").
         mlp_ratio: MLP hidden width / block width.
         qkv_bias: Bias in the qkv projection.
         qk_scale: Attention logit scale; None means head_dim ** -0.5.
@@ -257,6 +301,13 @@ class NAT(nn.Module):
             entry may be a sequence of names, cycled over its blocks (("window", "shifted_window")).
         mixer_kwargs: The mixers' options: one dict for all stages or one dict (or None) per stage.
             `kernel_size`, the dilations (> 1) and `attn_backend` reach mixers that take them.
+        stage_norms: The official dense backbones' layout: one LayerNorm per stage output
+            (`stage_norms.i`; official `norm{i}`, Hugging Face `hidden_states_norms.stage{i+1}`),
+            applied by `forward_intermediates` (so `features_only` returns them) and, for the last
+            stage, by `forward_features` in place of the final `norm`, which this layout has not.
+        frozen_stages: -1 trains everything; 0 freezes the stem; n freezes the stem and the first n
+            levels as the official layout groups them (a level's blocks, the downsampler after them,
+            its output norm): parameters without grad, modules kept in eval mode (mmdet's convention).
     """
 
     def __init__(
@@ -268,7 +319,7 @@ class NAT(nn.Module):
         depths: Sequence[int] = (3, 4, 6, 5),
         num_heads: Sequence[int] = (2, 4, 8, 16),
         kernel_size: int | Sequence[int] = 7,
-        dilations: Sequence[Sequence[int]] | None = None,
+        dilations: Sequence[Sequence[int]] | str | None = None,
         mlp_ratio: float = 3.0,
         qkv_bias: bool = True,
         qk_scale: float | None = None,
@@ -281,6 +332,8 @@ class NAT(nn.Module):
         attn_backend: str = "auto",
         mixer: str | Sequence[str | Sequence[str]] = "na",
         mixer_kwargs: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None = None,
+        stage_norms: bool = False,
+        frozen_stages: int = -1,
     ):
         super().__init__()
         num_stages = len(depths)
@@ -293,8 +346,15 @@ class NAT(nn.Module):
             raise ValueError(
                 f"kernel_size {kernel_size} must be an int or one value per stage ({num_stages})"
             )
+        if not -1 <= frozen_stages <= num_stages:
+            raise ValueError(
+                f"frozen_stages must be -1 (none), 0 (the stem) .. {num_stages} (every stage), "
+                f"got {frozen_stages}"
+            )
         if dilations is None:
             dilations = tuple((1,) * d for d in depths)
+        elif isinstance(dilations, str):
+            dilations = named_dilations(dilations, depths)
         dilations = tuple(tuple(int(d) for d in stage) for stage in dilations)
         if [len(s) for s in dilations] != list(depths):
             raise ValueError(
@@ -347,13 +407,44 @@ class NAT(nn.Module):
                     mixer_kwargs=mixer_options[i],
                 )
             )
-            self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}"))
+            out_module = f"stage_norms.{i}" if stage_norms else f"stages.{i}"
+            self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2**i, module=out_module))
         self.stages = nn.Sequential(*stages)
-        self.norm = norm_layer(self.num_features)
+        if stage_norms:
+            self.stage_norms = nn.ModuleList([norm_layer(d) for d in dims])
+            self.norm = nn.Identity()
+        else:
+            self.stage_norms = None
+            self.norm = norm_layer(self.num_features)
         self.head = ClassifierHead(
             self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC"
         )
         self.apply(self._init_weights)
+        self.frozen_stages = frozen_stages
+        for module in self._frozen_modules():
+            module.requires_grad_(False)
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        """The stem and levels 0..frozen_stages-1, a level as the official layout has it: stage i's
+        blocks, then the downsampler opening stage i + 1 (mmdet's Swin freezes its patch merging alike),
+        and the level's output norm."""
+        if self.frozen_stages < 0:
+            return []
+        frozen: list[nn.Module] = [self.stem]
+        num_stages = len(self.stages)  # fewer after prune_intermediate_layers
+        for i in range(min(self.frozen_stages, num_stages)):
+            frozen.append(self.stages[i].blocks)
+            if i + 1 < num_stages:
+                frozen.append(self.stages[i + 1].downsample)
+            if self.stage_norms is not None and i < len(self.stage_norms):
+                frozen.append(self.stage_norms[i])
+        return frozen
+
+    def train(self, mode: bool = True) -> "NAT":
+        super().train(mode)
+        for module in self._frozen_modules():  # frozen parts stay in eval mode (no drop path, no dropout)
+            module.eval()
+        return self
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -390,6 +481,7 @@ class NAT(nn.Module):
             else [
                 (r"^stages\.(\d+)\.downsample", (0,)),
                 (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^stage_norms\.(\d+)", (99999,)),  # with the last block of its stage
                 (r"^norm", (99999,)),
             ],
         )
@@ -426,6 +518,7 @@ class NAT(nn.Module):
             x: Input images (B, C, H, W).
             indices: Take the last n stages if int, all if None, these stages if a sequence.
             norm: Apply the final norm to the last stage's output (the only one it is sized for).
+                With `stage_norms`, every intermediate gets its stage's norm whatever this says.
             stop_early: Stop after the last stage asked for.
             output_fmt: 'NCHW' or 'NHWC' for the intermediates.
             intermediates_only: Return only the intermediates.
@@ -443,14 +536,17 @@ class NAT(nn.Module):
         for i, stage in enumerate(stages):
             x = stage(x)
             if i in take_indices:
-                x_inter = self.norm(x) if norm and i == last else x
+                if self.stage_norms is not None:
+                    x_inter = self.stage_norms[i](x)
+                else:
+                    x_inter = self.norm(x) if norm and i == last else x
                 if output_fmt == "NCHW":
                     x_inter = x_inter.permute(0, 3, 1, 2).contiguous()
                 intermediates.append(x_inter)
         if intermediates_only:
             return intermediates
         if i == last:
-            x = self.norm(x)
+            x = self.norm(x) if self.stage_norms is None else self.stage_norms[last](x)
         return x, intermediates
 
     def prune_intermediate_layers(
@@ -459,10 +555,17 @@ class NAT(nn.Module):
         prune_norm: bool = False,
         prune_head: bool = True,
     ) -> list[int]:
-        """Drop the stages (and norm / head) that the intermediates at `indices` don't need."""
+        """Drop the stages (and norm / head / stage norms) that the intermediates at `indices` don't need."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         prune_end = max_index < len(self.stages) - 1
         self.stages = self.stages[: max_index + 1]
+        if self.stage_norms is not None:  # no unused parameters (DDP would complain of them)
+            self.stage_norms = nn.ModuleList(
+                [
+                    n if i in take_indices else nn.Identity()
+                    for i, n in enumerate(self.stage_norms[: max_index + 1])
+                ]
+            )
         if prune_norm or prune_end:
             self.norm = nn.Identity()
         if prune_end:
@@ -475,6 +578,8 @@ class NAT(nn.Module):
         """Images (B, C, H, W) -> normed last-stage map (B, H/32, W/32, C), channels-last."""
         x = self.stem(x)
         x = self.stages(x)
+        if self.stage_norms is not None:
+            return self.stage_norms[-1](x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -506,6 +611,7 @@ def _remap_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             part = "conv" if m.group(2) == "reduction" else "norm"
             new = f"stages.{int(m.group(1)) + 1}.downsample.{part}.{m.group(3)}"
         new = re.sub(r"^head\.(weight|bias)$", r"head.fc.\1", new)
+        new = re.sub(r"^norm(\d+)\.", r"stage_norms.\1.", new)  # the dense backbones' output norms
         out[new] = v
     return out
 
@@ -540,14 +646,19 @@ def _remap_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for base in ("nat.", "dinat."):  # the *ForImageClassification wrapper; `classifier` sits outside it
         if any(k.startswith(base) for k in sd) and all(k.startswith((base, "classifier.")) for k in sd):
             sd = {k.removeprefix(base): v for k, v in sd.items()}
-    if any(k.startswith("hidden_states_norms.") for k in sd):
-        raise ValueError(
-            "checkpoint is a Hugging Face NatBackbone / DinatBackbone state dict (per-stage "
-            "hidden_states_norms, no final layernorm), which has no NAT equivalent; use the weights of "
-            "NatModel / NatForImageClassification (DinatModel / DinatForImageClassification)"
-        )
     out = {}
     for k, v in sd.items():
+        # NatBackbone's output norms, keyed by stage name: "stem", "stage1" .. "stage4"
+        m = re.match(r"^hidden_states_norms\.(\w+)\.(weight|bias)$", k)
+        if m:
+            if not m.group(1).startswith("stage"):
+                raise ValueError(
+                    f"checkpoint is a Hugging Face NatBackbone / DinatBackbone state dict with a norm on the "
+                    f"{m.group(1)!r} output ({k}), which the NAT dense layout has not (stage outputs only); "
+                    "drop those keys or export a backbone with out_features stage1..stage4"
+                )
+            out[f"stage_norms.{int(m.group(1).removeprefix('stage')) - 1}.{m.group(2)}"] = v
+            continue
         m = re.match(_HF_BLOCK_QKV, k)
         if m:
             head, stage, block, which, kind = m.groups()
@@ -639,18 +750,26 @@ def _unwrap(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
     for key in ("model", "state_dict"):
         if key in state_dict and isinstance(state_dict[key], dict):
             state_dict = state_dict[key]
-    return clean_state_dict(state_dict)
+    sd = clean_state_dict(state_dict)
+    if any(k.startswith("backbone.") for k in sd):  # an official mmdet / mmseg detector or segmenter
+        sd = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
+    return sd
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: NAT) -> dict[str, torch.Tensor]:
     """Turn an official NAT/DiNAT checkpoint, a Hugging Face one (NatForImageClassification /
-    DinatForImageClassification / NatModel / DinatModel), or one of this module's, into `model`'s state dict.
+    DinatForImageClassification / NatModel / DinatModel / NatBackbone / DinatBackbone), or one of this
+    module's, into `model`'s state dict.
 
-    Unwraps 'model' / 'state_dict' wrappers, renames official / Hugging Face keys (packing HF's q/k/v),
+    Unwraps 'model' / 'state_dict' wrappers and an official detector's or segmenter's `backbone.` (its
+    neck and heads are dropped), renames official / Hugging Face keys (packing HF's q/k/v),
     bicubically resizes RPB tables when the kernel size differs (how DiNAT's 11x11 weights were made
     from the 7x7 ones), and resets the classifier when the class count differs (drops it for
-    `num_classes=0`). Everything else must match exactly: a checkpoint of another variant, or a key
-    missing / left over, raises ValueError.
+    `num_classes=0`). A `stage_norms` model (the dense layout) takes a classification checkpoint as the
+    official backbones do: the final norm is dropped and the stage norms keep their fresh init (also
+    those a Hugging Face backbone has not: its out_features); a dense checkpoint needs such a model.
+    Everything else must match exactly: a checkpoint of another variant, or a key missing / left over,
+    raises ValueError.
     """
     sd = _unwrap(state_dict)
     if any(k.startswith(_OFFICIAL_PREFIXES) for k in sd):
@@ -658,10 +777,23 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: NAT) -> dict[str, to
     elif any(k.startswith(_HF_PREFIXES) for k in sd):
         sd = _remap_hf(sd)
     model_sd = model.state_dict()
+    model_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", "this NAT model")
+    if getattr(model, "stage_norms", None) is None and any(k.startswith("stage_norms.") for k in sd):
+        raise ValueError(
+            "checkpoint is a dense backbone's (an output norm per stage: official norm0..3 / Hugging Face "
+            f"hidden_states_norms, no final norm); create {model_name} with stage_norms=True to load it"
+        )
+    if getattr(model, "stage_norms", None) is not None:
+        if any(k.startswith("norm.") for k in sd):
+            _logger.info("Dropping the checkpoint's final norm: the dense layout (stage_norms) has none")
+            sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
+        fresh = sorted({k for k in model_sd if k.startswith("stage_norms.")} - set(sd))
+        if fresh:
+            _logger.info(f"Stage norms not in the checkpoint keep their fresh init: {fresh}")
+            sd.update({k: model_sd[k] for k in fresh})
 
     ckpt_arch = _arch_of_state_dict(sd)
     model_arch = _arch_of_model(model)
-    model_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", "this NAT model")
     if ckpt_arch is None:
         raise ValueError(
             f"checkpoint is not a NAT/DiNAT state dict (no stem.conv2 / stages.*.blocks.*.attn.rpb / "
@@ -760,7 +892,10 @@ def _create_nat(variant: str, pretrained: bool | str | os.PathLike = False, **kw
         raise FileNotFoundError(f"checkpoint file {overlay['file']!r} for {variant} does not exist")
     model_args = dict(_ARCHS[variant])
     model_args.update(kwargs)
-    out_indices = model_args.pop("out_indices", (0, 1, 2, 3))
+    if model_args.get("features_only"):  # no classifier to build, nor to warn about when loading
+        model_args.setdefault("num_classes", 0)
+    # features_only defaults to every stage the model has (a 3-stage NAT as well as the 4-stage ones)
+    out_indices = model_args.pop("out_indices", tuple(range(len(model_args["depths"]))))
     try:
         return build_model_with_cfg(
             NAT,
