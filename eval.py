@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--workers", type=int, default=None)
     p.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights")
     p.add_argument("--device", default="auto")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast on GPU")
+    p.add_argument(
+        "--amp", action="store_true", help="bfloat16 autocast (GPU; CPU: fast with AMX / AVX512-BF16)"
+    )
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--output", "-o", help="JSON file (default: <checkpoint>-eval[-ema].json)")
     p.add_argument("--quiet", action="store_true", help="no per-class table")

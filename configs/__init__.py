@@ -136,7 +136,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "train": {
         "batch_size": 128,  # per process, per micro-batch
         "device": "auto",  # auto | cpu | cuda | cuda:N
-        "amp": True,  # mixed precision on GPU (ignored on CPU)
+        "amp": None,  # autocast: null = on GPU only; true = on CPU too (bfloat16); false = off
         "amp_dtype": "bfloat16",  # bfloat16 | float16 (float16 uses a GradScaler)
         "channels_last": False,
         "compile": False,  # torch.compile the model (or a mode name: 'max-autotune', ...)
@@ -175,6 +175,7 @@ TYPES: dict[str, tuple] = {
     "optim.layer_decay": (float,),
     "optim.clip_grad": (float,),
     "optim.fused": (bool,),
+    "train.amp": (bool,),
     "train.compile": (bool, str),
     "train.experiment": (str,),
     "train.stop_after_updates": (int,),

@@ -172,11 +172,8 @@ def evaluate(args) -> dict:
     model.to(device).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    amp = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-        if args.amp and device.type == "cuda"
-        else (contextlib.nullcontext)
-    )
+    use_amp = args.amp and device.type in ("cuda", "cpu")  # bf16: oneDNN's AMX / AVX512-BF16 on CPU
+    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     n_cls = len(ds_classes)
     correct = torch.zeros(n_cls, dtype=torch.long)
@@ -242,6 +239,7 @@ def evaluate(args) -> dict:
         "model_img_per_sec": round(n / max(model_time, 1e-9), 2),
         "batch_size": args.batch_size,
         "device": str(device),
+        "precision": "bfloat16 autocast" if use_amp else "float32",
         "per_class": per_class,
     }
 

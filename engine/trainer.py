@@ -208,13 +208,30 @@ class Run:
             raise ConfigError(f"optimizer: {e} (check optim.opt / optim.layer_decay / optim.fused)") from None
 
     def _build_amp(self):
-        """Autocast on CUDA when train.amp; bf16 needs no scaler, fp16 uses timm's NativeScaler."""
+        """Autocast when train.amp is true, or unset (null) on CUDA; bf16 needs no scaler, fp16 uses
+        timm's NativeScaler. On CPU only bf16 (oneDNN's AMX / AVX512-BF16 kernels; fp16 has no fast CPU
+        path), and only when asked: on a CPU without bf16 instructions it is slower than fp32."""
         t = self.cfg["train"]
+        device_type = self.device.type
         self.amp_dtype = torch.bfloat16 if t["amp_dtype"] == "bfloat16" else torch.float16
-        self.use_amp = bool(t["amp"]) and self.device.type == "cuda"
+        self.use_amp = t["amp"] is True or (t["amp"] is None and device_type == "cuda")
+        if self.use_amp and device_type == "cpu" and self.amp_dtype == torch.float16:
+            raise ConfigError(
+                "train.amp_dtype=float16 autocast runs on GPUs only; on CPU use "
+                "train.amp_dtype=bfloat16 (--amp-dtype bfloat16) or --no-amp"
+            )
         self.autocast = (
-            (lambda: torch.autocast("cuda", dtype=self.amp_dtype)) if self.use_amp else contextlib.nullcontext
+            (lambda: torch.autocast(device_type, dtype=self.amp_dtype))
+            if self.use_amp
+            else contextlib.nullcontext
         )
+        precision = f"{t['amp_dtype']} autocast" if self.use_amp else "float32"
+        hint = (
+            " (train.amp true / --amp: bfloat16 autocast)"
+            if device_type == "cpu" and not self.use_amp
+            else ""
+        )
+        _logger.info(f"precision: {precision} on {device_type}{hint}")
         self.loss_scaler = None
         if self.use_amp and self.amp_dtype == torch.float16:
             from timm.utils import NativeScaler

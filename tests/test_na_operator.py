@@ -120,6 +120,59 @@ def test_cpp_backend_float32_close_to_float64_reference(height, width, kernel_si
         assert rel < 2e-6, f"{name}: relative error {rel:.2e}"
 
 
+# bfloat16 is storage only: sums are float32, so each output element is the float64 value of the
+# same (bf16) inputs rounded once to bf16 (half a bf16 step: 2^-8 relative), plus float32's error.
+# Head dims 16/32/64 run the vector code (rows read as even/odd pairs); 8 and 24 the scalar loops.
+@pytest.mark.parametrize(
+    "height,width,kernel_size,dilation,head_dim",
+    [
+        (23, 19, 7, 1, 32),
+        (17, 20, 5, 2, 16),
+        (13, 13, 9, 1, 64),
+        (12, 15, 3, 3, 32),
+        (11, 9, 3, 1, 8),
+        (14, 14, 7, 2, 24),
+    ],
+)
+def test_cpp_backend_bfloat16_rounds_float64_reference_once(height, width, kernel_size, dilation, head_dim):
+    shape = (2, height, width, 3, head_dim)
+    span = 2 * kernel_size - 1
+    inputs = [torch.randn(shape).bfloat16().requires_grad_() for _ in range(3)]
+    inputs.append(torch.randn(3, span, span, requires_grad=True))  # the RPB parameter stays float32
+    grad_out = torch.randn(shape).bfloat16()
+    out = neighborhood_attention_2d(*inputs[:3], kernel_size, dilation, rpb=inputs[3], backend="cpp")
+    got = [out, *_grads(out.float(), inputs, grad_out.float())]
+    assert [t.dtype for t in got] == [torch.bfloat16] * 4 + [torch.float32]
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    ref = reference_na2d(*exact[:3], kernel_size, dilation, exact[3])
+    want = [ref, *_grads(ref, exact, grad_out.double())]
+    for name, a, b in zip(["out", "dq", "dk", "dv"], got[:4], want[:4], strict=True):
+        excess = (a.double() - b).abs() - 2**-8 * b.abs()
+        assert excess.max() < 1e-6, f"{name}: {excess.max():.2e} beyond one bf16 rounding"
+    rel = (got[4].double() - want[4]).norm() / want[4].norm()
+    assert rel < 2e-6, f"drpb (float32 sums): relative error {rel:.2e}"
+
+
+def test_module_under_cpu_autocast_runs_the_bf16_kernel():
+    """Under CPU autocast the qkv projection gives bf16 views: auto runs the kernel on them (not the
+    float32 path on casts), the RPB trains in float32, and the block agrees with float64."""
+    torch.manual_seed(0)
+    attn = NeighborhoodAttention2D(64, 2, 7)
+    x = torch.randn(2, 15, 13, 64)
+    assert explain_backends(torch.zeros(1, 1, 1, 1, 1, dtype=torch.bfloat16)).name == "cpp"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    exact = NeighborhoodAttention2D(64, 2, 7).double()
+    exact.load_state_dict(attn.state_dict())
+    want = exact(x.double())
+    want.square().sum().backward()
+    assert (out.double() - want).norm() / want.norm() < 1e-2
+    assert attn.rpb.grad.dtype == torch.float32
+    assert (attn.rpb.grad.double() - exact.rpb.grad).norm() / exact.rpb.grad.norm() < 3e-2
+
+
 def test_cpp_backend_rpb_without_gradient_and_under_inference_mode():
     q, k, v, rpb = _inputs(12, 10, 5, head_dim=32, dtype=torch.float32)
     rpb = rpb.detach()
@@ -314,7 +367,8 @@ def test_auto_is_inspectable_and_use_backend_overrides():
     call = call_info(q, q, q, None, 0.0)
     assert why_not("torch", call) is None
     # What the C++ kernel can't serve goes to 'torch', with the reason on show.
-    assert explain_backends(q.bfloat16()).name == "torch"
+    half = explain_backends(q.half())
+    assert half.name == "torch" and "bfloat16 only" in half.rejected["cpp"]
     dropout = explain_backends(q, attn_drop=0.1, requires_grad=True)
     assert dropout.name == "torch" and "dropout" in dropout.rejected["cpp"]
     with use_backend("naive"):

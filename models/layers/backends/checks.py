@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .cpp_kernel import DTYPES as CPP_DTYPES
 from .cpp_kernel import kernel_build_error
 from .flex import flex_available
 from .natten_na import natten_version
@@ -51,8 +52,8 @@ def why_not(backend: str, call: CallInfo) -> str | None:
     if backend == "cpp":
         if call.device_type != "cpu":
             return "CPU-only kernel"
-        if call.dtype not in (torch.float32, torch.float64):
-            return f"float32/float64 only, got {call.dtype} ('torch' runs bf16/fp16)"
+        if call.dtype not in CPP_DTYPES:
+            return f"float32/float64/bfloat16 only, got {call.dtype} ('torch' runs it)"
         if call.attn_drop > 0:
             return "no attention dropout ('torch' has it)"
         return kernel_build_error()  # last: the first call may build the kernel (~10 s, once)

@@ -2,7 +2,9 @@
 
 The halo-tile backend computes (Th + k - 1)(Tw + k - 1) logits per query tile and pays the flash
 kernel's per-call overhead on small tiles; this one walks each query's own window (`csrc/na2d_cpu.cpp`:
-forward, and a fused one-pass backward from the probabilities the forward kept).
+forward, and a fused one-pass backward from the probabilities the forward kept). float32 and float64
+run in their own precision; bfloat16 is widened to float32 on load and summed in it
+(probabilities, RPB and its gradient in float32), only the output and dq, dk, dv rounded back.
 Window geometry comes from `windows.py`, shared with every other backend.
 
 The build (~10 s, once per torch version) lands in `$TORCH_EXTENSIONS_DIR` (default
@@ -22,6 +24,7 @@ import torch
 
 from .windows import bias_indices, geometry_cache, window_starts
 
+DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _SOURCE = Path(__file__).with_name("csrc") / "na2d_cpu.cpp"
 _log = logging.getLogger(__name__)
 
@@ -77,6 +80,11 @@ def _build_and_load() -> str | None:
     return None
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the kernel sums in, and the dtype of its RPB and kept probabilities, for inputs of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _register_fake_kernels() -> None:
     """Shape-only versions of the two ops, so torch.compile can trace through the backend."""
 
@@ -84,13 +92,13 @@ def _register_fake_kernels() -> None:
     def _(q, k, v, rpb, row_start, col_start, row_bias, col_bias, kernel_size, dilation, scale, save_probs):
         batch, height, width, heads, _ = q.shape
         probs_shape = (batch, heads, height, width, kernel_size * kernel_size) if save_probs else (0,)
-        return q.new_empty(q.shape), q.new_empty(probs_shape)
+        return q.new_empty(q.shape), q.new_empty(probs_shape, dtype=accumulation_dtype(q.dtype))
 
     @torch.library.register_fake("nat_na2d_cpu::backward")
     def _(grad_out, q, k, v, probs, row_start, col_start, row_bias, col_bias, kernel_size, *rest):
         rpb_grad = rest[-1]
         span = 2 * kernel_size - 1
-        drpb = q.new_empty((q.shape[3], span, span) if rpb_grad else (0,))
+        drpb = q.new_empty((q.shape[3], span, span) if rpb_grad else (0,), dtype=accumulation_dtype(q.dtype))
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drpb
 
 
@@ -157,7 +165,7 @@ def na2d_cpp(
     if error is not None:
         raise RuntimeError(error)
     if rpb is not None:
-        rpb = rpb.to(q.dtype).contiguous()
+        rpb = rpb.to(accumulation_dtype(q.dtype)).contiguous()
     # The k*k probabilities per query are kept only when a backward can come. Not from
     # ctx.needs_input_grad: under no_grad it still says True for parameters (the RPB).
     save_probs = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rpb))

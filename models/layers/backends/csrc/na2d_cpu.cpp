@@ -18,7 +18,13 @@
 // float with a head dim that is a multiple of 8 takes 8-lane vector code (GCC vector extensions,
 // lowered to whatever the clone's ISA has); anything else (float64 for the tests, odd head dims)
 // runs the same steps with scalar loops.
+//
+// bfloat16 (autocast's CPU dtype) is storage only: q, k, v, dO are widened to float as they
+// are loaded, and every sum (logits, softmax, weighted sums, dq, and dk, dv and the RPB gradient in
+// float buffers) is taken in float; the kept probabilities and the RPB are float. Only the output
+// and dq, dk, dv are rounded back to the inputs' dtype, once each.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -43,8 +49,48 @@ using v8f = float __attribute__((vector_size(32)));
 using v8i = int32_t __attribute__((vector_size(32)));
 using v8f_unaligned = float __attribute__((vector_size(32), aligned(4), may_alias));
 
+using v8i_unaligned = int32_t __attribute__((vector_size(32), aligned(2), may_alias));
+
 NA_INLINE v8f load8(const float* p) { return *reinterpret_cast<const v8f_unaligned*>(p); }
 NA_INLINE void store8(float* p, v8f x) { *reinterpret_cast<v8f_unaligned*>(p) = x; }
+NA_INLINE v8f as_float(v8i bits) { return reinterpret_cast<const v8f&>(bits); }
+NA_INLINE v8i as_bits(v8f x) { return reinterpret_cast<const v8i&>(x); }
+
+// Chunk c (8 lanes, as float) of a row of head-dim elements. float: elements 8c..8c+7. bfloat16 (the
+// top half of a float) is read 16 elements at a time as 8 32-bit pairs: chunk 2m holds block m's even
+// elements (pair << 16), chunk 2m+1 its odd ones (pair & high half): a shift or a mask per 8 lanes.
+// (Widening 8 bfloat16 in order took GCC six instructions and ran the forward 1.9x slower than float.)
+// Every vector sum over chunks is over the head dim or lane by lane, so the order only shows where a
+// row is written: store_row puts elements back in place, and float sums kept in chunk order (dk, dv)
+// go through store_row on their way out.
+template <typename S>
+NA_INLINE v8f load_chunk(const S* row, int c) {
+  if constexpr (std::is_same_v<S, float>) {
+    return load8(row + 8 * c);
+  } else {
+    const v8i pairs = *reinterpret_cast<const v8i_unaligned*>(row + 16 * (c / 2));
+    return as_float(c % 2 == 0 ? pairs << 16 : pairs & static_cast<int32_t>(0xFFFF0000));
+  }
+}
+
+// The row's kChunks chunks (as load_chunk lays them out) written to `row`, rounded to nearest even.
+template <typename S, int kChunks>
+NA_INLINE void store_row(S* row, const v8f* chunks) {
+  if constexpr (std::is_same_v<S, float>) {
+    for (int c = 0; c < kChunks; ++c) store8(row + 8 * c, chunks[c]);
+  } else {
+    auto rounded = [](v8f x) {
+      const v8i bits = as_bits(x);
+      const v8i nearest = bits + 0x7FFF + ((bits >> 16) & 1);
+      return x != x ? v8i{} + 0x7FC00000 : nearest;  // NaN stays NaN
+    };
+    for (int c = 0; c < kChunks; c += 2) {
+      const v8i even = rounded(chunks[c]), odd = rounded(chunks[c + 1]);
+      const v8i pairs = ((even >> 16) & 0xFFFF) | (odd & static_cast<int32_t>(0xFFFF0000));
+      *reinterpret_cast<v8i_unaligned*>(row + 8 * c) = pairs;
+    }
+  }
+}
 
 // Lane l of the result: sum of the 8 lanes of x[l] (a transposing reduction: no serial add chain).
 NA_INLINE v8f sum_lanes_of_8(const v8f* x) {
@@ -77,18 +123,23 @@ NA_INLINE v8f exp_nonpositive(v8f x) {
   return p * reinterpret_cast<const v8f&>(exponent);
 }
 
-template <typename T, int kD>
-constexpr bool kVectorPath = std::is_same_v<T, float> && kD > 0 && kD % 8 == 0;
+// S: the tensors' storage type; Acc<S>: what sums are taken in (float for bfloat16).
+template <typename S>
+using Acc = at::opmath_type<S>;
+
+template <typename S, int kD>
+constexpr bool kVectorPath =
+    (std::is_same_v<S, float> && kD > 0 && kD % 8 == 0) || (std::is_same_v<S, at::BFloat16> && kD > 0 && kD % 16 == 0);
 
 // out[t] = <x, base + offsets[t]> for t < taps (base: a window's first key). `out` has room for
 // taps rounded up to 8.
-template <typename T, int kD>
-NA_INLINE void window_dots(const T* x, const T* base, const int64_t* offsets, int64_t taps, int64_t dim,
+template <typename S, int kD, typename T = Acc<S>>
+NA_INLINE void window_dots(const S* x, const S* base, const int64_t* offsets, int64_t taps, int64_t dim,
                            T* out) {
-  if constexpr (kVectorPath<T, kD>) {
+  if constexpr (kVectorPath<S, kD>) {
     constexpr int kChunks = kD / 8;
     v8f xv[kChunks];
-    for (int c = 0; c < kChunks; ++c) xv[c] = load8(x + 8 * c);
+    for (int c = 0; c < kChunks; ++c) xv[c] = load_chunk(x, c);
     v8f partial[8];
     for (int64_t first = 0; first < taps; first += 8) {
       for (int64_t t = 0; t < 8; ++t) {
@@ -96,27 +147,27 @@ NA_INLINE void window_dots(const T* x, const T* base, const int64_t* offsets, in
           partial[t] = v8f{};
           continue;
         }
-        const float* row = base + offsets[first + t];
-        v8f acc = xv[0] * load8(row);
-        for (int c = 1; c < kChunks; ++c) acc += xv[c] * load8(row + 8 * c);
+        const S* row = base + offsets[first + t];
+        v8f acc = xv[0] * load_chunk(row, 0);
+        for (int c = 1; c < kChunks; ++c) acc += xv[c] * load_chunk(row, c);
         partial[t] = acc;
       }
       store8(out + first, sum_lanes_of_8(partial));
     }
   } else {
     for (int64_t t = 0; t < taps; ++t) {
-      const T* row = base + offsets[t];
+      const S* row = base + offsets[t];
       T acc = 0;
-      for (int64_t d = 0; d < dim; ++d) acc += x[d] * row[d];
+      for (int64_t d = 0; d < dim; ++d) acc += T(x[d]) * T(row[d]);
       out[t] = acc;
     }
   }
 }
 
 // weights[t] = exp(weights[t] - shift) for t < taps; returns their sum. Tail lanes up to 8 are zeroed.
-template <typename T, int kD>
+template <typename S, int kD, typename T = Acc<S>>
 NA_INLINE T exp_shifted(T* weights, int64_t taps, T shift) {
-  if constexpr (kVectorPath<T, kD>) {
+  if constexpr (kVectorPath<S, kD>) {
     v8f total{};
     const v8i lane{0, 1, 2, 3, 4, 5, 6, 7};
     for (int64_t first = 0; first < taps; first += 8) {
@@ -135,24 +186,27 @@ NA_INLINE T exp_shifted(T* weights, int64_t taps, T shift) {
   }
 }
 
-// out = sum_t weights[t] * (base + offsets[t])[0:dim]: the attention-weighted sum of value rows.
-template <typename T, int kD>
-NA_INLINE void weighted_rows(const T* weights, const T* base, const int64_t* offsets, int64_t taps, int64_t dim,
-                             T* out) {
-  if constexpr (kVectorPath<T, kD>) {
+// out = factor * sum_t weights[t] * (base + offsets[t])[0:dim]: the attention-weighted sum of value
+// rows, normalised (`sums`: room for dim values, used by the scalar loops).
+template <typename S, int kD, typename T = Acc<S>>
+NA_INLINE void weighted_rows(const T* weights, const S* base, const int64_t* offsets, int64_t taps, int64_t dim,
+                             T factor, S* out, T* sums) {
+  if constexpr (kVectorPath<S, kD>) {
     constexpr int kChunks = kD / 8;
     v8f acc[kChunks] = {};
     for (int64_t t = 0; t < taps; ++t) {
-      const float* row = base + offsets[t];
-      for (int c = 0; c < kChunks; ++c) acc[c] += weights[t] * load8(row + 8 * c);
+      const S* row = base + offsets[t];
+      for (int c = 0; c < kChunks; ++c) acc[c] += weights[t] * load_chunk(row, c);
     }
-    for (int c = 0; c < kChunks; ++c) store8(out + 8 * c, acc[c]);
+    for (int c = 0; c < kChunks; ++c) acc[c] *= factor;
+    store_row<S, kChunks>(out, acc);
   } else {
-    std::fill(out, out + dim, T(0));
+    std::fill(sums, sums + dim, T(0));
     for (int64_t t = 0; t < taps; ++t) {
-      const T* row = base + offsets[t];
-      for (int64_t d = 0; d < dim; ++d) out[d] += weights[t] * row[d];
+      const S* row = base + offsets[t];
+      for (int64_t d = 0; d < dim; ++d) sums[d] += weights[t] * T(row[d]);
     }
+    for (int64_t d = 0; d < dim; ++d) out[d] = S(sums[d] * factor);
   }
 }
 
@@ -161,40 +215,41 @@ NA_INLINE void weighted_rows(const T* weights, const T* base, const int64_t* off
 // Measured: 20% faster than taking dq in a pass of its own; gathering dk/dv per key instead
 // (row-band inverse windows, sums in registers, k read-modify-writes per query rather than k*k)
 // was no faster and needs more geometry.
-template <typename T, int kD>
-NA_INLINE void query_gradients(const T* qp, const T* gp, const T* keys, T* dkeys, T* dvalues,
+template <typename S, int kD, typename T = Acc<S>>
+NA_INLINE void query_gradients(const S* qp, const S* gp, const S* keys, T* dkeys, T* dvalues,
                                const int64_t* offsets, const T* probs, const T* dlogits, int64_t taps,
-                               int64_t dim, T* dq_out) {
-  if constexpr (kVectorPath<T, kD>) {
+                               int64_t dim, S* dq_out, T* dq) {
+  if constexpr (kVectorPath<S, kD>) {
     constexpr int kChunks = kD / 8;
     v8f qv[kChunks], gv[kChunks], dq[kChunks] = {};
     for (int c = 0; c < kChunks; ++c) {
-      qv[c] = load8(qp + 8 * c);
-      gv[c] = load8(gp + 8 * c);
+      qv[c] = load_chunk(qp, c);
+      gv[c] = load_chunk(gp, c);
     }
     for (int64_t t = 0; t < taps; ++t) {
-      const float* key = keys + offsets[t];
+      const S* key = keys + offsets[t];
       float* dkey = dkeys + offsets[t];
       float* dvalue = dvalues + offsets[t];
       for (int c = 0; c < kChunks; ++c) {
-        dq[c] += dlogits[t] * load8(key + 8 * c);
+        dq[c] += dlogits[t] * load_chunk(key, c);
         store8(dkey + 8 * c, load8(dkey + 8 * c) + dlogits[t] * qv[c]);
         store8(dvalue + 8 * c, load8(dvalue + 8 * c) + probs[t] * gv[c]);
       }
     }
-    for (int c = 0; c < kChunks; ++c) store8(dq_out + 8 * c, dq[c]);
+    store_row<S, kChunks>(dq_out, dq);
   } else {
-    std::fill(dq_out, dq_out + dim, T(0));
+    std::fill(dq, dq + dim, T(0));
     for (int64_t t = 0; t < taps; ++t) {
-      const T* key = keys + offsets[t];
+      const S* key = keys + offsets[t];
       T* dkey = dkeys + offsets[t];
       T* dvalue = dvalues + offsets[t];
       for (int64_t d = 0; d < dim; ++d) {
-        dq_out[d] += dlogits[t] * key[d];
-        dkey[d] += dlogits[t] * qp[d];
-        dvalue[d] += probs[t] * gp[d];
+        dq[d] += dlogits[t] * T(key[d]);
+        dkey[d] += dlogits[t] * T(qp[d]);
+        dvalue[d] += probs[t] * T(gp[d]);
       }
     }
+    for (int64_t d = 0; d < dim; ++d) dq_out[d] = S(dq[d]);
   }
 }
 
@@ -225,11 +280,12 @@ struct Layout {
 };
 Layout layout_of(const at::Tensor& t) { return Layout{t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
-// Scratch for one query: logits (then probabilities), gradients of logits; room for 8-lane tails.
+// Scratch for one query: logits (then probabilities), gradients of logits (room for 8-lane tails),
+// and one head-dim row of sums for the scalar loops.
 template <typename T>
 struct Scratch {
-  explicit Scratch(int64_t taps) : logits(taps + 8), second(taps + 8) {}
-  std::vector<T> logits, second;
+  Scratch(int64_t taps, int64_t dim) : logits(taps + 8), second(taps + 8), row(dim) {}
+  std::vector<T> logits, second, row;
 };
 
 // Offsets of tap (a, c) from a window's first key, a * k + c, in the keys' layout.
@@ -285,12 +341,12 @@ NA_INLINE int64_t window_origin(Layout kv, Geometry g, int64_t i, int64_t j) {
 
 // Query (i, j)'s logits = scale * <q, k> + bias over its window from `keys` (`bias`: its placement's
 // k*k biases, or null). Returns the largest logit.
-template <typename T, int kD>
-NA_INLINE T window_logits(const T* qp, const T* keys, const T* bias, Geometry g, int64_t dim, T scale,
+template <typename S, int kD, typename T = Acc<S>>
+NA_INLINE T window_logits(const S* qp, const S* keys, const T* bias, Geometry g, int64_t dim, T scale,
                           T* logits) {
   const int64_t taps = g.kernel * g.kernel;
-  window_dots<T, kD>(qp, keys, g.tap_offsets, taps, dim, logits);
-  if constexpr (kVectorPath<T, kD>) {
+  window_dots<S, kD>(qp, keys, g.tap_offsets, taps, dim, logits);
+  if constexpr (kVectorPath<S, kD>) {
     const v8i lane{0, 1, 2, 3, 4, 5, 6, 7};
     v8f largest = v8f{} - INFINITY;
     for (int64_t first = 0; first < taps; first += 8) {
@@ -319,13 +375,13 @@ NA_INLINE T window_logits(const T* qp, const T* keys, const T* bias, Geometry g,
 // together, which reads each pixel's keys once for all heads (15-19% faster there at 56^2 than a
 // head at a time). With `probs` (training), each query's k*k probabilities are kept,
 // (B, heads, H, W, k*k), for the backward.
-template <typename T, int kD>
-NA_CLONES void forward_rows(const T* q, const T* k, const T* v, const T* biases, T* out, T* probs, Shape s,
+template <typename S, int kD, typename T = Acc<S>>
+NA_CLONES void forward_rows(const S* q, const S* k, const S* v, const T* biases, S* out, T* probs, Shape s,
                             Layout lq, Layout lkv, Layout lo, Geometry g, T scale, bool heads_per_pixel,
                             int64_t begin, int64_t end) {
   const int64_t taps = g.kernel * g.kernel, D = kD > 0 ? kD : s.D;
   const int64_t head_biases = g.kernel * g.kernel * padded_taps(taps);
-  Scratch<T> scratch(taps);
+  Scratch<T> scratch(taps, D);
   T* weights = scratch.logits.data();
   for (int64_t r = begin; r < end; ++r) {
     const int64_t b = heads_per_pixel ? r / s.H : r / (s.heads * s.H), i = r % s.H;
@@ -337,11 +393,10 @@ NA_CLONES void forward_rows(const T* q, const T* k, const T* v, const T* biases,
         const int64_t window = lkv.offset(b, 0, 0, h) + origin;
         const T* bias = biases ? biases + h * head_biases + placement : nullptr;
         const T maximum =
-            window_logits<T, kD>(q + lq.offset(b, i, j, h), k + window, bias, g, D, scale, weights);
-        const T inverse = T(1) / exp_shifted<T, kD>(weights, taps, maximum);
-        T* o = out + lo.offset(b, i, j, h);
-        weighted_rows<T, kD>(weights, v + window, g.tap_offsets, taps, D, o);
-        for (int64_t d = 0; d < D; ++d) o[d] *= inverse;
+            window_logits<S, kD>(q + lq.offset(b, i, j, h), k + window, bias, g, D, scale, weights);
+        const T inverse = T(1) / exp_shifted<S, kD>(weights, taps, maximum);
+        weighted_rows<S, kD>(weights, v + window, g.tap_offsets, taps, D, inverse, out + lo.offset(b, i, j, h),
+                             scratch.row.data());
         if (probs) {
           T* query_probs = probs + s.query_index(b, h, i, j) * taps;
           for (int64_t t = 0; t < taps; ++t) query_probs[t] = weights[t] * inverse;
@@ -352,25 +407,26 @@ NA_CLONES void forward_rows(const T* q, const T* k, const T* v, const T* biases,
 }
 
 // Units u in [begin, end) of the flattened (B * heads): one thread owns a unit's slices of dk and dv
-// (and its rpb-gradient plane), so the scatter into keys needs no atomics.
-template <typename T, int kD>
-NA_CLONES void backward_units(const T* grad_out, const T* q, const T* k, const T* v, const T* probs,
-                              T* dq, T* dk, T* dv, T* drpb, Shape s, Layout lg, Layout lq, Layout lkv, Layout ldq,
+// (and its rpb-gradient plane), so the scatter into keys needs no atomics. dk and dv are sums of k*k
+// terms per key: taken in Acc<S> buffers laid out like k.
+template <typename S, int kD, typename T = Acc<S>>
+NA_CLONES void backward_units(const S* grad_out, const S* q, const S* k, const S* v, const T* probs,
+                              S* dq, T* dk, T* dv, T* drpb, Shape s, Layout lg, Layout lq, Layout lkv, Layout ldq,
                               Geometry g, T scale, int64_t begin, int64_t end) {
   const int64_t kk = g.kernel, taps = kk * kk, span = 2 * kk - 1, D = kD > 0 ? kD : s.D;
-  Scratch<T> scratch(taps);
+  Scratch<T> scratch(taps, D);
   std::vector<T> placement_grads(drpb ? kk * kk * padded_taps(taps) : 0);
   for (int64_t u = begin; u < end; ++u) {
     const int64_t b = u / s.heads, h = u % s.heads, plane = lkv.offset(b, 0, 0, h);
     std::fill(placement_grads.begin(), placement_grads.end(), T(0));
     for (int64_t i = 0; i < s.H; ++i) {
       for (int64_t j = 0; j < s.W; ++j) {
-        const T* qp = q + lq.offset(b, i, j, h);
-        const T* gp = grad_out + lg.offset(b, i, j, h);
+        const S* qp = q + lq.offset(b, i, j, h);
+        const S* gp = grad_out + lg.offset(b, i, j, h);
         const T* query_probs = probs + s.query_index(b, h, i, j) * taps;
         const int64_t window = plane + window_origin(lkv, g, i, j);
         T* dlogits = scratch.second.data();
-        window_dots<T, kD>(gp, v + window, g.tap_offsets, taps, D, dlogits);  // dP
+        window_dots<S, kD>(gp, v + window, g.tap_offsets, taps, D, dlogits);  // dP
         // Softmax backward: dlogit_t = p_t (dP_t - sum_u p_u dP_u); the sum is dO . O, taken here from
         // what is at hand instead of from the output (one pass fewer over dO and O).
         T row_delta = 0;
@@ -381,11 +437,27 @@ NA_CLONES void backward_units(const T* grad_out, const T* q, const T* k, const T
           for (int64_t t = 0; t < taps; ++t) placement[t] += dlogits[t];
         }
         for (int64_t t = 0; t < taps; ++t) dlogits[t] *= scale;
-        query_gradients<T, kD>(qp, gp, k + window, dk + window, dv + window, g.tap_offsets, query_probs,
-                               dlogits, taps, D, dq + ldq.offset(b, i, j, h));
+        query_gradients<S, kD>(qp, gp, k + window, dk + window, dv + window, g.tap_offsets, query_probs,
+                               dlogits, taps, D, dq + ldq.offset(b, i, j, h), scratch.row.data());
       }
     }
     if (drpb) add_placements_to_plane(placement_grads.data(), kk, drpb + u * span * span);
+  }
+}
+
+// Rows [begin, end) of dim values summed in Acc<S> (in load_chunk's order on the vector path: dk, dv)
+// written to `out` in S.
+template <typename S, int kD, typename T = Acc<S>>
+NA_CLONES void sums_to_storage(const T* sums, S* out, int64_t dim, int64_t begin, int64_t end) {
+  if constexpr (kVectorPath<S, kD>) {
+    constexpr int kChunks = kD / 8;
+    v8f chunks[kChunks];
+    for (int64_t r = begin; r < end; ++r) {
+      for (int c = 0; c < kChunks; ++c) chunks[c] = load8(sums + r * kD + 8 * c);
+      store_row<S, kChunks>(out + r * kD, chunks);
+    }
+  } else {
+    for (int64_t n = begin * dim; n < end * dim; ++n) out[n] = S(sums[n]);
   }
 }
 
@@ -411,8 +483,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               "q needs a contiguous head dim; k and v the same dense strides with a contiguous head dim");
   TORCH_CHECK(q.sizes() == k.sizes() && q.sizes() == v.sizes(), "q, k, v shapes differ");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "dtypes differ");
-  TORCH_CHECK(!rpb || (rpb->is_contiguous() && rpb->scalar_type() == q.scalar_type()),
-              "rpb must be contiguous and of q's dtype");
+  TORCH_CHECK(!rpb || (rpb->is_contiguous() && rpb->scalar_type() == at::toOpMathType(q.scalar_type())),
+              "rpb must be contiguous, float32 for bfloat16 q, else of q's dtype");
   TORCH_CHECK(row_start.scalar_type() == at::kLong, "geometry must be int64");
 }
 
@@ -443,19 +515,21 @@ std::tuple<at::Tensor, at::Tensor> na2d_forward(const at::Tensor& q, const at::T
   auto out = at::empty_like(q, at::MemoryFormat::Contiguous);  // what the output projection reads
   const bool heads_per_pixel = k.stride(3) < k.stride(2);
   const int64_t rows = heads_per_pixel ? s.B * s.H : s.B * s.heads * s.H;
-  auto probs = save_probs ? at::empty({s.B, s.heads, s.H, s.W, kernel_size * kernel_size}, q.options())
-                          : at::empty({0}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_forward", [&] {
-    const auto biases = rpb ? placement_biases(rpb->data_ptr<scalar_t>(), s.heads, kernel_size)
-                            : std::vector<scalar_t>();
-    const scalar_t* bias = rpb ? biases.data() : nullptr;
-    scalar_t* kept = save_probs ? probs.data_ptr<scalar_t>() : nullptr;
+  const auto acc_options = q.options().dtype(at::toOpMathType(q.scalar_type()));
+  auto probs = save_probs ? at::empty({s.B, s.heads, s.H, s.W, kernel_size * kernel_size}, acc_options)
+                          : at::empty({0}, acc_options);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "na2d_forward", [&] {
+    using acc_t = Acc<scalar_t>;
+    const auto biases = rpb ? placement_biases(rpb->data_ptr<acc_t>(), s.heads, kernel_size)
+                            : std::vector<acc_t>();
+    const acc_t* bias = rpb ? biases.data() : nullptr;
+    acc_t* kept = save_probs ? probs.data_ptr<acc_t>() : nullptr;
     dispatch_head_dim(s.D, [&](auto head_dim) {
       at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
         forward_rows<scalar_t, decltype(head_dim)::value>(
             q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), bias,
             out.data_ptr<scalar_t>(), kept, s, layout_of(q), layout_of(k), layout_of(out), g,
-            static_cast<scalar_t>(scale), heads_per_pixel, begin, end);
+            static_cast<acc_t>(scale), heads_per_pixel, begin, end);
       });
     });
   });
@@ -472,28 +546,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_backward(
               "grad_out must have q's shape and a contiguous head dim");
   const Shape s = shape_of(q);
   const int64_t taps = kernel_size * kernel_size, span = 2 * kernel_size - 1;
-  TORCH_CHECK(probs.is_contiguous() && probs.numel() == s.B * s.H * s.W * s.heads * taps,
+  const auto acc_options = q.options().dtype(at::toOpMathType(q.scalar_type()));
+  TORCH_CHECK(probs.is_contiguous() && probs.numel() == s.B * s.H * s.W * s.heads * taps &&
+                  probs.scalar_type() == acc_options.dtype(),
               "probs must be the forward's saved probabilities (forward with save_probs=True)");
   const auto offsets = tap_offsets(kernel_size, dilation, layout_of(k));
   const Geometry g = geometry_of(row_start, col_start, row_bias, col_bias, kernel_size, dilation, offsets);
-  auto dq = at::empty_like(q);  // each in its input's layout
-  auto dk = at::zeros_like(k);
-  auto dv = at::zeros_like(v);
-  auto drpb_per_unit = rpb_grad ? at::zeros({s.B, s.heads, span, span}, q.options()) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "na2d_backward", [&] {
-    scalar_t* drpb = drpb_per_unit.defined() ? drpb_per_unit.data_ptr<scalar_t>() : nullptr;
+  auto dq = at::empty_like(q);  // each in its input's layout; dk, dv summed in Acc (as k's strides)
+  auto dk_sums = at::zeros_like(k, acc_options);
+  auto dv_sums = at::zeros_like(v, acc_options);
+  auto dk = acc_options.dtype() == k.dtype() ? dk_sums : at::empty_like(k);
+  auto dv = acc_options.dtype() == v.dtype() ? dv_sums : at::empty_like(v);
+  auto drpb_per_unit = rpb_grad ? at::zeros({s.B, s.heads, span, span}, acc_options) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "na2d_backward", [&] {
+    using acc_t = Acc<scalar_t>;
+    acc_t* drpb = drpb_per_unit.defined() ? drpb_per_unit.data_ptr<acc_t>() : nullptr;
     dispatch_head_dim(s.D, [&](auto head_dim) {
       at::parallel_for(0, s.B * s.heads, 1, [&](int64_t begin, int64_t end) {
         backward_units<scalar_t, decltype(head_dim)::value>(
             grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-            v.data_ptr<scalar_t>(), probs.data_ptr<scalar_t>(),
-            dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), drpb, s,
+            v.data_ptr<scalar_t>(), probs.data_ptr<acc_t>(),
+            dq.data_ptr<scalar_t>(), dk_sums.data_ptr<acc_t>(), dv_sums.data_ptr<acc_t>(), drpb, s,
             layout_of(grad_out), layout_of(q), layout_of(k), layout_of(dq), g,
-            static_cast<scalar_t>(scale), begin, end);
+            static_cast<acc_t>(scale), begin, end);
       });
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) {  // dk, dv are dense: numel / D rows of D
+        at::parallel_for(0, k.numel() / s.D, 64, [&](int64_t begin, int64_t end) {
+          constexpr int kD = decltype(head_dim)::value;
+          sums_to_storage<scalar_t, kD>(dk_sums.data_ptr<acc_t>(), dk.data_ptr<scalar_t>(), s.D, begin, end);
+          sums_to_storage<scalar_t, kD>(dv_sums.data_ptr<acc_t>(), dv.data_ptr<scalar_t>(), s.D, begin, end);
+        });
+      }
     });
   });
-  auto drpb = drpb_per_unit.defined() ? drpb_per_unit.sum(0) : at::empty({0}, q.options());
+  auto drpb = drpb_per_unit.defined() ? drpb_per_unit.sum(0) : at::empty({0}, acc_options);
   return {dq, dk, dv, drpb};
 }
 
