@@ -18,18 +18,23 @@ of each axis, where every window is a plain run of k positions, clamped inside t
   key's gradient is owned by one program (no atomics).
 
 Inputs in float16/bfloat16/float32 (float64 too: handy for exact tests) in any strides; softmax,
-logsumexp and gradients accumulate in float32 (float64 for float64). float32 logits follow
-`torch.backends.cuda.matmul.allow_tf32`. On CPU tensors it runs only under `TRITON_INTERPRET=1`
-(Triton's interpreter, for tests), set before Triton is imported (torch imports it): Triton's own
-library functions are decorated then, compiled or interpreted (tests/conftest.py sets it).
+logsumexp and gradients accumulate in float32 (float64 for float64). float32 logits follow torch's
+float32 matmul precision (`fp32_matmul_uses_tf32`). On CPU tensors it runs only under
+`TRITON_INTERPRET=1` (Triton's interpreter, for tests), set before Triton is imported (torch imports
+it): Triton's own library functions are decorated then, compiled or interpreted (tests/conftest.py
+sets it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
+import io
 import math
 import os
+import re
+import struct
 
 import torch
 
@@ -43,6 +48,11 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Query tile (rows, cols) of the forward and dq passes and key tile of the dk/dv pass, in group
 # coordinates; 8x8 = 64 rows for tl.dot. Not tuned on a GPU yet (none was lent): scripts/gpu_check.py.
 DEFAULT_TILE = (8, 8)
+# (num_warps, num_stages) the autotuner times on a kernel's first launch for each key (`_kernels`).
+# Offline compiles with Triton 3.8's ptxas (tests/test_triton_na.py): 8 warps and 1 stage leave every
+# kernel spill-free in bf16 up to head dim 128 at k = 7 (sm_80), where Triton's default (4, 3) spilled
+# from head dim 64; 4 warps serve head dim 32 with half the threads. Not yet timed on a GPU.
+LAUNCH_CONFIGS = ((8, 1), (4, 1), (8, 2))
 
 
 def triton_error() -> str | None:
@@ -79,7 +89,9 @@ def _program_tile(heads, height, width, tiles_h, tiles_w, DIL: tl.constexpr):
     tb = tile % tiles_w
     len_h = (height - gi + DIL - 1) // DIL
     len_w = (width - gj + DIL - 1) // DIL
-    return pid, bh, b, h, gi, gj, ta, tb, len_h, len_w
+    # (gi, gj) in int64, and so every map row and column derived from them: row * row stride passes
+    # 2**31 for packed-qkv views of large maps (1024^2 with C >= 683); group coordinates stay int32.
+    return pid, bh, b, h, gi.to(tl.int64), gj.to(tl.int64), ta, tb, len_h, len_w
 
 
 def _query_tile(ta, tb, len_h, len_w, KS: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, KW: tl.constexpr):
@@ -109,6 +121,14 @@ def _load_rows(base, row, cols, d, s_row, s_col, s_d, mask, DOT_DTYPE: tl.conste
     return tl.load(pointers, mask=mask, other=0.0).to(DOT_DTYPE)
 
 
+def _exact_scale(hi, lo, IS_FP64: tl.constexpr):
+    """A scale passed as two float32 arguments (the compiled launcher types Python floats float32):
+    their sum keeps 48 bits for float64 inputs; float32 and narrower need only `hi`."""
+    if IS_FP64:
+        return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+    return hi
+
+
 def _window_logits(
     q, k, RPB, h, ka, qa, qb, kb, sa, col_in, qk_scale,
     KS: tl.constexpr, HAS_RPB: tl.constexpr, PRECISION: tl.constexpr,
@@ -127,7 +147,7 @@ def _window_logits(
     return s, inside
 
 
-_DEVICE_FUNCTIONS = ("_program_tile", "_query_tile", "_load_rows", "_window_logits")
+_DEVICE_FUNCTIONS = ("_program_tile", "_query_tile", "_load_rows", "_exact_scale", "_window_logits")
 
 
 def _na2d_forward_kernel(
@@ -136,13 +156,14 @@ def _na2d_forward_kernel(
     skb, skh, skw, skn, skd,
     svb, svh, svw, svn, svd,
     sob, soh, sow, son, sod,
-    heads, height, width, head_dim, tiles_h, tiles_w, qk_scale,
+    heads, height, width, head_dim, tiles_h, tiles_w, qk_scale_hi, qk_scale_lo,
     KS: tl.constexpr, DIL: tl.constexpr, HAS_RPB: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
     KW: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):  # fmt: skip
     pid, bh, b, h, gi, gj, ta, tb, len_h, len_w = _program_tile(heads, height, width, tiles_h, tiles_w, DIL)
     qa, qb, q_valid, sa, sb, ha0, ha1, hb0, kb = _query_tile(ta, tb, len_h, len_w, KS, BH, BW, KW)
+    qk_scale = _exact_scale(qk_scale_hi, qk_scale_lo, IS_FP64)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
     rows_q = gi + DIL * qa
@@ -191,7 +212,7 @@ def _na2d_backward_query_kernel(
     sob, soh, sow, son, sod,
     sdb, sdh, sdw, sdn, sdd,
     sgb, sgh, sgw, sgn, sgd,
-    heads, height, width, head_dim, tiles_h, tiles_w, qk_scale, scale,
+    heads, height, width, head_dim, tiles_h, tiles_w, qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
     KS: tl.constexpr, DIL: tl.constexpr, HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, BH: tl.constexpr,
     BW: tl.constexpr, KW: tl.constexpr, BLOCK_D: tl.constexpr, SPAN_P: tl.constexpr, IS_FP64: tl.constexpr,
     PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -199,6 +220,8 @@ def _na2d_backward_query_kernel(
     SPAN: tl.constexpr = 2 * KS - 1
     pid, bh, b, h, gi, gj, ta, tb, len_h, len_w = _program_tile(heads, height, width, tiles_h, tiles_w, DIL)
     qa, qb, q_valid, sa, sb, ha0, ha1, hb0, kb = _query_tile(ta, tb, len_h, len_w, KS, BH, BW, KW)
+    qk_scale = _exact_scale(qk_scale_hi, qk_scale_lo, IS_FP64)
+    scale = _exact_scale(scale_hi, scale_lo, IS_FP64)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
     rows_q = gi + DIL * qa
@@ -259,7 +282,7 @@ def _na2d_backward_key_kernel(
     svb, svh, svw, svn, svd,
     sdb, sdh, sdw, sdn, sdd,
     sgb, sgh, sgw, sgn, sgd,
-    heads, height, width, head_dim, tiles_h, tiles_w, qk_scale, scale,
+    heads, height, width, head_dim, tiles_h, tiles_w, qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
     KS: tl.constexpr, DIL: tl.constexpr, HAS_RPB: tl.constexpr, KH: tl.constexpr, KWT: tl.constexpr,
     QW: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
@@ -273,6 +296,8 @@ def _na2d_backward_key_kernel(
     k_valid = (ka < len_h) & (kb < len_w)
     ka = tl.minimum(ka, len_h - 1)
     kb = tl.minimum(kb, len_w - 1)
+    qk_scale = _exact_scale(qk_scale_hi, qk_scale_lo, IS_FP64)
+    scale = _exact_scale(scale_hi, scale_lo, IS_FP64)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
     rows_k = gi + DIL * ka
@@ -335,7 +360,7 @@ def _na2d_backward_key_kernel(
 
 
 @functools.cache
-def _kernels() -> tuple:
+def jit_kernels() -> tuple:
     """The kernels, decorated on first use (Triton picks compiled or interpreted at decoration).
 
     The device functions they call are decorated first and rebound under their names, where the
@@ -347,8 +372,43 @@ def _kernels() -> tuple:
     )
 
 
+@functools.cache
+def _kernels() -> tuple:
+    """What the launches call: on a GPU each kernel autotuned over `LAUNCH_CONFIGS`, once per key
+    (head dim, kernel size, map size and, Triton's own, the tensors' dtypes); in the interpreter,
+    where launch settings mean nothing, the plain kernels."""
+    if triton_interpreting():
+        return jit_kernels()
+    configs = [triton.Config({}, num_warps=warps, num_stages=stages) for warps, stages in LAUNCH_CONFIGS]
+    # Configs that run out of shared memory or registers are timed as infinitely slow, not raised.
+    return tuple(
+        triton.autotune(configs, key=["head_dim", "KS", "height", "width"])(kernel)
+        for kernel in jit_kernels()
+    )
+
+
+def key_chunk(dtype: torch.dtype, kernel_size: int, head_dim: int, tile: tuple[int, int]) -> int:
+    """Queries per step of the dk/dv walk (QW): the query tile's halo width, but 16 where a row of
+    fp32 (fp64) head-dim lanes is 512 B or more, whose q and dO chunks would pass sm_86's 99 KB of
+    shared memory at k = 13 (offline compile, tests/test_triton_na.py)."""
+    row_bytes = _pow2(head_dim) * (8 if dtype == torch.float64 else 4 if dtype == torch.float32 else 2)
+    return 16 if row_bytes >= 512 else _pow2(tile[1] + kernel_size - 1)
+
+
+def fp32_matmul_uses_tf32() -> bool:
+    """Whether float32 matmuls may use TF32, read through torch's new per-backend setting, which also
+    reflects the legacy `allow_tf32` flag (reading that flag raises once the new API has been used)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch < 2.9: the legacy flag only
+        return bool(matmul.allow_tf32)
+    if precision == "none":  # inherits the global setting
+        precision = torch.backends.fp32_precision
+    return precision == "tf32"
+
+
 def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and fp32_matmul_uses_tf32():
         return "tf32"
     return "ieee"  # ignored for 16-bit inputs (their products are exact in the fp32 accumulator)
 
@@ -364,41 +424,56 @@ def _dot_dtype(dtype: torch.dtype):
     )
 
 
+def _fp32_pair(x: float) -> tuple[float, float]:
+    """`x` as hi + lo, both float32 values: what survives the compiled launcher (see `_exact_scale`)."""
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, struct.unpack("f", struct.pack("f", x - hi))[0]
+
+
 def _group_tiles(height: int, width: int, dilation: int, tile: tuple[int, int]) -> tuple[int, int]:
     """Tiles per axis of the longest dilation group (group 0); shorter groups mask their tail."""
     return math.ceil(math.ceil(height / dilation) / tile[0]), math.ceil(math.ceil(width / dilation) / tile[1])
 
 
-def _geometry(q: torch.Tensor, kernel_size: int, dilation: int, tile: tuple[int, int]) -> dict:
+def kernel_constants(
+    dtype: torch.dtype, kernel_size: int, dilation: int, head_dim: int, tile: tuple[int, int], has_rpb: bool,
+    rpb_grad: bool = False,
+) -> tuple[dict, dict, dict]:  # fmt: skip
+    """The compile-time constants of the forward, query-major and key-major kernels for a call."""
+    common = dict(
+        KS=kernel_size,
+        DIL=dilation,
+        HAS_RPB=has_rpb,
+        BLOCK_D=_pow2(head_dim),
+        IS_FP64=dtype == torch.float64,
+        PRECISION=_precision(dtype),
+        DOT_DTYPE=_dot_dtype(dtype),
+    )
+    forward = dict(common, BH=tile[0], BW=tile[1], KW=_pow2(tile[1] + kernel_size - 1))
+    query = dict(forward, RPB_GRAD=rpb_grad, SPAN_P=_pow2(2 * kernel_size - 1))
+    key = dict(common, KH=tile[0], KWT=tile[1], QW=key_chunk(dtype, kernel_size, head_dim, tile))
+    return forward, query, key
+
+
+def _geometry(q: torch.Tensor, dilation: int, tile: tuple[int, int]) -> tuple[int, tuple]:
+    """Programs per (batch, head) and the kernels' shape arguments."""
     B, H, W, heads, dim = q.shape
     tiles_h, tiles_w = _group_tiles(H, W, dilation, tile)
-    return dict(
-        n_tiles=dilation * dilation * tiles_h * tiles_w,
-        scalars=(heads, H, W, dim, tiles_h, tiles_w),
-        constants=dict(
-            KS=kernel_size,
-            DIL=dilation,
-            BLOCK_D=_pow2(dim),
-            IS_FP64=q.dtype == torch.float64,
-            PRECISION=_precision(q.dtype),
-            DOT_DTYPE=_dot_dtype(q.dtype),
-        ),
-    )
+    return dilation * dilation * tiles_h * tiles_w, (heads, H, W, dim, tiles_h, tiles_w)
 
 
 def _forward(q, k, v, rpb, kernel_size, dilation, scale, tile):
     forward_kernel, _, _ = _kernels()
     B, H, W, heads, dim = q.shape
-    geo = _geometry(q, kernel_size, dilation, tile)
+    n_tiles, shape = _geometry(q, dilation, tile)
+    constants, _, _ = kernel_constants(q.dtype, kernel_size, dilation, dim, tile, rpb is not None)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse = torch.empty((B, heads, H, W), dtype=stat_dtype, device=q.device)
-    forward_kernel[(B * heads * geo["n_tiles"],)](
+    forward_kernel[(B * heads * n_tiles,)](
         q, k, v, rpb if rpb is not None else q, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *geo["scalars"], scale * math.log2(math.e),
-        HAS_RPB=rpb is not None, BH=tile[0], BW=tile[1], KW=_pow2(tile[1] + kernel_size - 1),
-        **geo["constants"],
+        *shape, *_fp32_pair(scale * math.log2(math.e)), **constants,
     )  # fmt: skip
     return out, lse
 
@@ -406,28 +481,81 @@ def _forward(q, k, v, rpb, kernel_size, dilation, scale, tile):
 def _backward(q, k, v, rpb, out, lse, grad_out, kernel_size, dilation, scale, tile, rpb_grad: bool):
     _, query_kernel, key_kernel = _kernels()
     B, H, W, heads, dim = q.shape
-    geo = _geometry(q, kernel_size, dilation, tile)
+    n_tiles, shape = _geometry(q, dilation, tile)
+    _, query_constants, key_constants = kernel_constants(
+        q.dtype, kernel_size, dilation, dim, tile, rpb is not None, rpb_grad
+    )
     delta = torch.empty_like(lse)  # written by the query-major pass
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     span = 2 * kernel_size - 1
-    n_tiles = geo["n_tiles"]
     parts = (
         torch.empty((B, heads, n_tiles, span, span), dtype=lse.dtype, device=q.device) if rpb_grad else lse
     )
-    common = (*geo["scalars"], scale * math.log2(math.e), scale)
-    query_kernel[(B * heads * geo["n_tiles"],)](
+    common = (*shape, *_fp32_pair(scale * math.log2(math.e)), *_fp32_pair(scale))
+    query_kernel[(B * heads * n_tiles,)](
         q, k, v, rpb if rpb is not None else q, out, grad_out, lse, delta, dq, parts,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(), *common,
-        HAS_RPB=rpb is not None, RPB_GRAD=rpb_grad, BH=tile[0], BW=tile[1],
-        KW=_pow2(tile[1] + kernel_size - 1), SPAN_P=_pow2(span), **geo["constants"],
+        **query_constants,
     )  # fmt: skip
-    key_kernel[(B * heads * geo["n_tiles"],)](
+    key_kernel[(B * heads * n_tiles,)](
         q, k, v, rpb if rpb is not None else q, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *common,
-        HAS_RPB=rpb is not None, KH=tile[0], KWT=tile[1], QW=_pow2(tile[1] + kernel_size - 1),
-        **geo["constants"],
+        **key_constants,
     )  # fmt: skip
     return dq, dk, dv, parts.sum((0, 2)) if rpb_grad else None
+
+
+_POINTER_ARGS = ("Q", "K", "V", "DO", "OUT", "DQ", "DK", "DV")  # in the inputs' dtype; the rest: stats
+_SCALE_ARGS = ("qk_scale_hi", "qk_scale_lo", "scale_hi", "scale_lo")
+
+
+def compile_offline(
+    arch: int, dtype: torch.dtype, kernel_size: int, head_dim: int, num_warps: int, num_stages: int,
+    dilation: int = 1, tile: tuple[int, int] = DEFAULT_TILE,
+) -> dict[str, dict[str, int]]:  # fmt: skip
+    """Compile the three kernels (with RPB and its gradient) for `sm_<arch>` without a GPU, through
+    Triton's NVIDIA back end and its bundled ptxas: {kernel: registers, spilled bytes, shared bytes}.
+    float32 compiles its TF32 dots (the fast path). Needs Triton compiled, not interpreted."""
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if triton_interpreting():
+        raise RuntimeError("compile_offline needs TRITON_INTERPRET unset (Triton compiled, not interpreted)")
+    type_names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+    data_type = type_names[dtype]
+    stat_type = "fp64" if dtype == torch.float64 else "fp32"
+    all_constants = kernel_constants(dtype, kernel_size, dilation, head_dim, tile, True, True)
+    knobs.nvidia.dump_ptxas_log = True  # ptxas -v: registers and spill stores
+    knobs.compilation.always_compile = True  # a cached kernel prints no ptxas log
+    stats = {}
+    for jit, constants in zip(jit_kernels(), all_constants, strict=True):
+        if dtype == torch.float32:
+            constants = dict(constants, PRECISION="tf32")
+        names = list(inspect.signature(jit.fn).parameters)
+        signature = {name: "constexpr" for name in constants}
+        for name in names:
+            if name in _POINTER_ARGS:
+                signature[name] = "*" + data_type
+            elif name.isupper() and name not in constants:  # RPB, LSE, DELTA, DRPB_PARTS
+                signature[name] = "*" + stat_type
+            elif name not in constants:
+                signature[name] = "fp32" if name in _SCALE_ARGS else "i32"
+        source = ASTSource(jit, signature, constexprs={(names.index(k),): v for k, v in constants.items()})
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(
+                source,
+                target=GPUTarget("cuda", arch, 32),
+                options=dict(num_warps=num_warps, num_stages=num_stages),
+            )
+        text = log.getvalue()
+        stats[jit.fn.__name__] = dict(
+            registers=int(re.search(r"Used (\d+) registers", text).group(1)),
+            spills=int(re.search(r"(\d+) bytes spill stores", text).group(1)),
+            shared=compiled.metadata.shared,
+        )
+    return stats
 
 
 class _TritonNeighborhoodAttention(torch.autograd.Function):
@@ -446,6 +574,13 @@ class _TritonNeighborhoodAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # create_graph=True: the kernels' gradients are not differentiable, so a double backward
+        # (a gradient penalty) would silently miss this op's terms; say so instead. (once_differentiable
+        # errs only when grad_out requires grad, not for the usual all-ones output gradient.)
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "the 'triton' NA backend has no double backward (create_graph=True): use backend='torch'"
+            )
         q, k, v, bias, out, lse = ctx.saved_tensors
         rpb_grad = bias is not None and ctx.needs_input_grad[3]
         dq, dk, dv, drpb = _backward(q, k, v, bias, out, lse, grad_out, *ctx.geometry, rpb_grad)
