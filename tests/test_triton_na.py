@@ -12,6 +12,7 @@ import os
 import struct
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,11 +21,16 @@ from na_reference import reference_na2d
 
 pytest.importorskip("triton", reason="Triton is not importable: the 'triton' NA backend can't run")
 
-from models.layers import NeighborhoodAttention2D, explain_backends, neighborhood_attention_2d  # noqa: E402
-from models.layers.backends import checks, triton_na  # noqa: E402
+from models.layers import (  # noqa: E402
+    NeighborhoodAttention2D,
+    explain_backends,
+    functional,  # noqa: E402
+    neighborhood_attention_2d,
+)
+from models.layers.backends import checks, self_check, triton_na  # noqa: E402
 from models.layers.backends.checks import CallInfo, select_backend  # noqa: E402
 from models.layers.backends.natten_na import natten_version  # noqa: E402
-from models.layers.backends.triton_na import na2d_triton, triton_interpreting  # noqa: E402
+from models.layers.backends.triton_na import LAUNCH_CONFIGS, na2d_triton, triton_interpreting  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not triton_interpreting():
@@ -238,12 +244,13 @@ import torch
 from models.layers.backends.torch_tiled import na2d_tiled
 from models.layers.backends.triton_na import na2d_triton
 
-size, dim, row_stride = 5, 16, 2**29 + 64  # elements: map row 4 starts past 2**31
-n = (size - 1) * row_stride + size * 3 * dim
+height, width, dim = 17, 5, 16
+row_stride = 2**31 // 12  # elements: rows 12-16 start past 2**31 (rows of one 8-row tile stay within)
+n = (height - 1) * row_stride + width * 3 * dim
 with tempfile.NamedTemporaryFile() as f:
     f.truncate(n * 4)  # sparse: only the pages touched below are ever allocated
     storage = torch.from_file(f.name, shared=True, size=n, dtype=torch.float32)
-    qkv = storage.as_strided((1, size, size, 3, 1, dim), (0, row_stride, 3 * dim, dim, dim, 1))
+    qkv = storage.as_strided((1, height, width, 3, 1, dim), (0, row_stride, 3 * dim, dim, dim, 1))
     qkv.copy_(torch.randn(qkv.shape, generator=torch.Generator().manual_seed(0)))
     q, k, v = qkv.unbind(3)
     out = na2d_triton(q, k, v, 3, 1, None, 0.25, 0.0)
@@ -257,8 +264,8 @@ with tempfile.NamedTemporaryFile() as f:
     DEVICE != "cpu", reason="the interpreter's view of a sparse file stands in for a huge map"
 )
 def test_offsets_past_2_31_elements():
-    """A packed-qkv view whose row offsets pass int32 (a 1024^2 map with C >= 683, here a 5x5 map with
-    a huge row stride over a sparse file): int32 offsets wrapped (a segfault in the interpreter)."""
+    """A packed-qkv view whose row offsets pass int32 (a 1024^2 map with C >= 683, here a 17x5 map
+    with a huge row stride over a sparse file): int32 offsets wrapped (a segfault in the interpreter)."""
     proc = subprocess.run(
         [sys.executable, "-c", _LARGE_OFFSETS_SCRIPT],
         capture_output=True,
@@ -278,7 +285,19 @@ def _pick(**overrides) -> str:
 def test_auto_on_cuda_prefers_triton_for_rpb_training_and_inference():
     assert _pick() == "triton"
     assert _pick(needs_grad=False) == "triton"
-    assert _pick(dtype=torch.float32) == "triton"
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    try:  # float32: Triton first only with TF32 (tensor cores); without, after SDPA until timed
+        matmul.fp32_precision = "ieee"
+        assert (
+            _pick(dtype=torch.float32) == "torch" and _pick(dtype=torch.float32, needs_grad=False) == "flex"
+        )
+        reason = select_backend(CallInfo("cuda", torch.float32, True, 0.0, True)).rejected["triton"]
+        assert "CUDA cores" in reason and "'torch'" in reason
+        matmul.fp32_precision = "tf32"
+        assert _pick(dtype=torch.float32) == "triton"
+    finally:
+        matmul.fp32_precision = saved
     assert _pick(has_rpb=False) == ("natten" if natten_version() else "triton")
     assert _pick(attn_drop=0.1) == "torch"  # only the SDPA path has attention dropout
     choice = select_backend(CallInfo("cuda", torch.bfloat16, True, 0.0, True))
@@ -288,6 +307,105 @@ def test_auto_on_cuda_prefers_triton_for_rpb_training_and_inference():
     assert "upstream" in choice.rejected["flex"]  # RPB training: flex only when asked for
     inference = select_backend(CallInfo("cuda", torch.bfloat16, True, 0.0, False))
     assert "'triton' comes first" in inference.rejected["flex"]
+
+
+@pytest.fixture
+def cuda_path_on_cpu(monkeypatch):
+    """The CUDA dispatch (auto's CUDA order, the self-checks) on CPU tensors: calls are labelled
+    'cuda', Triton runs interpreted; a fresh record of self-checks."""
+    if DEVICE != "cpu":
+        pytest.skip("on a GPU the real CUDA path runs")
+
+    call_fields = checks.call_fields
+
+    def labelled(*args):
+        return ("cuda", *call_fields(*args)[1:])
+
+    monkeypatch.setattr(functional, "call_fields", labelled)
+    monkeypatch.setattr(checks, "call_fields", labelled)  # explain_backends
+    monkeypatch.setattr(self_check, "_outcomes", {})
+    # float32 with TF32, where auto ranks Triton first (the interpreter's dots are float32 anyway)
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    yield
+    matmul.fp32_precision = saved
+
+
+def _na(q, rpb, **kwargs):
+    return neighborhood_attention_2d(q, q, q, 3, 1, rpb=rpb, **kwargs)
+
+
+def test_self_check_passes_then_triton_serves(cuda_path_on_cpu):
+    q = torch.randn(1, 9, 10, 2, 16, requires_grad=True)
+    rpb = torch.randn(2, 5, 5, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = _na(q, rpb)
+    torch.testing.assert_close(out, _na(q, rpb, backend="torch"), rtol=1e-5, atol=1e-5)
+    choice = explain_backends(q, rpb=rpb, requires_grad=True, kernel_size=3)
+    assert choice.name == "triton"
+    assert choice.self_checks == (
+        "self-check triton on cpu (float32, kernel 3, dilation 1, head dim 16, with RPB): passed",
+    )
+
+
+def test_injected_compile_error_warns_once_and_auto_falls_back(cuda_path_on_cpu, monkeypatch):
+    def broken_kernels():
+        raise RuntimeError("injected: out of resources: shared memory")
+
+    monkeypatch.setattr(triton_na, "_kernels", broken_kernels)
+    q = torch.randn(1, 9, 10, 2, 16, requires_grad=True)
+    rpb = torch.randn(2, 5, 5, requires_grad=True)
+    with pytest.warns(
+        RuntimeWarning, match=r"'triton' failed its self-check on cpu .*injected: out of resources"
+    ):
+        out = _na(q, rpb)  # RPB training: flex isn't auto's for it, so SDPA over halo tiles
+    want = _na(q, rpb, backend="torch")
+    torch.testing.assert_close(out, want)
+    out.sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the outcome is remembered
+        torch.testing.assert_close(_na(q, rpb), want)
+    choice = explain_backends(q, rpb=rpb, requires_grad=True, kernel_size=3)
+    assert choice.name == "torch" and "self-check" in choice.rejected["triton"]
+    assert "injected" in choice.self_checks[0]
+    with pytest.raises(ValueError, match="'triton' can't serve this call: failed its self-check"):
+        _na(q, rpb, backend="triton")
+
+
+def test_injected_wrong_result_falls_back_to_flex_for_inference(cuda_path_on_cpu, monkeypatch):
+    forward = triton_na._forward
+
+    def off_by_a_bit(*args):
+        out, lse = forward(*args)
+        return out * 1.05, lse
+
+    monkeypatch.setattr(triton_na, "_forward", off_by_a_bit)
+    q = torch.randn(1, 9, 10, 2, 16)
+    rpb = torch.randn(2, 5, 5)
+    with pytest.warns(RuntimeWarning, match="mismatch against the 'torch' backend"):
+        out = _na(q, rpb)
+    torch.testing.assert_close(out, _na(q, rpb, backend="torch"), rtol=1e-5, atol=1e-5)
+    assert explain_backends(q, rpb=rpb, kernel_size=3).name == "flex"
+
+
+def test_natten_failing_its_self_check_hands_over_to_triton(cuda_path_on_cpu, monkeypatch):
+    def broken_natten(*args):
+        raise RuntimeError("injected: libnatten has no kernel for this GPU")
+
+    monkeypatch.setattr(checks, "natten_version", lambda: "0.21.7")
+    monkeypatch.setitem(self_check.SELF_CHECKED, "natten", broken_natten)
+    q = torch.randn(1, 9, 10, 2, 16, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="'natten' failed its self-check.*libnatten"):
+        out = _na(q, None)
+    torch.testing.assert_close(out, _na(q, None, backend="torch"), rtol=1e-5, atol=1e-5)
+    choice = explain_backends(q, requires_grad=True, kernel_size=3)
+    assert choice.name == "triton" and "libnatten" in choice.rejected["natten"]
+    assert [line.split(" (")[0] for line in choice.self_checks] == [
+        "self-check natten on cpu",
+        "self-check triton on cpu",
+    ]
 
 
 def test_auto_without_triton_falls_back_and_says_why(monkeypatch):
@@ -319,12 +437,11 @@ def test_auto_never_picks_the_interpreter_on_cpu(monkeypatch):
 _COMPILE_SCRIPT = """
 import json, sys
 import torch
-from models.layers.backends.triton_na import LAUNCH_CONFIGS, compile_offline
+from models.layers.backends.triton_na import compile_offline
 
-arch, dtype = int(sys.argv[1]), getattr(torch, sys.argv[2])
-warps, stages = LAUNCH_CONFIGS[0]
+arch, dtype, shared_limit = int(sys.argv[1]), getattr(torch, sys.argv[2]), int(sys.argv[3])
 stats = {
-    f"{head_dim} {kernel_size}": compile_offline(arch, dtype, kernel_size, head_dim, warps, stages)
+    f"{head_dim} {kernel_size}": compile_offline(arch, dtype, kernel_size, head_dim, shared_limit)
     for head_dim in (32, 64, 128)
     for kernel_size in (7, 13)
 }
@@ -339,11 +456,12 @@ SHARED_LIMIT = {80: 166_912, 86: 101_376, 90: 232_448}
 @pytest.mark.parametrize("arch", sorted(SHARED_LIMIT))
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_kernels_compile_within_each_architectures_limits(arch, dtype):
-    """Head dims 32/64/128 and k 7/13 with the first launch config: shared memory within the
-    architecture's limit everywhere, and no register spills in bf16 up to head dim 64."""
+    """Head dims 32/64/128 and k 7/13: every kernel has a launch config within the architecture's
+    shared memory (the autotuner's choices); in bf16 up to head dim 64 that is each kernel's default
+    (first) config, and it spills no registers."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT, str(arch), dtype],
+        [sys.executable, "-c", _COMPILE_SCRIPT, str(arch), dtype, str(SHARED_LIMIT[arch])],
         capture_output=True,
         text=True,
         timeout=900,
@@ -354,8 +472,8 @@ def test_kernels_compile_within_each_architectures_limits(arch, dtype):
     stats = json.loads(proc.stdout.strip().splitlines()[-1])
     for case, kernels in stats.items():
         head_dim = int(case.split()[0])
-        for kernel, used in kernels.items():
+        for index, (kernel, used) in enumerate(kernels.items()):
             where = f"sm_{arch} {dtype} head_dim/k {case} {kernel}: {used}"
-            assert used["shared"] <= SHARED_LIMIT[arch], where
+            assert used is not None and used["shared"] <= SHARED_LIMIT[arch], where
             if dtype == "bfloat16" and head_dim <= 64:
-                assert used["spills"] == 0, where
+                assert tuple(used["config"]) == LAUNCH_CONFIGS[index][0] and used["spills"] == 0, where

@@ -48,11 +48,16 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Query tile (rows, cols) of the forward and dq passes and key tile of the dk/dv pass, in group
 # coordinates; 8x8 = 64 rows for tl.dot. Not tuned on a GPU yet (none was lent): scripts/gpu_check.py.
 DEFAULT_TILE = (8, 8)
-# (num_warps, num_stages) the autotuner times on a kernel's first launch for each key (`_kernels`).
-# Offline compiles with Triton 3.8's ptxas (tests/test_triton_na.py): 8 warps and 1 stage leave every
-# kernel spill-free in bf16 up to head dim 128 at k = 7 (sm_80), where Triton's default (4, 3) spilled
-# from head dim 64; 4 warps serve head dim 32 with half the threads. Not yet timed on a GPU.
-LAUNCH_CONFIGS = ((8, 1), (4, 1), (8, 2))
+# (num_warps, num_stages) per kernel (forward, query-major, key-major) that the autotuner times on
+# its first launch for each key (`_kernels`); the first of each is the offline-checked default. From
+# offline compiles with Triton 3.8's ptxas (tests/test_triton_na.py): Triton's default (4 warps, 3
+# stages) spilled from head dim 64 in bf16 on sm_80; 8 warps and 1 stage don't, except the query-major
+# kernel at k = 13, which needs 3 stages there (it alone holds the RPB-gradient table). A config that
+# runs out of shared memory (fp32 head dim 128 on sm_86) is skipped by the autotuner. Not yet timed.
+LAUNCH_CONFIGS = (((8, 1), (4, 1), (8, 2)), ((8, 3), (8, 1), (4, 1)), ((8, 1), (4, 1), (8, 2)))
+# Queries per step of the dk/dv walk (QW): 32 (the halo at k >= 11) spilled in bf16 at k = 13 head dim
+# 64 (sm_80) and passed sm_86's shared memory in fp32 at head dim 128.
+QUERY_CHUNK = 16
 
 
 def triton_error() -> str | None:
@@ -89,9 +94,7 @@ def _program_tile(heads, height, width, tiles_h, tiles_w, DIL: tl.constexpr):
     tb = tile % tiles_w
     len_h = (height - gi + DIL - 1) // DIL
     len_w = (width - gj + DIL - 1) // DIL
-    # (gi, gj) in int64, and so every map row and column derived from them: row * row stride passes
-    # 2**31 for packed-qkv views of large maps (1024^2 with C >= 683); group coordinates stay int32.
-    return pid, bh, b, h, gi.to(tl.int64), gj.to(tl.int64), ta, tb, len_h, len_w
+    return pid, bh, b, h, gi, gj, ta, tb, len_h, len_w
 
 
 def _query_tile(ta, tb, len_h, len_w, KS: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, KW: tl.constexpr):
@@ -114,10 +117,18 @@ def _query_tile(ta, tb, len_h, len_w, KS: tl.constexpr, BH: tl.constexpr, BW: tl
     return qa, qb, q_valid, sa, sb, ha0, ha1, hb0, kb
 
 
-def _load_rows(base, row, cols, d, s_row, s_col, s_d, mask, DOT_DTYPE: tl.constexpr):
-    """The (len(cols), BLOCK_D) vectors at (row, cols) from `base` (one batch and head), in tl.dot's
-    operand dtype; `row` is one row or a column of them, one per col."""
-    pointers = base + row * s_row + cols[:, None] * s_col + d[None, :] * s_d  # each term added to the pointer
+def _rows(base, first_row, rows, s_row):
+    """`base` (one batch and head) moved to map row(s) `rows` (one row or a column of them), at least
+    `first_row` and within one tile of it: that row's offset in int64 (row * row stride passes 2**31
+    for packed-qkv views of large maps, 1024^2 with C >= 683), the rest in int32 (int64 row vectors
+    held through the loops made bf16 k = 13 head dim 64 spill on sm_80)."""
+    return base + first_row.to(tl.int64) * s_row + (rows - first_row) * s_row
+
+
+def _load_rows(row_base, cols, d, s_col, s_d, mask, DOT_DTYPE: tl.constexpr):
+    """The (len(cols), BLOCK_D) vectors at `cols` of the row(s) at `row_base` (one pointer, or a
+    column of them, one per col), in tl.dot's operand dtype."""
+    pointers = row_base + cols[:, None] * s_col + d[None, :] * s_d
     return tl.load(pointers, mask=mask, other=0.0).to(DOT_DTYPE)
 
 
@@ -147,7 +158,7 @@ def _window_logits(
     return s, inside
 
 
-_DEVICE_FUNCTIONS = ("_program_tile", "_query_tile", "_load_rows", "_exact_scale", "_window_logits")
+_DEVICE_FUNCTIONS = ("_program_tile", "_query_tile", "_rows", "_load_rows", "_exact_scale", "_window_logits")
 
 
 def _na2d_forward_kernel(
@@ -166,9 +177,18 @@ def _na2d_forward_kernel(
     qk_scale = _exact_scale(qk_scale_hi, qk_scale_lo, IS_FP64)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
+    row0 = gi + DIL * ta * BH  # the tile's first map row
     rows_q = gi + DIL * qa
     cols_q = gj + DIL * qb
-    q = _load_rows(Q + b * sqb + h * sqn, rows_q[:, None], cols_q, d, sqh, sqw, sqd, d_ok[None, :], DOT_DTYPE)
+    q = _load_rows(
+        _rows(Q + b * sqb + h * sqn, row0, rows_q[:, None], sqh),
+        cols_q,
+        d,
+        sqw,
+        sqd,
+        d_ok[None, :],
+        DOT_DTYPE,
+    )
     key_ok = (kb < len_w)[:, None] & d_ok[None, :]
     cols_k = gj + DIL * kb
     col_in = (kb[None, :] >= sb[:, None]) & (kb[None, :] < sb[:, None] + KS)
@@ -181,8 +201,12 @@ def _na2d_forward_kernel(
     m_i = l_i - 1e30  # finite: a key row outside every window of a query leaves alpha = 1
     for ka in range(ha0, ha1):
         row_k = gi + DIL * ka
-        k = _load_rows(K + b * skb + h * skn, row_k, cols_k, d, skh, skw, skd, key_ok, DOT_DTYPE)
-        v = _load_rows(V + b * svb + h * svn, row_k, cols_k, d, svh, svw, svd, key_ok, DOT_DTYPE)
+        k = _load_rows(
+            _rows(K + b * skb + h * skn, row_k, row_k, skh), cols_k, d, skw, skd, key_ok, DOT_DTYPE
+        )
+        v = _load_rows(
+            _rows(V + b * svb + h * svn, row_k, row_k, svh), cols_k, d, svw, svd, key_ok, DOT_DTYPE
+        )
         s, inside = _window_logits(q, k, RPB, h, ka, qa, qb, kb, sa, col_in, qk_scale, KS, HAS_RPB, PRECISION)
         s = tl.where(inside, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -195,7 +219,7 @@ def _na2d_forward_kernel(
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(
-        OUT + b * sob + h * son + rows_q[:, None] * soh + cols_q[:, None] * sow + d[None, :] * sod,
+        _rows(OUT + b * sob + h * son, row0, rows_q[:, None], soh) + cols_q[:, None] * sow + d[None, :] * sod,
         out.to(OUT.dtype.element_ty),
         mask=q_valid[:, None] & d_ok[None, :],
     )
@@ -224,17 +248,32 @@ def _na2d_backward_query_kernel(
     scale = _exact_scale(scale_hi, scale_lo, IS_FP64)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
+    row0 = gi + DIL * ta * BH  # the tile's first map row
     rows_q = gi + DIL * qa
     cols_q = gj + DIL * qb
-    q_offset = rows_q[:, None] * sqh + cols_q[:, None] * sqw + d[None, :] * sqd
-    q = tl.load(Q + b * sqb + h * sqn + q_offset, mask=d_ok[None, :], other=0.0).to(DOT_DTYPE)
-    do_offset = rows_q[:, None] * sdh + cols_q[:, None] * sdw + d[None, :] * sdd
-    do = tl.load(DO + b * sdb + h * sdn + do_offset, mask=d_ok[None, :], other=0.0).to(DOT_DTYPE)
+    q = _load_rows(
+        _rows(Q + b * sqb + h * sqn, row0, rows_q[:, None], sqh),
+        cols_q,
+        d,
+        sqw,
+        sqd,
+        d_ok[None, :],
+        DOT_DTYPE,
+    )
+    do = _load_rows(
+        _rows(DO + b * sdb + h * sdn, row0, rows_q[:, None], sdh),
+        cols_q,
+        d,
+        sdw,
+        sdd,
+        d_ok[None, :],
+        DOT_DTYPE,
+    )
     stat_index = bh.to(tl.int64) * height * width + rows_q * width + cols_q
     lse = tl.load(LSE + stat_index)
     # rowsum(dO * O), the softmax backward's correction; stored for the key-major pass (launched next)
-    out_offset = rows_q[:, None] * soh + cols_q[:, None] * sow + d[None, :] * sod
-    out = tl.load(OUT + b * sob + h * son + out_offset, mask=d_ok[None, :], other=0.0)
+    out_rows = _rows(OUT + b * sob + h * son, row0, rows_q[:, None], soh)
+    out = tl.load(out_rows + cols_q[:, None] * sow + d[None, :] * sod, mask=d_ok[None, :], other=0.0)
     delta = tl.sum(do.to(lse.dtype) * out.to(lse.dtype), 1)
     tl.store(DELTA + stat_index, delta, mask=q_valid)
     key_ok = (kb < len_w)[:, None] & d_ok[None, :]
@@ -254,8 +293,12 @@ def _na2d_backward_query_kernel(
         table = tl.zeros([SPAN_P, SPAN_P], dtype=tl.float32)
     for ka in range(ha0, ha1):
         row_k = gi + DIL * ka
-        k = _load_rows(K + b * skb + h * skn, row_k, cols_k, d, skh, skw, skd, key_ok, DOT_DTYPE)
-        v = _load_rows(V + b * svb + h * svn, row_k, cols_k, d, svh, svw, svd, key_ok, DOT_DTYPE)
+        k = _load_rows(
+            _rows(K + b * skb + h * skn, row_k, row_k, skh), cols_k, d, skw, skd, key_ok, DOT_DTYPE
+        )
+        v = _load_rows(
+            _rows(V + b * svb + h * svn, row_k, row_k, svh), cols_k, d, svw, svd, key_ok, DOT_DTYPE
+        )
         s, inside = _window_logits(q, k, RPB, h, ka, qa, qb, kb, sa, col_in, qk_scale, KS, HAS_RPB, PRECISION)
         p = tl.where(inside, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -266,7 +309,7 @@ def _na2d_backward_query_kernel(
             row_hot = ((ka - qa + KS - 1)[None, :] == c[:, None]).to(ds.dtype)  # (table rows, queries)
             table += tl.dot(row_hot, by_column, input_precision="ieee")
     tl.store(
-        DQ + b * sgb + h * sgn + rows_q[:, None] * sgh + cols_q[:, None] * sgw + d[None, :] * sgd,
+        _rows(DQ + b * sgb + h * sgn, row0, rows_q[:, None], sgh) + cols_q[:, None] * sgw + d[None, :] * sgd,
         (dq * scale).to(DQ.dtype.element_ty),
         mask=q_valid[:, None] & d_ok[None, :],
     )
@@ -300,12 +343,27 @@ def _na2d_backward_key_kernel(
     scale = _exact_scale(scale_hi, scale_lo, IS_FP64)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
+    row0 = gi + DIL * ta * KH  # the tile's first map row
     rows_k = gi + DIL * ka
     cols_k = gj + DIL * kb
-    k_offset = rows_k[:, None] * skh + cols_k[:, None] * skw + d[None, :] * skd
-    k = tl.load(K + b * skb + h * skn + k_offset, mask=d_ok[None, :], other=0.0).to(DOT_DTYPE)
-    v_offset = rows_k[:, None] * svh + cols_k[:, None] * svw + d[None, :] * svd
-    v = tl.load(V + b * svb + h * svn + v_offset, mask=d_ok[None, :], other=0.0).to(DOT_DTYPE)
+    k = _load_rows(
+        _rows(K + b * skb + h * skn, row0, rows_k[:, None], skh),
+        cols_k,
+        d,
+        skw,
+        skd,
+        d_ok[None, :],
+        DOT_DTYPE,
+    )
+    v = _load_rows(
+        _rows(V + b * svb + h * svn, row0, rows_k[:, None], svh),
+        cols_k,
+        d,
+        svw,
+        svd,
+        d_ok[None, :],
+        DOT_DTYPE,
+    )
     # Queries whose windows can hold a key of the tile: window starts are monotone in the query,
     # so the first query whose window ends at/after the first key row to the last whose window
     # starts at/before the last key row (near borders that is wider than k).
@@ -335,8 +393,10 @@ def _na2d_backward_key_kernel(
             inside = row_in[:, None] & (kb[:, None] >= sb[None, :]) & (kb[:, None] < sb[None, :] + KS)
             inside = inside & q_ok[None, :]
             cols_q = gj + DIL * qb
-            q = _load_rows(Q + b * sqb + h * sqn, row_q, cols_q, d, sqh, sqw, sqd, d_ok[None, :], DOT_DTYPE)
-            do = _load_rows(DO + b * sdb + h * sdn, row_q, cols_q, d, sdh, sdw, sdd, d_ok[None, :], DOT_DTYPE)
+            q_row = _rows(Q + b * sqb + h * sqn, row_q, row_q, sqh)
+            q = _load_rows(q_row, cols_q, d, sqw, sqd, d_ok[None, :], DOT_DTYPE)
+            do_row = _rows(DO + b * sdb + h * sdn, row_q, row_q, sdh)
+            do = _load_rows(do_row, cols_q, d, sdw, sdd, d_ok[None, :], DOT_DTYPE)
             stat_index = bh.to(tl.int64) * height * width + row_q * width + cols_q
             lse = tl.load(LSE + stat_index)
             delta = tl.load(DELTA + stat_index)
@@ -354,9 +414,10 @@ def _na2d_backward_key_kernel(
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(Q.dtype.element_ty).to(DOT_DTYPE), q, input_precision=PRECISION)
     store_mask = k_valid[:, None] & d_ok[None, :]
-    out_offset = b * sgb + h * sgn + rows_k[:, None] * sgh + cols_k[:, None] * sgw + d[None, :] * sgd
-    tl.store(DK + out_offset, (dk * scale).to(DK.dtype.element_ty), mask=store_mask)
-    tl.store(DV + out_offset, dv.to(DV.dtype.element_ty), mask=store_mask)
+    out_offset = cols_k[:, None] * sgw + d[None, :] * sgd
+    out_rows = _rows(b * sgb + h * sgn, row0, rows_k[:, None], sgh)  # DK and DV share strides
+    tl.store(DK + out_rows + out_offset, (dk * scale).to(DK.dtype.element_ty), mask=store_mask)
+    tl.store(DV + out_rows + out_offset, dv.to(DV.dtype.element_ty), mask=store_mask)
 
 
 @functools.cache
@@ -379,20 +440,14 @@ def _kernels() -> tuple:
     where launch settings mean nothing, the plain kernels."""
     if triton_interpreting():
         return jit_kernels()
-    configs = [triton.Config({}, num_warps=warps, num_stages=stages) for warps, stages in LAUNCH_CONFIGS]
     # Configs that run out of shared memory or registers are timed as infinitely slow, not raised.
     return tuple(
-        triton.autotune(configs, key=["head_dim", "KS", "height", "width"])(kernel)
-        for kernel in jit_kernels()
+        triton.autotune(
+            [triton.Config({}, num_warps=warps, num_stages=stages) for warps, stages in configs],
+            key=["head_dim", "KS", "height", "width"],
+        )(kernel)
+        for kernel, configs in zip(jit_kernels(), LAUNCH_CONFIGS, strict=True)
     )
-
-
-def key_chunk(dtype: torch.dtype, kernel_size: int, head_dim: int, tile: tuple[int, int]) -> int:
-    """Queries per step of the dk/dv walk (QW): the query tile's halo width, but 16 where a row of
-    fp32 (fp64) head-dim lanes is 512 B or more, whose q and dO chunks would pass sm_86's 99 KB of
-    shared memory at k = 13 (offline compile, tests/test_triton_na.py)."""
-    row_bytes = _pow2(head_dim) * (8 if dtype == torch.float64 else 4 if dtype == torch.float32 else 2)
-    return 16 if row_bytes >= 512 else _pow2(tile[1] + kernel_size - 1)
 
 
 def fp32_matmul_uses_tf32() -> bool:
@@ -451,7 +506,7 @@ def kernel_constants(
     )
     forward = dict(common, BH=tile[0], BW=tile[1], KW=_pow2(tile[1] + kernel_size - 1))
     query = dict(forward, RPB_GRAD=rpb_grad, SPAN_P=_pow2(2 * kernel_size - 1))
-    key = dict(common, KH=tile[0], KWT=tile[1], QW=key_chunk(dtype, kernel_size, head_dim, tile))
+    key = dict(common, KH=tile[0], KWT=tile[1], QW=QUERY_CHUNK)
     return forward, query, key
 
 
@@ -510,12 +565,14 @@ _SCALE_ARGS = ("qk_scale_hi", "qk_scale_lo", "scale_hi", "scale_lo")
 
 
 def compile_offline(
-    arch: int, dtype: torch.dtype, kernel_size: int, head_dim: int, num_warps: int, num_stages: int,
+    arch: int, dtype: torch.dtype, kernel_size: int, head_dim: int, shared_limit: int,
     dilation: int = 1, tile: tuple[int, int] = DEFAULT_TILE,
-) -> dict[str, dict[str, int]]:  # fmt: skip
+) -> dict[str, dict | None]:  # fmt: skip
     """Compile the three kernels (with RPB and its gradient) for `sm_<arch>` without a GPU, through
-    Triton's NVIDIA back end and its bundled ptxas: {kernel: registers, spilled bytes, shared bytes}.
-    float32 compiles its TF32 dots (the fast path). Needs Triton compiled, not interpreted."""
+    Triton's NVIDIA back end and its bundled ptxas, each in its `LAUNCH_CONFIGS` in turn until one
+    fits `shared_limit` bytes of shared memory: {kernel: {config, registers, spills (bytes), shared}},
+    None where no config fits. float32 compiles its TF32 dots (the fast path). Needs Triton compiled,
+    not interpreted (a process without TRITON_INTERPRET=1)."""
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -523,38 +580,42 @@ def compile_offline(
     if triton_interpreting():
         raise RuntimeError("compile_offline needs TRITON_INTERPRET unset (Triton compiled, not interpreted)")
     type_names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-    data_type = type_names[dtype]
     stat_type = "fp64" if dtype == torch.float64 else "fp32"
     all_constants = kernel_constants(dtype, kernel_size, dilation, head_dim, tile, True, True)
     knobs.nvidia.dump_ptxas_log = True  # ptxas -v: registers and spill stores
     knobs.compilation.always_compile = True  # a cached kernel prints no ptxas log
     stats = {}
-    for jit, constants in zip(jit_kernels(), all_constants, strict=True):
+    for jit, constants, configs in zip(jit_kernels(), all_constants, LAUNCH_CONFIGS, strict=True):
         if dtype == torch.float32:
             constants = dict(constants, PRECISION="tf32")
         names = list(inspect.signature(jit.fn).parameters)
         signature = {name: "constexpr" for name in constants}
         for name in names:
             if name in _POINTER_ARGS:
-                signature[name] = "*" + data_type
+                signature[name] = "*" + type_names[dtype]
             elif name.isupper() and name not in constants:  # RPB, LSE, DELTA, DRPB_PARTS
                 signature[name] = "*" + stat_type
             elif name not in constants:
                 signature[name] = "fp32" if name in _SCALE_ARGS else "i32"
         source = ASTSource(jit, signature, constexprs={(names.index(k),): v for k, v in constants.items()})
-        log = io.StringIO()
-        with contextlib.redirect_stdout(log):
-            compiled = triton.compile(
-                source,
-                target=GPUTarget("cuda", arch, 32),
-                options=dict(num_warps=num_warps, num_stages=num_stages),
-            )
-        text = log.getvalue()
-        stats[jit.fn.__name__] = dict(
-            registers=int(re.search(r"Used (\d+) registers", text).group(1)),
-            spills=int(re.search(r"(\d+) bytes spill stores", text).group(1)),
-            shared=compiled.metadata.shared,
-        )
+        stats[jit.fn.__name__] = None
+        for warps, stages in configs:
+            log = io.StringIO()
+            with contextlib.redirect_stdout(log):
+                compiled = triton.compile(
+                    source,
+                    target=GPUTarget("cuda", arch, 32),
+                    options=dict(num_warps=warps, num_stages=stages),
+                )
+            if compiled.metadata.shared <= shared_limit:
+                text = log.getvalue()
+                stats[jit.fn.__name__] = dict(
+                    config=(warps, stages),
+                    registers=int(re.search(r"Used (\d+) registers", text).group(1)),
+                    spills=int(re.search(r"(\d+) bytes spill stores", text).group(1)),
+                    shared=compiled.metadata.shared,
+                )
+                break
     return stats
 
 
@@ -599,6 +660,10 @@ def na2d_triton(
     attn_drop: float,
     tile: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    return _TritonNeighborhoodAttention.apply(
-        q, k, v, rpb, kernel_size, dilation, scale, tile or DEFAULT_TILE
-    )
+    tile = tile or DEFAULT_TILE
+    if max(t.stride(1) for t in (q, k, v)) * dilation * tile[0] >= 2**31:  # see `_rows`
+        raise ValueError(
+            f"row strides {q.stride(1)}, {k.stride(1)}, {v.stride(1)} (elements) are too large for the "
+            "'triton' backend's in-tile int32 offsets; pass contiguous q, k, v or use backend='torch'"
+        )
+    return _TritonNeighborhoodAttention.apply(q, k, v, rpb, kernel_size, dilation, scale, tile)
