@@ -11,7 +11,7 @@ import torch
 
 from .cpp_kernel import kernel_build_error
 from .flex import flex_available
-from .natten_na import natten_version
+from .natten_na import natten_has_cuda_kernels, natten_version
 from .self_check import CHECKED_DEVICE_TYPES, SELF_CHECKED, describe, outcomes, self_check
 from .triton_na import DTYPES as TRITON_DTYPES
 from .triton_na import fp32_matmul_uses_tf32, triton_error, triton_interpreting
@@ -103,6 +103,11 @@ def _auto_excludes(backend: str, call: CallInfo) -> str | None:
         # Learnable score_mod buffers train through atomics with open upstream bugs
         # (pytorch/pytorch#157677, #145208); request backend='flex' explicitly to train with it.
         return "auto uses flex for inference only when the RPB needs a gradient (upstream learned-bias bugs)"
+    if backend == "natten" and call.device_type == "cuda" and not natten_has_cuda_kernels():
+        return (
+            "natten was installed without its CUDA kernels (make setup NATTEN_CUDA=1 builds them): its CUDA "
+            "path is then uncompiled FlexAttention"
+        )
     if backend == "triton" and call.device_type != "cuda":
         return "auto runs it on CUDA only (on CPU it is Triton's interpreter, for tests)"
     return None
