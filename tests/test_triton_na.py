@@ -276,6 +276,31 @@ def test_offsets_past_2_31_elements():
     assert proc.returncode == 0 and "ok" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
 
 
+def test_torch_compile_sees_one_op_per_pass_without_a_graph_break():
+    """The kernels are torch custom ops: dynamo traces the whole function (fullgraph) with the forward
+    as one node, and the compiled function's gradients equal eager's."""
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    def loss_fn(x, rpb):
+        q, k, v = (x * 2, x.sin(), x)
+        return neighborhood_attention_2d(q, k, v, 3, 1, rpb=rpb, backend="triton").square().sum()
+
+    x = torch.randn(1, 9, 10, 2, 16, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    rpb = torch.randn(2, 5, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(loss_fn, backend=recording_backend, fullgraph=True, dynamic=False)
+    got = torch.autograd.grad(compiled(x, rpb), (x, rpb))
+    want = torch.autograd.grad(loss_fn(x, rpb), (x, rpb))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    (graph,) = graphs
+    ops = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+    assert sum("na2d_triton_forward" in op for op in ops) == 1, ops
+
+
 def _pick(**overrides) -> str:
     base = dict(device_type="cuda", dtype=torch.bfloat16, has_rpb=True, attn_drop=0.0, needs_grad=True)
     return select_backend(CallInfo(**{**base, **overrides})).name

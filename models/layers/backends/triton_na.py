@@ -625,36 +625,79 @@ def compile_offline(
     return stats
 
 
-class _TritonNeighborhoodAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, rpb, kernel_size: int, dilation: int, scale: float, tile: tuple[int, int]):
-        # The kernels read the table in their accumulation dtype (an fp32 parameter as it is).
-        bias = None if rpb is None else rpb.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-        bias = None if bias is None else bias.contiguous()
-        # Triton launches on the current device; autograd's engine sets it for the backward.
-        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-            out, lse = _forward(q, k, v, bias, kernel_size, dilation, scale, tile)
-        ctx.save_for_backward(q, k, v, bias, out, lse)
-        ctx.geometry = (kernel_size, dilation, scale, tile)
-        ctx.rpb_dtype = None if rpb is None else rpb.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        # create_graph=True: the kernels' gradients are not differentiable, so a double backward
-        # (a gradient penalty) would silently miss this op's terms; say so instead. (once_differentiable
-        # errs only when grad_out requires grad, not for the usual all-ones output gradient.)
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "the 'triton' NA backend has no double backward (create_graph=True): use backend='torch'"
-            )
-        q, k, v, bias, out, lse = ctx.saved_tensors
-        rpb_grad = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, drpb = _backward(q, k, v, bias, out, lse, grad_out, *ctx.geometry, rpb_grad)
-        return dq, dk, dv, None if drpb is None else drpb.to(ctx.rpb_dtype), None, None, None, None
+# The kernels as two torch custom ops (forward; backward) with an autograd formula: torch.compile sees
+# each as one opaque op with a known output shape (no graph break, nothing traced into the launches).
 
 
-@torch.compiler.disable  # an opaque call to dynamo (a graph break), not traced into the launches
+def _on_device(q: torch.Tensor):
+    """Triton launches on the current device; make it q's (autograd's engine does for the backward)."""
+    return torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("nat::na2d_triton_forward", mutates_args=())
+def _forward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+    kernel_size: int, dilation: int, scale: float, tile_h: int, tile_w: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    with _on_device(q):
+        return _forward(q, k, v, bias, kernel_size, dilation, scale, (tile_h, tile_w))
+
+
+@_forward_op.register_fake
+def _forward_shapes(q, k, v, bias, kernel_size, dilation, scale, tile_h, tile_w):
+    B, H, W, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, heads, H, W), dtype=_stat_dtype(q.dtype))
+
+
+@torch.library.custom_op("nat::na2d_triton_backward", mutates_args=())
+def _backward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+    lse: torch.Tensor, grad_out: torch.Tensor, kernel_size: int, dilation: int, scale: float,
+    tile_h: int, tile_w: int, rpb_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """dq, dk, dv and the RPB gradient (empty when not asked for: an op returns tensors only)."""
+    with _on_device(q):
+        dq, dk, dv, drpb = _backward(
+            q, k, v, bias, out, lse, grad_out, kernel_size, dilation, scale, (tile_h, tile_w), rpb_grad
+        )
+    return dq, dk, dv, drpb if drpb is not None else lse.new_empty(0)
+
+
+@_backward_op.register_fake
+def _backward_shapes(
+    q, k, v, bias, out, lse, grad_out, kernel_size, dilation, scale, tile_h, tile_w, rpb_grad
+):
+    grads = tuple(q.new_empty(q.shape) for _ in range(3))
+    return *grads, bias.new_empty(bias.shape) if rpb_grad else lse.new_empty(0)
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, bias, kernel_size, dilation, scale, tile_h, tile_w = inputs
+    ctx.save_for_backward(q, k, v, bias, *output)
+    ctx.geometry = (kernel_size, dilation, scale, tile_h, tile_w)
+
+
+def _gradients(ctx, grad_out, grad_lse):
+    # create_graph=True: the kernels' gradients are not differentiable, so a double backward (a
+    # gradient penalty) would silently miss this op's terms; say so instead. (once_differentiable
+    # errs only when grad_out requires grad, not for the usual all-ones output gradient.)
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "the 'triton' NA backend has no double backward (create_graph=True): use backend='torch'"
+        )
+    q, k, v, bias, out, lse = ctx.saved_tensors
+    rpb_grad = bias is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, drpb = _backward_op(q, k, v, bias, out, lse, grad_out, *ctx.geometry, rpb_grad)
+    return dq, dk, dv, drpb if rpb_grad else None, None, None, None, None, None
+
+
+_forward_op.register_autograd(_gradients, setup_context=_save_for_backward)
+
+
 def na2d_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -672,4 +715,8 @@ def na2d_triton(
             f"row strides {q.stride(1)}, {k.stride(1)}, {v.stride(1)} (elements) are too large for the "
             "'triton' backend's in-tile int32 offsets; pass contiguous q, k, v or use backend='torch'"
         )
-    return _TritonNeighborhoodAttention.apply(q, k, v, rpb, kernel_size, dilation, scale, tile)
+    # The kernels read the table in their accumulation dtype (an fp32 parameter as it is); autograd
+    # casts its gradient back.
+    bias = None if rpb is None else rpb.to(_stat_dtype(q.dtype)).contiguous()
+    out, _ = _forward_op(q, k, v, bias, kernel_size, dilation, float(scale), *tile)
+    return out
