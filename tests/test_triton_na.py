@@ -440,6 +440,24 @@ def test_natten_failing_its_self_check_hands_over_to_triton(cuda_path_on_cpu, mo
     ]
 
 
+def test_torch_compile_runs_the_self_check_while_tracing(cuda_path_on_cpu):
+    """Under torch.compile auto's choice, self-check included, is made once while tracing (a constant
+    to dynamo): the graph holds the trusted kernel as one op, with no graph break."""
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    q = torch.randn(1, 9, 10, 2, 16, requires_grad=True)
+    rpb = torch.randn(2, 5, 5, requires_grad=True)
+    compiled = torch.compile(lambda q, rpb: _na(q, rpb).sum(), backend=recording_backend, fullgraph=True)
+    compiled(q, rpb).backward()
+    assert list(self_check.outcomes().values()) == [None]
+    (graph,) = graphs
+    assert any("na2d_triton_forward" in str(node.target) for node in graph.graph.nodes)
+
+
 def test_auto_without_triton_falls_back_and_says_why(monkeypatch):
     monkeypatch.setattr(checks, "triton_error", lambda: "Triton is not importable (test)")
     assert _pick() == "torch"  # RPB training: SDPA over halo tiles
