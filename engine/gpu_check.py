@@ -44,6 +44,7 @@ import models  # noqa: F401  (registers nat_* / dinat_* with timm)
 from engine import bench
 from models.layers import functional, neighborhood_attention_2d
 from models.layers.backends.checks import BACKENDS, CallInfo, why_not
+from models.layers.backends.natten_na import natten_has_cuda_kernels
 from models.layers.backends.self_check import (
     SELF_CHECKED,
     out_of_bounds,
@@ -88,7 +89,7 @@ class Plan:
         self.dry_run = dry_run
         self.device = "cpu" if dry_run else "cuda"
         self.self_check_kernel, self.self_check_head_dim = (3, 16) if dry_run else (7, 32)
-        self.self_check_dilations = (2,) if dry_run else (1, 2, 4, 8)
+        self.self_check_dilations = (1,) if dry_run else (1, 2, 4, 8)
         self.operator_cases = OPERATOR_CASES[self.device]
         self.operator_shape = (1, 1, 16) if dry_run else (2, 2, 32)  # batch, heads, head dim
         self.timing_shapes = TIMING_SHAPES[self.device]
@@ -102,12 +103,13 @@ class Plan:
 
 def self_checks(plan: Plan) -> list[dict]:
     """The self-check `auto` runs before trusting natten or Triton, for NAT-T's and DiNAT-T's layer
-    configurations (bf16 and fp32, head dim 32, k 7, DiNAT-T's dilations), run up front: each
-    outcome is a row, and the later sections run with these outcomes in place."""
+    configurations (head dim 32, k 7; bf16 at DiNAT-T's dilations, fp32 at dilation 1: each new
+    configuration compiles and autotunes the kernels), run up front: each outcome is a row, and the
+    later sections run with these outcomes in place."""
     rows = []
     for backend in SELF_CHECKED:
-        for dtype in (torch.bfloat16, torch.float32):
-            for dilation in plan.self_check_dilations:
+        for dtype, dilations in ((torch.bfloat16, plan.self_check_dilations), (torch.float32, (1,))):
+            for dilation in dilations:
                 has_rpb = backend == "triton"  # natten has no RPB
                 row = dict(
                     backend=backend,
@@ -118,6 +120,8 @@ def self_checks(plan: Plan) -> list[dict]:
                     rpb=has_rpb,
                 )
                 reason = why_not(backend, CallInfo(plan.device, dtype, has_rpb, 0.0, True))
+                if reason is None and backend == "natten" and not natten_has_cuda_kernels():
+                    reason = "natten has no CUDA kernels here (make setup NATTEN_CUDA=1); auto doesn't use it"
                 if reason is not None:
                     rows.append(dict(row, status="skipped", outcome=f"skipped: {reason}"))
                     continue
