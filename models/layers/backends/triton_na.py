@@ -49,11 +49,13 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # coordinates; 8x8 = 64 rows for tl.dot. Not tuned on a GPU yet (none was lent): scripts/gpu_check.py.
 DEFAULT_TILE = (8, 8)
 # (num_warps, num_stages) per kernel (forward, query-major, key-major) that the autotuner times on
-# its first launch for each key (`_kernels`); the first of each is the offline-checked default. From
-# offline compiles with Triton 3.8's ptxas (tests/test_triton_na.py): Triton's default (4 warps, 3
-# stages) spilled from head dim 64 in bf16 on sm_80; 8 warps and 1 stage don't, except the query-major
-# kernel at k = 13, which needs 3 stages there (it alone holds the RPB-gradient table). A config that
-# runs out of shared memory (fp32 head dim 128 on sm_86) is skipped by the autotuner. Not yet timed.
+# its first launch for each key (`_kernels`). From offline compiles with Triton 3.8's ptxas for
+# sm_80/86/90 (docs/benchmarks.md, "GPU"; tests/test_triton_na.py): with Triton's default 4 warps
+# bf16 spilled from head dim 64 on sm_80; 8 warps and 1 stage spill nothing in bf16 up to head dim 64,
+# except the query-major kernel (it alone holds the RPB-gradient table), which needs 3 stages at
+# k = 13 on sm_80 but 1 on sm_86; (8, 2) and (4, 1) spill least in some head-dim-128 cases. A config
+# that runs out of shared memory (the query-major kernel's 3 stages in fp32 head dim 128 on sm_86) is
+# skipped by the autotuner. Not yet timed on a GPU.
 LAUNCH_CONFIGS = (((8, 1), (4, 1), (8, 2)), ((8, 3), (8, 1), (4, 1)), ((8, 1), (4, 1), (8, 2)))
 # Queries per step of the dk/dv walk (QW): 32 (the halo at k >= 11) spilled in bf16 at k = 13 head dim
 # 64 (sm_80) and passed sm_86's shared memory in fp32 at head dim 128.
