@@ -7,6 +7,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NATTEN := natten==0.21.7
+# natten's setup.py compiles its CUDA library (CMake + nvcc, for the GPU it sees) when torch sees a
+# GPU or NATTEN_CUDA_ARCH is set; by default both are hidden from it: pure Python, seconds (on CUDA
+# natten then runs through FlexAttention). `make setup NATTEN_CUDA=1` builds the library: it needs
+# CMake, a CUDA toolkit (nvcc) matching torch's CUDA (>= 12.0) and a long compile; README "GPU set-up".
+NATTEN_CUDA ?= 0
+ifeq ($(NATTEN_CUDA),1)
+NATTEN_INSTALL := $(PY) -m pip install -q --no-build-isolation --no-cache-dir --force-reinstall --no-deps $(NATTEN)
+.PHONY: $(STAMP)  # re-run: replace an installed pure-Python natten with a CUDA build
+else
+NATTEN_INSTALL := CUDA_VISIBLE_DEVICES= NATTEN_CUDA_ARCH= $(PY) -m pip install -q --no-build-isolation $(NATTEN)
+endif
 
 .PHONY: setup demo test zoo lint format
 
@@ -16,8 +27,8 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
-	# natten's sdist builds against the installed torch (pure Python without CUDA).
-	$(PY) -m pip install -q --no-build-isolation $(NATTEN)
+	# natten's sdist builds against the installed torch; no CUDA library unless NATTEN_CUDA=1 (above).
+	$(NATTEN_INSTALL)
 	# The NA C++ CPU kernel (~10 s); without a compiler this prints why and the 'torch' backend serves.
 	$(PY) -c "from models.layers.backends.cpp_kernel import kernel_build_error as e; print(e() or 'NA C++ kernel ready')"
 	touch $(STAMP)

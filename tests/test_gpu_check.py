@@ -1,11 +1,13 @@
-"""scripts/gpu_check.py --dry-run: the GPU check's sections run end to end on the CPU (tiny shapes,
-Triton interpreted) and their verdicts are real: every backend's errors against the float64
-reference, losses that fall, the backend that ran. No timing assertions."""
+"""scripts/gpu_check.py --dry-run (engine/gpu_check.py): the GPU check's sections run end to end on
+the CPU (tiny shapes, Triton interpreted) and their verdicts are real: the self-checks, every
+backend's errors against the float64 reference, losses that fall, the backend that ran. No timing
+assertions. And `make setup`'s natten install, which must not start a CUDA build unless asked."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 
 pytest.importorskip("triton", reason="Triton is not importable: gpu_check checks the 'triton' backend")
 
+from engine import gpu_check  # noqa: E402
 from models.layers.backends.triton_na import triton_interpreting  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,12 +31,16 @@ def load_script():
 
 
 def test_dry_run_sections_check_backends_and_train(tmp_path):
-    gpu_check = load_script()
     if not triton_interpreting():  # a GPU machine: this process has Triton compiled
         pytest.skip("the dry run's CPU Triton needs TRITON_INTERPRET=1 from the start (the slow test)")
-    status = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--sections", "operator", "train"])
+    status = load_script().main(
+        ["--dry-run", "--out", str(tmp_path), "--sections", "self_check", "operator", "train"]
+    )
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert status == 0 and report["failed"] == [], report["failed"]
+    checks = {(r["backend"], r["dtype"], r["dilation"]): r for r in report["sections"]["self_check"]}
+    assert checks[("triton", "bfloat16", 1)]["outcome"] == "passed"
+    assert "no backward on CPU" in checks[("natten", "float32", 1)]["outcome"]
     rows = report["sections"]["operator"]
     checked = {(r["backend"], r["dtype"], r["rpb"]) for r in rows if r["status"] == "ok"}
     # the fused kernel, forward and every gradient, in both dtypes, with and without RPB
@@ -55,14 +62,14 @@ def test_dry_run_sections_check_backends_and_train(tmp_path):
     train = {r["model"]: r for r in report["sections"]["train"]}
     assert set(train) == set(gpu_check.TRAIN_MODELS)
     assert train["nat_tiny"]["na_backend"] != "-" and train["convnext_tiny"]["na_backend"] == "-"
-    assert all(r["losses"][-1] < r["losses"][0] for r in train.values())
+    assert all(r["losses"][-1] < r["losses"][0] and r["infer_img_s"] > 0 for r in train.values())
     markdown = (tmp_path / "gpu_check.md").read_text()
     assert "## operator" in markdown and "| triton | bfloat16 | True |" in markdown
+    assert "| triton | bfloat16 | 3 | 1 | 16 | True | passed |" in markdown
 
 
 def test_a_wrong_gradient_fails_the_check(tmp_path, monkeypatch):
     """The verdict is computed, not assumed: a backend whose dq is off fails the run (exit 1)."""
-    gpu_check = load_script()
     monkeypatch.setattr(gpu_check, "OPERATOR_CASES", {"cpu": [(7, 7, 3, 1)]})
     torch_backend = gpu_check.functional._IMPLEMENTATIONS["torch"]
 
@@ -71,16 +78,15 @@ def test_a_wrong_gradient_fails_the_check(tmp_path, monkeypatch):
 
     monkeypatch.setitem(gpu_check.functional._IMPLEMENTATIONS, "torch", wrong)
     monkeypatch.setattr(gpu_check, "BACKENDS", ("torch",))
-    status = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--sections", "operator"])
+    status = gpu_check.run(tmp_path, dry_run=True, sections=["operator"])
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert status == 1 and report["failed"] == ["operator"]
     assert any(r["status"] == "FAILED" for r in report["sections"]["operator"])
 
 
 def test_a_crashing_model_is_its_rows_verdict_and_the_others_still_train(tmp_path, monkeypatch):
-    gpu_check = load_script()
     monkeypatch.setattr(gpu_check, "TRAIN_MODELS", ["convnext_tiny", "no_such_model_xyz"])
-    status = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--sections", "train"])
+    status = gpu_check.run(tmp_path, dry_run=True, sections=["train"])
     rows = {r["model"]: r for r in json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["train"]}
     assert status == 1 and rows["convnext_tiny"]["status"] == "ok"
     assert (
@@ -101,7 +107,7 @@ def test_dry_run_whole_script_with_benchmark_sweep(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert set(report["sections"]) == {"operator", "na_timing", "train", "sweep"}
+    assert set(report["sections"]) == set(gpu_check.SECTIONS)
     sweep = report["sections"]["sweep"]
     assert {r["model"] for r in sweep["rows"]} == {"nat_mini", "convnext_tiny"}
     assert all(r["img_s_median"] > 0 for r in sweep["rows"])
@@ -111,8 +117,29 @@ def test_dry_run_whole_script_with_benchmark_sweep(tmp_path):
 
 
 def test_without_a_gpu_and_without_dry_run_it_says_so(tmp_path, capsys):
-    gpu_check = load_script()
     if gpu_check.torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    assert gpu_check.main(["--out", str(tmp_path)]) == 2
+    assert load_script().main(["--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("error: no CUDA GPU")
+
+
+def _natten_install(*make_args: str) -> str:
+    """The natten install line `make setup` would run (make -n: printed, not run)."""
+    proc = subprocess.run(
+        ["make", "-n", "-B", "setup", *make_args], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    (line,) = [line for line in proc.stdout.splitlines() if "pip install" in line and "natten" in line]
+    return line
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_setup_installs_natten_without_a_cuda_build_unless_asked():
+    """natten's setup.py builds libnatten when NATTEN_CUDA_ARCH is set or torch sees a GPU: the
+    default install hides both; NATTEN_CUDA=1 shows the GPU and rebuilds past pip's wheel cache."""
+    default = _natten_install()
+    assert default.startswith("CUDA_VISIBLE_DEVICES= NATTEN_CUDA_ARCH= ")
+    assert "--no-build-isolation" in default and "natten==0.21.7" in default
+    asked = _natten_install("NATTEN_CUDA=1")
+    assert "CUDA_VISIBLE_DEVICES" not in asked and "NATTEN_CUDA_ARCH" not in asked
+    assert "--no-cache-dir" in asked and "--force-reinstall" in asked

@@ -382,7 +382,7 @@ def test_auto_is_inspectable_and_use_backend_overrides():
 def test_auto_decision_table_for_cuda_calls():
     """The CUDA choices, checked on the decision logic itself (this suite runs without a GPU)."""
     from models.layers.backends.checks import CallInfo, select_backend
-    from models.layers.backends.natten_na import natten_version
+    from models.layers.backends.natten_na import natten_has_cuda_kernels
     from models.layers.backends.triton_na import triton_error
 
     def pick(**kw):
@@ -390,7 +390,8 @@ def test_auto_decision_table_for_cuda_calls():
         return select_backend(CallInfo(**{**base, **kw})).name
 
     fused_rpb = "triton" if triton_error() is None else None  # tests/test_triton_na.py: without it
-    assert pick(has_rpb=False) == ("natten" if natten_version() else fused_rpb or "flex")
+    # natten's CUDA kernels when built with them (make setup NATTEN_CUDA=1); else its CUDA path is eager flex
+    assert pick(has_rpb=False) == ("natten" if natten_has_cuda_kernels() else fused_rpb or "flex")
     assert pick() == (fused_rpb or "flex")  # RPB inference: a fused kernel
     assert pick(needs_grad=True) == (fused_rpb or "torch")  # RPB training: fused, else SDPA's mask gradient
     assert pick(attn_drop=0.1, has_rpb=False) == "torch"  # only SDPA has attention dropout

@@ -8,11 +8,12 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .backends.checks import BACKENDS, call_fields, resolve_backend
+from .backends.checks import BACKENDS, call_fields, resolve_backend, trusted_backend
 from .backends.cpp_kernel import na2d_cpp
 from .backends.flex import na2d_flex
 from .backends.naive import na2d_naive, naive_attention
 from .backends.natten_na import na2d_natten
+from .backends.self_check import SELF_CHECKED
 from .backends.torch_tiled import na2d_tiled
 from .backends.triton_na import na2d_triton
 
@@ -98,7 +99,10 @@ def neighborhood_attention_2d(
     requested = _forced_backend.get() or backend
     if requested == "auto" and torch.onnx.is_in_onnx_export():
         requested = "naive"  # standard ONNX ops (Gather, MatMul, Softmax); the kernels would be custom ops
-    name = resolve_backend(requested, *call_fields(q, k, v, rpb, attn_drop))
+    fields = call_fields(q, k, v, rpb, attn_drop)
+    name = resolve_backend(requested, *fields)
+    if name in SELF_CHECKED:  # CUDA kernels: trusted once checked on this configuration
+        name = trusted_backend(requested, name, *fields, kernel_size, dilation, q.shape[-1], str(q.device))
     return _IMPLEMENTATIONS[name](q, k, v, kernel_size, dilation, rpb, scale, attn_drop)
 
 

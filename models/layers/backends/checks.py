@@ -12,14 +12,17 @@ import torch
 from .cpp_kernel import DTYPES as CPP_DTYPES
 from .cpp_kernel import kernel_build_error
 from .flex import flex_available
-from .natten_na import natten_version
+from .natten_na import natten_has_cuda_kernels, natten_version
+from .self_check import CHECKED_DEVICE_TYPES, SELF_CHECKED, describe, outcomes, self_check
 from .triton_na import DTYPES as TRITON_DTYPES
-from .triton_na import triton_error, triton_interpreting
+from .triton_na import fp32_matmul_uses_tf32, triton_error, triton_interpreting
 
 BACKENDS = ("cpp", "torch", "naive", "natten", "flex", "triton")
 # Fastest first, per device type; `naive` is never picked automatically (k^2 copies of K and V).
 # CUDA: natten's fused kernels where they serve (no RPB), then the fused Triton kernel (the only
-# fused one that trains an RPB), flex, and SDPA over halo tiles (the one with attention dropout).
+# fused one that trains an RPB), flex, and SDPA over halo tiles (the one with attention dropout);
+# float32 without TF32 ranks Triton last (`_auto_order`). natten and Triton run only once their
+# self-check passed for the call's configuration (`trusted_backend`).
 AUTO_ORDER = {"cuda": ("natten", "triton", "flex", "torch"), "cpu": ("cpp", "torch")}
 
 
@@ -36,10 +39,12 @@ class CallInfo:
 class BackendChoice:
     name: str
     rejected: dict[str, str] = field(default_factory=dict)
+    self_checks: tuple[str, ...] = ()  # explain_backends: the CUDA self-checks run so far, and outcomes
 
     def __str__(self) -> str:
         lines = [f"backend: {self.name}"]
         lines += [f"  not {name}: {why}" for name, why in self.rejected.items()]
+        lines += [f"  {line}" for line in self.self_checks]
         return "\n".join(lines)
 
 
@@ -99,6 +104,11 @@ def _auto_excludes(backend: str, call: CallInfo) -> str | None:
         # Learnable score_mod buffers train through atomics with open upstream bugs
         # (pytorch/pytorch#157677, #145208); request backend='flex' explicitly to train with it.
         return "auto uses flex for inference only when the RPB needs a gradient (upstream learned-bias bugs)"
+    if backend == "natten" and call.device_type == "cuda" and not natten_has_cuda_kernels():
+        return (
+            "natten was installed without its CUDA kernels (make setup NATTEN_CUDA=1 builds them): its CUDA "
+            "path is then uncompiled FlexAttention"
+        )
     if backend == "triton" and call.device_type != "cuda":
         return "auto runs it on CUDA only (on CPU it is Triton's interpreter, for tests)"
     return None
@@ -133,22 +143,39 @@ def resolve_backend(
     return requested
 
 
-def _passed_over(chosen: str, device_type: str) -> str:
-    if device_type == "cuda":  # the CUDA order is by design until timed: scripts/gpu_check.py
+def _fp32_on_cuda_cores(call: CallInfo) -> bool:
+    return call.device_type == "cuda" and call.dtype == torch.float32 and not fp32_matmul_uses_tf32()
+
+
+def _auto_order(call: CallInfo) -> tuple[str, ...]:
+    order = AUTO_ORDER.get(call.device_type, ("torch",))
+    if _fp32_on_cuda_cores(call):  # FMA dots, no tensor cores: not ranked first until timed
+        order = tuple(name for name in order if name != "triton") + ("triton",)
+    return order
+
+
+def _passed_over(chosen: str, name: str, call: CallInfo) -> str:
+    if name == "triton" and _fp32_on_cuda_cores(call):
+        return (
+            f"float32 without TF32: its dots run on CUDA cores, so auto ranks it after '{chosen}' until "
+            "timed (torch.backends.cuda.matmul.fp32_precision = 'tf32' puts it first)"
+        )
+    if call.device_type == "cuda":  # the CUDA order is by design until timed: scripts/gpu_check.py
         return f"'{chosen}' comes first in auto's CUDA order (not yet timed on a GPU: scripts/gpu_check.py)"
     return f"'{chosen}' is faster here"
 
 
-def select_backend(call: CallInfo) -> BackendChoice:
-    """The fastest backend that can serve `call`, with the reasons every other one was passed over."""
-    order = AUTO_ORDER.get(call.device_type, ("torch",))
+def select_backend(call: CallInfo, distrusted: dict[str, str] | None = None) -> BackendChoice:
+    """The fastest backend that can serve `call`, with the reasons every other one was passed over;
+    `distrusted`: backends whose self-check failed for the call, with the failure."""
+    order = _auto_order(call)
     chosen, rejected = None, {}
     for name in order:
-        reason = why_not(name, call) or _auto_excludes(name, call)
+        reason = (distrusted or {}).get(name) or why_not(name, call) or _auto_excludes(name, call)
         if reason is None and chosen is None:
             chosen = name
         else:
-            rejected[name] = reason or _passed_over(chosen, call.device_type)
+            rejected[name] = reason or _passed_over(chosen, name, call)
     for name in BACKENDS:
         if name not in order:
             rejected[name] = (
@@ -159,19 +186,58 @@ def select_backend(call: CallInfo) -> BackendChoice:
     return BackendChoice(chosen or "torch", rejected)
 
 
+# A constant to torch.compile too (see resolve_backend): run while tracing, its answer baked in.
+@torch.compiler.assume_constant_result
+def trusted_backend(
+    requested: str, chosen: str, device_type: str, dtype: torch.dtype, has_rpb: bool, attn_drop: float,
+    needs_grad: bool, kernel_size: int, dilation: int, head_dim: int, device: str,
+) -> str:  # fmt: skip
+    """`chosen` once its self-check passed for this configuration (run on first use); after a failure
+    (warned once) `auto`'s next choice, checked the same way, or for an explicit request ValueError."""
+    call = CallInfo(device_type, dtype, has_rpb, attn_drop, needs_grad)
+    return _trusted(requested, chosen, call, kernel_size, dilation, head_dim, device)[0]
+
+
+def _trusted(requested, chosen, call, kernel_size, dilation, head_dim, device) -> tuple[str, dict[str, str]]:
+    distrusted: dict[str, str] = {}
+    while chosen in SELF_CHECKED and call.device_type in CHECKED_DEVICE_TYPES:
+        failure = self_check(chosen, device, call.dtype, kernel_size, dilation, head_dim, call.has_rpb)
+        if failure is None:
+            break
+        reason = f"failed its self-check on {device}: {failure}"
+        if requested != "auto":
+            raise ValueError(f"NA backend {chosen!r} can't serve this call: {reason}")
+        distrusted[chosen] = reason
+        chosen = select_backend(call, distrusted).name
+    return chosen, distrusted
+
+
 def explain_backends(
     q: torch.Tensor,
     rpb: torch.Tensor | None = None,
     attn_drop: float = 0.0,
     requires_grad: bool | None = None,
+    kernel_size: int | None = None,
+    dilation: int = 1,
 ) -> BackendChoice:
     """What `backend='auto'` would run for a query like `q` (device, dtype), and why not the rest.
 
-    Every backend serves every valid kernel size, dilation and map size, so those don't enter.
+    Every backend serves every valid kernel size, dilation and map size, so those don't enter, except
+    on CUDA through the self-checks (`self_check.py`): given `kernel_size` (and `dilation`), the
+    choice is the one a call makes, its check run if not yet; the checks run so far are listed.
 
     >>> print(explain_backends(torch.randn(1, 14, 14, 2, 32), rpb=torch.zeros(2, 13, 13)))
     """
     call = call_info(q, q, q, rpb, attn_drop)
     if requires_grad is not None:
         call = replace(call, needs_grad=requires_grad)
-    return select_backend(call)
+    choice = select_backend(call)
+    if kernel_size is not None:
+        _, distrusted = _trusted("auto", choice.name, call, kernel_size, dilation, q.shape[-1], str(q.device))
+        choice = select_backend(call, distrusted)
+    checks = tuple(
+        f"self-check {key[0]} on {key[1]} ({describe(key)}): {'passed' if failure is None else failure}"
+        for key, failure in outcomes().items()
+        if key[1] == str(q.device)
+    )
+    return replace(choice, self_checks=checks)

@@ -17,6 +17,16 @@ def natten_version() -> str | None:
     return getattr(natten, "__version__", "unknown")
 
 
+def natten_has_cuda_kernels() -> bool:
+    """Whether natten was built with libnatten, its CUDA kernels (`make setup NATTEN_CUDA=1`). Without
+    it natten's CUDA path is its FlexAttention backend, uncompiled by default."""
+    try:
+        import natten
+    except Exception:  # as natten_version
+        return False
+    return bool(getattr(natten, "HAS_LIBNATTEN", False))
+
+
 def na2d_natten(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -18,18 +18,23 @@ of each axis, where every window is a plain run of k positions, clamped inside t
   key's gradient is owned by one program (no atomics).
 
 Inputs in float16/bfloat16/float32 (float64 too: handy for exact tests) in any strides; softmax,
-logsumexp and gradients accumulate in float32 (float64 for float64). float32 logits follow
-`torch.backends.cuda.matmul.allow_tf32`. On CPU tensors it runs only under `TRITON_INTERPRET=1`
-(Triton's interpreter, for tests), set before Triton is imported (torch imports it): Triton's own
-library functions are decorated then, compiled or interpreted (tests/conftest.py sets it).
+logsumexp and gradients accumulate in float32 (float64 for float64). float32 logits follow torch's
+float32 matmul precision (`fp32_matmul_uses_tf32`). On CPU tensors it runs only under
+`TRITON_INTERPRET=1` (Triton's interpreter, for tests), set before Triton is imported (torch imports
+it): Triton's own library functions are decorated then, compiled or interpreted (tests/conftest.py
+sets it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
+import io
 import math
 import os
+import re
+import struct
 
 import torch
 
@@ -43,6 +48,18 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Query tile (rows, cols) of the forward and dq passes and key tile of the dk/dv pass, in group
 # coordinates; 8x8 = 64 rows for tl.dot. Not tuned on a GPU yet (none was lent): scripts/gpu_check.py.
 DEFAULT_TILE = (8, 8)
+# (num_warps, num_stages) per kernel (forward, query-major, key-major) that the autotuner times on
+# its first launch for each key (`_kernels`). From offline compiles with Triton 3.8's ptxas for
+# sm_80/86/90 (docs/benchmarks.md, "GPU"; tests/test_triton_na.py): with Triton's default 4 warps
+# bf16 spilled from head dim 64 on sm_80; 8 warps and 1 stage spill nothing in bf16 up to head dim 64,
+# except the query-major kernel (it alone holds the RPB-gradient table), which needs 3 stages at
+# k = 13 on sm_80 but 1 on sm_86; (8, 2) and (4, 1) spill least in some head-dim-128 cases. A config
+# that runs out of shared memory (the query-major kernel's 3 stages in fp32 head dim 128 on sm_86) is
+# skipped by the autotuner. Not yet timed on a GPU.
+LAUNCH_CONFIGS = (((8, 1), (4, 1), (8, 2)), ((8, 3), (8, 1), (4, 1)), ((8, 1), (4, 1), (8, 2)))
+# Queries per step of the dk/dv walk (QW): 32 (the halo at k >= 11) spilled in bf16 at k = 13 head dim
+# 64 (sm_80) and passed sm_86's shared memory in fp32 at head dim 128.
+QUERY_CHUNK = 16
 
 
 def triton_error() -> str | None:
@@ -102,11 +119,27 @@ def _query_tile(ta, tb, len_h, len_w, KS: tl.constexpr, BH: tl.constexpr, BW: tl
     return qa, qb, q_valid, sa, sb, ha0, ha1, hb0, kb
 
 
-def _load_rows(base, row, cols, d, s_row, s_col, s_d, mask, DOT_DTYPE: tl.constexpr):
-    """The (len(cols), BLOCK_D) vectors at (row, cols) from `base` (one batch and head), in tl.dot's
-    operand dtype; `row` is one row or a column of them, one per col."""
-    pointers = base + row * s_row + cols[:, None] * s_col + d[None, :] * s_d  # each term added to the pointer
+def _rows(base, first_row, rows, s_row):
+    """`base` (one batch and head) moved to map row(s) `rows` (one row or a column of them), at least
+    `first_row` and within one tile of it: that row's offset in int64 (row * row stride passes 2**31
+    for packed-qkv views of large maps, 1024^2 with C >= 683), the rest in int32 (int64 row vectors
+    held through the loops made bf16 k = 13 head dim 64 spill on sm_80)."""
+    return base + first_row.to(tl.int64) * s_row + (rows - first_row) * s_row
+
+
+def _load_rows(row_base, cols, d, s_col, s_d, mask, DOT_DTYPE: tl.constexpr):
+    """The (len(cols), BLOCK_D) vectors at `cols` of the row(s) at `row_base` (one pointer, or a
+    column of them, one per col), in tl.dot's operand dtype."""
+    pointers = row_base + cols[:, None] * s_col + d[None, :] * s_d
     return tl.load(pointers, mask=mask, other=0.0).to(DOT_DTYPE)
+
+
+def _exact_scale(hi, lo, IS_FP64: tl.constexpr):
+    """A scale passed as two float32 arguments (the compiled launcher types Python floats float32):
+    their sum keeps 48 bits for float64 inputs; float32 and narrower need only `hi`."""
+    if IS_FP64:
+        return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+    return hi
 
 
 def _window_logits(
@@ -127,7 +160,7 @@ def _window_logits(
     return s, inside
 
 
-_DEVICE_FUNCTIONS = ("_program_tile", "_query_tile", "_load_rows", "_window_logits")
+_DEVICE_FUNCTIONS = ("_program_tile", "_query_tile", "_rows", "_load_rows", "_exact_scale", "_window_logits")
 
 
 def _na2d_forward_kernel(
@@ -136,18 +169,28 @@ def _na2d_forward_kernel(
     skb, skh, skw, skn, skd,
     svb, svh, svw, svn, svd,
     sob, soh, sow, son, sod,
-    heads, height, width, head_dim, tiles_h, tiles_w, qk_scale,
+    heads, height, width, head_dim, tiles_h, tiles_w, qk_scale_hi, qk_scale_lo,
     KS: tl.constexpr, DIL: tl.constexpr, HAS_RPB: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
     KW: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):  # fmt: skip
     pid, bh, b, h, gi, gj, ta, tb, len_h, len_w = _program_tile(heads, height, width, tiles_h, tiles_w, DIL)
     qa, qb, q_valid, sa, sb, ha0, ha1, hb0, kb = _query_tile(ta, tb, len_h, len_w, KS, BH, BW, KW)
+    qk_scale = _exact_scale(qk_scale_hi, qk_scale_lo, IS_FP64)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
+    row0 = gi + DIL * ta * BH  # the tile's first map row
     rows_q = gi + DIL * qa
     cols_q = gj + DIL * qb
-    q = _load_rows(Q + b * sqb + h * sqn, rows_q[:, None], cols_q, d, sqh, sqw, sqd, d_ok[None, :], DOT_DTYPE)
+    q = _load_rows(
+        _rows(Q + b * sqb + h * sqn, row0, rows_q[:, None], sqh),
+        cols_q,
+        d,
+        sqw,
+        sqd,
+        d_ok[None, :],
+        DOT_DTYPE,
+    )
     key_ok = (kb < len_w)[:, None] & d_ok[None, :]
     cols_k = gj + DIL * kb
     col_in = (kb[None, :] >= sb[:, None]) & (kb[None, :] < sb[:, None] + KS)
@@ -160,8 +203,12 @@ def _na2d_forward_kernel(
     m_i = l_i - 1e30  # finite: a key row outside every window of a query leaves alpha = 1
     for ka in range(ha0, ha1):
         row_k = gi + DIL * ka
-        k = _load_rows(K + b * skb + h * skn, row_k, cols_k, d, skh, skw, skd, key_ok, DOT_DTYPE)
-        v = _load_rows(V + b * svb + h * svn, row_k, cols_k, d, svh, svw, svd, key_ok, DOT_DTYPE)
+        k = _load_rows(
+            _rows(K + b * skb + h * skn, row_k, row_k, skh), cols_k, d, skw, skd, key_ok, DOT_DTYPE
+        )
+        v = _load_rows(
+            _rows(V + b * svb + h * svn, row_k, row_k, svh), cols_k, d, svw, svd, key_ok, DOT_DTYPE
+        )
         s, inside = _window_logits(q, k, RPB, h, ka, qa, qb, kb, sa, col_in, qk_scale, KS, HAS_RPB, PRECISION)
         s = tl.where(inside, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -174,7 +221,7 @@ def _na2d_forward_kernel(
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(
-        OUT + b * sob + h * son + rows_q[:, None] * soh + cols_q[:, None] * sow + d[None, :] * sod,
+        _rows(OUT + b * sob + h * son, row0, rows_q[:, None], soh) + cols_q[:, None] * sow + d[None, :] * sod,
         out.to(OUT.dtype.element_ty),
         mask=q_valid[:, None] & d_ok[None, :],
     )
@@ -191,7 +238,7 @@ def _na2d_backward_query_kernel(
     sob, soh, sow, son, sod,
     sdb, sdh, sdw, sdn, sdd,
     sgb, sgh, sgw, sgn, sgd,
-    heads, height, width, head_dim, tiles_h, tiles_w, qk_scale, scale,
+    heads, height, width, head_dim, tiles_h, tiles_w, qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
     KS: tl.constexpr, DIL: tl.constexpr, HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, BH: tl.constexpr,
     BW: tl.constexpr, KW: tl.constexpr, BLOCK_D: tl.constexpr, SPAN_P: tl.constexpr, IS_FP64: tl.constexpr,
     PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -199,19 +246,36 @@ def _na2d_backward_query_kernel(
     SPAN: tl.constexpr = 2 * KS - 1
     pid, bh, b, h, gi, gj, ta, tb, len_h, len_w = _program_tile(heads, height, width, tiles_h, tiles_w, DIL)
     qa, qb, q_valid, sa, sb, ha0, ha1, hb0, kb = _query_tile(ta, tb, len_h, len_w, KS, BH, BW, KW)
+    qk_scale = _exact_scale(qk_scale_hi, qk_scale_lo, IS_FP64)
+    scale = _exact_scale(scale_hi, scale_lo, IS_FP64)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
+    row0 = gi + DIL * ta * BH  # the tile's first map row
     rows_q = gi + DIL * qa
     cols_q = gj + DIL * qb
-    q_offset = rows_q[:, None] * sqh + cols_q[:, None] * sqw + d[None, :] * sqd
-    q = tl.load(Q + b * sqb + h * sqn + q_offset, mask=d_ok[None, :], other=0.0).to(DOT_DTYPE)
-    do_offset = rows_q[:, None] * sdh + cols_q[:, None] * sdw + d[None, :] * sdd
-    do = tl.load(DO + b * sdb + h * sdn + do_offset, mask=d_ok[None, :], other=0.0).to(DOT_DTYPE)
+    q = _load_rows(
+        _rows(Q + b * sqb + h * sqn, row0, rows_q[:, None], sqh),
+        cols_q,
+        d,
+        sqw,
+        sqd,
+        d_ok[None, :],
+        DOT_DTYPE,
+    )
+    do = _load_rows(
+        _rows(DO + b * sdb + h * sdn, row0, rows_q[:, None], sdh),
+        cols_q,
+        d,
+        sdw,
+        sdd,
+        d_ok[None, :],
+        DOT_DTYPE,
+    )
     stat_index = bh.to(tl.int64) * height * width + rows_q * width + cols_q
     lse = tl.load(LSE + stat_index)
     # rowsum(dO * O), the softmax backward's correction; stored for the key-major pass (launched next)
-    out_offset = rows_q[:, None] * soh + cols_q[:, None] * sow + d[None, :] * sod
-    out = tl.load(OUT + b * sob + h * son + out_offset, mask=d_ok[None, :], other=0.0)
+    out_rows = _rows(OUT + b * sob + h * son, row0, rows_q[:, None], soh)
+    out = tl.load(out_rows + cols_q[:, None] * sow + d[None, :] * sod, mask=d_ok[None, :], other=0.0)
     delta = tl.sum(do.to(lse.dtype) * out.to(lse.dtype), 1)
     tl.store(DELTA + stat_index, delta, mask=q_valid)
     key_ok = (kb < len_w)[:, None] & d_ok[None, :]
@@ -231,8 +295,12 @@ def _na2d_backward_query_kernel(
         table = tl.zeros([SPAN_P, SPAN_P], dtype=tl.float32)
     for ka in range(ha0, ha1):
         row_k = gi + DIL * ka
-        k = _load_rows(K + b * skb + h * skn, row_k, cols_k, d, skh, skw, skd, key_ok, DOT_DTYPE)
-        v = _load_rows(V + b * svb + h * svn, row_k, cols_k, d, svh, svw, svd, key_ok, DOT_DTYPE)
+        k = _load_rows(
+            _rows(K + b * skb + h * skn, row_k, row_k, skh), cols_k, d, skw, skd, key_ok, DOT_DTYPE
+        )
+        v = _load_rows(
+            _rows(V + b * svb + h * svn, row_k, row_k, svh), cols_k, d, svw, svd, key_ok, DOT_DTYPE
+        )
         s, inside = _window_logits(q, k, RPB, h, ka, qa, qb, kb, sa, col_in, qk_scale, KS, HAS_RPB, PRECISION)
         p = tl.where(inside, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -243,7 +311,7 @@ def _na2d_backward_query_kernel(
             row_hot = ((ka - qa + KS - 1)[None, :] == c[:, None]).to(ds.dtype)  # (table rows, queries)
             table += tl.dot(row_hot, by_column, input_precision="ieee")
     tl.store(
-        DQ + b * sgb + h * sgn + rows_q[:, None] * sgh + cols_q[:, None] * sgw + d[None, :] * sgd,
+        _rows(DQ + b * sgb + h * sgn, row0, rows_q[:, None], sgh) + cols_q[:, None] * sgw + d[None, :] * sgd,
         (dq * scale).to(DQ.dtype.element_ty),
         mask=q_valid[:, None] & d_ok[None, :],
     )
@@ -259,7 +327,7 @@ def _na2d_backward_key_kernel(
     svb, svh, svw, svn, svd,
     sdb, sdh, sdw, sdn, sdd,
     sgb, sgh, sgw, sgn, sgd,
-    heads, height, width, head_dim, tiles_h, tiles_w, qk_scale, scale,
+    heads, height, width, head_dim, tiles_h, tiles_w, qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
     KS: tl.constexpr, DIL: tl.constexpr, HAS_RPB: tl.constexpr, KH: tl.constexpr, KWT: tl.constexpr,
     QW: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
@@ -273,14 +341,31 @@ def _na2d_backward_key_kernel(
     k_valid = (ka < len_h) & (kb < len_w)
     ka = tl.minimum(ka, len_h - 1)
     kb = tl.minimum(kb, len_w - 1)
+    qk_scale = _exact_scale(qk_scale_hi, qk_scale_lo, IS_FP64)
+    scale = _exact_scale(scale_hi, scale_lo, IS_FP64)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
+    row0 = gi + DIL * ta * KH  # the tile's first map row
     rows_k = gi + DIL * ka
     cols_k = gj + DIL * kb
-    k_offset = rows_k[:, None] * skh + cols_k[:, None] * skw + d[None, :] * skd
-    k = tl.load(K + b * skb + h * skn + k_offset, mask=d_ok[None, :], other=0.0).to(DOT_DTYPE)
-    v_offset = rows_k[:, None] * svh + cols_k[:, None] * svw + d[None, :] * svd
-    v = tl.load(V + b * svb + h * svn + v_offset, mask=d_ok[None, :], other=0.0).to(DOT_DTYPE)
+    k = _load_rows(
+        _rows(K + b * skb + h * skn, row0, rows_k[:, None], skh),
+        cols_k,
+        d,
+        skw,
+        skd,
+        d_ok[None, :],
+        DOT_DTYPE,
+    )
+    v = _load_rows(
+        _rows(V + b * svb + h * svn, row0, rows_k[:, None], svh),
+        cols_k,
+        d,
+        svw,
+        svd,
+        d_ok[None, :],
+        DOT_DTYPE,
+    )
     # Queries whose windows can hold a key of the tile: window starts are monotone in the query,
     # so the first query whose window ends at/after the first key row to the last whose window
     # starts at/before the last key row (near borders that is wider than k).
@@ -310,8 +395,10 @@ def _na2d_backward_key_kernel(
             inside = row_in[:, None] & (kb[:, None] >= sb[None, :]) & (kb[:, None] < sb[None, :] + KS)
             inside = inside & q_ok[None, :]
             cols_q = gj + DIL * qb
-            q = _load_rows(Q + b * sqb + h * sqn, row_q, cols_q, d, sqh, sqw, sqd, d_ok[None, :], DOT_DTYPE)
-            do = _load_rows(DO + b * sdb + h * sdn, row_q, cols_q, d, sdh, sdw, sdd, d_ok[None, :], DOT_DTYPE)
+            q_row = _rows(Q + b * sqb + h * sqn, row_q, row_q, sqh)
+            q = _load_rows(q_row, cols_q, d, sqw, sqd, d_ok[None, :], DOT_DTYPE)
+            do_row = _rows(DO + b * sdb + h * sdn, row_q, row_q, sdh)
+            do = _load_rows(do_row, cols_q, d, sdw, sdd, d_ok[None, :], DOT_DTYPE)
             stat_index = bh.to(tl.int64) * height * width + row_q * width + cols_q
             lse = tl.load(LSE + stat_index)
             delta = tl.load(DELTA + stat_index)
@@ -329,13 +416,14 @@ def _na2d_backward_key_kernel(
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(Q.dtype.element_ty).to(DOT_DTYPE), q, input_precision=PRECISION)
     store_mask = k_valid[:, None] & d_ok[None, :]
-    out_offset = b * sgb + h * sgn + rows_k[:, None] * sgh + cols_k[:, None] * sgw + d[None, :] * sgd
-    tl.store(DK + out_offset, (dk * scale).to(DK.dtype.element_ty), mask=store_mask)
-    tl.store(DV + out_offset, dv.to(DV.dtype.element_ty), mask=store_mask)
+    out_offset = cols_k[:, None] * sgw + d[None, :] * sgd
+    out_rows = _rows(b * sgb + h * sgn, row0, rows_k[:, None], sgh)  # DK and DV share strides
+    tl.store(DK + out_rows + out_offset, (dk * scale).to(DK.dtype.element_ty), mask=store_mask)
+    tl.store(DV + out_rows + out_offset, dv.to(DV.dtype.element_ty), mask=store_mask)
 
 
 @functools.cache
-def _kernels() -> tuple:
+def jit_kernels() -> tuple:
     """The kernels, decorated on first use (Triton picks compiled or interpreted at decoration).
 
     The device functions they call are decorated first and rebound under their names, where the
@@ -347,8 +435,37 @@ def _kernels() -> tuple:
     )
 
 
+@functools.cache
+def _kernels() -> tuple:
+    """What the launches call: on a GPU each kernel autotuned over `LAUNCH_CONFIGS`, once per key
+    (head dim, kernel size, map size and, Triton's own, the tensors' dtypes); in the interpreter,
+    where launch settings mean nothing, the plain kernels."""
+    if triton_interpreting():
+        return jit_kernels()
+    # Configs that run out of shared memory or registers are timed as infinitely slow, not raised.
+    return tuple(
+        triton.autotune(
+            [triton.Config({}, num_warps=warps, num_stages=stages) for warps, stages in configs],
+            key=["head_dim", "KS", "height", "width"],
+        )(kernel)
+        for kernel, configs in zip(jit_kernels(), LAUNCH_CONFIGS, strict=True)
+    )
+
+
+def fp32_matmul_uses_tf32() -> bool:
+    """Whether float32 matmuls may use TF32, read through torch's new per-backend setting, which also
+    reflects the legacy `allow_tf32` flag (reading that flag raises once the new API has been used)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch < 2.9: the legacy flag only
+        return bool(matmul.allow_tf32)
+    if precision == "none":  # inherits the global setting
+        precision = torch.backends.fp32_precision
+    return precision == "tf32"
+
+
 def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and fp32_matmul_uses_tf32():
         return "tf32"
     return "ieee"  # ignored for 16-bit inputs (their products are exact in the fp32 accumulator)
 
@@ -364,41 +481,56 @@ def _dot_dtype(dtype: torch.dtype):
     )
 
 
+def _fp32_pair(x: float) -> tuple[float, float]:
+    """`x` as hi + lo, both float32 values: what survives the compiled launcher (see `_exact_scale`)."""
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, struct.unpack("f", struct.pack("f", x - hi))[0]
+
+
 def _group_tiles(height: int, width: int, dilation: int, tile: tuple[int, int]) -> tuple[int, int]:
     """Tiles per axis of the longest dilation group (group 0); shorter groups mask their tail."""
     return math.ceil(math.ceil(height / dilation) / tile[0]), math.ceil(math.ceil(width / dilation) / tile[1])
 
 
-def _geometry(q: torch.Tensor, kernel_size: int, dilation: int, tile: tuple[int, int]) -> dict:
+def kernel_constants(
+    dtype: torch.dtype, kernel_size: int, dilation: int, head_dim: int, tile: tuple[int, int], has_rpb: bool,
+    rpb_grad: bool = False,
+) -> tuple[dict, dict, dict]:  # fmt: skip
+    """The compile-time constants of the forward, query-major and key-major kernels for a call."""
+    common = dict(
+        KS=kernel_size,
+        DIL=dilation,
+        HAS_RPB=has_rpb,
+        BLOCK_D=_pow2(head_dim),
+        IS_FP64=dtype == torch.float64,
+        PRECISION=_precision(dtype),
+        DOT_DTYPE=_dot_dtype(dtype),
+    )
+    forward = dict(common, BH=tile[0], BW=tile[1], KW=_pow2(tile[1] + kernel_size - 1))
+    query = dict(forward, RPB_GRAD=rpb_grad, SPAN_P=_pow2(2 * kernel_size - 1))
+    key = dict(common, KH=tile[0], KWT=tile[1], QW=QUERY_CHUNK)
+    return forward, query, key
+
+
+def _geometry(q: torch.Tensor, dilation: int, tile: tuple[int, int]) -> tuple[int, tuple]:
+    """Programs per (batch, head) and the kernels' shape arguments."""
     B, H, W, heads, dim = q.shape
     tiles_h, tiles_w = _group_tiles(H, W, dilation, tile)
-    return dict(
-        n_tiles=dilation * dilation * tiles_h * tiles_w,
-        scalars=(heads, H, W, dim, tiles_h, tiles_w),
-        constants=dict(
-            KS=kernel_size,
-            DIL=dilation,
-            BLOCK_D=_pow2(dim),
-            IS_FP64=q.dtype == torch.float64,
-            PRECISION=_precision(q.dtype),
-            DOT_DTYPE=_dot_dtype(q.dtype),
-        ),
-    )
+    return dilation * dilation * tiles_h * tiles_w, (heads, H, W, dim, tiles_h, tiles_w)
 
 
 def _forward(q, k, v, rpb, kernel_size, dilation, scale, tile):
     forward_kernel, _, _ = _kernels()
     B, H, W, heads, dim = q.shape
-    geo = _geometry(q, kernel_size, dilation, tile)
+    n_tiles, shape = _geometry(q, dilation, tile)
+    constants, _, _ = kernel_constants(q.dtype, kernel_size, dilation, dim, tile, rpb is not None)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse = torch.empty((B, heads, H, W), dtype=stat_dtype, device=q.device)
-    forward_kernel[(B * heads * geo["n_tiles"],)](
+    forward_kernel[(B * heads * n_tiles,)](
         q, k, v, rpb if rpb is not None else q, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *geo["scalars"], scale * math.log2(math.e),
-        HAS_RPB=rpb is not None, BH=tile[0], BW=tile[1], KW=_pow2(tile[1] + kernel_size - 1),
-        **geo["constants"],
+        *shape, *_fp32_pair(scale * math.log2(math.e)), **constants,
     )  # fmt: skip
     return out, lse
 
@@ -406,53 +538,168 @@ def _forward(q, k, v, rpb, kernel_size, dilation, scale, tile):
 def _backward(q, k, v, rpb, out, lse, grad_out, kernel_size, dilation, scale, tile, rpb_grad: bool):
     _, query_kernel, key_kernel = _kernels()
     B, H, W, heads, dim = q.shape
-    geo = _geometry(q, kernel_size, dilation, tile)
+    n_tiles, shape = _geometry(q, dilation, tile)
+    _, query_constants, key_constants = kernel_constants(
+        q.dtype, kernel_size, dilation, dim, tile, rpb is not None, rpb_grad
+    )
     delta = torch.empty_like(lse)  # written by the query-major pass
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     span = 2 * kernel_size - 1
-    n_tiles = geo["n_tiles"]
     parts = (
         torch.empty((B, heads, n_tiles, span, span), dtype=lse.dtype, device=q.device) if rpb_grad else lse
     )
-    common = (*geo["scalars"], scale * math.log2(math.e), scale)
-    query_kernel[(B * heads * geo["n_tiles"],)](
+    common = (*shape, *_fp32_pair(scale * math.log2(math.e)), *_fp32_pair(scale))
+    query_kernel[(B * heads * n_tiles,)](
         q, k, v, rpb if rpb is not None else q, out, grad_out, lse, delta, dq, parts,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(), *common,
-        HAS_RPB=rpb is not None, RPB_GRAD=rpb_grad, BH=tile[0], BW=tile[1],
-        KW=_pow2(tile[1] + kernel_size - 1), SPAN_P=_pow2(span), **geo["constants"],
+        **query_constants,
     )  # fmt: skip
-    key_kernel[(B * heads * geo["n_tiles"],)](
+    key_kernel[(B * heads * n_tiles,)](
         q, k, v, rpb if rpb is not None else q, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *common,
-        HAS_RPB=rpb is not None, KH=tile[0], KWT=tile[1], QW=_pow2(tile[1] + kernel_size - 1),
-        **geo["constants"],
+        **key_constants,
     )  # fmt: skip
     return dq, dk, dv, parts.sum((0, 2)) if rpb_grad else None
 
 
-class _TritonNeighborhoodAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, rpb, kernel_size: int, dilation: int, scale: float, tile: tuple[int, int]):
-        # The kernels read the table in their accumulation dtype (an fp32 parameter as it is).
-        bias = None if rpb is None else rpb.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-        bias = None if bias is None else bias.contiguous()
-        # Triton launches on the current device; autograd's engine sets it for the backward.
-        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-            out, lse = _forward(q, k, v, bias, kernel_size, dilation, scale, tile)
-        ctx.save_for_backward(q, k, v, bias, out, lse)
-        ctx.geometry = (kernel_size, dilation, scale, tile)
-        ctx.rpb_dtype = None if rpb is None else rpb.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, bias, out, lse = ctx.saved_tensors
-        rpb_grad = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, drpb = _backward(q, k, v, bias, out, lse, grad_out, *ctx.geometry, rpb_grad)
-        return dq, dk, dv, None if drpb is None else drpb.to(ctx.rpb_dtype), None, None, None, None
+_POINTER_ARGS = ("Q", "K", "V", "DO", "OUT", "DQ", "DK", "DV")  # in the inputs' dtype; the rest: stats
+_SCALE_ARGS = ("qk_scale_hi", "qk_scale_lo", "scale_hi", "scale_lo")
 
 
-@torch.compiler.disable  # an opaque call to dynamo (a graph break), not traced into the launches
+def compile_offline(
+    arch: int, dtype: torch.dtype, kernel_size: int, head_dim: int, shared_limit: int,
+    dilation: int = 1, tile: tuple[int, int] = DEFAULT_TILE,
+) -> dict[str, dict | None]:  # fmt: skip
+    """Compile the three kernels (with RPB and its gradient) for `sm_<arch>` without a GPU, through
+    Triton's NVIDIA back end and its bundled ptxas, each in its `LAUNCH_CONFIGS` in turn until one
+    fits `shared_limit` bytes of shared memory and spills no registers: {kernel: {config, registers,
+    spills (bytes), shared}} of that config, else of the fitting one that spills least, None where
+    none fits. float32 compiles its TF32 dots (the fast path). Needs Triton compiled, not interpreted
+    (a process without TRITON_INTERPRET=1)."""
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if triton_interpreting():
+        raise RuntimeError("compile_offline needs TRITON_INTERPRET unset (Triton compiled, not interpreted)")
+    type_names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+    stat_type = "fp64" if dtype == torch.float64 else "fp32"
+    all_constants = kernel_constants(dtype, kernel_size, dilation, head_dim, tile, True, True)
+    knobs.nvidia.dump_ptxas_log = True  # ptxas -v: registers and spill stores
+    knobs.compilation.always_compile = True  # a cached kernel prints no ptxas log
+    stats = {}
+    for jit, constants, configs in zip(jit_kernels(), all_constants, LAUNCH_CONFIGS, strict=True):
+        if dtype == torch.float32:
+            constants = dict(constants, PRECISION="tf32")
+        names = list(inspect.signature(jit.fn).parameters)
+        signature = {name: "constexpr" for name in constants}
+        for name in names:
+            if name in _POINTER_ARGS:
+                signature[name] = "*" + type_names[dtype]
+            elif name.isupper() and name not in constants:  # RPB, LSE, DELTA, DRPB_PARTS
+                signature[name] = "*" + stat_type
+            elif name not in constants:
+                signature[name] = "fp32" if name in _SCALE_ARGS else "i32"
+        source = ASTSource(jit, signature, constexprs={(names.index(k),): v for k, v in constants.items()})
+        stats[jit.fn.__name__] = None
+        for warps, stages in configs:
+            log = io.StringIO()
+            with contextlib.redirect_stdout(log):
+                compiled = triton.compile(
+                    source,
+                    target=GPUTarget("cuda", arch, 32),
+                    options=dict(num_warps=warps, num_stages=stages),
+                )
+            if compiled.metadata.shared > shared_limit:
+                continue
+            text = log.getvalue()
+            used = dict(
+                config=(warps, stages),
+                registers=int(re.search(r"Used (\d+) registers", text).group(1)),
+                spills=int(re.search(r"(\d+) bytes spill stores", text).group(1)),
+                shared=compiled.metadata.shared,
+            )
+            best = stats[jit.fn.__name__]
+            if best is None or used["spills"] < best["spills"]:
+                stats[jit.fn.__name__] = used
+            if used["spills"] == 0:
+                break
+    return stats
+
+
+# The kernels as two torch custom ops (forward; backward) with an autograd formula: torch.compile sees
+# each as one opaque op with a known output shape (no graph break, nothing traced into the launches).
+
+
+def _on_device(q: torch.Tensor):
+    """Triton launches on the current device; make it q's (autograd's engine does for the backward)."""
+    return torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("nat::na2d_triton_forward", mutates_args=())
+def _forward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+    kernel_size: int, dilation: int, scale: float, tile_h: int, tile_w: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    with _on_device(q):
+        return _forward(q, k, v, bias, kernel_size, dilation, scale, (tile_h, tile_w))
+
+
+@_forward_op.register_fake
+def _forward_shapes(q, k, v, bias, kernel_size, dilation, scale, tile_h, tile_w):
+    B, H, W, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, heads, H, W), dtype=_stat_dtype(q.dtype))
+
+
+@torch.library.custom_op("nat::na2d_triton_backward", mutates_args=())
+def _backward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+    lse: torch.Tensor, grad_out: torch.Tensor, kernel_size: int, dilation: int, scale: float,
+    tile_h: int, tile_w: int, rpb_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """dq, dk, dv and the RPB gradient (empty when not asked for: an op returns tensors only)."""
+    with _on_device(q):
+        dq, dk, dv, drpb = _backward(
+            q, k, v, bias, out, lse, grad_out, kernel_size, dilation, scale, (tile_h, tile_w), rpb_grad
+        )
+    return dq, dk, dv, drpb if drpb is not None else lse.new_empty(0)
+
+
+@_backward_op.register_fake
+def _backward_shapes(
+    q, k, v, bias, out, lse, grad_out, kernel_size, dilation, scale, tile_h, tile_w, rpb_grad
+):
+    grads = tuple(q.new_empty(q.shape) for _ in range(3))
+    return *grads, bias.new_empty(bias.shape) if rpb_grad else lse.new_empty(0)
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, bias, kernel_size, dilation, scale, tile_h, tile_w = inputs
+    ctx.save_for_backward(q, k, v, bias, *output)
+    ctx.geometry = (kernel_size, dilation, scale, tile_h, tile_w)
+
+
+def _gradients(ctx, grad_out, grad_lse):
+    # create_graph=True: the kernels' gradients are not differentiable, so a double backward (a
+    # gradient penalty) would silently miss this op's terms; say so instead. (once_differentiable
+    # errs only when grad_out requires grad, not for the usual all-ones output gradient.)
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "the 'triton' NA backend has no double backward (create_graph=True): use backend='torch'"
+        )
+    q, k, v, bias, out, lse = ctx.saved_tensors
+    rpb_grad = bias is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, drpb = _backward_op(q, k, v, bias, out, lse, grad_out, *ctx.geometry, rpb_grad)
+    return dq, dk, dv, drpb if rpb_grad else None, None, None, None, None, None
+
+
+_forward_op.register_autograd(_gradients, setup_context=_save_for_backward)
+
+
 def na2d_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -464,6 +711,14 @@ def na2d_triton(
     attn_drop: float,
     tile: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    return _TritonNeighborhoodAttention.apply(
-        q, k, v, rpb, kernel_size, dilation, scale, tile or DEFAULT_TILE
-    )
+    tile = tile or DEFAULT_TILE
+    if max(t.stride(1) for t in (q, k, v)) * dilation * tile[0] >= 2**31:  # see `_rows`
+        raise ValueError(
+            f"row strides {q.stride(1)}, {k.stride(1)}, {v.stride(1)} (elements) are too large for the "
+            "'triton' backend's in-tile int32 offsets; pass contiguous q, k, v or use backend='torch'"
+        )
+    # The kernels read the table in their accumulation dtype (an fp32 parameter as it is); autograd
+    # casts its gradient back.
+    bias = None if rpb is None else rpb.to(_stat_dtype(q.dtype)).contiguous()
+    out, _ = _forward_op(q, k, v, bias, kernel_size, dilation, float(scale), *tile)
+    return out
