@@ -27,8 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from engine.checkpoint import WEIGHTS_FORMATS, export_weights  # noqa: E402  (after the repo path)
+from engine.checkpoint import WEIGHTS_FORMATS  # noqa: E402  (after the repo path)
 from engine.errors import EXIT_ERROR, first_line, user_errors  # noqa: E402
+from engine.factory import export_weights  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
