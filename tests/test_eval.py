@@ -141,6 +141,8 @@ def test_subset_and_integer_named_val_folders(trained, tmp_path, capsys):
             str(run / "model_best.pth.tar"),
             "--data-dir",
             str(tmp_path / which),
+            "--dataset",
+            "folder",
             "-j",
             "0",
             "-o",
