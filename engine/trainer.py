@@ -59,8 +59,11 @@ class Run:
         except BaseException:
             self._abandon_run_dir()
             raise
+        if self.primary:  # after the build: a resume that fails keeps the run's own config.yaml
+            configs.dump_config(cfg, self.run_dir / "config.yaml")
 
     def _build(self, resume: str | None, resume_ckpt: dict | None):
+        """The build steps, in the order they consume RNG."""
         bundle = self._build_datasets()
         self._build_model(resume_ckpt)
         self._build_optimizer()
@@ -131,7 +134,8 @@ class Run:
         random_seed(t["seed"], self.rank)
 
     def _setup_run_dir(self, resume: str | None):
-        """The run folder (new, or the resumed checkpoint's), its config.yaml and train.log."""
+        """The run folder (new, or the resumed checkpoint's) and its train.log (config.yaml is written
+        once the run is built)."""
         cfg, t = self.cfg, self.cfg["train"]
         if resume:
             self.run_dir = Path(resume).parent if Path(resume).is_file() else Path(resume)
@@ -149,7 +153,6 @@ class Run:
         if self.primary:
             self.created_run_dir = not self.run_dir.exists()
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            configs.dump_config(cfg, self.run_dir / "config.yaml")
             setup_logging(self.run_dir / "train.log")
         else:
             setup_logging(None, level=logging.WARNING)

@@ -179,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}: {len(layers)} layer(s) x {len(queries)} query(ies) x {len(args.heads)} head(s)")
+    print(
+        f"wrote {args.out}: {len(layers)} layer(s) x {len(queries)} query(ies) x {len(args.heads)} head(s), "
+        f"{width}x{height} px input"
+    )
     return 0
 
 
