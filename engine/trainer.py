@@ -471,7 +471,7 @@ class Run:
             repeated = seen - batch * global_batch
             _logger.info(
                 f"resume: {seen} images of epoch {self.start_epoch + 1} were seen in batches of "
-                f"{saved['global_batch']}; continuing at batch {batch} of {global_batch}"
+                f"{saved['global_batch']}; continuing after {batch} batches of {global_batch}"
                 + (f" ({repeated} images of this epoch are seen again)" if repeated else "")
             )
         self.start_batch = batch

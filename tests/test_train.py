@@ -341,28 +341,25 @@ def test_failed_start_leaves_no_run_folder_and_a_kept_one_logs_the_error(full_ru
 
 def test_layer_decay_logs_the_requested_lr(full_run, workdir):
     """Under --layer-decay the logged lr is the schedule's (the head group's), not the stem's scaled
-    one; one summary line of the groups; more classes than the data: one warning line."""
+    one; one summary line of the groups; more classes than the data: one warning line; an unreadable
+    image: warned once and counted at the end."""
     ref_dir, cfg = full_run
+    data = workdir / "data_ld"
+    shutil.copytree(workdir / "data", data)
+    broken = sorted((data / "train").rglob("*.png"))[5]
+    broken.write_bytes(b"not an image")
     p = run_cli(
-        "train.py",
-        "-c",
-        cfg,
-        "--output",
-        workdir / "runs",
-        "--experiment",
-        "ld",
-        "--layer-decay",
-        "0.5",
-        "--num-classes",
-        "4",
-        "train.stop_after_updates=3",
+        "train.py", "-c", cfg, "--output", workdir / "runs", "--experiment", "ld", "--layer-decay", "0.5",
+        "--num-classes", "4", "train.stop_after_updates=3", "data.dataset=folder", f"data.root={data}",
         check=0,
-    )
+    )  # fmt: skip
     assert "layer decay 0.5: " in p.stdout and "param groups, lr x 0.0" in p.stdout, p.stdout
     assert p.stdout.count("model.num_classes=4 is more than the 3 dataset classes") == 1
     ref = list(csv.DictReader((ref_dir / "summary.csv").open()))[0]
     row = list(csv.DictReader((workdir / "runs" / "ld" / "summary.csv").open()))[0]
     assert float(row["lr"]) == pytest.approx(float(ref["lr"]), rel=1e-9)
+    assert (p.stdout + p.stderr).count(broken.name) == 1, p.stdout + p.stderr  # warned once, by name
+    assert "skipped unreadable images: 1 train, 0 val" in p.stdout + p.stderr
 
 
 @pytest.mark.parametrize(
