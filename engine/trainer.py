@@ -428,6 +428,11 @@ class Run:
         # The epochs or the updates per epoch changed (processes, batch size, accumulation): the new
         # schedule, at the run's position in it (the images it has seen), instead of the saved one
         # (which counts the old updates: its lr would be wrong for the rest of the run).
+        if s["sched"] == "plateau":  # its state is the val metric's history, not a function of time
+            raise ConfigError(
+                f"resume: {', '.join(changes)}, but sched.sched=plateau can't be rebuilt at the run's "
+                "position (its lr follows the val metric's history); resume with the run's own settings"
+            )
         self._move_start_batch(resume_ckpt)
         self.lr_scheduler.step(self.start_epoch)
         self.lr_scheduler.step_update(self._schedule_step(self.start_epoch, self.start_batch))
@@ -896,10 +901,10 @@ def finished(cfg: dict, ck: dict, path: str) -> bool:
     """True (after saying so) when a resumed run has already trained every epoch `cfg` asks for;
     asking for fewer epochs than it has trained is an error."""
     done, total = ck["next_epoch"], cfg["sched"]["epochs"] + cfg["sched"]["cooldown_epochs"]
-    if done > total or (done == total and ck["next_batch"]):
+    if done > total:
         raise ConfigError(
-            f"'{path}' has already trained {done} epochs, more than the {total} asked for "
-            "(sched.epochs + sched.cooldown_epochs); give --epochs larger than that to train longer"
+            f"'{path}' has already trained {done} epochs, more than the {total} the config asks for "
+            f"(sched.epochs + sched.cooldown_epochs); to train longer give --epochs > {done}"
         )
     if done < total:
         return False
