@@ -7,10 +7,13 @@
     python eval.py swin.pth --model swin_tiny_patch4_window7_224 --data-dir /data/imagenet \\
         --class-list imagenet100.txt                                   # a 1k model on a subset
 
-Our checkpoints carry the architecture (and its kwargs), the class names, the data settings and the
-eval transform; anything else needs --model and --data-dir. Dataset classes are matched to the
-model's outputs by name: the checkpoint's class list, or ImageNet-1k wnid order for a 1000-class
-model, so a 1k checkpoint can be scored on a subset (logits restricted to the subset's classes).
+Our training checkpoints carry the architecture (and its kwargs), the class names, the data settings
+and the eval transform; weights from scripts/export_weights.py carry all but the dataset (give
+--data-dir); anything else needs --model and --data-dir. Dataset classes are matched to the model's
+outputs by name: the checkpoint's class list, or ImageNet-1k wnid order for a 1000-class model;
+integer-named folders (ImageNetV2's 0..999) stand for output indices. A val folder holding only some
+of the classes is scored on those (logits restricted to them, said in the output); --class-list FILE
+picks a subset.
 """
 
 from __future__ import annotations

@@ -5,11 +5,13 @@
     python train.py -c configs/nat_tiny.yaml -c configs/imagenet100.yaml --data-dir /data/imagenet
     python train.py -c configs/nat_mini.yaml --set optim.lr=5e-4 train.batch_size=64
     python train.py --resume runs/<run>/last.pth.tar                # continue a stopped run exactly
+    python train.py --resume runs/<run> --epochs 20                 # a finished run, trained longer
 
 Configs are YAML (see configs/__init__.py for every key); `--set key=value` (or bare `key=value`)
 overrides any key, the timm-like flags below are shortcuts for the common ones. Every run folder
 gets config.yaml (fully resolved), classes.json, summary.csv, train.log, TensorBoard events (tb/),
-last.pth.tar, model_best.pth.tar and the best-k checkpoint-<epoch>.pth.tar.
+last.pth.tar, model_best.pth.tar and the best-k checkpoint-<epoch>.pth.tar (epochs count from 1, as
+the log does). A run that fails to start leaves no folder.
 
 Distributed (DDP; NCCL on GPU, gloo on CPU) goes through torchrun; `train.batch_size` is per process:
 
@@ -21,6 +23,9 @@ Distributed (DDP; NCCL on GPU, gloo on CPU) goes through torchrun; `train.batch_
 SIGINT/SIGTERM (Ctrl-C, a scheduler's pre-emption) finish the current optimizer update, save
 `last.pth.tar` with the exact data position and RNG states, and exit; `--resume` continues it. On CPU
 with `train.deterministic=true` the resumed run ends with the same weights as an uninterrupted one.
+When the epochs or the updates per epoch changed (`--epochs`, another number of processes, batch
+size or accumulation), the lr schedule is rebuilt for the new settings at the run's position, and
+a line says so. Resuming a finished run says there is nothing to do (exit 0).
 """
 
 from __future__ import annotations

@@ -206,21 +206,49 @@ def all_keys(schema: dict = DEFAULTS, prefix: str = "") -> list[str]:
     return keys
 
 
+# Names from other trainers (timm's and PyTorch's flags, Keras) -> this config's leaf names.
+ALIASES = {
+    "learning_rate": "lr",
+    "num_epochs": "epochs",
+    "optimizer": "opt",
+    "scheduler": "sched",
+    "wd": "weight_decay",
+    "bs": "batch_size",
+    "input_size": "img_size",
+    "image_size": "img_size",
+    "warmup": "warmup_epochs",
+    "lr_min": "min_lr",
+    "label_smoothing": "smoothing",
+    "num_workers": "workers",
+    "data_dir": "root",
+    "model_name": "name",
+}
+
+
+def _initials(name: str) -> str:
+    return "".join(word[0] for word in name.split("_") if word)
+
+
 def nearest_key(key: str) -> str:
-    """The valid key closest to `key`: the same name in another section, else the most similar
-    sibling (a prefix counts: drop_path -> drop_path_rate)."""
+    """The valid key closest to `key`: the same name (or its known alias: learning_rate -> lr) in this
+    or another section, else the most similar sibling (a prefix counts: drop_path -> drop_path_rate;
+    so do initials: learning_rate -> lr, wd -> weight_decay)."""
     valid = all_keys()
     section, _, leaf = key.rpartition(".")
-    same_leaf = [k for k in valid if k.rpartition(".")[2] == leaf and k != key]
-    if same_leaf:
-        return same_leaf[0]
+    for name in (leaf, ALIASES.get(leaf)):
+        same_name = [
+            k for k in valid if k.rpartition(".")[2] == name and k != key and k.count(".") == key.count(".")
+        ]
+        if same_name:
+            return min(same_name, key=lambda k: k.rpartition(".")[0] != section)  # this section first
     siblings = [k for k in valid if k.rpartition(".")[0] == section]
     siblings = siblings or [k for k in valid if k.count(".") == key.count(".")] or valid
 
     def score(k: str) -> float:
         name = k.rpartition(".")[2]
         s = difflib.SequenceMatcher(None, leaf, name).ratio()
-        return s + (0.5 if name.startswith(leaf) or leaf.startswith(name) else 0.0)
+        s += 0.5 if name.startswith(leaf) or leaf.startswith(name) else 0.0
+        return s + (1.0 if leaf == _initials(name) or name == _initials(leaf) else 0.0)
 
     return max(siblings, key=score)
 
@@ -425,6 +453,13 @@ def validate(cfg: dict) -> dict:
         raise ConfigError("config key 'train.batch_size' must be >= 1")
     if cfg["sched"]["epochs"] < 1:
         raise ConfigError("config key 'sched.epochs' must be >= 1")
+    decay = cfg["optim"]["layer_decay"]
+    if decay is not None and not 0 < decay <= 1:
+        raise ConfigError(
+            f"config key 'optim.layer_decay' is {decay}; it must be in (0, 1]: a layer's lr is optim.lr x "
+            "layer_decay ** (its depth below the head), so > 1 gives the lowest layers the largest lr "
+            "(fine-tuning uses 0.65-0.9)"
+        )
     return cfg
 
 

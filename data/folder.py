@@ -47,10 +47,24 @@ def list_images(class_dir):
     return sorted(found, key=natural_key)
 
 
-def _class_dirs(split_dir):
+def class_folders(split_dir) -> list[str]:
+    """The class folder names of a split folder, in natural order (as timm sorts: '2' before '10')."""
     return sorted(
         (e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")), key=natural_key
     )
+
+
+def _flat_images_hint(split_dir) -> str:
+    """The prepare_imagenet_val.py hint, for a split folder that holds images directly (ImageNet's
+    official flat val folder); '' otherwise."""
+    extensions = _image_extensions()
+    with os.scandir(split_dir) as it:
+        if any(e.is_file() and os.path.splitext(e.name)[1].lower() in extensions for e in it):
+            return (
+                f"; {split_dir} holds images directly (ImageNet's flat val folder?): sort them into "
+                "class folders with scripts/prepare_imagenet_val.py"
+            )
+    return ""
 
 
 def _require_dir(path, what):
@@ -58,7 +72,7 @@ def _require_dir(path, what):
     if not path.is_dir():
         fix = "check the data root in the config"
         if path.parent.is_dir():
-            present = ", ".join(_class_dirs(path.parent)[:8]) or "nothing"
+            present = ", ".join(class_folders(path.parent)[:8]) or "nothing"
             fix = f"{path.parent} holds: {present}"
         raise DataError(f"{what} {path} does not exist or is not a folder; {fix}")
     return path
@@ -90,10 +104,11 @@ def resolve_classes(train_dir, class_list=None, num_classes=None, seed=0) -> lis
     Neither: every class folder of train_dir, sorted (natural order, as timm sorts).
     """
     train_dir = _require_dir(train_dir, "train folder")
-    available = _class_dirs(train_dir)
+    available = class_folders(train_dir)
     if not available:
         raise DataError(
             f"train folder {train_dir} has no class subfolders; expected {train_dir}/<class>/<images>"
+            + _flat_images_hint(train_dir)
         )
     if class_list is not None and num_classes is not None:
         raise DataError(
@@ -170,11 +185,23 @@ class ClassFolderReader(ReaderImageFolder):
         return super().__getitem__(index)
 
 
+class _DropTimmSkipLine(logging.Filter):
+    """timm's "Skipped sample" warning, for a file FolderImageDataset reports itself (once, by name)."""
+
+    def filter(self, record):
+        return not record.getMessage().startswith("Skipped sample")
+
+
+_TIMM_DATASET_LOGGER = logging.getLogger("timm.data.dataset")
+
+
 class FolderImageDataset(ImageDataset):
     """timm ImageDataset over selected class folders that counts the unreadable images it skips."""
 
     def __init__(self, reader: ClassFolderReader, transform=None, **kwargs):
         super().__init__(root=reader.root, reader=reader, transform=transform, **kwargs)
+        if not any(isinstance(f, _DropTimmSkipLine) for f in _TIMM_DATASET_LOGGER.filters):
+            _TIMM_DATASET_LOGGER.addFilter(_DropTimmSkipLine())
         self.classes = sorted(reader.class_to_idx, key=reader.class_to_idx.get)
         # One byte per sample in shared memory: DataLoader workers mark the files they could not read
         # and the main process sees it (worker-local counters would be lost).
@@ -257,7 +284,8 @@ def build_image_folder(split_dir, classes, max_per_class=None, seed=0, transform
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise DataError(
             f"class '{missing[0]}'{more} has no folder in {split_dir}; every split needs the same class "
-            "folders (for ImageNet val, sort it with scripts/prepare_imagenet_val.py)"
+            "folders (a subset of them: list it in data.class_list, or eval.py --class-list)"
+            + _flat_images_hint(split_dir)
         )
     samples = []
     for label, name in enumerate(classes):

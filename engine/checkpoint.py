@@ -1,15 +1,20 @@
-"""Checkpoint I/O: reading any checkpoint file, finding the model weights in it, fitting them to a
-model (classifier resize, the family's checkpoint_filter_fn), and the atomic training saves.
+"""Checkpoint I/O: reading any checkpoint file, the settings it carries, finding the model weights
+in it, fitting them to a model (classifier resize, the family's checkpoint_filter_fn), and the
+atomic training saves.
 
 `load_checkpoint` is the one function that opens a checkpoint file (torch.load with
 weights_only=True, or safetensors for a `.safetensors` file); a new format is added there and every
-caller gets it. `export_weights` / `save_weights` write bare weights (.pth or .safetensors), what
-scripts/export_weights.py does.
+caller gets it. `SETTINGS_KEYS` / `checkpoint_settings` are the one place that says which model and
+data settings a checkpoint carries (a training checkpoint, an exported .pth, a .safetensors file's
+metadata) and reads them back; `save_weights` writes them with exported weights.
 Training checkpoints carry `CHECKPOINT_FORMAT` and everything an exact resume needs.
+
+This module is the lower layer: it builds no models (engine/factory.py builds on it).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -19,6 +24,20 @@ import torch
 from engine.errors import CheckpointError, first_line
 
 CHECKPOINT_FORMAT = "nat-classification/1"
+# What a checkpoint says about its model and data, under these keys in every file kind: top-level
+# entries of a training checkpoint or an exported .pth ({"state_dict": ..., **settings}), JSON
+# strings in a .safetensors file's metadata. arch: timm model name; model_kwargs: its create_model
+# kwargs; num_classes / classes: outputs and their names; data_config: the eval transform (timm's
+# resolve_data_config: input_size, mean, std, crop_pct, crop_mode, interpolation).
+SETTINGS_KEYS = ("arch", "model_kwargs", "num_classes", "classes", "data_config")
+
+
+def checkpoint_settings(ckpt) -> dict:
+    """The model and data settings `ckpt` (as `load_checkpoint` returns it) carries: the keys of
+    SETTINGS_KEYS it has; {} for files that say nothing about their model (timm's, official, HF)."""
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or not ckpt.get("arch"):
+        return {}
+    return {k: ckpt[k] for k in SETTINGS_KEYS if ckpt.get(k) is not None}
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -49,25 +68,33 @@ def load_checkpoint(path: str | Path) -> dict:
         ) from None
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """A .safetensors file: a flat name -> tensor dict (weights only: no optimizer, no run state)."""
-    from safetensors import SafetensorError
+def _load_safetensors(path: Path) -> dict:
+    """A .safetensors file: a flat name -> tensor dict (weights only: no optimizer, no run state), or
+    {"state_dict": tensors, **settings} when its metadata carries settings (scripts/export_weights.py)."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     try:
-        return load_file(path, device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
+        tensors = load_file(path, device="cpu")
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+        settings = {k: json.loads(metadata[k]) for k in SETTINGS_KEYS if k in metadata}
+    except (SafetensorError, OSError, ValueError) as e:  # json's errors are ValueErrors
         raise CheckpointError(
             f"cannot read safetensors file '{path}' ({first_line(e)[:200]}); it must be a safetensors "
             "file of tensors (e.g. written by scripts/export_weights.py or safetensors.torch.save_file)"
         ) from None
+    return {"state_dict": tensors, **settings} if settings.get("arch") else tensors
 
 
-def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path) -> Path:
-    """Write a bare state dict (timm's clean_checkpoint output): .safetensors by extension, else torch.save.
+def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, settings: dict | None = None) -> Path:
+    """Write weights (timm's clean_checkpoint output) and the `settings` (SETTINGS_KEYS) they carry:
+    .safetensors by extension (settings as JSON strings in its metadata), else torch.save of a bare
+    state dict, or of {"state_dict": ..., **settings} with settings (timm's load_state_dict reads both).
 
     Tensors are made contiguous and un-shared (safetensors refuses aliased or strided storage); the
     file is written next to its target and renamed, so a failed export leaves no partial file."""
+    settings = {k: v for k, v in (settings or {}).items() if k in SETTINGS_KEYS and v is not None}
     path = Path(path)
     tensors, storages = {}, set()
     for k, v in state_dict.items():
@@ -80,47 +107,15 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path) -> Path:
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file(tensors, tmp, metadata={"format": "pt"})
+        metadata = {"format": "pt", **{k: json.dumps(v) for k, v in settings.items()}}
+        save_file(tensors, tmp, metadata=metadata)
     else:
-        torch.save(tensors, tmp)
+        torch.save({"state_dict": tensors, **settings} if settings else tensors, tmp)
     os.replace(tmp, path)
     return path
 
 
 WEIGHTS_FORMATS = (".safetensors", ".pth", ".pt", ".bin")
-
-
-def export_weights(
-    checkpoint: str | Path,
-    output: str | Path,
-    use_ema: bool = False,
-    model_name: str | None = None,
-    model_kwargs: str | None = None,
-) -> tuple[Path, int]:
-    """A checkpoint's (EMA) weights as a bare state dict file; (output path, number of tensors).
-
-    timm's clean_checkpoint: no optimizer / run state / wrapper prefixes. The weights are loaded into
-    the model (this repo's checkpoints: their own arch; else `model_name` if given), which checks them
-    and re-keys official / Hugging Face layouts to this repo's; without a model they are copied as is."""
-    from engine.factory import check_model_name, create_model_for_checkpoint
-
-    output = Path(output)
-    if output.suffix not in WEIGHTS_FORMATS:
-        raise CheckpointError(
-            f"output '{output}' must end in one of {', '.join(WEIGHTS_FORMATS)} (the format to write)"
-        )
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / "model_best.pth.tar"
-    ckpt = load_checkpoint(path)
-    sd = extract_state_dict(ckpt, path, use_ema=use_ema)
-    name = model_name or (ckpt.get("arch") if "state_dict" in ckpt else None)
-    if name:
-        check_model_name(name)
-        model, _ = create_model_for_checkpoint(name, ckpt, sd, path, model_kwargs=model_kwargs)
-        sd = model.state_dict()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return save_weights(sd, output), len(sd)
 
 
 def extract_state_dict(ckpt, path, use_ema: bool = False) -> dict:

@@ -77,7 +77,8 @@ def learning_curves(results: list[dict], per_epoch: int) -> dict[str, list[tuple
         if not path.is_file():
             continue
         rows = [row for row in csv.DictReader(path.open()) if row.get("eval_top1")]
-        curves[r["label"]] = [((int(row["epoch"]) + 1) * per_epoch, float(row["eval_top1"])) for row in rows]
+        # summary.csv counts epochs from 1: epoch N's row is after N epochs of images
+        curves[r["label"]] = [(int(row["epoch"]) * per_epoch, float(row["eval_top1"])) for row in rows]
     return curves
 
 

@@ -2,8 +2,9 @@
 subset, for our checkpoints, timm's and official NAT/DiNAT files.
 
 Owns how a checkpoint's classes are matched to a dataset's (by name: the checkpoint's class list, or
-ImageNet-1k wnid order for a 1000-class model) and which data settings win (checkpoint <- -c configs
-<- flags). `run(args)` is the command behind eval.py.
+ImageNet-1k wnid order for a 1000-class model; integer-named folders, ImageNetV2's `0`..`999`, by
+output index; a val folder holding some of the classes scores those) and which data settings win
+(checkpoint <- -c configs <- flags). `run(args)` is the command behind eval.py.
 """
 
 from __future__ import annotations
@@ -20,13 +21,18 @@ import torch.nn as nn
 
 import configs
 from configs import ConfigError
-from engine.checkpoint import extract_state_dict, load_checkpoint
+from engine.checkpoint import checkpoint_settings, extract_state_dict, load_checkpoint
 from engine.errors import EXIT_ERROR, CheckpointError, first_line, user_errors
-from engine.factory import check_model_name, create_model_for_checkpoint, data_build_config
+from engine.factory import (
+    check_model_name,
+    checkpoint_data_config,
+    create_model_for_checkpoint,
+    data_build_config,
+)
 
 
-def data_settings(args, ckpt: dict) -> dict:
-    """The data config: checkpoint's (ours) <- -c configs <- flags."""
+def data_settings(args, ckpt: dict, has_settings: bool) -> dict:
+    """The data config: checkpoint's (a training checkpoint's config) <- -c configs <- flags."""
     if args.config:
         cfg = configs.load_config(args.config)
     elif isinstance(ckpt.get("config"), dict):
@@ -34,10 +40,12 @@ def data_settings(args, ckpt: dict) -> dict:
     else:
         cfg = configs.load_config()
         if not args.data_dir:
-            raise ConfigError(
-                "this checkpoint has no dataset settings (not one of ours): "
-                "pass --data-dir DIR (or -c CONFIG)"
+            what = (
+                "carries its model and transform settings but not its dataset (exported weights)"
+                if has_settings
+                else "has no dataset settings (not a training checkpoint of this repo)"
             )
+            raise ConfigError(f"this checkpoint {what}: pass --data-dir DIR (or -c CONFIG)")
     d = dict(cfg["data"])
     if args.data_dir:
         d["root"] = args.data_dir
@@ -56,14 +64,22 @@ def data_settings(args, ckpt: dict) -> dict:
 
 
 def build_eval_dataset(d: dict, model_classes: list[str] | None):
-    """(dataset, class names) for the eval split. Folder data: only the eval split is read."""
+    """(dataset, class names) for the eval split. Folder data: only the eval split is read; with the
+    model's class names and no subset asked for, the split's class folders (all or some of them)."""
     from data import build_datasets, build_image_folder, resolve_classes
+    from data.folder import class_folders
 
     if d["dataset"] in ("folder", "imagefolder", ""):
         root = Path(d["root"])
         split_dir = root / d["val_split"]
-        if d["class_list"] is None and d["num_classes"] is None and model_classes:
-            classes = list(model_classes)
+        if d["class_list"] is None and d["num_classes"] is None and model_classes and split_dir.is_dir():
+            present = class_folders(split_dir)
+            # the model's order when the folders are (some of) its classes; else the folders' own
+            # (integer names, or names class_index_map reports as unknown)
+            classes = present
+            if set(present) <= set(model_classes):
+                classes = [c for c in model_classes if c in present]
+            classes = classes or list(model_classes)  # no class folders: build_image_folder says why
         else:
             # a subset is drawn from the train split's classes (as training did); else the split's own
             train_dir = root / d["train_split"]
@@ -76,18 +92,30 @@ def build_eval_dataset(d: dict, model_classes: list[str] | None):
     return bundle.val, list(bundle.classes)
 
 
+def integer_classes(ds_classes: list[str], num_outputs: int) -> list[int] | None:
+    """The output indices that integer-named class folders (ImageNetV2 keeps `0`..`999`) stand for."""
+    if all(c.isdigit() and int(c) < num_outputs for c in ds_classes):
+        return [int(c) for c in ds_classes]
+    return None
+
+
 def class_index_map(
     ds_classes: list[str], model_classes: list[str] | None, num_outputs: int
 ) -> list[int] | None:
     """For each dataset class, the model output that predicts it (None: identity)."""
     if model_classes:
         missing = [c for c in ds_classes if c not in model_classes]
-        if missing:
+        idx = integer_classes(ds_classes, len(model_classes)) if missing else None
+        if missing and idx is None:
             raise CheckpointError(
                 f"{len(missing)} dataset classes are not among the checkpoint's {len(model_classes)} classes "
-                f"(e.g. '{missing[0]}'); evaluate on the classes it was trained on"
+                f"(e.g. '{missing[0]}'); evaluate on the classes it was trained on (or on folders named "
+                "by output index, 0..N-1)"
             )
-        idx = [model_classes.index(c) for c in ds_classes]
+        idx = idx or [model_classes.index(c) for c in ds_classes]
+        return None if idx == list(range(num_outputs)) else idx
+    if integer_classes(ds_classes, num_outputs) is not None:
+        idx = integer_classes(ds_classes, num_outputs)
         return None if idx == list(range(num_outputs)) else idx
     if num_outputs == 1000 and len(ds_classes) != 1000:
         from timm.data import ImageNetInfo
@@ -106,8 +134,10 @@ def class_index_map(
 
 def evaluate(args) -> dict:
     """Score the checkpoint `args.checkpoint` (eval.py's options); the result that goes to the JSON."""
-    from timm.data import create_loader, resolve_data_config
+    from timm.data import create_loader
     from timm.utils import accuracy
+
+    from data import corrupt_count
 
     ckpt_path = Path(args.checkpoint)
     if ckpt_path.is_dir():
@@ -115,8 +145,8 @@ def evaluate(args) -> dict:
     ckpt = load_checkpoint(ckpt_path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"'{ckpt_path}' holds a {type(ckpt).__name__}, not a model state_dict")
-    ours = "arch" in ckpt and "state_dict" in ckpt
-    name = args.model or ckpt.get("arch") if ours else args.model
+    settings = checkpoint_settings(ckpt)
+    name = args.model or settings.get("arch")
     if not name:
         raise ConfigError(f"'{ckpt_path}' does not name its model: pass --model NAME (e.g. --model nat_mini)")
     check_model_name(name)
@@ -131,28 +161,19 @@ def evaluate(args) -> dict:
         name, ckpt, sd, ckpt_path, model_kwargs=args.model_kwargs, num_classes=args.num_classes
     )
     num_outputs = model.num_classes
-    model_classes = ckpt.get("classes") if ours else None
+    same_arch = settings.get("arch") == name
+    model_classes = settings.get("classes") if same_arch else None
 
-    d = data_settings(args, ckpt if ours else {})
+    d = data_settings(args, ckpt if settings else {}, bool(settings))
     dataset, ds_classes = build_eval_dataset(d, model_classes)
     index_map = class_index_map(ds_classes, model_classes, num_outputs)
 
-    train_dc = ckpt.get("data_config") or {}
-    size = args.img_size or (train_dc.get("input_size") or [None, None, None])[-1] or d.get("img_size")
-    data_config = resolve_data_config(
-        {
-            "img_size": size,
-            "crop_pct": args.crop_pct
-            if args.crop_pct is not None
-            else train_dc.get("crop_pct", d["crop_pct"]),
-            "interpolation": args.interpolation
-            or train_dc.get("interpolation")
-            or d["interpolation"]
-            or None,
-            "mean": train_dc.get("mean", d["mean"]),
-            "std": train_dc.get("std", d["std"]),
-        },
-        model=model,
+    # the config's data section <- the checkpoint's own eval transform <- flags
+    data_config = checkpoint_data_config(
+        model,
+        d,
+        settings.get("data_config") if same_arch else None,
+        {"img_size": args.img_size, "crop_pct": args.crop_pct, "interpolation": args.interpolation},
     )
     loader = create_loader(
         dataset,
@@ -228,6 +249,9 @@ def evaluate(args) -> dict:
             "dataset": d["dataset"],
             "num_images": n,
             "num_classes": n_cls,
+            # fewer classes than the model has outputs: logits restricted to the dataset's classes
+            "model_classes": num_outputs,
+            "unreadable_images_skipped": corrupt_count(dataset),
         },
         "input_size": list(data_config["input_size"]),
         "crop_pct": data_config["crop_pct"],
@@ -272,14 +296,20 @@ def run(args) -> int:
         print(f"error: {e}; pass --output PATH somewhere writable", file=sys.stderr)
         return EXIT_ERROR
     ds = result["dataset"]
+    classes = f"{ds['num_classes']} classes"
+    if ds["num_classes"] < ds["model_classes"]:
+        classes = f"{ds['num_classes']} of the model's {ds['model_classes']} classes, scored among those"
+    h, w = result["input_size"][1:]
     print(
         f"{result['model']} ({result['weights']} weights) on {ds['root']}/{ds['split']} "
-        f"({ds['num_images']} images, {ds['num_classes']} classes, {result['input_size'][-1]} px): "
+        f"({ds['num_images']} images, {classes}, {h if h == w else f'{h}x{w}'} px): "
         f"top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  loss {result['loss']:.4f}  "
         f"{result['img_per_sec']:.1f} img/s"
     )
     if not args.quiet and ds["num_classes"] <= 50:
         for c, v in result["per_class"].items():
             print(f"  {c:<24} {v['top1']:6.2f}  ({v['count']} images)")
+    if ds["unreadable_images_skipped"]:
+        print(f"skipped {ds['unreadable_images_skipped']} unreadable images (warned above; not scored)")
     print(f"wrote {out}")
     return 0

@@ -1,14 +1,27 @@
-"""Building things from the resolved config: the model (checked against timm's registry) and the
-data settings that data.build_datasets takes.
+"""Building things from the resolved config or a checkpoint's settings: the model (checked against
+timm's registry), the model a checkpoint's weights go in, its eval transform settings, the data
+settings that data.build_datasets takes, and exported weights files.
 
-Owns the mapping from config sections to timm / data calls, so train, eval and scripts make models
-the same way. `import models` here is what registers nat_* / dinat_* with timm.
+Owns the mapping from config sections and checkpoint settings to timm / data calls, so train, eval,
+torch.hub and the scripts make models the same way. `import models` here is what registers nat_* /
+dinat_* with timm. Builds on engine/checkpoint.py (files and settings), never the other way.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from configs import ConfigError
-from engine.errors import first_line
+from engine.checkpoint import (
+    WEIGHTS_FORMATS,
+    checkpoint_num_classes,
+    checkpoint_settings,
+    extract_state_dict,
+    load_checkpoint,
+    load_model_weights,
+    save_weights,
+)
+from engine.errors import CheckpointError, first_line
 
 
 def import_model_registry():
@@ -64,20 +77,20 @@ def create_model_for_checkpoint(
 ) -> tuple:
     """(model `name` holding the weights `sd` of checkpoint `ckpt`, its create_model kwargs).
 
-    This repo's checkpoints of `name` bring their model kwargs and class count; other files get the
-    class count from their classifier. `model_kwargs` (YAML) and `num_classes` override both. The weights
-    must fit exactly (the family's checkpoint_filter_fn maps official / Hugging Face layouts)."""
+    Checkpoints with settings (this repo's training checkpoints and exported weights) of `name` bring
+    their model kwargs and class count; other files get the class count from their classifier.
+    `model_kwargs` (YAML) and `num_classes` override both. The weights must fit exactly (the
+    family's checkpoint_filter_fn maps official / Hugging Face layouts)."""
     import yaml
 
-    from engine.checkpoint import checkpoint_num_classes, load_model_weights
-
-    same_arch = isinstance(ckpt, dict) and "state_dict" in ckpt and ckpt.get("arch") == name
-    kwargs = (ckpt.get("model_kwargs") or {}) if same_arch else {}
+    settings = checkpoint_settings(ckpt)
+    same_arch = settings.get("arch") == name
+    kwargs = dict(settings.get("model_kwargs") or {}) if same_arch else {}
     if model_kwargs:
         kwargs = yaml.safe_load(model_kwargs)
     if not isinstance(kwargs, dict):
         raise ConfigError(f"--model-kwargs must be a YAML mapping, got {model_kwargs!r}")
-    num_classes = num_classes or (ckpt.get("num_classes") if same_arch else None)
+    num_classes = num_classes or (settings.get("num_classes") if same_arch else None)
     model = create_model(name, num_classes, {"kwargs": kwargs, "drop_path_rate": 0.0})
     if num_classes is None:
         n = checkpoint_num_classes(model, sd)
@@ -85,6 +98,104 @@ def create_model_for_checkpoint(
             model.reset_classifier(n)
     load_model_weights(model, sd, path, name, resize_head=False)
     return model, kwargs
+
+
+def hub_model(name: str, pretrained=False, **kwargs):
+    """A torch.hub entry point (hubconf.py): timm.create_model(name, pretrained, **kwargs), except that a
+    local checkpoint carrying settings for `name` (this repo's training checkpoints and exported
+    weights) brings its model kwargs, class count and eval transform (`model.pretrained_cfg`, what
+    timm.data.resolve_data_config reads); `kwargs` win (another num_classes: a fresh classifier)."""
+    import os
+
+    import timm
+
+    import_model_registry()
+    if isinstance(pretrained, (str, os.PathLike)):
+        ckpt = load_checkpoint(pretrained)
+        settings = checkpoint_settings(ckpt)
+        if settings.get("arch") == name:
+            sd = extract_state_dict(ckpt, pretrained)
+            model_kwargs = {**(settings.get("model_kwargs") or {}), **kwargs}
+            num_classes = model_kwargs.pop("num_classes", settings.get("num_classes"))
+            model = create_model(name, num_classes, {"kwargs": model_kwargs})
+            load_model_weights(model, sd, pretrained, name, resize_head=True)
+            data_config = settings.get("data_config") or {}
+            model.pretrained_cfg = {
+                **model.pretrained_cfg,
+                **{
+                    k: tuple(v) if isinstance(v, list) else v
+                    for k, v in data_config.items()
+                    if k in DATA_CONFIG_KEYS
+                },
+                "file": os.fspath(pretrained),
+            }
+            return model
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+DATA_CONFIG_KEYS = ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
+
+
+def checkpoint_data_config(model, *layers: dict) -> dict:
+    """timm's data config (resolve_data_config) for `model` from settings layers, later ones winning
+    and None meaning "not set": e.g. a config's data section, the checkpoint's `data_config`, flags.
+    An `img_size` (int or (H, W)) in a layer sets input_size."""
+    from timm.data import resolve_data_config
+
+    merged = {}
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            if key == "img_size" and value is not None:
+                h, w = (value, value) if isinstance(value, int) else value
+                key, value = "input_size", (3, h, w)
+            if key in DATA_CONFIG_KEYS and value is not None and value != "":
+                merged[key] = tuple(value) if isinstance(value, list) else value
+    return resolve_data_config(merged, model=model)
+
+
+def export_weights(
+    checkpoint: str | Path,
+    output: str | Path,
+    use_ema: bool = False,
+    model_name: str | None = None,
+    model_kwargs: str | None = None,
+) -> tuple[Path, int]:
+    """A checkpoint's (EMA) weights and settings as a weights file; (output path, number of tensors).
+
+    timm's clean_checkpoint: no optimizer / run state / wrapper prefixes. The weights are loaded into
+    the model (checkpoints with settings: their own arch; else `model_name` if given), which checks
+    them and re-keys official / Hugging Face layouts to this repo's; the file then carries the model's
+    settings (checkpoint_settings: arch, kwargs, classes, eval transform) so eval.py, torch.hub and the
+    scripts rebuild it alone. Without a model the weights are copied as they are."""
+    output = Path(output)
+    if output.suffix not in WEIGHTS_FORMATS:
+        raise CheckpointError(
+            f"output '{output}' must end in one of {', '.join(WEIGHTS_FORMATS)} (the format to write)"
+        )
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "model_best.pth.tar"
+    ckpt = load_checkpoint(path)
+    sd = extract_state_dict(ckpt, path, use_ema=use_ema)
+    settings = checkpoint_settings(ckpt)
+    name = model_name or settings.get("arch")
+    if name:
+        check_model_name(name)
+        model, kwargs = create_model_for_checkpoint(name, ckpt, sd, path, model_kwargs=model_kwargs)
+        sd = model.state_dict()
+        same_arch = settings.get("arch") == name
+        settings = {
+            "arch": name,
+            "model_kwargs": kwargs,
+            "num_classes": model.num_classes,
+            "classes": settings.get("classes") if same_arch else None,
+            "data_config": settings.get("data_config") if same_arch else None,
+        }
+        if settings["data_config"] is None:  # a foreign file: the model's own (pretrained cfg) transform
+            dc = checkpoint_data_config(model)
+            settings["data_config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in dc.items()}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return save_weights(sd, output, settings), len(sd)
 
 
 def unwrap(model):

@@ -26,8 +26,9 @@ class RunLog:
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir, self.num_epochs = run_dir, num_epochs
-        # a run stopped after logging an epoch but before its checkpoint repeats that epoch
-        trim_summary(str(run_dir / "summary.csv"), start_epoch)
+        # a run stopped after logging an epoch but before its checkpoint repeats that epoch (rows
+        # count epochs from 1, as the log does: rows 1..start_epoch are done)
+        trim_summary(str(run_dir / "summary.csv"), start_epoch + 1)
         self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=step if resumed else None)
         self.writer.add_text("config", "```yaml\n" + configs.dump_config(cfg) + "```", step)
 
@@ -63,7 +64,7 @@ class RunLog:
         w.flush()
         _logger.info(line)
         update_summary(
-            epoch,
+            epoch + 1,
             {**train_metrics, "peak_mem_mb": peak_mb},
             eval_metrics or {},
             str(self.run_dir / "summary.csv"),
@@ -89,6 +90,22 @@ def fmt_time(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def log_to_file(message: str):
+    """`message` to train.log only (an error the console already shows on stderr)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(logging.LogRecord("train", logging.ERROR, __file__, 0, message, None, None))
+
+
+def close_log_file():
+    """Stop writing train.log (its run folder is about to go)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
 
 
 def setup_logging(log_file=None, level=logging.INFO):

@@ -1,9 +1,10 @@
 """Resumable randomness: the training order and every RNG state, so a stopped run continues exactly.
 
 Owns what makes `--resume` bit-exact: the sampler whose order depends only on (seed, epoch) and can
-start mid-epoch, the dataset wrapper that seeds each sample's augmentation from (seed, epoch,
-index), and the snapshot / restore of the python, numpy, torch and CUDA generators (as tensors and
-plain types, so checkpoints stay weights_only-loadable).
+start mid-epoch (one order over all ranks, whatever their number), the dataset wrapper that seeds
+each sample's augmentation from (seed, epoch, index), and the snapshot / restore of the python,
+numpy, torch and CUDA generators (as tensors and plain types, so checkpoints stay
+weights_only-loadable). Also the unpadded val shard of one rank.
 """
 
 from __future__ import annotations
@@ -41,6 +42,29 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return self.num_samples - self.start
+
+
+class EvalShard(torch.utils.data.Dataset):
+    """One rank's share of the val set for distributed validation: every `num_replicas`-th image from
+    `rank`, unpadded, so summed over ranks each image counts once (timm's distributed eval sampler
+    pads the set to a multiple of the ranks: a top-1 that differs from eval.py's)."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int):
+        self.dataset, self.indices = dataset, range(rank, len(dataset), num_replicas)
+
+    @property
+    def transform(self):
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, value):  # timm's create_loader sets the eval transform here
+        self.dataset.transform = value
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        return self.dataset[self.indices[index]]
 
 
 @contextlib.contextmanager

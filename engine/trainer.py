@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -39,8 +40,8 @@ from engine.errors import (
     user_errors,
 )
 from engine.factory import check_model_name, create_model, data_build_config, unwrap
-from engine.run_log import RunLog, fmt_time, setup_logging
-from engine.sampling import ResumableSampler, SampleSeededDataset, rng_state, set_rng_state
+from engine.run_log import RunLog, close_log_file, fmt_time, log_to_file, setup_logging
+from engine.sampling import EvalShard, ResumableSampler, SampleSeededDataset, rng_state, set_rng_state
 
 _logger = logging.getLogger("train")
 
@@ -53,6 +54,16 @@ class Run:
         self._check_inputs(resume_ckpt)
         self._setup_device()
         self._setup_run_dir(resume)
+        try:
+            self._build(resume, resume_ckpt)
+        except BaseException:
+            self._abandon_run_dir()
+            raise
+        if self.primary:  # after the build: a resume that fails keeps the run's own config.yaml
+            configs.dump_config(cfg, self.run_dir / "config.yaml")
+
+    def _build(self, resume: str | None, resume_ckpt: dict | None):
+        """The build steps, in the order they consume RNG."""
         bundle = self._build_datasets()
         self._build_model(resume_ckpt)
         self._build_optimizer()
@@ -70,9 +81,18 @@ class Run:
         self._build_saver_and_log(resume_ckpt)
         self.stop_signal = None
         self.stop_requested = False
+        if self.primary:
+            self._log_start(bundle)
         if resume_ckpt is not None and resume_ckpt.get("rng"):
             # last: everything above (model init, loaders) consumed RNG differently from the original run
             set_rng_state(resume_ckpt["rng"])
+
+    def _abandon_run_dir(self):
+        """A start that failed: a run folder it made goes again (no trace of a run that never ran);
+        one that holds a run keeps it, and the error goes to train.log (train() writes it)."""
+        if self.primary and self.created_run_dir:
+            close_log_file()
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     # ---- build steps, in the order __init__ runs them
 
@@ -114,7 +134,8 @@ class Run:
         random_seed(t["seed"], self.rank)
 
     def _setup_run_dir(self, resume: str | None):
-        """The run folder (new, or the resumed checkpoint's), its config.yaml and train.log."""
+        """The run folder (new, or the resumed checkpoint's) and its train.log (config.yaml is written
+        once the run is built)."""
         cfg, t = self.cfg, self.cfg["train"]
         if resume:
             self.run_dir = Path(resume).parent if Path(resume).is_file() else Path(resume)
@@ -128,9 +149,10 @@ class Run:
                 f"run folder '{self.run_dir}' already holds a training run; continue it with "
                 f"--resume {self.run_dir} or pick another --experiment/train.output"
             )
+        self.created_run_dir = False
         if self.primary:
+            self.created_run_dir = not self.run_dir.exists()
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            configs.dump_config(cfg, self.run_dir / "config.yaml")
             setup_logging(self.run_dir / "train.log")
         else:
             setup_logging(None, level=logging.WARNING)
@@ -147,6 +169,12 @@ class Run:
             raise ConfigError(
                 f"model.num_classes={self.num_classes} is smaller than the {len(self.classes)} dataset "
                 "classes; leave it null to match the dataset"
+            )
+        if self.num_classes > len(self.classes) and self.primary:
+            _logger.warning(
+                f"warning: model.num_classes={self.num_classes} is more than the {len(self.classes)} dataset "
+                f"classes: outputs {len(self.classes)}..{self.num_classes - 1} are never a target "
+                "(leave it null to match the dataset)"
             )
         return bundle
 
@@ -206,6 +234,13 @@ class Run:
             )
         except (ValueError, AssertionError, RuntimeError, TypeError) as e:
             raise ConfigError(f"optimizer: {e} (check optim.opt / optim.layer_decay / optim.fused)") from None
+        if o["layer_decay"] is not None and self.primary:
+            scales = sorted({g.get("lr_scale", 1.0) for g in self.optimizer.param_groups})
+            _logger.info(
+                f"layer decay {o['layer_decay']}: {len(self.optimizer.param_groups)} param groups, lr x "
+                f"{scales[0]:.3g} (stem) .. x {scales[-1]:.3g} (head) of the lr {self.lr:.2e}; the lr "
+                "logged is that requested one"
+            )
 
     def _build_amp(self):
         """Autocast when train.amp is true, or unset (null) on CUDA; bf16 needs no scaler, fp16 uses
@@ -253,8 +288,7 @@ class Run:
         self.num_updates = ck["num_updates"]
         self.partial = dict(ck.get("partial_epoch") or self.partial)
         _logger.info(
-            f"resumed from {path}: epoch {self.start_epoch}, batch {self.start_batch}, "
-            f"update {self.num_updates}"
+            f"resumed from {path}: {position(self.start_epoch, self.start_batch)} (update {self.num_updates})"
         )
 
     def _build_ema(self, resume_ckpt: dict | None):
@@ -328,8 +362,10 @@ class Run:
             generator=torch.Generator(),
             persistent_workers=False,
         )
+        # each rank scores its own images, none twice (timm's distributed eval sampler pads the set)
+        val = EvalShard(bundle.val, self.world_size, self.rank) if self.distributed else bundle.val
         self.loader_eval = create_loader(
-            bundle.val,
+            val,
             input_size=dc["input_size"],
             batch_size=d["val_batch_size"] or 2 * bs,
             is_training=False,
@@ -337,7 +373,7 @@ class Run:
             mean=dc["mean"],
             std=dc["std"],
             num_workers=d["workers"],
-            distributed=self.distributed,
+            distributed=False,
             crop_pct=dc["crop_pct"],
             pin_memory=d["pin_memory"],
             device=self.device,
@@ -393,15 +429,79 @@ class Run:
             step_on_epochs=not s["step_on_updates"],
             updates_per_epoch=self.updates_per_epoch,
         )
-        if resume_ckpt is not None and resume_ckpt.get("scheduler"):
-            self.lr_scheduler.load_state_dict(resume_ckpt["scheduler"])
-        if resume_ckpt is not None:
+        if resume_ckpt is None:
+            return
+        changes = self._geometry_changes(resume_ckpt)
+        if not changes:
+            if resume_ckpt.get("scheduler"):
+                self.lr_scheduler.load_state_dict(resume_ckpt["scheduler"])
             # the scheduler's constructor reset the lr (to warmup_lr): put back the saved one, which the
             # next updates of the uninterrupted run would have used
             for group, saved in zip(
                 self.optimizer.param_groups, resume_ckpt["optimizer"]["param_groups"], strict=True
             ):
                 group["lr"] = saved["lr"]
+            return
+        # The epochs or the updates per epoch changed (processes, batch size, accumulation): the new
+        # schedule, at the run's position in it (the images it has seen), instead of the saved one
+        # (which counts the old updates: its lr would be wrong for the rest of the run).
+        if s["sched"] == "plateau":  # its state is the val metric's history, not a function of time
+            raise ConfigError(
+                f"resume: {', '.join(changes)}, but sched.sched=plateau can't be rebuilt at the run's "
+                "position (its lr follows the val metric's history); resume with the run's own settings"
+            )
+        self._move_start_batch(resume_ckpt)
+        self.lr_scheduler.step(self.start_epoch)
+        self.lr_scheduler.step_update(self._schedule_step(self.start_epoch, self.start_batch))
+        done = (self.start_epoch + self.start_batch / self.batches_per_epoch) / self.num_epochs
+        where = position(self.start_epoch, self.start_batch)
+        _logger.info(
+            f"resume: {', '.join(changes)}; lr schedule recomputed for {self.num_epochs} epochs x "
+            f"{self.updates_per_epoch} updates from the run's position ({where}, "
+            f"{100 * done:.0f}% of training done): lr now {scheduled_lr(self.optimizer):.2e}"
+        )
+
+    def _geometry_changes(self, ck: dict) -> list[str]:
+        """What changed since the checkpoint in the schedule's shape ([]: it continues exactly)."""
+        saved = ck.get("schedule") or {}
+        changes = []
+        for key, now, what in (
+            ("num_epochs", self.num_epochs, "epochs"),
+            ("updates_per_epoch", self.updates_per_epoch, "updates per epoch"),
+        ):
+            if key in saved and saved[key] != now:
+                changes.append(f"{what} {saved[key]} -> {now}")
+        if "world_size" in saved and saved["world_size"] != self.world_size:
+            changes.append(f"processes {saved['world_size']} -> {self.world_size}")
+        new_state = {k: v for k, v in self.lr_scheduler.state_dict().items() if k != "metric"}
+        old_state = {k: v for k, v in (ck.get("scheduler") or {}).items() if k != "metric"}
+        if not changes and ck.get("scheduler") and old_state != new_state:
+            changes.append("schedule settings changed")
+        return changes
+
+    def _move_start_batch(self, ck: dict):
+        """A mid-epoch position in the new batches: the same images of the epoch seen (the sampler's
+        order over all ranks does not depend on the number of processes), at an update boundary."""
+        saved = ck.get("schedule") or {}
+        if not self.start_batch or "global_batch" not in saved:
+            return
+        global_batch = self.cfg["train"]["batch_size"] * self.world_size
+        seen = self.start_batch * saved["global_batch"]
+        batch = seen // global_batch
+        batch -= batch % self.accum
+        if batch != self.start_batch:
+            repeated = seen - batch * global_batch
+            _logger.info(
+                f"resume: {seen} images of epoch {self.start_epoch + 1} were seen in batches of "
+                f"{saved['global_batch']}; continuing after {batch} batches of {global_batch}"
+                + (f" ({repeated} images of this epoch are seen again)" if repeated else "")
+            )
+        self.start_batch = batch
+
+    def _schedule_step(self, epoch: int, batch: int) -> int:
+        """The scheduler's update count at (epoch, batches done in it): updates of this run's shape, so
+        a resumed run whose updates per epoch changed stays at its place in the schedule."""
+        return epoch * self.updates_per_epoch + -(-batch // self.accum)
 
     def _build_saver_and_log(self, resume_ckpt: dict | None):
         """On the primary rank: the checkpoint saver (last, best-k, model_best) and the run log."""
@@ -435,6 +535,31 @@ class Run:
             resumed=resume_ckpt is not None,
         )
 
+    def _log_start(self, bundle):
+        """One line of what is about to run: data, model size, precision, NA backend, processes."""
+        model = unwrap(self.model)
+        params = sum(p.numel() for p in model.parameters())
+        precision = f"{str(self.amp_dtype).removeprefix('torch.')} autocast" if self.use_amp else "float32"
+        sizes = bundle.selection.get("num_images") or {}
+        images = f"{sizes.get('train', '?')} train / {sizes.get('val', '?')} val images"
+        backend = na_backend(model, self.device, self.use_amp)
+        _logger.info(
+            f"training {self.cfg['model']['name']} ({params / 1e6:.2f}M params) on {images}, "
+            f"{len(self.classes)} classes; {precision}; NA backend {backend}; "
+            f"{self.device.type} x {self.world_size} process{'es' if self.world_size > 1 else ''}"
+        )
+
+    def _log_skipped_images(self):
+        """The end of a run says how many unreadable images were skipped (each was warned once)."""
+        from data import corrupt_count
+
+        counts = {"train": corrupt_count(self.train_set), "val": corrupt_count(self.loader_eval.dataset)}
+        if any(counts.values()):
+            _logger.warning(
+                f"skipped unreadable images: {counts['train']} train, {counts['val']} val "
+                "(named in the warnings above; delete or replace them)"
+            )
+
     def _extra_state(self) -> dict:
         """What a training checkpoint carries beyond timm's: model identity, classes, config and
         everything an exact resume needs (scheduler, position, partial epoch, RNG)."""
@@ -446,6 +571,12 @@ class Run:
             "config": configs.merge(self.cfg, {"train": {"stop_after_updates": None}}),
             "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.data_config.items()},
             "scheduler": self.lr_scheduler.state_dict(),
+            "schedule": {
+                "num_epochs": self.num_epochs,
+                "updates_per_epoch": self.updates_per_epoch,
+                "global_batch": self.cfg["train"]["batch_size"] * self.world_size,
+                "world_size": self.world_size,
+            },
             "num_updates": self.num_updates,
             "next_epoch": self._pos[0],
             "next_batch": self._pos[1],
@@ -490,7 +621,7 @@ class Run:
             if train_metrics is None:  # stopped by a signal / stop_after_updates
                 return self._save_interrupted()
             eval_metrics = self._validate_epoch(epoch)
-            lr = self.optimizer.param_groups[0]["lr"]
+            lr = scheduled_lr(self.optimizer)
             self.lr_scheduler.step(epoch + 1, eval_metrics[self.metric_name] if eval_metrics else None)
             self._pos = (epoch + 1, 0)
             self.partial = {"loss_sum": 0.0, "count": 0}
@@ -501,6 +632,7 @@ class Run:
                 return self._save_interrupted(saved=True)
         if self.primary:
             self.log.close()
+            self._log_skipped_images()
             if best and best[0] is not None:
                 _logger.info(
                     f"done: best {self.metric_name} {best[0]:.3f} at epoch {best[1]}; "
@@ -530,7 +662,7 @@ class Run:
         if eval_metrics is not None:
             key = f"ema_{self.metric_name}" if self.ema is not None else self.metric_name
             metric = eval_metrics[key]
-        return self.saver.save_checkpoint(epoch, metric=metric)
+        return self.saver.save_checkpoint(epoch + 1, metric=metric)  # 1-based, as the log: checkpoint-1
 
     def _save_interrupted(self, saved: bool = False) -> int:
         reason = self.stop_signal or "train.stop_after_updates"
@@ -539,9 +671,9 @@ class Run:
             if not saved:
                 path = self.saver.save_last()
             self.log.close()
+            self._log_skipped_images()
             _logger.info(
-                f"stopped by {reason} at epoch {self._pos[0]} batch {self._pos[1]} "
-                f"(update {self.num_updates}); "
+                f"stopped by {reason} {position(*self._pos)} (update {self.num_updates}); "
                 f"saved {path}. Continue with: python train.py --resume {path}"
             )
         return EXIT_INTERRUPTED.get(self.stop_signal, 0)
@@ -662,9 +794,9 @@ class Run:
         self.num_updates += 1
         if self.ema is not None:
             self.ema.update(unwrap(self.model), step=self.num_updates)
-        self.lr_scheduler.step_update(num_updates=self.num_updates)
+        self.lr_scheduler.step_update(num_updates=self._schedule_step(epoch, batch_idx + 1))
         self._pos = (epoch, batch_idx + 1)
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = scheduled_lr(self.optimizer)
         log_now = self.primary and self.num_updates % t["log_interval"] == 0
         if progress is None and not log_now:
             return
@@ -686,7 +818,7 @@ class Run:
         last = self.run_dir / "last.pth.tar"
         kept = f"last good checkpoint kept: {last}" if last.exists() else "no checkpoint was written yet"
         return (
-            f"loss is {value} at epoch {epoch} batch {batch_idx} (update {self.num_updates}); "
+            f"loss is {value} at epoch {epoch + 1} batch {batch_idx + 1} (update {self.num_updates}); "
             "training stopped, "
             f"{kept}. Lower optim.lr, set optim.clip_grad (e.g. 1.0) or use train.amp_dtype=bfloat16"
         )
@@ -723,6 +855,32 @@ class Run:
         return OrderedDict(loss=loss_sum / n, top1=top1_sum / n, top5=top5_sum / n)
 
 
+def position(epoch: int, batch: int) -> str:
+    """A run's place from its (next epoch, next batch), 1-based as the epoch lines count."""
+    if batch == 0:
+        return f"after epoch {epoch}" if epoch else "at the start"
+    return f"in epoch {epoch + 1} after batch {batch}"
+
+
+def scheduled_lr(optimizer) -> float:
+    """The lr the schedule asks for now: a param group's lr over its layer-decay scale (timm's
+    `lr_scale`), not the first group's scaled one (the stem's, under --layer-decay)."""
+    group = optimizer.param_groups[0]
+    return group["lr"] / group.get("lr_scale", 1.0)
+
+
+def na_backend(model, device, amp: bool) -> str:
+    """The NA backend `auto` picks for this run's training step (models.layers.explain_backends)."""
+    from models.layers import NeighborhoodAttention2D, explain_backends
+
+    if not any(isinstance(m, NeighborhoodAttention2D) for m in model.modules()):
+        return "none (no NA layers)"
+    q = torch.zeros(1, 8, 8, 1, 8, device=device, dtype=torch.bfloat16 if amp else torch.float32)
+    return explain_backends(
+        q, rpb=torch.zeros(1, 13, 13, device=device, dtype=q.dtype), requires_grad=True
+    ).name
+
+
 def reduce_mean(value: float, device, world_size: int) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
@@ -756,6 +914,26 @@ def resolve_run_config(
     return cfg, resume_path, resume_ckpt
 
 
+def finished(cfg: dict, ck: dict, path: str) -> bool:
+    """True (after saying so) when a resumed run has already trained every epoch `cfg` asks for;
+    asking for fewer epochs than it has trained is an error."""
+    done, total = ck["next_epoch"], cfg["sched"]["epochs"] + cfg["sched"]["cooldown_epochs"]
+    if done > total:
+        raise ConfigError(
+            f"'{path}' has already trained {done} epochs, more than the {total} the config asks for "
+            f"(sched.epochs + sched.cooldown_epochs); to train longer give --epochs > {done}"
+        )
+    if done < total:
+        return False
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(
+            f"nothing to do: '{path}' has trained all {total} epochs it asks for. To train longer: "
+            f"python train.py --resume {path} --epochs N (N > {cfg['sched']['epochs']}; the lr schedule is "
+            "recomputed for N epochs from there)"
+        )
+    return True
+
+
 def train(
     config_paths: list[str], overrides: list[str], resume: str | None = None, print_config: bool = False
 ) -> int:
@@ -767,11 +945,14 @@ def train(
         if print_config:
             print(configs.dump_config(cfg), end="")
             return 0
+        if resume_ckpt is not None and finished(cfg, resume_ckpt, resume_path):
+            return 0
         return Run(cfg, resume_path, resume_ckpt).fit()
     except errors as e:
         rank = int(os.environ.get("RANK", 0))
         if rank == 0:
             print(f"error: {first_line(e)}", file=sys.stderr)
+            log_to_file(f"error: {first_line(e)}")  # a kept run folder's train.log says why it stopped
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted before a checkpoint could be saved", file=sys.stderr)

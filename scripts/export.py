@@ -3,8 +3,10 @@
     python scripts/export.py nat_mini --out nat_mini.onnx
     python scripts/export.py dinat_mini --checkpoint dinat_mini_in1k_224.pth --out dinat_mini.onnx
     python scripts/export.py nat_mini --checkpoint runs/<run>/model_best.pth.tar --out nat_mini.onnx
+    python scripts/export.py nat_mini --out nat_mini.onnx --img-size 224 320      # H W: non-square
 
-The ONNX file has a dynamic batch, height and width. Neighborhood attention is lowered to standard ONNX ops
+The ONNX file has a dynamic batch, height and width (axes named `batch`, `height`, `width`; the
+output's `batch`). Neighborhood attention is lowered to standard ONNX ops
 (the `naive` backend: window key indices from arithmetic on the map's shape, Gather, MatMul,
 Softmax), so it is exact NA (clamped windows, dilation, RPB) at any size, with no custom op. The
 script then runs the file with onnxruntime on CPU at the export size and at a second size, fails
@@ -17,6 +19,7 @@ weights files (.safetensors / .pth) come from scripts/export_weights.py.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 import warnings
@@ -27,9 +30,14 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.checkpoint import extract_state_dict, load_checkpoint  # noqa: E402
+from engine.checkpoint import checkpoint_settings, extract_state_dict, load_checkpoint  # noqa: E402
 from engine.errors import EXIT_ERROR, first_line, user_errors  # noqa: E402
-from engine.factory import check_model_name, create_model, create_model_for_checkpoint  # noqa: E402
+from engine.factory import (  # noqa: E402
+    check_model_name,
+    checkpoint_data_config,
+    create_model,
+    create_model_for_checkpoint,
+)
 from models.layers import use_backend  # noqa: E402
 
 MAX_RELATIVE_ERROR = 1e-4
@@ -44,8 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="timm model name, e.g. nat_mini, dinat_large_384")
     p.add_argument("--out", required=True, help="ONNX file to write (.onnx)")
     p.add_argument("--checkpoint", help="weights (.pth/.pth.tar/.safetensors): ours, timm's, official, HF")
-    p.add_argument("--img-size", type=int, help="export / check size (default: the model's input size)")
-    p.add_argument("--check-size", type=int, help="second size checked (default: img-size / 2 + 8)")
+    p.add_argument(
+        "--img-size",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="export / check size: N or H W (default: the model's)",
+    )
+    p.add_argument(
+        "--check-size",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="second size checked: N or H W (default: half + 8)",
+    )
     p.add_argument("--num-classes", type=int, help="classifier outputs (default: the checkpoint's)")
     p.add_argument("--model-kwargs", help="YAML dict of timm.create_model kwargs, e.g. '{kernel_size: 5}'")
     p.add_argument("--bench-batch", type=int, default=4, help="batch size of the throughput measurement")
@@ -54,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_model(args) -> torch.nn.Module:
-    """The model, with the checkpoint's weights (and, unless given, its kwargs and classes)."""
+def load_model(args) -> tuple[torch.nn.Module, tuple[int, int]]:
+    """(the model, with the checkpoint's weights (and, unless given, its kwargs and classes); its input
+    size: the checkpoint's eval size where it carries one, else the model's default)."""
     check_model_name(args.model)
     if not args.checkpoint:
         try:
@@ -64,17 +85,54 @@ def load_model(args) -> torch.nn.Module:
             kwargs = None
         if not isinstance(kwargs, dict):
             raise UserError(f"--model-kwargs must be a YAML mapping, got {args.model_kwargs!r}")
-        return create_model(args.model, args.num_classes, {"kwargs": kwargs}).eval()
+        model = create_model(args.model, args.num_classes, {"kwargs": kwargs}).eval()
+        return model, tuple(model.pretrained_cfg["input_size"][1:])
     ckpt = load_checkpoint(args.checkpoint)
     sd = extract_state_dict(ckpt, args.checkpoint)
     model, _ = create_model_for_checkpoint(
         args.model, ckpt, sd, args.checkpoint, model_kwargs=args.model_kwargs, num_classes=args.num_classes
     )
-    return model.eval()
+    settings = checkpoint_settings(ckpt)
+    data_config = checkpoint_data_config(
+        model, settings.get("data_config") if settings.get("arch") == args.model else None
+    )
+    return model.eval(), tuple(data_config["input_size"][1:])
 
 
-def export_onnx(model: torch.nn.Module, path: Path, img_size: int, opset: int | None) -> None:
-    x = torch.randn(2, 3, img_size, img_size)
+def image_size(values: list[int] | None, flag: str) -> tuple[int, int] | None:
+    """--img-size / --check-size: N (square) or H W."""
+    if values is None:
+        return None
+    if len(values) > 2:
+        raise UserError(f"{flag} takes N or H W, got {len(values)} numbers")
+    h, w = values * 2 if len(values) == 1 else values
+    if min(h, w) < 8:
+        raise UserError(f"{flag} must be >= 8, got {' '.join(map(str, values))}")
+    return h, w
+
+
+AXIS_NAMES = {0: "batch", 2: "height", 3: "width"}
+
+
+def name_dynamic_axes(path: Path) -> None:
+    """The exporter names dynamic axes by their symbols (s77, s53, ...): name them batch / height /
+    width, in every shape of the graph (also inside expressions such as `((s53 - 1)//2) + 1`)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    symbols = {dims[i].dim_param: name for i, name in AXIS_NAMES.items() if dims[i].dim_param}
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, symbols)) + r")\b")
+    infos = [*model.graph.input, *model.graph.output, *model.graph.value_info]
+    for info in infos:
+        for dim in info.type.tensor_type.shape.dim:
+            if dim.dim_param and symbols:
+                dim.dim_param = pattern.sub(lambda m: symbols[m.group(1)], dim.dim_param)
+    onnx.save(model, str(path))
+
+
+def export_onnx(model: torch.nn.Module, path: Path, img_size: tuple[int, int], opset: int | None) -> None:
+    x = torch.randn(2, 3, *img_size)
     dynamic = torch.export.Dim.DYNAMIC
     with use_backend("naive"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation and opset chatter
@@ -89,6 +147,7 @@ def export_onnx(model: torch.nn.Module, path: Path, img_size: int, opset: int | 
             verbose=False,
         )
     program.save(str(path))
+    name_dynamic_axes(path)
 
 
 def images_per_second(run, batch: torch.Tensor, iters: int) -> float:
@@ -100,7 +159,7 @@ def images_per_second(run, batch: torch.Tensor, iters: int) -> float:
 
 
 def check_onnx(
-    model: torch.nn.Module, path: Path, sizes: list[int], bench_batch: int, bench_iters: int
+    model: torch.nn.Module, path: Path, sizes: list[tuple[int, int]], bench_batch: int, bench_iters: int
 ) -> bool:
     import onnxruntime
 
@@ -114,22 +173,22 @@ def check_onnx(
         return session.run(None, {input_name: x.numpy()})[0]
 
     ok = True
-    for size, batch in zip(sizes, (2, 1), strict=True):
-        x = torch.randn(batch, 3, size, size)
+    for (h, w), batch in zip(sizes, (2, 1), strict=True):
+        x = torch.randn(batch, 3, h, w)
         with torch.inference_mode():
             want = model(x)
         got = torch.from_numpy(run_onnx(x))
         error = ((got - want).abs().max() / want.abs().max().clamp(min=1e-12)).item()
         verdict = "ok" if error <= MAX_RELATIVE_ERROR else f"FAIL (> {MAX_RELATIVE_ERROR:g})"
-        print(f"onnxruntime vs eager at {batch}x3x{size}x{size}: max relative error {error:.2e} {verdict}")
+        print(f"onnxruntime vs eager at {batch}x3x{h}x{w}: max relative error {error:.2e} {verdict}")
         ok &= error <= MAX_RELATIVE_ERROR
 
-    x = torch.randn(bench_batch, 3, sizes[0], sizes[0])
+    x = torch.randn(bench_batch, 3, *sizes[0])
     with torch.inference_mode():
         eager = images_per_second(model, x, bench_iters)
     onnx = images_per_second(run_onnx, x, bench_iters)
     print(
-        f"throughput at {bench_batch}x3x{sizes[0]}x{sizes[0]}, {torch.get_num_threads()} threads: "
+        f"throughput at {bench_batch}x3x{sizes[0][0]}x{sizes[0][1]}, {torch.get_num_threads()} threads: "
         f"onnxruntime {onnx:.1f} img/s, eager {eager:.1f} img/s ({onnx / eager:.2f}x)"
     )
     return ok
@@ -146,11 +205,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--out {args.out!r} must end in .onnx{hint}")
         if not out.parent.is_dir():
             raise UserError(f"--out {args.out!r}: folder {str(out.parent)!r} does not exist; create it first")
-        model = load_model(args)
-        img_size = args.img_size or model.pretrained_cfg["input_size"][-1]
-        check_size = args.check_size or img_size // 2 + 8
-        if min(img_size, check_size) < 8:
-            raise UserError(f"--img-size and --check-size must be >= 8, got {img_size}, {check_size}")
+        img_size = image_size(args.img_size, "--img-size")
+        check_size = image_size(args.check_size, "--check-size")
+        model, default_size = load_model(args)
+        img_size = img_size or default_size
+        check_size = check_size or (img_size[0] // 2 + 8, img_size[1] // 2 + 8)
     except (*user_errors(), UserError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return EXIT_ERROR

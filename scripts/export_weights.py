@@ -7,9 +7,12 @@
 
 A training checkpoint is stripped to its model (or EMA, --use-ema) weights: no optimizer, no run state,
 no DDP/compile prefixes. The output's extension picks the format: .safetensors (safetensors, no
-pickle) or .pth/.pt/.bin (torch.save). The result loads anywhere a weights file goes:
-`eval.py FILE --model NAME`, `train.py --checkpoint FILE`, `timm.create_model(NAME, pretrained=True,
-pretrained_cfg_overlay=dict(file=FILE))`, `torch.hub.load(REPO, NAME, source="local", pretrained=FILE)`.
+pickle; the settings as JSON strings in its metadata) or .pth/.pt/.bin (torch.save of
+{"state_dict": ..., **settings}). The settings are the model's (arch, kwargs, classes) and its eval
+transform (input size, mean/std, crop): engine/checkpoint.py's SETTINGS_KEYS. The result loads
+anywhere a weights file goes, with its settings: `eval.py FILE --data-dir DIR`,
+`torch.hub.load(REPO, NAME, source="local", pretrained=FILE)`, and as weights: `train.py
+--checkpoint FILE`, `timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=FILE))`.
 
 The weights are first loaded into a model, which checks that they fit, and re-read from it, so
 official NAT/DiNAT and Hugging Face (NatForImageClassification / DinatForImageClassification) files come
@@ -27,8 +30,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from engine.checkpoint import WEIGHTS_FORMATS, export_weights  # noqa: E402  (after the repo path)
+from engine.checkpoint import WEIGHTS_FORMATS  # noqa: E402  (after the repo path)
 from engine.errors import EXIT_ERROR, first_line, user_errors  # noqa: E402
+from engine.factory import export_weights  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,9 +6,11 @@
 One panel per (layer, query, head): the image, each key of the query's window tinted by its weight
 (one cell per feature-map position, so the window, its dilation and its clamping at the borders
 show), the query marked with a cross. Layers are `STAGE.BLOCK` (or `stages.S.blocks.B`); queries
-are `X,Y` image pixels. Without --image a synthetic image is drawn; without --checkpoint the model
-has random weights (say so in the title). The weights come from the exact gather path
-(`NeighborhoodAttention2D.attention_weights`).
+are `X,Y` image pixels. The image goes through the checkpoint's own eval transform (its image size,
+mean/std and crop: this repo's training checkpoints and exported weights carry them; other files
+get the model's defaults; --img-size overrides the size). Without --image a synthetic image is
+drawn; without --checkpoint the model has random weights (say so in the title). The weights come
+from the exact gather path (`NeighborhoodAttention2D.attention_weights`).
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import timm  # noqa: E402
 from PIL import Image  # noqa: E402
-from timm.data import create_transform, resolve_data_config  # noqa: E402
+from timm.data import create_transform  # noqa: E402
 
-from engine.checkpoint import extract_state_dict, load_checkpoint  # noqa: E402
+from engine.checkpoint import checkpoint_settings, extract_state_dict, load_checkpoint  # noqa: E402
 from engine.errors import EXIT_ERROR, first_line, user_errors  # noqa: E402
-from engine.factory import check_model_name, create_model_for_checkpoint  # noqa: E402
+from engine.factory import check_model_name, checkpoint_data_config, create_model_for_checkpoint  # noqa: E402
 from models.layers import NeighborhoodAttention2D  # noqa: E402
 from models.layers.backends.windows import window_indices  # noqa: E402
 
@@ -56,17 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_model(name: str, checkpoint: str | None) -> torch.nn.Module:
+def load_model(name: str, checkpoint: str | None) -> tuple[torch.nn.Module, dict | None]:
+    """(the model, the checkpoint's eval transform settings or None)."""
     check_model_name(name)
     if not name.startswith(("nat_", "dinat_")):
         raise UserError(
             f"--model {name!r} is not a NAT/DiNAT model; choose one of {timm.list_models('*nat_*')}"
         )
     if not checkpoint:
-        return timm.create_model(name).eval()
+        return timm.create_model(name).eval(), None
     ckpt = load_checkpoint(checkpoint)  # .pth (weights_only) or .safetensors; ours, timm, official, HF
     sd = extract_state_dict(ckpt, checkpoint)
-    return create_model_for_checkpoint(name, ckpt, sd, checkpoint)[0].eval()
+    settings = checkpoint_settings(ckpt)
+    model = create_model_for_checkpoint(name, ckpt, sd, checkpoint)[0].eval()
+    return model, settings.get("data_config") if settings.get("arch") == name else None
 
 
 def synthetic_image(size: int) -> Image.Image:
@@ -89,13 +94,13 @@ def parse_layer(model: torch.nn.Module, text: str) -> tuple[str, NeighborhoodAtt
     return name, attn
 
 
-def parse_query(text: str, size: int) -> tuple[int, int]:
+def parse_query(text: str, height: int, width: int) -> tuple[int, int]:
     try:
         x, y = (int(v) for v in text.split(","))
     except ValueError:
         raise UserError(f"--queries {text!r}: give X,Y image pixels, e.g. 112,112") from None
-    if not (0 <= x < size and 0 <= y < size):
-        raise UserError(f"--queries {text!r}: outside the {size}x{size} input")
+    if not (0 <= x < width and 0 <= y < height):
+        raise UserError(f"--queries {text!r}: outside the {width}x{height} (WxH) input")
     return x, y
 
 
@@ -116,23 +121,22 @@ def attention_map(
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        model = load_model(args.model, args.checkpoint)
-        config = resolve_data_config(
-            {"input_size": (3, args.img_size, args.img_size)} if args.img_size else {}, model=model
-        )
-        size = config["input_size"][-1]
+        model, checkpoint_dc = load_model(args.model, args.checkpoint)
+        config = checkpoint_data_config(model, checkpoint_dc, {"img_size": args.img_size})
+        height, width = config["input_size"][1:]
         if args.image:
             try:
                 image = Image.open(args.image).convert("RGB")
             except OSError as e:
                 raise UserError(f"cannot read image {args.image!r}: {e}") from None
         else:
-            image = synthetic_image(size)
+            image = synthetic_image(max(height, width))
         transform = create_transform(**config)
         x = transform(image).unsqueeze(0)
         shown = x[0].permute(1, 2, 0).numpy() * np.array(config["std"]) + np.array(config["mean"])
         layers = [parse_layer(model, text) for text in args.layers]
-        queries = [parse_query(q, size) for q in (args.queries or [f"{size // 2},{size // 2}", "0,0"])]
+        default_queries = [f"{width // 2},{height // 2}", "0,0"]
+        queries = [parse_query(q, height, width) for q in (args.queries or default_queries)]
         for head in args.heads:
             bad = [name for name, attn in layers if not 0 <= head < attn.num_heads]
             if bad:
@@ -155,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             feat = inputs[name]
             H, W = feat.shape[1:3]
             for qx, qy in queries:
-                row, col = qy * H // size, qx * W // size
+                row, col = qy * H // height, qx * W // width
                 for head in args.heads:
                     title = f"{name}\nk={attn.kernel_size} d={attn.dilation} head {head}, query ({qx},{qy})"
                     panels.append((title, attention_map(attn, feat, row, col, head), (qx, qy)))
@@ -163,18 +167,22 @@ def main(argv: list[str] | None = None) -> int:
     cols = len(queries) * len(args.heads)
     fig, axes = plt.subplots(len(layers), cols, figsize=(3.2 * cols, 3.4 * len(layers)), squeeze=False)
     for ax, (title, weights, (qx, qy)) in zip(axes.flat, panels, strict=True):
-        ax.imshow(np.clip(shown, 0, 1), extent=(0, size, size, 0))
+        ax.imshow(np.clip(shown, 0, 1), extent=(0, width, height, 0))
         # nearest-neighbour cells: one per feature-map position, the window's shape stays visible
         tint = np.ma.masked_equal(weights, 0)
-        ax.imshow(tint, cmap="inferno", alpha=0.75, extent=(0, size, size, 0), interpolation="nearest")
+        ax.imshow(tint, cmap="inferno", alpha=0.75, extent=(0, width, height, 0), interpolation="nearest")
         ax.plot(qx, qy, marker="+", color="cyan", markersize=14, markeredgewidth=2)
         ax.set_title(title, fontsize=8)
         ax.axis("off")
     weights_kind = Path(args.checkpoint).name if args.checkpoint else "random weights (no --checkpoint)"
-    fig.suptitle(f"{args.model}: neighborhood attention weights ({weights_kind})", fontsize=10)
+    title = f"{args.model}: neighborhood attention weights ({weights_kind}; {width}x{height} px input)"
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}: {len(layers)} layer(s) x {len(queries)} query(ies) x {len(args.heads)} head(s)")
+    print(
+        f"wrote {args.out}: {len(layers)} layer(s) x {len(queries)} query(ies) x {len(args.heads)} head(s), "
+        f"{width}x{height} px input"
+    )
     return 0
 
 

@@ -136,6 +136,10 @@ def test_yaml_scientific_notation_without_dot_is_a_float(tmp_path):
         ("optimizer.lr=1", "optim.lr"),
         ("model.drop_path=0.1", "model.drop_path_rate"),
         ("train.batchsize=3", "train.batch_size"),
+        ("optim.learning_rate=1", "optim.lr"),  # a known alias (was: optim.clip_grad)
+        ("optim.wd=0.1", "optim.weight_decay"),  # initials
+        ("train.num_epochs=3", "sched.epochs"),  # alias, in another section
+        ("optim.learn_rate=1", "optim.lr"),  # initials of the words
     ],
 )
 def test_unknown_key_names_nearest_neighbour(override, nearest):
@@ -144,6 +148,13 @@ def test_unknown_key_names_nearest_neighbour(override, nearest):
     key = override.split("=")[0]
     assert f"unknown config key '{key}'" in str(e.value)
     assert f"did you mean '{nearest}" in str(e.value)
+
+
+@pytest.mark.parametrize("decay", [1.5, 0.0, -0.5])
+def test_layer_decay_outside_0_1_is_an_error(decay):
+    with pytest.raises(ConfigError, match=r"'optim.layer_decay' is .*; it must be in \(0, 1\]"):
+        load_config(["quickstart"], [f"optim.layer_decay={decay}"])
+    assert load_config(["quickstart"], ["optim.layer_decay=1"])["optim"]["layer_decay"] == 1.0
 
 
 def test_unknown_key_in_file_names_the_file(tmp_path):

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from test_train import run_cli, write_config
+from test_train import load_entry_point, run_cli, write_config
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +93,77 @@ def test_timm_state_dict_with_1k_head_on_a_wnid_subset(trained):
     assert "resnet10t" in p.stdout
     p = run_cli("eval.py", work / "resnet.pth", "--model", "resnet10t")
     assert p.returncode == 2 and "--data-dir" in p.stderr
+
+
+def test_exported_weights_keep_their_settings_for_eval(trained, tmp_path, capsys):
+    """Exported weights (.safetensors and .pth) score like their checkpoint with no --model /
+    --model-kwargs: the file says which model, classes and transform (here 32 px, not timm's 224)."""
+    work, run = trained
+    export = load_entry_point("scripts/export_weights.py")
+    evaluate = load_entry_point("eval.py")
+    assert evaluate.main([str(run / "model_best.pth.tar"), "-o", str(tmp_path / "ref.json"), "-j", "0"]) == 0
+    ref = json.loads((tmp_path / "ref.json").read_text())
+    for name in ("w.safetensors", "w.pth"):
+        assert export.main([str(run / "model_best.pth.tar"), str(tmp_path / name)]) == 0
+        args = [
+            str(tmp_path / name),
+            "--data-dir",
+            str(work / "data"),
+            "-j",
+            "0",
+            "-o",
+            str(tmp_path / "e.json"),
+        ]
+        assert evaluate.main(args) == 0, capsys.readouterr().err
+        r = json.loads((tmp_path / "e.json").read_text())
+        assert r["input_size"] == ref["input_size"] == [3, 32, 32], name
+        assert r["top1"] == ref["top1"] and r["loss"] == pytest.approx(ref["loss"], abs=1e-6), name
+        assert r["per_class"].keys() == ref["per_class"].keys()
+    capsys.readouterr()
+    assert evaluate.main([str(tmp_path / "w.pth")]) == 2  # no dataset in exported weights: say so
+    assert "not its dataset" in capsys.readouterr().err
+
+
+def test_subset_and_integer_named_val_folders(trained, tmp_path, capsys):
+    """A val folder with some of the classes scores those (and says so); ImageNetV2-style folders
+    named by output index score like the named ones; the ImageNet-val hint only for a flat folder."""
+    work, run = trained
+    evaluate = load_entry_point("eval.py")
+    classes = torch.load(run / "model_best.pth.tar", weights_only=True)["classes"]
+    for i, name in enumerate(classes):
+        shutil.copytree(work / "data" / "val" / name, tmp_path / "int" / "val" / str(i))
+    shutil.copytree(work / "data" / "val" / classes[2], tmp_path / "sub" / "val" / classes[2])
+    shutil.copytree(work / "data" / "val" / classes[0], tmp_path / "sub" / "val" / classes[0])
+    results = {}
+    for which in ("int", "sub"):
+        out = tmp_path / f"{which}.json"
+        args = [
+            str(run / "model_best.pth.tar"),
+            "--data-dir",
+            str(tmp_path / which),
+            "--dataset",
+            "folder",
+            "-j",
+            "0",
+            "-o",
+            str(out),
+        ]
+        assert evaluate.main(args) == 0, capsys.readouterr().err
+        results[which] = json.loads(out.read_text()), capsys.readouterr().out
+    assert evaluate.main([str(run / "model_best.pth.tar"), "-j", "0", "-o", str(tmp_path / "all.json")]) == 0
+    full = json.loads((tmp_path / "all.json").read_text())
+    as_int, _ = results["int"]
+    assert as_int["top1"] == full["top1"] and as_int["loss"] == pytest.approx(full["loss"], abs=1e-6)
+    assert [as_int["per_class"][str(i)] for i in range(3)] == [full["per_class"][c] for c in classes]
+    sub, printed = results["sub"]
+    assert list(sub["per_class"]) == [classes[0], classes[2]] and sub["dataset"]["num_images"] == 4
+    assert "2 of the model's 3 classes" in printed
+    # a flat folder of images (ImageNet's official val layout): the sorting script is the hint
+    flat = tmp_path / "flat" / "val"
+    flat.mkdir(parents=True)
+    for f in sorted((work / "data" / "val" / classes[0]).iterdir())[:2]:
+        shutil.copy(f, flat / f.name)
+    flat_args = ["--data-dir", str(tmp_path / "flat"), "--dataset", "folder"]
+    assert evaluate.main([str(run / "model_best.pth.tar"), *flat_args]) == 2
+    err = capsys.readouterr().err
+    assert "prepare_imagenet_val.py" in err and "--class-list" in err, err

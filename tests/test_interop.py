@@ -181,10 +181,11 @@ def test_onnx_export_runs_exact_na_at_any_size(tmp_path):
     safetensors.torch.save_file(model.state_dict(), weights)
     result = _export(
         "dinat_mini", "--out", str(tmp_path / "tiny.onnx"), "--checkpoint", str(weights),
-        "--img-size", "64", "--bench-iters", "1", "--model-kwargs", json.dumps(TINY_DINAT),
+        "--img-size", "64", "48", "--bench-iters", "1", "--model-kwargs", json.dumps(TINY_DINAT),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count(" ok") == 2 and "onnxruntime" in result.stdout and "img/s" in result.stdout
+    assert "at 2x3x64x48:" in result.stdout and "at 1x3x40x32:" in result.stdout  # H W; check: half + 8
 
     session = onnxruntime.InferenceSession(str(tmp_path / "tiny.onnx"), providers=["CPUExecutionProvider"])
     # a third size and batch, non-square; 20 px: a 5x5 map, smaller than the dilated window
@@ -195,6 +196,11 @@ def test_onnx_export_runs_exact_na_at_any_size(tmp_path):
         got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     graph = onnx.load(str(tmp_path / "tiny.onnx")).graph
+
+    def dims(value):
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    assert dims(graph.input[0]) == ["batch", 3, "height", "width"] and dims(graph.output[0]) == ["batch", 5]
     ops = {node.op_type for node in graph.node}  # standard ops only: no custom domain
     assert {"Softmax", "MatMul"} <= ops and {node.domain for node in graph.node} <= {"", "ai.onnx"}
 
@@ -228,6 +234,23 @@ def test_visualize_attention_writes_a_png_and_rejects_bad_layers(tmp_path):
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )  # fmt: skip
     assert result.returncode == 2 and result.stderr.startswith("error: --layers '0.9'")
+
+
+def test_visualize_attention_uses_the_checkpoint_data_settings(tmp_path, capsys):
+    """A 40x48 px model is shown at its own size and normalisation, not upscaled to timm's 224."""
+    from test_train import load_entry_point
+
+    kwargs = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), kernel_size=3, num_classes=3)
+    model = timm.create_model("nat_mini", **kwargs)
+    data_config = {"input_size": [3, 40, 48], "mean": [0.5] * 3, "std": [0.25] * 3, "crop_pct": 1.0}
+    ckpt = dict(arch="nat_mini", model_kwargs=kwargs, num_classes=3, data_config=data_config)
+    torch.save({**ckpt, "state_dict": model.state_dict()}, tmp_path / "w.pth")
+    visualize = load_entry_point("scripts/visualize_attention.py")
+    args = ["--checkpoint", str(tmp_path / "w.pth"), "--layers", "0.0", "--out", str(tmp_path / "a.png")]
+    assert visualize.main(args) == 0, capsys.readouterr().err
+    assert "48x40 px input" in capsys.readouterr().out  # W x H
+    assert visualize.main([*args, "--img-size", "32"]) == 0
+    assert "32x32 px input" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # ~65 s of CPU: 13 variants, shapes only (meta device)

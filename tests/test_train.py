@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,7 +100,8 @@ def workdir(tmp_path_factory):
 def full_run(workdir):
     """An uninterrupted 2-epoch run (the reference for the resume test)."""
     cfg = write_config(workdir / "tiny.yaml", workdir / "data")
-    run_cli("train.py", "-c", cfg, "--output", workdir / "runs", "--experiment", "full", check=0)
+    p = run_cli("train.py", "-c", cfg, "--output", workdir / "runs", "--experiment", "full", check=0)
+    (workdir / "full.stdout").write_text(p.stdout)
     return workdir / "runs" / "full", cfg
 
 
@@ -106,11 +109,27 @@ def test_run_writes_checkpoints_logs_summary_and_config(full_run):
     run_dir, _ = full_run
     for name in ("last.pth.tar", "model_best.pth.tar", "config.yaml", "classes.json", "train.log"):
         assert (run_dir / name).is_file(), name
-    assert list(run_dir.glob("checkpoint-*.pth.tar"))
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     assert not list(run_dir.glob("tmp*")), "temporary checkpoint left behind"
+    # epochs count from 1 everywhere: the epoch lines, summary.csv, checkpoint names, the last line
     rows = list(csv.DictReader((run_dir / "summary.csv").open()))
-    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    stdout = (run_dir.parent.parent / "full.stdout").read_text()
+    assert "epoch 1/2" in stdout and "epoch 2/2" in stdout
+    best = max(
+        rows, key=lambda r: (float(r["eval_top1"]), -int(r["epoch"]))
+    )  # the saver keeps the first best
+    assert f"at epoch {best['epoch']};" in stdout.splitlines()[-1], stdout
+    assert {p.name for p in run_dir.glob("checkpoint-*.pth.tar")} <= {
+        "checkpoint-1.pth.tar",
+        "checkpoint-2.pth.tar",
+    }
+    assert (run_dir / f"checkpoint-{best['epoch']}.pth.tar").is_file()
+    # the start-up line
+    assert (
+        "training nat_mini (" in stdout
+        and "24 train / 6 val images, 3 classes; float32; NA backend " in stdout
+    )
     assert {"train_loss", "eval_top1", "eval_top5", "eval_loss", "lr", "train_img_per_sec"} <= rows[0].keys()
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert configs.validate(saved) == saved  # fully resolved: every key present and valid
@@ -157,7 +176,9 @@ def test_stop_and_resume_gives_identical_weights(full_run, workdir):
         "train.stop_after_updates=4",
         check=0,
     )
-    assert "--resume" in p.stdout
+    assert (
+        "--resume" in p.stdout and "stopped by train.stop_after_updates in epoch 2 after batch 2" in p.stdout
+    )
     ck = load(out / "stopped" / "last.pth.tar")
     assert (ck["next_epoch"], ck["next_batch"], ck["num_updates"]) == (1, 2, 4)
     run_cli("train.py", "--resume", out / "stopped" / "last.pth.tar", check=0)
@@ -167,7 +188,7 @@ def test_stop_and_resume_gives_identical_weights(full_run, workdir):
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         assert_same_tensors(sa, sb, "optimizer state")
     rows = list(csv.DictReader((out / "stopped" / "summary.csv").open()))
-    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert [r["epoch"] for r in rows] == ["1", "2"]
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_last_checkpoint(workdir):
@@ -258,3 +279,117 @@ def test_fine_tune_resizes_head(full_run, workdir):
 
 def test_repo_root_is_importable():
     assert (REPO / "train.py").is_file()
+
+
+def tensorboard_scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def test_resume_a_finished_run_with_more_epochs_recomputes_the_schedule(full_run, workdir):
+    """--resume RUN --epochs 3 on a finished 2-epoch run: epoch 3 follows a 3-epoch cosine from 2/3 of
+    the way (not the old schedule's floor); the same epochs: nothing to do; fewer: one error line."""
+    ref_dir, _ = full_run
+    run = workdir / "runs" / "longer"
+    shutil.copytree(ref_dir, run)
+    p = run_cli("train.py", "--resume", run, check=0)
+    assert p.stdout.startswith("nothing to do:") and "--epochs N" in p.stdout, p.stdout
+    assert load(run / "last.pth.tar")["num_updates"] == 6  # untouched
+    p = run_cli("train.py", "--resume", run, "--epochs", "1")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "already trained 2 epochs" in p.stderr, (
+        p.stderr
+    )
+    p = run_cli("train.py", "--resume", run, "--epochs", "3", check=0)
+    assert "resume: epochs 2 -> 3; lr schedule recomputed for 3 epochs x 3 updates" in p.stdout, p.stdout
+    assert "67% of training done" in p.stdout
+    # timm's cosine (no warm-up prefix) over 9 updates, by hand: lr_min + (lr - lr_min)(1 + cos(pi u / 9)) / 2
+    lr, lr_min = 1e-3, configs.load_config([str(run / "config.yaml")])["sched"]["min_lr"]
+    logged = tensorboard_scalars(run, "train/lr")
+    for u in (7, 8):
+        want = lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * u / 9))
+        assert logged[u] == pytest.approx(want, rel=1e-6), (u, logged)
+    assert [r["epoch"] for r in csv.DictReader((run / "summary.csv").open())] == ["1", "2", "3"]
+
+
+def test_failed_start_leaves_no_run_folder_and_a_kept_one_logs_the_error(full_run, workdir):
+    _, cfg = full_run
+    p = run_cli(
+        "train.py",
+        "-c",
+        cfg,
+        "--output",
+        workdir / "runs",
+        "--experiment",
+        "bad",
+        "data.dataset=folder",
+        "data.root=" + str(workdir / "no_such_data"),
+        timeout=120,
+    )
+    assert p.returncode == 2 and "no_such_data" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    assert not (workdir / "runs" / "bad").exists()
+    # a resumed run that can't start keeps its folder; its train.log says why
+    run = workdir / "runs" / "stopped_bad"
+    shutil.copytree(full_run[0], run)
+    p = run_cli("train.py", "--resume", run, "--epochs", "3", "model.kwargs.embed_dim=8", timeout=120)
+    assert p.returncode == 2 and "does not match model" in p.stderr, p.stderr
+    assert (run / "last.pth.tar").is_file()
+    assert p.stderr.strip() in (run / "train.log").read_text()
+
+
+def test_layer_decay_logs_the_requested_lr(full_run, workdir):
+    """Under --layer-decay the logged lr is the schedule's (the head group's), not the stem's scaled
+    one; one summary line of the groups; more classes than the data: one warning line; an unreadable
+    image: warned once and counted at the end."""
+    ref_dir, cfg = full_run
+    data = workdir / "data_ld"
+    shutil.copytree(workdir / "data", data)
+    broken = sorted((data / "train").rglob("*.png"))[5]
+    broken.write_bytes(b"not an image")
+    p = run_cli(
+        "train.py", "-c", cfg, "--output", workdir / "runs", "--experiment", "ld", "--layer-decay", "0.5",
+        "--num-classes", "4", "train.stop_after_updates=3", "data.dataset=folder", f"data.root={data}",
+        check=0,
+    )  # fmt: skip
+    assert "layer decay 0.5: " in p.stdout and "param groups, lr x 0.0" in p.stdout, p.stdout
+    assert p.stdout.count("model.num_classes=4 is more than the 3 dataset classes") == 1
+    ref = list(csv.DictReader((ref_dir / "summary.csv").open()))[0]
+    row = list(csv.DictReader((workdir / "runs" / "ld" / "summary.csv").open()))[0]
+    assert float(row["lr"]) == pytest.approx(float(ref["lr"]), rel=1e-9)
+    assert (p.stdout + p.stderr).count(broken.name) == 1, p.stdout + p.stderr  # warned once, by name
+    assert "skipped unreadable images: 1 train, 0 val" in p.stdout + p.stderr
+
+
+@pytest.mark.parametrize(
+    "old, new, repeated",
+    [
+        ((2, 4, 2), (1, 4, 2), 0),  # (processes, batch, batches done) -> the issue's torchrun -> 1 process
+        ((1, 4, 4), (2, 4, None), 0),
+        ((1, 4, 2), (2, 4, None), 8),  # 8 images = 2 batches of 4: not a whole batch of 2 x 4
+        ((1, 4, 6), (1, 2, None), 0),  # a smaller batch
+    ],
+)
+def test_resume_position_in_new_batches_sees_each_image_once(old, new, repeated):
+    """Mid-epoch, with another number of processes or batch size: the images the epoch has not seen
+    yet are exactly the ones the resumed run feeds (the sampler's order, read rank by rank)."""
+    from types import SimpleNamespace
+
+    from engine.sampling import ResumableSampler
+    from engine.trainer import Run
+
+    size, (w0, b0, done), (w1, b1, _) = 48, old, new
+    seen = [i for r in range(w0) for i in list(ResumableSampler(size, w0, r, seed=3))[: done * b0]]
+    run = SimpleNamespace(
+        cfg={"train": {"batch_size": b1}}, world_size=w1, accum=2, start_epoch=0, start_batch=done
+    )
+    Run._move_start_batch(run, {"schedule": {"global_batch": w0 * b0}})
+    assert run.start_batch % 2 == 0  # an update boundary (accumulation 2)
+    rest = []
+    for r in range(w1):
+        sampler = ResumableSampler(size, w1, r, seed=3)
+        sampler.set_epoch(0, run.start_batch * b1)
+        rest += list(sampler)
+    assert sorted(set(seen) | set(rest)) == list(range(size))  # nothing skipped
+    assert len(seen) + len(rest) - size == repeated  # seen twice: only where it can't be avoided

@@ -1,14 +1,22 @@
-"""Two-process DDP (torchrun, gloo on CPU): the data is sharded, the ranks stay in step, rank 0 writes."""
+"""Two-process DDP (torchrun, gloo on CPU): the data is sharded, the ranks stay in step, rank 0 writes;
+validation counts each image once (as eval.py); a resume with one process keeps its place."""
 
 from __future__ import annotations
 
 import csv
+import json
 
+import pytest
 from test_train import load, run_cli, write_config
 
 
-def test_two_process_gloo_run(tmp_path):
-    cfg = write_config(tmp_path / "tiny.yaml", tmp_path / "data", sched={"epochs": 1, "warmup_epochs": 0})
+def test_two_process_gloo_run_then_resume_with_one(tmp_path):
+    cfg = write_config(
+        tmp_path / "tiny.yaml",
+        tmp_path / "data",
+        data={"synthetic": {"num_classes": 3, "train_per_class": 8, "val_per_class": 3, "image_size": 32}},
+        sched={"epochs": 2, "warmup_epochs": 0},
+    )
     p = run_cli(
         "-m",
         "torch.distributed.run",
@@ -21,14 +29,28 @@ def test_two_process_gloo_run(tmp_path):
         tmp_path / "runs",
         "--experiment",
         "ddp",
+        "train.stop_after_updates=2",
         timeout=400,
     )
     assert p.returncode == 0, p.stdout + p.stderr
     run = tmp_path / "runs" / "ddp"
     ck = load(run / "last.pth.tar")
     # 24 images over 2 ranks = 12 each; batch 4 -> 3 batches; accum 2 -> 2 updates (the last one partial)
-    assert ck["num_updates"] == 2
+    assert ck["num_updates"] == 2 and (ck["next_epoch"], ck["next_batch"]) == (1, 0)
     assert not any(k.startswith("module.") for k in ck["state_dict"])  # saved unwrapped
-    rows = list(csv.DictReader((run / "summary.csv").open()))
-    assert len(rows) == 1 and float(rows[0]["eval_top1"]) >= 0
-    assert p.stdout.count("epoch 1/1") == 1  # only rank 0 logs
+    assert p.stdout.count("epoch 1/2") == 1  # only rank 0 logs
+    # 9 val images over 2 ranks: each counted once (a padded 10th would make top-1 a multiple of 10)
+    row = list(csv.DictReader((run / "summary.csv").open()))[0]
+    run_cli("eval.py", run / "last.pth.tar", "-j", "0", "-o", tmp_path / "e.json", check=0)
+    evaluated = json.loads((tmp_path / "e.json").read_text())
+    assert evaluated["dataset"]["num_images"] == 9
+    assert float(row["eval_top1"]) == pytest.approx(evaluated["top1"], abs=1e-3)
+    assert float(row["eval_loss"]) == pytest.approx(evaluated["loss"], abs=1e-4)
+
+    # as the log says, with one process: 6 batches of 4 -> 3 updates per epoch, not the saved 2
+    p = run_cli("train.py", "--resume", run / "last.pth.tar", check=0)
+    assert "resume: updates per epoch 2 -> 3, processes 2 -> 1; lr schedule recomputed" in p.stdout, p.stdout
+    assert "50% of training done" in p.stdout
+    ck = load(run / "last.pth.tar")
+    assert ck["num_updates"] == 5 and ck["next_epoch"] == 2
+    assert [r["epoch"] for r in csv.DictReader((run / "summary.csv").open())] == ["1", "2"]

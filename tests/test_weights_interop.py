@@ -20,7 +20,13 @@ from test_eval import trained  # noqa: F401  (the fixture: a tiny trained run)
 from test_nat import TINY_DINAT, TINY_NAT, randomized, tiny
 from test_train import load_entry_point, run_cli
 
-from engine.checkpoint import extract_state_dict, load_checkpoint, load_model_weights, save_weights
+from engine.checkpoint import (
+    checkpoint_settings,
+    extract_state_dict,
+    load_checkpoint,
+    load_model_weights,
+    save_weights,
+)
 from engine.errors import CheckpointError
 from models.nat import checkpoint_filter_fn
 
@@ -223,11 +229,14 @@ def test_export_resume_and_corrupt_file_in_process(tmp_path, capsys, monkeypatch
         arch="nat_mini",
         model_kwargs=json.loads(json.dumps(TINY_NAT)),
         num_classes=3,
+        classes=["disk", "square", "star"],
+        data_config={"input_size": [3, 40, 48], "mean": [0.5] * 3, "std": [0.25] * 3, "crop_pct": 1.0},
         state_dict={f"module.{k}": v for k, v in model.state_dict().items()},  # a DDP save
         state_dict_ema=ema.state_dict(),
         optimizer={},
     )
     torch.save(ckpt, tmp_path / "model_best.pth.tar")
+    settings = {k: ckpt[k] for k in ("arch", "model_kwargs", "num_classes", "classes", "data_config")}
     out = tmp_path / "ema.safetensors"
     export = load_entry_point("scripts/export_weights.py")
     assert export.main([str(tmp_path), str(out), "--use-ema"]) == 0  # a run folder: its best
@@ -237,8 +246,20 @@ def test_export_resume_and_corrupt_file_in_process(tmp_path, capsys, monkeypatch
     assert all(torch.equal(got[k], v) for k, v in ema.state_dict().items())
     assert export.main([str(tmp_path / "model_best.pth.tar"), str(tmp_path / "w.pth")]) == 0
     got = torch.load(tmp_path / "w.pth", weights_only=True)
-    assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(got["state_dict"][k], v) for k, v in model.state_dict().items())
     capsys.readouterr()
+    # both files carry the model and data settings, read back by the one reader
+    from safetensors import safe_open
+
+    with safe_open(out, "pt") as f:
+        assert json.loads(f.metadata()["data_config"]) == ckpt["data_config"]  # JSON strings
+    for path in (out, tmp_path / "w.pth"):
+        assert checkpoint_settings(load_checkpoint(path)) == settings, path
+    # torch.hub rebuilds the model from them alone (its kwargs, classes, transform)
+    hub = torch.hub.load(str(ROOT), "nat_mini", source="local", pretrained=str(tmp_path / "w.pth"))
+    assert hub.num_classes == 3
+    assert all(torch.equal(hub.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert timm.data.resolve_data_config(model=hub)["input_size"] == (3, 40, 48)
 
     monkeypatch.chdir(ROOT)
     bad = tmp_path / "bad.safetensors"
