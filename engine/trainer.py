@@ -260,13 +260,13 @@ class Run:
             if self.use_amp
             else contextlib.nullcontext
         )
-        precision = f"{t['amp_dtype']} autocast" if self.use_amp else "float32"
+        self.precision = f"{t['amp_dtype']} autocast" if self.use_amp else "float32"
         hint = (
             " (train.amp true / --amp: bfloat16 autocast)"
             if device_type == "cpu" and not self.use_amp
             else ""
         )
-        _logger.info(f"precision: {precision} on {device_type}{hint}")
+        _logger.info(f"precision: {self.precision} on {device_type}{hint}")
         self.loss_scaler = None
         if self.use_amp and self.amp_dtype == torch.float16:
             from timm.utils import NativeScaler
@@ -539,13 +539,12 @@ class Run:
         """One line of what is about to run: data, model size, precision, NA backend, processes."""
         model = unwrap(self.model)
         params = sum(p.numel() for p in model.parameters())
-        precision = f"{str(self.amp_dtype).removeprefix('torch.')} autocast" if self.use_amp else "float32"
         sizes = bundle.selection.get("num_images") or {}
         images = f"{sizes.get('train', '?')} train / {sizes.get('val', '?')} val images"
-        backend = na_backend(model, self.device, self.use_amp)
+        backend = na_backend(model, self.device, self.amp_dtype if self.use_amp else torch.float32)
         _logger.info(
             f"training {self.cfg['model']['name']} ({params / 1e6:.2f}M params) on {images}, "
-            f"{len(self.classes)} classes; {precision}; NA backend {backend}; "
+            f"{len(self.classes)} classes; {self.precision}; NA backend {backend}; "
             f"{self.device.type} x {self.world_size} process{'es' if self.world_size > 1 else ''}"
         )
 
@@ -869,13 +868,13 @@ def scheduled_lr(optimizer) -> float:
     return group["lr"] / group.get("lr_scale", 1.0)
 
 
-def na_backend(model, device, amp: bool) -> str:
+def na_backend(model, device, dtype: torch.dtype) -> str:
     """The NA backend `auto` picks for this run's training step (models.layers.explain_backends)."""
     from models.layers import NeighborhoodAttention2D, explain_backends
 
     if not any(isinstance(m, NeighborhoodAttention2D) for m in model.modules()):
         return "none (no NA layers)"
-    q = torch.zeros(1, 8, 8, 1, 8, device=device, dtype=torch.bfloat16 if amp else torch.float32)
+    q = torch.zeros(1, 8, 8, 1, 8, device=device, dtype=dtype)
     return explain_backends(
         q, rpb=torch.zeros(1, 13, 13, device=device, dtype=q.dtype), requires_grad=True
     ).name
