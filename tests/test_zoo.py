@@ -75,7 +75,7 @@ def test_quick_study_end_to_end(tmp_path):
         assert r["params"] > 0 and r["flops"] > 0
         assert (0 <= r["near_top1"] <= 100) if r["task"] == "pathfinder" else "near_top1" not in r
     table = {(t["task"], t["mixer"]): t for t in acc["table"]}
-    assert table[("pathfinder", "full")]["vs_na"] == pytest.approx(
+    assert table[("pathfinder", "full")]["top1_vs_na"] == pytest.approx(
         table[("pathfinder", "full")]["top1_mean"] - table[("pathfinder", "na")]["top1_mean"]
     )
     # 8 val images are too few to tell an escape from the val draw (P(8 of 8 by chance) = 1/256), and
@@ -263,3 +263,16 @@ def test_bigbird_window_covers_na_extent(kernel_size):
     assert reach[7 - r : 8 + r, 7 - r : 8 + r].all()
     block = options["block_size"]
     assert reach.sum() == (3 * block) ** 2 and 3 * block - kernel_size < 3
+
+
+def test_a_stopped_runs_folder_is_not_taken_for_a_finished_run(tmp_path):
+    """train.py writes summary.csv and last.pth.tar after every epoch: a run counts as finished only
+    with as many summary rows as its config's epochs."""
+    (tmp_path / "config.yaml").write_text("sched: {epochs: 2}\n")
+    (tmp_path / "last.pth.tar").write_bytes(b"")
+    (tmp_path / "summary.csv").write_text("epoch,eval_top1\n0,50.0\n")
+    assert not accuracy.is_finished(tmp_path)
+    (tmp_path / "summary.csv").write_text("epoch,eval_top1\n0,50.0\n1,61.0\n")
+    assert accuracy.is_finished(tmp_path)
+    (tmp_path / "last.pth.tar").unlink()
+    assert not accuracy.is_finished(tmp_path)

@@ -1,6 +1,7 @@
 """The zoo's part 2, accuracy: every mixer in one small NAT backbone under one recipe, on the shapes
 and pathfinder tasks; `train.py` runs each (task, mixer, seed) as a subprocess (`engine.compare.train`),
-finished runs are reused only when trained with the same settings (`check_reusable`).
+finished runs are reused only when trained with the same settings (`check_reusable`), unfinished ones
+(a stopped study's) trained again.
 
 Pathfinder is read as escape rates: a run escaped the chance plateau when its far-pair top-1 clears
 the one-sided binomial noise of its val set (`escaped`, the one definition); per mixer the rate with
@@ -15,6 +16,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import shutil
 import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -185,7 +187,15 @@ def run_overrides(task: str, mixer: str, seed: int, overrides: list[str]) -> lis
 
 
 def is_finished(run_dir: Path) -> bool:
-    return (run_dir / "summary.csv").is_file() and (run_dir / "last.pth.tar").is_file()
+    """Whether a run folder holds a whole run: train.py writes summary.csv and last.pth.tar after every
+    epoch, so a stopped study leaves runs with both and fewer epochs than their config's."""
+    import yaml
+
+    files = [run_dir / name for name in ("summary.csv", "last.pth.tar", "config.yaml")]
+    if not all(f.is_file() for f in files):
+        return False
+    epochs = yaml.safe_load(files[2].read_text())["sched"]["epochs"]
+    return len(list(csv.DictReader(files[0].open()))) >= epochs
 
 
 def changed_settings(run_dir: Path, task: str, mixer: str, seed: int, overrides: list[str]) -> list[str]:
@@ -224,6 +234,9 @@ def train_run(
     settings checked first by `check_reusable`); its result from summary.csv."""
     run_dir = run_dir_of(out, task, mixer, seed)
     if not is_finished(run_dir):
+        if run_dir.exists():  # a stopped study's run: train.py would refuse its folder
+            say(f"  accuracy: {task}/{mixer}-s{seed}: an unfinished run in {run_dir}, trained again")
+            shutil.rmtree(run_dir)
         wall_s = compare.train(
             run_dir.name,
             REPO / RECIPE,
