@@ -1,5 +1,5 @@
 # Two entry points (see README "Quick start"): `make demo` and `make test`; `make zoo` runs the
-# attention-zoo study (docs/zoo.md).
+# attention-zoo study (docs/zoo.md), `make zoo-seeds` its seeds study (~2 h on an idle 2-core box).
 # Each creates .venv inside the repo on first use; the stamp makes re-runs instant
 # until a requirements file changes.
 PYTHON ?= python3
@@ -19,7 +19,7 @@ else
 NATTEN_INSTALL := CUDA_VISIBLE_DEVICES= NATTEN_CUDA_ARCH= $(PY) -m pip install -q --no-build-isolation $(NATTEN)
 endif
 
-.PHONY: setup demo test zoo lint format
+.PHONY: setup demo test zoo zoo-seeds lint format
 
 setup: $(STAMP)
 
@@ -38,6 +38,12 @@ demo: $(STAMP)
 
 zoo: $(STAMP)
 	$(PY) scripts/zoo.py --out runs/zoo-study --jobs 2
+
+# Every mixer with 6 pathfinder seeds (escape rates, 95% Wilson intervals) and 3 shapes seeds: 162
+# runs, est. ~3.8 CPU-hours, ~1.9 h with two side by side (docs/zoo.md). Run it on an otherwise idle
+# machine; stopped and restarted, it reuses the finished runs.
+zoo-seeds: $(STAMP)
+	$(PY) scripts/zoo.py --out runs/zoo-seeds --parts accuracy patterns --seeds pathfinder=6 shapes=3 --jobs 2
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -4,6 +4,7 @@
     python scripts/zoo.py --out runs/zoo-study --jobs 2     # the full study (make zoo: docs/zoo.md)
     python scripts/zoo.py --out /tmp/zoo --quick            # all three parts end to end, tiny (CI)
     python scripts/zoo.py --out runs/zoo-study --parts scaling --mixers na full linear
+    python scripts/zoo.py --out runs/zoo-seeds --parts accuracy patterns --seeds pathfinder=6 shapes=3
 
 Three parts, each writing OUT/<part>.{json,csv} (and a figure):
 
@@ -16,8 +17,9 @@ Three parts, each writing OUT/<part>.{json,csv} (and a figure):
    embedded shapes task (configs/zoo_shapes.yaml: rewards locality) and the embedded long-range
    Pathfinder-like task (configs/zoo_pathfinder.yaml: needs it); `train.py` runs each (mixer, seed)
    as a subprocess. Final-epoch val top-1, mean and range over seeds, params, FLOPs
-   (`models.count_flops`), train img/s. A difference counts only when it exceeds the noise: the
-   seed range, and at least two binomial standard errors of the val set.
+   (`models.count_flops`), train img/s. Pathfinder as escape rates (runs whose far-pair top-1 clears
+   the val set's one-sided binomial noise) with 95% Wilson intervals; a mixer beats or trails `na`
+   only where the intervals separate (figure: escape.png).
 3. patterns: one PNG, a panel per mixer: on a 14x14 map, which input positions a centre query and a
    corner query read, as |d out[query] / d x| (exact for every mechanism: a linear or low-rank mixer
    reads everywhere, and the panel shows it). Stage-1 mixers of the seed-0 pathfinder models when
@@ -62,11 +64,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--min-sample-s", type=float, default=0.3, help="scaling: repeat short steps up to this per sample"
     )
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    p.add_argument("--seeds", type=int, default=1, help="accuracy: seeds per mixer")
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        default=["1"],
+        metavar="[TASK=]N",
+        help="accuracy: seeds of every mixer, for every task (N) or one (TASK=N): e.g. pathfinder=6 shapes=3",
+    )
     p.add_argument(
         "--headline-seeds",
         type=int,
-        help=f"accuracy: seeds for {', '.join(HEADLINE)} (default 2; --quick: 1)",
+        help=f"accuracy: at least this many seeds for {', '.join(HEADLINE)} (default 2; --quick: 1)",
     )
     p.add_argument(
         "--jobs", type=int, default=1, help="accuracy: training runs side by side (2 on a 2-core CPU)"

@@ -5,6 +5,7 @@ The reference for the pattern part is each mechanism's definition: a 7x7 neighbo
 
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from engine.zoo import accuracy, study
+from engine.zoo import accuracy, seeds_per_task, study
 
 REPO = Path(__file__).resolve().parents[1]
 ZOO = REPO / "scripts" / "zoo.py"
@@ -74,14 +75,21 @@ def test_quick_study_end_to_end(tmp_path):
         assert r["params"] > 0 and r["flops"] > 0
         assert (0 <= r["near_top1"] <= 100) if r["task"] == "pathfinder" else "near_top1" not in r
     table = {(t["task"], t["mixer"]): t for t in acc["table"]}
-    assert table[("pathfinder", "full")]["vs_na"] == pytest.approx(
+    assert table[("pathfinder", "full")]["top1_vs_na"] == pytest.approx(
         table[("pathfinder", "full")]["top1_mean"] - table[("pathfinder", "na")]["top1_mean"]
     )
-    # one seed each here: no seed range, so no difference is called real or not
-    assert table[("pathfinder", "full")]["noise"] is None and table[("pathfinder", "full")]["real"] is None
+    # 8 val images are too few to tell an escape from the val draw (P(8 of 8 by chance) = 1/256), and
+    # one run each cannot separate two escape rates
+    for mixer in ("full", "na"):
+        row = table[("pathfinder", mixer)]
+        assert row["escape_threshold"] is None and row["escaped"] == 0 and row["val_images"] == 8
+    assert table[("pathfinder", "full")]["vs_na"] == "overlaps"
+    assert table[("shapes", "full")]["vs_na"] is None  # one seed each: seed ranges not compared
+    assert Image.open(tmp_path / "escape.png").size[0] > 200
     # full attention has no relative-position table: fewer parameters than NA in the same backbone
     assert table[("shapes", "full")]["params"] < table[("shapes", "na")]["params"]
     assert acc["full_study_estimate"]["train_seconds"] > 0
+    assert acc["full_study_estimate"]["seeds"] == {"shapes": 1, "pathfinder": 1}
     patterns = json.loads((tmp_path / "patterns.json").read_text())["mixers"]
     assert patterns["na"]["source"].startswith("trained") and patterns["linear"]["source"] == "initialised"
     assert patterns["na"]["reach_centre"] == pytest.approx(25 / 196)  # the zoo backbone's stage-1 window 5
@@ -122,3 +130,149 @@ def test_scaling_plot_styles_tell_every_mixer_apart():
     assert {styles[m]["color"] for m in study.FAMILIES["local"]}.isdisjoint(
         styles[m]["color"] for m in study.FAMILIES["sparse"]
     )
+
+
+def test_wilson_interval_against_hand_computed_values():
+    """95% Wilson score intervals, worked by hand from p' = (p + z^2/2n) / (1 + z^2/n) +- ...: 0 of n
+    has the closed form (0, z^2 / (n + z^2)), n of n its mirror; 3 of 4 worked through the formula."""
+    z2 = 1.959964**2
+    assert accuracy.wilson_interval(0, 6) == (0.0, pytest.approx(z2 / (6 + z2)))  # (0, 0.3902)
+    assert accuracy.wilson_interval(6, 6) == (pytest.approx(6 / (6 + z2)), 1.0)  # (0.6098, 1)
+    assert accuracy.wilson_interval(3, 4) == pytest.approx((0.3006, 0.9544), abs=1e-4)
+    with pytest.raises(ValueError, match="at least one trial"):
+        accuracy.wilson_interval(0, 0)
+
+
+def binomial_tail(n: int, k: int) -> float:
+    """P(X >= k), X ~ Binomial(n, 1/2), in float64 through log-gamma: the test's own reference."""
+    return sum(math.exp(math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) - n * math.log(2))
+               for j in range(k, n + 1))  # fmt: skip
+
+
+def test_escape_rule_at_its_boundary():
+    """Escaped = far-pair top-1 at or above the smallest count whose chance tail is <= the level. By
+    hand for 10 images at 0.05: P(X >= 9) = 11/1024 = 0.011, P(X >= 8) = 56/1024 = 0.055, so 9 of 10."""
+    assert accuracy.escape_count(10, 0.05) == 9
+    assert accuracy.escaped(90.0, 10, 0.05) and not accuracy.escaped(80.0, 10, 0.05)
+    k = accuracy.escape_count(400)  # the study's val set at the study's level (0.001)
+    assert binomial_tail(400, k) <= study.ESCAPE_LEVEL < binomial_tail(400, k - 1)
+    assert k == 232  # 58.0%
+    assert accuracy.escaped(58.0, 400) and not accuracy.escaped(57.75, 400)
+    assert accuracy.escaped(57.999, 400)  # a top-1 rounded in summary.csv still counts as 232 right
+    assert accuracy.escape_count(8) is None and not accuracy.escaped(100.0, 8)  # P(8 of 8) = 1/256
+
+
+def synthetic_runs(task: str, mixer: str, top1: list[float], **extra) -> list[dict]:
+    return [
+        dict(task=task, mixer=mixer, seed=s, top1=t, train_img_per_sec=100.0, wall_s=1.0, **extra)
+        for s, t in enumerate(top1)
+    ]
+
+
+def test_reading_claims_only_separated_intervals(tmp_path):
+    """On made-up runs whose intervals are known by hand (0 of 6: 0-39%; 5 of 6: 44-97%; 4 of 6:
+    30-90%): 5 of 6 beats na's 0 of 6, 4 of 6 overlaps it; with na at 6 of 6, 0 of 6 trails. Shapes:
+    separate seed ranges with 3 seeds each beat / trail, touching ones overlap, 2 seeds are not compared."""
+    far = dict(near_top1=90.0, val_images=400)
+    runs = [
+        *synthetic_runs("pathfinder", "na", [50.0, 50.0, 44.5, 50.0, 57.75, 50.0], **far),
+        *synthetic_runs("pathfinder", "full", [99.0, 100.0, 98.0, 99.5, 100.0, 58.0], **far),
+        *synthetic_runs("pathfinder", "dilated", [91.0, 50.0, 94.0, 88.0, 93.0, 90.0], **far),
+        *synthetic_runs("pathfinder", "sasa", [92.0, 97.0, 50.0, 50.0, 90.0, 95.0], **far),
+        *synthetic_runs("shapes", "na", [50.0, 55.0, 60.0], val_images=500),
+        *synthetic_runs("shapes", "linear", [61.0, 70.0, 65.0], val_images=500),
+        *synthetic_runs("shapes", "window", [40.0, 49.0, 45.0], val_images=500),
+        *synthetic_runs("shapes", "halo", [60.0, 70.0, 65.0], val_images=500),
+        *synthetic_runs("shapes", "sasa", [80.0, 90.0], val_images=500),
+    ]
+    table = {(t["task"], t["mixer"]): t for t in accuracy.summarize(runs)}
+    na, full = table[("pathfinder", "na")], table[("pathfinder", "full")]
+    assert (na["escaped"], full["escaped"]) == (0, 6)  # 57.75 is 231 of 400: one short
+    assert full["escaped_top1_min"] == 58.0 and full["escaped_top1_mean"] == pytest.approx(554.5 / 6)
+    assert table[("pathfinder", "dilated")]["escaped_top1_mean"] == pytest.approx(91.2)
+    verdicts = {key: t.get("vs_na") for key, t in table.items()}
+    assert verdicts == {
+        ("pathfinder", "na"): None,
+        ("pathfinder", "full"): "beats",
+        ("pathfinder", "dilated"): "beats",
+        ("pathfinder", "sasa"): "overlaps",
+        ("shapes", "na"): None,
+        ("shapes", "linear"): "beats",
+        ("shapes", "window"): "trails",
+        ("shapes", "halo"): "overlaps",  # 60.0 touches na's 60.0
+        ("shapes", "sasa"): None,
+    }
+    assert accuracy.accuracy_targets(list(table.values()))[0]["met"] is True
+    text = accuracy.accuracy_markdown(dict(table=list(table.values()), errors={}))
+    assert "beat na (intervals separate): full 6/6 (61-100%), dilated 5/6 (44-97%)." in text
+    assert "overlap na: no claim either way: sasa 4/6 (30-90%)." in text
+    assert "trail na (intervals separate): window 40.0-49.0 (3 seeds)." in text
+    assert "not compared (fewer than 3 seeds): sasa 80.0-90.0 (2 seeds)." in text
+    assert "| sasa | 6 | 4 | 67% (30-90%) | 93.5 (90.0-97.0) |" in text
+    # na at 6 of 6: a mixer that never escaped trails it
+    flipped = synthetic_runs("pathfinder", "na", [99.0] * 6, **far) + [
+        r for r in runs if r["task"] == "pathfinder" and r["mixer"] != "na"
+    ] + synthetic_runs("pathfinder", "window", [50.0] * 6, **far)  # fmt: skip
+    assert {t["mixer"]: t.get("vs_na") for t in accuracy.summarize(flipped)}["window"] == "trails"
+    # the figure: every pathfinder row drawn, nothing without them
+    assert accuracy.plot_escape(list(table.values()), tmp_path / "escape.png") == tmp_path / "escape.png"
+    assert Image.open(tmp_path / "escape.png").size[0] > 400
+    shapes_only = [t for t in table.values() if t["task"] == "shapes"]
+    assert accuracy.plot_escape(shapes_only, tmp_path / "none.png") is None
+
+
+def test_seeds_apply_to_every_mixer():
+    """--seeds N for every task or TASK=N for one; every mixer gets them, the headline mixers at least
+    --headline-seeds."""
+    tasks = ["pathfinder", "shapes"]
+    assert seeds_per_task(["6", "shapes=3"], tasks) == {"pathfinder": 6, "shapes": 3}
+    assert seeds_per_task(["1"], tasks) == {"pathfinder": 1, "shapes": 1}
+    with pytest.raises(study.UsageError, match=r"^--seeds pathfinder=x: give N or TASK=N with an integer N$"):
+        seeds_per_task(["pathfinder=x"], tasks)
+    with pytest.raises(study.UsageError, match=r"^--seeds imagenet=6: 'imagenet' is not among --tasks"):
+        seeds_per_task(["imagenet=6"], tasks)
+    plan = accuracy.accuracy_plan(
+        ["na", "dilated"], {t: [] for t in tasks}, {"pathfinder": 6, "shapes": 3}, 4
+    )
+    count = {(t, m): sum(1 for p in plan if p[:2] == (t, m)) for t in tasks for m in ("na", "dilated")}
+    assert count == {
+        ("pathfinder", "na"): 6,
+        ("pathfinder", "dilated"): 6,
+        ("shapes", "na"): 4,
+        ("shapes", "dilated"): 3,
+    }
+    assert plan[0][0] == "pathfinder"  # the heavier task first
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5, 7])
+def test_bigbird_window_covers_na_extent(kernel_size):
+    """BigBird with `window_options` (random blocks and global token off): the keys a centre query of a
+    16x16 map reads cover NA's kernel_size^2 window around it, in the smallest 3 x 3-block square
+    that does (3b >= k): at most (k + 2)^2 keys, where the default 7 x 7 blocks read all 256."""
+    import torch
+
+    from models.mixers import build_mixer
+
+    options = {**study.window_options("bigbird", kernel_size), "num_random": 0, "num_global": 0}
+    torch.manual_seed(0)
+    mixer = build_mixer("bigbird", 8, 1, kernel_size=kernel_size, options=options)
+    x = torch.randn(1, 16, 16, 8, requires_grad=True)
+    mixer(x)[0, 7, 7].sum().backward()
+    reach = x.grad.abs().sum(-1)[0] > 0
+    r = kernel_size // 2
+    assert reach[7 - r : 8 + r, 7 - r : 8 + r].all()
+    block = options["block_size"]
+    assert reach.sum() == (3 * block) ** 2 and 3 * block - kernel_size < 3
+
+
+def test_a_stopped_runs_folder_is_not_taken_for_a_finished_run(tmp_path):
+    """train.py writes summary.csv and last.pth.tar after every epoch: a run counts as finished only
+    with as many summary rows as its config's epochs."""
+    (tmp_path / "config.yaml").write_text("sched: {epochs: 2}\n")
+    (tmp_path / "last.pth.tar").write_bytes(b"")
+    (tmp_path / "summary.csv").write_text("epoch,eval_top1\n0,50.0\n")
+    assert not accuracy.is_finished(tmp_path)
+    (tmp_path / "summary.csv").write_text("epoch,eval_top1\n0,50.0\n1,61.0\n")
+    assert accuracy.is_finished(tmp_path)
+    (tmp_path / "last.pth.tar").unlink()
+    assert not accuracy.is_finished(tmp_path)

@@ -25,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.headline_seeds is None:
             args.headline_seeds = 1 if args.quick else 2
-        if min(args.rounds, args.seeds, args.headline_seeds, args.jobs) < 1:
+        seeds = seeds_per_task(args.seeds, args.tasks)
+        if min(args.rounds, *seeds.values(), args.headline_seeds, args.jobs) < 1:
             raise UsageError("--rounds, --seeds, --headline-seeds and --jobs must be >= 1")
         if any(s < 1 for s in args.sides):
             raise UsageError(f"--sides must be positive, got {args.sides}")
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         if args.quick:  # tiny data sets of their own, not the study's
             task_overrides = {t: [*o, f"data.root={out / 'data' / t}"] for t, o in task_overrides.items()}
         if "accuracy" in args.parts:  # before anything runs: a bad --set or stale runs stop it here
-            plan = accuracy.accuracy_plan(accuracy_mixers, task_overrides, args.seeds, args.headline_seeds)
+            plan = accuracy.accuracy_plan(accuracy_mixers, task_overrides, seeds, args.headline_seeds)
             accuracy.check_reusable(plan, task_overrides, out)
     except (UsageError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -57,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
         print_targets(res["targets"])
         failed["scaling"] = len(res["errors"])
     if "accuracy" in args.parts:
-        res = accuracy.accuracy(plan, task_overrides, args.headline_seeds, out, not args.verbose, args.jobs)
+        res = accuracy.accuracy(
+            plan, task_overrides, seeds, args.headline_seeds, out, not args.verbose, args.jobs
+        )
         print_targets(res["targets"])
         failed["accuracy"] = len(res["errors"])
     if "patterns" in args.parts:
@@ -69,6 +72,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {parts} failed (see {out}/<part>.md); the tables leave them out", file=sys.stderr)
         return 1
     return 0
+
+
+def seeds_per_task(values: list[str], tasks: list[str]) -> dict[str, int]:
+    """--seeds as {task: seeds}: `N` for every task, `TASK=N` for one (later values win), e.g.
+    `6 shapes=3`."""
+    seeds = {}
+    for value in values:
+        task, _, count = value.rpartition("=")
+        if task and task not in tasks:
+            raise UsageError(f"--seeds {value}: {task!r} is not among --tasks ({', '.join(tasks)})")
+        try:
+            n = int(count)
+        except ValueError:
+            raise UsageError(f"--seeds {value}: give N or TASK=N with an integer N") from None
+        seeds.update({t: n for t in ([task] if task else tasks)})
+    return {t: seeds.get(t, 1) for t in tasks}
 
 
 def print_targets(checks: list[dict]) -> None:

@@ -16,6 +16,7 @@ from engine.zoo.study import (
     BASELINE,
     EXACT_LOCAL,
     FAMILIES,
+    FAMILY_COLOURS,
     LINEAR_COST,
     NEAR_LINEAR,
     SLOPE_FROM,
@@ -120,17 +121,8 @@ def scaling(
     return result
 
 
-# A colour per family (baseline black), a shade and marker per member: the 18 series told apart, the
-# families seen at a glance; NA drawn thicker.
-FAMILY_COLOURS = {
-    "baseline": "black",
-    "local": "tab:blue",
-    "local + global tokens": "tab:orange",
-    "sparse": "tab:green",
-    "low-rank": "tab:red",
-    "kernel": "tab:purple",
-    "synthesizer": "tab:brown",
-}
+# A colour per family (`FAMILY_COLOURS`), a shade and marker per member: the 18 series told apart,
+# the families seen at a glance; NA drawn thicker.
 MARKERS = "osD^vP"
 
 
