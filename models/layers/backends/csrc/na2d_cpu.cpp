@@ -406,45 +406,6 @@ NA_CLONES void forward_rows(const S* q, const S* k, const S* v, const T* biases,
   }
 }
 
-// Units u in [begin, end) of the flattened (B * heads): one thread owns a unit's slices of dk and dv
-// (and its rpb-gradient plane), so the scatter into keys needs no atomics. dk and dv are sums of k*k
-// terms per key: taken in Acc<S> buffers laid out like k.
-template <typename S, int kD, typename T = Acc<S>>
-NA_CLONES void backward_units(const S* grad_out, const S* q, const S* k, const S* v, const T* probs,
-                              S* dq, T* dk, T* dv, T* drpb, Shape s, Layout lg, Layout lq, Layout lkv, Layout ldq,
-                              Geometry g, T scale, int64_t begin, int64_t end) {
-  const int64_t kk = g.kernel, taps = kk * kk, span = 2 * kk - 1, D = kD > 0 ? kD : s.D;
-  Scratch<T> scratch(taps, D);
-  std::vector<T> placement_grads(drpb ? kk * kk * padded_taps(taps) : 0);
-  for (int64_t u = begin; u < end; ++u) {
-    const int64_t b = u / s.heads, h = u % s.heads, plane = lkv.offset(b, 0, 0, h);
-    std::fill(placement_grads.begin(), placement_grads.end(), T(0));
-    for (int64_t i = 0; i < s.H; ++i) {
-      for (int64_t j = 0; j < s.W; ++j) {
-        const S* qp = q + lq.offset(b, i, j, h);
-        const S* gp = grad_out + lg.offset(b, i, j, h);
-        const T* query_probs = probs + s.query_index(b, h, i, j) * taps;
-        const int64_t window = plane + window_origin(lkv, g, i, j);
-        T* dlogits = scratch.second.data();
-        window_dots<S, kD>(gp, v + window, g.tap_offsets, taps, D, dlogits);  // dP
-        // Softmax backward: dlogit_t = p_t (dP_t - sum_u p_u dP_u); the sum is dO . O, taken here from
-        // what is at hand instead of from the output (one pass fewer over dO and O).
-        T row_delta = 0;
-        for (int64_t t = 0; t < taps; ++t) row_delta += query_probs[t] * dlogits[t];
-        for (int64_t t = 0; t < taps; ++t) dlogits[t] = query_probs[t] * (dlogits[t] - row_delta);
-        if (drpb) {
-          T* placement = placement_grads.data() + bias_placement(g, i, j);
-          for (int64_t t = 0; t < taps; ++t) placement[t] += dlogits[t];
-        }
-        for (int64_t t = 0; t < taps; ++t) dlogits[t] *= scale;
-        query_gradients<S, kD>(qp, gp, k + window, dk + window, dv + window, g.tap_offsets, query_probs,
-                               dlogits, taps, D, dq + ldq.offset(b, i, j, h), scratch.row.data());
-      }
-    }
-    if (drpb) add_placements_to_plane(placement_grads.data(), kk, drpb + u * span * span);
-  }
-}
-
 // Rows [begin, end) of dim values summed in Acc<S> (in load_chunk's order on the vector path: dk, dv)
 // written to `out` in S.
 template <typename S, int kD, typename T = Acc<S>>
@@ -458,6 +419,63 @@ NA_CLONES void sums_to_storage(const T* sums, S* out, int64_t dim, int64_t begin
     }
   } else {
     for (int64_t n = begin * dim; n < end * dim; ++n) out[n] = S(sums[n]);
+  }
+}
+
+// Units u in [begin, end) of the flattened (B * heads): one thread owns a unit's slices of dk and dv
+// (and its rpb-gradient plane), so the scatter into keys needs no atomics. dk and dv are sums of k*k
+// terms per key, taken in Acc<S>: in `dk`, `dv` (laid out like k, zeroed by the caller), or, given
+// `dk_out`, `dv_out` (bfloat16 keys in per-head planes, NAT's case), in one plane of sums per thread,
+// zeroed per unit and rounded into dk_out's and dv_out's plane after it. The plane's sums (H*W*D
+// floats each, 400 KB at NAT's 56^2) stay in cache from zeroing to rounding, where whole-tensor float
+// buffers took two passes more over memory (zeros_like, then a rounding pass over all of them).
+template <typename S, int kD, typename T = Acc<S>>
+NA_CLONES void backward_units(const S* grad_out, const S* q, const S* k, const S* v, const T* probs,
+                              S* dq, T* dk, T* dv, S* dk_out, S* dv_out, T* drpb, Shape s, Layout lg, Layout lq,
+                              Layout lkv, Layout ldq, Geometry g, T scale, int64_t begin, int64_t end) {
+  const int64_t kk = g.kernel, taps = kk * kk, span = 2 * kk - 1, D = kD > 0 ? kD : s.D;
+  Scratch<T> scratch(taps, D);
+  std::vector<T> placement_grads(drpb ? kk * kk * padded_taps(taps) : 0);
+  const bool plane_sums = dk_out != nullptr;
+  std::vector<T> plane_dk(plane_sums ? s.H * s.W * D : 0), plane_dv(plane_dk.size());
+  for (int64_t u = begin; u < end; ++u) {
+    const int64_t b = u / s.heads, h = u % s.heads, plane = lkv.offset(b, 0, 0, h);
+    std::fill(placement_grads.begin(), placement_grads.end(), T(0));
+    T* dk_plane = plane_sums ? plane_dk.data() : dk + plane;
+    T* dv_plane = plane_sums ? plane_dv.data() : dv + plane;
+    if (plane_sums) {
+      std::fill(plane_dk.begin(), plane_dk.end(), T(0));
+      std::fill(plane_dv.begin(), plane_dv.end(), T(0));
+    }
+    for (int64_t i = 0; i < s.H; ++i) {
+      for (int64_t j = 0; j < s.W; ++j) {
+        const S* qp = q + lq.offset(b, i, j, h);
+        const S* gp = grad_out + lg.offset(b, i, j, h);
+        const T* query_probs = probs + s.query_index(b, h, i, j) * taps;
+        const int64_t origin = window_origin(lkv, g, i, j), window = plane + origin;
+        T* dlogits = scratch.second.data();
+        window_dots<S, kD>(gp, v + window, g.tap_offsets, taps, D, dlogits);  // dP
+        // Softmax backward: dlogit_t = p_t (dP_t - sum_u p_u dP_u); the sum is dO . O, taken here from
+        // what is at hand instead of from the output (one pass fewer over dO and O).
+        T row_delta = 0;
+        for (int64_t t = 0; t < taps; ++t) row_delta += query_probs[t] * dlogits[t];
+        for (int64_t t = 0; t < taps; ++t) dlogits[t] = query_probs[t] * (dlogits[t] - row_delta);
+        if (drpb) {
+          T* placement = placement_grads.data() + bias_placement(g, i, j);
+          for (int64_t t = 0; t < taps; ++t) placement[t] += dlogits[t];
+        }
+        for (int64_t t = 0; t < taps; ++t) dlogits[t] *= scale;
+        query_gradients<S, kD>(qp, gp, k + window, dk_plane + origin, dv_plane + origin, g.tap_offsets,
+                               query_probs, dlogits, taps, D, dq + ldq.offset(b, i, j, h), scratch.row.data());
+      }
+    }
+    if (drpb) add_placements_to_plane(placement_grads.data(), kk, drpb + u * span * span);
+    if constexpr (!std::is_same_v<S, T>) {
+      if (plane_sums) {
+        sums_to_storage<S, kD>(plane_dk.data(), dk_out + plane, D, 0, s.H * s.W);
+        sums_to_storage<S, kD>(plane_dv.data(), dv_out + plane, D, 0, s.H * s.W);
+      }
+    }
   }
 }
 
@@ -552,11 +570,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_backward(
               "probs must be the forward's saved probabilities (forward with save_probs=True)");
   const auto offsets = tap_offsets(kernel_size, dilation, layout_of(k));
   const Geometry g = geometry_of(row_start, col_start, row_bias, col_bias, kernel_size, dilation, offsets);
-  auto dq = at::empty_like(q);  // each in its input's layout; dk, dv summed in Acc (as k's strides)
-  auto dk_sums = at::zeros_like(k, acc_options);
-  auto dv_sums = at::zeros_like(v, acc_options);
-  auto dk = acc_options.dtype() == k.dtype() ? dk_sums : at::empty_like(k);
-  auto dv = acc_options.dtype() == v.dtype() ? dv_sums : at::empty_like(v);
+  // dq, dk, dv each in its input's layout. dk, dv are summed in Acc: into themselves (float, double),
+  // per plane in each thread's buffer (bfloat16 in per-head planes), or else in float tensors laid
+  // out like k and rounded after.
+  const bool widened = acc_options.dtype() != k.dtype();
+  const bool plane_sums = widened && k.stride(2) == s.D && k.stride(1) == s.W * s.D;
+  auto dq = at::empty_like(q);
+  auto dk_sums = plane_sums ? at::Tensor() : at::zeros_like(k, acc_options);
+  auto dv_sums = plane_sums ? at::Tensor() : at::zeros_like(v, acc_options);
+  auto dk = widened ? at::empty_like(k) : dk_sums;
+  auto dv = widened ? at::empty_like(v) : dv_sums;
   auto drpb_per_unit = rpb_grad ? at::zeros({s.B, s.heads, span, span}, acc_options) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "na2d_backward", [&] {
     using acc_t = Acc<scalar_t>;
@@ -566,11 +589,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_backward(
         backward_units<scalar_t, decltype(head_dim)::value>(
             grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
             v.data_ptr<scalar_t>(), probs.data_ptr<acc_t>(),
-            dq.data_ptr<scalar_t>(), dk_sums.data_ptr<acc_t>(), dv_sums.data_ptr<acc_t>(), drpb, s,
-            layout_of(grad_out), layout_of(q), layout_of(k), layout_of(dq), g,
-            static_cast<acc_t>(scale), begin, end);
+            dq.data_ptr<scalar_t>(), plane_sums ? nullptr : dk_sums.data_ptr<acc_t>(),
+            plane_sums ? nullptr : dv_sums.data_ptr<acc_t>(), plane_sums ? dk.data_ptr<scalar_t>() : nullptr,
+            plane_sums ? dv.data_ptr<scalar_t>() : nullptr, drpb, s, layout_of(grad_out), layout_of(q),
+            layout_of(k), layout_of(dq), g, static_cast<acc_t>(scale), begin, end);
       });
       if constexpr (!std::is_same_v<scalar_t, acc_t>) {  // dk, dv are dense: numel / D rows of D
+        if (plane_sums) return;
         at::parallel_for(0, k.numel() / s.D, 64, [&](int64_t begin, int64_t end) {
           constexpr int kD = decltype(head_dim)::value;
           sums_to_storage<scalar_t, kD>(dk_sums.data_ptr<acc_t>(), dk.data_ptr<scalar_t>(), s.D, begin, end);
