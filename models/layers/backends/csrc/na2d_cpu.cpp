@@ -406,33 +406,38 @@ NA_CLONES void forward_rows(const S* q, const S* k, const S* v, const T* biases,
   }
 }
 
-// Rows [begin, end) of dim values summed in Acc<S> (in load_chunk's order on the vector path: dk, dv)
-// written to `out` in S.
+// A row of dim values summed in Acc<S> (in load_chunk's order on the vector path: dk, dv) written to
+// `out` in S.
 template <typename S, int kD, typename T = Acc<S>>
-NA_CLONES void sums_to_storage(const T* sums, S* out, int64_t dim, int64_t begin, int64_t end) {
+NA_INLINE void row_to_storage(const T* sums, S* out, int64_t dim) {
   if constexpr (kVectorPath<S, kD>) {
     constexpr int kChunks = kD / 8;
     v8f chunks[kChunks];
-    for (int64_t r = begin; r < end; ++r) {
-      for (int c = 0; c < kChunks; ++c) chunks[c] = load8(sums + r * kD + 8 * c);
-      store_row<S, kChunks>(out + r * kD, chunks);
-    }
+    for (int c = 0; c < kChunks; ++c) chunks[c] = load8(sums + 8 * c);
+    store_row<S, kChunks>(out, chunks);
   } else {
-    for (int64_t n = begin * dim; n < end * dim; ++n) out[n] = S(sums[n]);
+    for (int64_t d = 0; d < dim; ++d) out[d] = S(sums[d]);
   }
+}
+
+// Rows [begin, end) of dense sums, as row_to_storage.
+template <typename S, int kD, typename T = Acc<S>>
+NA_CLONES void sums_to_storage(const T* sums, S* out, int64_t dim, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) row_to_storage<S, kD>(sums + r * dim, out + r * dim, dim);
 }
 
 // Units u in [begin, end) of the flattened (B * heads): one thread owns a unit's slices of dk and dv
 // (and its rpb-gradient plane), so the scatter into keys needs no atomics. dk and dv are sums of k*k
 // terms per key, taken in Acc<S>: in `dk`, `dv` (laid out like k, zeroed by the caller), or, given
 // `dk_out`, `dv_out` (bfloat16 keys in per-head planes, NAT's case), in one plane of sums per thread,
-// zeroed per unit and rounded into dk_out's and dv_out's plane after it. The plane's sums (H*W*D
-// floats each, 400 KB at NAT's 56^2) stay in cache from zeroing to rounding, where whole-tensor float
-// buffers took two passes more over memory (zeros_like, then a rounding pass over all of them).
+// zeroed per unit and rounded into dk_out's and dv_out's rows (layout `ldkv`) after it. The plane's
+// sums (H*W*D floats each, 400 KB at NAT's 56^2) stay in cache from zeroing to rounding, where
+// whole-tensor float buffers took two passes more over memory (zeros_like, then a rounding pass).
 template <typename S, int kD, typename T = Acc<S>>
 NA_CLONES void backward_units(const S* grad_out, const S* q, const S* k, const S* v, const T* probs,
                               S* dq, T* dk, T* dv, S* dk_out, S* dv_out, T* drpb, Shape s, Layout lg, Layout lq,
-                              Layout lkv, Layout ldq, Geometry g, T scale, int64_t begin, int64_t end) {
+                              Layout lkv, Layout ldq, Layout ldkv, Geometry g, T scale, int64_t begin,
+                              int64_t end) {
   const int64_t kk = g.kernel, taps = kk * kk, span = 2 * kk - 1, D = kD > 0 ? kD : s.D;
   Scratch<T> scratch(taps, D);
   std::vector<T> placement_grads(drpb ? kk * kk * padded_taps(taps) : 0);
@@ -470,10 +475,13 @@ NA_CLONES void backward_units(const S* grad_out, const S* q, const S* k, const S
       }
     }
     if (drpb) add_placements_to_plane(placement_grads.data(), kk, drpb + u * span * span);
-    if constexpr (!std::is_same_v<S, T>) {
-      if (plane_sums) {
-        sums_to_storage<S, kD>(plane_dk.data(), dk_out + plane, D, 0, s.H * s.W);
-        sums_to_storage<S, kD>(plane_dv.data(), dv_out + plane, D, 0, s.H * s.W);
+    if (plane_sums) {
+      for (int64_t i = 0; i < s.H; ++i) {
+        for (int64_t j = 0; j < s.W; ++j) {
+          const int64_t row = i * s.W + j, at = ldkv.offset(b, i, j, h);
+          row_to_storage<S, kD>(plane_dk.data() + row * D, dk_out + at, D);
+          row_to_storage<S, kD>(plane_dv.data() + row * D, dv_out + at, D);
+        }
       }
     }
   }
@@ -570,16 +578,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_backward(
               "probs must be the forward's saved probabilities (forward with save_probs=True)");
   const auto offsets = tap_offsets(kernel_size, dilation, layout_of(k));
   const Geometry g = geometry_of(row_start, col_start, row_bias, col_bias, kernel_size, dilation, offsets);
-  // dq, dk, dv each in its input's layout. dk, dv are summed in Acc: into themselves (float, double),
-  // per plane in each thread's buffer (bfloat16 in per-head planes), or else in float tensors laid
-  // out like k and rounded after.
+  // dk, dv are summed in Acc: per plane in each thread's buffer (bfloat16 in per-head planes), into
+  // themselves (float, double), or else in float tensors laid out like k and rounded after. dq, and
+  // dk, dv when summed per plane, come out (B, H, W, heads, D) contiguous whatever the inputs' layout:
+  // in NAT the autograd of unbind stacks them into the qkv projection's gradient, a copy of whole
+  // heads*D pixel rows from this layout rather than of D-element rows from per-head planes (NA's
+  // backward with that stack 0.82x-1.10x the time, median ~0.95x over NAT's four map sizes, bf16).
   const bool widened = acc_options.dtype() != k.dtype();
   const bool plane_sums = widened && k.stride(2) == s.D && k.stride(1) == s.W * s.D;
-  auto dq = at::empty_like(q);
+  auto dq = at::empty(q.sizes(), q.options());
   auto dk_sums = plane_sums ? at::Tensor() : at::zeros_like(k, acc_options);
   auto dv_sums = plane_sums ? at::Tensor() : at::zeros_like(v, acc_options);
-  auto dk = widened ? at::empty_like(k) : dk_sums;
-  auto dv = widened ? at::empty_like(v) : dv_sums;
+  auto dk = plane_sums ? at::empty(k.sizes(), k.options()) : widened ? at::empty_like(k) : dk_sums;
+  auto dv = plane_sums ? at::empty(v.sizes(), v.options()) : widened ? at::empty_like(v) : dv_sums;
   auto drpb_per_unit = rpb_grad ? at::zeros({s.B, s.heads, span, span}, acc_options) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "na2d_backward", [&] {
     using acc_t = Acc<scalar_t>;
@@ -592,7 +603,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_backward(
             dq.data_ptr<scalar_t>(), plane_sums ? nullptr : dk_sums.data_ptr<acc_t>(),
             plane_sums ? nullptr : dv_sums.data_ptr<acc_t>(), plane_sums ? dk.data_ptr<scalar_t>() : nullptr,
             plane_sums ? dv.data_ptr<scalar_t>() : nullptr, drpb, s, layout_of(grad_out), layout_of(q),
-            layout_of(k), layout_of(dq), g, static_cast<acc_t>(scale), begin, end);
+            layout_of(k), layout_of(dq), layout_of(dk), g, static_cast<acc_t>(scale), begin, end);
       });
       if constexpr (!std::is_same_v<scalar_t, acc_t>) {  // dk, dv are dense: numel / D rows of D
         if (plane_sums) return;
