@@ -237,6 +237,20 @@ NA_INLINE void weighted_rows(const T* weights, const S* base, const int64_t* off
   }
 }
 
+// One tap of query_gradients' vector path: dq += dlogit * k_t; dk_t += dlogit * q; dv_t += p * dO.
+template <typename S, int kChunks>
+NA_INLINE void gradient_tap(const S* keys, float* dkeys, float* dvalues, int64_t offset, float dlogit, float prob,
+                            const v8f* qv, const v8f* gv, v8f* dq) {
+  const S* key = keys + offset;
+  float* dkey = dkeys + offset;
+  float* dvalue = dvalues + offset;
+  for (int c = 0; c < kChunks; ++c) {
+    dq[c] += dlogit * load_chunk(key, c);
+    store8(dkey + 8 * c, load8(dkey + 8 * c) + dlogit * qv[c]);
+    store8(dvalue + 8 * c, load8(dvalue + 8 * c) + prob * gv[c]);
+  }
+}
+
 // One query's gradient step, one pass over its window: dq = sum_t dlogit_t * k_t (written), and
 // into the key rows dk_t += dlogit_t * q, dv_t += p_t * dO (dlogits arrive multiplied by the scale).
 // Measured: 20% faster than taking dq in a pass of its own; gathering dk/dv per key instead
@@ -247,23 +261,23 @@ NA_INLINE void query_gradients(const S* qp, const S* gp, const S* keys, T* dkeys
                                const int64_t* offsets, const T* probs, const T* dlogits, int64_t taps,
                                int64_t dim, S* dq_out, T* dq) {
   if constexpr (kVectorPath<S, kD>) {
-    constexpr int kChunks = kD / 8;
-    v8f qv[kChunks], gv[kChunks], dq[kChunks] = {};
+    constexpr int kChunks = kD / 8, kSets = kChunks <= 4 ? 2 : 1;  // dq chains: as weighted_rows
+    v8f qv[kChunks], gv[kChunks], dq[kSets][kChunks] = {};
     for (int c = 0; c < kChunks; ++c) {
       qv[c] = load_chunk(qp, c);
       gv[c] = load_chunk(gp, c);
     }
-    for (int64_t t = 0; t < taps; ++t) {
-      const S* key = keys + offsets[t];
-      float* dkey = dkeys + offsets[t];
-      float* dvalue = dvalues + offsets[t];
-      for (int c = 0; c < kChunks; ++c) {
-        dq[c] += dlogits[t] * load_chunk(key, c);
-        store8(dkey + 8 * c, load8(dkey + 8 * c) + dlogits[t] * qv[c]);
-        store8(dvalue + 8 * c, load8(dvalue + 8 * c) + probs[t] * gv[c]);
-      }
+    int64_t t = 0;
+    for (; t + kSets <= taps; t += kSets) {
+      for (int set = 0; set < kSets; ++set)
+        gradient_tap<S, kChunks>(keys, dkeys, dvalues, offsets[t + set], dlogits[t + set], probs[t + set], qv, gv,
+                                 dq[set]);
     }
-    store_row<S, kChunks>(dq_out, dq);
+    for (; t < taps; ++t)
+      gradient_tap<S, kChunks>(keys, dkeys, dvalues, offsets[t], dlogits[t], probs[t], qv, gv, dq[0]);
+    for (int set = 1; set < kSets; ++set)
+      for (int c = 0; c < kChunks; ++c) dq[0][c] += dq[set][c];
+    store_row<S, kChunks>(dq_out, dq[0]);
   } else {
     std::fill(dq, dq + dim, T(0));
     for (int64_t t = 0; t < taps; ++t) {
