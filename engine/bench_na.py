@@ -78,16 +78,21 @@ def step_fns(
 ) -> dict[str, Callable[[], None]]:
     """One zero-argument step per method label (its function and q, k, v dtype), all on the same q, k, v
     and bias (seeded: every run alike; other dtypes get the float32 values rounded). The bias stays
-    float32, as the RPB parameter does under autocast."""
+    float32, as the RPB parameter does under autocast. With `args.qkv_views`, q, k, v are the slices of
+    one (B, S, S, 3, heads, D) tensor, as NAT's qkv projection gives them (the `cpp` backend copies
+    them into per-head planes; contiguous inputs it reads as they are)."""
     torch.manual_seed(0)
     B, heads, dim, kernel_size = args.batch, args.heads, args.head_dim, args.kernel_size
     grad = mode == "fwd+bwd"
     values = [torch.randn(B, size, size, heads, dim) for _ in range(3)]
     rpb = torch.randn(heads, 2 * kernel_size - 1, 2 * kernel_size - 1, requires_grad=grad)
-    inputs = {
-        dtype: [t.to(dtype).requires_grad_(grad) for t in values]
-        for dtype in {d for _, d in methods.values()}
-    }
+
+    def leaves(dtype: torch.dtype) -> list[torch.Tensor]:
+        if args.qkv_views:
+            return list(torch.stack(values, dim=3).to(dtype).requires_grad_(grad).unbind(3))
+        return [t.to(dtype).requires_grad_(grad) for t in values]
+
+    inputs = {dtype: leaves(dtype) for dtype in {d for _, d in methods.values()}}
     scale = dim**-0.5
 
     def step(label: str, fn: Callable, dtype: torch.dtype) -> Callable[[], None]:
@@ -172,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}, "
         f"heads {args.heads}, head_dim {args.head_dim}, kernel {args.kernel_size}, "
-        f"dtype {' '.join(args.dtype)}"
+        f"dtype {' '.join(args.dtype)}{', q/k/v views of one qkv tensor' if args.qkv_views else ''}"
     )
     rows, notes = [], []
     for mode in args.modes:
