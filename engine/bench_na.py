@@ -37,7 +37,7 @@ def window_attention(q, k, v, rpb, kernel_size: int, scale: float) -> torch.Tens
 
     coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)
     rel = (coords[:, :, None] - coords[:, None, :] + ws - 1).permute(1, 2, 0)
-    bias = rpb[:, rel[..., 0], rel[..., 1]].unsqueeze(0)  # (1, heads, ws^2, ws^2), as timm's Swin
+    bias = rpb[:, rel[..., 0], rel[..., 1]].unsqueeze(0).to(q.dtype)  # (1, heads, ws^2, ws^2), as timm's Swin
     out = F.scaled_dot_product_attention(windows(q), windows(k), windows(v), attn_mask=bias, scale=scale)
     out = out.view(B, H // ws, W // ws, heads, ws, ws, dim).permute(0, 1, 4, 2, 5, 3, 6)
     return out.reshape(B, H, W, heads, dim)
@@ -73,28 +73,42 @@ def working_set(method: str, batch: int, size: int, heads: int, dim: int, kernel
     return 4 * tokens * (8 * dim + 4 * logits)  # q/k/v/out (+ grads), logits, probs and grads
 
 
-def step_fns(methods: dict[str, Callable], args, size: int, mode: str) -> dict[str, Callable[[], None]]:
-    """One zero-argument step per method, all on the same q, k, v and bias (seeded: every run alike)."""
+def step_fns(
+    methods: dict[str, tuple[Callable, torch.dtype]], args, size: int, mode: str
+) -> dict[str, Callable[[], None]]:
+    """One zero-argument step per method label (its function and q, k, v dtype), all on the same q, k, v
+    and bias (seeded: every run alike; other dtypes get the float32 values rounded). The bias stays
+    float32, as the RPB parameter does under autocast. With `args.qkv_views`, q, k, v are the slices of
+    one (B, S, S, 3, heads, D) tensor, as NAT's qkv projection gives them (the `cpp` backend copies
+    them into per-head planes; contiguous inputs it reads as they are)."""
     torch.manual_seed(0)
     B, heads, dim, kernel_size = args.batch, args.heads, args.head_dim, args.kernel_size
     grad = mode == "fwd+bwd"
-    q, k, v = (torch.randn(B, size, size, heads, dim, requires_grad=grad) for _ in range(3))
+    values = [torch.randn(B, size, size, heads, dim) for _ in range(3)]
     rpb = torch.randn(heads, 2 * kernel_size - 1, 2 * kernel_size - 1, requires_grad=grad)
+
+    def leaves(dtype: torch.dtype) -> list[torch.Tensor]:
+        if args.qkv_views:
+            return list(torch.stack(values, dim=3).to(dtype).requires_grad_(grad).unbind(3))
+        return [t.to(dtype).requires_grad_(grad) for t in values]
+
+    inputs = {dtype: leaves(dtype) for dtype in {d for _, d in methods.values()}}
     scale = dim**-0.5
 
-    def step(method: str, fn: Callable) -> Callable[[], None]:
-        bias = rpb if method not in ("dense", "natten") else None
+    def step(label: str, fn: Callable, dtype: torch.dtype) -> Callable[[], None]:
+        bias = rpb if label.split(":")[0] not in ("dense", "natten") else None
+        q, k, v = inputs[dtype]
 
         def run():
             if grad:
-                fn(q, k, v, bias, kernel_size, scale).sum().backward()
+                fn(q, k, v, bias, kernel_size, scale).float().sum().backward()
             else:
                 with torch.no_grad():
                     fn(q, k, v, bias, kernel_size, scale)
 
         return run
 
-    return {method: step(method, fn) for method, fn in methods.items()}
+    return {label: step(label, fn, dtype) for label, (fn, dtype) in methods.items()}
 
 
 def row(method: str, mode: str, size: int, times: list[float]) -> dict:
@@ -110,12 +124,24 @@ def row(method: str, mode: str, size: int, times: list[float]) -> dict:
     }
 
 
-def available(method: str, mode: str, args) -> str | None:
-    """None if `method` can run in `mode`, else why not."""
+def available(method: str, mode: str, dtype: torch.dtype = torch.float32) -> str | None:
+    """None if `method` can run in `mode` on `dtype` inputs, else why not."""
     if method not in ("cpp", "natten", "flex"):
         return None
-    probe = torch.zeros(1, 1, 1, 1, 1, requires_grad=mode == "fwd+bwd")
+    probe = torch.zeros(1, 1, 1, 1, 1, dtype=dtype, requires_grad=mode == "fwd+bwd")
     return why_not(method, call_info(probe, probe, probe, None, 0.0))
+
+
+def method_labels(args) -> dict[str, tuple[str, torch.dtype]]:
+    """Label -> (method, dtype): every method at every `--dtype`; labels after the first dtype say
+    theirs (`cpp:bfloat16`), so the first method at the first dtype is the ratios' reference."""
+    dtypes = [getattr(torch, name) for name in args.dtype]
+    tiles = [f"torch:tile{t}" for t in args.tiles]
+    return {
+        (name if n == 0 else f"{name}:{args.dtype[n]}"): (name, dtype)
+        for n, dtype in enumerate(dtypes)
+        for name in [*args.methods, *tiles]
+    }
 
 
 def argument_error(args: argparse.Namespace) -> str | None:
@@ -125,7 +151,7 @@ def argument_error(args: argparse.Namespace) -> str | None:
         return f"sizes must be multiples of --kernel-size {args.kernel_size} (window attention): {bad}"
     reference = args.methods[0]
     for mode in args.modes:
-        if reason := available(reference, mode, args):
+        if reason := available(reference, mode, getattr(torch, args.dtype[0])):
             return f"the first method {reference!r} is the ratios' reference but can't run {mode}: {reason}"
     return None
 
@@ -146,27 +172,27 @@ def run(args: argparse.Namespace) -> int:
         "window": window_attention,
         "dense": dense_attention,
     }
-    methods = {name: methods[name] for name in args.methods}
     methods.update({f"torch:tile{t}": na_method("torch", tile=t) for t in args.tiles})
 
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}, "
-        f"heads {args.heads}, head_dim {args.head_dim}, kernel {args.kernel_size}"
+        f"heads {args.heads}, head_dim {args.head_dim}, kernel {args.kernel_size}, "
+        f"dtype {' '.join(args.dtype)}{', q/k/v views of one qkv tensor' if args.qkv_views else ''}"
     )
     rows, notes = [], []
     for mode in args.modes:
         for size in args.sizes:
             runnable = {}
-            for name, fn in methods.items():
-                reason = available(name, mode, args)
+            for label, (name, dtype) in method_labels(args).items():
+                reason = available(name, mode, dtype)
                 if reason is None:
                     need = working_set(name, args.batch, size, args.heads, args.head_dim, args.kernel_size)
                     if need > MEMORY_BUDGET:
                         reason = f"needs ~{need / 2**30:.1f} GiB"
                 if reason:
-                    notes.append(f"{mode} {size}^2 {name}: skipped ({reason})")
+                    notes.append(f"{mode} {size}^2 {label}: skipped ({reason})")
                 else:
-                    runnable[name] = fn
+                    runnable[label] = (methods[name], dtype)
             # interleaved: every method once per round, so load on the machine hits them alike
             times = bench.interleaved_rounds(step_fns(runnable, args, size, mode), args.repeats, args.warmup)
             for name, seconds in times.items():
@@ -189,18 +215,19 @@ def print_ratios(rows: list[dict], args, reference: str) -> None:
     names = list(dict.fromkeys(r["method"] for r in rows))
     for mode in args.modes:
         print(f"\n{mode}: time / {reference} time ({reference} column: ms)")
-        print("size   " + "".join(f"{n:>13s}" for n in names))
+        width = max(13, *(len(n) + 2 for n in names))
+        print("size   " + "".join(f"{n:>{width}s}" for n in names))
         for size in args.sizes:
             base = index.get((reference, mode, size))
             cells = []
             for n in names:
                 t = index.get((n, mode, size))
                 if t is None or base is None:
-                    cells.append(f"{'-':>13s}")
+                    cells.append(f"{'-':>{width}s}")
                 elif n == reference:
-                    cells.append(f"{t * 1e3:12.1f}m")
+                    cells.append(f"{t * 1e3:{width - 1}.1f}m")
                 else:
-                    cells.append(f"{t / base:13.2f}")
+                    cells.append(f"{t / base:{width}.2f}")
             print(f"{size:4d}^2" + "".join(cells))
         slopes = {n: time_slope(rows, n, mode) for n in names}
         shown = ", ".join(f"{n} {v:.2f}" for n, v in slopes.items() if v is not None)

@@ -9,6 +9,7 @@ tokens.
 
     python scripts/bench_na.py                      # the full CPU sweep, 14^2 ... 224^2
     python scripts/bench_na.py --sizes 56 --tiles 4 6 8 10 14   # tile-size sweep of the torch backend
+    python scripts/bench_na.py --methods cpp --dtype float32 bfloat16 --qkv-views   # bf16 vs fp32, as in NAT
     python scripts/bench_na.py --quick              # seconds; checks the script end to end
 """
 
@@ -43,6 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     parser.add_argument(
         "--tiles", type=int, nargs="*", default=[], help="also time the torch backend at these tiles"
+    )
+    parser.add_argument(
+        "--dtype",
+        nargs="+",
+        default=["float32"],
+        choices=["float32", "bfloat16"],
+        help="q, k, v dtypes (bias stays float32): each method at each, labelled method:dtype after the 1st",
+    )
+    parser.add_argument(
+        "--qkv-views",
+        action="store_true",
+        help="q, k, v as slices of one (B, S, S, 3, heads, D) tensor, as in NAT",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("output/bench_na"))

@@ -123,6 +123,10 @@ def test_cpp_backend_float32_close_to_float64_reference(height, width, kernel_si
 # bfloat16 is storage only: sums are float32, so each output element is the float64 value of the
 # same (bf16) inputs rounded once to bf16 (half a bf16 step: 2^-8 relative), plus float32's error.
 # Head dims 16/32/64 run the vector code (rows read as even/odd pairs); 8 and 24 the scalar loops.
+# Contiguous inputs sum dk, dv in float tensors laid out like k; NAT's q, k, v (views of one qkv
+# projection) are copied into per-head planes, whose dk, dv are summed one plane at a time in a
+# thread's buffer: both are checked.
+@pytest.mark.parametrize("packed_qkv", [False, True], ids=["contiguous", "qkv-views"])
 @pytest.mark.parametrize(
     "height,width,kernel_size,dilation,head_dim",
     [
@@ -134,10 +138,16 @@ def test_cpp_backend_float32_close_to_float64_reference(height, width, kernel_si
         (14, 14, 7, 2, 24),
     ],
 )
-def test_cpp_backend_bfloat16_rounds_float64_reference_once(height, width, kernel_size, dilation, head_dim):
+def test_cpp_backend_bfloat16_rounds_float64_reference_once(
+    height, width, kernel_size, dilation, head_dim, packed_qkv
+):
     shape = (2, height, width, 3, head_dim)
     span = 2 * kernel_size - 1
-    inputs = [torch.randn(shape).bfloat16().requires_grad_() for _ in range(3)]
+    if packed_qkv:
+        qkv = torch.randn(2, height, width, 3, 3, head_dim).bfloat16().requires_grad_()
+        inputs = list(qkv.unbind(3))
+    else:
+        inputs = [torch.randn(shape).bfloat16().requires_grad_() for _ in range(3)]
     inputs.append(torch.randn(3, span, span, requires_grad=True))  # the RPB parameter stays float32
     grad_out = torch.randn(shape).bfloat16()
     out = neighborhood_attention_2d(*inputs[:3], kernel_size, dilation, rpb=inputs[3], backend="cpp")

@@ -99,7 +99,14 @@ def _register_fake_kernels() -> None:
         rpb_grad = rest[-1]
         span = 2 * kernel_size - 1
         drpb = q.new_empty((q.shape[3], span, span) if rpb_grad else (0,), dtype=accumulation_dtype(q.dtype))
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drpb
+        # As the kernel: dq contiguous; dk, dv contiguous when summed per plane (widened dtype, keys in
+        # per-head planes), else in k's layout.
+        _, _, width, _, dim = k.shape
+        per_plane = (
+            accumulation_dtype(k.dtype) != k.dtype and k.stride(2) == dim and k.stride(1) == width * dim
+        )
+        key_grad = q.new_empty if per_plane else lambda shape: torch.empty_like(k)
+        return q.new_empty(q.shape), key_grad(k.shape), key_grad(v.shape), drpb
 
 
 @geometry_cache(maxsize=128)

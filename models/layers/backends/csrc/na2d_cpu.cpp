@@ -186,20 +186,47 @@ NA_INLINE T exp_shifted(T* weights, int64_t taps, T shift) {
   }
 }
 
+// sum_t a[t] * b[t]. On the vector path 8 taps at a time: a float sum in order (compilers keep it so
+// without -ffast-math) is a chain of `taps` dependent adds, ~200 cycles a query at k = 7.
+template <typename S, int kD, typename T = Acc<S>>
+NA_INLINE T tap_dot(const T* a, const T* b, int64_t taps) {
+  T sum = 0;
+  int64_t t = 0;
+  if constexpr (kVectorPath<S, kD>) {
+    v8f lanes{};
+    for (; t + 8 <= taps; t += 8) lanes += load8(a + t) * load8(b + t);
+    for (int l = 0; l < 8; ++l) sum += lanes[l];
+  }
+  for (; t < taps; ++t) sum += a[t] * b[t];
+  return sum;
+}
+
 // out = factor * sum_t weights[t] * (base + offsets[t])[0:dim]: the attention-weighted sum of value
 // rows, normalised (`sums`: room for dim values, used by the scalar loops).
 template <typename S, int kD, typename T = Acc<S>>
 NA_INLINE void weighted_rows(const T* weights, const S* base, const int64_t* offsets, int64_t taps, int64_t dim,
                              T factor, S* out, T* sums) {
   if constexpr (kVectorPath<S, kD>) {
-    constexpr int kChunks = kD / 8;
-    v8f acc[kChunks] = {};
-    for (int64_t t = 0; t < taps; ++t) {
-      const S* row = base + offsets[t];
-      for (int c = 0; c < kChunks; ++c) acc[c] += weights[t] * load_chunk(row, c);
+    // Even and odd taps in separate sums when a row is few chunks: 2 * kChunks independent FMA chains
+    // instead of kChunks dependent chains of `taps` FMAs each (latency-bound at 4 chains).
+    constexpr int kChunks = kD / 8, kSets = kChunks <= 4 ? 2 : 1;
+    v8f acc[kSets][kChunks] = {};
+    int64_t t = 0;
+    for (; t + kSets <= taps; t += kSets) {
+      for (int set = 0; set < kSets; ++set) {
+        const S* row = base + offsets[t + set];
+        for (int c = 0; c < kChunks; ++c) acc[set][c] += weights[t + set] * load_chunk(row, c);
+      }
     }
-    for (int c = 0; c < kChunks; ++c) acc[c] *= factor;
-    store_row<S, kChunks>(out, acc);
+    for (; t < taps; ++t) {
+      const S* row = base + offsets[t];
+      for (int c = 0; c < kChunks; ++c) acc[0][c] += weights[t] * load_chunk(row, c);
+    }
+    for (int c = 0; c < kChunks; ++c) {
+      for (int set = 1; set < kSets; ++set) acc[0][c] += acc[set][c];
+      acc[0][c] *= factor;
+    }
+    store_row<S, kChunks>(out, acc[0]);
   } else {
     std::fill(sums, sums + dim, T(0));
     for (int64_t t = 0; t < taps; ++t) {
@@ -207,6 +234,20 @@ NA_INLINE void weighted_rows(const T* weights, const S* base, const int64_t* off
       for (int64_t d = 0; d < dim; ++d) sums[d] += weights[t] * T(row[d]);
     }
     for (int64_t d = 0; d < dim; ++d) out[d] = S(sums[d] * factor);
+  }
+}
+
+// One tap of query_gradients' vector path: dq += dlogit * k_t; dk_t += dlogit * q; dv_t += p * dO.
+template <typename S, int kChunks>
+NA_INLINE void gradient_tap(const S* keys, float* dkeys, float* dvalues, int64_t offset, float dlogit, float prob,
+                            const v8f* qv, const v8f* gv, v8f* dq) {
+  const S* key = keys + offset;
+  float* dkey = dkeys + offset;
+  float* dvalue = dvalues + offset;
+  for (int c = 0; c < kChunks; ++c) {
+    dq[c] += dlogit * load_chunk(key, c);
+    store8(dkey + 8 * c, load8(dkey + 8 * c) + dlogit * qv[c]);
+    store8(dvalue + 8 * c, load8(dvalue + 8 * c) + prob * gv[c]);
   }
 }
 
@@ -220,23 +261,23 @@ NA_INLINE void query_gradients(const S* qp, const S* gp, const S* keys, T* dkeys
                                const int64_t* offsets, const T* probs, const T* dlogits, int64_t taps,
                                int64_t dim, S* dq_out, T* dq) {
   if constexpr (kVectorPath<S, kD>) {
-    constexpr int kChunks = kD / 8;
-    v8f qv[kChunks], gv[kChunks], dq[kChunks] = {};
+    constexpr int kChunks = kD / 8, kSets = kChunks <= 4 ? 2 : 1;  // dq chains: as weighted_rows
+    v8f qv[kChunks], gv[kChunks], dq[kSets][kChunks] = {};
     for (int c = 0; c < kChunks; ++c) {
       qv[c] = load_chunk(qp, c);
       gv[c] = load_chunk(gp, c);
     }
-    for (int64_t t = 0; t < taps; ++t) {
-      const S* key = keys + offsets[t];
-      float* dkey = dkeys + offsets[t];
-      float* dvalue = dvalues + offsets[t];
-      for (int c = 0; c < kChunks; ++c) {
-        dq[c] += dlogits[t] * load_chunk(key, c);
-        store8(dkey + 8 * c, load8(dkey + 8 * c) + dlogits[t] * qv[c]);
-        store8(dvalue + 8 * c, load8(dvalue + 8 * c) + probs[t] * gv[c]);
-      }
+    int64_t t = 0;
+    for (; t + kSets <= taps; t += kSets) {
+      for (int set = 0; set < kSets; ++set)
+        gradient_tap<S, kChunks>(keys, dkeys, dvalues, offsets[t + set], dlogits[t + set], probs[t + set], qv, gv,
+                                 dq[set]);
     }
-    store_row<S, kChunks>(dq_out, dq);
+    for (; t < taps; ++t)
+      gradient_tap<S, kChunks>(keys, dkeys, dvalues, offsets[t], dlogits[t], probs[t], qv, gv, dq[0]);
+    for (int set = 1; set < kSets; ++set)
+      for (int c = 0; c < kChunks; ++c) dq[0][c] += dq[set][c];
+    store_row<S, kChunks>(dq_out, dq[0]);
   } else {
     std::fill(dq, dq + dim, T(0));
     for (int64_t t = 0; t < taps; ++t) {
@@ -406,58 +447,83 @@ NA_CLONES void forward_rows(const S* q, const S* k, const S* v, const T* biases,
   }
 }
 
+// A row of dim values summed in Acc<S> (in load_chunk's order on the vector path: dk, dv) written to
+// `out` in S.
+template <typename S, int kD, typename T = Acc<S>>
+NA_INLINE void row_to_storage(const T* sums, S* out, int64_t dim) {
+  if constexpr (kVectorPath<S, kD>) {
+    constexpr int kChunks = kD / 8;
+    v8f chunks[kChunks];
+    for (int c = 0; c < kChunks; ++c) chunks[c] = load8(sums + 8 * c);
+    store_row<S, kChunks>(out, chunks);
+  } else {
+    for (int64_t d = 0; d < dim; ++d) out[d] = S(sums[d]);
+  }
+}
+
+// Rows [begin, end) of dense sums, as row_to_storage.
+template <typename S, int kD, typename T = Acc<S>>
+NA_CLONES void sums_to_storage(const T* sums, S* out, int64_t dim, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) row_to_storage<S, kD>(sums + r * dim, out + r * dim, dim);
+}
+
 // Units u in [begin, end) of the flattened (B * heads): one thread owns a unit's slices of dk and dv
 // (and its rpb-gradient plane), so the scatter into keys needs no atomics. dk and dv are sums of k*k
-// terms per key: taken in Acc<S> buffers laid out like k.
+// terms per key, taken in Acc<S>: in `dk`, `dv` (laid out like k, zeroed by the caller), or, given
+// `dk_out`, `dv_out` (bfloat16 keys in per-head planes, NAT's case), in one plane of sums per thread,
+// zeroed per unit and rounded into dk_out's and dv_out's rows (layout `ldkv`) after it. The plane's
+// sums (H*W*D floats each, 400 KB at NAT's 56^2) stay in cache from zeroing to rounding, where
+// whole-tensor float buffers took two passes more over memory (zeros_like, then a rounding pass).
 template <typename S, int kD, typename T = Acc<S>>
 NA_CLONES void backward_units(const S* grad_out, const S* q, const S* k, const S* v, const T* probs,
-                              S* dq, T* dk, T* dv, T* drpb, Shape s, Layout lg, Layout lq, Layout lkv, Layout ldq,
-                              Geometry g, T scale, int64_t begin, int64_t end) {
+                              S* dq, T* dk, T* dv, S* dk_out, S* dv_out, T* drpb, Shape s, Layout lg, Layout lq,
+                              Layout lkv, Layout ldq, Layout ldkv, Geometry g, T scale, int64_t begin,
+                              int64_t end) {
   const int64_t kk = g.kernel, taps = kk * kk, span = 2 * kk - 1, D = kD > 0 ? kD : s.D;
   Scratch<T> scratch(taps, D);
   std::vector<T> placement_grads(drpb ? kk * kk * padded_taps(taps) : 0);
+  const bool plane_sums = dk_out != nullptr;
+  std::vector<T> plane_dk(plane_sums ? s.H * s.W * D : 0), plane_dv(plane_dk.size());
   for (int64_t u = begin; u < end; ++u) {
     const int64_t b = u / s.heads, h = u % s.heads, plane = lkv.offset(b, 0, 0, h);
     std::fill(placement_grads.begin(), placement_grads.end(), T(0));
+    T* dk_plane = plane_sums ? plane_dk.data() : dk + plane;
+    T* dv_plane = plane_sums ? plane_dv.data() : dv + plane;
+    if (plane_sums) {
+      std::fill(plane_dk.begin(), plane_dk.end(), T(0));
+      std::fill(plane_dv.begin(), plane_dv.end(), T(0));
+    }
     for (int64_t i = 0; i < s.H; ++i) {
       for (int64_t j = 0; j < s.W; ++j) {
         const S* qp = q + lq.offset(b, i, j, h);
         const S* gp = grad_out + lg.offset(b, i, j, h);
         const T* query_probs = probs + s.query_index(b, h, i, j) * taps;
-        const int64_t window = plane + window_origin(lkv, g, i, j);
+        const int64_t origin = window_origin(lkv, g, i, j), window = plane + origin;
         T* dlogits = scratch.second.data();
         window_dots<S, kD>(gp, v + window, g.tap_offsets, taps, D, dlogits);  // dP
         // Softmax backward: dlogit_t = p_t (dP_t - sum_u p_u dP_u); the sum is dO . O, taken here from
         // what is at hand instead of from the output (one pass fewer over dO and O).
-        T row_delta = 0;
-        for (int64_t t = 0; t < taps; ++t) row_delta += query_probs[t] * dlogits[t];
+        const T row_delta = tap_dot<S, kD>(query_probs, dlogits, taps);
         for (int64_t t = 0; t < taps; ++t) dlogits[t] = query_probs[t] * (dlogits[t] - row_delta);
         if (drpb) {
           T* placement = placement_grads.data() + bias_placement(g, i, j);
           for (int64_t t = 0; t < taps; ++t) placement[t] += dlogits[t];
         }
         for (int64_t t = 0; t < taps; ++t) dlogits[t] *= scale;
-        query_gradients<S, kD>(qp, gp, k + window, dk + window, dv + window, g.tap_offsets, query_probs,
-                               dlogits, taps, D, dq + ldq.offset(b, i, j, h), scratch.row.data());
+        query_gradients<S, kD>(qp, gp, k + window, dk_plane + origin, dv_plane + origin, g.tap_offsets,
+                               query_probs, dlogits, taps, D, dq + ldq.offset(b, i, j, h), scratch.row.data());
       }
     }
     if (drpb) add_placements_to_plane(placement_grads.data(), kk, drpb + u * span * span);
-  }
-}
-
-// Rows [begin, end) of dim values summed in Acc<S> (in load_chunk's order on the vector path: dk, dv)
-// written to `out` in S.
-template <typename S, int kD, typename T = Acc<S>>
-NA_CLONES void sums_to_storage(const T* sums, S* out, int64_t dim, int64_t begin, int64_t end) {
-  if constexpr (kVectorPath<S, kD>) {
-    constexpr int kChunks = kD / 8;
-    v8f chunks[kChunks];
-    for (int64_t r = begin; r < end; ++r) {
-      for (int c = 0; c < kChunks; ++c) chunks[c] = load8(sums + r * kD + 8 * c);
-      store_row<S, kChunks>(out + r * kD, chunks);
+    if (plane_sums) {
+      for (int64_t i = 0; i < s.H; ++i) {
+        for (int64_t j = 0; j < s.W; ++j) {
+          const int64_t row = i * s.W + j, at = ldkv.offset(b, i, j, h);
+          row_to_storage<S, kD>(plane_dk.data() + row * D, dk_out + at, D);
+          row_to_storage<S, kD>(plane_dv.data() + row * D, dv_out + at, D);
+        }
+      }
     }
-  } else {
-    for (int64_t n = begin * dim; n < end * dim; ++n) out[n] = S(sums[n]);
   }
 }
 
@@ -552,11 +618,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_backward(
               "probs must be the forward's saved probabilities (forward with save_probs=True)");
   const auto offsets = tap_offsets(kernel_size, dilation, layout_of(k));
   const Geometry g = geometry_of(row_start, col_start, row_bias, col_bias, kernel_size, dilation, offsets);
-  auto dq = at::empty_like(q);  // each in its input's layout; dk, dv summed in Acc (as k's strides)
-  auto dk_sums = at::zeros_like(k, acc_options);
-  auto dv_sums = at::zeros_like(v, acc_options);
-  auto dk = acc_options.dtype() == k.dtype() ? dk_sums : at::empty_like(k);
-  auto dv = acc_options.dtype() == v.dtype() ? dv_sums : at::empty_like(v);
+  // dk, dv are summed in Acc: per plane in each thread's buffer (bfloat16 in per-head planes), into
+  // themselves (float, double), or else in float tensors laid out like k and rounded after. dq, and
+  // dk, dv when summed per plane, come out (B, H, W, heads, D) contiguous whatever the inputs' layout:
+  // in NAT the autograd of unbind stacks them into the qkv projection's gradient, a copy of whole
+  // heads*D pixel rows from this layout rather than of D-element rows from per-head planes (NA's
+  // backward with that stack 0.82x-1.10x the time, median ~0.95x over NAT's four map sizes, bf16).
+  const bool widened = acc_options.dtype() != k.dtype();
+  const bool plane_sums = widened && k.stride(2) == s.D && k.stride(1) == s.W * s.D;
+  auto dq = at::empty(q.sizes(), q.options());
+  auto dk_sums = plane_sums ? at::Tensor() : at::zeros_like(k, acc_options);
+  auto dv_sums = plane_sums ? at::Tensor() : at::zeros_like(v, acc_options);
+  auto dk = plane_sums ? at::empty(k.sizes(), k.options()) : widened ? at::empty_like(k) : dk_sums;
+  auto dv = plane_sums ? at::empty(v.sizes(), v.options()) : widened ? at::empty_like(v) : dv_sums;
   auto drpb_per_unit = rpb_grad ? at::zeros({s.B, s.heads, span, span}, acc_options) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "na2d_backward", [&] {
     using acc_t = Acc<scalar_t>;
@@ -566,11 +640,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_backward(
         backward_units<scalar_t, decltype(head_dim)::value>(
             grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
             v.data_ptr<scalar_t>(), probs.data_ptr<acc_t>(),
-            dq.data_ptr<scalar_t>(), dk_sums.data_ptr<acc_t>(), dv_sums.data_ptr<acc_t>(), drpb, s,
-            layout_of(grad_out), layout_of(q), layout_of(k), layout_of(dq), g,
-            static_cast<acc_t>(scale), begin, end);
+            dq.data_ptr<scalar_t>(), plane_sums ? nullptr : dk_sums.data_ptr<acc_t>(),
+            plane_sums ? nullptr : dv_sums.data_ptr<acc_t>(), plane_sums ? dk.data_ptr<scalar_t>() : nullptr,
+            plane_sums ? dv.data_ptr<scalar_t>() : nullptr, drpb, s, layout_of(grad_out), layout_of(q),
+            layout_of(k), layout_of(dq), layout_of(dk), g, static_cast<acc_t>(scale), begin, end);
       });
       if constexpr (!std::is_same_v<scalar_t, acc_t>) {  // dk, dv are dense: numel / D rows of D
+        if (plane_sums) return;
         at::parallel_for(0, k.numel() / s.D, 64, [&](int64_t begin, int64_t end) {
           constexpr int kD = decltype(head_dim)::value;
           sums_to_storage<scalar_t, kD>(dk_sums.data_ptr<acc_t>(), dk.data_ptr<scalar_t>(), s.D, begin, end);
