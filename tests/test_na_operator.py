@@ -431,10 +431,13 @@ def test_inference_mode_first_call_does_not_poison_training(backend):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "auto"])
-def test_module_compiles_to_one_graph_and_matches_eager(backend):
+def test_module_compiles_to_one_graph_and_matches_eager(backend, tmp_path, monkeypatch):
     """torch.compile traces the module in one graph (fullgraph: no break at the backend choice, whose
     checks once broke every NA layer into its own graph), through the kernel's fake ops; outputs and
     grads agree with eager."""
+    # A fresh inductor cache: its keys don't cover the C++ kernel's fake ops, so a graph cached from an
+    # earlier version of the kernel (another checkout on this machine) would be served.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     torch.manual_seed(0)
     attn = NeighborhoodAttention2D(32, 2, 5, backend=backend)
     x = torch.randn(2, 12, 11, 32)
