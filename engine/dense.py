@@ -622,6 +622,9 @@ def run(args) -> int:
     from engine.run_log import setup_logging
 
     try:
+        if args.report or args.draw:
+            print(report(args.report) if args.report else draw_predictions(args.draw))
+            return 0
         resume_ckpt = None
         if args.resume:
             from engine.checkpoint import load_checkpoint
@@ -661,3 +664,155 @@ def run(args) -> int:
     except user_errors() as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return EXIT_ERROR
+
+
+# ---------------------------------------------------------------- comparison report, pictures
+
+
+def _load_run(run_dir: Path):
+    """(model with the run's best weights, config, task, val dataset, class names) of a finished run."""
+    from engine.checkpoint import load_checkpoint
+
+    ckpt_path = run_dir / "model_best.pth.tar"
+    ckpt = load_checkpoint(ckpt_path if ckpt_path.is_file() else run_dir)
+    if not isinstance(ckpt, dict) or ckpt.get("task") not in TASKS:
+        raise CheckpointError(f"'{run_dir}' is not a dense run folder; give a run folder of scripts/dense.py")
+    cfg, task = ckpt["config"], ckpt["task"]
+    _, val_set, names = build_data(cfg, task)
+    model, _ = build_model(cfg, task, len(names))
+    if task == "segmentation":
+        model = _Normalise(model, cfg["data"]["mean"], cfg["data"]["std"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), cfg, task, val_set, names
+
+
+@torch.no_grad()
+def draw_predictions(run_dir, out=None, count: int = 6, min_score: float = 0.5) -> Path:
+    """A PNG of a run's predictions on its first `count` val images: the images, the ground truth and
+    the prediction (detection: masks and boxes with class and score; segmentation: the class map)."""
+    from PIL import Image, ImageDraw
+
+    run_dir = Path(run_dir)
+    model, cfg, task, val_set, names = _load_run(run_dir)
+    palette = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
+                        [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60],
+                        [250, 190, 212], [0, 128, 128], [220, 190, 255]], dtype=np.uint8)  # fmt: skip
+    scale = 4
+    rows = []
+    for i in range(min(count, len(val_set))):
+        image, target = val_set[i]
+        rgb = (image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        panels = [rgb]
+        if task == "detection":
+            pred = model([image])[0]
+            keep = pred["scores"] >= min_score
+            truth = {
+                "masks": target["masks"],
+                "boxes": target["boxes"],
+                "labels": target["labels"],
+                "scores": None,
+            }
+            found = {k: v[keep] for k, v in pred.items()}
+            for det in (truth, found):
+                canvas = rgb.copy()
+                for j, label in enumerate(det["labels"].tolist()):
+                    m = det["masks"][j].squeeze(0).numpy() > 0.5
+                    canvas[m] = (0.45 * canvas[m] + 0.55 * palette[label % len(palette)]).astype(np.uint8)
+                big = Image.fromarray(canvas).resize((canvas.shape[1] * scale,) * 2, Image.NEAREST)
+                draw = ImageDraw.Draw(big)
+                for j, (box, label) in enumerate(
+                    zip(det["boxes"].tolist(), det["labels"].tolist(), strict=True)
+                ):
+                    colour = tuple(int(c) for c in palette[label % len(palette)])
+                    draw.rectangle([v * scale for v in box], outline=colour, width=2)
+                    text = names[label - 1] + ("" if det["scores"] is None else f" {det['scores'][j]:.2f}")
+                    draw.text((box[0] * scale + 2, box[1] * scale + 1), text, fill=(255, 255, 255))
+                panels.append(np.asarray(big))
+        else:
+            pred = model(image[None]).argmax(1)[0].numpy()
+            panels += [palette[target.clamp(max=len(palette) - 1).numpy()], palette[pred % len(palette)]]
+        size = rgb.shape[0] * scale
+        row = [np.asarray(Image.fromarray(p).resize((size, size), Image.NEAREST)) for p in panels]
+        rows.append(np.concatenate(row, axis=1))
+    out = Path(out) if out else run_dir / "predictions.png"
+    Image.fromarray(np.concatenate(rows, axis=0)).save(out)
+    return out
+
+
+def report(out_dir) -> Path:
+    """Tabulate the runs under `out_dir` (folders `<task>-<label>-s<seed>` with results.json): per task
+    and label the mean (and min..max over seeds) of the metrics, params, FLOPs, img/s; learning curves.
+    Writes OUT/dense_comparison.{md,json} and OUT/learning_curves.png; returns the .md path."""
+    import csv
+    import re
+    from collections import defaultdict
+
+    from engine.bench import plot_panels
+
+    out_dir = Path(out_dir)
+    runs = defaultdict(list)
+    for results in sorted(out_dir.glob("*/results.json")):
+        match = re.fullmatch(r"(detection|segmentation)-(.+)-s(\d+)", results.parent.name)
+        if match:
+            runs[match[1], match[2]].append((int(match[3]), json.loads(results.read_text()), results.parent))
+    if not runs:
+        raise ConfigError(f"no finished runs (<task>-<label>-s<seed>/results.json) under {out_dir}")
+    metrics = {
+        "detection": ["box_AP", "box_AP50", "mask_AP", "mask_AP50"],
+        "segmentation": ["mIoU", "pixel_acc"],
+    }
+    lines, table, curves = [], [], {task: {} for task in TASKS}
+    for task in TASKS:
+        rows = [(label, seeds) for (t, label), seeds in runs.items() if t == task]
+        if not rows:
+            continue
+        cols = [
+            *metrics[task],
+            "backbone params",
+            "params",
+            "backbone GFLOPs",
+            "GFLOPs",
+            "train img/s",
+            "eval img/s",
+        ]
+        lines += [
+            f"\n**{task}**\n",
+            "| backbone | seeds | " + " | ".join(cols) + " |",
+            "|---" * (len(cols) + 2) + "|",
+        ]
+        for label, seeds in rows:
+            res = [r for _, r, _ in seeds]
+
+            def cell(key, fmt="{:.1f}", res=res):
+                values = [r[key] for r in res if r.get(key) is not None]
+                if not values:
+                    return "-"
+                text = fmt.format(float(np.mean(values)))
+                return text + (
+                    f" ({fmt.format(min(values))}..{fmt.format(max(values))})" if len(values) > 1 else ""
+                )
+
+            cells = [cell(k) for k in metrics[task]]
+            cells += [f"{res[0]['backbone_params'] / 1e6:.2f}M", f"{res[0]['params'] / 1e6:.2f}M"]
+            cells += [f"{res[0].get('backbone_flops', 0) / 1e9:.3f}", f"{res[0].get('flops', 0) / 1e9:.3f}"]
+            cells += [cell("train_img_per_sec"), cell("eval_img_per_sec")]
+            lines.append(f"| {label} | {','.join(str(s) for s, _, _ in seeds)} | " + " | ".join(cells) + " |")
+            table.append({"task": task, "label": label, "seeds": [s for s, _, _ in seeds], "results": res})
+            seed, _, run_dir = min(seeds, key=lambda s: s[0])
+            with open(run_dir / "summary.csv") as f:
+                key = "box_AP50" if task == "detection" else "mIoU"
+                curves[task][label] = [
+                    (int(r["epoch"]), float(r[key])) for r in csv.DictReader(f) if r.get(key)
+                ]
+    md = out_dir / "dense_comparison.md"
+    md.write_text("\n".join(lines).lstrip() + "\n")
+    (out_dir / "dense_comparison.json").write_text(json.dumps(table, indent=1) + "\n")
+    panels = [
+        [
+            (f"{t}: val {'box AP50' if t == 'detection' else 'mIoU'} (seed 0)", curves[t])
+            for t in TASKS
+            if curves[t]
+        ]
+    ]
+    plot_panels(panels, out_dir / "learning_curves.png", "epoch", "percent")
+    return md

@@ -6,6 +6,8 @@
         --backbone nat_mini --pretrained runs/demo/nat
     python scripts/dense.py --task segmentation --config configs/dense_segmentation.yaml --quick
     python scripts/dense.py --resume runs/dense/RUN        # continue a stopped run
+    python scripts/dense.py --draw runs/dense/RUN          # RUN/predictions.png: boxes, masks on val images
+    python scripts/dense.py --report runs/dense-compare    # table, learning curves of its runs
 
 Real data: data.layout=folders with data.root and the COCO (instances_*.json) / ADE20K-style
 (images/, annotations/) paths under it; see engine/dense.py's DEFAULTS for every key.
@@ -29,13 +31,15 @@ def main(argv=None) -> int:
     p.add_argument("--backbone", help="= backbone.name=NAME (any timm model with features_only)")
     p.add_argument("--pretrained", help="= backbone.checkpoint=PATH: a classification checkpoint of train.py")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last epoch")
+    p.add_argument("--draw", metavar="RUN", help="draw a finished run's predictions on val images")
+    p.add_argument("--report", metavar="DIR", help="tabulate and plot the finished runs under DIR")
     p.add_argument("--quick", action="store_true", help="a tiny run end to end (CI): 48 images, 2 epochs")
     p.add_argument(
         "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config overrides"
     )
     args = p.parse_args(argv)
-    if not args.task and not args.resume:
-        p.error("--task detection|segmentation is required (or --resume RUN)")
+    if not (args.task or args.resume or args.draw or args.report):
+        p.error("--task detection|segmentation is required (or --resume / --draw / --report)")
     return dense.run(args)
 
 

@@ -227,23 +227,12 @@ def test_quick_run_end_to_end_learns(task, tmp_path):
     script = load_entry_point("scripts/dense.py")
     out = tmp_path / "runs"
     config = f"configs/dense_{task}.yaml"
-    args = [
-        "--task",
-        task,
-        "--config",
-        config,
-        "--quick",
-        "--set",
-        f"train.output={out}",
-        "train.experiment=q",
-    ]
-    args += [f"data.root={tmp_path / 'data'}", "sched.epochs=3"]
+    args = ["--task", task, "--config", config, "--quick", "--set", f"train.output={out}"]
+    args += [f"train.experiment={task}-nat-s0", f"data.root={tmp_path / 'data'}", "sched.epochs=3"]
     assert script.main(args) == 0
-    run = out / "q"
+    run = out / f"{task}-nat-s0"
     results = json.loads((run / "results.json").read_text())
-    history = [
-        json.loads(json.dumps(r)) for r in torch.load(run / "last.pth.tar", weights_only=True)["history"]
-    ]
+    history = torch.load(run / "last.pth.tar", weights_only=True)["history"]
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert history[-1]["loss"] < history[0]["loss"]  # it learns
     assert results["flops"] > results["backbone_flops"] > 0 and results["params"] > results["backbone_params"]
@@ -255,3 +244,10 @@ def test_quick_run_end_to_end_learns(task, tmp_path):
     # resuming a finished run trains nothing more and keeps its results
     assert script.main(["--resume", str(run)]) == 0
     assert json.loads((run / "results.json").read_text())["epoch"] == 3
+    # the comparison table and the picture of predictions (6 val images: image, truth, prediction)
+    assert script.main(["--report", str(out)]) == 0
+    table = (out / "dense_comparison.md").read_text()
+    metric = results["box_AP50"] if task == "detection" else results["mIoU"]
+    assert "| nat | 0 |" in table and f"{metric:.1f}" in table and (out / "learning_curves.png").is_file()
+    assert script.main(["--draw", str(run)]) == 0
+    assert Image.open(run / "predictions.png").size == (3 * 256, 6 * 256)
