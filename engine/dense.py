@@ -623,7 +623,7 @@ def run(args) -> int:
 
     try:
         if args.report or args.draw:
-            print(report(args.report) if args.report else draw_predictions(args.draw))
+            print(report(args.report, args.speed_rounds) if args.report else draw_predictions(args.draw))
             return 0
         resume_ckpt = None
         if args.resume:
@@ -739,10 +739,46 @@ def draw_predictions(run_dir, out=None, count: int = 6, min_score: float = 0.5) 
     return out
 
 
-def report(out_dir) -> Path:
+def interleaved_speeds(run_dirs: dict, rounds: int, batch: int = 8) -> dict:
+    """{name: {"train": img/s, "infer": img/s}} of finished runs, timed in interleaved rounds
+    (engine/bench.py: every model once per round, seconds apart, so a busy shared CPU slows all
+    alike): a train step (forward + backward on `batch` training images) and inference on `batch`
+    val images; the median over rounds."""
+    from engine.bench import interleaved_rounds
+
+    steps = {}
+    for name, run_dir in run_dirs.items():
+        model, cfg, task, val_set, _ = _load_run(Path(run_dir))
+        train_set, _, _ = build_data(cfg, task)
+        images, targets = _collate([train_set[i] for i in range(batch)])
+        val_images = [val_set[i][0] for i in range(batch)]
+
+        def train_step(model=model, task=task, images=images, targets=targets):
+            model.train()
+            if task == "detection":
+                loss = sum(model(list(images), list(targets)).values())
+            else:
+                logits = model(torch.stack(images))
+                loss = torch.nn.functional.cross_entropy(logits, torch.stack(targets), ignore_index=255)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        @torch.no_grad()
+        def infer(model=model, task=task, val_images=val_images):
+            model.eval()
+            model(val_images if task == "detection" else torch.stack(val_images))
+
+        steps[f"{name}/train"], steps[f"{name}/infer"] = train_step, infer
+    times = interleaved_rounds(steps, rounds)
+    kinds = ("train", "infer")
+    return {name: {k: batch / float(np.median(times[f"{name}/{k}"])) for k in kinds} for name in run_dirs}
+
+
+def report(out_dir, speed_rounds: int = 0) -> Path:
     """Tabulate the runs under `out_dir` (folders `<task>-<label>-s<seed>` with results.json): per task
     and label the mean (and min..max over seeds) of the metrics, params, FLOPs, img/s; learning curves.
-    Writes OUT/dense_comparison.{md,json} and OUT/learning_curves.png; returns the .md path."""
+    Writes OUT/dense_comparison.{md,json} and OUT/learning_curves.png; returns the .md path.
+    `speed_rounds` > 0 adds img/s timed side by side (`interleaved_speeds`) of each seed-0 run."""
     import csv
     import re
     from collections import defaultdict
@@ -757,24 +793,20 @@ def report(out_dir) -> Path:
             runs[match[1], match[2]].append((int(match[3]), json.loads(results.read_text()), results.parent))
     if not runs:
         raise ConfigError(f"no finished runs (<task>-<label>-s<seed>/results.json) under {out_dir}")
-    metrics = {
-        "detection": ["box_AP", "box_AP50", "mask_AP", "mask_AP50"],
-        "segmentation": ["mIoU", "pixel_acc"],
-    }
+    first = {key: min(seeds, key=lambda s: s[0])[2] for key, seeds in runs.items()}
+    speeds = {}
+    if speed_rounds:
+        speeds = interleaved_speeds({f"{t}-{label}": d for (t, label), d in first.items()}, speed_rounds)
+    metrics = {"detection": ["box_AP", "box_AP50", "mask_AP", "mask_AP50"], "segmentation": ["mIoU"]}
     lines, table, curves = [], [], {task: {} for task in TASKS}
     for task in TASKS:
         rows = [(label, seeds) for (t, label), seeds in runs.items() if t == task]
         if not rows:
             continue
-        cols = [
-            *metrics[task],
-            "backbone params",
-            "params",
-            "backbone GFLOPs",
-            "GFLOPs",
-            "train img/s",
-            "eval img/s",
-        ]
+        cols = [*metrics[task], "backbone params", "params", "backbone GFLOPs", "GFLOPs"]
+        cols += ["train img/s", "eval img/s"] + (
+            ["train img/s side by side", "infer img/s side by side"] * bool(speeds)
+        )
         lines += [
             f"\n**{task}**\n",
             "| backbone | seeds | " + " | ".join(cols) + " |",
@@ -783,23 +815,23 @@ def report(out_dir) -> Path:
         for label, seeds in rows:
             res = [r for _, r, _ in seeds]
 
-            def cell(key, fmt="{:.1f}", res=res):
+            def cell(key, res=res):
                 values = [r[key] for r in res if r.get(key) is not None]
                 if not values:
                     return "-"
-                text = fmt.format(float(np.mean(values)))
-                return text + (
-                    f" ({fmt.format(min(values))}..{fmt.format(max(values))})" if len(values) > 1 else ""
-                )
+                spread = f" ({min(values):.1f}..{max(values):.1f})" if len(values) > 1 else ""
+                return f"{np.mean(values):.1f}{spread}"
 
             cells = [cell(k) for k in metrics[task]]
             cells += [f"{res[0]['backbone_params'] / 1e6:.2f}M", f"{res[0]['params'] / 1e6:.2f}M"]
             cells += [f"{res[0].get('backbone_flops', 0) / 1e9:.3f}", f"{res[0].get('flops', 0) / 1e9:.3f}"]
             cells += [cell("train_img_per_sec"), cell("eval_img_per_sec")]
+            if speeds:
+                cells += [f"{speeds[f'{task}-{label}'][k]:.1f}" for k in ("train", "infer")]
             lines.append(f"| {label} | {','.join(str(s) for s, _, _ in seeds)} | " + " | ".join(cells) + " |")
-            table.append({"task": task, "label": label, "seeds": [s for s, _, _ in seeds], "results": res})
-            seed, _, run_dir = min(seeds, key=lambda s: s[0])
-            with open(run_dir / "summary.csv") as f:
+            row = {"task": task, "label": label, "seeds": [s for s, _, _ in seeds], "results": res}
+            table.append(dict(row, side_by_side_img_per_sec=speeds.get(f"{task}-{label}")))
+            with open(first[task, label] / "summary.csv") as f:
                 key = "box_AP50" if task == "detection" else "mIoU"
                 curves[task][label] = [
                     (int(r["epoch"]), float(r[key])) for r in csv.DictReader(f) if r.get(key)
@@ -807,12 +839,14 @@ def report(out_dir) -> Path:
     md = out_dir / "dense_comparison.md"
     md.write_text("\n".join(lines).lstrip() + "\n")
     (out_dir / "dense_comparison.json").write_text(json.dumps(table, indent=1) + "\n")
-    panels = [
-        [
-            (f"{t}: val {'box AP50' if t == 'detection' else 'mIoU'} (seed 0)", curves[t])
-            for t in TASKS
-            if curves[t]
-        ]
-    ]
-    plot_panels(panels, out_dir / "learning_curves.png", "epoch", "percent")
+    titles = {
+        "detection": "detection: val box AP50 (seed 0)",
+        "segmentation": "segmentation: val mIoU (seed 0)",
+    }
+    plot_panels(
+        [[(titles[t], curves[t]) for t in TASKS if curves[t]]],
+        out_dir / "learning_curves.png",
+        "epoch",
+        "percent",
+    )
     return md

@@ -33,6 +33,9 @@ def main(argv=None) -> int:
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last epoch")
     p.add_argument("--draw", metavar="RUN", help="draw a finished run's predictions on val images")
     p.add_argument("--report", metavar="DIR", help="tabulate and plot the finished runs under DIR")
+    p.add_argument(
+        "--speed-rounds", type=int, default=0, help="with --report: also time the runs side by side"
+    )
     p.add_argument("--quick", action="store_true", help="a tiny run end to end (CI): 48 images, 2 epochs")
     p.add_argument(
         "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config overrides"
