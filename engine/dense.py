@@ -313,7 +313,7 @@ def build_model(cfg: dict, task: str, num_classes: int):
     d = cfg["data"]
     size = (d["img_size"], d["max_size"] or d["img_size"])
     build = dense.mask_rcnn if mcnn else dense.fcos
-    return build(fpn, num_classes + 1 if mcnn else num_classes, heads, size, d["mean"], d["std"]), name
+    return build(fpn, num_classes + 1, heads, size, d["mean"], d["std"]), name
 
 
 def _optimizer(model, cfg):

@@ -116,8 +116,9 @@ def mask_rcnn(fpn: TimmFPN, num_classes: int, heads: HeadSizes, image_size, mean
 
 
 def fcos(fpn: TimmFPN, num_classes: int, heads: HeadSizes, image_size, mean, std):
-    """torchvision FCOS (single stage, anchor-free) over `fpn` built with extra='p6p7'; `num_classes`
-    without background (FCOS scores each class with a sigmoid)."""
+    """torchvision FCOS (single stage, anchor-free) over `fpn` built with extra='p6p7'. `num_classes`
+    counts an unused class 0, as torchvision's COCO FCOS (91 = 90 + 1): labels index the sigmoid
+    class scores directly and start at 1."""
     from torchvision.models.detection import FCOS
     from torchvision.models.detection.fcos import FCOSHead
 

@@ -164,7 +164,8 @@ def test_fpn_adapter_feeds_mask_rcnn_and_fcos_at_a_non_square_size(name, kwargs,
         {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([1]),
          "masks": torch.zeros(1, 72, 52, dtype=torch.uint8)} for _ in images
     ]  # fmt: skip
-    for build, extra, classes in ((mask_rcnn, "pool", 3), (fcos, "p6p7", 2)):
+    for build, extra in ((mask_rcnn, "pool"), (fcos, "p6p7")):
+        classes = 3  # background / unused 0 + two classes: the label-1 target is class 1
         model = build(
             TimmFPN(body, 32, extra, pad),
             classes,
