@@ -180,11 +180,9 @@ def _light_colour(rng):
     return rng.uniform(_LIGHT_MIN, 255, size=3)
 
 
-def render_image(class_index, size, rng, class_names=None, polarity="any"):
-    """One H x W x 3 uint8 image whose main shape is `class_names[class_index]` (polarity: see above)."""
-    names = class_names or SHAPE_NAMES
-    light = polarity == "light"
-    # Background: a linear gradient between two random colours (dark ones for "light") at a random angle.
+def draw_background(size, rng, light=False):
+    """PIL RGB image: a linear gradient between two random colours (dark ones when `light`: the shapes
+    drawn on it are light) at a random angle, with 1-3 thin clutter lines (data/dense.py uses it too)."""
     c0, c1 = _random_colour(rng).astype(np.float32), _random_colour(rng).astype(np.float32)
     if light:
         c0, c1 = c0 * np.float32(_DARK_MAX), c1 * np.float32(_DARK_MAX)
@@ -192,11 +190,18 @@ def render_image(class_index, size, rng, class_names=None, polarity="any"):
     yy, xx = _grid(size)
     t = np.clip(0.5 + xx * np.float32(np.cos(theta)) + yy * np.float32(np.sin(theta)), 0, 1)[..., None]
     img = Image.fromarray(np.rint(c0 + (c1 - c0) * t).astype(np.uint8))
-    # Clutter: thin random lines.
     draw = ImageDraw.Draw(img)
     for _ in range(rng.integers(1, 4)):
         ends = [tuple(rng.uniform(0, size, 2)), tuple(rng.uniform(0, size, 2))]
         draw.line(ends, fill=_rgb(_random_colour(rng)))
+    return img
+
+
+def render_image(class_index, size, rng, class_names=None, polarity="any"):
+    """One H x W x 3 uint8 image whose main shape is `class_names[class_index]` (polarity: see above)."""
+    names = class_names or SHAPE_NAMES
+    light = polarity == "light"
+    img = draw_background(size, rng, light)
     # Distractors: smaller shapes of other classes, anywhere (may be cut by the border).
     others = [n for i, n in enumerate(names) if i != class_index]
     for _ in range(rng.integers(1, 3)):

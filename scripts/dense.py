@@ -1,0 +1,50 @@
+#!/usr/bin/env python3
+"""Detection (Mask R-CNN / FCOS) or semantic segmentation (UPerNet) over any timm backbone.
+
+    # the embedded shapes scene task, NAT from a classification checkpoint of train.py:
+    python scripts/dense.py --task detection --config configs/dense_detection.yaml \\
+        --backbone nat_mini --pretrained runs/demo/nat
+    python scripts/dense.py --task segmentation --config configs/dense_segmentation.yaml --quick
+    python scripts/dense.py --resume runs/dense/RUN        # continue a stopped run
+    python scripts/dense.py --draw runs/dense/RUN          # RUN/predictions.png: boxes, masks on val images
+    python scripts/dense.py --report runs/dense-compare    # table, learning curves of its runs
+
+Real data: data.layout=folders with data.root and the COCO (instances_*.json) / ADE20K-style
+(images/, annotations/) paths under it; see engine/dense.py's DEFAULTS for every key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine import dense  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=dense.TASKS, help="required unless --resume")
+    p.add_argument("--config", action="append", help="YAML config (repeat to compose)")
+    p.add_argument("--backbone", help="= backbone.name=NAME (any timm model with features_only)")
+    p.add_argument("--pretrained", help="= backbone.checkpoint=PATH: a classification checkpoint of train.py")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last epoch")
+    p.add_argument("--draw", metavar="RUN", help="draw a finished run's predictions on val images")
+    p.add_argument("--report", metavar="DIR", help="tabulate and plot the finished runs under DIR")
+    p.add_argument(
+        "--speed-rounds", type=int, default=0, help="with --report: also time the runs side by side"
+    )
+    p.add_argument("--quick", action="store_true", help="a tiny run end to end (CI): 48 images, 2 epochs")
+    p.add_argument(
+        "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config overrides"
+    )
+    args = p.parse_args(argv)
+    if not (args.task or args.resume or args.draw or args.report):
+        p.error("--task detection|segmentation is required (or --resume / --draw / --report)")
+    return dense.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

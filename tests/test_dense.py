@@ -1,0 +1,277 @@
+"""Dense prediction: the embedded task and its readers, the FPN adapter under torchvision's detectors,
+the metrics against hand-computed / pycocotools references, and scripts/dense.py end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_train import load_entry_point
+
+import models  # noqa: F401  (registers nat_*/dinat_* with timm)
+from configs import ConfigError
+from data import DataError
+from data.dense import CocoInstances, SemanticFolder, embedded_paths, generate_dense_dataset
+from engine import dense
+from engine.errors import CheckpointError
+
+DEMO_NAT = dict(embed_dim=32, depths=[2, 2, 2], num_heads=[2, 4, 8], mlp_ratio=3.0, kernel_size=[7, 3, 3])
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    return generate_dense_dataset(
+        tmp_path_factory.mktemp("dense") / "d", train_images=6, val_images=4, image_size=48
+    )
+
+
+def test_embedded_task_coco_and_semantic_layouts_agree(scenes, tmp_path):
+    paths = embedded_paths(scenes, "val")
+    coco = CocoInstances(paths["image_dir"], paths["ann_file"])
+    semantic = SemanticFolder(paths["image_dir"], paths["mask_dir"], num_classes=5)
+    assert len(coco) == len(semantic) == 4 and not coco.skipped and not semantic.skipped
+    for i in range(4):
+        image, target = coco[i]
+        image2, mask = semantic[i]
+        assert torch.equal(image, image2) and image.shape == (3, 48, 48)
+        assert 2 <= len(target["labels"]) <= 4
+        rebuilt = torch.zeros(48, 48, dtype=torch.int64)
+        for m, label, box in zip(target["masks"], target["labels"], target["boxes"], strict=True):
+            assert not (rebuilt[m.bool()] > 0).any()  # instances never overlap
+            rebuilt[m.bool()] = label
+            ys, xs = torch.nonzero(m, as_tuple=True)  # the box is the mask's extent (pixel edges)
+            assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        assert torch.equal(rebuilt, mask)
+    # deterministic: the same parameters write the same bytes
+    again = generate_dense_dataset(tmp_path / "again", train_images=6, val_images=4, image_size=48)
+    for rel in (
+        "images/validation/00003.png",
+        "annotations/instances_val.json",
+        "annotations/training/00005.png",
+    ):
+        assert (again / rel).read_bytes() == (scenes / rel).read_bytes()
+
+
+def _coco_folder(tmp_path, annotations, size=(40, 30)):
+    w, h = size
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (w, h)).save(tmp_path / "img" / "a.png")
+    ann = {
+        "images": [{"id": 1, "file_name": "a.png", "width": w, "height": h}],
+        "categories": [{"id": 3, "name": "disk"}, {"id": 7, "name": "star"}],
+        "annotations": [dict(a, id=i + 1, image_id=1) for i, a in enumerate(annotations)],
+    }
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    return tmp_path / "img", tmp_path / "ann.json"
+
+
+def test_bad_annotations_are_skipped_and_counted_broken_folders_are_one_error(tmp_path):
+    poly = [[5, 5, 15, 5, 15, 12, 5, 12]]
+    good = {"category_id": 7, "bbox": [5, 5, 10, 7], "segmentation": poly, "iscrowd": 0}
+    bad = [
+        dict(good, category_id=99),  # unknown category
+        dict(good, bbox=[5, 5, 0, 7]),  # empty box
+        dict(good, bbox=[50, 5, 4, 4]),  # outside the 40 x 30 image
+        dict(good, segmentation={"size": [10, 10], "counts": "a"}),  # mask of another size
+    ]
+    ds = CocoInstances(*_coco_folder(tmp_path, [good, *bad]))
+    assert dict(ds.skipped) == {
+        "unknown category": 1,
+        "empty or degenerate box": 1,
+        "box outside its image": 1,
+        "mask size mismatch": 1,
+    }
+    assert "skipped 4 annotations" in ds.skipped_line()
+    _, target = ds[0]
+    assert target["labels"].tolist() == [2]  # category 7 is the second category: label 2
+    assert target["boxes"].tolist() == [[5, 5, 15, 12]] and target["masks"].shape == (1, 30, 40)
+    (tmp_path / "img" / "a.png").unlink()
+    with pytest.raises(DataError, match="image 'a.png' .* not found"):
+        CocoInstances(tmp_path / "img", tmp_path / "ann.json")
+    # semantic folders: a mask of another size, an image without a mask
+    img, masks = tmp_path / "s" / "images", tmp_path / "s" / "annotations"
+    img.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    for name, msize in (("ok", (8, 8)), ("wrong", (4, 8)), ("nomask", None)):
+        Image.new("RGB", (8, 8)).save(img / f"{name}.png")
+        if msize:
+            Image.fromarray(np.full(msize[::-1], 9, dtype=np.uint8)).save(masks / f"{name}.png")
+    seg = SemanticFolder(img, masks, num_classes=5)
+    assert len(seg) == 1 and dict(seg.skipped) == {"mask size mismatch": 1, "image without mask": 1}
+    assert (seg[0][1] == 255).all()  # value 9 >= 5 classes: ignored pixels
+    with pytest.raises(DataError, match="no image"):
+        SemanticFolder(img, tmp_path / "none", num_classes=5)
+
+
+def test_coco_ap_of_ground_truth_is_100_and_a_missed_object_lowers_it(scenes):
+    paths = embedded_paths(scenes, "val")
+    ds = CocoInstances(paths["image_dir"], paths["ann_file"])
+    gt = ds.coco_gt
+    as_results = [
+        {k: a[k] for k in ("image_id", "category_id", "bbox", "segmentation")} | {"score": 1.0}
+        for a in gt["annotations"]
+    ]
+    for iou_type in ("bbox", "segm"):
+        assert dense.coco_ap(gt, as_results, iou_type) == {"AP": 100.0, "AP50": 100.0, "AP75": 100.0}
+    # drop one object: its category's recall stops short of 1, the other categories stay at 100
+    categories = {a["category_id"] for a in gt["annotations"]}
+    ap = dense.coco_ap(gt, as_results[1:], "bbox")["AP50"]
+    assert 100 * (len(categories) - 1) / len(categories) < ap < 100
+
+
+def test_miou_matches_a_hand_computation():
+    target = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 255, 255]])
+    pred = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 2], [2, 0, 0, 1]])
+    conf = dense.confusion_matrix(pred, target, num_classes=4)
+    # class 0: 3 hits, true 4, predicted 4 -> 3/5; class 1: 3 hits, true 4, pred 4 -> 3/5;
+    # class 2: 1 hit, true 2, pred 2 -> 1/3; class 3 absent everywhere -> left out of the mean
+    assert conf.sum() == 10
+    mean, per_class = dense.miou(conf)
+    assert per_class[:3] == pytest.approx([3 / 5, 3 / 5, 1 / 3]) and np.isnan(per_class[3])
+    assert mean == pytest.approx(100 * (3 / 5 + 3 / 5 + 1 / 3) / 3)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, pad",
+    [
+        ("nat_mini", DEMO_NAT, 1),
+        ("dinat_mini", dict(DEMO_NAT, dilations=[[1, 2], [1, 2], [1, 1]]), 1),
+        ("swin_tiny_patch4_window7_224", dict(img_size=64, window_size=4, embed_dim=32, depths=[2, 2, 2],
+                                              num_heads=[2, 4, 8], strict_img_size=False), 16),
+        ("convnext_atto", dict(dims=[32, 64, 128, 256], depths=[2, 2, 2, 0]), 1),
+    ],
+)  # fmt: skip
+def test_fpn_adapter_feeds_mask_rcnn_and_fcos_at_a_non_square_size(name, kwargs, pad):
+    import timm
+
+    from models.dense import HeadSizes, TimmFPN, fcos, mask_rcnn
+
+    torch.manual_seed(0)
+    body = timm.create_model(name, features_only=True, out_indices=(0, 1, 2), **kwargs)
+    fpn = TimmFPN(body, 32, "pool", pad)
+    x = torch.randn(1, 3, 72, 52)  # not a multiple of 32, not square
+    maps = fpn(x)
+    assert list(maps) == ["0", "1", "2", "pool"] and fpn.out_channels == 32
+    feats = body(torch.nn.functional.pad(x, (0, -52 % pad, 0, -72 % pad)))
+    for level, f in zip(("0", "1", "2"), feats, strict=True):
+        hw = f.shape[1:3] if fpn.nhwc else f.shape[2:]  # Swin's maps are NHWC: permuted by the adapter
+        assert maps[level].shape == (1, 32, *hw)
+    images = [torch.rand(3, 72, 52), torch.rand(3, 72, 52)]
+    targets = [
+        {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([1]),
+         "masks": torch.zeros(1, 72, 52, dtype=torch.uint8)} for _ in images
+    ]  # fmt: skip
+    for build, extra in ((mask_rcnn, "pool"), (fcos, "p6p7")):
+        classes = 3  # background / unused 0 + two classes: the label-1 target is class 1
+        model = build(
+            TimmFPN(body, 32, extra, pad),
+            classes,
+            HeadSizes(fpn_channels=32),
+            (72, 72),
+            [0.5] * 3,
+            [0.25] * 3,
+        )
+        losses = model(images, targets)
+        sum(losses.values()).backward()
+        assert all(torch.isfinite(v) for v in losses.values())
+        model.eval()
+        with torch.no_grad():
+            out = model([images[0]])[0]
+        assert (out["boxes"][:, 2] <= 52).all() and (out["boxes"][:, 3] <= 72).all()
+
+
+def test_pretrained_backbone_carries_the_classification_weights(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    classifier = timm.create_model("nat_mini", num_classes=10, **DEMO_NAT)
+    ckpt = {
+        "arch": "nat_mini",
+        "model_kwargs": DEMO_NAT,
+        "num_classes": 10,
+        "state_dict": classifier.state_dict(),
+    }
+    torch.save(ckpt, tmp_path / "c.pth.tar")
+    cfg = dense.load_dense_config(
+        [], [f"backbone.checkpoint={tmp_path / 'c.pth.tar'}", "backbone.drop_path_rate=0"]
+    )
+    body, name, kwargs, levels = dense.build_backbone(cfg["backbone"])
+    assert name == "nat_mini" and levels == [0, 1, 2] and kwargs["depths"] == [2, 2, 2]
+    reference = dict(classifier.named_parameters())
+    params = dict(body.named_parameters())
+    assert len(params) == len(reference) - 4  # everything but the classifier's norm and head
+    for key, value in params.items():
+        assert torch.equal(value, reference[key.removeprefix("model.")]), key
+    # weights of another width: one CheckpointError line
+    cfg["backbone"]["kwargs"] = {"embed_dim": 48}
+    with pytest.raises(CheckpointError, match="does not fit backbone 'nat_mini'"):
+        dense.build_backbone(cfg["backbone"])
+
+
+def test_config_unknown_key_names_the_nearest(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="'detection.box_heads'.*did you mean 'detection.box_head'"):
+        dense.load_dense_config([], ["detection.box_heads=128"])
+    with pytest.raises(ConfigError, match="must be one of"):
+        dense.load_dense_config([], ["detection.detector=yolo"])
+    script = load_entry_point("scripts/dense.py")
+    assert script.main(["--task", "detection", "--set", "optim.lrr=1", f"train.output={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown config key 'optim.lrr'") and len(err.strip().splitlines()) == 1
+
+
+# ~10 s (detection) and ~3 s (segmentation) on the quiet 2-core Xeon; 55 s / 17 s with five other jobs
+@pytest.mark.parametrize("task", dense.TASKS)
+def test_quick_run_end_to_end_learns(task, tmp_path):
+    """--quick: data generated, trained, scored with pycocotools / mIoU, checkpointed, resumable."""
+    script = load_entry_point("scripts/dense.py")
+    out = tmp_path / "runs"
+    config = f"configs/dense_{task}.yaml"
+    args = ["--task", task, "--config", config, "--quick", "--set", f"train.output={out}"]
+    args += [f"train.experiment={task}-nat-s0", f"data.root={tmp_path / 'data'}", "sched.epochs=3"]
+    assert script.main(args) == 0
+    run = out / f"{task}-nat-s0"
+    results = json.loads((run / "results.json").read_text())
+    history = torch.load(run / "last.pth.tar", weights_only=True)["history"]
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert history[-1]["loss"] < history[0]["loss"]  # it learns
+    assert results["flops"] > results["backbone_flops"] > 0 and results["params"] > results["backbone_params"]
+    if task == "detection":
+        assert {"box_AP", "box_AP50", "mask_AP"} <= set(results) and results["box_AP50"] > 0
+    else:
+        assert results["mIoU"] > 100 / 5  # above a constant prediction of the background
+    assert (run / "tb").is_dir() and (run / "summary.csv").read_text().count("\n") == 4
+    # resuming a finished run trains nothing more and keeps its results
+    assert script.main(["--resume", str(run)]) == 0
+    assert json.loads((run / "results.json").read_text())["epoch"] == 3
+    # the comparison table and the picture of predictions (6 val images: image, truth, prediction)
+    assert script.main(["--report", str(out)]) == 0
+    table = (out / "dense_comparison.md").read_text()
+    metric = results["box_AP50"] if task == "detection" else results["mIoU"]
+    assert "| nat | 0 |" in table and f"{metric:.1f}" in table and (out / "learning_curves.png").is_file()
+    assert script.main(["--draw", str(run)]) == 0
+    assert Image.open(run / "predictions.png").size == (3 * 256, 6 * 256)
+
+
+def test_resume_continues_a_stopped_run_from_its_last_epoch(tmp_path):
+    """A run stopped after epoch 1 of 2 (its checkpoint says 2 epochs) resumes at epoch 2, keeps its
+    history and its update count."""
+    script = load_entry_point("scripts/dense.py")
+    args = ["--task", "segmentation", "--config", "configs/dense_segmentation.yaml", "--quick", "--set"]
+    args += [
+        f"train.output={tmp_path}",
+        "train.experiment=r",
+        f"data.root={tmp_path / 'data'}",
+        "sched.epochs=1",
+    ]
+    assert script.main(args) == 0
+    last = tmp_path / "r" / "last.pth.tar"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["config"]["sched"]["epochs"] = 2  # as if stopped after the first of two epochs
+    torch.save(ckpt, last)
+    assert script.main(["--resume", str(tmp_path / "r")]) == 0
+    history = torch.load(last, weights_only=True)["history"]
+    assert [(r["epoch"], r["step"]) for r in history] == [(1, 6), (2, 12)]  # 48 images / batch 8 per epoch
+    assert history[0] == ckpt["history"][0]
