@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.trainer import train
+from engine.train_command import train
 
 SHORTCUTS = [  # (flags, config key, argparse kwargs): timm train.py-style flags
     (("--model",), "model.name", {}),

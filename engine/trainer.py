@@ -3,7 +3,8 @@ epoch (train one epoch, validate, log, save), stoppable and resumable at any opt
 
 Owns the order in which things are built and RNG is consumed (model init, loaders, EMA...), which
 an exact resume depends on: `Run.__init__` lists the build steps in that order; a resumed run puts
-the saved RNG states back last. `train(...)` is the command behind train.py.
+the saved RNG states back last. The lr schedule and what a resume does to it: engine/resume.py;
+train.py's command (`train(...)`): engine/train_command.py.
 """
 
 from __future__ import annotations
@@ -24,23 +25,18 @@ import torch.nn as nn
 
 import configs
 from configs import ConfigError
-from engine.checkpoint import (
-    CHECKPOINT_FORMAT,
-    extract_state_dict,
-    load_checkpoint,
-    load_model_weights,
-    make_saver_class,
-)
-from engine.errors import (
-    EXIT_ERROR,
-    EXIT_INTERRUPTED,
-    CheckpointError,
-    TrainingError,
-    first_line,
-    user_errors,
-)
+from engine.checkpoint import extract_state_dict, load_checkpoint, load_model_weights, make_saver_class
+from engine.errors import EXIT_INTERRUPTED, CheckpointError, TrainingError
 from engine.factory import check_model_name, create_model, data_build_config, unwrap
-from engine.run_log import RunLog, close_log_file, fmt_time, log_to_file, setup_logging
+from engine.resume import (
+    build_scheduler,
+    position,
+    restore_schedule,
+    schedule_record,
+    schedule_step,
+    scheduled_lr,
+)
+from engine.run_log import RunLog, close_log_file, fmt_time, setup_logging
 from engine.sampling import EvalShard, ResumableSampler, SampleSeededDataset, rng_state, set_rng_state
 
 _logger = logging.getLogger("train")
@@ -412,96 +408,26 @@ class Run:
 
     def _build_scheduler(self, resume_ckpt: dict | None):
         """timm's scheduler (per epoch or per update); a resumed run gets its state and lr back."""
-        from timm.scheduler import create_scheduler_v2
-
-        s = self.cfg["sched"]
         self.updates_per_epoch = (self.batches_per_epoch + self.accum - 1) // self.accum
-        self.lr_scheduler, self.num_epochs = create_scheduler_v2(
-            self.optimizer,
-            sched=s["sched"],
-            num_epochs=s["epochs"],
-            decay_milestones=s["decay_milestones"],
-            decay_rate=s["decay_rate"],
-            cooldown_epochs=s["cooldown_epochs"],
-            warmup_epochs=s["warmup_epochs"],
-            warmup_lr=s["warmup_lr"],
-            min_lr=s["min_lr"],
-            step_on_epochs=not s["step_on_updates"],
-            updates_per_epoch=self.updates_per_epoch,
+        self.lr_scheduler, self.num_epochs = build_scheduler(
+            self.optimizer, self.cfg["sched"], self.updates_per_epoch
         )
-        if resume_ckpt is None:
-            return
-        changes = self._geometry_changes(resume_ckpt)
-        if not changes:
-            if resume_ckpt.get("scheduler"):
-                self.lr_scheduler.load_state_dict(resume_ckpt["scheduler"])
-            # the scheduler's constructor reset the lr (to warmup_lr): put back the saved one, which the
-            # next updates of the uninterrupted run would have used
-            for group, saved in zip(
-                self.optimizer.param_groups, resume_ckpt["optimizer"]["param_groups"], strict=True
-            ):
-                group["lr"] = saved["lr"]
-            return
-        # The epochs or the updates per epoch changed (processes, batch size, accumulation): the new
-        # schedule, at the run's position in it (the images it has seen), instead of the saved one
-        # (which counts the old updates: its lr would be wrong for the rest of the run).
-        if s["sched"] == "plateau":  # its state is the val metric's history, not a function of time
-            raise ConfigError(
-                f"resume: {', '.join(changes)}, but sched.sched=plateau can't be rebuilt at the run's "
-                "position (its lr follows the val metric's history); resume with the run's own settings"
+        if resume_ckpt is not None:
+            self.start_batch = restore_schedule(
+                resume_ckpt,
+                self.lr_scheduler,
+                self.optimizer,
+                self.cfg["sched"]["sched"],
+                start_epoch=self.start_epoch,
+                start_batch=self.start_batch,
+                batches_per_epoch=self.batches_per_epoch,
+                accum=self.accum,
+                shape=self._schedule_record(),
             )
-        self._move_start_batch(resume_ckpt)
-        self.lr_scheduler.step(self.start_epoch)
-        self.lr_scheduler.step_update(self._schedule_step(self.start_epoch, self.start_batch))
-        done = (self.start_epoch + self.start_batch / self.batches_per_epoch) / self.num_epochs
-        where = position(self.start_epoch, self.start_batch)
-        _logger.info(
-            f"resume: {', '.join(changes)}; lr schedule recomputed for {self.num_epochs} epochs x "
-            f"{self.updates_per_epoch} updates from the run's position ({where}, "
-            f"{100 * done:.0f}% of training done): lr now {scheduled_lr(self.optimizer):.2e}"
-        )
 
-    def _geometry_changes(self, ck: dict) -> list[str]:
-        """What changed since the checkpoint in the schedule's shape ([]: it continues exactly)."""
-        saved = ck.get("schedule") or {}
-        changes = []
-        for key, now, what in (
-            ("num_epochs", self.num_epochs, "epochs"),
-            ("updates_per_epoch", self.updates_per_epoch, "updates per epoch"),
-        ):
-            if key in saved and saved[key] != now:
-                changes.append(f"{what} {saved[key]} -> {now}")
-        if "world_size" in saved and saved["world_size"] != self.world_size:
-            changes.append(f"processes {saved['world_size']} -> {self.world_size}")
-        new_state = {k: v for k, v in self.lr_scheduler.state_dict().items() if k != "metric"}
-        old_state = {k: v for k, v in (ck.get("scheduler") or {}).items() if k != "metric"}
-        if not changes and ck.get("scheduler") and old_state != new_state:
-            changes.append("schedule settings changed")
-        return changes
-
-    def _move_start_batch(self, ck: dict):
-        """A mid-epoch position in the new batches: the same images of the epoch seen (the sampler's
-        order over all ranks does not depend on the number of processes), at an update boundary."""
-        saved = ck.get("schedule") or {}
-        if not self.start_batch or "global_batch" not in saved:
-            return
+    def _schedule_record(self) -> dict:
         global_batch = self.cfg["train"]["batch_size"] * self.world_size
-        seen = self.start_batch * saved["global_batch"]
-        batch = seen // global_batch
-        batch -= batch % self.accum
-        if batch != self.start_batch:
-            repeated = seen - batch * global_batch
-            _logger.info(
-                f"resume: {seen} images of epoch {self.start_epoch + 1} were seen in batches of "
-                f"{saved['global_batch']}; continuing after {batch} batches of {global_batch}"
-                + (f" ({repeated} images of this epoch are seen again)" if repeated else "")
-            )
-        self.start_batch = batch
-
-    def _schedule_step(self, epoch: int, batch: int) -> int:
-        """The scheduler's update count at (epoch, batches done in it): updates of this run's shape, so
-        a resumed run whose updates per epoch changed stays at its place in the schedule."""
-        return epoch * self.updates_per_epoch + -(-batch // self.accum)
+        return schedule_record(self.num_epochs, self.updates_per_epoch, global_batch, self.world_size)
 
     def _build_saver_and_log(self, resume_ckpt: dict | None):
         """On the primary rank: the checkpoint saver (last, best-k, model_best) and the run log."""
@@ -570,12 +496,7 @@ class Run:
             "config": configs.merge(self.cfg, {"train": {"stop_after_updates": None}}),
             "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.data_config.items()},
             "scheduler": self.lr_scheduler.state_dict(),
-            "schedule": {
-                "num_epochs": self.num_epochs,
-                "updates_per_epoch": self.updates_per_epoch,
-                "global_batch": self.cfg["train"]["batch_size"] * self.world_size,
-                "world_size": self.world_size,
-            },
+            "schedule": self._schedule_record(),
             "num_updates": self.num_updates,
             "next_epoch": self._pos[0],
             "next_batch": self._pos[1],
@@ -793,7 +714,9 @@ class Run:
         self.num_updates += 1
         if self.ema is not None:
             self.ema.update(unwrap(self.model), step=self.num_updates)
-        self.lr_scheduler.step_update(num_updates=self._schedule_step(epoch, batch_idx + 1))
+        self.lr_scheduler.step_update(
+            num_updates=schedule_step(epoch, batch_idx + 1, self.updates_per_epoch, self.accum)
+        )
         self._pos = (epoch, batch_idx + 1)
         lr = scheduled_lr(self.optimizer)
         log_now = self.primary and self.num_updates % t["log_interval"] == 0
@@ -854,20 +777,6 @@ class Run:
         return OrderedDict(loss=loss_sum / n, top1=top1_sum / n, top5=top5_sum / n)
 
 
-def position(epoch: int, batch: int) -> str:
-    """A run's place from its (next epoch, next batch), 1-based as the epoch lines count."""
-    if batch == 0:
-        return f"after epoch {epoch}" if epoch else "at the start"
-    return f"in epoch {epoch + 1} after batch {batch}"
-
-
-def scheduled_lr(optimizer) -> float:
-    """The lr the schedule asks for now: a param group's lr over its layer-decay scale (timm's
-    `lr_scale`), not the first group's scaled one (the stem's, under --layer-decay)."""
-    group = optimizer.param_groups[0]
-    return group["lr"] / group.get("lr_scale", 1.0)
-
-
 def na_backend(model, device, dtype: torch.dtype) -> str:
     """The NA backend `auto` picks for this run's training step (models.layers.explain_backends)."""
     from models.layers import NeighborhoodAttention2D, explain_backends
@@ -884,78 +793,3 @@ def reduce_mean(value: float, device, world_size: int) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return t.item() / world_size
-
-
-def resolve_run_config(
-    config_paths: list[str], overrides: list[str], resume: str | None
-) -> tuple[dict, str | None, dict | None]:
-    """(config, resume checkpoint path, resume checkpoint): the -c files with overrides, or the
-    resumed checkpoint's own config with overrides."""
-    resume_ckpt, resume_path = None, None
-    if resume:
-        path = Path(resume)
-        if path.is_dir():
-            path = path / "last.pth.tar"
-        resume_ckpt = load_checkpoint(path)
-        if not isinstance(resume_ckpt, dict) or resume_ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(
-                f"'{path}' is not a training checkpoint of this repo (no resume state); "
-                "to fine-tune from its "
-                "weights use --checkpoint instead of --resume"
-            )
-        resume_path = str(path)
-    if config_paths:
-        cfg = configs.load_config(config_paths, overrides)
-    elif resume_ckpt is not None:
-        cfg = configs.load_config([], overrides, base=resume_ckpt["config"])
-    else:
-        raise ConfigError("no config given; pass -c configs/<name>.yaml (e.g. -c configs/quickstart.yaml)")
-    return cfg, resume_path, resume_ckpt
-
-
-def finished(cfg: dict, ck: dict, path: str) -> bool:
-    """True (after saying so) when a resumed run has already trained every epoch `cfg` asks for;
-    asking for fewer epochs than it has trained is an error."""
-    done, total = ck["next_epoch"], cfg["sched"]["epochs"] + cfg["sched"]["cooldown_epochs"]
-    if done > total:
-        raise ConfigError(
-            f"'{path}' has already trained {done} epochs, more than the {total} the config asks for "
-            f"(sched.epochs + sched.cooldown_epochs); to train longer give --epochs > {done}"
-        )
-    if done < total:
-        return False
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(
-            f"nothing to do: '{path}' has trained all {total} epochs it asks for. To train longer: "
-            f"python train.py --resume {path} --epochs N (N > {cfg['sched']['epochs']}; the lr schedule is "
-            "recomputed for N epochs from there)"
-        )
-    return True
-
-
-def train(
-    config_paths: list[str], overrides: list[str], resume: str | None = None, print_config: bool = False
-) -> int:
-    """The train command: the exit status (0; 2 after a one-line `error:` for a user mistake;
-    130/143 when interrupted)."""
-    errors = user_errors()
-    try:
-        cfg, resume_path, resume_ckpt = resolve_run_config(config_paths, overrides, resume)
-        if print_config:
-            print(configs.dump_config(cfg), end="")
-            return 0
-        if resume_ckpt is not None and finished(cfg, resume_ckpt, resume_path):
-            return 0
-        return Run(cfg, resume_path, resume_ckpt).fit()
-    except errors as e:
-        rank = int(os.environ.get("RANK", 0))
-        if rank == 0:
-            print(f"error: {first_line(e)}", file=sys.stderr)
-            log_to_file(f"error: {first_line(e)}")  # a kept run folder's train.log says why it stopped
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("interrupted before a checkpoint could be saved", file=sys.stderr)
-        return EXIT_INTERRUPTED["SIGINT"]
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()

@@ -374,22 +374,17 @@ def test_layer_decay_logs_the_requested_lr(full_run, workdir):
 def test_resume_position_in_new_batches_sees_each_image_once(old, new, repeated):
     """Mid-epoch, with another number of processes or batch size: the images the epoch has not seen
     yet are exactly the ones the resumed run feeds (the sampler's order, read rank by rank)."""
-    from types import SimpleNamespace
-
+    from engine.resume import move_start_batch
     from engine.sampling import ResumableSampler
-    from engine.trainer import Run
 
     size, (w0, b0, done), (w1, b1, _) = 48, old, new
     seen = [i for r in range(w0) for i in list(ResumableSampler(size, w0, r, seed=3))[: done * b0]]
-    run = SimpleNamespace(
-        cfg={"train": {"batch_size": b1}}, world_size=w1, accum=2, start_epoch=0, start_batch=done
-    )
-    Run._move_start_batch(run, {"schedule": {"global_batch": w0 * b0}})
-    assert run.start_batch % 2 == 0  # an update boundary (accumulation 2)
+    start_batch = move_start_batch({"schedule": {"global_batch": w0 * b0}}, 0, done, w1 * b1, accum=2)
+    assert start_batch % 2 == 0  # an update boundary (accumulation 2)
     rest = []
     for r in range(w1):
         sampler = ResumableSampler(size, w1, r, seed=3)
-        sampler.set_epoch(0, run.start_batch * b1)
+        sampler.set_epoch(0, start_batch * b1)
         rest += list(sampler)
     assert sorted(set(seen) | set(rest)) == list(range(size))  # nothing skipped
     assert len(seen) + len(rest) - size == repeated  # seen twice: only where it can't be avoided

@@ -1,0 +1,197 @@
+"""Resuming a run: the resolved config and checkpoint a `--resume` starts from, whether the run is
+already finished, and the lr schedule built and put back at the run's position.
+
+Owns the schedule's shape record (a checkpoint's `schedule`: epochs, updates per epoch, global batch,
+processes) and what follows when it changed since the checkpoint: the schedule recomputed from the
+run's position in it (the images it has seen) instead of continuing the saved one. engine/trainer.py
+builds a `Run` with these; this module does not import it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import configs
+from configs import ConfigError
+from engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from engine.errors import CheckpointError
+
+_logger = logging.getLogger("train")
+
+
+def resolve_run_config(
+    config_paths: list[str], overrides: list[str], resume: str | None
+) -> tuple[dict, str | None, dict | None]:
+    """(config, resume checkpoint path, resume checkpoint): the -c files with overrides, or the
+    resumed checkpoint's own config with overrides."""
+    resume_ckpt, resume_path = None, None
+    if resume:
+        path = Path(resume)
+        if path.is_dir():
+            path = path / "last.pth.tar"
+        resume_ckpt = load_checkpoint(path)
+        if not isinstance(resume_ckpt, dict) or resume_ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"'{path}' is not a training checkpoint of this repo (no resume state); "
+                "to fine-tune from its "
+                "weights use --checkpoint instead of --resume"
+            )
+        resume_path = str(path)
+    if config_paths:
+        cfg = configs.load_config(config_paths, overrides)
+    elif resume_ckpt is not None:
+        cfg = configs.load_config([], overrides, base=resume_ckpt["config"])
+    else:
+        raise ConfigError("no config given; pass -c configs/<name>.yaml (e.g. -c configs/quickstart.yaml)")
+    return cfg, resume_path, resume_ckpt
+
+
+def finished(cfg: dict, ck: dict, path: str) -> bool:
+    """True (after saying so) when a resumed run has already trained every epoch `cfg` asks for;
+    asking for fewer epochs than it has trained is an error."""
+    done, total = ck["next_epoch"], cfg["sched"]["epochs"] + cfg["sched"]["cooldown_epochs"]
+    if done > total:
+        raise ConfigError(
+            f"'{path}' has already trained {done} epochs, more than the {total} the config asks for "
+            f"(sched.epochs + sched.cooldown_epochs); to train longer give --epochs > {done}"
+        )
+    if done < total:
+        return False
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(
+            f"nothing to do: '{path}' has trained all {total} epochs it asks for. To train longer: "
+            f"python train.py --resume {path} --epochs N (N > {cfg['sched']['epochs']}; the lr schedule is "
+            "recomputed for N epochs from there)"
+        )
+    return True
+
+
+def position(epoch: int, batch: int) -> str:
+    """A run's place from its (next epoch, next batch), 1-based as the epoch lines count."""
+    if batch == 0:
+        return f"after epoch {epoch}" if epoch else "at the start"
+    return f"in epoch {epoch + 1} after batch {batch}"
+
+
+def scheduled_lr(optimizer) -> float:
+    """The lr the schedule asks for now: a param group's lr over its layer-decay scale (timm's
+    `lr_scale`), not the first group's scaled one (the stem's, under --layer-decay)."""
+    group = optimizer.param_groups[0]
+    return group["lr"] / group.get("lr_scale", 1.0)
+
+
+def build_scheduler(optimizer, s: dict, updates_per_epoch: int):
+    """timm's scheduler (per epoch or per update) from the config's `sched`: (scheduler, epochs)."""
+    from timm.scheduler import create_scheduler_v2
+
+    return create_scheduler_v2(
+        optimizer,
+        sched=s["sched"],
+        num_epochs=s["epochs"],
+        decay_milestones=s["decay_milestones"],
+        decay_rate=s["decay_rate"],
+        cooldown_epochs=s["cooldown_epochs"],
+        warmup_epochs=s["warmup_epochs"],
+        warmup_lr=s["warmup_lr"],
+        min_lr=s["min_lr"],
+        step_on_epochs=not s["step_on_updates"],
+        updates_per_epoch=updates_per_epoch,
+    )
+
+
+def schedule_record(num_epochs: int, updates_per_epoch: int, global_batch: int, world_size: int) -> dict:
+    """A checkpoint's `schedule`: the shape `restore_schedule` compares a resumed run's with."""
+    return {
+        "num_epochs": num_epochs,
+        "updates_per_epoch": updates_per_epoch,
+        "global_batch": global_batch,
+        "world_size": world_size,
+    }
+
+
+def restore_schedule(
+    ck: dict,
+    lr_scheduler,
+    optimizer,
+    sched_name: str,
+    *,
+    start_epoch: int,
+    start_batch: int,
+    batches_per_epoch: int,
+    accum: int,
+    shape: dict,
+) -> int:
+    """A resumed run's scheduler state and lr back; the batch of `start_epoch` it continues after
+    (`start_batch`, or the same images' place in new batches). `shape`: this run's `schedule_record`."""
+    changes = geometry_changes(ck, lr_scheduler, shape)
+    if not changes:
+        if ck.get("scheduler"):
+            lr_scheduler.load_state_dict(ck["scheduler"])
+        # the scheduler's constructor reset the lr (to warmup_lr): put back the saved one, which the
+        # next updates of the uninterrupted run would have used
+        for group, saved in zip(optimizer.param_groups, ck["optimizer"]["param_groups"], strict=True):
+            group["lr"] = saved["lr"]
+        return start_batch
+    # The epochs or the updates per epoch changed (processes, batch size, accumulation): the new
+    # schedule, at the run's position in it (the images it has seen), instead of the saved one
+    # (which counts the old updates: its lr would be wrong for the rest of the run).
+    if sched_name == "plateau":  # its state is the val metric's history, not a function of time
+        raise ConfigError(
+            f"resume: {', '.join(changes)}, but sched.sched=plateau can't be rebuilt at the run's "
+            "position (its lr follows the val metric's history); resume with the run's own settings"
+        )
+    start_batch = move_start_batch(ck, start_epoch, start_batch, shape["global_batch"], accum)
+    num_epochs, updates_per_epoch = shape["num_epochs"], shape["updates_per_epoch"]
+    lr_scheduler.step(start_epoch)
+    lr_scheduler.step_update(schedule_step(start_epoch, start_batch, updates_per_epoch, accum))
+    done = (start_epoch + start_batch / batches_per_epoch) / num_epochs
+    where = position(start_epoch, start_batch)
+    _logger.info(
+        f"resume: {', '.join(changes)}; lr schedule recomputed for {num_epochs} epochs x "
+        f"{updates_per_epoch} updates from the run's position ({where}, "
+        f"{100 * done:.0f}% of training done): lr now {scheduled_lr(optimizer):.2e}"
+    )
+    return start_batch
+
+
+def geometry_changes(ck: dict, lr_scheduler, shape: dict) -> list[str]:
+    """What changed since the checkpoint in the schedule's shape ([]: it continues exactly)."""
+    saved = ck.get("schedule") or {}
+    changes = []
+    for key, what in (("num_epochs", "epochs"), ("updates_per_epoch", "updates per epoch")):
+        if key in saved and saved[key] != shape[key]:
+            changes.append(f"{what} {saved[key]} -> {shape[key]}")
+    if "world_size" in saved and saved["world_size"] != shape["world_size"]:
+        changes.append(f"processes {saved['world_size']} -> {shape['world_size']}")
+    new_state = {k: v for k, v in lr_scheduler.state_dict().items() if k != "metric"}
+    old_state = {k: v for k, v in (ck.get("scheduler") or {}).items() if k != "metric"}
+    if not changes and ck.get("scheduler") and old_state != new_state:
+        changes.append("schedule settings changed")
+    return changes
+
+
+def move_start_batch(ck: dict, start_epoch: int, start_batch: int, global_batch: int, accum: int) -> int:
+    """A mid-epoch position in the new batches: the same images of the epoch seen (the sampler's
+    order over all ranks does not depend on the number of processes), at an update boundary."""
+    saved = ck.get("schedule") or {}
+    if not start_batch or "global_batch" not in saved:
+        return start_batch
+    seen = start_batch * saved["global_batch"]
+    batch = seen // global_batch
+    batch -= batch % accum
+    if batch != start_batch:
+        repeated = seen - batch * global_batch
+        _logger.info(
+            f"resume: {seen} images of epoch {start_epoch + 1} were seen in batches of "
+            f"{saved['global_batch']}; continuing after {batch} batches of {global_batch}"
+            + (f" ({repeated} images of this epoch are seen again)" if repeated else "")
+        )
+    return batch
+
+
+def schedule_step(epoch: int, batch: int, updates_per_epoch: int, accum: int) -> int:
+    """The scheduler's update count at (epoch, batches done in it): updates of this run's shape, so
+    a resumed run whose updates per epoch changed stays at its place in the schedule."""
+    return epoch * updates_per_epoch + -(-batch // accum)
