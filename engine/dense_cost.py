@@ -112,7 +112,16 @@ def measure(
     backbone's in that round (`reference`), `fpn_s` the FPN's seconds on its maps, `peak_mb` the
     peak-RSS increase (MiB) of one forward. `large_rounds` rounds from `large_from` pixels on (a 1024^2
     ViT forward takes seconds). A backbone that fails (e.g. out of memory) gets its row's `error` and
-    the others go on."""
+    the others go on. Runs on one thread (the tables say so, and `cpu_s` is then the work done)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _measure(names, sizes, rounds, large_rounds, large_from, warmup, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(names, sizes, rounds, large_rounds, large_from, warmup, log) -> list[dict]:
     rows = []
     for h, w in sizes:
         x = torch.randn(1, 3, h, w)

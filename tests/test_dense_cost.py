@@ -40,6 +40,7 @@ def test_slopes_of_linear_and_quadratic_costs():
 
 def test_measure_and_write_outputs(tmp_path):
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
     rows = dense_cost.measure(
         ["NAT-T", "ViT-S"], [(64, 64), (48, 80)], rounds=1, large_rounds=1, warmup=0, log=str
     )
@@ -53,6 +54,7 @@ def test_measure_and_write_outputs(tmp_path):
         assert r["median_s"] > 0 and r["min_s"] <= r["median_s"] and r["peak_mb"] >= 0
         assert 0 < r["cpu_s"] <= 1.5 * r["median_s"]  # one thread: CPU time can't much exceed wall time
         assert r["reference"] == "NAT-T"
+    assert torch.get_num_threads() == threads  # measured on one thread, the caller's setting restored
     assert all(r["ratio"] == 1.0 for r in rows if r["backbone"] == "NAT-T")
     assert all(("fpn_s" in r) == (r["backbone"] == "NAT-T") for r in rows)  # ViT-S: single scale, no neck
     dense_cost.write_outputs(rows, tmp_path)
