@@ -275,3 +275,71 @@ def test_resume_continues_a_stopped_run_from_its_last_epoch(tmp_path):
     history = torch.load(last, weights_only=True)["history"]
     assert [(r["epoch"], r["step"]) for r in history] == [(1, 6), (2, 12)]  # 48 images / batch 8 per epoch
     assert history[0] == ckpt["history"][0]
+
+
+# ~3 s per task on the quiet 2-core Xeon
+@pytest.mark.parametrize("task", dense_config.TASKS)
+def test_official_dense_layout_from_a_classification_checkpoint(task, scenes, tmp_path):
+    """backbone.kwargs stage_norms / frozen_stages (models/nat.py's official dense layout) with a
+    classification checkpoint: its weights loaded exactly, the stage norms fresh (LayerNorm's init),
+    the stem and first level frozen: no grad and unchanged after a training step."""
+    import timm
+
+    from engine import dense
+
+    torch.manual_seed(0)
+    classifier = timm.create_model("nat_mini", num_classes=10, **DEMO_NAT)
+    with torch.no_grad():  # every weight distinct from a fresh init (norms included)
+        for p in classifier.parameters():
+            p.normal_()
+    ckpt = {
+        "arch": "nat_mini",
+        "model_kwargs": DEMO_NAT,
+        "num_classes": 10,
+        "state_dict": classifier.state_dict(),
+    }
+    torch.save(ckpt, tmp_path / "c.pth.tar")
+    overrides = [f"backbone.checkpoint={tmp_path / 'c.pth.tar'}", "backbone.drop_path_rate=0"]
+    overrides += [
+        "backbone.kwargs.stage_norms=true",
+        "backbone.kwargs.frozen_stages=1",
+        f"data.root={scenes}",
+    ]
+    overrides += ["data.embedded.train_images=6", "data.embedded.val_images=4", "data.embedded.image_size=48"]
+    cfg = dense_config.load_dense_config([f"configs/dense_{task}.yaml"], overrides)
+    train_set, _, names = dense_config.build_data(cfg, task)
+    model, _ = dense_config.build_model(cfg, task, len(names))
+    body = model.backbone.body if task == "detection" else model.encoder.model
+    reference = classifier.state_dict()
+    params = {k.removeprefix("model."): v for k, v in body.named_parameters()}
+    norms = {k: v for k, v in params.items() if k.startswith("stage_norms.")}
+    assert sorted(norms) == [f"stage_norms.{i}.{p}" for i in range(3) for p in ("bias", "weight")]
+    for key, value in norms.items():
+        assert torch.equal(
+            value, torch.ones_like(value) if key.endswith("weight") else torch.zeros_like(value)
+        )
+    loaded = {k: v for k, v in params.items() if k not in norms}
+    assert set(loaded) == set(reference) - {"norm.weight", "norm.bias", "head.fc.weight", "head.fc.bias"}
+    for key, value in loaded.items():
+        assert torch.equal(value, reference[key]), key
+    frozen = {k for k, v in params.items() if not v.requires_grad}
+    level0 = ("stem.", "stages.0.blocks.", "stages.1.downsample.", "stage_norms.0.")
+    assert frozen == {k for k in params if k.startswith(level0)} and frozen
+
+    before = {k: v.detach().clone() for k, v in params.items()}
+    images, targets = dense_config.collate([train_set[i] for i in range(2)])
+    model.train()
+    if task == "detection":
+        loss = sum(model(list(images), list(targets)).values())
+    else:
+        logits = model(torch.stack(images))
+        loss = torch.nn.functional.cross_entropy(logits, torch.stack(targets), ignore_index=255)
+    optimizer = dense._optimizer(model, cfg)
+    loss.backward()
+    optimizer.step()
+    for key in frozen:
+        assert params[key].grad is None and torch.equal(params[key], before[key]), key
+    assert not torch.equal(
+        params["stages.1.blocks.0.mlp.fc1.weight"], reference["stages.1.blocks.0.mlp.fc1.weight"]
+    )
+    assert all(norms[k].grad is not None for k in norms if not k.startswith("stage_norms.0."))
