@@ -234,8 +234,9 @@ def collate(batch):
 def build_backbone(cfg_backbone: dict):
     """(timm features_only backbone, model name, create_model kwargs, levels): the one place a dense
     backbone is made. `checkpoint` (a classification run of train.py) brings its weights and its
-    model kwargs (the config's `kwargs` go on top: e.g. DiNAT dilations for the dense input size);
-    its classifier is dropped, every other weight must fit."""
+    model kwargs (the config's `kwargs` go on top: e.g. DiNAT dilations for the dense input size, or
+    NAT's official dense layout `stage_norms` / `frozen_stages`, whose stage norms the checkpoint
+    filter leaves freshly initialised); its classifier is dropped, every other weight must fit."""
     import timm
 
     from engine.checkpoint import checkpoint_num_classes, extract_state_dict, load_checkpoint
