@@ -10,7 +10,7 @@
     python scripts/dense.py --report runs/dense-compare    # table, learning curves of its runs
 
 Real data: data.layout=folders with data.root and the COCO (instances_*.json) / ADE20K-style
-(images/, annotations/) paths under it; see engine/dense.py's DEFAULTS for every key.
+(images/, annotations/) paths under it; see engine/dense_config.py's DEFAULTS for every key.
 """
 
 from __future__ import annotations

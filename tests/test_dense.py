@@ -15,7 +15,7 @@ import models  # noqa: F401  (registers nat_*/dinat_* with timm)
 from configs import ConfigError
 from data import DataError
 from data.dense import CocoInstances, SemanticFolder, embedded_paths, generate_dense_dataset
-from engine import dense
+from engine import dense_config, dense_eval
 from engine.errors import CheckpointError
 
 DEMO_NAT = dict(embed_dim=32, depths=[2, 2, 2], num_heads=[2, 4, 8], mlp_ratio=3.0, kernel_size=[7, 3, 3])
@@ -115,21 +115,21 @@ def test_coco_ap_of_ground_truth_is_100_and_a_missed_object_lowers_it(scenes):
         for a in gt["annotations"]
     ]
     for iou_type in ("bbox", "segm"):
-        assert dense.coco_ap(gt, as_results, iou_type) == {"AP": 100.0, "AP50": 100.0, "AP75": 100.0}
+        assert dense_eval.coco_ap(gt, as_results, iou_type) == {"AP": 100.0, "AP50": 100.0, "AP75": 100.0}
     # drop one object: its category's recall stops short of 1, the other categories stay at 100
     categories = {a["category_id"] for a in gt["annotations"]}
-    ap = dense.coco_ap(gt, as_results[1:], "bbox")["AP50"]
+    ap = dense_eval.coco_ap(gt, as_results[1:], "bbox")["AP50"]
     assert 100 * (len(categories) - 1) / len(categories) < ap < 100
 
 
 def test_miou_matches_a_hand_computation():
     target = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 255, 255]])
     pred = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 2], [2, 0, 0, 1]])
-    conf = dense.confusion_matrix(pred, target, num_classes=4)
+    conf = dense_eval.confusion_matrix(pred, target, num_classes=4)
     # class 0: 3 hits, true 4, predicted 4 -> 3/5; class 1: 3 hits, true 4, pred 4 -> 3/5;
     # class 2: 1 hit, true 2, pred 2 -> 1/3; class 3 absent everywhere -> left out of the mean
     assert conf.sum() == 10
-    mean, per_class = dense.miou(conf)
+    mean, per_class = dense_eval.miou(conf)
     assert per_class[:3] == pytest.approx([3 / 5, 3 / 5, 1 / 3]) and np.isnan(per_class[3])
     assert mean == pytest.approx(100 * (3 / 5 + 3 / 5 + 1 / 3) / 3)
 
@@ -195,10 +195,10 @@ def test_pretrained_backbone_carries_the_classification_weights(tmp_path):
         "state_dict": classifier.state_dict(),
     }
     torch.save(ckpt, tmp_path / "c.pth.tar")
-    cfg = dense.load_dense_config(
+    cfg = dense_config.load_dense_config(
         [], [f"backbone.checkpoint={tmp_path / 'c.pth.tar'}", "backbone.drop_path_rate=0"]
     )
-    body, name, kwargs, levels = dense.build_backbone(cfg["backbone"])
+    body, name, kwargs, levels = dense_config.build_backbone(cfg["backbone"])
     assert name == "nat_mini" and levels == [0, 1, 2] and kwargs["depths"] == [2, 2, 2]
     reference = dict(classifier.named_parameters())
     params = dict(body.named_parameters())
@@ -208,14 +208,14 @@ def test_pretrained_backbone_carries_the_classification_weights(tmp_path):
     # weights of another width: one CheckpointError line
     cfg["backbone"]["kwargs"] = {"embed_dim": 48}
     with pytest.raises(CheckpointError, match="does not fit backbone 'nat_mini'"):
-        dense.build_backbone(cfg["backbone"])
+        dense_config.build_backbone(cfg["backbone"])
 
 
 def test_config_unknown_key_names_the_nearest(tmp_path, capsys):
     with pytest.raises(ConfigError, match="'detection.box_heads'.*did you mean 'detection.box_head'"):
-        dense.load_dense_config([], ["detection.box_heads=128"])
+        dense_config.load_dense_config([], ["detection.box_heads=128"])
     with pytest.raises(ConfigError, match="must be one of"):
-        dense.load_dense_config([], ["detection.detector=yolo"])
+        dense_config.load_dense_config([], ["detection.detector=yolo"])
     script = load_entry_point("scripts/dense.py")
     assert script.main(["--task", "detection", "--set", "optim.lrr=1", f"train.output={tmp_path}"]) == 2
     err = capsys.readouterr().err
@@ -223,7 +223,7 @@ def test_config_unknown_key_names_the_nearest(tmp_path, capsys):
 
 
 # ~10 s (detection) and ~3 s (segmentation) on the quiet 2-core Xeon; 55 s / 17 s with five other jobs
-@pytest.mark.parametrize("task", dense.TASKS)
+@pytest.mark.parametrize("task", dense_config.TASKS)
 def test_quick_run_end_to_end_learns(task, tmp_path):
     """--quick: data generated, trained, scored with pycocotools / mIoU, checkpointed, resumable."""
     script = load_entry_point("scripts/dense.py")
@@ -275,3 +275,71 @@ def test_resume_continues_a_stopped_run_from_its_last_epoch(tmp_path):
     history = torch.load(last, weights_only=True)["history"]
     assert [(r["epoch"], r["step"]) for r in history] == [(1, 6), (2, 12)]  # 48 images / batch 8 per epoch
     assert history[0] == ckpt["history"][0]
+
+
+# ~3 s per task on the quiet 2-core Xeon
+@pytest.mark.parametrize("task", dense_config.TASKS)
+def test_official_dense_layout_from_a_classification_checkpoint(task, scenes, tmp_path):
+    """backbone.kwargs stage_norms / frozen_stages (models/nat.py's official dense layout) with a
+    classification checkpoint: its weights loaded exactly, the stage norms fresh (LayerNorm's init),
+    the stem and first level frozen: no grad and unchanged after a training step."""
+    import timm
+
+    from engine import dense
+
+    torch.manual_seed(0)
+    classifier = timm.create_model("nat_mini", num_classes=10, **DEMO_NAT)
+    with torch.no_grad():  # every weight distinct from a fresh init (norms included)
+        for p in classifier.parameters():
+            p.normal_()
+    ckpt = {
+        "arch": "nat_mini",
+        "model_kwargs": DEMO_NAT,
+        "num_classes": 10,
+        "state_dict": classifier.state_dict(),
+    }
+    torch.save(ckpt, tmp_path / "c.pth.tar")
+    overrides = [f"backbone.checkpoint={tmp_path / 'c.pth.tar'}", "backbone.drop_path_rate=0"]
+    overrides += [
+        "backbone.kwargs.stage_norms=true",
+        "backbone.kwargs.frozen_stages=1",
+        f"data.root={scenes}",
+    ]
+    overrides += ["data.embedded.train_images=6", "data.embedded.val_images=4", "data.embedded.image_size=48"]
+    cfg = dense_config.load_dense_config([f"configs/dense_{task}.yaml"], overrides)
+    train_set, _, names = dense_config.build_data(cfg, task)
+    model, _ = dense_config.build_model(cfg, task, len(names))
+    body = model.backbone.body if task == "detection" else model.encoder.model
+    reference = classifier.state_dict()
+    params = {k.removeprefix("model."): v for k, v in body.named_parameters()}
+    norms = {k: v for k, v in params.items() if k.startswith("stage_norms.")}
+    assert sorted(norms) == [f"stage_norms.{i}.{p}" for i in range(3) for p in ("bias", "weight")]
+    for key, value in norms.items():
+        assert torch.equal(
+            value, torch.ones_like(value) if key.endswith("weight") else torch.zeros_like(value)
+        )
+    loaded = {k: v for k, v in params.items() if k not in norms}
+    assert set(loaded) == set(reference) - {"norm.weight", "norm.bias", "head.fc.weight", "head.fc.bias"}
+    for key, value in loaded.items():
+        assert torch.equal(value, reference[key]), key
+    frozen = {k for k, v in params.items() if not v.requires_grad}
+    level0 = ("stem.", "stages.0.blocks.", "stages.1.downsample.", "stage_norms.0.")
+    assert frozen == {k for k in params if k.startswith(level0)} and frozen
+
+    before = {k: v.detach().clone() for k, v in params.items()}
+    images, targets = dense_config.collate([train_set[i] for i in range(2)])
+    model.train()
+    if task == "detection":
+        loss = sum(model(list(images), list(targets)).values())
+    else:
+        logits = model(torch.stack(images))
+        loss = torch.nn.functional.cross_entropy(logits, torch.stack(targets), ignore_index=255)
+    optimizer = dense._optimizer(model, cfg)
+    loss.backward()
+    optimizer.step()
+    for key in frozen:
+        assert params[key].grad is None and torch.equal(params[key], before[key]), key
+    assert not torch.equal(
+        params["stages.1.blocks.0.mlp.fc1.weight"], reference["stages.1.blocks.0.mlp.fc1.weight"]
+    )
+    assert all(norms[k].grad is not None for k in norms if not k.startswith("stage_norms.0."))
