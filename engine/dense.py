@@ -25,7 +25,16 @@ import torch
 
 import configs
 from configs import ConfigError
-from engine.dense_config import QUICK, TASKS, Normalise, build_data, build_model, collate, load_dense_config
+from engine.dense_config import (
+    QUICK,
+    TASKS,
+    Normalise,
+    build_data,
+    build_model,
+    collate,
+    load_dense_config,
+    training_loss,
+)
 from engine.dense_eval import draw_predictions, evaluate, report
 from engine.errors import EXIT_ERROR, CheckpointError, TrainingError, first_line, user_errors
 
@@ -129,12 +138,7 @@ def train_and_evaluate(cfg: dict, task: str, run_dir: Path, resume_ckpt: dict | 
             for images, targets in loader:
                 for group in optimizer.param_groups:
                     group["lr"] = _lr_at(step, total, cfg)
-                if task == "detection":
-                    loss_dict = model(list(images), list(targets))
-                    loss = sum(loss_dict.values())
-                else:
-                    logits = model(torch.stack(images))
-                    loss = torch.nn.functional.cross_entropy(logits, torch.stack(targets), ignore_index=255)
+                loss = training_loss(model, task, images, targets)
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"loss is {loss.item()} at update {step}; lower optim.lr (now {cfg['optim']['lr']})"

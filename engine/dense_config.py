@@ -280,6 +280,15 @@ def build_backbone(cfg_backbone: dict):
     return body, b["name"], kwargs, levels
 
 
+def training_loss(model, task: str, images, targets) -> torch.Tensor:
+    """The loss a training step minimises: the detector's summed losses (torchvision returns them in
+    train mode), or pixel cross-entropy over the segmenter's logits (255 = ignored)."""
+    if task == "detection":
+        return sum(model(list(images), list(targets)).values())
+    logits = model(torch.stack(images))
+    return torch.nn.functional.cross_entropy(logits, torch.stack(targets), ignore_index=255)
+
+
 def build_model(cfg: dict, task: str, num_classes: int):
     """(detector or segmenter of `cfg`, backbone name); num_classes: detection without background,
     segmentation all."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from configs import ConfigError
-from engine.dense_config import TASKS, Normalise, build_data, build_model, collate
+from engine.dense_config import TASKS, Normalise, build_data, build_model, collate, training_loss
 from engine.errors import CheckpointError
 
 # ---------------------------------------------------------------- metrics
@@ -204,11 +204,7 @@ def interleaved_speeds(run_dirs: dict, rounds: int, batch: int = 8) -> dict:
 
         def train_step(model=model, task=task, images=images, targets=targets):
             model.train()
-            if task == "detection":
-                loss = sum(model(list(images), list(targets)).values())
-            else:
-                logits = model(torch.stack(images))
-                loss = torch.nn.functional.cross_entropy(logits, torch.stack(targets), ignore_index=255)
+            loss = training_loss(model, task, images, targets)
             loss.backward()
             model.zero_grad(set_to_none=True)
 

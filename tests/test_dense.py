@@ -329,11 +329,7 @@ def test_official_dense_layout_from_a_classification_checkpoint(task, scenes, tm
     before = {k: v.detach().clone() for k, v in params.items()}
     images, targets = dense_config.collate([train_set[i] for i in range(2)])
     model.train()
-    if task == "detection":
-        loss = sum(model(list(images), list(targets)).values())
-    else:
-        logits = model(torch.stack(images))
-        loss = torch.nn.functional.cross_entropy(logits, torch.stack(targets), ignore_index=255)
+    loss = dense_config.training_loss(model, task, images, targets)
     optimizer = dense._optimizer(model, cfg)
     loss.backward()
     optimizer.step()
