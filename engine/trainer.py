@@ -528,6 +528,15 @@ class Run:
 
     def fit(self) -> int:
         """Epochs from the start (or resume) position; the exit status (0, or 130/143 when stopped)."""
+        status = self._fit_epochs()
+        if self.distributed:
+            # Ranks leave together, finished or stopped: a rank that tore its gloo group down while
+            # rank 0 was still writing a checkpoint aborted at exit ("terminate called without an
+            # active exception") in about 1 of 3 two-process runs.
+            torch.distributed.barrier()
+        return status
+
+    def _fit_epochs(self) -> int:
         t = self.cfg["train"]
         self._install_signal_handlers()
         self._pos = (self.start_epoch, self.start_batch)
@@ -558,11 +567,6 @@ class Run:
                     f"done: best {self.metric_name} {best[0]:.3f} at epoch {best[1]}; "
                     f"checkpoints and logs in {self.run_dir} (tensorboard --logdir {self.run_dir / 'tb'})"
                 )
-        if self.distributed:
-            # Ranks leave together: a rank that tore its gloo group down while rank 0 was still
-            # writing the last checkpoint aborted at exit ("terminate called without an active
-            # exception") in about 1 of 3 two-process runs.
-            torch.distributed.barrier()
         return 0
 
     def _validate_epoch(self, epoch: int) -> OrderedDict | None:
