@@ -21,6 +21,27 @@ from engine.errors import CheckpointError
 DEMO_NAT = dict(embed_dim=32, depths=[2, 2, 2], num_heads=[2, 4, 8], mlp_ratio=3.0, kernel_size=[7, 3, 3])
 
 
+def classification_checkpoint(path, randomise: bool = False):
+    """A train.py-style checkpoint of the demo NAT (10 classes) at `path`; the classifier it holds.
+    `randomise`: every weight drawn anew, norms included, so none equals a fresh init."""
+    import timm
+
+    torch.manual_seed(0)
+    classifier = timm.create_model("nat_mini", num_classes=10, **DEMO_NAT)
+    if randomise:
+        with torch.no_grad():
+            for p in classifier.parameters():
+                p.normal_()
+    ckpt = {
+        "arch": "nat_mini",
+        "model_kwargs": DEMO_NAT,
+        "num_classes": 10,
+        "state_dict": classifier.state_dict(),
+    }
+    torch.save(ckpt, path)
+    return classifier
+
+
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     return generate_dense_dataset(
@@ -184,17 +205,7 @@ def test_fpn_adapter_feeds_mask_rcnn_and_fcos_at_a_non_square_size(name, kwargs,
 
 
 def test_pretrained_backbone_carries_the_classification_weights(tmp_path):
-    import timm
-
-    torch.manual_seed(0)
-    classifier = timm.create_model("nat_mini", num_classes=10, **DEMO_NAT)
-    ckpt = {
-        "arch": "nat_mini",
-        "model_kwargs": DEMO_NAT,
-        "num_classes": 10,
-        "state_dict": classifier.state_dict(),
-    }
-    torch.save(ckpt, tmp_path / "c.pth.tar")
+    classifier = classification_checkpoint(tmp_path / "c.pth.tar")
     cfg = dense_config.load_dense_config(
         [], [f"backbone.checkpoint={tmp_path / 'c.pth.tar'}", "backbone.drop_path_rate=0"]
     )
@@ -283,22 +294,9 @@ def test_official_dense_layout_from_a_classification_checkpoint(task, scenes, tm
     """backbone.kwargs stage_norms / frozen_stages (models/nat.py's official dense layout) with a
     classification checkpoint: its weights loaded exactly, the stage norms fresh (LayerNorm's init),
     the stem and first level frozen: no grad and unchanged after a training step."""
-    import timm
-
     from engine import dense
 
-    torch.manual_seed(0)
-    classifier = timm.create_model("nat_mini", num_classes=10, **DEMO_NAT)
-    with torch.no_grad():  # every weight distinct from a fresh init (norms included)
-        for p in classifier.parameters():
-            p.normal_()
-    ckpt = {
-        "arch": "nat_mini",
-        "model_kwargs": DEMO_NAT,
-        "num_classes": 10,
-        "state_dict": classifier.state_dict(),
-    }
-    torch.save(ckpt, tmp_path / "c.pth.tar")
+    classifier = classification_checkpoint(tmp_path / "c.pth.tar", randomise=True)
     overrides = [f"backbone.checkpoint={tmp_path / 'c.pth.tar'}", "backbone.drop_path_rate=0"]
     overrides += [
         "backbone.kwargs.stage_norms=true",

@@ -110,6 +110,24 @@ class RefTokenizer(nn.Module):  # official ConvTokenizer
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
+def ref_levels(embed_dim, depths, num_heads, mlp_ratio, kernel_size, dilations, layer_scale) -> nn.ModuleList:
+    """The official levels (NATBlocks): stage i is embed_dim * 2**i wide, downsampled unless last."""
+    dilations = dilations or [[1] * d for d in depths]
+    return nn.ModuleList(
+        RefLevel(
+            embed_dim * 2**i,
+            depths[i],
+            num_heads[i],
+            kernel_size,
+            dilations[i],
+            mlp_ratio,
+            layer_scale,
+            i < len(depths) - 1,
+        )
+        for i in range(len(depths))
+    )
+
+
 class RefNAT(nn.Module):  # official NAT / DiNAT
     def __init__(
         self,
@@ -125,21 +143,8 @@ class RefNAT(nn.Module):  # official NAT / DiNAT
         **_,
     ):
         super().__init__()
-        dilations = dilations or [[1] * d for d in depths]
         self.patch_embed = RefTokenizer(in_chans, embed_dim)
-        self.levels = nn.ModuleList(
-            RefLevel(
-                embed_dim * 2**i,
-                depths[i],
-                num_heads[i],
-                kernel_size,
-                dilations[i],
-                mlp_ratio,
-                layer_scale,
-                i < len(depths) - 1,
-            )
-            for i in range(len(depths))
-        )
+        self.levels = ref_levels(embed_dim, depths, num_heads, mlp_ratio, kernel_size, dilations, layer_scale)
         self.norm = nn.LayerNorm(embed_dim * 2 ** (len(depths) - 1))
         self.avgpool = nn.AdaptiveAvgPool1d(1)
         self.head = nn.Linear(embed_dim * 2 ** (len(depths) - 1), num_classes)

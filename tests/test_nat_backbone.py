@@ -14,7 +14,7 @@ import re
 import pytest
 import timm
 import torch
-from test_nat import TINY_DINAT, TINY_NAT, RefLevel, RefNAT, RefTokenizer, randomized
+from test_nat import TINY_DINAT, TINY_NAT, RefNAT, RefTokenizer, randomized, ref_levels
 from test_weights_interop import to_hf
 from timm.models import group_parameters
 from torch import nn
@@ -38,21 +38,8 @@ class RefDenseNAT(nn.Module):  # official detection/nat.py NAT (and DiNAT)
         **_,
     ):
         super().__init__()
-        dilations = dilations or [[1] * d for d in depths]
         self.patch_embed = RefTokenizer(in_chans, embed_dim)
-        self.levels = nn.ModuleList(
-            RefLevel(
-                embed_dim * 2**i,
-                depths[i],
-                num_heads[i],
-                kernel_size,
-                dilations[i],
-                mlp_ratio,
-                layer_scale,
-                i < len(depths) - 1,
-            )
-            for i in range(len(depths))
-        )
+        self.levels = ref_levels(embed_dim, depths, num_heads, mlp_ratio, kernel_size, dilations, layer_scale)
         self.out_indices = out_indices
         for i in out_indices:
             self.add_module(f"norm{i}", nn.LayerNorm(embed_dim * 2**i))
