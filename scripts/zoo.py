@@ -68,8 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--seeds",
         nargs="+",
         default=["1"],
-        metavar="[TASK=]N",
-        help="accuracy: seeds of every mixer, for every task (N) or one (TASK=N): e.g. pathfinder=6 shapes=3",
+        metavar="[TASK[/MIXER]=]N",
+        help="accuracy: seeds of every mixer, for every task (N) or one (TASK=N), or of one mixer on one "
+        "task (TASK/MIXER=N): e.g. pathfinder=6 shapes=3 pathfinder/dilated=18",
     )
     p.add_argument(
         "--headline-seeds",

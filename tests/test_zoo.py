@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from engine.zoo import accuracy, seeds_per_task, study
+from engine.zoo import accuracy, parse_seeds, study
 
 REPO = Path(__file__).resolve().parents[1]
 ZOO = REPO / "scripts" / "zoo.py"
@@ -222,25 +222,33 @@ def test_reading_claims_only_separated_intervals(tmp_path):
 
 
 def test_seeds_apply_to_every_mixer():
-    """--seeds N for every task or TASK=N for one; every mixer gets them, the headline mixers at least
-    --headline-seeds."""
-    tasks = ["pathfinder", "shapes"]
-    assert seeds_per_task(["6", "shapes=3"], tasks) == {"pathfinder": 6, "shapes": 3}
-    assert seeds_per_task(["1"], tasks) == {"pathfinder": 1, "shapes": 1}
-    with pytest.raises(study.UsageError, match=r"^--seeds pathfinder=x: give N or TASK=N with an integer N$"):
-        seeds_per_task(["pathfinder=x"], tasks)
+    """--seeds N for every task, TASK=N for one, TASK/MIXER=N for one mixer there; every mixer gets
+    its task's, the headline mixers at least --headline-seeds, a mixer named on its own exactly its own."""
+    tasks, mixers = ["pathfinder", "shapes"], ["na", "dilated", "full"]
+    assert parse_seeds(["6", "shapes=3"], tasks, mixers) == {"pathfinder": 6, "shapes": 3}
+    assert parse_seeds(["1"], tasks, mixers) == {"pathfinder": 1, "shapes": 1}
+    with pytest.raises(
+        study.UsageError, match=r"^--seeds pathfinder=x: give N, TASK=N or TASK/MIXER=N with an"
+    ):
+        parse_seeds(["pathfinder=x"], tasks, mixers)
     with pytest.raises(study.UsageError, match=r"^--seeds imagenet=6: 'imagenet' is not among --tasks"):
-        seeds_per_task(["imagenet=6"], tasks)
-    plan = accuracy.accuracy_plan(
-        ["na", "dilated"], {t: [] for t in tasks}, {"pathfinder": 6, "shapes": 3}, 4
-    )
-    count = {(t, m): sum(1 for p in plan if p[:2] == (t, m)) for t in tasks for m in ("na", "dilated")}
+        parse_seeds(["imagenet=6"], tasks, mixers)
+    with pytest.raises(
+        study.UsageError, match=r"^--seeds shapes/window=4: 'window' is not among the study's"
+    ):
+        parse_seeds(["shapes/window=4"], tasks, mixers)
+    seeds = parse_seeds(["pathfinder=6", "shapes=3", "pathfinder/dilated=18", "shapes/na=2"], tasks, mixers)
+    plan = accuracy.accuracy_plan(mixers, {t: [] for t in tasks}, seeds, 4)
+    count = {(t, m): sum(1 for p in plan if p[:2] == (t, m)) for t in tasks for m in mixers}
     assert count == {
         ("pathfinder", "na"): 6,
-        ("pathfinder", "dilated"): 6,
-        ("shapes", "na"): 4,
+        ("pathfinder", "dilated"): 18,
+        ("pathfinder", "full"): 6,
+        ("shapes", "na"): 2,
         ("shapes", "dilated"): 3,
+        ("shapes", "full"): 4,
     }
+    assert [s for t, m, s in plan if (t, m) == ("pathfinder", "dilated")] == list(range(18))
     assert plan[0][0] == "pathfinder"  # the heavier task first
 
 

@@ -25,13 +25,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.headline_seeds is None:
             args.headline_seeds = 1 if args.quick else 2
-        seeds = seeds_per_task(args.seeds, args.tasks)
+        available = registered_mixers()
+        mixers = check_mixers(args.mixers or available, available)
+        seeds = parse_seeds(args.seeds, args.tasks, mixers)
         if min(args.rounds, *seeds.values(), args.headline_seeds, args.jobs) < 1:
             raise UsageError("--rounds, --seeds, --headline-seeds and --jobs must be >= 1")
         if any(s < 1 for s in args.sides):
             raise UsageError(f"--sides must be positive, got {args.sides}")
-        available = registered_mixers()
-        mixers = check_mixers(args.mixers or available, available)
         out = Path(args.out).resolve()  # train.py runs in REPO: relative paths would land there
         sides, rounds, overrides = args.sides, args.rounds, list(args.set)
         accuracy_mixers = mixers
@@ -74,20 +74,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def seeds_per_task(values: list[str], tasks: list[str]) -> dict[str, int]:
-    """--seeds as {task: seeds}: `N` for every task, `TASK=N` for one (later values win), e.g.
-    `6 shapes=3`."""
+def parse_seeds(values: list[str], tasks: list[str], mixers: list[str]) -> dict[str, int]:
+    """--seeds as {task: seeds, "task/mixer": seeds}: `N` for every task, `TASK=N` for one,
+    `TASK/MIXER=N` for one mixer on one task (later values win), e.g. `6 shapes=3 pathfinder/na=18`.
+    A `task/mixer` count is that mixer's, headline or not (`accuracy.runs_per_mixer`)."""
     seeds = {}
     for value in values:
-        task, _, count = value.rpartition("=")
+        key, _, count = value.rpartition("=")
+        task, _, mixer = key.partition("/")
         if task and task not in tasks:
             raise UsageError(f"--seeds {value}: {task!r} is not among --tasks ({', '.join(tasks)})")
+        if mixer and mixer not in mixers:
+            raise UsageError(f"--seeds {value}: {mixer!r} is not among the study's mixers")
         try:
             n = int(count)
         except ValueError:
-            raise UsageError(f"--seeds {value}: give N or TASK=N with an integer N") from None
-        seeds.update({t: n for t in ([task] if task else tasks)})
-    return {t: seeds.get(t, 1) for t in tasks}
+            raise UsageError(f"--seeds {value}: give N, TASK=N or TASK/MIXER=N with an integer N") from None
+        seeds.update({key: n} if mixer else {t: n for t in ([task] if task else tasks)})
+    return {**{t: 1 for t in tasks}, **seeds}
 
 
 def print_targets(checks: list[dict]) -> None:

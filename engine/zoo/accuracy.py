@@ -537,20 +537,24 @@ def prepare_data(overrides: dict[str, list[str]]) -> None:
 def accuracy_plan(
     mixers: list[str], overrides: dict[str, list[str]], seeds: dict[str, int], headline_seeds: int
 ) -> list[tuple[str, str, int]]:
-    """Every (task, mixer, seed) to train: `seeds[task]` seeds of every mixer, at least
-    `headline_seeds` of the `HEADLINE` ones; the heaviest task first (with runs side by side, a slow
-    run started last would finish alone)."""
+    """Every (task, mixer, seed) to train, `runs_per_mixer` seeds each; the heaviest task first (with
+    runs side by side, a slow run started last would finish alone)."""
     tasks = sorted(overrides, key=lambda t: -task_work(task_config(t, overrides[t])))
     return [
         (task, mixer, seed)
         for task in tasks
         for mixer in mixers
-        for seed in range(runs_per_mixer(mixer, seeds[task], headline_seeds))
+        for seed in range(runs_per_mixer(task, mixer, seeds, headline_seeds))
     ]
 
 
-def runs_per_mixer(mixer: str, seeds: int, headline_seeds: int) -> int:
-    return max(seeds, headline_seeds) if mixer in HEADLINE else seeds
+def runs_per_mixer(task: str, mixer: str, seeds: dict[str, int], headline_seeds: int) -> int:
+    """Seeds of `mixer` on `task`: its own count (`seeds["task/mixer"]`), else the task's, at least
+    `headline_seeds` for the `HEADLINE` mixers (`engine.zoo.parse_seeds` makes `seeds`)."""
+    if (own := seeds.get(f"{task}/{mixer}")) is not None:
+        return own
+    n = seeds.get(task, 1)
+    return max(n, headline_seeds) if mixer in HEADLINE else n
 
 
 def accuracy(
@@ -633,12 +637,12 @@ def full_study_estimate(
         median = statistics.median(task_speeds)
         seconds = 0.0
         for mixer in ORDER:
-            n = runs_per_mixer(mixer, seeds.get(task, 1), headline_seeds)
+            n = runs_per_mixer(task, mixer, seeds, headline_seeds)
             seconds += n * cfg["sched"]["epochs"] * images / speeds.get((task, mixer), median)
         per_task[task] = seconds
         total += seconds
     return dict(
-        seeds={task: seeds.get(task, 1) for task in TASKS},
+        seeds={**{task: 1 for task in TASKS}, **seeds},
         headline_seeds=headline_seeds,
         train_seconds=total,
         wall_seconds=total / jobs,
