@@ -43,7 +43,8 @@ zoo: $(STAMP)
 # runs, est. ~3.8 CPU-hours, ~1.9 h with two side by side (docs/zoo.md). Run it on an otherwise idle
 # machine; stopped and restarted, it reuses the finished runs.
 zoo-seeds: $(STAMP)
-	$(PY) scripts/zoo.py --out runs/zoo-seeds --parts accuracy patterns --seeds pathfinder=6 shapes=3 --jobs 2
+	$(PY) scripts/zoo.py --out runs/zoo-seeds --parts accuracy patterns --jobs 2 \
+		--seeds pathfinder=6 shapes=3 pathfinder/na=18 pathfinder/dilated=18 pathfinder/full=18
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
