@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,7 +98,8 @@ def test_torch_backend_float32_close_to_float64_reference():
 
 
 # float32 with head dim 16/32/64 runs the kernel's vector code (its own exp, transposing reductions,
-# tails of k*k not a multiple of 8); 8 and 24 run its scalar float code.
+# tails of k*k not a multiple of the lanes: 16 in its AVX-512 build, 8 in the others); 8 and 24 run
+# its scalar float code.
 @pytest.mark.parametrize(
     "height,width,kernel_size,dilation,head_dim",
     [
@@ -122,7 +127,8 @@ def test_cpp_backend_float32_close_to_float64_reference(height, width, kernel_si
 
 # bfloat16 is storage only: sums are float32, so each output element is the float64 value of the
 # same (bf16) inputs rounded once to bf16 (half a bf16 step: 2^-8 relative), plus float32's error.
-# Head dims 16/32/64 run the vector code (rows read as even/odd pairs); 8 and 24 the scalar loops.
+# Head dims 16/32/64 run the vector code (rows read as even/odd pairs; 32 and 64 at 16 lanes in the
+# AVX-512 build, 16 at 8 lanes); 8 and 24 the scalar loops.
 # Contiguous inputs sum dk, dv in float tensors laid out like k; NAT's q, k, v (views of one qkv
 # projection) are copied into per-head planes, whose dk, dv are summed one plane at a time in a
 # thread's buffer: both are checked.
@@ -161,6 +167,36 @@ def test_cpp_backend_bfloat16_rounds_float64_reference_once(
         assert excess.max() < 1e-6, f"{name}: {excess.max():.2e} beyond one bf16 rounding"
     rel = (got[4].double() - want[4]).norm() / want[4].norm()
     assert rel < 2e-6, f"drpb (float32 sums): relative error {rel:.2e}"
+
+
+def test_cpp_kernel_8_lane_build_on_an_avx512_machine():
+    """The kernel's loops are built at 16 lanes for AVX-512 and at 8 for the rest: where this machine
+    runs the first, the reference tests above run again under ATEN_CPU_CAPABILITY=avx2, which makes
+    the kernel (like ATen) take the 8-lane build, so both builds are checked on one machine."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("this machine runs the 8-lane build in every test above")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    assert (
+        subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.strip()
+        == "AVX2"
+    )
+    here = Path(__file__)
+    tests = [
+        f"{here}::test_cpp_backend_float32_close_to_float64_reference[{case}]"
+        for case in ("23-19-7-1-32", "17-20-5-2-16")
+    ] + [
+        f"{here}::test_cpp_backend_bfloat16_rounds_float64_reference_once[23-19-7-1-32-{layout}]"
+        for layout in ("contiguous", "qkv-views")
+    ]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        env=env,
+        cwd=here.parent.parent,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0 and "4 passed" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
 
 
 def test_module_under_cpu_autocast_runs_the_bf16_kernel():

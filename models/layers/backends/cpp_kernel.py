@@ -1,8 +1,9 @@
 """Exact-window CPU kernel: k*k logits per query, in C++ built on first use by torch's extension JIT.
 
 The halo-tile backend computes (Th + k - 1)(Tw + k - 1) logits per query tile and pays the flash
-kernel's per-call overhead on small tiles; this one walks each query's own window (`csrc/na2d_cpu.cpp`:
-forward, and a fused one-pass backward from the probabilities the forward kept). float32 and float64
+kernel's per-call overhead on small tiles; this one walks each query's own window (`csrc/na2d_cpu.cpp`,
+its loops in `csrc/na2d_cpu_loops.h`: forward, and a fused one-pass backward from the probabilities
+the forward kept; 512-bit code where ATen runs AVX-512, else 256-bit or baseline). float32 and float64
 run in their own precision; bfloat16 is widened to float32 on load and summed in it
 (probabilities, RPB and its gradient in float32), only the output and dq, dk, dv rounded back.
 Window geometry comes from `windows.py`, shared with every other backend.

@@ -1,0 +1,485 @@
+// The CPU kernel's loops (na2d_cpu.cpp), written once over a vector width of L float lanes and
+// included twice there: into `narrow` (8 lanes; built into the target_clones entry points for
+// AVX-512, AVX2 and baseline x86-64) and into `wide` under `#pragma GCC target` for AVX-512 (16
+// lanes). Compiled in the target's own namespace, every helper sees its vector width as a native one:
+// a 512-bit comparison in a helper without the target is split lane by lane before it could be
+// inlined into an AVX-512 caller (GCC 12), which ran the forward 2x slower. No include guard: by design.
+
+// Vectors of L floats / int32 (GCC vector extensions; an alias template would drop the attribute).
+template <int L>
+struct Vec;
+template <>
+struct Vec<8> {
+  using f = float __attribute__((vector_size(32)));
+  using i = int32_t __attribute__((vector_size(32)));
+  using f_unaligned = float __attribute__((vector_size(32), aligned(4), may_alias));
+  using i_unaligned = int32_t __attribute__((vector_size(32), aligned(2), may_alias));
+};
+template <>
+struct Vec<16> {
+  using f = float __attribute__((vector_size(64)));
+  using i = int32_t __attribute__((vector_size(64)));
+  using f_unaligned = float __attribute__((vector_size(64), aligned(4), may_alias));
+  using i_unaligned = int32_t __attribute__((vector_size(64), aligned(2), may_alias));
+};
+template <int L>
+using VF = typename Vec<L>::f;
+template <int L>
+using VI = typename Vec<L>::i;
+
+template <int L>
+NA_INLINE VF<L> load(const float* p) {
+  return *reinterpret_cast<const typename Vec<L>::f_unaligned*>(p);
+}
+template <int L>
+NA_INLINE void store(float* p, VF<L> x) {
+  *reinterpret_cast<typename Vec<L>::f_unaligned*>(p) = x;
+}
+template <int L>
+NA_INLINE VF<L> as_float(VI<L> bits) {
+  return reinterpret_cast<const VF<L>&>(bits);
+}
+template <int L>
+NA_INLINE VI<L> as_bits(VF<L> x) {
+  return reinterpret_cast<const VI<L>&>(x);
+}
+template <int L>
+NA_INLINE VI<L> lane_index() {
+  VI<L> lanes{};
+  for (int l = 0; l < L; ++l) lanes[l] = l;
+  return lanes;
+}
+
+// Chunk c (L lanes, as float) of a row of head-dim elements. float: elements Lc..Lc+L-1. bfloat16
+// (the top half of a float) is read 2L elements at a time as L 32-bit pairs: chunk 2m holds block m's
+// even elements (pair << 16), chunk 2m+1 its odd ones (pair & high half): a shift or a mask per chunk.
+// (Widening 8 bfloat16 in order took GCC six instructions and ran the forward 1.9x slower than float.)
+// Every vector sum over chunks is over the head dim or lane by lane, so the order only shows where a
+// row is written: store_row puts elements back in place, and float sums kept in chunk order (dk, dv)
+// go through store_row on their way out.
+template <typename S, int L>
+NA_INLINE VF<L> load_chunk(const S* row, int c) {
+  if constexpr (std::is_same_v<S, float>) {
+    return load<L>(row + L * c);
+  } else {
+    const VI<L> pairs = *reinterpret_cast<const typename Vec<L>::i_unaligned*>(row + 2 * L * (c / 2));
+    return as_float<L>(c % 2 == 0 ? pairs << 16 : pairs & static_cast<int32_t>(0xFFFF0000));
+  }
+}
+
+// The row's kChunks chunks (as load_chunk lays them out) written to `row`, rounded to nearest even.
+template <typename S, int L, int kChunks>
+NA_INLINE void store_row(S* row, const VF<L>* chunks) {
+  if constexpr (std::is_same_v<S, float>) {
+    for (int c = 0; c < kChunks; ++c) store<L>(row + L * c, chunks[c]);
+  } else {
+    auto rounded = [](VF<L> x) {
+      const VI<L> bits = as_bits<L>(x);
+      const VI<L> nearest = bits + 0x7FFF + ((bits >> 16) & 1);
+      return x != x ? VI<L>{} + 0x7FC00000 : nearest;  // NaN stays NaN
+    };
+    for (int c = 0; c < kChunks; c += 2) {
+      const VI<L> even = rounded(chunks[c]), odd = rounded(chunks[c + 1]);
+      const VI<L> pairs = ((even >> 16) & 0xFFFF) | (odd & static_cast<int32_t>(0xFFFF0000));
+      *reinterpret_cast<typename Vec<L>::i_unaligned*>(row + L * c) = pairs;
+    }
+  }
+}
+
+// Lane l of the result: sum of the L lanes of x[l] (a transposing reduction: no serial add chain).
+template <int L>
+NA_INLINE VF<L> sum_lanes(const VF<L>* x) {
+  if constexpr (L == 8) {
+    using v8i = VI<8>;
+    auto pair_sums = [](VF<8> a, VF<8> b) {  // the haddps pattern: shuffles within 128-bit lanes
+      return __builtin_shuffle(a, b, v8i{0, 2, 8, 10, 4, 6, 12, 14}) +
+             __builtin_shuffle(a, b, v8i{1, 3, 9, 11, 5, 7, 13, 15});
+    };
+    const VF<8> low = pair_sums(pair_sums(x[0], x[1]), pair_sums(x[2], x[3]));
+    const VF<8> high = pair_sums(pair_sums(x[4], x[5]), pair_sums(x[6], x[7]));
+    return __builtin_shuffle(low, high, v8i{0, 1, 2, 3, 8, 9, 10, 11}) +
+           __builtin_shuffle(low, high, v8i{4, 5, 6, 7, 12, 13, 14, 15});
+  } else {
+    // pair_sums(a, b): adjacent-lane sums of a in the low half, of b in the high half (two vpermt2ps
+    // and an add). Four levels turn 16 vectors into one whose lane l sums x[l].
+    VI<L> evens{}, odds{};
+    for (int l = 0; l < L; ++l) {
+      evens[l] = 2 * l;
+      odds[l] = 2 * l + 1;
+    }
+    auto pair_sums = [&](VF<L> a, VF<L> b) {
+      return __builtin_shuffle(a, b, evens) + __builtin_shuffle(a, b, odds);
+    };
+    VF<L> level[L];
+    for (int n = 0; n < L; ++n) level[n] = x[n];
+    for (int count = L; count > 1; count /= 2)
+      for (int n = 0; n < count / 2; ++n) level[n] = pair_sums(level[2 * n], level[2 * n + 1]);
+    return level[0];
+  }
+}
+
+template <int L>
+NA_INLINE float lane_sum(VF<L> x) {
+  float sum = 0;
+  for (int l = 0; l < L; ++l) sum += x[l];
+  return sum;
+}
+
+// exp on (-inf, 0], the only range the softmax needs (logit - max). Cephes' expf: reduction by ln 2,
+// degree-6 polynomial, ~1 ulp; written on vectors because std::exp stays a scalar libm call.
+template <int L>
+NA_INLINE VF<L> exp_nonpositive(VF<L> x) {
+  const VF<L> lowest = VF<L>{} - 87.0f, magic = VF<L>{} + 12582912.0f;  // 1.5 * 2^23: rounds to integer
+  x = x < lowest ? lowest : x;
+  const VF<L> shifted = x * 1.44269504088896341f + magic;
+  const VF<L> n = shifted - magic;
+  const VF<L> r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  VF<L> p = VF<L>{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const VI<L> exponent = (as_bits<L>(shifted) - as_bits<L>(magic) + 127) << 23;
+  return p * as_float<L>(exponent);
+}
+
+// out[t] = <x, base + offsets[t]> for t < taps (base: a window's first key). `out` has room for
+// padded_taps(taps).
+template <typename S, int kD, int L, typename T = Acc<S>>
+NA_INLINE void window_dots(const S* x, const S* base, const int64_t* offsets, int64_t taps, int64_t dim,
+                           T* out) {
+  if constexpr (kVectorPath<S, kD, L>) {
+    constexpr int kChunks = kD / L;
+    VF<L> xv[kChunks];
+    for (int c = 0; c < kChunks; ++c) xv[c] = load_chunk<S, L>(x, c);
+    VF<L> partial[L];
+    for (int64_t first = 0; first < taps; first += L) {
+      for (int64_t t = 0; t < L; ++t) {
+        if (first + t >= taps) {
+          partial[t] = VF<L>{};
+          continue;
+        }
+        const S* row = base + offsets[first + t];
+        VF<L> acc = xv[0] * load_chunk<S, L>(row, 0);
+        for (int c = 1; c < kChunks; ++c) acc += xv[c] * load_chunk<S, L>(row, c);
+        partial[t] = acc;
+      }
+      store<L>(out + first, sum_lanes<L>(partial));
+    }
+  } else {
+    for (int64_t t = 0; t < taps; ++t) {
+      const S* row = base + offsets[t];
+      T acc = 0;
+      for (int64_t d = 0; d < dim; ++d) acc += T(x[d]) * T(row[d]);
+      out[t] = acc;
+    }
+  }
+}
+
+// weights[t] = exp(weights[t] - shift) for t < taps; returns their sum. Tail lanes up to the padding
+// are zeroed.
+template <typename S, int kD, int L, typename T = Acc<S>>
+NA_INLINE T exp_shifted(T* weights, int64_t taps, T shift) {
+  if constexpr (kVectorPath<S, kD, L>) {
+    VF<L> total{};
+    const VI<L> lane = lane_index<L>();
+    for (int64_t first = 0; first < taps; first += L) {
+      VF<L> w = exp_nonpositive<L>(load<L>(weights + first) - shift);
+      w = (lane + static_cast<int32_t>(first)) < static_cast<int32_t>(taps) ? w : VF<L>{};
+      store<L>(weights + first, w);
+      total += w;
+    }
+    return lane_sum<L>(total);
+  } else {
+    T sum = 0;
+    for (int64_t t = 0; t < taps; ++t) sum += (weights[t] = std::exp(weights[t] - shift));
+    return sum;
+  }
+}
+
+// sum_t a[t] * b[t]. On the vector path L taps at a time: a float sum in order (compilers keep it so
+// without -ffast-math) is a chain of `taps` dependent adds, ~200 cycles a query at k = 7.
+template <typename S, int kD, int L, typename T = Acc<S>>
+NA_INLINE T tap_dot(const T* a, const T* b, int64_t taps) {
+  T sum = 0;
+  int64_t t = 0;
+  if constexpr (kVectorPath<S, kD, L>) {
+    VF<L> lanes{};
+    for (; t + L <= taps; t += L) lanes += load<L>(a + t) * load<L>(b + t);
+    sum = lane_sum<L>(lanes);
+  }
+  for (; t < taps; ++t) sum += a[t] * b[t];
+  return sum;
+}
+
+// out = factor * sum_t weights[t] * (base + offsets[t])[0:dim]: the attention-weighted sum of value
+// rows, normalised (`sums`: room for dim values, used by the scalar loops).
+template <typename S, int kD, int L, typename T = Acc<S>>
+NA_INLINE void weighted_rows(const T* weights, const S* base, const int64_t* offsets, int64_t taps, int64_t dim,
+                             T factor, S* out, T* sums) {
+  if constexpr (kVectorPath<S, kD, L>) {
+    // Even and odd taps in separate sums when a row is few chunks: 2 * kChunks independent FMA chains
+    // instead of kChunks dependent chains of `taps` FMAs each (latency-bound at 4 chains).
+    constexpr int kChunks = kD / L, kSets = kChunks <= 4 ? 2 : 1;
+    VF<L> acc[kSets][kChunks] = {};
+    int64_t t = 0;
+    for (; t + kSets <= taps; t += kSets) {
+      for (int set = 0; set < kSets; ++set) {
+        const S* row = base + offsets[t + set];
+        for (int c = 0; c < kChunks; ++c) acc[set][c] += weights[t + set] * load_chunk<S, L>(row, c);
+      }
+    }
+    for (; t < taps; ++t) {
+      const S* row = base + offsets[t];
+      for (int c = 0; c < kChunks; ++c) acc[0][c] += weights[t] * load_chunk<S, L>(row, c);
+    }
+    for (int c = 0; c < kChunks; ++c) {
+      for (int set = 1; set < kSets; ++set) acc[0][c] += acc[set][c];
+      acc[0][c] *= factor;
+    }
+    store_row<S, L, kChunks>(out, acc[0]);
+  } else {
+    std::fill(sums, sums + dim, T(0));
+    for (int64_t t = 0; t < taps; ++t) {
+      const S* row = base + offsets[t];
+      for (int64_t d = 0; d < dim; ++d) sums[d] += weights[t] * T(row[d]);
+    }
+    for (int64_t d = 0; d < dim; ++d) out[d] = S(sums[d] * factor);
+  }
+}
+
+// One tap of query_gradients' vector path: dq += dlogit * k_t; dk_t += dlogit * q; dv_t += p * dO.
+template <typename S, int L, int kChunks>
+NA_INLINE void gradient_tap(const S* keys, float* dkeys, float* dvalues, int64_t offset, float dlogit, float prob,
+                            const VF<L>* qv, const VF<L>* gv, VF<L>* dq) {
+  const S* key = keys + offset;
+  float* dkey = dkeys + offset;
+  float* dvalue = dvalues + offset;
+  for (int c = 0; c < kChunks; ++c) {
+    dq[c] += dlogit * load_chunk<S, L>(key, c);
+    store<L>(dkey + L * c, load<L>(dkey + L * c) + dlogit * qv[c]);
+    store<L>(dvalue + L * c, load<L>(dvalue + L * c) + prob * gv[c]);
+  }
+}
+
+// One query's gradient step, one pass over its window: dq = sum_t dlogit_t * k_t (written), and
+// into the key rows dk_t += dlogit_t * q, dv_t += p_t * dO (dlogits arrive multiplied by the scale).
+// Measured: 20% faster than taking dq in a pass of its own; gathering dk/dv per key instead
+// (row-band inverse windows, sums in registers, k read-modify-writes per query rather than k*k)
+// was no faster and needs more geometry.
+template <typename S, int kD, int L, typename T = Acc<S>>
+NA_INLINE void query_gradients(const S* qp, const S* gp, const S* keys, T* dkeys, T* dvalues,
+                               const int64_t* offsets, const T* probs, const T* dlogits, int64_t taps,
+                               int64_t dim, S* dq_out, T* dq) {
+  if constexpr (kVectorPath<S, kD, L>) {
+    constexpr int kChunks = kD / L, kSets = kChunks <= 4 ? 2 : 1;  // dq chains: as weighted_rows
+    VF<L> qv[kChunks], gv[kChunks], dq[kSets][kChunks] = {};
+    for (int c = 0; c < kChunks; ++c) {
+      qv[c] = load_chunk<S, L>(qp, c);
+      gv[c] = load_chunk<S, L>(gp, c);
+    }
+    int64_t t = 0;
+    for (; t + kSets <= taps; t += kSets) {
+      for (int set = 0; set < kSets; ++set)
+        gradient_tap<S, L, kChunks>(keys, dkeys, dvalues, offsets[t + set], dlogits[t + set], probs[t + set], qv,
+                                    gv, dq[set]);
+    }
+    for (; t < taps; ++t)
+      gradient_tap<S, L, kChunks>(keys, dkeys, dvalues, offsets[t], dlogits[t], probs[t], qv, gv, dq[0]);
+    for (int set = 1; set < kSets; ++set)
+      for (int c = 0; c < kChunks; ++c) dq[0][c] += dq[set][c];
+    store_row<S, L, kChunks>(dq_out, dq[0]);
+  } else {
+    std::fill(dq, dq + dim, T(0));
+    for (int64_t t = 0; t < taps; ++t) {
+      const S* key = keys + offsets[t];
+      T* dkey = dkeys + offsets[t];
+      T* dvalue = dvalues + offsets[t];
+      for (int64_t d = 0; d < dim; ++d) {
+        dq[d] += dlogits[t] * T(key[d]);
+        dkey[d] += dlogits[t] * T(qp[d]);
+        dvalue[d] += probs[t] * T(gp[d]);
+      }
+    }
+    for (int64_t d = 0; d < dim; ++d) dq_out[d] = S(dq[d]);
+  }
+}
+
+// Scratch for one query: logits (then probabilities), gradients of logits (padded for vector tails),
+// and one head-dim row of sums for the scalar loops.
+template <typename T>
+struct Scratch {
+  Scratch(int64_t taps, int64_t dim) : logits(padded_taps(taps)), second(padded_taps(taps)), row(dim) {}
+  std::vector<T> logits, second, row;
+};
+
+
+// Offset of query (i, j)'s first key within its (b, h) plane.
+NA_INLINE int64_t window_origin(Layout kv, Geometry g, int64_t i, int64_t j) {
+  return g.row_start[i] * kv.i + g.col_start[j] * kv.j;
+}
+
+// Query (i, j)'s logits = scale * <q, k> + bias over its window from `keys` (`bias`: its placement's
+// k*k biases, or null). Returns the largest logit.
+template <typename S, int kD, int L, typename T = Acc<S>>
+NA_INLINE T window_logits(const S* qp, const S* keys, const T* bias, Geometry g, int64_t dim, T scale,
+                          T* logits) {
+  const int64_t taps = g.kernel * g.kernel;
+  window_dots<S, kD, L>(qp, keys, g.tap_offsets, taps, dim, logits);
+  if constexpr (kVectorPath<S, kD, L>) {
+    const VI<L> lane = lane_index<L>();
+    VF<L> largest = VF<L>{} - INFINITY;
+    for (int64_t first = 0; first < taps; first += L) {
+      VF<L> logit = load<L>(logits + first) * scale;
+      if (bias) logit += load<L>(bias + first);
+      store<L>(logits + first, logit);
+      const auto in_window = (lane + static_cast<int32_t>(first)) < static_cast<int32_t>(taps);
+      largest = (in_window & (logit > largest)) ? logit : largest;  // &&: lane by lane at 16 lanes
+    }
+    float maximum = largest[0];
+    for (int l = 1; l < L; ++l) maximum = std::max(maximum, largest[l]);
+    return maximum;
+  } else {
+    T maximum = -INFINITY;
+    for (int64_t t = 0; t < taps; ++t) {
+      logits[t] = logits[t] * scale + (bias ? bias[t] : T(0));
+      maximum = std::max(maximum, logits[t]);
+    }
+    return maximum;
+  }
+}
+
+// Rows r in [begin, end) of the map, every query of a row. Keys in per-head planes: r runs over
+// (B * heads * H), one head's row at a time. Keys with the heads interleaved per pixel (the
+// (B, H, W, heads, D) memory of contiguous inputs): r runs over (B * H), all heads of each pixel
+// together, which reads each pixel's keys once for all heads (15-19% faster there at 56^2 than a
+// head at a time). With `probs` (training), each query's k*k probabilities are kept,
+// (B, heads, H, W, k*k), for the backward.
+template <typename S, int kD, int L, typename T = Acc<S>>
+NA_INLINE void forward_rows(const S* q, const S* k, const S* v, const T* biases, S* out, T* probs, Shape s,
+                            Layout lq, Layout lkv, Layout lo, Geometry g, T scale, bool heads_per_pixel,
+                            int64_t begin, int64_t end) {
+  const int64_t taps = g.kernel * g.kernel, D = kD > 0 ? kD : s.D;
+  const int64_t head_biases = g.kernel * g.kernel * padded_taps(taps);
+  Scratch<T> scratch(taps, D);
+  T* weights = scratch.logits.data();
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t b = heads_per_pixel ? r / s.H : r / (s.heads * s.H), i = r % s.H;
+    const int64_t first_head = heads_per_pixel ? 0 : r / s.H % s.heads;
+    const int64_t last_head = heads_per_pixel ? s.heads : first_head + 1;
+    for (int64_t j = 0; j < s.W; ++j) {
+      const int64_t origin = window_origin(lkv, g, i, j), placement = bias_placement(g, i, j);
+      for (int64_t h = first_head; h < last_head; ++h) {
+        const int64_t window = lkv.offset(b, 0, 0, h) + origin;
+        const T* bias = biases ? biases + h * head_biases + placement : nullptr;
+        const T maximum =
+            window_logits<S, kD, L>(q + lq.offset(b, i, j, h), k + window, bias, g, D, scale, weights);
+        const T inverse = T(1) / exp_shifted<S, kD, L>(weights, taps, maximum);
+        weighted_rows<S, kD, L>(weights, v + window, g.tap_offsets, taps, D, inverse, out + lo.offset(b, i, j, h),
+                             scratch.row.data());
+        if (probs) {
+          T* query_probs = probs + s.query_index(b, h, i, j) * taps;
+          for (int64_t t = 0; t < taps; ++t) query_probs[t] = weights[t] * inverse;
+        }
+      }
+    }
+  }
+}
+
+// A row of dim values summed in Acc<S> (in load_chunk's order on the vector path: dk, dv) written to
+// `out` in S.
+template <typename S, int kD, int L, typename T = Acc<S>>
+NA_INLINE void row_to_storage(const T* sums, S* out, int64_t dim) {
+  if constexpr (kVectorPath<S, kD, L>) {
+    constexpr int kChunks = kD / L;
+    VF<L> chunks[kChunks];
+    for (int c = 0; c < kChunks; ++c) chunks[c] = load<L>(sums + L * c);
+    store_row<S, L, kChunks>(out, chunks);
+  } else {
+    for (int64_t d = 0; d < dim; ++d) out[d] = S(sums[d]);
+  }
+}
+
+// Rows [begin, end) of dense sums, as row_to_storage.
+template <typename S, int kD, int L, typename T = Acc<S>>
+NA_INLINE void sums_to_storage(const T* sums, S* out, int64_t dim, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) row_to_storage<S, kD, L>(sums + r * dim, out + r * dim, dim);
+}
+
+// Units u in [begin, end) of the flattened (B * heads): one thread owns a unit's slices of dk and dv
+// (and its rpb-gradient plane), so the scatter into keys needs no atomics. dk and dv are sums of k*k
+// terms per key, taken in Acc<S>: in `dk`, `dv` (laid out like k, zeroed by the caller), or, given
+// `dk_out`, `dv_out` (bfloat16 keys in per-head planes, NAT's case), in one plane of sums per thread,
+// zeroed per unit and rounded into dk_out's and dv_out's rows (layout `ldkv`) after it. The plane's
+// sums (H*W*D floats each, 400 KB at NAT's 56^2) stay in cache from zeroing to rounding, where
+// whole-tensor float buffers took two passes more over memory (zeros_like, then a rounding pass).
+template <typename S, int kD, int L, typename T = Acc<S>>
+NA_INLINE void backward_units(const S* grad_out, const S* q, const S* k, const S* v, const T* probs,
+                              S* dq, T* dk, T* dv, S* dk_out, S* dv_out, T* drpb, Shape s, Layout lg, Layout lq,
+                              Layout lkv, Layout ldq, Layout ldkv, Geometry g, T scale, int64_t begin,
+                              int64_t end) {
+  const int64_t kk = g.kernel, taps = kk * kk, span = 2 * kk - 1, D = kD > 0 ? kD : s.D;
+  Scratch<T> scratch(taps, D);
+  std::vector<T> placement_grads(drpb ? kk * kk * padded_taps(taps) : 0);
+  const bool plane_sums = dk_out != nullptr;
+  std::vector<T> plane_dk(plane_sums ? s.H * s.W * D : 0), plane_dv(plane_dk.size());
+  for (int64_t u = begin; u < end; ++u) {
+    const int64_t b = u / s.heads, h = u % s.heads, plane = lkv.offset(b, 0, 0, h);
+    std::fill(placement_grads.begin(), placement_grads.end(), T(0));
+    T* dk_plane = plane_sums ? plane_dk.data() : dk + plane;
+    T* dv_plane = plane_sums ? plane_dv.data() : dv + plane;
+    if (plane_sums) {
+      std::fill(plane_dk.begin(), plane_dk.end(), T(0));
+      std::fill(plane_dv.begin(), plane_dv.end(), T(0));
+    }
+    for (int64_t i = 0; i < s.H; ++i) {
+      for (int64_t j = 0; j < s.W; ++j) {
+        const S* qp = q + lq.offset(b, i, j, h);
+        const S* gp = grad_out + lg.offset(b, i, j, h);
+        const T* query_probs = probs + s.query_index(b, h, i, j) * taps;
+        const int64_t origin = window_origin(lkv, g, i, j), window = plane + origin;
+        T* dlogits = scratch.second.data();
+        window_dots<S, kD, L>(gp, v + window, g.tap_offsets, taps, D, dlogits);  // dP
+        // Softmax backward: dlogit_t = p_t (dP_t - sum_u p_u dP_u); the sum is dO . O, taken here from
+        // what is at hand instead of from the output (one pass fewer over dO and O).
+        const T row_delta = tap_dot<S, kD, L>(query_probs, dlogits, taps);
+        for (int64_t t = 0; t < taps; ++t) dlogits[t] = query_probs[t] * (dlogits[t] - row_delta);
+        if (drpb) {
+          T* placement = placement_grads.data() + bias_placement(g, i, j);
+          for (int64_t t = 0; t < taps; ++t) placement[t] += dlogits[t];
+        }
+        for (int64_t t = 0; t < taps; ++t) dlogits[t] *= scale;
+        query_gradients<S, kD, L>(qp, gp, k + window, dk_plane + origin, dv_plane + origin, g.tap_offsets,
+                               query_probs, dlogits, taps, D, dq + ldq.offset(b, i, j, h), scratch.row.data());
+      }
+    }
+    if (drpb) add_placements_to_plane(placement_grads.data(), kk, drpb + u * span * span);
+    if (plane_sums) {
+      for (int64_t i = 0; i < s.H; ++i) {
+        for (int64_t j = 0; j < s.W; ++j) {
+          const int64_t row = i * s.W + j, at = ldkv.offset(b, i, j, h);
+          row_to_storage<S, kD, L>(plane_dk.data() + row * D, dk_out + at, D);
+          row_to_storage<S, kD, L>(plane_dv.data() + row * D, dv_out + at, D);
+        }
+      }
+    }
+  }
+}
+
+// The loops the entry points call, as types: na2d_cpu.cpp's `run_widest` picks one build of each.
+struct ForwardRows {
+  template <typename S, int kD, int L, typename... A>
+  static NA_INLINE void run(A... args) { forward_rows<S, kD, L>(args...); }
+};
+struct BackwardUnits {
+  template <typename S, int kD, int L, typename... A>
+  static NA_INLINE void run(A... args) { backward_units<S, kD, L>(args...); }
+};
+// Rows of dk, dv summed in float, rounded to storage: at the lanes the backward summed them at (a
+// bfloat16 row's float sums are in that lane count's chunk order).
+struct SumsToStorage {
+  template <typename S, int kD, int L, typename... A>
+  static NA_INLINE void run(A... args) { sums_to_storage<S, kD, L>(args...); }
+};
