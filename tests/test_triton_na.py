@@ -421,6 +421,46 @@ def test_injected_wrong_result_falls_back_to_flex_for_inference(cuda_path_on_cpu
     assert explain_backends(q, rpb=rpb, kernel_size=3).name == "flex"
 
 
+def test_failure_after_a_passed_self_check_falls_back_once(cuda_path_on_cpu, monkeypatch):
+    """A checked configuration that fails on a larger map than the check's (grid, shared memory, a
+    launch) warns once and reruns on the next backend; so do later calls, silently. Out of memory is
+    not a backend's fault: it raises."""
+    forward = triton_na._forward
+
+    def fails_on_large_maps(q, *args):
+        if q.shape[1] > 20:
+            raise RuntimeError("injected: launch failed on a large grid")
+        return forward(q, *args)
+
+    monkeypatch.setattr(triton_na, "_forward", fails_on_large_maps)
+    small, large = torch.randn(1, 9, 10, 2, 16), torch.randn(1, 24, 22, 2, 16)
+    rpb = torch.randn(2, 5, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _na(small, rpb)  # the self-check passes, Triton serves
+    assert explain_backends(small, rpb=rpb, kernel_size=3).name == "triton"
+    with pytest.warns(
+        RuntimeWarning, match=r"'triton' failed on cpu .*after passing its self-check.*large grid"
+    ):
+        out = _na(large, rpb)
+    torch.testing.assert_close(out, _na(large, rpb, backend="torch"), rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # remembered: no second warning, no second failure
+        torch.testing.assert_close(_na(large, rpb), out)
+    choice = explain_backends(small, rpb=rpb, kernel_size=3)
+    assert choice.name == "flex" and "after the self-check failed" in choice.rejected["triton"]
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("injected: CUDA out of memory")
+
+    monkeypatch.setattr(self_check, "_outcomes", {})
+    monkeypatch.setattr(triton_na, "_forward", out_of_memory)
+    monkeypatch.setattr(self_check, "self_check", lambda *args: None)  # trusted, as after a passed check
+    monkeypatch.setattr(checks, "self_check", lambda *args: None)
+    with pytest.raises(torch.OutOfMemoryError, match="injected"):
+        _na(large, rpb)
+
+
 def test_natten_failing_its_self_check_hands_over_to_triton(cuda_path_on_cpu, monkeypatch):
     def broken_natten(*args):
         raise RuntimeError("injected: libnatten has no kernel for this GPU")

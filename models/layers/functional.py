@@ -13,7 +13,7 @@ from .backends.cpp_kernel import na2d_cpp
 from .backends.flex import na2d_flex
 from .backends.naive import na2d_naive, naive_attention
 from .backends.natten_na import na2d_natten
-from .backends.self_check import SELF_CHECKED
+from .backends.self_check import SELF_CHECKED, distrust_after_failed_call
 from .backends.torch_tiled import na2d_tiled
 from .backends.triton_na import na2d_triton
 
@@ -101,8 +101,22 @@ def neighborhood_attention_2d(
         requested = "naive"  # standard ONNX ops (Gather, MatMul, Softmax); the kernels would be custom ops
     fields = call_fields(q, k, v, rpb, attn_drop)
     name = resolve_backend(requested, *fields)
-    if name in SELF_CHECKED:  # CUDA kernels: trusted once checked on this configuration
-        name = trusted_backend(requested, name, *fields, kernel_size, dilation, q.shape[-1], str(q.device))
+    if name not in SELF_CHECKED:
+        return _IMPLEMENTATIONS[name](q, k, v, kernel_size, dilation, rpb, scale, attn_drop)
+    # CUDA kernels: trusted once checked on this configuration; under `auto`, one that fails later on
+    # a real call is distrusted for it and the call reruns on the next backend (self_check.py).
+    configuration = (kernel_size, dilation, q.shape[-1], str(q.device))
+    name = trusted_backend(requested, name, *fields, *configuration)
+    if requested != "auto" or name not in SELF_CHECKED or torch.compiler.is_compiling():
+        return _IMPLEMENTATIONS[name](q, k, v, kernel_size, dilation, rpb, scale, attn_drop)
+    try:
+        return _IMPLEMENTATIONS[name](q, k, v, kernel_size, dilation, rpb, scale, attn_drop)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 (compile, resource or launch errors: warned, then rerun)
+        device, dtype, has_rpb = str(q.device), q.dtype, rpb is not None
+        distrust_after_failed_call(name, device, dtype, kernel_size, dilation, q.shape[-1], has_rpb, error)
+    name = trusted_backend(requested, name, *fields, *configuration)
     return _IMPLEMENTATIONS[name](q, k, v, kernel_size, dilation, rpb, scale, attn_drop)
 
 

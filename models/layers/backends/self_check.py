@@ -7,6 +7,10 @@ of that configuration, forward and backward, against the `torch` backend in floa
 launch error, or a result outside the dtype's bound, warns once (naming the backend, the
 configuration and the error) and is remembered for the rest of the process: `checks.trusted_backend`
 then moves `auto` to the next backend (flex, then torch), and an explicit request raises saying why.
+A later `auto` call of a checked configuration that still fails in its forward (a larger shape than
+the check's: grid, shared memory, launch) is recorded the same way (`distrust_after_failed_call`)
+and rerun on the next backend; out-of-memory errors are not (any backend would need the memory).
+A failure inside the backward still raises: the forward's tensors are on autograd's tape by then.
 """
 
 from __future__ import annotations
@@ -81,8 +85,7 @@ def _check(backend: str, device: str, dtype, kernel_size: int, dilation: int, he
     try:
         got = outputs_and_grads(run_with(SELF_CHECKED[backend]), inputs, grad_out, dtype)
     except Exception as error:  # a compile, resource or launch error: the reason, not a crash
-        lines = str(error).strip().splitlines()
-        return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+        return error_line(error)
     bad = out_of_bounds(relative_errors(got, want), dtype)
     if bad:
         found = ", ".join(f"{n} {e:.2g}" for n, e in bad.items())
@@ -118,6 +121,36 @@ def self_check(
                 stacklevel=2,
             )
     return _outcomes[key]
+
+
+def error_line(error: BaseException) -> str:
+    """`Type: first line` of an error, at most 300 characters of it."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def distrust_after_failed_call(
+    backend: str,
+    device: str,
+    dtype: torch.dtype,
+    kernel_size: int,
+    dilation: int,
+    head_dim: int,
+    has_rpb: bool,
+    error: BaseException,
+) -> None:
+    """A call that passed its self-check failed on a real problem (a larger shape: grid, shared
+    memory, a launch): warn once and record it as this configuration's outcome, so that `auto` moves
+    to the next backend for it from this call on, as after a failed self-check."""
+    key = (backend, device, dtype, kernel_size, dilation, head_dim, has_rpb)
+    _outcomes[key] = f"a call after the self-check failed: {error_line(error)}"
+    warnings.warn(
+        f"NA backend {backend!r} failed on {device} for {describe(key)} after passing its self-check: "
+        f"{error_line(error)}. backend='auto' uses the next backend for these calls for the rest of "
+        "the process.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def describe(key: tuple) -> str:
