@@ -80,6 +80,7 @@ CASES = [
     (13, 11, 7, 1, (4, 4)),
     (12, 12, 3, 1, (2, 8)),
     (9, 20, 9, 1, None),  # a key tile's queries (border: 20 columns) span two chunks of the dk/dv walk
+    (13, 14, 11, 1, None),  # 32-key halo rows: one row per step (every case above takes two)
 ]
 SLOW_CASES = [
     (14, 14, 7, 2, None),

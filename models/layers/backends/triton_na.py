@@ -4,9 +4,10 @@ FlashAttention-2 structure, in the coordinates of one dilation group (positions 
 of each axis, where every window is a plain run of k positions, clamped inside the group):
 
 * forward: a program takes a `BH x BW` tile of queries of one group, walks the union of their
-  windows (its halo, `BH + k - 1` key rows of `KW >= BW + k - 1` columns) one key row at a time,
-  with `tl.dot` logits, each query's own window as a mask, the RPB gathered per (query, key) from
-  the `(2k-1)^2` table, and an online softmax; it keeps the logsumexp for the backward.
+  windows (its halo, `BH + k - 1` key rows of `KW >= BW + k - 1` columns) `KROWS` key rows at a
+  time (32 keys a step: two rows for k <= 9), with `tl.dot` logits, each query's own window as a
+  mask, the RPB gathered per (query, key) from the `(2k-1)^2` table, and an online softmax; it keeps
+  the logsumexp for the backward.
 * backward, query-major (dq and the RPB gradient): the same walk recomputes P from the logsumexp;
   `dS = P * (dP - rowsum(dO * O))` (the row sum computed here, stored for the next pass) gives dq
   and, per key row, the RPB gradient: within one key row the table row depends on the query alone
@@ -60,6 +61,9 @@ LAUNCH_CONFIGS = (((8, 1), (4, 1), (8, 2)), ((8, 3), (8, 1), (4, 1)), ((8, 1), (
 # Queries per step of the dk/dv walk (QW): 32 (the halo at k >= 11) spilled in bf16 at k = 13 head dim
 # 64 (sm_80) and passed sm_86's shared memory in fp32 at head dim 128.
 QUERY_CHUNK = 16
+# Keys per step of the forward and query-major walks: whole halo rows (KW keys each, 16 at k <= 9,
+# 32 at k 11 and 13) up to this many (`key_rows_per_step`).
+KEYS_PER_STEP = 32
 
 
 def triton_error() -> str | None:
@@ -99,9 +103,9 @@ def _program_tile(heads, height, width, tiles_h, tiles_w, DIL: tl.constexpr):
     return pid, bh, b, h, gi, gj, ta, tb, len_h, len_w
 
 
-def _query_tile(ta, tb, len_h, len_w, KS: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, KW: tl.constexpr):
+def _query_tile(ta, tb, len_h, len_w, KS: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     """The query tile (ta, tb) in group coordinates (qa, qb), which slots are real queries, their window
-    starts (sa, sb), and the tile's halo: key rows ha0..ha1 - 1, key columns kb from hb0."""
+    starts (sa, sb), and the tile's halo: key rows ha0..ha1 - 1, key columns from hb0 (KW of them)."""
     # Slots past the group's end repeat its last query (stores masked).
     m = tl.arange(0, BH * BW)
     qa = ta * BH + m // BW
@@ -115,8 +119,7 @@ def _query_tile(ta, tb, len_h, len_w, KS: tl.constexpr, BH: tl.constexpr, BW: tl
     ha0 = tl.minimum(tl.maximum(tl.minimum(ta * BH, len_h - 1) - KS // 2, 0), len_h - KS)
     ha1 = tl.minimum(tl.maximum(tl.minimum(ta * BH + BH - 1, len_h - 1) - KS // 2, 0), len_h - KS) + KS
     hb0 = tl.minimum(tl.maximum(tl.minimum(tb * BW, len_w - 1) - KS // 2, 0), len_w - KS)
-    kb = hb0 + tl.arange(0, KW)
-    return qa, qb, q_valid, sa, sb, ha0, ha1, hb0, kb
+    return qa, qb, q_valid, sa, sb, ha0, ha1, hb0
 
 
 def _rows(base, first_row, rows, s_row):
@@ -134,6 +137,13 @@ def _load_rows(row_base, cols, d, s_col, s_d, mask, DOT_DTYPE: tl.constexpr):
     return tl.load(pointers, mask=mask, other=0.0).to(DOT_DTYPE)
 
 
+def _key_tile(hb0, KW: tl.constexpr, KROWS: tl.constexpr):
+    """A step's tile of keys, `KROWS` halo rows of `KW` columns: each key's row offset in the step
+    (0 .. KROWS - 1) and its column (from the halo's first, `hb0`)."""
+    n = tl.arange(0, KROWS * KW)
+    return n // KW, hb0 + n % KW
+
+
 def _exact_scale(hi, lo, IS_FP64: tl.constexpr):
     """A scale passed as two float32 arguments (the compiled launcher types Python floats float32):
     their sum keeps 48 bits for float64 inputs; float32 and narrower need only `hi`."""
@@ -146,21 +156,26 @@ def _window_logits(
     q, k, RPB, h, ka, qa, qb, kb, sa, col_in, qk_scale,
     KS: tl.constexpr, HAS_RPB: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Logits (log2 units) of the query tile against key row `ka`, with the RPB, and which of them lie
-    in each query's window (`col_in`: the columns that do)."""
+    """Logits (log2 units) of the query tile against a tile of keys (key rows `ka`, columns `kb`, one
+    per key), with the RPB, and which of them lie in each query's window (`col_in`: the key columns
+    that do)."""
     LOG2E: tl.constexpr = 1.4426950408889634
     SPAN: tl.constexpr = 2 * KS - 1
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    inside = col_in & ((ka >= sa) & (ka < sa + KS))[:, None]
+    inside = col_in & ((ka[None, :] >= sa[:, None]) & (ka[None, :] < sa[:, None] + KS))
     if HAS_RPB:
         bias_index = (
-            h * SPAN * SPAN + (ka - qa + KS - 1)[:, None] * SPAN + (kb[None, :] - qb[:, None] + KS - 1)
+            h * SPAN * SPAN
+            + (ka[None, :] - qa[:, None] + KS - 1) * SPAN
+            + (kb[None, :] - qb[:, None] + KS - 1)
         )
         s += tl.load(RPB + bias_index, mask=inside, other=0.0) * LOG2E
     return s, inside
 
 
-_DEVICE_FUNCTIONS = ("_program_tile", "_query_tile", "_rows", "_load_rows", "_exact_scale", "_window_logits")
+_DEVICE_FUNCTIONS = (
+    "_program_tile", "_query_tile", "_key_tile", "_rows", "_load_rows", "_exact_scale", "_window_logits",
+)  # fmt: skip
 
 
 def _na2d_forward_kernel(
@@ -171,11 +186,11 @@ def _na2d_forward_kernel(
     sob, soh, sow, son, sod,
     heads, height, width, head_dim, tiles_h, tiles_w, qk_scale_hi, qk_scale_lo,
     KS: tl.constexpr, DIL: tl.constexpr, HAS_RPB: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
-    KW: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    KW: tl.constexpr, KROWS: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP64: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):  # fmt: skip
     pid, bh, b, h, gi, gj, ta, tb, len_h, len_w = _program_tile(heads, height, width, tiles_h, tiles_w, DIL)
-    qa, qb, q_valid, sa, sb, ha0, ha1, hb0, kb = _query_tile(ta, tb, len_h, len_w, KS, BH, BW, KW)
+    qa, qb, q_valid, sa, sb, ha0, ha1, hb0 = _query_tile(ta, tb, len_h, len_w, KS, BH, BW)
     qk_scale = _exact_scale(qk_scale_hi, qk_scale_lo, IS_FP64)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
@@ -191,9 +206,9 @@ def _na2d_forward_kernel(
         d_ok[None, :],
         DOT_DTYPE,
     )
-    key_ok = (kb < len_w)[:, None] & d_ok[None, :]
-    cols_k = gj + DIL * kb
-    col_in = (kb[None, :] >= sb[:, None]) & (kb[None, :] < sb[:, None] + KS)
+    row_step, kc = _key_tile(hb0, KW, KROWS)
+    cols_k = gj + DIL * kc
+    col_in = (kc[None, :] >= sb[:, None]) & (kc[None, :] < sb[:, None] + KS)
     if IS_FP64:
         acc = tl.zeros([BH * BW, BLOCK_D], dtype=tl.float64)
         l_i = tl.zeros([BH * BW], dtype=tl.float64)
@@ -201,15 +216,18 @@ def _na2d_forward_kernel(
         acc = tl.zeros([BH * BW, BLOCK_D], dtype=tl.float32)
         l_i = tl.zeros([BH * BW], dtype=tl.float32)
     m_i = l_i - 1e30  # finite: a key row outside every window of a query leaves alpha = 1
-    for ka in range(ha0, ha1):
-        row_k = gi + DIL * ka
+    for ka0 in range(ha0, ha1, KROWS):
+        ka = ka0 + row_step  # rows past the halo (its last step) lie in no window: loads masked
+        key_ok = ((kc < len_w) & (ka < ha1))[:, None] & d_ok[None, :]
+        row_k0 = gi + DIL * ka0
+        rows_k = (gi + DIL * ka)[:, None]
         k = _load_rows(
-            _rows(K + b * skb + h * skn, row_k, row_k, skh), cols_k, d, skw, skd, key_ok, DOT_DTYPE
+            _rows(K + b * skb + h * skn, row_k0, rows_k, skh), cols_k, d, skw, skd, key_ok, DOT_DTYPE
         )
         v = _load_rows(
-            _rows(V + b * svb + h * svn, row_k, row_k, svh), cols_k, d, svw, svd, key_ok, DOT_DTYPE
+            _rows(V + b * svb + h * svn, row_k0, rows_k, svh), cols_k, d, svw, svd, key_ok, DOT_DTYPE
         )
-        s, inside = _window_logits(q, k, RPB, h, ka, qa, qb, kb, sa, col_in, qk_scale, KS, HAS_RPB, PRECISION)
+        s, inside = _window_logits(q, k, RPB, h, ka, qa, qb, kc, sa, col_in, qk_scale, KS, HAS_RPB, PRECISION)
         s = tl.where(inside, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -240,12 +258,12 @@ def _na2d_backward_query_kernel(
     sgb, sgh, sgw, sgn, sgd,
     heads, height, width, head_dim, tiles_h, tiles_w, qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
     KS: tl.constexpr, DIL: tl.constexpr, HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, BH: tl.constexpr,
-    BW: tl.constexpr, KW: tl.constexpr, BLOCK_D: tl.constexpr, SPAN_P: tl.constexpr, IS_FP64: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BW: tl.constexpr, KW: tl.constexpr, KROWS: tl.constexpr, BLOCK_D: tl.constexpr, SPAN_P: tl.constexpr,
+    IS_FP64: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):  # fmt: skip
     SPAN: tl.constexpr = 2 * KS - 1
     pid, bh, b, h, gi, gj, ta, tb, len_h, len_w = _program_tile(heads, height, width, tiles_h, tiles_w, DIL)
-    qa, qb, q_valid, sa, sb, ha0, ha1, hb0, kb = _query_tile(ta, tb, len_h, len_w, KS, BH, BW, KW)
+    qa, qb, q_valid, sa, sb, ha0, ha1, hb0 = _query_tile(ta, tb, len_h, len_w, KS, BH, BW)
     qk_scale = _exact_scale(qk_scale_hi, qk_scale_lo, IS_FP64)
     scale = _exact_scale(scale_hi, scale_lo, IS_FP64)
     d = tl.arange(0, BLOCK_D)
@@ -278,11 +296,12 @@ def _na2d_backward_query_kernel(
     out = tl.load(out_rows + cols_q[:, None] * sow + d[None, :] * sod, mask=d_ok[None, :], other=0.0)
     delta = tl.sum(do.to(lse.dtype) * out.to(lse.dtype), 1)
     tl.store(DELTA + stat_index, delta, mask=q_valid)
-    key_ok = (kb < len_w)[:, None] & d_ok[None, :]
-    cols_k = gj + DIL * kb
-    col_in = (kb[None, :] >= sb[:, None]) & (kb[None, :] < sb[:, None] + KS)
+    row_step, kc = _key_tile(hb0, KW, KROWS)
+    cols_k = gj + DIL * kc
+    col_in = (kc[None, :] >= sb[:, None]) & (kc[None, :] < sb[:, None] + KS)
     # RPB gradient: in key row ka, query m's dS at key column n goes to table column
-    # c = kb[n] - qb[m] + k - 1; `gather_n[m, c]` is that n (masked where outside the key row).
+    # c = (hb0 + n) - qb[m] + k - 1; `gather_n[m, c]` is that n (masked where outside the key row), in
+    # the step's first key row; the r-th row's keys are KW further on.
     c = tl.arange(0, SPAN_P)
     gather_n = c[None, :] - (KS - 1) + qb[:, None] - hb0
     gather_ok = (gather_n >= 0) & (gather_n < KW) & (c[None, :] < SPAN)
@@ -293,23 +312,29 @@ def _na2d_backward_query_kernel(
     else:
         dq = tl.zeros([BH * BW, BLOCK_D], dtype=tl.float32)
         table = tl.zeros([SPAN_P, SPAN_P], dtype=tl.float32)
-    for ka in range(ha0, ha1):
-        row_k = gi + DIL * ka
+    for ka0 in range(ha0, ha1, KROWS):
+        ka = ka0 + row_step  # rows past the halo (its last step) lie in no window: loads masked
+        key_ok = ((kc < len_w) & (ka < ha1))[:, None] & d_ok[None, :]
+        row_k0 = gi + DIL * ka0
+        rows_k = (gi + DIL * ka)[:, None]
         k = _load_rows(
-            _rows(K + b * skb + h * skn, row_k, row_k, skh), cols_k, d, skw, skd, key_ok, DOT_DTYPE
+            _rows(K + b * skb + h * skn, row_k0, rows_k, skh), cols_k, d, skw, skd, key_ok, DOT_DTYPE
         )
         v = _load_rows(
-            _rows(V + b * svb + h * svn, row_k, row_k, svh), cols_k, d, svw, svd, key_ok, DOT_DTYPE
+            _rows(V + b * svb + h * svn, row_k0, rows_k, svh), cols_k, d, svw, svd, key_ok, DOT_DTYPE
         )
-        s, inside = _window_logits(q, k, RPB, h, ka, qa, qb, kb, sa, col_in, qk_scale, KS, HAS_RPB, PRECISION)
+        s, inside = _window_logits(q, k, RPB, h, ka, qa, qb, kc, sa, col_in, qk_scale, KS, HAS_RPB, PRECISION)
         p = tl.where(inside, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = tl.where(q_valid[:, None], p * (dp - delta[:, None]), 0.0)  # repeated queries count once
         dq += tl.dot(ds.to(Q.dtype.element_ty).to(DOT_DTYPE), k, input_precision=PRECISION)
         if RPB_GRAD:
-            by_column = tl.where(gather_ok, tl.gather(ds, gather_n, 1), 0.0)  # (queries, table columns)
-            row_hot = ((ka - qa + KS - 1)[None, :] == c[:, None]).to(ds.dtype)  # (table rows, queries)
-            table += tl.dot(row_hot, by_column, input_precision="ieee")
+            for r in tl.static_range(KROWS):  # one table row per (query, key row)
+                by_column = tl.where(
+                    gather_ok, tl.gather(ds, gather_n + r * KW, 1), 0.0
+                )  # (queries, columns)
+                row_hot = ((ka0 + r - qa + KS - 1)[None, :] == c[:, None]).to(ds.dtype)  # (rows, queries)
+                table += tl.dot(row_hot, by_column, input_precision="ieee")
     tl.store(
         _rows(DQ + b * sgb + h * sgn, row0, rows_q[:, None], sgh) + cols_q[:, None] * sgw + d[None, :] * sgd,
         (dq * scale).to(DQ.dtype.element_ty),
@@ -492,6 +517,13 @@ def _group_tiles(height: int, width: int, dilation: int, tile: tuple[int, int]) 
     return math.ceil(math.ceil(height / dilation) / tile[0]), math.ceil(math.ceil(width / dilation) / tile[1])
 
 
+def key_rows_per_step(key_width: int) -> int:
+    """Halo rows the forward and query-major kernels take per step: enough for a `tl.dot` 32 keys
+    wide (finding 4 of issue 28: one 16-key row per step, at k <= 9, gave half-width dots and twice
+    the steps, each with its online-softmax rescale)."""
+    return max(1, KEYS_PER_STEP // key_width)
+
+
 def kernel_constants(
     dtype: torch.dtype, kernel_size: int, dilation: int, head_dim: int, tile: tuple[int, int], has_rpb: bool,
     rpb_grad: bool = False,
@@ -506,7 +538,8 @@ def kernel_constants(
         PRECISION=_precision(dtype),
         DOT_DTYPE=_dot_dtype(dtype),
     )
-    forward = dict(common, BH=tile[0], BW=tile[1], KW=_pow2(tile[1] + kernel_size - 1))
+    key_width = _pow2(tile[1] + kernel_size - 1)
+    forward = dict(common, BH=tile[0], BW=tile[1], KW=key_width, KROWS=key_rows_per_step(key_width))
     query = dict(forward, RPB_GRAD=rpb_grad, SPAN_P=_pow2(2 * kernel_size - 1))
     key = dict(common, KH=tile[0], KWT=tile[1], QW=QUERY_CHUNK)
     return forward, query, key
