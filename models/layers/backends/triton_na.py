@@ -62,7 +62,8 @@ LAUNCH_CONFIGS = (((8, 1), (4, 1), (8, 2)), ((8, 3), (8, 1), (4, 1)), ((8, 1), (
 # 64 (sm_80) and passed sm_86's shared memory in fp32 at head dim 128.
 QUERY_CHUNK = 16
 # Keys per step of the forward and query-major walks: whole halo rows (KW keys each, 16 at k <= 9,
-# 32 at k 11 and 13) up to this many (`key_rows_per_step`).
+# 32 at k 11 and 13) up to this many, where the offline compiles keep the registers
+# (`key_rows_per_step`).
 KEYS_PER_STEP = 32
 
 
@@ -517,11 +518,15 @@ def _group_tiles(height: int, width: int, dilation: int, tile: tuple[int, int]) 
     return math.ceil(math.ceil(height / dilation) / tile[0]), math.ceil(math.ceil(width / dilation) / tile[1])
 
 
-def key_rows_per_step(key_width: int) -> int:
-    """Halo rows the forward and query-major kernels take per step: enough for a `tl.dot` 32 keys
+def key_rows_per_step(key_width: int, head_dim: int, dtype: torch.dtype, query_major: bool) -> int:
+    """Halo rows the forward or query-major kernel takes per step: enough for a `tl.dot` 32 keys
     wide (finding 4 of issue 28: one 16-key row per step, at k <= 9, gave half-width dots and twice
-    the steps, each with its online-softmax rescale)."""
-    return max(1, KEYS_PER_STEP // key_width)
+    the steps, each with its online-softmax rescale), where the offline compiles (docs/benchmarks.md)
+    showed no new spills: the forward up to head dim 64; the query-major kernel, which also holds
+    dq and the RPB-gradient table, up to 64 in 16-bit types and 32 otherwise (two rows spilled
+    48-56 B in fp32 at head dim 64 on sm_80/86)."""
+    widest = 64 if not query_major or dtype.itemsize <= 2 else 32
+    return max(1, KEYS_PER_STEP // key_width) if head_dim <= widest else 1
 
 
 def kernel_constants(
@@ -539,8 +544,9 @@ def kernel_constants(
         DOT_DTYPE=_dot_dtype(dtype),
     )
     key_width = _pow2(tile[1] + kernel_size - 1)
-    forward = dict(common, BH=tile[0], BW=tile[1], KW=key_width, KROWS=key_rows_per_step(key_width))
-    query = dict(forward, RPB_GRAD=rpb_grad, SPAN_P=_pow2(2 * kernel_size - 1))
+    rows = functools.partial(key_rows_per_step, key_width, head_dim, dtype)
+    forward = dict(common, BH=tile[0], BW=tile[1], KW=key_width, KROWS=rows(query_major=False))
+    query = dict(forward, KROWS=rows(query_major=True), RPB_GRAD=rpb_grad, SPAN_P=_pow2(2 * kernel_size - 1))
     key = dict(common, KH=tile[0], KWT=tile[1], QW=QUERY_CHUNK)
     return forward, query, key
 
