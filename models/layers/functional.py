@@ -114,8 +114,8 @@ def neighborhood_attention_2d(
     except torch.OutOfMemoryError:
         raise
     except Exception as error:  # noqa: BLE001 (compile, resource or launch errors: warned, then rerun)
-        device, dtype, has_rpb = str(q.device), q.dtype, rpb is not None
-        distrust_after_failed_call(name, device, dtype, kernel_size, dilation, q.shape[-1], has_rpb, error)
+        key = (name, str(q.device), q.dtype, kernel_size, dilation, q.shape[-1], rpb is not None)
+        distrust_after_failed_call(key, error)
     name = trusted_backend(requested, name, *fields, *configuration)
     return _IMPLEMENTATIONS[name](q, k, v, kernel_size, dilation, rpb, scale, attn_drop)
 

@@ -129,20 +129,12 @@ def error_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def distrust_after_failed_call(
-    backend: str,
-    device: str,
-    dtype: torch.dtype,
-    kernel_size: int,
-    dilation: int,
-    head_dim: int,
-    has_rpb: bool,
-    error: BaseException,
-) -> None:
+def distrust_after_failed_call(key: tuple, error: BaseException) -> None:
     """A call that passed its self-check failed on a real problem (a larger shape: grid, shared
-    memory, a launch): warn once and record it as this configuration's outcome, so that `auto` moves
-    to the next backend for it from this call on, as after a failed self-check."""
-    key = (backend, device, dtype, kernel_size, dilation, head_dim, has_rpb)
+    memory, a launch): warn once and record it as this configuration's outcome (`key`: self_check's
+    arguments, as a tuple), so that `auto` moves to the next backend for it from this call on, as
+    after a failed self-check."""
+    backend, device = key[:2]
     _outcomes[key] = f"a call after the self-check failed: {error_line(error)}"
     warnings.warn(
         f"NA backend {backend!r} failed on {device} for {describe(key)} after passing its self-check: "
