@@ -145,6 +145,23 @@ def _key_tile(hb0, KW: tl.constexpr, KROWS: tl.constexpr):
     return n // KW, hb0 + n % KW
 
 
+def _key_step(
+    K, V, ka0, row_step, kc, ha1, len_w, gi, gj, d, d_ok, skh, skw, skd, svh, svw, svd,
+    DIL: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):  # fmt: skip
+    """One step of the forward and query-major walks: its keys' rows (`ka`, one per key) and the k, v
+    tiles (`K`, `V`: one batch and head) of halo rows ka0 .. ka0 + KROWS - 1 at columns `kc`. Rows
+    past the halo (its last step) lie in no window: their loads are masked."""
+    ka = ka0 + row_step
+    key_ok = ((kc < len_w) & (ka < ha1))[:, None] & d_ok[None, :]
+    row_k0 = gi + DIL * ka0
+    rows_k = (gi + DIL * ka)[:, None]
+    cols_k = gj + DIL * kc
+    k = _load_rows(_rows(K, row_k0, rows_k, skh), cols_k, d, skw, skd, key_ok, DOT_DTYPE)
+    v = _load_rows(_rows(V, row_k0, rows_k, svh), cols_k, d, svw, svd, key_ok, DOT_DTYPE)
+    return ka, k, v
+
+
 def _exact_scale(hi, lo, IS_FP64: tl.constexpr):
     """A scale passed as two float32 arguments (the compiled launcher types Python floats float32):
     their sum keeps 48 bits for float64 inputs; float32 and narrower need only `hi`."""
@@ -175,7 +192,8 @@ def _window_logits(
 
 
 _DEVICE_FUNCTIONS = (
-    "_program_tile", "_query_tile", "_key_tile", "_rows", "_load_rows", "_exact_scale", "_window_logits",
+    "_program_tile", "_query_tile", "_key_tile", "_rows", "_load_rows", "_key_step", "_exact_scale",
+    "_window_logits",
 )  # fmt: skip
 
 
@@ -208,7 +226,6 @@ def _na2d_forward_kernel(
         DOT_DTYPE,
     )
     row_step, kc = _key_tile(hb0, KW, KROWS)
-    cols_k = gj + DIL * kc
     col_in = (kc[None, :] >= sb[:, None]) & (kc[None, :] < sb[:, None] + KS)
     if IS_FP64:
         acc = tl.zeros([BH * BW, BLOCK_D], dtype=tl.float64)
@@ -218,16 +235,10 @@ def _na2d_forward_kernel(
         l_i = tl.zeros([BH * BW], dtype=tl.float32)
     m_i = l_i - 1e30  # finite: a key row outside every window of a query leaves alpha = 1
     for ka0 in range(ha0, ha1, KROWS):
-        ka = ka0 + row_step  # rows past the halo (its last step) lie in no window: loads masked
-        key_ok = ((kc < len_w) & (ka < ha1))[:, None] & d_ok[None, :]
-        row_k0 = gi + DIL * ka0
-        rows_k = (gi + DIL * ka)[:, None]
-        k = _load_rows(
-            _rows(K + b * skb + h * skn, row_k0, rows_k, skh), cols_k, d, skw, skd, key_ok, DOT_DTYPE
-        )
-        v = _load_rows(
-            _rows(V + b * svb + h * svn, row_k0, rows_k, svh), cols_k, d, svw, svd, key_ok, DOT_DTYPE
-        )
+        ka, k, v = _key_step(
+            K + b * skb + h * skn, V + b * svb + h * svn, ka0, row_step, kc, ha1, len_w, gi, gj, d, d_ok,
+            skh, skw, skd, svh, svw, svd, DIL, DOT_DTYPE,
+        )  # fmt: skip
         s, inside = _window_logits(q, k, RPB, h, ka, qa, qb, kc, sa, col_in, qk_scale, KS, HAS_RPB, PRECISION)
         s = tl.where(inside, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -298,7 +309,6 @@ def _na2d_backward_query_kernel(
     delta = tl.sum(do.to(lse.dtype) * out.to(lse.dtype), 1)
     tl.store(DELTA + stat_index, delta, mask=q_valid)
     row_step, kc = _key_tile(hb0, KW, KROWS)
-    cols_k = gj + DIL * kc
     col_in = (kc[None, :] >= sb[:, None]) & (kc[None, :] < sb[:, None] + KS)
     # RPB gradient: in key row ka, query m's dS at key column n goes to table column
     # c = (hb0 + n) - qb[m] + k - 1; `gather_n[m, c]` is that n (masked where outside the key row), in
@@ -314,16 +324,10 @@ def _na2d_backward_query_kernel(
         dq = tl.zeros([BH * BW, BLOCK_D], dtype=tl.float32)
         table = tl.zeros([SPAN_P, SPAN_P], dtype=tl.float32)
     for ka0 in range(ha0, ha1, KROWS):
-        ka = ka0 + row_step  # rows past the halo (its last step) lie in no window: loads masked
-        key_ok = ((kc < len_w) & (ka < ha1))[:, None] & d_ok[None, :]
-        row_k0 = gi + DIL * ka0
-        rows_k = (gi + DIL * ka)[:, None]
-        k = _load_rows(
-            _rows(K + b * skb + h * skn, row_k0, rows_k, skh), cols_k, d, skw, skd, key_ok, DOT_DTYPE
-        )
-        v = _load_rows(
-            _rows(V + b * svb + h * svn, row_k0, rows_k, svh), cols_k, d, svw, svd, key_ok, DOT_DTYPE
-        )
+        ka, k, v = _key_step(
+            K + b * skb + h * skn, V + b * svb + h * svn, ka0, row_step, kc, ha1, len_w, gi, gj, d, d_ok,
+            skh, skw, skd, svh, svw, svd, DIL, DOT_DTYPE,
+        )  # fmt: skip
         s, inside = _window_logits(q, k, RPB, h, ka, qa, qb, kc, sa, col_in, qk_scale, KS, HAS_RPB, PRECISION)
         p = tl.where(inside, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
