@@ -101,23 +101,26 @@ def neighborhood_attention_2d(
         requested = "naive"  # standard ONNX ops (Gather, MatMul, Softmax); the kernels would be custom ops
     fields = call_fields(q, k, v, rpb, attn_drop)
     name = resolve_backend(requested, *fields)
+
+    def run(backend: str) -> torch.Tensor:
+        return _IMPLEMENTATIONS[backend](q, k, v, kernel_size, dilation, rpb, scale, attn_drop)
+
     if name not in SELF_CHECKED:
-        return _IMPLEMENTATIONS[name](q, k, v, kernel_size, dilation, rpb, scale, attn_drop)
+        return run(name)
     # CUDA kernels: trusted once checked on this configuration; under `auto`, one that fails later on
     # a real call is distrusted for it and the call reruns on the next backend (self_check.py).
     configuration = (kernel_size, dilation, q.shape[-1], str(q.device))
     name = trusted_backend(requested, name, *fields, *configuration)
     if requested != "auto" or name not in SELF_CHECKED or torch.compiler.is_compiling():
-        return _IMPLEMENTATIONS[name](q, k, v, kernel_size, dilation, rpb, scale, attn_drop)
+        return run(name)
     try:
-        return _IMPLEMENTATIONS[name](q, k, v, kernel_size, dilation, rpb, scale, attn_drop)
+        return run(name)
     except torch.OutOfMemoryError:
         raise
     except Exception as error:  # noqa: BLE001 (compile, resource or launch errors: warned, then rerun)
         key = (name, str(q.device), q.dtype, kernel_size, dilation, q.shape[-1], rpb is not None)
         distrust_after_failed_call(key, error)
-    name = trusted_backend(requested, name, *fields, *configuration)
-    return _IMPLEMENTATIONS[name](q, k, v, kernel_size, dilation, rpb, scale, attn_drop)
+    return run(trusted_backend(requested, name, *fields, *configuration))
 
 
 def neighborhood_attention_weights(
