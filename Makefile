@@ -19,7 +19,7 @@ else
 NATTEN_INSTALL := CUDA_VISIBLE_DEVICES= NATTEN_CUDA_ARCH= $(PY) -m pip install -q --no-build-isolation $(NATTEN)
 endif
 
-.PHONY: setup demo test zoo zoo-seeds lint format
+.PHONY: setup demo test zoo zoo-seeds lint format gpu-wheels
 
 setup: $(STAMP)
 
@@ -53,6 +53,14 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS)
+
+# What a GPU machine without network access needs beside its own torch, Triton and timm, as wheels in
+# .whl/ (docs/benchmarks.md, "A first GPU session"): natten built without its CUDA library (pure
+# Python, py3-none-any) and this venv's timm, so the check runs against the timm the tests ran.
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	CUDA_VISIBLE_DEVICES= NATTEN_CUDA_ARCH= $(PY) -m pip wheel -q --no-deps --no-build-isolation -w .whl $(NATTEN)
+	$(PY) -m pip download -q --no-deps -d .whl "timm==$$($(PY) -c 'import timm; print(timm.__version__)')"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
