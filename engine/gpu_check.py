@@ -400,7 +400,8 @@ def markdown(report: dict) -> str:
         "",
         f"{env.get('gpu') or env['cpu']}; torch {env['torch']}, triton {env['triton']}, "
         f"natten {env['natten']}, timm {env['timm']}; {env['date']}; {report['seconds']} s. Failed sections: "
-        f"{', '.join(report['failed']) or 'none'}.",
+        f"{', '.join(report['failed']) or 'none'}."
+        + (f" Not run (yet): {', '.join(report['not_run'])}." if report["not_run"] else ""),
     ]
     sections = report["sections"]
     for name, result in sections.items():
@@ -497,6 +498,24 @@ def run(out: Path, dry_run: bool = False, sections=SECTIONS, sweep_timeout: int 
     }
     start = time.perf_counter()
     results, seconds = {}, {}
+    env = environment(plan)
+
+    def write_report() -> dict:
+        # After every section, not only at the end: a run stopped by a time limit (a lent machine's
+        # command limit) still leaves what it finished, and says which sections it did not reach.
+        report = dict(
+            environment=env,
+            seconds=round(time.perf_counter() - start, 1),
+            section_seconds=seconds,
+            failed=[name for name, result in results.items() if section_failed(name, result)],
+            not_run=[name for name in sections if name not in results],
+            sections=results,
+        )
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+        (out / "gpu_check.md").write_text(markdown(report))
+        return report
+
+    report = write_report()
     for name in sections:
         t0 = time.perf_counter()
         print(f"[gpu_check] {name} ...", flush=True)
@@ -507,15 +526,7 @@ def run(out: Path, dry_run: bool = False, sections=SECTIONS, sweep_timeout: int 
         seconds[name] = round(time.perf_counter() - t0, 1)
         verdict = " FAILED" if section_failed(name, results[name]) else ""
         print(f"[gpu_check] {name}: {seconds[name]} s{verdict}", flush=True)
-    report = dict(
-        environment=environment(plan),
-        seconds=round(time.perf_counter() - start, 1),
-        section_seconds=seconds,
-        failed=[name for name, result in results.items() if section_failed(name, result)],
-        sections=results,
-    )
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / "gpu_check.md").write_text(markdown(report))
+        report = write_report()
     print(markdown(report))
     print(f"[gpu_check] wrote {out / 'gpu_check.json'} and gpu_check.md")
     return 1 if report["failed"] else 0

@@ -96,6 +96,22 @@ def test_a_crashing_model_is_its_rows_verdict_and_the_others_still_train(tmp_pat
     assert "FAILED: " in (tmp_path / "gpu_check.md").read_text()
 
 
+def test_a_run_stopped_mid_way_leaves_the_finished_sections_and_names_the_rest(tmp_path, monkeypatch):
+    """On a lent GPU a command limit can stop the check: what finished is already on disk."""
+    monkeypatch.setattr(gpu_check, "TRAIN_MODELS", ["convnext_tiny"])
+
+    def stopped(plan):
+        raise KeyboardInterrupt  # what a kill looks like from inside: nothing after it runs
+
+    monkeypatch.setattr(gpu_check, "time_operator", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.run(tmp_path, dry_run=True, sections=["train", "na_timing", "sweep"])
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert list(report["sections"]) == ["train"] and report["sections"]["train"][0]["status"] == "ok"
+    assert report["not_run"] == ["na_timing", "sweep"]
+    assert "Not run (yet): na_timing, sweep." in (tmp_path / "gpu_check.md").read_text()
+
+
 @pytest.mark.slow
 def test_dry_run_whole_script_with_benchmark_sweep(tmp_path):
     proc = subprocess.run(
