@@ -17,10 +17,11 @@ timed and recorded (one that fails is reported; the others still run):
    and 12 at 1024, train and inference; its rows and targets (NAT-T >= 1.0x Swin-T and >= 0.8x
    ConvNeXt-T img/s, train memory <= Swin-T's): the tables docs/benchmarks.md's GPU section takes.
 
-`run(...)` writes gpu_check.json and gpu_check.md to its `out` folder and returns the exit status:
-1 when a check failed (a self-check, a wrong gradient, a non-finite loss, a section that crashed);
-missed speed targets are reported, not failed. `dry_run`: the same code on the CPU with tiny shapes
-and models, Triton interpreted (the caller sets TRITON_INTERPRET=1 before torch is imported).
+`run(...)` writes gpu_check.json and gpu_check.md to its `out` folder after every section and
+returns the exit status: 1 when a check failed (a self-check, a wrong gradient, a non-finite loss, a
+section that crashed) or a section did not run (the time budget was spent); missed speed targets
+are reported, not failed. `dry_run`: the same code on the CPU with tiny shapes and models, Triton
+interpreted (the caller sets TRITON_INTERPRET=1 before torch is imported).
 """
 
 from __future__ import annotations
@@ -479,8 +480,12 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(out: Path, dry_run: bool = False, sections=SECTIONS, sweep_timeout: int = 330) -> int:
-    """Run `sections`, write gpu_check.json / gpu_check.md to `out`; the exit status (module doc)."""
+def run(
+    out: Path, dry_run: bool = False, sections=SECTIONS, sweep_timeout: int = 330, budget: float = 480
+) -> int:
+    """Run `sections`, write gpu_check.json / gpu_check.md to `out`; the exit status (module doc).
+    No section starts once `budget` seconds have passed (they are reported as not run), and the sweep
+    gets at most what is left of it: a lent machine's command limit then cuts nothing half-done."""
     plan = Plan(dry_run)
     if not dry_run and not torch.cuda.is_available():
         print(
@@ -494,7 +499,9 @@ def run(out: Path, dry_run: bool = False, sections=SECTIONS, sweep_timeout: int 
         "operator": lambda: check_operator(plan),
         "na_timing": lambda: time_operator(plan),
         "train": lambda: train_steps(plan),
-        "sweep": lambda: benchmark_sweep(plan, out, sweep_timeout),
+        "sweep": lambda: benchmark_sweep(
+            plan, out, int(min(sweep_timeout, budget - (time.perf_counter() - start)))
+        ),
     }
     start = time.perf_counter()
     results, seconds = {}, {}
@@ -518,6 +525,9 @@ def run(out: Path, dry_run: bool = False, sections=SECTIONS, sweep_timeout: int 
     report = write_report()
     for name in sections:
         t0 = time.perf_counter()
+        if t0 - start >= budget:
+            print(f"[gpu_check] budget of {budget:.0f} s spent: not starting {name}", flush=True)
+            break
         print(f"[gpu_check] {name} ...", flush=True)
         try:
             results[name] = runs[name]()
@@ -529,4 +539,4 @@ def run(out: Path, dry_run: bool = False, sections=SECTIONS, sweep_timeout: int 
         report = write_report()
     print(markdown(report))
     print(f"[gpu_check] wrote {out / 'gpu_check.json'} and gpu_check.md")
-    return 1 if report["failed"] else 0
+    return 1 if report["failed"] or report["not_run"] else 0

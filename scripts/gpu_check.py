@@ -9,9 +9,10 @@ runs before trusting natten or Triton), operator (every backend against the floa
 na_timing (NA fwd+bwd on NAT-T/DiNAT-T layer shapes), train (NAT-T, DiNAT-T, Swin-T, ConvNeXt-T in
 bf16 at batch 64: train and inference img/s, peak memory), sweep (scripts/benchmark.py on the GPU).
 
-Writes gpu_check.json and gpu_check.md to --out. Exit status 1 when a check failed (a self-check, a
-wrong gradient, a non-finite loss, a section that crashed); missed speed targets are reported, not
-failed; 2 without a GPU (and without --dry-run).
+Writes gpu_check.json and gpu_check.md to --out, after every section. Exit status 1 when a check
+failed (a self-check, a wrong gradient, a non-finite loss, a section that crashed) or a section did
+not start within --budget; missed speed targets are reported, not failed; 2 without a GPU (and
+without --dry-run).
 """
 
 from __future__ import annotations
@@ -40,12 +41,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--sections", nargs="+", default=list(gpu_check.SECTIONS), choices=gpu_check.SECTIONS)
     p.add_argument("--sweep-timeout", type=int, default=330, help="seconds the benchmark sweep may take")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=480,
+        help="seconds after which no section starts (the sweep gets at most what is left)",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return gpu_check.run(args.out, args.dry_run, args.sections, args.sweep_timeout)
+    return gpu_check.run(args.out, args.dry_run, args.sections, args.sweep_timeout, args.budget)
 
 
 if __name__ == "__main__":

@@ -112,6 +112,13 @@ def test_a_run_stopped_mid_way_leaves_the_finished_sections_and_names_the_rest(t
     assert "Not run (yet): na_timing, sweep." in (tmp_path / "gpu_check.md").read_text()
 
 
+def test_no_section_starts_after_the_budget_and_the_run_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "TRAIN_MODELS", ["convnext_tiny"])
+    status = gpu_check.run(tmp_path, dry_run=True, sections=["train", "na_timing"], budget=0)
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert status == 1 and report["sections"] == {} and report["not_run"] == ["train", "na_timing"]
+
+
 @pytest.mark.slow
 def test_dry_run_whole_script_with_benchmark_sweep(tmp_path):
     proc = subprocess.run(
