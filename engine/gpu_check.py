@@ -500,7 +500,7 @@ def run(
         "na_timing": lambda: time_operator(plan),
         "train": lambda: train_steps(plan),
         "sweep": lambda: benchmark_sweep(
-            plan, out, int(min(sweep_timeout, budget - (time.perf_counter() - start)))
+            plan, out, max(1, int(min(sweep_timeout, budget - (time.perf_counter() - start))))
         ),
     }
     start = time.perf_counter()
