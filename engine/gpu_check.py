@@ -16,6 +16,8 @@ timed and recorded (one that fails is reported; the others still run):
 4. sweep: scripts/benchmark.py (through its CLI) on the GPU: those four models, batch 256 at 224
    and 12 at 1024, train and inference; its rows and targets (NAT-T >= 1.0x Swin-T and >= 0.8x
    ConvNeXt-T img/s, train memory <= Swin-T's): the tables docs/benchmarks.md's GPU section takes.
+5. tiles (only when asked for): the `triton` kernels at each query tile of TILES on the na_timing
+   shapes, bf16 with RPB, forward+backward: ms per tile and each tile's output against the default's.
 
 `run(...)` writes gpu_check.json and gpu_check.md to its `out` folder after every section and
 returns the exit status: 1 when a check failed (a self-check, a wrong gradient, a non-finite loss, a
@@ -53,10 +55,11 @@ from models.layers.backends.self_check import (
     relative_errors,
     self_check,
 )
-from models.layers.backends.triton_na import fp32_matmul_uses_tf32
+from models.layers.backends.triton_na import DEFAULT_TILE, fp32_matmul_uses_tf32, na2d_triton
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("self_check", "operator", "na_timing", "train", "sweep")
+SECTIONS = ("self_check", "operator", "na_timing", "train", "sweep", "tiles")
+DEFAULT_SECTIONS = SECTIONS[:5]  # `tiles` is a second call's (docs/benchmarks.md, "GPU")
 
 # (height, width, kernel, dilation)
 OPERATOR_CASES = {"cuda": [(14, 14, 7, 1), (13, 17, 5, 2), (12, 11, 3, 3)], "cpu": [(7, 8, 3, 1)]}
@@ -65,6 +68,10 @@ TIMING_SHAPES = {
     "cuda": [(56, 2, 1), (28, 4, 1), (14, 8, 1), (7, 16, 1), (56, 2, 8), (28, 4, 4), (14, 8, 2)],
     "cpu": [(9, 1, 1)],
 }
+# Query tiles (rows, columns) the `tiles` section times the Triton kernels at, the default first (the
+# reference for both time and output). Each compiles without spills for sm_90 at k 7, head dim 32
+# (compile_offline, session 12).
+TILES = {"cuda": [DEFAULT_TILE, (8, 16), (16, 8), (16, 16), (4, 8)], "cpu": [DEFAULT_TILE, (4, 4)]}
 TRAIN_MODELS = ["nat_tiny", "dinat_tiny", "swin_tiny_patch4_window7_224", "convnext_tiny"]
 # Tiny variants for --dry-run: the same code paths (NA with RPB and dilation, Swin windows, convs).
 DRY_RUN_KWARGS = {
@@ -239,6 +246,53 @@ def time_operator(plan: Plan) -> list[dict]:
         if "triton+rpb" in row["ms"] and "natten" in row["ms"]:
             row["triton_over_natten"] = round(row["ms"]["triton+rpb"] / row["ms"]["natten"], 3)
             row["target_met"] = row["triton_over_natten"] <= 1.5
+        rows.append(row)
+    return rows
+
+
+def time_tiles(plan: Plan) -> list[dict]:
+    """The `triton` kernels at each of TILES on the na_timing shapes (bf16, RPB, forward+backward):
+    ms per tile, and each tile's output against the default tile's (only the summation order may
+    differ: a relative difference above 1e-2 fails the row)."""
+    rows = []
+    dtype, kernel_size = torch.bfloat16, 7 if not plan.dry_run else 3
+    for size, heads, dilation in plan.timing_shapes:
+        shape = (plan.timing_batch, size, size, heads, 32)
+        q, k, v = (torch.randn(shape, device=plan.device, dtype=dtype, requires_grad=True) for _ in range(3))
+        rpb = torch.randn(
+            heads, 2 * kernel_size - 1, 2 * kernel_size - 1, device=plan.device, requires_grad=True
+        )
+        row = dict(shape=f"B{plan.timing_batch} {size}x{size} heads {heads} d{dilation}", ms={}, rel_diff={})
+        reference = None
+        for tile in TILES[plan.device]:
+            label = f"{tile[0]}x{tile[1]}"
+
+            def attention(t=tile, dil=dilation, inputs=(q, k, v, rpb)):
+                return na2d_triton(*inputs[:3], kernel_size, dil, inputs[3], 32**-0.5, 0.0, tile=t)
+
+            try:
+                row["ms"][label] = round(
+                    _time_ms(
+                        lambda: attention().sum().backward(),
+                        plan.device,
+                        plan.timing_repeats,
+                        plan.timing_warmup,
+                    ),
+                    3,
+                )
+                with torch.no_grad():
+                    out = attention().float()
+            except Exception as error:
+                row.update(status="FAILED", error=f"{label}: {_error_text(error)}")
+                continue
+            if reference is None:
+                reference = out
+            else:
+                row["rel_diff"][label] = float(f"{((out - reference).norm() / reference.norm()).item():.2g}")
+                if not row["rel_diff"][label] <= 1e-2:
+                    row.update(status="FAILED", error=f"{label}: output differs from the default tile's")
+        if row["ms"]:
+            row["fastest"] = min(row["ms"], key=row["ms"].get)
         rows.append(row)
     return rows
 
@@ -445,6 +499,22 @@ def markdown(report: dict) -> str:
                     + " | ".join(cells)
                     + f" | {r.get('triton_over_natten', '-')} | {note} |"
                 )
+        elif name == "tiles":
+            labels = [f"{t[0]}x{t[1]}" for t in TILES["cpu" if env["dry_run"] else "cuda"]]
+            lines += [
+                "| shape | "
+                + " | ".join(f"{label} ms" for label in labels)
+                + " | fastest | max rel diff | note |",
+                "|---|" + "---:|" * len(labels) + "---|---:|---|",
+            ]
+            for r in result:
+                cells = [f"{r['ms'][label]:.3f}" if label in r["ms"] else "-" for label in labels]
+                worst = max(r["rel_diff"].values(), default="-")
+                lines.append(
+                    f"| {r['shape']} | "
+                    + " | ".join(cells)
+                    + f" | {r.get('fastest', '-')} | {worst} | {r.get('error', '')} |"
+                )
         elif name == "train":
             lines += [
                 "| model | batch | res | NA backend | train img/s | ms/step | train peak MB | infer img/s "
@@ -481,7 +551,11 @@ def markdown(report: dict) -> str:
 
 
 def run(
-    out: Path, dry_run: bool = False, sections=SECTIONS, sweep_timeout: int = 330, budget: float = 480
+    out: Path,
+    dry_run: bool = False,
+    sections=DEFAULT_SECTIONS,
+    sweep_timeout: int = 330,
+    budget: float = 480,
 ) -> int:
     """Run `sections`, write gpu_check.json / gpu_check.md to `out`; the exit status (module doc).
     No section starts once `budget` seconds have passed (they are reported as not run), and the sweep
@@ -499,6 +573,7 @@ def run(
         "operator": lambda: check_operator(plan),
         "na_timing": lambda: time_operator(plan),
         "train": lambda: train_steps(plan),
+        "tiles": lambda: time_tiles(plan),
         "sweep": lambda: benchmark_sweep(
             plan, out, max(1, int(min(sweep_timeout, budget - (time.perf_counter() - start))))
         ),

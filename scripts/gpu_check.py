@@ -7,7 +7,9 @@
 Sections (engine/gpu_check.py says what each checks and measures): self_check (the check `auto`
 runs before trusting natten or Triton), operator (every backend against the float64 reference),
 na_timing (NA fwd+bwd on NAT-T/DiNAT-T layer shapes), train (NAT-T, DiNAT-T, Swin-T, ConvNeXt-T in
-bf16 at batch 64: train and inference img/s, peak memory), sweep (scripts/benchmark.py on the GPU).
+bf16 at batch 64: train and inference img/s, peak memory), sweep (scripts/benchmark.py on the GPU);
+and, asked for by name (`--sections tiles`, a second call), tiles: the Triton kernels' query tile
+sweep on the na_timing shapes.
 
 Writes gpu_check.json and gpu_check.md to --out, after every section. Exit status 1 when a check
 failed (a self-check, a wrong gradient, a non-finite loss, a section that crashed) or a section did
@@ -39,7 +41,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="on the CPU, tiny shapes and models, Triton interpreted: seconds; numbers meaningless",
     )
-    p.add_argument("--sections", nargs="+", default=list(gpu_check.SECTIONS), choices=gpu_check.SECTIONS)
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        default=list(gpu_check.DEFAULT_SECTIONS),
+        choices=gpu_check.SECTIONS,
+        help="default: all but `tiles` (the Triton tile sweep: a second call's)",
+    )
     p.add_argument("--sweep-timeout", type=int, default=330, help="seconds the benchmark sweep may take")
     p.add_argument(
         "--budget",

@@ -84,6 +84,24 @@ def test_a_wrong_gradient_fails_the_check(tmp_path, monkeypatch):
     assert any(r["status"] == "FAILED" for r in report["sections"]["operator"])
 
 
+def test_tile_sweep_times_each_tile_and_fails_one_whose_output_differs(tmp_path, monkeypatch):
+    if not triton_interpreting():
+        pytest.skip("the dry run's CPU Triton needs TRITON_INTERPRET=1 from the start (the slow test)")
+    assert gpu_check.run(tmp_path, dry_run=True, sections=["tiles"]) == 0
+    (row,) = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["tiles"]
+    assert set(row["ms"]) == {"8x8", "4x4"} and row["rel_diff"]["4x4"] < 1e-2  # bf16, other order only
+    real = gpu_check.na2d_triton
+
+    def off_at_small_tiles(*args, tile, **kwargs):
+        out = real(*args, tile=tile, **kwargs)
+        return out if tile == gpu_check.DEFAULT_TILE else out * 1.05
+
+    monkeypatch.setattr(gpu_check, "na2d_triton", off_at_small_tiles)
+    assert gpu_check.run(tmp_path, dry_run=True, sections=["tiles"]) == 1
+    (row,) = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["tiles"]
+    assert row["status"] == "FAILED" and row["error"].startswith("4x4: output differs")
+
+
 def test_a_crashing_model_is_its_rows_verdict_and_the_others_still_train(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "TRAIN_MODELS", ["convnext_tiny", "no_such_model_xyz"])
     status = gpu_check.run(tmp_path, dry_run=True, sections=["train"])
@@ -130,7 +148,7 @@ def test_dry_run_whole_script_with_benchmark_sweep(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert set(report["sections"]) == set(gpu_check.SECTIONS)
+    assert set(report["sections"]) == set(gpu_check.DEFAULT_SECTIONS)
     sweep = report["sections"]["sweep"]
     assert {r["model"] for r in sweep["rows"]} == {"nat_mini", "convnext_tiny"}
     assert all(r["img_s_median"] > 0 for r in sweep["rows"])
