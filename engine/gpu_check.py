@@ -212,17 +212,25 @@ def _time_ms(step: Callable[[], None], device: str, repeats: int, warmup: int) -
     return statistics.median(bench.time_call(step, 1, device) * 1e3 for _ in range(repeats))
 
 
+def _timing_layers(plan: Plan, kernel_size: int) -> Iterator[tuple[str, int, tuple[torch.Tensor, ...]]]:
+    """Per na_timing shape: its label, its dilation, and bf16 q, k, v (head dim 32) with an fp32 RPB,
+    all requiring grad."""
+    for size, heads, dilation in plan.timing_shapes:
+        shape = (plan.timing_batch, size, size, heads, 32)
+        q, k, v = (
+            torch.randn(shape, device=plan.device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+        )
+        span = 2 * kernel_size - 1
+        rpb = torch.randn(heads, span, span, device=plan.device, requires_grad=True)
+        yield f"B{plan.timing_batch} {size}x{size} heads {heads} d{dilation}", dilation, (q, k, v, rpb)
+
+
 def time_operator(plan: Plan) -> list[dict]:
     rows = []
     dtype = torch.bfloat16
     kernel_size = 7 if not plan.dry_run else 3
-    for size, heads, dilation in plan.timing_shapes:
-        shape = (plan.timing_batch, size, size, heads, 32)
-        q, k, v = (torch.randn(shape, device=plan.device, dtype=dtype, requires_grad=True) for _ in range(3))
-        rpb = torch.zeros(
-            heads, 2 * kernel_size - 1, 2 * kernel_size - 1, device=plan.device, requires_grad=True
-        )
-        row = dict(shape=f"B{plan.timing_batch} {size}x{size} heads {heads} d{dilation}", ms={}, skipped={})
+    for shape, dilation, (q, k, v, rpb) in _timing_layers(plan, kernel_size):
+        row = dict(shape=shape, ms={}, skipped={})
         for label, backend, bias in (
             ("triton+rpb", "triton", rpb),
             ("natten", "natten", None),
@@ -255,14 +263,9 @@ def time_tiles(plan: Plan) -> list[dict]:
     ms per tile, and each tile's output against the default tile's (only the summation order may
     differ: a relative difference above 1e-2 fails the row)."""
     rows = []
-    dtype, kernel_size = torch.bfloat16, 7 if not plan.dry_run else 3
-    for size, heads, dilation in plan.timing_shapes:
-        shape = (plan.timing_batch, size, size, heads, 32)
-        q, k, v = (torch.randn(shape, device=plan.device, dtype=dtype, requires_grad=True) for _ in range(3))
-        rpb = torch.randn(
-            heads, 2 * kernel_size - 1, 2 * kernel_size - 1, device=plan.device, requires_grad=True
-        )
-        row = dict(shape=f"B{plan.timing_batch} {size}x{size} heads {heads} d{dilation}", ms={}, rel_diff={})
+    kernel_size = 7 if not plan.dry_run else 3
+    for shape, dilation, (q, k, v, rpb) in _timing_layers(plan, kernel_size):
+        row = dict(shape=shape, ms={}, rel_diff={})
         reference = None
         for tile in TILES[plan.device]:
             label = f"{tile[0]}x{tile[1]}"
