@@ -227,7 +227,6 @@ def _timing_layers(plan: Plan, kernel_size: int) -> Iterator[tuple[str, int, tup
 
 def time_operator(plan: Plan) -> list[dict]:
     rows = []
-    dtype = torch.bfloat16
     kernel_size = 7 if not plan.dry_run else 3
     for shape, dilation, (q, k, v, rpb) in _timing_layers(plan, kernel_size):
         row = dict(shape=shape, ms={}, skipped={})
@@ -236,7 +235,7 @@ def time_operator(plan: Plan) -> list[dict]:
             ("natten", "natten", None),
             ("torch+rpb", "torch", rpb),
         ):
-            reason = why_not(backend, CallInfo(plan.device, dtype, bias is not None, 0.0, True))
+            reason = why_not(backend, CallInfo(plan.device, q.dtype, bias is not None, 0.0, True))
             if reason is not None:
                 row["skipped"][label] = reason
                 continue
@@ -265,13 +264,14 @@ def time_tiles(plan: Plan) -> list[dict]:
     rows = []
     kernel_size = 7 if not plan.dry_run else 3
     for shape, dilation, (q, k, v, rpb) in _timing_layers(plan, kernel_size):
-        row = dict(shape=shape, ms={}, rel_diff={})
+        tiles = {f"{t[0]}x{t[1]}": t for t in TILES[plan.device]}
+        row = dict(shape=shape, tiles=list(tiles), ms={}, rel_diff={})
         reference = None
-        for tile in TILES[plan.device]:
-            label = f"{tile[0]}x{tile[1]}"
+        for label, tile in tiles.items():
 
             def attention(t=tile, dil=dilation, inputs=(q, k, v, rpb)):
-                return na2d_triton(*inputs[:3], kernel_size, dil, inputs[3], 32**-0.5, 0.0, tile=t)
+                scale = inputs[0].shape[-1] ** -0.5
+                return na2d_triton(*inputs[:3], kernel_size, dil, inputs[3], scale, 0.0, tile=t)
 
             try:
                 row["ms"][label] = round(
@@ -503,7 +503,7 @@ def markdown(report: dict) -> str:
                     + f" | {r.get('triton_over_natten', '-')} | {note} |"
                 )
         elif name == "tiles":
-            labels = [f"{t[0]}x{t[1]}" for t in TILES["cpu" if env["dry_run"] else "cuda"]]
+            labels = result[0]["tiles"] if result else []
             lines += [
                 "| shape | "
                 + " | ".join(f"{label} ms" for label in labels)
