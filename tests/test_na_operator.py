@@ -260,6 +260,24 @@ def test_cpp_backend_keeps_probabilities_only_when_a_backward_can_come(monkeypat
     assert rpb.grad is not None
 
 
+def test_cpp_kernel_rejects_windows_that_jump_columns():
+    """The backward walks a block of neighbouring queries' windows as one k x (k + 3) patch of keys,
+    which holds only if each window starts 0 or d columns after the previous one in its dilation
+    group (windows.py's geometry): anything else is refused rather than read past the patch."""
+    from models.layers.backends.cpp_kernel import _axis_geometry, kernel_build_error
+
+    if kernel_build_error():
+        pytest.skip(kernel_build_error())
+    q = torch.randn(1, 9, 9, 1, 16)
+    row_start, row_bias = _axis_geometry(9, 3, 1)
+    jumping = row_start.clone()
+    jumping[4] += 1  # query 4's window starts two columns after query 3's (still inside the map)
+    geometry = (row_start, jumping, row_bias, row_bias, 3, 1, 0.25)
+    torch.ops.nat_na2d_cpu.forward(q, q, q, None, row_start, row_start, row_bias, row_bias, 3, 1, 0.25, False)
+    with pytest.raises(RuntimeError, match="advance by 0 or dilation"):
+        torch.ops.nat_na2d_cpu.forward(q, q, q, None, *geometry, False)
+
+
 @pytest.mark.parametrize("layout", ["qkv_views", "k_tokens_v_planes", "tokens", "mixed"])
 def test_cpp_kernel_reads_other_layouts(layout):
     """NAT's q, k, v (views into the qkv projection) go to the kernel in per-head planes; contiguous

@@ -9,7 +9,8 @@
 // source of truth): key row of tap a is row_start[i] + a * dilation, its RPB row row_bias[i] + a;
 // columns likewise. In training the forward keeps each query's k*k probabilities (as Swin keeps its
 // attention matrix: B*H*W*heads*k*k floats); the backward takes dP, dq, dk, dv and the RPB gradient
-// from them in one pass per query. Rebuilding them from a saved logsumexp instead (flash-attention
+// from them in one pass per query (dk, dv: per block of neighbouring queries, whose windows share
+// most keys). Rebuilding them from a saved logsumexp instead (flash-attention
 // style, no B*H*W*k*k buffer) costs the backward the logits' dot products and exps again: keeping
 // them took the backward 29.2 -> 24.0 ms and the forward 10.4 -> 11.1 ms at 56^2 (docs/benchmarks.md).
 //
@@ -51,6 +52,8 @@
 #define NA_HAS_AVX512_BUILD 0
 #endif
 #define NA_INLINE inline __attribute__((always_inline))
+// Lambdas in the loops too: one left out of line is built for baseline x86-64 in the clones (SSE2).
+#define NA_INLINE_LAMBDA __attribute__((always_inline))
 namespace {
 
 // S: the tensors' storage type; Acc<S>: what sums are taken in (float for bfloat16).
@@ -218,6 +221,13 @@ Geometry geometry_of(const at::Tensor& row_start, const at::Tensor& col_start, c
     const int64_t* index = first->data_ptr<int64_t>();
     for (int64_t n = 0; n < first->numel(); ++n)
       TORCH_CHECK(index[n] >= 0 && index[n] < kernel_size, "window RPB start out of range [0, kernel_size)");
+  }
+  // The backward takes queries j, j + d, ... together (query_block_gradients): their windows must
+  // start 0 or d columns apart, as windows.py's do.
+  const int64_t* col = col_start.data_ptr<int64_t>();
+  for (int64_t j = 0; j + dilation < col_start.numel(); ++j) {
+    const int64_t step = col[j + dilation] - col[j];
+    TORCH_CHECK(step == 0 || step == dilation, "window column starts must advance by 0 or dilation in a dilation group");
   }
   return Geometry{row_start.data_ptr<int64_t>(), col_start.data_ptr<int64_t>(), row_bias.data_ptr<int64_t>(),
                   col_bias.data_ptr<int64_t>(), kernel_size, dilation, offsets.data()};
