@@ -227,7 +227,8 @@ Geometry geometry_of(const at::Tensor& row_start, const at::Tensor& col_start, c
   const int64_t* col = col_start.data_ptr<int64_t>();
   for (int64_t j = 0; j + dilation < col_start.numel(); ++j) {
     const int64_t step = col[j + dilation] - col[j];
-    TORCH_CHECK(step == 0 || step == dilation, "window column starts must advance by 0 or dilation in a dilation group");
+    TORCH_CHECK(step == 0 || step == dilation,
+                "window column starts must advance by 0 or dilation in a dilation group");
   }
   return Geometry{row_start.data_ptr<int64_t>(), col_start.data_ptr<int64_t>(), row_bias.data_ptr<int64_t>(),
                   col_bias.data_ptr<int64_t>(), kernel_size, dilation, offsets.data()};

@@ -118,6 +118,23 @@ NA_INLINE VF<L> sum_lanes(const VF<L>* x) {
   }
 }
 
+// Sum of x's L lanes by halving (log2 L shuffles and adds): the tail of window_dots, where a
+// transposing reduction of mostly zero vectors would cost ~2L shuffles.
+template <int L>
+NA_INLINE float halving_sum(VF<L> x) {
+  if constexpr (L == 16) {
+    const VF<8> half = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+                       __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+    return halving_sum<8>(half);
+  } else {
+    using v4 = float __attribute__((vector_size(16)));
+    v4 quarter = __builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7);
+    quarter += __builtin_shufflevector(quarter, quarter, 2, 3, 0, 1);
+    quarter += __builtin_shufflevector(quarter, quarter, 1, 0, 3, 2);
+    return quarter[0];
+  }
+}
+
 template <int L>
 NA_INLINE float lane_sum(VF<L> x) {
   float sum = 0;
@@ -155,7 +172,8 @@ NA_INLINE void window_dots(const S* x, const S* base, const int64_t* offsets, in
     VF<L> xv[kChunks];
     for (int c = 0; c < kChunks; ++c) xv[c] = load_chunk<S, L>(x, c);
     VF<L> partial[L];
-    for (int64_t first = 0; first < taps; first += L) {
+    int64_t first = 0;
+    for (; first + L / 2 <= taps; first += L) {
       for (int64_t t = 0; t < L; ++t) {
         if (first + t >= taps) {
           partial[t] = VF<L>{};
@@ -167,6 +185,19 @@ NA_INLINE void window_dots(const S* x, const S* base, const int64_t* offsets, in
         partial[t] = acc;
       }
       store<L>(out + first, sum_lanes<L>(partial));
+    }
+    if (first < taps) {  // fewer than L / 2 taps left (one at k = 7)
+      // Stored as one vector, as the full groups are: a scalar store under the next vector load of
+      // these taps would stall its store forwarding.
+      const VI<L> lane = lane_index<L>();
+      VF<L> sums{};
+      for (int64_t t = first; t < taps; ++t) {
+        const S* row = base + offsets[t];
+        VF<L> acc = xv[0] * load_chunk<S, L>(row, 0);
+        for (int c = 1; c < kChunks; ++c) acc += xv[c] * load_chunk<S, L>(row, c);
+        sums = lane == static_cast<int32_t>(t - first) ? halving_sum<L>(acc) + VF<L>{} : sums;
+      }
+      store<L>(out + first, sums);
     }
   } else {
     for (int64_t t = 0; t < taps; ++t) {
