@@ -281,26 +281,16 @@ NA_INLINE void weighted_rows(const T* weights, const S* base, const int64_t* off
   }
 }
 
-// One tap of query_gradients' vector path: dq += dlogit * k_t; dk_t += dlogit * q; dv_t += p * dO.
-template <typename S, int L, int kChunks>
-NA_INLINE void gradient_tap(const S* keys, float* dkeys, float* dvalues, int64_t offset, float dlogit, float prob,
-                            const VF<L>* qv, const VF<L>* gv, VF<L>* dq) {
-  const S* key = keys + offset;
-  float* dkey = dkeys + offset;
-  float* dvalue = dvalues + offset;
-  for (int c = 0; c < kChunks; ++c) {
-    dq[c] += dlogit * load_chunk<S, L>(key, c);
-    store<L>(dkey + L * c, load<L>(dkey + L * c) + dlogit * qv[c]);
-    store<L>(dvalue + L * c, load<L>(dvalue + L * c) + prob * gv[c]);
-  }
-}
-
-// query_gradients for N queries of one map row, j, j + d, j + 2d, ... (neighbours in a dilation group):
-// their windows cover the same key rows, query m's starting shifts[m] dilated columns right of the
+// The gradient step of N queries of one map row, j, j + d, j + 2d, ... (neighbours in a dilation
+// group; N = 1 for one left over), on the vector path: dq_m = sum_t dlogit_mt * k_t (written), and into
+// the key rows dk_t += dlogit_mt * q_m, dv_t += p_mt * dO_m (dlogits arrive multiplied by the scale).
+// Their windows cover the same key rows, query m's starting shifts[m] dilated columns right of the
 // first's (shifts[0] = 0, each next one 0 or 1 more). The k x (k + shifts[N-1]) keys of the union are
 // walked once, each key's dk and dv rows read-modify-written once for all the windows that have it
 // (one query at a time: two float rows per key and query). At NAT's 7x7 windows four interior queries
 // share 7 x 10 keys where one at a time would update 4 x 49 (NA's backward 0.84x the time, bf16).
+// dq in the same pass was 20% faster than in a pass of its own; gathering dk/dv per key instead
+// (row-band inverse windows, sums in registers) was no faster and needs more geometry.
 template <typename S, int kD, int L, int N>
 NA_INLINE void query_block_gradients(const S* const* qp, const S* const* gp, const S* keys, float* dkeys,
                                      float* dvalues, const int64_t* offsets, int64_t kernel, int64_t column_step,
@@ -348,52 +338,28 @@ NA_INLINE void query_block_gradients(const S* const* qp, const S* const* gp, con
   for (int m = 0; m < N; ++m) store_row<S, L, kChunks>(dq_out[m], dq[m]);
 }
 
-// One query's gradient step, one pass over its window: dq = sum_t dlogit_t * k_t (written), and
-// into the key rows dk_t += dlogit_t * q, dv_t += p_t * dO (dlogits arrive multiplied by the scale).
-// Measured: 20% faster than taking dq in a pass of its own; gathering dk/dv per key instead
-// (row-band inverse windows, sums in registers, k read-modify-writes per query rather than k*k)
-// was no faster and needs more geometry.
-template <typename S, int kD, int L, typename T = Acc<S>>
+// query_block_gradients for one query on the scalar loops (float64, head dims not whole vectors).
+template <typename S, typename T = Acc<S>>
 NA_INLINE void query_gradients(const S* qp, const S* gp, const S* keys, T* dkeys, T* dvalues,
                                const int64_t* offsets, const T* probs, const T* dlogits, int64_t taps,
                                int64_t dim, S* dq_out, T* dq) {
-  if constexpr (kVectorPath<S, kD, L>) {
-    constexpr int kChunks = kD / L, kSets = kChunks <= 4 ? 2 : 1;  // dq chains: as weighted_rows
-    VF<L> qv[kChunks], gv[kChunks], dq[kSets][kChunks] = {};
-    for (int c = 0; c < kChunks; ++c) {
-      qv[c] = load_chunk<S, L>(qp, c);
-      gv[c] = load_chunk<S, L>(gp, c);
+  std::fill(dq, dq + dim, T(0));
+  for (int64_t t = 0; t < taps; ++t) {
+    const S* key = keys + offsets[t];
+    T* dkey = dkeys + offsets[t];
+    T* dvalue = dvalues + offsets[t];
+    for (int64_t d = 0; d < dim; ++d) {
+      dq[d] += dlogits[t] * T(key[d]);
+      dkey[d] += dlogits[t] * T(qp[d]);
+      dvalue[d] += probs[t] * T(gp[d]);
     }
-    int64_t t = 0;
-    for (; t + kSets <= taps; t += kSets) {
-      for (int set = 0; set < kSets; ++set)
-        gradient_tap<S, L, kChunks>(keys, dkeys, dvalues, offsets[t + set], dlogits[t + set], probs[t + set], qv,
-                                    gv, dq[set]);
-    }
-    for (; t < taps; ++t)
-      gradient_tap<S, L, kChunks>(keys, dkeys, dvalues, offsets[t], dlogits[t], probs[t], qv, gv, dq[0]);
-    for (int set = 1; set < kSets; ++set)
-      for (int c = 0; c < kChunks; ++c) dq[0][c] += dq[set][c];
-    store_row<S, L, kChunks>(dq_out, dq[0]);
-  } else {
-    std::fill(dq, dq + dim, T(0));
-    for (int64_t t = 0; t < taps; ++t) {
-      const S* key = keys + offsets[t];
-      T* dkey = dkeys + offsets[t];
-      T* dvalue = dvalues + offsets[t];
-      for (int64_t d = 0; d < dim; ++d) {
-        dq[d] += dlogits[t] * T(key[d]);
-        dkey[d] += dlogits[t] * T(qp[d]);
-        dvalue[d] += probs[t] * T(gp[d]);
-      }
-    }
-    for (int64_t d = 0; d < dim; ++d) dq_out[d] = S(dq[d]);
   }
+  for (int64_t d = 0; d < dim; ++d) dq_out[d] = S(dq[d]);
 }
 
 // How many neighbouring queries backward_units takes through query_block_gradients at a time: four
 // where their q, dO and dq rows (3 x 4 x kChunks vectors) fit AVX-512's 32 registers beside a key's,
-// else two. On AVX2's 16 registers pairs ran NA's backward at 0.87x the one-query loop's time, fours
+// else two. On AVX2's 16 registers pairs ran NA's backward at 0.87x the time of the one-query loop they replaced, fours
 // at 0.94x; at 16 lanes fours 0.84x, pairs 0.88x (bfloat16, NAT-T's shapes).
 template <int L, int kChunks>
 constexpr int kBlockQueries = L == 16 && kChunks <= 2 ? 4 : 2;
@@ -542,15 +508,6 @@ NA_INLINE void backward_units(const S* grad_out, const S* q, const S* k, const S
       }
       for (int64_t t = 0; t < taps; ++t) dlogits[t] *= scale;
     };
-    auto single = [&](int64_t i, int64_t j) NA_INLINE_LAMBDA {
-      const int64_t origin = window_origin(lkv, g, i, j);
-      T* dlogits = scratch.dlogits.data();
-      logit_grads(i, j, dlogits);
-      query_gradients<S, kD, L>(q + lq.offset(b, i, j, h), grad_out + lg.offset(b, i, j, h), k + plane + origin,
-                                dk_plane + origin, dv_plane + origin, g.tap_offsets,
-                                probs + s.query_index(b, h, i, j) * taps, dlogits, taps, D,
-                                dq + ldq.offset(b, i, j, h), scratch.row.data());
-    };
     const int64_t d = g.dilation;
     // Queries j, j + d, ... (N of them) through query_block_gradients (geometry_of checked that each
     // window starts 0 or d columns right of the one before it in its dilation group).
@@ -578,7 +535,7 @@ NA_INLINE void backward_units(const S* grad_out, const S* q, const S* k, const S
       for (int64_t j = 0; j < s.W; ++j) {
         if constexpr (kVectorPath<S, kD, L>) {
           // The first query of each block of its dilation group takes the block: four or two queries,
-          // or what is left at the group's end (a pair, then one).
+          // or what is left at the group's end (a pair, then a single query).
           constexpr int kBlock = kBlockQueries<L, kD / L>;
           if ((j / d) % kBlock) continue;
           int64_t left = std::min<int64_t>(kBlock, (s.W - 1 - j) / d + 1), col = j;
@@ -593,9 +550,15 @@ NA_INLINE void backward_units(const S* grad_out, const S* q, const S* k, const S
             left -= 2;
             col += 2 * d;
           }
-          if (left) single(i, col);
+          if (left) block(std::integral_constant<int, 1>(), i, col);
         } else {
-          single(i, j);
+          const int64_t origin = window_origin(lkv, g, i, j);
+          T* dlogits = scratch.dlogits.data();
+          logit_grads(i, j, dlogits);
+          query_gradients<S>(q + lq.offset(b, i, j, h), grad_out + lg.offset(b, i, j, h), k + plane + origin,
+                             dk_plane + origin, dv_plane + origin, g.tap_offsets,
+                             probs + s.query_index(b, h, i, j) * taps, dlogits, taps, D,
+                             dq + ldq.offset(b, i, j, h), scratch.row.data());
         }
       }
     }
