@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 from na_reference import reference_na2d
 
-from models.layers import NeighborhoodAttention2D, explain_backends, neighborhood_attention_2d, use_backend
+from models.layers import (
+    NeighborhoodAttention2D,
+    explain_backends,
+    neighborhood_attention_2d,
+    neighborhood_attention_2d_qkvpacked,
+    use_backend,
+)
 from models.layers.backends.checks import call_info, why_not
 from models.layers.backends.triton_na import triton_error, triton_interpreting
 
@@ -276,6 +282,39 @@ def test_cpp_kernel_rejects_windows_that_jump_columns():
     torch.ops.nat_na2d_cpu.forward(q, q, q, None, row_start, row_start, row_bias, row_bias, 3, 1, 0.25, False)
     with pytest.raises(RuntimeError, match="advance by 0 or dilation"):
         torch.ops.nat_na2d_cpu.forward(q, q, q, None, *geometry, False)
+
+
+# The packed form (NeighborhoodAttention2D's call): the cpp backend copies qkv into planes itself and
+# writes its gradient whole, dq, dk, dv into their slices (float: summed in k's layout, then copied
+# in; bfloat16: rounded from a thread's plane sums straight into them); other backends get the views.
+@pytest.mark.parametrize(
+    "backend,dtype",
+    [("cpp", torch.float64), ("cpp", torch.float32), ("cpp", torch.bfloat16), ("naive", torch.float64)],
+    ids=["cpp-float64", "cpp-float32", "cpp-bfloat16", "naive-float64"],
+)
+def test_qkvpacked_matches_reference_on_the_views(backend, dtype):
+    batch, height, width, heads, head_dim, kernel_size, dilation = 2, 13, 11, 3, 32, 5, 2
+    span = 2 * kernel_size - 1
+    qkv = torch.randn(batch, height, width, 3, heads, head_dim).to(dtype).requires_grad_()
+    rpb = torch.randn(heads, span, span, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    rpb.requires_grad_()
+    grad_out = torch.randn(batch, height, width, heads, head_dim).to(dtype)
+    out = neighborhood_attention_2d_qkvpacked(qkv, kernel_size, dilation, rpb=rpb, backend=backend)
+    got = [out, *_grads(out.double(), (qkv, rpb), grad_out.double())]
+    exact = [t.detach().double().requires_grad_() for t in (qkv, rpb)]
+    ref = reference_na2d(*exact[0].unbind(3), kernel_size, dilation, exact[1])
+    want = [ref, *_grads(ref, exact, grad_out.double())]
+    for name, a, b in zip(["out", "dqkv", "drpb"], got, want, strict=True):
+        if dtype == torch.bfloat16 and name != "drpb":  # one rounding of the exact value, as above
+            assert (a.double() - b).abs().sub(2**-8 * b.abs()).max() < 1e-6, name
+        else:
+            rel = (a.double() - b).norm() / b.norm()
+            assert rel < (1e-12 if dtype == torch.float64 else 2e-6), f"{name}: relative error {rel:.2e}"
+
+
+def test_qkvpacked_rejects_unpacked_input():
+    with pytest.raises(ValueError, match=r"qkv must be \(batch, height, width, 3, heads, head_dim\)"):
+        neighborhood_attention_2d_qkvpacked(torch.randn(1, 8, 8, 2, 4), 3)
 
 
 @pytest.mark.parametrize("layout", ["qkv_views", "k_tokens_v_planes", "tokens", "mixed"])

@@ -26,6 +26,8 @@ _IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "triton": na2d_triton,
 }
 assert set(_IMPLEMENTATIONS) == set(BACKENDS)
+# Backends that also take the packed qkv tensor behind q, k, v (keyword `qkv`) and read it themselves.
+_TAKE_QKVPACKED = frozenset({"cpp"})
 
 _forced_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("na_backend", default=None)
 
@@ -93,6 +95,32 @@ def neighborhood_attention_2d(
     `head_dim ** -0.5`. `backend`: 'auto' (see `explain_backends`), 'cpp', 'torch', 'naive', 'natten'
     or 'flex'; a backend that can't serve the call raises ValueError saying why.
     """
+    return _dispatch(q, k, v, kernel_size, dilation, rpb, scale, attn_drop, backend, None)
+
+
+def neighborhood_attention_2d_qkvpacked(
+    qkv: torch.Tensor,
+    kernel_size: int,
+    dilation: int = 1,
+    rpb: torch.Tensor | None = None,
+    scale: float | None = None,
+    attn_drop: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """`neighborhood_attention_2d(*qkv.unbind(3), ...)` for qkv `(B, H, W, 3, heads, head_dim)`, one
+    projection's output (as flash-attn's `qkvpacked` functions take it): the same backend choice and
+    numbers. The `cpp` backend then copies q, k, v into its layout at once and writes qkv's gradient
+    whole, where three views cost three copies and a stack of three gradients.
+    """
+    if qkv.dim() != 6 or qkv.shape[3] != 3:
+        raise ValueError(
+            f"qkv must be (batch, height, width, 3, heads, head_dim); got shape {tuple(qkv.shape)}"
+        )
+    return _dispatch(*qkv.unbind(3), kernel_size, dilation, rpb, scale, attn_drop, backend, qkv)
+
+
+def _dispatch(q, k, v, kernel_size, dilation, rpb, scale, attn_drop, backend, qkv) -> torch.Tensor:
+    """Validates, picks the backend and runs it; `qkv`: what q, k, v are the views of, or None."""
     _validate(q, k, v, kernel_size, dilation, rpb)
     if scale is None:
         scale = q.shape[-1] ** -0.5
@@ -103,7 +131,8 @@ def neighborhood_attention_2d(
     name = resolve_backend(requested, *fields)
 
     def run(backend: str) -> torch.Tensor:
-        return _IMPLEMENTATIONS[backend](q, k, v, kernel_size, dilation, rpb, scale, attn_drop)
+        packed = {"qkv": qkv} if qkv is not None and backend in _TAKE_QKVPACKED else {}
+        return _IMPLEMENTATIONS[backend](q, k, v, kernel_size, dilation, rpb, scale, attn_drop, **packed)
 
     if name not in SELF_CHECKED:
         return run(name)

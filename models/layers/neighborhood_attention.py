@@ -12,11 +12,11 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from .backends.naive import na2d_naive
-from .functional import neighborhood_attention_2d, neighborhood_attention_weights
+from .functional import neighborhood_attention_2d_qkvpacked, neighborhood_attention_weights
 
 # FX (torchvision's create_feature_extractor, timm's FX features) records the operator as one call
 # and runs it eagerly: its validation and backend dispatch branch on shapes and flags.
-torch.fx.wrap("neighborhood_attention_2d")
+torch.fx.wrap("neighborhood_attention_2d_qkvpacked")
 
 
 @torch.fx.wrap
@@ -77,25 +77,23 @@ class NeighborhoodAttention2D(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v `(B, Hp, Wp, heads, head_dim)` of `x` padded to the window."""
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """qkv `(B, Hp, Wp, 3, heads, head_dim)` of `x` padded to the window."""
         x = pad_to_window(x, self.window_size)
         B, Hp, Wp, _ = x.shape
-        q, k, v = self.qkv(x).reshape(B, Hp, Wp, 3, self.num_heads, self.head_dim).unbind(3)
-        return q, k, v
+        return self.qkv(x).reshape(B, Hp, Wp, 3, self.num_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        q, k, v = self._qkv(x)
+        qkv = self._qkv(x)
         attn_drop = self.attn_drop if self.training else 0.0
         if torch.jit.is_scripting():
             # TorchScript can't follow the dispatcher; the gather path is plain ATen ops (exact)
+            q, k, v = qkv.unbind(3)
             x = na2d_naive(q, k, v, self.kernel_size, self.dilation, self.rpb, self.scale, attn_drop)
         else:
-            x = neighborhood_attention_2d(
-                q,
-                k,
-                v,
+            x = neighborhood_attention_2d_qkvpacked(
+                qkv,
                 self.kernel_size,
                 dilation=self.dilation,
                 rpb=self.rpb,
@@ -103,7 +101,7 @@ class NeighborhoodAttention2D(nn.Module):
                 attn_drop=attn_drop,
                 backend=self.backend,
             )
-        x = x.reshape(B, q.shape[1], q.shape[2], C)[:, :H, :W]
+        x = x.reshape(B, qkv.shape[1], qkv.shape[2], C)[:, :H, :W]
         return self.proj_drop(self.proj(x))
 
     @torch.jit.ignore
@@ -113,7 +111,7 @@ class NeighborhoodAttention2D(nn.Module):
         Indexed as `neighborhood_attention_weights`' on the padded map (`H, W` at least the window;
         the window positions are `windows.window_indices` of the padded sizes), queries cropped to x's.
         """
-        q, k, v = self._qkv(x)
+        q, k, v = self._qkv(x).unbind(3)
         weights = neighborhood_attention_weights(
             q, k, v, self.kernel_size, dilation=self.dilation, rpb=self.rpb, scale=self.scale
         )

@@ -97,9 +97,13 @@ def _register_fake_kernels() -> None:
 
     @torch.library.register_fake("nat_na2d_cpu::backward")
     def _(grad_out, q, k, v, probs, row_start, col_start, row_bias, col_bias, kernel_size, *rest):
-        rpb_grad = rest[-1]
+        rpb_grad, packed = rest[-2:]
         span = 2 * kernel_size - 1
         drpb = q.new_empty((q.shape[3], span, span) if rpb_grad else (0,), dtype=accumulation_dtype(q.dtype))
+        if packed:
+            batch, height, width, heads, dim = q.shape
+            grad_qkv = q.new_empty((batch, height, width, 3, heads, dim))
+            return grad_qkv, q.new_empty((0,)), q.new_empty((0,)), drpb
         # As the kernel: dq contiguous; dk, dv contiguous when summed per plane (widened dtype, keys in
         # per-head planes), else in k's layout.
         _, _, width, _, dim = k.shape
@@ -118,26 +122,51 @@ def _axis_geometry(length: int, kernel_size: int, dilation: int) -> tuple[torch.
     ].clone()
 
 
+def _attend(ctx, q, k, v, rpb, kernel_size: int, dilation: int, scale: float, save_probs: bool):
+    """The forward of both autograd functions: runs the kernel, keeps what the backward needs."""
+    _, height, width, _, _ = q.shape
+    row_start, row_bias = _axis_geometry(height, kernel_size, dilation)
+    col_start, col_bias = _axis_geometry(width, kernel_size, dilation)
+    geometry = (row_start, col_start, row_bias, col_bias, kernel_size, dilation, scale)
+    out, probs = torch.ops.nat_na2d_cpu.forward(q, k, v, rpb, *geometry, save_probs)
+    ctx.save_for_backward(q, k, v, probs)
+    ctx.geometry = geometry
+    return out
+
+
+def _attention_grads(ctx, grad_out: torch.Tensor, rpb_grad: bool, packed: bool):
+    """The kernel's gradients: (dq, dk, dv), or (qkv's, empty, empty) when `packed`; and the RPB's."""
+    q, k, v, probs = ctx.saved_tensors
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    *grads, drpb = torch.ops.nat_na2d_cpu.backward(grad_out, q, k, v, probs, *ctx.geometry, rpb_grad, packed)
+    return grads, (drpb if rpb_grad else None)
+
+
 class _ExactWindowAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rpb, kernel_size: int, dilation: int, scale: float, save_probs: bool):
-        _, height, width, _, _ = q.shape
-        row_start, row_bias = _axis_geometry(height, kernel_size, dilation)
-        col_start, col_bias = _axis_geometry(width, kernel_size, dilation)
-        geometry = (row_start, col_start, row_bias, col_bias, kernel_size, dilation, scale)
-        out, probs = torch.ops.nat_na2d_cpu.forward(q, k, v, rpb, *geometry, save_probs)
-        ctx.save_for_backward(q, k, v, probs)
-        ctx.geometry = geometry
-        return out
+        return _attend(ctx, q, k, v, rpb, kernel_size, dilation, scale, save_probs)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, probs = ctx.saved_tensors
-        rpb_grad = ctx.needs_input_grad[3]
-        if grad_out.stride(-1) != 1:
-            grad_out = grad_out.contiguous()
-        dq, dk, dv, drpb = torch.ops.nat_na2d_cpu.backward(grad_out, q, k, v, probs, *ctx.geometry, rpb_grad)
-        return dq, dk, dv, (drpb if rpb_grad else None), None, None, None, None
+        (dq, dk, dv), drpb = _attention_grads(ctx, grad_out, ctx.needs_input_grad[3], packed=False)
+        return dq, dk, dv, drpb, None, None, None, None
+
+
+class _PackedWindowAttention(torch.autograd.Function):
+    """NA of q, k, v = qkv.unbind(3), qkv `(B, H, W, 3, heads, D)`: one copy puts all three in per-head
+    planes, and the backward writes dq, dk, dv straight into qkv's gradient (no stack of three)."""
+
+    @staticmethod
+    def forward(ctx, qkv, rpb, kernel_size: int, dilation: int, scale: float, save_probs: bool):
+        q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).contiguous().permute(0, 1, 3, 4, 2, 5).unbind(0)
+        return _attend(ctx, q, k, v, rpb, kernel_size, dilation, scale, save_probs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_qkv, _, _), drpb = _attention_grads(ctx, grad_out, ctx.needs_input_grad[1], packed=True)
+        return grad_qkv, drpb, None, None, None, None
 
 
 def _head_planes(x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +177,7 @@ def _head_planes(x: torch.Tensor) -> torch.Tensor:
 def _readable(x: torch.Tensor) -> torch.Tensor:
     """x as the kernel reads it: as it is when contiguous or in per-head planes, else copied into planes.
 
-    In NAT q, k, v arrive as views into the qkv projection's output, which the kernel would read
+    Views into a qkv projection's output (passed as views, not packed) the kernel would read
     slowly (or, for k and v, not at all); the copy a `.contiguous()` would make goes into planes
     instead, on which the backward is 1.2x-1.6x faster than on `(B, H, W, heads, D)` memory
     (csrc/na2d_cpu.cpp). Contiguous inputs are not copied: with 2 heads the copy costs more than it
@@ -157,6 +186,21 @@ def _readable(x: torch.Tensor) -> torch.Tensor:
     if x.is_contiguous() or x.permute(0, 3, 1, 2, 4).is_contiguous():
         return x
     return _head_planes(x)
+
+
+def _prepare(
+    dtype: torch.dtype, rpb: torch.Tensor | None, *inputs: torch.Tensor
+) -> tuple[torch.Tensor | None, bool]:
+    """The RPB as the kernel takes it, and whether to keep the probabilities for a backward."""
+    error = kernel_build_error()  # loads the kernel when called without the dispatcher
+    if error is not None:
+        raise RuntimeError(error)
+    if rpb is not None:
+        rpb = rpb.to(accumulation_dtype(dtype)).contiguous()
+    # The k*k probabilities per query are kept only when a backward can come. Not from
+    # ctx.needs_input_grad: under no_grad it still says True for parameters (the RPB).
+    save_probs = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*inputs, rpb))
+    return rpb, save_probs
 
 
 def na2d_cpp(
@@ -168,15 +212,15 @@ def na2d_cpp(
     rpb: torch.Tensor | None,
     scale: float,
     attn_drop: float,
+    qkv: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    error = kernel_build_error()  # loads the kernel when called without the dispatcher
-    if error is not None:
-        raise RuntimeError(error)
-    if rpb is not None:
-        rpb = rpb.to(accumulation_dtype(q.dtype)).contiguous()
-    # The k*k probabilities per query are kept only when a backward can come. Not from
-    # ctx.needs_input_grad: under no_grad it still says True for parameters (the RPB).
-    save_probs = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rpb))
+    """`qkv`: the `(B, H, W, 3, heads, D)` tensor q, k, v are `unbind(3)` views of, when the caller
+    has one to give (`neighborhood_attention_2d_qkvpacked`): then one copy puts all three in per-head
+    planes where the views take three, and the backward writes its gradient whole, where autograd
+    would stack three."""
+    rpb, save_probs = _prepare(q.dtype, rpb, q, k, v)
+    if qkv is not None:
+        return _PackedWindowAttention.apply(qkv, rpb, kernel_size, dilation, scale, save_probs)
     q, k, v = _readable(q), _readable(k), _readable(v)
     if k.stride() != v.stride():  # the kernel walks k and v with one table of tap offsets
         k, v = _head_planes(k), _head_planes(v)

@@ -2,8 +2,8 @@
 //
 // Tensors are (B, H, W, heads, D) with any strides but a contiguous head dim; k and v (and so dk, dv)
 // share theirs, dense in any dim order. NAT's q, k, v reach it in per-head planes, (B, heads, H, W, D)
-// memory (cpp_kernel.py copies the qkv projection's views into them). In (B, H, W, heads, D) memory
-// a window's key rows lie a whole map row of all heads apart (14 KB at every NAT stage), which lands
+// memory (cpp_kernel.py copies the packed qkv projection into them, one copy for all three). In
+// (B, H, W, heads, D) memory a window's key rows lie a whole map row of all heads apart (14 KB at every NAT stage), which lands
 // them on few L1 sets; planes made the backward 1.2x (56^2, 2 heads) to 1.6x (7^2, 16 heads) faster,
 // the forward no slower, at the same copy cost. Window geometry comes in from Python (windows.py, the one
 // source of truth): key row of tap a is row_start[i] + a * dilation, its RPB row row_bias[i] + a;
@@ -272,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& probs, const at::Tensor& row_start, const at::Tensor& col_start,
     const at::Tensor& row_bias, const at::Tensor& col_bias, int64_t kernel_size, int64_t dilation,
-    double scale, bool rpb_grad) {
+    double scale, bool rpb_grad, bool packed) {
   check_inputs(q, k, v, std::nullopt, row_start);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.stride(4) == 1,
               "grad_out must have q's shape and a contiguous head dim");
@@ -286,17 +286,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_backward(
   const Geometry g = geometry_of(row_start, col_start, row_bias, col_bias, kernel_size, dilation, offsets);
   // dk, dv are summed in Acc: per plane in each thread's buffer (bfloat16 in per-head planes), into
   // themselves (float, double), or else in float tensors laid out like k and rounded after. dq, and
-  // dk, dv when summed per plane, come out (B, H, W, heads, D) contiguous whatever the inputs' layout:
-  // in NAT the autograd of unbind stacks them into the qkv projection's gradient, a copy of whole
-  // heads*D pixel rows from this layout rather than of D-element rows from per-head planes (NA's
-  // backward with that stack 0.82x-1.10x the time, median ~0.95x over NAT's four map sizes, bf16).
+  // dk, dv when summed per plane, come out (B, H, W, heads, D) contiguous whatever the inputs' layout
+  // (a later stack of three copies whole heads*D pixel rows rather than D-element plane rows).
+  // `packed` (NAT: q, k, v are the dim-3 slices of one (B, H, W, 3, heads, D) qkv projection): that
+  // tensor's gradient is returned whole, dq, dk, dv written into its slices, and no stack follows.
   const bool widened = acc_options.dtype() != k.dtype();
   const bool plane_sums = widened && k.stride(2) == s.D && k.stride(1) == s.W * s.D;
-  auto dq = at::empty(q.sizes(), q.options());
+  auto grad_qkv = packed ? at::empty({s.B, s.H, s.W, 3, s.heads, s.D}, q.options()) : at::Tensor();
+  auto dq = packed ? grad_qkv.select(3, 0) : at::empty(q.sizes(), q.options());
   auto dk_sums = plane_sums ? at::Tensor() : at::zeros_like(k, acc_options);
   auto dv_sums = plane_sums ? at::Tensor() : at::zeros_like(v, acc_options);
-  auto dk = plane_sums ? at::empty(k.sizes(), k.options()) : widened ? at::empty_like(k) : dk_sums;
-  auto dv = plane_sums ? at::empty(v.sizes(), v.options()) : widened ? at::empty_like(v) : dv_sums;
+  auto dk = plane_sums ? (packed ? grad_qkv.select(3, 1) : at::empty(k.sizes(), k.options()))
+                       : widened ? at::empty_like(k) : dk_sums;
+  auto dv = plane_sums ? (packed ? grad_qkv.select(3, 2) : at::empty(v.sizes(), v.options()))
+                       : widened ? at::empty_like(v) : dv_sums;
   auto drpb_per_unit = rpb_grad ? at::zeros({s.B, s.heads, span, span}, acc_options) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "na2d_backward", [&] {
     using acc_t = Acc<scalar_t>;
@@ -322,7 +325,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_backward(
     });
   });
   auto drpb = drpb_per_unit.defined() ? drpb_per_unit.sum(0) : at::empty({0}, acc_options);
-  return {dq, dk, dv, drpb};
+  if (!packed) return {dq, dk, dv, drpb};
+  if (!plane_sums) {  // summed in k's layout: copied into the slices
+    grad_qkv.select(3, 1).copy_(dk);
+    grad_qkv.select(3, 2).copy_(dv);
+  }
+  return {grad_qkv, at::empty({0}, q.options()), at::empty({0}, q.options()), drpb};
 }
 
 }  // namespace
@@ -335,7 +343,7 @@ TORCH_LIBRARY(nat_na2d_cpu, m) {
   m.def(
       "backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor probs, "
       "Tensor row_start, Tensor col_start, Tensor row_bias, Tensor col_bias, int kernel_size, "
-      "int dilation, float scale, bool rpb_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int dilation, float scale, bool rpb_grad, bool packed) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(nat_na2d_cpu, CPU, m) {
