@@ -188,15 +188,14 @@ def _readable(x: torch.Tensor) -> torch.Tensor:
     return _head_planes(x)
 
 
-def _prepare(
-    dtype: torch.dtype, rpb: torch.Tensor | None, *inputs: torch.Tensor
-) -> tuple[torch.Tensor | None, bool]:
-    """The RPB as the kernel takes it, and whether to keep the probabilities for a backward."""
+def _prepare(rpb: torch.Tensor | None, *inputs: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+    """The RPB as the kernel takes it (for `inputs`' dtype), and whether to keep the probabilities
+    for a backward."""
     error = kernel_build_error()  # loads the kernel when called without the dispatcher
     if error is not None:
         raise RuntimeError(error)
     if rpb is not None:
-        rpb = rpb.to(accumulation_dtype(dtype)).contiguous()
+        rpb = rpb.to(accumulation_dtype(inputs[0].dtype)).contiguous()
     # The k*k probabilities per query are kept only when a backward can come. Not from
     # ctx.needs_input_grad: under no_grad it still says True for parameters (the RPB).
     save_probs = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*inputs, rpb))
@@ -218,7 +217,7 @@ def na2d_cpp(
     has one to give (`neighborhood_attention_2d_qkvpacked`): then one copy puts all three in per-head
     planes where the views take three, and the backward writes its gradient whole, where autograd
     would stack three."""
-    rpb, save_probs = _prepare(q.dtype, rpb, q, k, v)
+    rpb, save_probs = _prepare(rpb, q, k, v)
     if qkv is not None:
         return _PackedWindowAttention.apply(qkv, rpb, kernel_size, dilation, scale, save_probs)
     q, k, v = _readable(q), _readable(k), _readable(v)

@@ -3,8 +3,8 @@
 // Tensors are (B, H, W, heads, D) with any strides but a contiguous head dim; k and v (and so dk, dv)
 // share theirs, dense in any dim order. NAT's q, k, v reach it in per-head planes, (B, heads, H, W, D)
 // memory (cpp_kernel.py copies the packed qkv projection into them, one copy for all three). In
-// (B, H, W, heads, D) memory a window's key rows lie a whole map row of all heads apart (14 KB at every NAT stage), which lands
-// them on few L1 sets; planes made the backward 1.2x (56^2, 2 heads) to 1.6x (7^2, 16 heads) faster,
+// (B, H, W, heads, D) memory a window's key rows lie a whole map row of all heads apart (14 KB at
+// every NAT stage), which lands them on few L1 sets; planes made the backward 1.2x (56^2, 2 heads) to 1.6x (7^2, 16 heads) faster,
 // the forward no slower, at the same copy cost. Window geometry comes in from Python (windows.py, the one
 // source of truth): key row of tap a is row_start[i] + a * dilation, its RPB row row_bias[i] + a;
 // columns likewise. In training the forward keeps each query's k*k probabilities (as Swin keeps its

@@ -162,6 +162,14 @@ NA_INLINE VF<L> exp_nonpositive(VF<L> x) {
   return p * as_float<L>(exponent);
 }
 
+// L lane-wise partial sums of <x, row>, x's chunks in xv (window_dots' groups and tail).
+template <typename S, int L, int kChunks>
+NA_INLINE VF<L> row_dot(const VF<L>* xv, const S* row) {
+  VF<L> acc = xv[0] * load_chunk<S, L>(row, 0);
+  for (int c = 1; c < kChunks; ++c) acc += xv[c] * load_chunk<S, L>(row, c);
+  return acc;
+}
+
 // out[t] = <x, base + offsets[t]> for t < taps (base: a window's first key). `out` has room for
 // padded_taps(taps).
 template <typename S, int kD, int L, typename T = Acc<S>>
@@ -179,10 +187,7 @@ NA_INLINE void window_dots(const S* x, const S* base, const int64_t* offsets, in
           partial[t] = VF<L>{};
           continue;
         }
-        const S* row = base + offsets[first + t];
-        VF<L> acc = xv[0] * load_chunk<S, L>(row, 0);
-        for (int c = 1; c < kChunks; ++c) acc += xv[c] * load_chunk<S, L>(row, c);
-        partial[t] = acc;
+        partial[t] = row_dot<S, L, kChunks>(xv, base + offsets[first + t]);
       }
       store<L>(out + first, sum_lanes<L>(partial));
     }
@@ -192,9 +197,7 @@ NA_INLINE void window_dots(const S* x, const S* base, const int64_t* offsets, in
       const VI<L> lane = lane_index<L>();
       VF<L> sums{};
       for (int64_t t = first; t < taps; ++t) {
-        const S* row = base + offsets[t];
-        VF<L> acc = xv[0] * load_chunk<S, L>(row, 0);
-        for (int c = 1; c < kChunks; ++c) acc += xv[c] * load_chunk<S, L>(row, c);
+        const VF<L> acc = row_dot<S, L, kChunks>(xv, base + offsets[t]);
         sums = lane == static_cast<int32_t>(t - first) ? halving_sum<L>(acc) + VF<L>{} : sums;
       }
       store<L>(out + first, sums);
