@@ -48,6 +48,7 @@ from timm.models._helpers import clean_state_dict
 from torch import nn
 
 from .layers import NeighborhoodAttention2D
+from .layers.block_ops import fused_bf16_applies, layer_norm_bf16, residual_add_bf16
 from .mixers import build_mixer, check_mixer
 
 __all__ = ["DENSE_DILATIONS", "NAT", "checkpoint_filter_fn", "dinat_dilations", "named_dilations"]
@@ -211,8 +212,15 @@ class NATBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        # bf16 autocast on CPU: LayerNorms and drop-path residual adds in one pass each (layers/block_ops.py)
+        self.fuses_bf16_block_ops = all(
+            type(norm) is nn.LayerNorm and norm.weight is not None and norm.bias is not None
+            for norm in (self.norm1, self.norm2)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self.fuses_bf16_block_ops and self._fused_bf16_applies(x):
+            return self._forward_fused_bf16(x)
         if torch.jit.is_scripting() or isinstance(self.attn, NeighborhoodAttention2D):
             mixed = self.attn(self.norm1(x))  # NA traces through (its shape-dependent parts are FX leaves)
         else:
@@ -220,6 +228,15 @@ class NATBlock(nn.Module):
         x = x + self.drop_path1(self.ls1(mixed))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
+
+    @torch.jit.unused
+    def _fused_bf16_applies(self, x: torch.Tensor) -> bool:
+        return fused_bf16_applies(x) and self.norm1.weight.dtype == torch.float32  # x first: FX proxies
+
+    @torch.jit.unused
+    def _forward_fused_bf16(self, x: torch.Tensor) -> torch.Tensor:
+        x = residual_add_bf16(x, self.ls1(self.attn(layer_norm_bf16(x, self.norm1))), self.drop_path1)
+        return residual_add_bf16(x, self.ls2(self.mlp(layer_norm_bf16(x, self.norm2))), self.drop_path2)
 
 
 class NATStage(nn.Module):

@@ -26,7 +26,8 @@ import torch
 from .windows import bias_indices, geometry_cache, window_starts
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-_SOURCE = Path(__file__).with_name("csrc") / "na2d_cpu.cpp"
+# The NA kernel, and the block ops fused with their bf16 casts (`models/layers/block_ops.py`): one build.
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("na2d_cpu.cpp", "block_ops_cpu.cpp")]
 _log = logging.getLogger(__name__)
 
 
@@ -66,7 +67,7 @@ def _build_and_load() -> str | None:
             _log.debug("loading the NA C++ CPU kernel (the first time builds it, ~10 s)")
             cpp_extension.load(
                 name="nat_na2d_cpu",
-                sources=[str(_SOURCE)],
+                sources=[str(source) for source in _SOURCES],
                 extra_cflags=["-O3", "-fopenmp"],  # at::parallel_for is OpenMP inlined into our code
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(_build_directory()),

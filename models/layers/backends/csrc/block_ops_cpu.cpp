@@ -1,0 +1,257 @@
+// A NAT block's LayerNorm and drop-path residual add for bfloat16 autocast on CPU.
+//
+// Under CPU autocast NAT's token stream is bfloat16 from the stem's convolution on (LayerNorm keeps
+// its input's dtype), so every LayerNorm and residual add reads and writes bfloat16. ATen's LayerNorm
+// for bfloat16 input with float32 weights takes 0.3-0.7 ns per element forward and 0.7-1.2 backward
+// on 2 threads (8-15x a copy of the tensor); the drop-path residual is two passes, a bfloat16 multiply
+// by the rounded mask and an add. Here each is one pass over rows widened to float32 in a buffer: sums
+// in float32, outputs rounded to bfloat16 once, to nearest even (as torch's casts); the drop-path
+// scale is per sample in float32. Timings: docs/benchmarks.md, bf16 section.
+//
+// The loops are plain C++ over blocks of kLanes floats (reductions in kLanes partial sums, which
+// GCC vectorizes without reassociating anything), cloned for AVX-512, AVX2 and baseline x86-64.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define BLOCK_OPS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define BLOCK_OPS_CLONES
+#endif
+
+namespace {
+
+constexpr int64_t kLanes = 16;
+
+inline float widen(uint16_t bits) {
+  const uint32_t word = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &word, sizeof(value));
+  return value;
+}
+
+// Round to nearest even, NaN kept a NaN (c10::BFloat16's rounding, written branch-free to vectorize).
+inline uint16_t narrow(float value) {
+  uint32_t word;
+  std::memcpy(&word, &value, sizeof(word));
+  const uint32_t rounded = (word + 0x7FFFu + ((word >> 16) & 1u)) >> 16;
+  return (word & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
+}
+
+// Widens n bfloat16 into float; returns their sum (kLanes partial sums).
+__attribute__((always_inline)) inline float widen_row(const uint16_t* __restrict__ in, float* __restrict__ out, int64_t n) {
+  const int64_t whole = n / kLanes * kLanes;
+  float lanes[kLanes] = {};
+  for (int64_t c = 0; c < whole; c += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      out[c + l] = widen(in[c + l]);
+      lanes[l] += out[c + l];
+    }
+  float sum = 0.f;
+  for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
+  for (int64_t c = whole; c < n; ++c) {
+    out[c] = widen(in[c]);
+    sum += out[c];
+  }
+  return sum;
+}
+
+// Rows [begin, end) of a (rows, C) bfloat16 matrix normalized (float32 weight and bias); mean and
+// rstd kept for the backward. `row`: C floats of scratch.
+BLOCK_OPS_CLONES void layer_norm_rows(const uint16_t* __restrict__ x, const float* __restrict__ weight,
+                                      const float* __restrict__ bias, uint16_t* __restrict__ y,
+                                      float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                                      float* __restrict__ row, int64_t C, float eps, int64_t begin,
+                                      int64_t end) {
+  const int64_t whole = C / kLanes * kLanes;
+  for (int64_t r = begin; r < end; ++r) {
+    const float mean = widen_row(x + r * C, row, C) / C;
+    float lanes[kLanes] = {};  // second pass over the row (in L1): no cancellation in the variance
+    for (int64_t c = 0; c < whole; c += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const float centred = row[c + l] - mean;
+        lanes[l] += centred * centred;
+      }
+    float squares = 0.f;
+    for (int64_t l = 0; l < kLanes; ++l) squares += lanes[l];
+    for (int64_t c = whole; c < C; ++c) squares += (row[c] - mean) * (row[c] - mean);
+    const float rstd = 1.f / std::sqrt(squares / C + eps);
+    uint16_t* out = y + r * C;
+    for (int64_t c = 0; c < C; ++c) out[c] = narrow((row[c] - mean) * rstd * weight[c] + bias[c]);
+    mean_out[r] = mean;
+    rstd_out[r] = rstd;
+  }
+}
+
+// dx of rows [begin, end); their weight and bias gradients added into dweight, dbias (this thread's
+// partial sums). g = dy * w, x^ = (x - mean) * rstd: dx = rstd (g - mean(g) - x^ mean(g x^)).
+// `x_hat`, `dy`: C floats of scratch each.
+BLOCK_OPS_CLONES void layer_norm_backward_rows(const uint16_t* __restrict__ grad, const uint16_t* __restrict__ x,
+                                               const float* __restrict__ mean, const float* __restrict__ rstd,
+                                               const float* __restrict__ weight, uint16_t* __restrict__ dx,
+                                               float* __restrict__ dweight, float* __restrict__ dbias,
+                                               float* __restrict__ x_hat, float* __restrict__ dy, int64_t C,
+                                               int64_t begin, int64_t end) {
+  const int64_t whole = C / kLanes * kLanes;
+  for (int64_t r = begin; r < end; ++r) {
+    widen_row(x + r * C, x_hat, C);
+    widen_row(grad + r * C, dy, C);
+    const float m = mean[r], s = rstd[r];
+    float g_lanes[kLanes] = {}, gx_lanes[kLanes] = {};
+    for (int64_t c = 0; c < whole; c += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const float d = dy[c + l], xh = (x_hat[c + l] - m) * s, g = d * weight[c + l];
+        x_hat[c + l] = xh;
+        g_lanes[l] += g;
+        gx_lanes[l] += g * xh;
+        dweight[c + l] += d * xh;
+        dbias[c + l] += d;
+      }
+    float g_sum = 0.f, gx_sum = 0.f;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      g_sum += g_lanes[l];
+      gx_sum += gx_lanes[l];
+    }
+    for (int64_t c = whole; c < C; ++c) {
+      const float d = dy[c], xh = (x_hat[c] - m) * s, g = d * weight[c];
+      x_hat[c] = xh;
+      g_sum += g;
+      gx_sum += g * xh;
+      dweight[c] += d * xh;
+      dbias[c] += d;
+    }
+    const float g_mean = g_sum / C, gx_mean = gx_sum / C;
+    uint16_t* out = dx + r * C;
+    for (int64_t c = 0; c < C; ++c) out[c] = narrow(s * (dy[c] * weight[c] - g_mean - x_hat[c] * gx_mean));
+  }
+}
+
+// out = x + scale * branch over n elements (one sample's span).
+BLOCK_OPS_CLONES void residual_add_span(const uint16_t* __restrict__ x, const uint16_t* __restrict__ branch,
+                                        float scale, uint16_t* __restrict__ out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = narrow(widen(x[i]) + scale * widen(branch[i]));
+}
+
+BLOCK_OPS_CLONES void scale_span(const uint16_t* __restrict__ grad, float scale, uint16_t* __restrict__ out,
+                                 int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = narrow(scale * widen(grad[i]));
+}
+
+const uint16_t* bf16_data(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
+uint16_t* bf16_data(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
+
+// Rows per parallel chunk: ~16K elements, where a thread's start-up is paid back.
+int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)); }
+
+at::Tensor bf16_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16, name, " must be a bfloat16 CPU tensor");
+  return t.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bf16(const at::Tensor& input, const at::Tensor& weight,
+                                                               const at::Tensor& bias, double eps) {
+  auto x = bf16_contiguous(input, "x");
+  const int64_t C = x.size(-1), rows = C ? x.numel() / C : 0;
+  TORCH_CHECK(weight.numel() == C && bias.numel() == C && weight.scalar_type() == at::kFloat &&
+                  bias.scalar_type() == at::kFloat,
+              "weight and bias must be float32 of x's last size");
+  auto w = weight.contiguous(), b = bias.contiguous();
+  auto y = at::empty_like(x);
+  auto mean = at::empty({rows}, x.options().dtype(at::kFloat)), rstd = at::empty_like(mean);
+  at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
+    std::vector<float> row(C);
+    layer_norm_rows(bf16_data(x), w.data_ptr<float>(), b.data_ptr<float>(), bf16_data(y), mean.data_ptr<float>(),
+                    rstd.data_ptr<float>(), row.data(), C, static_cast<float>(eps), begin, end);
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bf16_backward(const at::Tensor& grad, const at::Tensor& input,
+                                                                        const at::Tensor& mean, const at::Tensor& rstd,
+                                                                        const at::Tensor& weight) {
+  auto x = bf16_contiguous(input, "x"), dy = bf16_contiguous(grad, "grad");
+  const int64_t C = x.size(-1), rows = C ? x.numel() / C : 0;
+  auto w = weight.contiguous();
+  auto dx = at::empty_like(x);
+  // Weight and bias gradient sums, one pair of rows per thread, added up at the end.
+  auto partial = at::zeros({at::get_num_threads(), 2, C}, mean.options());
+  at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
+    float* sums = partial.data_ptr<float>() + at::get_thread_num() * 2 * C;
+    std::vector<float> scratch(2 * C);
+    layer_norm_backward_rows(bf16_data(dy), bf16_data(x), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                             w.data_ptr<float>(), bf16_data(dx), sums, sums + C, scratch.data(), scratch.data() + C,
+                             C, begin, end);
+  });
+  auto totals = partial.sum(0);
+  return {dx, totals.select(0, 0), totals.select(0, 1)};
+}
+
+// Elements [begin, end) of (B, ...) tensors, cut at sample boundaries: f(offset, length, sample).
+template <typename F>
+void for_each_sample_span(int64_t begin, int64_t end, int64_t per_sample, const F& f) {
+  while (begin < end) {
+    const int64_t sample = begin / per_sample, stop = std::min(end, (sample + 1) * per_sample);
+    f(begin, stop - begin, sample);
+    begin = stop;
+  }
+}
+
+constexpr int64_t kElementGrain = 32768;
+
+// x + scale[b] * branch, scale: one float32 per sample (timm's DropPath: 0 or 1/keep_prob).
+at::Tensor residual_add_bf16(const at::Tensor& input, const at::Tensor& branch_input, const at::Tensor& scale) {
+  auto x = bf16_contiguous(input, "x"), branch = bf16_contiguous(branch_input, "branch");
+  TORCH_CHECK(x.sizes() == branch.sizes(), "x and branch must have one shape");
+  TORCH_CHECK(x.dim() > 0 && scale.scalar_type() == at::kFloat && scale.numel() == x.size(0),
+              "scale must hold one float32 per sample");
+  auto s = scale.contiguous();
+  auto out = at::empty_like(x);
+  const int64_t per_sample = x.numel() / std::max<int64_t>(x.size(0), 1);
+  at::parallel_for(0, x.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
+    for_each_sample_span(begin, end, per_sample, [&](int64_t offset, int64_t n, int64_t sample) {
+      residual_add_span(bf16_data(x) + offset, bf16_data(branch) + offset, s.data_ptr<float>()[sample],
+                        bf16_data(out) + offset, n);
+    });
+  });
+  return out;
+}
+
+// The branch's gradient: scale[b] * grad, rounded once.
+at::Tensor scale_samples_bf16(const at::Tensor& grad_input, const at::Tensor& scale) {
+  auto grad = bf16_contiguous(grad_input, "grad");
+  TORCH_CHECK(grad.dim() > 0 && scale.scalar_type() == at::kFloat && scale.numel() == grad.size(0),
+              "scale must hold one float32 per sample");
+  auto s = scale.contiguous();
+  auto out = at::empty_like(grad);
+  const int64_t per_sample = grad.numel() / std::max<int64_t>(grad.size(0), 1);
+  at::parallel_for(0, grad.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
+    for_each_sample_span(begin, end, per_sample, [&](int64_t offset, int64_t n, int64_t sample) {
+      scale_span(bf16_data(grad) + offset, s.data_ptr<float>()[sample], bf16_data(out) + offset, n);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(nat_block_cpu, m) {
+  m.def("layer_norm_bf16(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "layer_norm_bf16_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor weight) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def("residual_add_bf16(Tensor x, Tensor branch, Tensor scale) -> Tensor");
+  m.def("scale_samples_bf16(Tensor grad, Tensor scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(nat_block_cpu, CPU, m) {
+  m.impl("layer_norm_bf16", &layer_norm_bf16);
+  m.impl("layer_norm_bf16_backward", &layer_norm_bf16_backward);
+  m.impl("residual_add_bf16", &residual_add_bf16);
+  m.impl("scale_samples_bf16", &scale_samples_bf16);
+}

@@ -1,0 +1,117 @@
+"""The fused LayerNorm and drop-path residual of NAT blocks under CPU bfloat16 autocast
+(models/layers/block_ops.py), against float64 references built here and against the block's stock ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.layers import DropPath
+from torch import nn
+
+from models.layers import block_ops
+from models.layers.backends.cpp_kernel import kernel_build_error
+from models.nat import NATBlock
+
+pytestmark = pytest.mark.skipif(kernel_build_error() is not None, reason=str(kernel_build_error()))
+
+BF16_STEP = 2.0**-8  # bfloat16 unit roundoff: one rounding moves a value by at most this, relatively
+
+
+def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((actual.double() - reference).abs().max() / reference.abs().max()).item()
+
+
+@pytest.mark.parametrize("channels", [64, 37, 512])
+def test_layer_norm_bf16_matches_float64_reference(channels):
+    torch.manual_seed(channels)
+    norm = nn.LayerNorm(channels)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    # An offset row mean: the variance must not come from E[x^2] - E[x]^2.
+    x = (torch.randn(3, 5, 7, channels) * 3 + 20).bfloat16().requires_grad_()
+    grad = torch.randn(x.shape).bfloat16()
+    out = block_ops.layer_norm_bf16(x, norm)
+    out.backward(grad)
+
+    x64 = x.detach().double().requires_grad_()
+    weight64 = norm.weight.detach().double().requires_grad_()
+    bias64 = norm.bias.detach().double().requires_grad_()
+    reference = nn.functional.layer_norm(x64, (channels,), weight64, bias64, norm.eps)
+    reference.backward(grad.double())
+
+    assert out.dtype == x.grad.dtype == torch.bfloat16
+    # Rounded once from float32 sums: within one bfloat16 step of each value (plus float32 noise).
+    assert ((out.double() - reference).abs() <= BF16_STEP * reference.abs() + 1e-5).all()
+    dx_bound = BF16_STEP * x64.grad.abs() + 1e-4 * x64.grad.abs().max()
+    assert ((x.grad.double() - x64.grad).abs() <= dx_bound).all()
+    # Weight and bias gradients are float32 sums over all rows (ATen's bfloat16 path: ~5% off at 8x14x14).
+    assert relative_error(norm.weight.grad, weight64.grad) < 1e-5
+    assert relative_error(norm.bias.grad, bias64.grad) < 1e-5
+
+
+def test_residual_add_bf16_with_drop_path_matches_float64_reference():
+    torch.manual_seed(0)
+    drop_path = DropPath(0.5).train()
+    x = torch.randn(16, 7, 9, 24).bfloat16().requires_grad_()
+    branch = torch.randn(x.shape).bfloat16().requires_grad_()
+    torch.manual_seed(1)
+    out = block_ops.residual_add_bf16(x, branch, drop_path)
+    torch.manual_seed(1)
+    scale = block_ops.drop_path_scale(x, drop_path)
+    assert set(scale.tolist()) == {0.0, 2.0}  # 16 samples at p = 0.5: both outcomes, seed fixed
+    grad = torch.randn(x.shape).bfloat16()
+    out.backward(grad)
+
+    per_sample = scale.double().view(-1, 1, 1, 1)
+    reference = x.detach().double() + per_sample * branch.detach().double()
+    assert ((out.double() - reference).abs() <= BF16_STEP * reference.abs()).all()
+    assert torch.equal(x.grad, grad)
+    assert torch.equal(branch.grad.double(), grad.double() * per_sample)  # scale 0 or 2: exact
+
+
+def test_residual_add_bf16_without_drop_path_is_the_plain_add():
+    x, branch = torch.randn(2, 3, 3, 8).bfloat16(), torch.randn(2, 3, 3, 8).bfloat16()
+    for drop_path in (nn.Identity(), DropPath(0.3).eval()):
+        assert torch.equal(block_ops.residual_add_bf16(x, branch, drop_path), x + branch)
+
+
+def run_block(block: NATBlock, x: torch.Tensor, grad: torch.Tensor, fused: bool):
+    block.fuses_bf16_block_ops = fused
+    block.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x)
+    out.backward(grad)
+    return out, x.grad, {name: p.grad for name, p in block.named_parameters()}
+
+
+def test_nat_block_takes_the_fused_ops_under_cpu_bf16_autocast(monkeypatch):
+    torch.manual_seed(0)
+    block = NATBlock(64, 2, kernel_size=5, drop_path=0.0).train()
+    x = torch.randn(2, 9, 11, 64).bfloat16()  # the block's input dtype under autocast (the stem's conv)
+    grad = torch.randn(x.shape).bfloat16()
+    calls = []
+    counted = lambda *args: calls.append(1) or block_ops.layer_norm_bf16(*args)  # noqa: E731
+    monkeypatch.setattr("models.nat.layer_norm_bf16", counted)
+    fused_out, fused_dx, fused_grads = run_block(block, x, grad, fused=True)
+    assert len(calls) == 2
+    stock_out, stock_dx, stock_grads = run_block(block, x, grad, fused=False)
+    assert len(calls) == 2 and fused_out.dtype == stock_out.dtype == torch.bfloat16
+    # Same math, bfloat16 roundings in different places: close, not equal.
+    torch.testing.assert_close(fused_out, stock_out, rtol=0.02, atol=0.02)
+    torch.testing.assert_close(fused_dx, stock_dx, rtol=0.05, atol=0.05)
+    for name, grad_fused in fused_grads.items():
+        scale = stock_grads[name].abs().max()
+        assert (grad_fused - stock_grads[name]).abs().max() <= 0.06 * scale, name
+
+
+def test_nat_block_keeps_the_stock_ops_outside_cpu_bf16_autocast():
+    block = NATBlock(32, 2, kernel_size=3)
+    x = torch.randn(1, 4, 4, 32)
+    assert not block._fused_bf16_applies(x)  # float32, no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert block._fused_bf16_applies(x.bfloat16())
+        assert not block._fused_bf16_applies(x)
+    block.bfloat16()  # bfloat16 weights: ATen's LayerNorm
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not block._fused_bf16_applies(x.bfloat16())
