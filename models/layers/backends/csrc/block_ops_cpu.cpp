@@ -192,50 +192,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bf16_backward(const at
   return {dx, totals.select(0, 0), totals.select(0, 1)};
 }
 
-// Elements [begin, end) of (B, ...) tensors, cut at sample boundaries: f(offset, length, sample).
-template <typename F>
-void for_each_sample_span(int64_t begin, int64_t end, int64_t per_sample, const F& f) {
-  while (begin < end) {
-    const int64_t sample = begin / per_sample, stop = std::min(end, (sample + 1) * per_sample);
-    f(begin, stop - begin, sample);
-    begin = stop;
-  }
-}
-
 constexpr int64_t kElementGrain = 32768;
 
-// x + scale[b] * branch, scale: one float32 per sample (timm's DropPath: 0 or 1/keep_prob).
+// A new bfloat16 tensor shaped as `like` (B, ...), filled span by span: f(offset, length, scale of
+// the span's sample, out + offset); spans never cross a sample boundary. scale: one float32 per sample.
+template <typename F>
+at::Tensor map_per_sample(const at::Tensor& like, const at::Tensor& scale, const F& f) {
+  TORCH_CHECK(like.dim() > 0 && scale.scalar_type() == at::kFloat && scale.numel() == like.size(0),
+              "scale must hold one float32 per sample");
+  auto s = scale.contiguous();
+  auto out = at::empty_like(like);
+  const float* sample_scale = s.data_ptr<float>();
+  uint16_t* out_data = bf16_data(out);
+  const int64_t per_sample = like.numel() / std::max<int64_t>(like.size(0), 1);
+  at::parallel_for(0, like.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
+    while (begin < end) {
+      const int64_t sample = begin / per_sample, stop = std::min(end, (sample + 1) * per_sample);
+      f(begin, stop - begin, sample_scale[sample], out_data + begin);
+      begin = stop;
+    }
+  });
+  return out;
+}
+
+// x + scale[b] * branch (timm's DropPath: scale 0 or 1/keep_prob).
 at::Tensor residual_add_bf16(const at::Tensor& input, const at::Tensor& branch_input, const at::Tensor& scale) {
   auto x = bf16_contiguous(input, "x"), branch = bf16_contiguous(branch_input, "branch");
   TORCH_CHECK(x.sizes() == branch.sizes(), "x and branch must have one shape");
-  TORCH_CHECK(x.dim() > 0 && scale.scalar_type() == at::kFloat && scale.numel() == x.size(0),
-              "scale must hold one float32 per sample");
-  auto s = scale.contiguous();
-  auto out = at::empty_like(x);
-  const int64_t per_sample = x.numel() / std::max<int64_t>(x.size(0), 1);
-  at::parallel_for(0, x.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
-    for_each_sample_span(begin, end, per_sample, [&](int64_t offset, int64_t n, int64_t sample) {
-      residual_add_span(bf16_data(x) + offset, bf16_data(branch) + offset, s.data_ptr<float>()[sample],
-                        bf16_data(out) + offset, n);
-    });
+  return map_per_sample(x, scale, [&](int64_t offset, int64_t n, float sample_scale, uint16_t* out) {
+    residual_add_span(bf16_data(x) + offset, bf16_data(branch) + offset, sample_scale, out, n);
   });
-  return out;
 }
 
 // The branch's gradient: scale[b] * grad, rounded once.
 at::Tensor scale_samples_bf16(const at::Tensor& grad_input, const at::Tensor& scale) {
   auto grad = bf16_contiguous(grad_input, "grad");
-  TORCH_CHECK(grad.dim() > 0 && scale.scalar_type() == at::kFloat && scale.numel() == grad.size(0),
-              "scale must hold one float32 per sample");
-  auto s = scale.contiguous();
-  auto out = at::empty_like(grad);
-  const int64_t per_sample = grad.numel() / std::max<int64_t>(grad.size(0), 1);
-  at::parallel_for(0, grad.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
-    for_each_sample_span(begin, end, per_sample, [&](int64_t offset, int64_t n, int64_t sample) {
-      scale_span(bf16_data(grad) + offset, s.data_ptr<float>()[sample], bf16_data(out) + offset, n);
-    });
+  return map_per_sample(grad, scale, [&](int64_t offset, int64_t n, float sample_scale, uint16_t* out) {
+    scale_span(bf16_data(grad) + offset, sample_scale, out, n);
   });
-  return out;
 }
 
 }  // namespace
