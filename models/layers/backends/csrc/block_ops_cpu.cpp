@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -45,7 +46,8 @@ inline uint16_t narrow(float value) {
 }
 
 // Widens n bfloat16 into float; returns their sum (kLanes partial sums).
-__attribute__((always_inline)) inline float widen_row(const uint16_t* __restrict__ in, float* __restrict__ out, int64_t n) {
+__attribute__((always_inline)) inline float widen_row(const uint16_t* __restrict__ in, float* __restrict__ out,
+                                                      int64_t n) {
   const int64_t whole = n / kLanes * kLanes;
   float lanes[kLanes] = {};
   for (int64_t c = 0; c < whole; c += kLanes)
