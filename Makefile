@@ -29,7 +29,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	# natten's sdist builds against the installed torch; no CUDA library unless NATTEN_CUDA=1 (above).
 	$(NATTEN_INSTALL)
-	# The NA C++ CPU kernel (~10 s); without a compiler this prints why and the 'torch' backend serves.
+	# The NA C++ CPU kernel and the bf16 block ops (~1 min); without a compiler this prints why and the 'torch' backend serves.
 	$(PY) -c "from models.layers.backends.cpp_kernel import kernel_build_error as e; print(e() or 'NA C++ kernel ready')"
 	touch $(STAMP)
 

@@ -8,7 +8,7 @@ run in their own precision; bfloat16 is widened to float32 on load and summed in
 (probabilities, RPB and its gradient in float32), only the output and dq, dk, dv rounded back.
 Window geometry comes from `windows.py`, shared with every other backend.
 
-The build (~10 s, once per torch version) lands in `$TORCH_EXTENSIONS_DIR` (default
+The build (~1 min on 2 cores, once per torch version) lands in `$TORCH_EXTENSIONS_DIR` (default
 `~/.cache/torch_extensions`); `make setup` does it up front. Without a C++ compiler or ninja the
 dispatcher says so and runs the `torch` backend instead. `NAT_NO_CPP_KERNEL=1` turns the kernel off.
 """
@@ -64,7 +64,7 @@ def _build_and_load() -> str | None:
             warnings.simplefilter("ignore")
             from torch.utils import cpp_extension
 
-            _log.debug("loading the NA C++ CPU kernel (the first time builds it, ~10 s)")
+            _log.debug("loading the NA C++ CPU kernel (the first time builds it, ~1 min)")
             cpp_extension.load(
                 name="nat_na2d_cpu",
                 sources=[str(source) for source in _SOURCES],
