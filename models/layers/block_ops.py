@@ -16,6 +16,7 @@ kernel built, and no tracer, scripting or compiler looking (those see the stock 
 from __future__ import annotations
 
 import torch
+from timm.layers import drop_path as timm_drop_path
 from torch import nn
 
 from .backends.cpp_kernel import kernel_build_error
@@ -70,22 +71,20 @@ def drop_path_scale(x: torch.Tensor, drop_path: nn.Module) -> torch.Tensor | Non
     drop_prob = getattr(drop_path, "drop_prob", 0.0)
     if not drop_path.training or not drop_prob:
         return None
-    keep_prob = 1.0 - drop_prob
-    scale = x.new_empty(x.shape[0], dtype=torch.float32).bernoulli_(keep_prob)
-    if keep_prob > 0.0 and drop_path.scale_by_keep:
-        scale.div_(keep_prob)
-    return scale
+    # timm's own mask (and its draw from the generator), applied to ones: the scale itself.
+    ones = x.new_ones(x.shape[0], dtype=torch.float32)
+    return timm_drop_path(ones, drop_prob, training=True, scale_by_keep=drop_path.scale_by_keep)
 
 
 def residual_add_bf16(x: torch.Tensor, branch: torch.Tensor, drop_path: nn.Module) -> torch.Tensor:
     """`x + drop_path(branch)` for bfloat16 `x` and `branch`, in one pass.
 
-    Without drop path (eval, rate 0) it is the plain add (one pass already); a branch in another
-    dtype (a layer scale promotes it to float32) takes the stock ops.
+    A branch in another dtype (a layer scale promotes it to float32) takes the stock ops; without
+    drop path (eval, rate 0) it is the plain add (one pass already).
     """
+    if branch.dtype != torch.bfloat16 or branch.shape != x.shape:
+        return x + drop_path(branch)  # before drawing a mask here: drop_path draws its own
     scale = drop_path_scale(x, drop_path)
     if scale is None:
         return x + branch
-    if branch.dtype != torch.bfloat16 or branch.shape != x.shape:
-        return x + drop_path(branch)
     return _ScaledResidualBf16.apply(x, branch, scale)
