@@ -212,14 +212,9 @@ class NATBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        # bf16 autocast on CPU: LayerNorms and drop-path residual adds in one pass each (layers/block_ops.py)
-        self.fuses_bf16_block_ops = all(
-            type(norm) is nn.LayerNorm and norm.weight is not None and norm.bias is not None
-            for norm in (self.norm1, self.norm2)
-        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self.fuses_bf16_block_ops and self._fused_bf16_applies(x):
+        if not torch.jit.is_scripting() and self._fused_bf16_applies(x):
             return self._forward_fused_bf16(x)
         if torch.jit.is_scripting() or isinstance(self.attn, NeighborhoodAttention2D):
             mixed = self.attn(self.norm1(x))  # NA traces through (its shape-dependent parts are FX leaves)
@@ -231,7 +226,15 @@ class NATBlock(nn.Module):
 
     @torch.jit.unused
     def _fused_bf16_applies(self, x: torch.Tensor) -> bool:
-        return fused_bf16_applies(x) and self.norm1.weight.dtype == torch.float32  # x first: FX proxies
+        """bf16 autocast on CPU, with affine float32 LayerNorms: LayerNorms and drop-path residual adds
+        in one pass each (layers/block_ops.py)."""
+        return fused_bf16_applies(x) and all(  # x first: under FX it is a proxy, and this says False
+            type(norm) is nn.LayerNorm
+            and norm.weight is not None
+            and norm.bias is not None
+            and norm.weight.dtype == torch.float32
+            for norm in (self.norm1, self.norm2)
+        )
 
     @torch.jit.unused
     def _forward_fused_bf16(self, x: torch.Tensor) -> torch.Tensor:
