@@ -48,7 +48,14 @@ from timm.models._helpers import clean_state_dict
 from torch import nn
 
 from .layers import NeighborhoodAttention2D
-from .layers.block_ops import fused_bf16_applies, layer_norm_bf16, residual_add_bf16
+from .layers.block_ops import (
+    conv2d_nhwc_bf16,
+    fusable_conv,
+    fusable_layer_norm,
+    fused_bf16_applies,
+    layer_norm_bf16,
+    residual_add_bf16,
+)
 from .mixers import build_mixer, check_mixer
 
 __all__ = ["DENSE_DILATIONS", "NAT", "checkpoint_filter_fn", "dinat_dilations", "named_dilations"]
@@ -148,8 +155,18 @@ class ConvStem(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Channels-last convs: oneDNN's native layout on CPU (stem + downsamplers fwd+bwd 90 -> 74 ms
         # at 224, batch 8), and the permute below is then a free view instead of a copy.
-        x = self.conv2(self.conv1(x.contiguous(memory_format=torch.channels_last)))
-        return self.norm(x.permute(0, 2, 3, 1))
+        x = self.conv2(self.conv1(x.contiguous(memory_format=torch.channels_last))).permute(0, 2, 3, 1)
+        if not torch.jit.is_scripting() and self._fused_bf16_applies(x):
+            return self._norm_fused_bf16(x)
+        return self.norm(x)
+
+    @torch.jit.unused
+    def _fused_bf16_applies(self, x: torch.Tensor) -> bool:
+        return fused_bf16_applies(x) and fusable_layer_norm(self.norm)  # x first: FX proxies say False
+
+    @torch.jit.unused
+    def _norm_fused_bf16(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm_bf16(x, self.norm)
 
 
 class ConvDownsample(nn.Module):
@@ -161,8 +178,20 @@ class ConvDownsample(nn.Module):
         self.norm = norm_layer(out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self._fused_bf16_applies(x):
+            return self._forward_fused_bf16(x)
         x = self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.norm(x)
+
+    @torch.jit.unused
+    def _fused_bf16_applies(self, x: torch.Tensor) -> bool:
+        """bf16 autocast on CPU: the conv's weight gradient as one GEMM, the LayerNorm in one pass
+        (layers/block_ops.py)."""
+        return fused_bf16_applies(x) and fusable_conv(self.conv) and fusable_layer_norm(self.norm)
+
+    @torch.jit.unused
+    def _forward_fused_bf16(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm_bf16(conv2d_nhwc_bf16(x, self.conv), self.norm)
 
 
 class NATBlock(nn.Module):
@@ -228,13 +257,8 @@ class NATBlock(nn.Module):
     def _fused_bf16_applies(self, x: torch.Tensor) -> bool:
         """bf16 autocast on CPU, with affine float32 LayerNorms: LayerNorms and drop-path residual adds
         in one pass each (layers/block_ops.py)."""
-        return fused_bf16_applies(x) and all(  # x first: under FX it is a proxy, and this says False
-            type(norm) is nn.LayerNorm
-            and norm.weight is not None
-            and norm.bias is not None
-            and norm.weight.dtype == torch.float32
-            for norm in (self.norm1, self.norm2)
-        )
+        # x first: under FX it is a proxy, and this says False
+        return fused_bf16_applies(x) and fusable_layer_norm(self.norm1) and fusable_layer_norm(self.norm2)
 
     @torch.jit.unused
     def _forward_fused_bf16(self, x: torch.Tensor) -> torch.Tensor:

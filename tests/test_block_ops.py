@@ -1,5 +1,6 @@
-"""The fused LayerNorm and drop-path residual of NAT blocks under CPU bfloat16 autocast
-(models/layers/block_ops.py), against float64 references built here and against the block's stock ops."""
+"""The fused LayerNorm and drop-path residual of NAT blocks and the downsampling conv's GEMM weight
+gradient under CPU bfloat16 autocast (models/layers/block_ops.py), against float64 references built here
+and against the modules' stock ops."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import nn
 
 from models.layers import block_ops
 from models.layers.backends.cpp_kernel import kernel_build_error
-from models.nat import NATBlock
+from models.nat import ConvDownsample, ConvStem, NATBlock
 
 pytestmark = pytest.mark.skipif(kernel_build_error() is not None, reason=str(kernel_build_error()))
 
@@ -116,3 +117,76 @@ def test_nat_block_keeps_the_stock_ops_outside_cpu_bf16_autocast():
     block.bfloat16()  # bfloat16 weights: ATen's LayerNorm
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not block._fused_bf16_applies(x.bfloat16())
+
+
+@pytest.mark.parametrize(
+    "height, width, kernel_size, stride, padding",
+    [(14, 14, 3, 2, 1), (7, 9, 3, 2, 1), (8, 12, 2, 2, 0), (6, 5, 3, 1, 1)],
+)
+def test_conv2d_nhwc_bf16_matches_float64_reference(height, width, kernel_size, stride, padding):
+    torch.manual_seed(height * width)
+    conv = nn.Conv2d(24, 40, kernel_size, stride, padding, bias=False)
+    x = torch.randn(3, height, width, 24).bfloat16().requires_grad_()
+    out = block_ops.conv2d_nhwc_bf16(x, conv)
+    grad = torch.randn(out.shape).bfloat16()
+    out.backward(grad)
+
+    x64 = x.detach().double().permute(0, 3, 1, 2).requires_grad_()
+    weight64 = conv.weight.detach().bfloat16().double().requires_grad_()  # the bf16 weight the conv ran
+    reference = nn.functional.conv2d(x64, weight64, None, stride, padding)
+    reference.backward(grad.double().permute(0, 3, 1, 2))
+    reference = reference.permute(0, 2, 3, 1)
+
+    assert out.shape == reference.shape and out.dtype == x.grad.dtype == torch.bfloat16
+    assert conv.weight.grad.dtype == torch.float32
+    # float32 sums rounded to bfloat16 once: one bfloat16 step of each value, plus float32 noise
+    for actual, expected in [
+        (out, reference),
+        (x.grad, x64.grad.permute(0, 2, 3, 1)),
+        (conv.weight.grad, weight64.grad),
+    ]:
+        bound = BF16_STEP * expected.abs() + 1e-4 * expected.abs().max()
+        assert ((actual.double() - expected).abs() <= bound).all()
+
+
+def run_module(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, fused: bool):
+    if not fused:  # the stock ops, as outside CPU bf16 autocast
+        module._fused_bf16_applies = lambda x: False
+    module.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(x.is_floating_point() and x.dtype == torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x)
+    out.backward(grad)
+    return out, x.grad, {name: p.grad for name, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "module, x",
+    [
+        (ConvDownsample(32, 64), torch.randn(2, 13, 14, 32).bfloat16()),  # NHWC bf16, as a NAT stage hands it
+        (ConvStem(3, 32), torch.randn(2, 3, 30, 28)),  # the image, float32
+    ],
+)
+def test_stem_and_downsampler_take_the_fused_ops_under_cpu_bf16_autocast(monkeypatch, module, x):
+    torch.manual_seed(0)
+    calls = []
+    for name in ("layer_norm_bf16", "conv2d_nhwc_bf16"):
+        op = getattr(block_ops, name)
+        monkeypatch.setattr(
+            f"models.nat.{name}", lambda *args, op=op, name=name: calls.append(name) or op(*args)
+        )
+    with torch.no_grad():
+        grad = torch.randn(module(x.float() if x.dtype == torch.bfloat16 else x).shape).bfloat16()
+    fused_out, fused_dx, fused_grads = run_module(module, x, grad, fused=True)
+    expected = (
+        ["conv2d_nhwc_bf16", "layer_norm_bf16"] if isinstance(module, ConvDownsample) else ["layer_norm_bf16"]
+    )
+    assert calls == expected
+    stock_out, stock_dx, stock_grads = run_module(module, x, grad, fused=False)
+    assert calls == expected and fused_out.dtype == stock_out.dtype == torch.bfloat16
+    torch.testing.assert_close(fused_out, stock_out, rtol=0.02, atol=0.02)
+    if fused_dx is not None:
+        torch.testing.assert_close(fused_dx, stock_dx, rtol=0.05, atol=0.05)
+    for name, grad_fused in fused_grads.items():
+        scale = stock_grads[name].abs().max()
+        assert (grad_fused - stock_grads[name]).abs().max() <= 0.06 * scale, name

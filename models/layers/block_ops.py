@@ -1,4 +1,5 @@
-"""A NAT block's LayerNorm and drop-path residual add, fused, for bfloat16 autocast on CPU.
+"""NAT's blocks and downsamplers under CPU bfloat16 autocast: LayerNorm, the drop-path residual add and
+the downsampling conv's weight gradient.
 
 Under CPU autocast NAT's token stream is bfloat16 from the stem's convolution on, so each block's two
 LayerNorms and two residual adds run on bfloat16. ATen's bfloat16 LayerNorm (float32 weights) costs
@@ -6,24 +7,30 @@ LayerNorms and two residual adds run on bfloat16. ATen's bfloat16 LayerNorm (flo
 before the add. The C++ ops (`backends/csrc/block_ops_cpu.cpp`, built with the NA kernel) make each
 one pass over bfloat16 rows widened to float32: the same statistics and gradients as ATen's (float32
 sums, rounded to bfloat16 once), and `x + scale * branch` with the drop-path scale per sample in
-float32 (timm rounds 1/keep_prob and the scaled branch to bfloat16 first). NAT-T's bf16 train step:
-docs/benchmarks.md, bf16 section.
+float32 (timm rounds 1/keep_prob and the scaled branch to bfloat16 first). The downsamplers' 3x3
+stride-2 conv keeps oneDNN's forward and input gradient; its weight gradient, which oneDNN computes in
+bfloat16 at a fraction of its forward's rate on NAT's 56^2-14^2 maps, is one GEMM over the input's
+patches (im2col on the NHWC map). NAT-T's bf16 train step: docs/benchmarks.md, bf16 section.
 
 `fused_bf16_applies(x)` says whether they run: a bfloat16 CPU input under CPU bfloat16 autocast, the
-kernel built, and no tracer, scripting or compiler looking (those see the stock ops).
+kernel built, and no tracer, scripting or compiler looking (those see the stock ops);
+`fusable_layer_norm` and `fusable_conv` say which modules they stand in for.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from timm.layers import drop_path as timm_drop_path
 from torch import nn
 
 from .backends.cpp_kernel import kernel_build_error
 
+Pair = tuple[int, int]
+
 
 def fused_bf16_applies(x: torch.Tensor) -> bool:
-    """Whether the fused ops run for a block input `x` (see the module docstring); loads the kernel."""
+    """Whether the fused ops run for a module input `x` (see the module docstring); loads the kernel."""
     if torch.jit.is_tracing() or torch.compiler.is_compiling() or isinstance(x, torch.fx.Proxy):
         return False
     return (
@@ -32,6 +39,30 @@ def fused_bf16_applies(x: torch.Tensor) -> bool:
         and torch.is_autocast_enabled("cpu")
         and torch.get_autocast_dtype("cpu") == torch.bfloat16
         and kernel_build_error() is None
+    )
+
+
+def fusable_layer_norm(norm: nn.Module) -> bool:
+    """Whether `layer_norm_bf16` computes `norm`: a plain LayerNorm with float32 weight and bias."""
+    return (
+        type(norm) is nn.LayerNorm
+        and norm.weight is not None
+        and norm.bias is not None
+        and norm.weight.dtype == torch.float32
+    )
+
+
+def fusable_conv(conv: nn.Module) -> bool:
+    """Whether `conv2d_nhwc_bf16` computes `conv`: a plain Conv2d, float32 weight, no bias, groups or
+    dilation, zero padding given as numbers."""
+    return (
+        type(conv) is nn.Conv2d
+        and conv.bias is None
+        and conv.groups == 1
+        and conv.dilation == (1, 1)
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and conv.weight.dtype == torch.float32
     )
 
 
@@ -59,6 +90,54 @@ class _ScaledResidualBf16(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (scale,) = ctx.saved_tensors
         return grad, torch.ops.nat_block_cpu.scale_samples_bf16(grad, scale), None
+
+
+def _patches(x: torch.Tensor, kernel: Pair, stride: Pair, padding: Pair, out_size: Pair) -> torch.Tensor:
+    """im2col on NHWC: `(B, Ho, Wo, kh * kw, C)`, x `(B, H, W, C)` zero-padded, at each output's taps."""
+    (kh, kw), (sh, sw), (ph, pw), (ho, wo) = kernel, stride, padding, out_size
+    padded = F.pad(x, (0, 0, pw, pw, ph, ph))
+    rows, cols = sh * (ho - 1) + 1, sw * (wo - 1) + 1
+    taps = [padded[:, i : i + rows : sh, j : j + cols : sw] for i in range(kh) for j in range(kw)]
+    return torch.stack(taps, dim=3)
+
+
+class _Conv2dNHWCBf16(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stride: Pair, padding: Pair) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = stride, padding
+        return F.conv2d(x.permute(0, 3, 1, 2), weight, None, stride, padding).permute(0, 2, 3, 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        stride, padding = ctx.geometry
+        out_channels, in_channels, kh, kw = weight.shape
+        grad = grad.contiguous()  # NHWC: the channels_last NCHW gradient oneDNN takes, and GEMM rows
+        dx = dweight = None
+        if ctx.needs_input_grad[0]:
+            # oneDNN's input gradient alone: asked for with the weight's, the pair took longer than the two
+            # stride, padding, dilation, transposed, output padding, groups
+            conv_args = (stride, padding, (1, 1), False, (0, 0), 1)
+            grad_nchw, x_nchw = grad.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2)
+            dx, _, _ = torch.ops.aten.convolution_backward(
+                grad_nchw, x_nchw, weight, None, *conv_args, (True, False, False)
+            )
+            dx = dx.permute(0, 2, 3, 1)
+        if ctx.needs_input_grad[1]:
+            # dW[o, (i, j, c)] = sum over (b, y, x) of grad[b, y, x, o] * patches[b, y, x, (i, j), c]: one
+            # bf16 GEMM (float32 sums, rounded once, as oneDNN's) over K = B * Ho * Wo.
+            patches = _patches(x, (kh, kw), stride, padding, grad.shape[1:3])
+            dweight = grad.reshape(-1, out_channels).t() @ patches.reshape(-1, kh * kw * in_channels)
+            dweight = dweight.view(out_channels, kh, kw, in_channels).permute(0, 3, 1, 2).contiguous()
+        return dx, dweight, None, None
+
+
+def conv2d_nhwc_bf16(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """`conv` (see `fusable_conv`) on a bfloat16 NHWC map `(B, H, W, C)`, NHWC out; oneDNN's forward and
+    input gradient, the weight gradient as one GEMM over x's patches (module docstring)."""
+    weight = conv.weight.to(torch.bfloat16)  # autocast's cast (and its backward to float32), explicit
+    return _Conv2dNHWCBf16.apply(x, weight, conv.stride, conv.padding)
 
 
 def layer_norm_bf16(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
