@@ -55,6 +55,7 @@ from .layers.block_ops import (
     fused_bf16_applies,
     layer_norm_bf16,
     residual_add_bf16,
+    residual_layer_norm_bf16,
 )
 from .mixers import build_mixer, check_mixer
 
@@ -262,8 +263,10 @@ class NATBlock(nn.Module):
 
     @torch.jit.unused
     def _forward_fused_bf16(self, x: torch.Tensor) -> torch.Tensor:
-        x = residual_add_bf16(x, self.ls1(self.attn(layer_norm_bf16(x, self.norm1))), self.drop_path1)
-        return residual_add_bf16(x, self.ls2(self.mlp(layer_norm_bf16(x, self.norm2))), self.drop_path2)
+        x, normed = residual_layer_norm_bf16(
+            x, self.ls1(self.attn(layer_norm_bf16(x, self.norm1))), self.drop_path1, self.norm2
+        )
+        return residual_add_bf16(x, self.ls2(self.mlp(normed)), self.drop_path2)
 
 
 class NATStage(nn.Module):

@@ -76,6 +76,42 @@ def test_residual_add_bf16_without_drop_path_is_the_plain_add():
         assert torch.equal(block_ops.residual_add_bf16(x, branch, drop_path), x + branch)
 
 
+@pytest.mark.parametrize("drop_prob", [0.0, 0.5])
+def test_residual_layer_norm_bf16_matches_float64_reference(drop_prob):
+    torch.manual_seed(3)
+    drop_path, norm = DropPath(drop_prob).train(), nn.LayerNorm(48)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = (torch.randn(8, 5, 6, 48) * 3 + 10).bfloat16().requires_grad_()
+    branch = torch.randn(x.shape).bfloat16().requires_grad_()
+    torch.manual_seed(1)
+    out, normed = block_ops.residual_layer_norm_bf16(x, branch, drop_path, norm)
+    torch.manual_seed(1)
+    scale = block_ops.drop_path_scale(x, drop_path)
+    per_sample = (torch.ones(8) if scale is None else scale).double().view(-1, 1, 1, 1)
+    assert drop_prob == 0 or set(per_sample.flatten().tolist()) == {0.0, 2.0}
+    grad_out, grad_normed = torch.randn(x.shape).bfloat16(), torch.randn(x.shape).bfloat16()
+    torch.autograd.backward((out, normed), (grad_out, grad_normed))
+
+    sum64 = x.detach().double() + per_sample * branch.detach().double()
+    assert ((out.double() - sum64).abs() <= BF16_STEP * sum64.abs()).all()
+    # The LayerNorm reads the rounded sum, as the stock ops' LayerNorm reads the residual's output.
+    out64 = out.detach().double().requires_grad_()
+    weight64 = norm.weight.detach().double().requires_grad_()
+    bias64 = norm.bias.detach().double().requires_grad_()
+    normed64 = nn.functional.layer_norm(out64, (48,), weight64, bias64, norm.eps)
+    normed64.backward(grad_normed.double())
+    total64 = out64.grad + grad_out.double()  # the sum's gradient: the residual's plus the LayerNorm's
+    assert ((normed.double() - normed64).abs() <= BF16_STEP * normed64.abs() + 1e-5).all()
+    for actual, expected in [(x.grad, total64), (branch.grad, per_sample * total64)]:
+        assert actual.dtype == torch.bfloat16
+        assert (
+            (actual.double() - expected).abs() <= BF16_STEP * expected.abs() + 1e-4 * total64.abs().max()
+        ).all()
+    assert relative_error(norm.weight.grad, weight64.grad) < 1e-5
+    assert relative_error(norm.bias.grad, bias64.grad) < 1e-5
+
+
 def run_block(block: NATBlock, x: torch.Tensor, grad: torch.Tensor, fused: bool):
     if not fused:  # the stock ops, as outside CPU bf16 autocast
         block._fused_bf16_applies = lambda x: False
@@ -87,18 +123,24 @@ def run_block(block: NATBlock, x: torch.Tensor, grad: torch.Tensor, fused: bool)
     return out, x.grad, {name: p.grad for name, p in block.named_parameters()}
 
 
-def test_nat_block_takes_the_fused_ops_under_cpu_bf16_autocast(monkeypatch):
+@pytest.mark.parametrize("layer_scale", [None, 0.5])
+def test_nat_block_takes_the_fused_ops_under_cpu_bf16_autocast(monkeypatch, layer_scale):
     torch.manual_seed(0)
-    block = NATBlock(64, 2, kernel_size=5, drop_path=0.0).train()
+    # a layer scale promotes the branches to float32: the residual and what follows it take the stock ops
+    block = NATBlock(64, 2, kernel_size=5, drop_path=0.0, layer_scale=layer_scale).train()
     x = torch.randn(2, 9, 11, 64).bfloat16()  # the block's input dtype under autocast (the stem's conv)
     grad = torch.randn(x.shape).bfloat16()
     calls = []
-    counted = lambda *args: calls.append(1) or block_ops.layer_norm_bf16(*args)  # noqa: E731
-    monkeypatch.setattr("models.nat.layer_norm_bf16", counted)
+    for name in ("layer_norm_bf16", "residual_layer_norm_bf16"):
+        op = getattr(block_ops, name)
+        monkeypatch.setattr(
+            f"models.nat.{name}", lambda *args, op=op, name=name: calls.append(name) or op(*args)
+        )
     fused_out, fused_dx, fused_grads = run_block(block, x, grad, fused=True)
-    assert len(calls) == 2
+    assert calls == ["layer_norm_bf16", "residual_layer_norm_bf16"]
     stock_out, stock_dx, stock_grads = run_block(block, x, grad, fused=False)
-    assert len(calls) == 2 and fused_out.dtype == stock_out.dtype == torch.bfloat16
+    assert len(calls) == 2 and fused_out.dtype == stock_out.dtype
+    assert fused_out.dtype == (torch.bfloat16 if layer_scale is None else torch.float32)
     # Same math, bfloat16 roundings in different places: close, not equal.
     torch.testing.assert_close(fused_out, stock_out, rtol=0.02, atol=0.02)
     torch.testing.assert_close(fused_dx, stock_dx, rtol=0.05, atol=0.05)

@@ -7,7 +7,8 @@ LayerNorms and two residual adds run on bfloat16. ATen's bfloat16 LayerNorm (flo
 before the add. The C++ ops (`backends/csrc/block_ops_cpu.cpp`, built with the NA kernel) make each
 one pass over bfloat16 rows widened to float32: the same statistics and gradients as ATen's (float32
 sums, rounded to bfloat16 once), and `x + scale * branch` with the drop-path scale per sample in
-float32 (timm rounds 1/keep_prob and the scaled branch to bfloat16 first). The downsamplers' 3x3
+float32 (timm rounds 1/keep_prob and the scaled branch to bfloat16 first); a block's first residual
+add and second LayerNorm are one op (`residual_layer_norm_bf16`). The downsamplers' 3x3
 stride-2 conv keeps oneDNN's forward and input gradient; its weight gradient, which oneDNN computes in
 bfloat16 at a fraction of its forward's rate on NAT's 56^2-14^2 maps, is one GEMM over the input's
 patches (im2col on the NHWC map). NAT-T's bf16 train step: docs/benchmarks.md, bf16 section.
@@ -92,6 +93,24 @@ class _ScaledResidualBf16(torch.autograd.Function):
         return grad, torch.ops.nat_block_cpu.scale_samples_bf16(grad, scale), None
 
 
+class _ResidualLayerNormBf16(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, branch, scale, weight, bias, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        out, normed, mean, rstd = torch.ops.nat_block_cpu.residual_layer_norm_bf16(
+            x, branch, scale, weight, bias, eps
+        )
+        ctx.save_for_backward(out, mean, rstd, weight, scale)
+        return out, normed
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor, grad_normed: torch.Tensor):
+        out, mean, rstd, weight, scale = ctx.saved_tensors
+        dx, dbranch, dweight, dbias = torch.ops.nat_block_cpu.residual_layer_norm_bf16_backward(
+            grad_out, grad_normed, out, mean, rstd, weight, scale
+        )
+        return dx, dbranch, None, dweight, dbias, None
+
+
 def _patches(x: torch.Tensor, kernel: Pair, stride: Pair, padding: Pair, out_size: Pair) -> torch.Tensor:
     """im2col on NHWC: `(B, Ho, Wo, kh * kw, C)`, x `(B, H, W, C)` zero-padded, at each output's taps."""
     (kh, kw), (sh, sw), (ph, pw), (ho, wo) = kernel, stride, padding, out_size
@@ -167,3 +186,21 @@ def residual_add_bf16(x: torch.Tensor, branch: torch.Tensor, drop_path: nn.Modul
     if scale is None:
         return x + branch
     return _ScaledResidualBf16.apply(x, branch, scale)
+
+
+def residual_layer_norm_bf16(
+    x: torch.Tensor, branch: torch.Tensor, drop_path: nn.Module, norm: nn.LayerNorm
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x + drop_path(branch)` and `norm` of it (see `fusable_layer_norm`), for bfloat16 `x` and
+    `branch`, in one pass; the backward adds the two gradients of the sum (the residual's and the
+    LayerNorm's) in float32 in the same pass, where autograd would add them in bfloat16 after.
+
+    A branch in another dtype (a layer scale promotes it to float32) takes the stock ops.
+    """
+    if branch.dtype != torch.bfloat16 or branch.shape != x.shape:
+        x = x + drop_path(branch)  # before drawing a mask here: drop_path draws its own
+        return x, norm(x)
+    scale = drop_path_scale(x, drop_path)
+    if scale is None:
+        scale = x.new_ones(x.shape[0], dtype=torch.float32)
+    return _ResidualLayerNormBf16.apply(x, branch, scale, norm.weight, norm.bias, norm.eps)

@@ -26,7 +26,7 @@ import torch
 from .windows import bias_indices, geometry_cache, window_starts
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-# The NA kernel, and NATBlock's bf16 LayerNorm and drop-path residual (`models/layers/block_ops.py`).
+# The NA kernel, and the bf16 LayerNorm and residual ops of NAT blocks (`models/layers/block_ops.py`).
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("na2d_cpu.cpp", "block_ops_cpu.cpp")]
 _log = logging.getLogger(__name__)
 

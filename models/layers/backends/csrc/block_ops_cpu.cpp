@@ -1,4 +1,4 @@
-// A NAT block's LayerNorm and drop-path residual add for bfloat16 autocast on CPU.
+// A NAT block's LayerNorms and drop-path residual adds for bfloat16 autocast on CPU.
 //
 // Under CPU autocast NAT's token stream is bfloat16 from the stem's convolution on (LayerNorm keeps
 // its input's dtype), so every LayerNorm and residual add reads and writes bfloat16. ATen's LayerNorm
@@ -6,7 +6,10 @@
 // on 2 threads (8-15x a copy of the tensor); the drop-path residual is two passes, a bfloat16 multiply
 // by the rounded mask and an add. Here each is one pass over rows widened to float32 in a buffer: sums
 // in float32, outputs rounded to bfloat16 once, to nearest even (as torch's casts); the drop-path
-// scale is per sample in float32. Timings: docs/benchmarks.md, bf16 section.
+// scale is per sample in float32. A block's first residual add and its second LayerNorm are also one
+// op: the sum and its normalization in one pass, and in the backward the sum's two gradients (the
+// residual's and the LayerNorm's) added in float32 in the same pass, where autograd would add them in
+// bfloat16 afterwards. Timings: docs/benchmarks.md, bf16 section.
 //
 // The loops are plain C++ over blocks of kLanes floats (reductions in kLanes partial sums, which
 // GCC vectorizes without reassociating anything), cloned for AVX-512, AVX2 and baseline x86-64.
@@ -64,73 +67,146 @@ __attribute__((always_inline)) inline float widen_row(const uint16_t* __restrict
   return sum;
 }
 
-// Rows [begin, end) of a (rows, C) bfloat16 matrix normalized (float32 weight and bias); mean and
-// rstd kept for the backward. `row`: C floats of scratch.
+// Normalizes a row of C floats whose sum is `sum` into `out` (float32 weight and bias); keeps its mean
+// and rstd. The variance is a second pass over the row (in L1): no cancellation.
+__attribute__((always_inline)) inline void normalize_row(const float* __restrict__ row, float sum,
+                                                         const float* __restrict__ weight,
+                                                         const float* __restrict__ bias, uint16_t* __restrict__ out,
+                                                         int64_t C, float eps, float* mean_out, float* rstd_out) {
+  const int64_t whole = C / kLanes * kLanes;
+  const float mean = sum / C;
+  float lanes[kLanes] = {};
+  for (int64_t c = 0; c < whole; c += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float centred = row[c + l] - mean;
+      lanes[l] += centred * centred;
+    }
+  float squares = 0.f;
+  for (int64_t l = 0; l < kLanes; ++l) squares += lanes[l];
+  for (int64_t c = whole; c < C; ++c) squares += (row[c] - mean) * (row[c] - mean);
+  const float rstd = 1.f / std::sqrt(squares / C + eps);
+  for (int64_t c = 0; c < C; ++c) out[c] = narrow((row[c] - mean) * rstd * weight[c] + bias[c]);
+  *mean_out = mean;
+  *rstd_out = rstd;
+}
+
+// Rows [begin, end) of a (rows, C) bfloat16 matrix normalized; mean and rstd kept for the backward.
+// `row`: C floats of scratch.
 BLOCK_OPS_CLONES void layer_norm_rows(const uint16_t* __restrict__ x, const float* __restrict__ weight,
                                       const float* __restrict__ bias, uint16_t* __restrict__ y,
-                                      float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                                      float* __restrict__ mean, float* __restrict__ rstd,
                                       float* __restrict__ row, int64_t C, float eps, int64_t begin,
                                       int64_t end) {
+  for (int64_t r = begin; r < end; ++r)
+    normalize_row(row, widen_row(x + r * C, row, C), weight, bias, y + r * C, C, eps, mean + r, rstd + r);
+}
+
+// out = x + scale * branch (rounded), and y = LayerNorm(out) of the rounded values, for rows [begin,
+// end); `rows_per_sample` rows share one scale.
+BLOCK_OPS_CLONES void residual_layer_norm_rows(const uint16_t* __restrict__ x, const uint16_t* __restrict__ branch,
+                                               const float* __restrict__ scale, int64_t rows_per_sample,
+                                               const float* __restrict__ weight, const float* __restrict__ bias,
+                                               uint16_t* __restrict__ out, uint16_t* __restrict__ y,
+                                               float* __restrict__ mean, float* __restrict__ rstd,
+                                               float* __restrict__ row, int64_t C, float eps, int64_t begin,
+                                               int64_t end) {
   const int64_t whole = C / kLanes * kLanes;
   for (int64_t r = begin; r < end; ++r) {
-    const float mean = widen_row(x + r * C, row, C) / C;
-    float lanes[kLanes] = {};  // second pass over the row (in L1): no cancellation in the variance
+    const float s = scale[r / rows_per_sample];
+    const uint16_t *xr = x + r * C, *br = branch + r * C;
+    uint16_t* outr = out + r * C;
+    float lanes[kLanes] = {};
     for (int64_t c = 0; c < whole; c += kLanes)
       for (int64_t l = 0; l < kLanes; ++l) {
-        const float centred = row[c + l] - mean;
-        lanes[l] += centred * centred;
+        const uint16_t rounded = narrow(widen(xr[c + l]) + s * widen(br[c + l]));
+        outr[c + l] = rounded;
+        row[c + l] = widen(rounded);
+        lanes[l] += row[c + l];
       }
-    float squares = 0.f;
-    for (int64_t l = 0; l < kLanes; ++l) squares += lanes[l];
-    for (int64_t c = whole; c < C; ++c) squares += (row[c] - mean) * (row[c] - mean);
-    const float rstd = 1.f / std::sqrt(squares / C + eps);
-    uint16_t* out = y + r * C;
-    for (int64_t c = 0; c < C; ++c) out[c] = narrow((row[c] - mean) * rstd * weight[c] + bias[c]);
-    mean_out[r] = mean;
-    rstd_out[r] = rstd;
+    float sum = 0.f;
+    for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
+    for (int64_t c = whole; c < C; ++c) {
+      const uint16_t rounded = narrow(widen(xr[c]) + s * widen(br[c]));
+      outr[c] = rounded;
+      row[c] = widen(rounded);
+      sum += row[c];
+    }
+    normalize_row(row, sum, weight, bias, y + r * C, C, eps, mean + r, rstd + r);
   }
 }
 
-// dx of rows [begin, end); their weight and bias gradients added into dweight, dbias (this thread's
-// partial sums). g = dy * w, x^ = (x - mean) * rstd: dx = rstd (g - mean(g) - x^ mean(g x^)).
-// `x_hat`, `dy`: C floats of scratch each.
+// One row's LayerNorm backward: `x_hat` holds the widened x (normalized in place), `dy` the widened
+// output gradient (replaced by dx, float); the row's weight and bias gradients are added into dweight,
+// dbias (this thread's partial sums). g = dy * w, x^ = (x - mean) * rstd: dx = rstd (g - mean(g) - x^
+// mean(g x^)).
+__attribute__((always_inline)) inline void layer_norm_backward_row(float* __restrict__ x_hat, float* __restrict__ dy,
+                                                                   float m, float s, const float* __restrict__ weight,
+                                                                   float* __restrict__ dweight,
+                                                                   float* __restrict__ dbias, int64_t C) {
+  const int64_t whole = C / kLanes * kLanes;
+  float g_lanes[kLanes] = {}, gx_lanes[kLanes] = {};
+  for (int64_t c = 0; c < whole; c += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float d = dy[c + l], xh = (x_hat[c + l] - m) * s, g = d * weight[c + l];
+      x_hat[c + l] = xh;
+      g_lanes[l] += g;
+      gx_lanes[l] += g * xh;
+      dweight[c + l] += d * xh;
+      dbias[c + l] += d;
+    }
+  float g_sum = 0.f, gx_sum = 0.f;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    g_sum += g_lanes[l];
+    gx_sum += gx_lanes[l];
+  }
+  for (int64_t c = whole; c < C; ++c) {
+    const float d = dy[c], xh = (x_hat[c] - m) * s, g = d * weight[c];
+    x_hat[c] = xh;
+    g_sum += g;
+    gx_sum += g * xh;
+    dweight[c] += d * xh;
+    dbias[c] += d;
+  }
+  const float g_mean = g_sum / C, gx_mean = gx_sum / C;
+  for (int64_t c = 0; c < C; ++c) dy[c] = s * (dy[c] * weight[c] - g_mean - x_hat[c] * gx_mean);
+}
+
+// dx of rows [begin, end), rounded; `x_hat`, `dy`: C floats of scratch each.
 BLOCK_OPS_CLONES void layer_norm_backward_rows(const uint16_t* __restrict__ grad, const uint16_t* __restrict__ x,
                                                const float* __restrict__ mean, const float* __restrict__ rstd,
                                                const float* __restrict__ weight, uint16_t* __restrict__ dx,
                                                float* __restrict__ dweight, float* __restrict__ dbias,
                                                float* __restrict__ x_hat, float* __restrict__ dy, int64_t C,
                                                int64_t begin, int64_t end) {
-  const int64_t whole = C / kLanes * kLanes;
   for (int64_t r = begin; r < end; ++r) {
     widen_row(x + r * C, x_hat, C);
     widen_row(grad + r * C, dy, C);
-    const float m = mean[r], s = rstd[r];
-    float g_lanes[kLanes] = {}, gx_lanes[kLanes] = {};
-    for (int64_t c = 0; c < whole; c += kLanes)
-      for (int64_t l = 0; l < kLanes; ++l) {
-        const float d = dy[c + l], xh = (x_hat[c + l] - m) * s, g = d * weight[c + l];
-        x_hat[c + l] = xh;
-        g_lanes[l] += g;
-        gx_lanes[l] += g * xh;
-        dweight[c + l] += d * xh;
-        dbias[c + l] += d;
-      }
-    float g_sum = 0.f, gx_sum = 0.f;
-    for (int64_t l = 0; l < kLanes; ++l) {
-      g_sum += g_lanes[l];
-      gx_sum += gx_lanes[l];
+    layer_norm_backward_row(x_hat, dy, mean[r], rstd[r], weight, dweight, dbias, C);
+    uint16_t* dxr = dx + r * C;
+    for (int64_t c = 0; c < C; ++c) dxr[c] = narrow(dy[c]);
+  }
+}
+
+// The backward of residual_layer_norm_rows: out's gradient is grad_out plus the LayerNorm's dx (summed
+// in float32), rounded once as x's gradient and once scaled as branch's.
+BLOCK_OPS_CLONES void residual_layer_norm_backward_rows(
+    const uint16_t* __restrict__ grad_out, const uint16_t* __restrict__ grad_y, const uint16_t* __restrict__ out,
+    const float* __restrict__ mean, const float* __restrict__ rstd, const float* __restrict__ weight,
+    const float* __restrict__ scale, int64_t rows_per_sample, uint16_t* __restrict__ dx,
+    uint16_t* __restrict__ dbranch, float* __restrict__ dweight, float* __restrict__ dbias, float* __restrict__ x_hat,
+    float* __restrict__ dy, int64_t C, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    widen_row(out + r * C, x_hat, C);
+    widen_row(grad_y + r * C, dy, C);
+    layer_norm_backward_row(x_hat, dy, mean[r], rstd[r], weight, dweight, dbias, C);
+    const float s = scale[r / rows_per_sample];
+    const uint16_t* gr = grad_out + r * C;
+    uint16_t *dxr = dx + r * C, *dbr = dbranch + r * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const float total = widen(gr[c]) + dy[c];
+      dxr[c] = narrow(total);
+      dbr[c] = narrow(s * total);
     }
-    for (int64_t c = whole; c < C; ++c) {
-      const float d = dy[c], xh = (x_hat[c] - m) * s, g = d * weight[c];
-      x_hat[c] = xh;
-      g_sum += g;
-      gx_sum += g * xh;
-      dweight[c] += d * xh;
-      dbias[c] += d;
-    }
-    const float g_mean = g_sum / C, gx_mean = gx_sum / C;
-    uint16_t* out = dx + r * C;
-    for (int64_t c = 0; c < C; ++c) out[c] = narrow(s * (dy[c] * weight[c] - g_mean - x_hat[c] * gx_mean));
   }
 }
 
@@ -154,6 +230,27 @@ int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int6
 at::Tensor bf16_contiguous(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16, name, " must be a bfloat16 CPU tensor");
   return t.contiguous();
+}
+
+// The LayerNorm backwards' weight and bias gradients: rows split over threads, each thread's sums in
+// its own pair of float32 rows (f(begin, end, sums: 2 * C, scratch: 2 * C)), added up at the end.
+template <typename F>
+std::pair<at::Tensor, at::Tensor> per_thread_sums(int64_t rows, int64_t C, const at::TensorOptions& options,
+                                                  const F& f) {
+  auto partial = at::zeros({at::get_num_threads(), 2, C}, options);
+  at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(2 * C);
+    f(begin, end, partial.data_ptr<float>() + at::get_thread_num() * 2 * C, scratch.data());
+  });
+  auto totals = partial.sum(0);
+  return {totals.select(0, 0), totals.select(0, 1)};
+}
+
+// One float32 scale per sample of `like` (B, ...), contiguous.
+at::Tensor checked_scale(const at::Tensor& like, const at::Tensor& scale) {
+  TORCH_CHECK(like.dim() > 0 && scale.scalar_type() == at::kFloat && scale.numel() == like.size(0),
+              "scale must hold one float32 per sample");
+  return scale.contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bf16(const at::Tensor& input, const at::Tensor& weight,
@@ -181,17 +278,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bf16_backward(const at
   const int64_t C = x.size(-1), rows = C ? x.numel() / C : 0;
   auto w = weight.contiguous();
   auto dx = at::empty_like(x);
-  // Weight and bias gradient sums, one pair of rows per thread, added up at the end.
-  auto partial = at::zeros({at::get_num_threads(), 2, C}, mean.options());
-  at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
-    float* sums = partial.data_ptr<float>() + at::get_thread_num() * 2 * C;
-    std::vector<float> scratch(2 * C);
+  auto [dweight, dbias] = per_thread_sums(rows, C, mean.options(), [&](int64_t begin, int64_t end, float* sums, float* scratch) {
     layer_norm_backward_rows(bf16_data(dy), bf16_data(x), mean.data_ptr<float>(), rstd.data_ptr<float>(),
-                             w.data_ptr<float>(), bf16_data(dx), sums, sums + C, scratch.data(), scratch.data() + C,
-                             C, begin, end);
+                             w.data_ptr<float>(), bf16_data(dx), sums, sums + C, scratch, scratch + C, C, begin, end);
   });
-  auto totals = partial.sum(0);
-  return {dx, totals.select(0, 0), totals.select(0, 1)};
+  return {dx, dweight, dbias};
+}
+
+// (x + scale[b] * branch, LayerNorm of it, mean, rstd): the residual add and the LayerNorm that
+// follows it in one pass.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_layer_norm_bf16(
+    const at::Tensor& input, const at::Tensor& branch_input, const at::Tensor& scale_input, const at::Tensor& weight,
+    const at::Tensor& bias, double eps) {
+  auto x = bf16_contiguous(input, "x"), branch = bf16_contiguous(branch_input, "branch");
+  TORCH_CHECK(x.sizes() == branch.sizes(), "x and branch must have one shape");
+  const int64_t C = x.size(-1), rows = C ? x.numel() / C : 0;
+  auto scale = checked_scale(x, scale_input);
+  TORCH_CHECK(weight.numel() == C && bias.numel() == C && weight.scalar_type() == at::kFloat &&
+                  bias.scalar_type() == at::kFloat,
+              "weight and bias must be float32 of x's last size");
+  auto w = weight.contiguous(), b = bias.contiguous();
+  auto out = at::empty_like(x), y = at::empty_like(x);
+  auto mean = at::empty({rows}, x.options().dtype(at::kFloat)), rstd = at::empty_like(mean);
+  const int64_t rows_per_sample = std::max<int64_t>(rows / x.size(0), 1);
+  at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
+    std::vector<float> row(C);
+    residual_layer_norm_rows(bf16_data(x), bf16_data(branch), scale.data_ptr<float>(), rows_per_sample,
+                             w.data_ptr<float>(), b.data_ptr<float>(), bf16_data(out), bf16_data(y),
+                             mean.data_ptr<float>(), rstd.data_ptr<float>(), row.data(), C, static_cast<float>(eps),
+                             begin, end);
+  });
+  return {out, y, mean, rstd};
+}
+
+// Gradients of x, branch, weight, bias from those of the residual's output and of its LayerNorm.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_layer_norm_bf16_backward(
+    const at::Tensor& grad_out_input, const at::Tensor& grad_y_input, const at::Tensor& out_input,
+    const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& scale_input) {
+  auto grad_out = bf16_contiguous(grad_out_input, "grad_out"), grad_y = bf16_contiguous(grad_y_input, "grad_y");
+  auto out = bf16_contiguous(out_input, "out");
+  const int64_t C = out.size(-1), rows = C ? out.numel() / C : 0;
+  auto scale = checked_scale(out, scale_input);
+  auto w = weight.contiguous();
+  auto dx = at::empty_like(out), dbranch = at::empty_like(out);
+  const int64_t rows_per_sample = std::max<int64_t>(rows / out.size(0), 1);
+  auto [dweight, dbias] = per_thread_sums(rows, C, mean.options(), [&](int64_t begin, int64_t end, float* sums, float* scratch) {
+    residual_layer_norm_backward_rows(bf16_data(grad_out), bf16_data(grad_y), bf16_data(out), mean.data_ptr<float>(),
+                                      rstd.data_ptr<float>(), w.data_ptr<float>(), scale.data_ptr<float>(),
+                                      rows_per_sample, bf16_data(dx), bf16_data(dbranch), sums, sums + C, scratch,
+                                      scratch + C, C, begin, end);
+  });
+  return {dx, dbranch, dweight, dbias};
 }
 
 constexpr int64_t kElementGrain = 32768;
@@ -200,9 +337,7 @@ constexpr int64_t kElementGrain = 32768;
 // the span's sample, out + offset); spans never cross a sample boundary. scale: one float32 per sample.
 template <typename F>
 at::Tensor map_per_sample(const at::Tensor& like, const at::Tensor& scale, const F& f) {
-  TORCH_CHECK(like.dim() > 0 && scale.scalar_type() == at::kFloat && scale.numel() == like.size(0),
-              "scale must hold one float32 per sample");
-  auto s = scale.contiguous();
+  auto s = checked_scale(like, scale);
   auto out = at::empty_like(like);
   const float* sample_scale = s.data_ptr<float>();
   uint16_t* out_data = bf16_data(out);
@@ -242,6 +377,12 @@ TORCH_LIBRARY(nat_block_cpu, m) {
       "layer_norm_bf16_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor weight) "
       "-> (Tensor, Tensor, Tensor)");
   m.def("residual_add_bf16(Tensor x, Tensor branch, Tensor scale) -> Tensor");
+  m.def(
+      "residual_layer_norm_bf16(Tensor x, Tensor branch, Tensor scale, Tensor weight, Tensor bias, float eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "residual_layer_norm_bf16_backward(Tensor grad_out, Tensor grad_y, Tensor out, Tensor mean, Tensor rstd, "
+      "Tensor weight, Tensor scale) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("scale_samples_bf16(Tensor grad, Tensor scale) -> Tensor");
 }
 
@@ -249,5 +390,7 @@ TORCH_LIBRARY_IMPL(nat_block_cpu, CPU, m) {
   m.impl("layer_norm_bf16", &layer_norm_bf16);
   m.impl("layer_norm_bf16_backward", &layer_norm_bf16_backward);
   m.impl("residual_add_bf16", &residual_add_bf16);
+  m.impl("residual_layer_norm_bf16", &residual_layer_norm_bf16);
+  m.impl("residual_layer_norm_bf16_backward", &residual_layer_norm_bf16_backward);
   m.impl("scale_samples_bf16", &scale_samples_bf16);
 }
