@@ -95,7 +95,15 @@ class _ScaledResidualBf16(torch.autograd.Function):
 
 class _ResidualLayerNormBf16(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, branch, scale, weight, bias, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        branch: torch.Tensor,
+        scale: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         out, normed, mean, rstd = torch.ops.nat_block_cpu.residual_layer_norm_bf16(
             x, branch, scale, weight, bias, eps
         )
@@ -135,9 +143,8 @@ class _Conv2dNHWCBf16(torch.autograd.Function):
         grad = grad.contiguous()  # NHWC: the channels_last NCHW gradient oneDNN takes, and GEMM rows
         dx = dweight = None
         if ctx.needs_input_grad[0]:
-            # oneDNN's input gradient alone: asked for with the weight's, the pair took longer than the two
-            # stride, padding, dilation, transposed, output padding, groups
-            conv_args = (stride, padding, (1, 1), False, (0, 0), 1)
+            # oneDNN's input gradient alone (asked for with the weight's, the pair took longer than the two)
+            conv_args = (stride, padding, (1, 1), False, (0, 0), 1)  # dilation, transposed, out pad, groups
             grad_nchw, x_nchw = grad.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2)
             dx, _, _ = torch.ops.aten.convolution_backward(
                 grad_nchw, x_nchw, weight, None, *conv_args, (True, False, False)
