@@ -48,6 +48,18 @@ inline uint16_t narrow(float value) {
   return (word & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
 }
 
+// The kLanes partial sums added in lane order.
+__attribute__((always_inline)) inline float lane_sum(const float* lanes) {
+  float sum = 0.f;
+  for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
+  return sum;
+}
+
+// x + scale * branch, rounded once (the residual add with timm's drop-path scale in float32).
+inline uint16_t scaled_sum(uint16_t x, uint16_t branch, float scale) {
+  return narrow(widen(x) + scale * widen(branch));
+}
+
 // Widens n bfloat16 into float; returns their sum (kLanes partial sums).
 __attribute__((always_inline)) inline float widen_row(const uint16_t* __restrict__ in, float* __restrict__ out,
                                                       int64_t n) {
@@ -58,8 +70,7 @@ __attribute__((always_inline)) inline float widen_row(const uint16_t* __restrict
       out[c + l] = widen(in[c + l]);
       lanes[l] += out[c + l];
     }
-  float sum = 0.f;
-  for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
+  float sum = lane_sum(lanes);
   for (int64_t c = whole; c < n; ++c) {
     out[c] = widen(in[c]);
     sum += out[c];
@@ -81,8 +92,7 @@ __attribute__((always_inline)) inline void normalize_row(const float* __restrict
       const float centred = row[c + l] - mean;
       lanes[l] += centred * centred;
     }
-  float squares = 0.f;
-  for (int64_t l = 0; l < kLanes; ++l) squares += lanes[l];
+  float squares = lane_sum(lanes);
   for (int64_t c = whole; c < C; ++c) squares += (row[c] - mean) * (row[c] - mean);
   const float rstd = 1.f / std::sqrt(squares / C + eps);
   for (int64_t c = 0; c < C; ++c) out[c] = narrow((row[c] - mean) * rstd * weight[c] + bias[c]);
@@ -118,15 +128,14 @@ BLOCK_OPS_CLONES void residual_layer_norm_rows(const uint16_t* __restrict__ x, c
     float lanes[kLanes] = {};
     for (int64_t c = 0; c < whole; c += kLanes)
       for (int64_t l = 0; l < kLanes; ++l) {
-        const uint16_t rounded = narrow(widen(xr[c + l]) + s * widen(br[c + l]));
+        const uint16_t rounded = scaled_sum(xr[c + l], br[c + l], s);
         outr[c + l] = rounded;
         row[c + l] = widen(rounded);
         lanes[l] += row[c + l];
       }
-    float sum = 0.f;
-    for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
+    float sum = lane_sum(lanes);
     for (int64_t c = whole; c < C; ++c) {
-      const uint16_t rounded = narrow(widen(xr[c]) + s * widen(br[c]));
+      const uint16_t rounded = scaled_sum(xr[c], br[c], s);
       outr[c] = rounded;
       row[c] = widen(rounded);
       sum += row[c];
@@ -154,11 +163,7 @@ __attribute__((always_inline)) inline void layer_norm_backward_row(float* __rest
       dweight[c + l] += d * xh;
       dbias[c + l] += d;
     }
-  float g_sum = 0.f, gx_sum = 0.f;
-  for (int64_t l = 0; l < kLanes; ++l) {
-    g_sum += g_lanes[l];
-    gx_sum += gx_lanes[l];
-  }
+  float g_sum = lane_sum(g_lanes), gx_sum = lane_sum(gx_lanes);
   for (int64_t c = whole; c < C; ++c) {
     const float d = dy[c], xh = (x_hat[c] - m) * s, g = d * weight[c];
     x_hat[c] = xh;
@@ -213,7 +218,7 @@ BLOCK_OPS_CLONES void residual_layer_norm_backward_rows(
 // out = x + scale * branch over n elements (one sample's span).
 BLOCK_OPS_CLONES void residual_add_span(const uint16_t* __restrict__ x, const uint16_t* __restrict__ branch,
                                         float scale, uint16_t* __restrict__ out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = narrow(widen(x[i]) + scale * widen(branch[i]));
+  for (int64_t i = 0; i < n; ++i) out[i] = scaled_sum(x[i], branch[i], scale);
 }
 
 BLOCK_OPS_CLONES void scale_span(const uint16_t* __restrict__ grad, float scale, uint16_t* __restrict__ out,
@@ -253,14 +258,20 @@ at::Tensor checked_scale(const at::Tensor& like, const at::Tensor& scale) {
   return scale.contiguous();
 }
 
+// A LayerNorm's weight and bias: float32, C each, contiguous.
+std::pair<at::Tensor, at::Tensor> checked_affine(const at::Tensor& weight, const at::Tensor& bias, int64_t C) {
+  TORCH_CHECK(weight.numel() == C && bias.numel() == C && weight.scalar_type() == at::kFloat &&
+                  bias.scalar_type() == at::kFloat,
+              "weight and bias must be float32 of x's last size");
+  return {weight.contiguous(), bias.contiguous()};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bf16(const at::Tensor& input, const at::Tensor& weight,
                                                                const at::Tensor& bias, double eps) {
   auto x = bf16_contiguous(input, "x");
   const int64_t C = x.size(-1), rows = C ? x.numel() / C : 0;
-  TORCH_CHECK(weight.numel() == C && bias.numel() == C && weight.scalar_type() == at::kFloat &&
-                  bias.scalar_type() == at::kFloat,
-              "weight and bias must be float32 of x's last size");
-  auto w = weight.contiguous(), b = bias.contiguous();
+  const auto affine = checked_affine(weight, bias, C);
+  const at::Tensor &w = affine.first, &b = affine.second;
   auto y = at::empty_like(x);
   auto mean = at::empty({rows}, x.options().dtype(at::kFloat)), rstd = at::empty_like(mean);
   at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
@@ -294,10 +305,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_layer_norm_b
   TORCH_CHECK(x.sizes() == branch.sizes(), "x and branch must have one shape");
   const int64_t C = x.size(-1), rows = C ? x.numel() / C : 0;
   auto scale = checked_scale(x, scale_input);
-  TORCH_CHECK(weight.numel() == C && bias.numel() == C && weight.scalar_type() == at::kFloat &&
-                  bias.scalar_type() == at::kFloat,
-              "weight and bias must be float32 of x's last size");
-  auto w = weight.contiguous(), b = bias.contiguous();
+  const auto affine = checked_affine(weight, bias, C);
+  const at::Tensor &w = affine.first, &b = affine.second;
   auto out = at::empty_like(x), y = at::empty_like(x);
   auto mean = at::empty({rows}, x.options().dtype(at::kFloat)), rstd = at::empty_like(mean);
   const int64_t rows_per_sample = std::max<int64_t>(rows / x.size(0), 1);
