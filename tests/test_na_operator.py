@@ -175,6 +175,40 @@ def test_cpp_backend_bfloat16_rounds_float64_reference_once(
     assert rel < 2e-6, f"drpb (float32 sums): relative error {rel:.2e}"
 
 
+# 7x7 windows, dilation 1, maps >= 8 wide, on AVX-512: the forward takes 16 neighbouring queries of a
+# map row per vector (windows clamped at the edges by a permute per lane), two query rows at a time.
+# Widths: 8 (one part-empty group), 16 (one full), 37 (two full and a part); odd heights leave a
+# single row at each plane's end; 3 threads split the rows mid-plane. Forward (output and the kept
+# probabilities, through the backward's gradients) against float64, with and without an RPB.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_rpb", [True, False], ids=["rpb", "no-rpb"])
+@pytest.mark.parametrize("height,width,head_dim", [(9, 8, 32), (16, 16, 64), (7, 37, 32)])
+def test_cpp_backend_7x7_query_lanes_forward_against_float64(height, width, head_dim, with_rpb, dtype):
+    torch.manual_seed(height * width)
+    qkv = torch.randn(2, height, width, 3, 3, head_dim).to(dtype).requires_grad_()
+    rpb = torch.randn(3, 13, 13, requires_grad=True) if with_rpb else None
+    grad_out = torch.randn(2, height, width, 3, head_dim).to(dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        out = neighborhood_attention_2d_qkvpacked(qkv, 7, 1, rpb=rpb, backend="cpp")
+        inputs = [qkv] + ([rpb] if with_rpb else [])
+        got = [out, *_grads(out.float(), inputs, grad_out.float())]
+    finally:
+        torch.set_num_threads(threads)
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    ref = reference_na2d(*exact[0].unbind(3), 7, 1, exact[1] if with_rpb else None)
+    want = [ref, *_grads(ref, exact, grad_out.double())]
+    # bf16: the output rounded once (half a bf16 step), qkv's gradient as the backward rounds it;
+    # float32: float32 sums.
+    bound = 2**-8 if dtype == torch.bfloat16 else 0.0
+    excess = (got[0].double() - want[0]).abs() - bound * want[0].abs()
+    assert excess.max() < (1e-6 if dtype == torch.bfloat16 else 1e-5), f"out: {excess.max():.2e}"
+    for name, a, b in zip(["dqkv", "drpb"][: len(inputs)], got[1:], want[1:], strict=True):
+        rel = (a.double() - b).norm() / b.norm()
+        assert rel < (4e-3 if dtype == torch.bfloat16 and name == "dqkv" else 2e-5), f"{name}: {rel:.2e}"
+
+
 def test_cpp_kernel_8_lane_build_on_an_avx512_machine():
     """The kernel's loops are built at 16 lanes for AVX-512 and at 8 for the rest: where this machine
     runs the first, the reference tests above run again under ATEN_CPU_CAPABILITY=avx2, which makes

@@ -2,8 +2,9 @@
 
 The halo-tile backend computes (Th + k - 1)(Tw + k - 1) logits per query tile and pays the flash
 kernel's per-call overhead on small tiles; this one walks each query's own window (`csrc/na2d_cpu.cpp`,
-its loops in `csrc/na2d_cpu_loops.h`: forward, and a fused one-pass backward from the probabilities
-the forward kept; 512-bit code where ATen runs AVX-512, else 256-bit or baseline). float32 and float64
+its loops in `csrc/na2d_cpu_loops.h`: forward, for 7x7 windows at dilation 1 with 16 queries of a
+map row per vector, and a fused one-pass backward from the probabilities the forward kept; 512-bit
+code where ATen runs AVX-512, else 256-bit or baseline). float32 and float64
 run in their own precision; bfloat16 is widened to float32 on load and summed in it
 (probabilities, RPB and its gradient in float32), only the output and dq, dk, dv rounded back.
 Window geometry comes from `windows.py`, shared with every other backend.

@@ -578,10 +578,246 @@ NA_INLINE void backward_units(const S* grad_out, const S* q, const S* k, const S
   }
 }
 
+// ---- The forward with queries in lanes (AVX-512 build, dilation 1, 7x7 windows, per-head planes) ----
+// forward_rows takes one query at a time: each window tap is a dot over the head dim, L lanes wide,
+// summed across lanes (transposing reductions), and every key row is widened from bfloat16 once per
+// query that sees it (49 times). Here the 16 lanes are 16 neighbouring queries of one map row
+// instead: key and value rows are widened once, into float rows laid out dim-major (one vector per
+// head-dim element and 16 map columns); a tap's 16 keys are then one permute of two such vectors
+// (each lane's window starts where windows.py says, edges included), and logits, softmax and
+// weighted sums are plain lane-wise FMAs: no reductions across lanes, no per-query re-widening.
+
+// x[r] (row r, lanes = columns) transposed in place: x[c][r] = old x[r][c]. Stage s swaps bit s of
+// the row and column indices (8 pairs of rows, two 2-source shuffles each; constant masks, spelt out
+// so that GCC sees them as constants).
+template <int kStage, int L>
+NA_INLINE void transpose_stage(VF<L>* x) {
+  constexpr int s = kStage;
+#define NA_LOW(c) (((c) & s) ? 16 + (c) - s : (c))
+#define NA_HIGH(c) (((c) & s) ? 16 + (c) : (c) + s)
+#pragma GCC unroll 16
+  for (int r = 0; r < 16; ++r) {
+    if (r & s) continue;
+    const VF<L> a = x[r], b = x[r + s];
+    x[r] = __builtin_shufflevector(a, b, NA_LOW(0), NA_LOW(1), NA_LOW(2), NA_LOW(3), NA_LOW(4), NA_LOW(5),
+                                   NA_LOW(6), NA_LOW(7), NA_LOW(8), NA_LOW(9), NA_LOW(10), NA_LOW(11),
+                                   NA_LOW(12), NA_LOW(13), NA_LOW(14), NA_LOW(15));
+    x[r + s] = __builtin_shufflevector(a, b, NA_HIGH(0), NA_HIGH(1), NA_HIGH(2), NA_HIGH(3), NA_HIGH(4),
+                                       NA_HIGH(5), NA_HIGH(6), NA_HIGH(7), NA_HIGH(8), NA_HIGH(9), NA_HIGH(10),
+                                       NA_HIGH(11), NA_HIGH(12), NA_HIGH(13), NA_HIGH(14), NA_HIGH(15));
+  }
+#undef NA_LOW
+#undef NA_HIGH
+}
+
+template <int L>
+NA_INLINE void transpose_16(VF<L>* x) {
+  static_assert(L == 16, "16 x 16 only");
+  transpose_stage<8, L>(x);
+  transpose_stage<4, L>(x);
+  transpose_stage<2, L>(x);
+  transpose_stage<1, L>(x);
+}
+
+// 16 rows of a head dim (rows[l]: lane l's; load_chunk's element order) as kD / 16 ... vectors
+// dim-major: out[e * stride] holds element e of the 16 rows (float, lanes = rows).
+template <typename S, int kD, int L>
+NA_INLINE void rows_to_dim_major(const S* const* rows, float* out, int64_t stride) {
+  constexpr int kChunks = kD / L;
+  for (int c = 0; c < kChunks; ++c) {
+    VF<L> x[L];
+    for (int l = 0; l < L; ++l) x[l] = load_chunk<S, L>(rows[l], c);
+    transpose_16<L>(x);
+    for (int e = 0; e < L; ++e) store<L>(out + (c * L + e) * stride, x[e]);
+  }
+}
+
+// Rows r in [begin, end) of (B * heads * H), two neighbouring query rows of a plane at a time: their
+// windows span 8 key rows (7 at the map's edges), and each permuted key or value vector serves both
+// rows (the permutes, not the FMAs, bound the one-row loop: one per FMA). Key and value rows are
+// widened into a ring of 8 slots as the rows advance, each once per thread.
+template <typename S, int kD, int L, typename T = Acc<S>>
+NA_INLINE void forward_query_lanes(const S* q, const S* k, const S* v, const T* rpb_rows, S* out, T* probs,
+                                   Shape s, Layout lq, Layout lkv, Layout lo, Geometry g, T scale, int64_t begin,
+                                   int64_t end) {
+  if constexpr (L == 16 && std::is_same_v<T, float> && kVectorPath<S, kD, L>) {
+    constexpr int kK = 7, kTaps = kK * kK, kChunks = kD / L, kSlots = kK + 1;
+    // A key row widened: kD rows of `width` floats (map columns, zero padding after the map: a
+    // window's two vectors start at most W - 7 columns in).
+    const int64_t width = (s.W + 25 + L - 1) / L * L, row_floats = kD * width;
+    std::vector<float> key_rows(2 * kSlots * row_floats, 0.0f);  // the slots of keys, then of values
+    int64_t slot_row[kSlots];
+    std::fill(slot_row, slot_row + kSlots, int64_t(-1));
+    alignas(64) float logits[2][kTaps * L];
+    alignas(64) float queries[2][kD * L];
+    const S* row_ptrs[L];
+    // Key row r of plane (b, h) (row id (b * heads + h) * H + r): its slot, widened on first use.
+    auto slot_of = [&](int64_t b, int64_t h, int64_t r) NA_INLINE_LAMBDA -> int64_t {
+      const int64_t id = (b * s.heads + h) * s.H + r, slot = r % kSlots;
+      if (slot_row[slot] == id) return slot;
+      slot_row[slot] = id;
+      for (int which = 0; which < 2; ++which) {
+        const S* plane = (which ? v : k) + lkv.offset(b, r, 0, h);
+        float* rows = key_rows.data() + (which * kSlots + slot) * row_floats;
+        for (int64_t j0 = 0; j0 < s.W; j0 += L) {
+          for (int l = 0; l < L; ++l) row_ptrs[l] = plane + std::min<int64_t>(j0 + l, s.W - 1) * lkv.j;
+          rows_to_dim_major<S, kD, L>(row_ptrs, rows + j0, width);
+        }
+      }
+      return slot;
+    };
+    // Query rows i .. i + kRows - 1 of plane (b, h).
+    auto row_block = [&](auto rows_count, int64_t b, int64_t h, int64_t i) NA_INLINE_LAMBDA {
+      constexpr int kRows = decltype(rows_count)::value;
+      int64_t first_row[kRows];
+      const float* bias_rows[kRows];
+      for (int m = 0; m < kRows; ++m) {
+        first_row[m] = g.row_start[i + m];
+        bias_rows[m] = rpb_rows ? rpb_rows + (h * (2 * kK - 1) + g.row_bias[i + m]) * L : nullptr;
+      }
+      const int64_t top = first_row[0], key_count = first_row[kRows - 1] + kK - top;
+      const float* key_slot[kSlots];
+      const float* value_slot[kSlots];
+      for (int64_t n = 0; n < key_count; ++n) {
+        const int64_t slot = slot_of(b, h, top + n);
+        key_slot[n] = key_rows.data() + slot * row_floats;
+        value_slot[n] = key_rows.data() + (kSlots + slot) * row_floats;
+      }
+      for (int64_t j0 = 0; j0 < s.W; j0 += L) {
+        const int64_t valid = std::min<int64_t>(L, s.W - j0), first_col = g.col_start[j0];
+        VI<L> tap_index[kK], bias_index{};
+        for (int l = 0; l < L; ++l) {
+          const int64_t j = j0 + std::min<int64_t>(l, valid - 1);
+          tap_index[0][l] = static_cast<int32_t>(g.col_start[j] - first_col);
+          bias_index[l] = static_cast<int32_t>(g.col_bias[j]);
+        }
+        for (int c = 1; c < kK; ++c) tap_index[c] = tap_index[0] + c;
+        for (int m = 0; m < kRows; ++m) {
+          for (int l = 0; l < L; ++l) row_ptrs[l] = q + lq.offset(b, i + m, j0 + std::min<int64_t>(l, valid - 1), h);
+          rows_to_dim_major<S, kD, L>(row_ptrs, queries[m], L);
+        }
+        // Logits, lane = query: tap (a, c) of every lane is one permute of key row a's two vectors;
+        // key row n is tap row n - (first_row[m] - top) of query row m, where that is in [0, 7).
+        auto logit_rows = [&](auto use, int64_t n) NA_INLINE_LAMBDA {
+          constexpr int kUse = decltype(use)::value;  // bit m: row m has key row n in its window
+          const float* keys = key_slot[n] + first_col;
+          VF<L> acc[kRows][kK] = {};
+          for (int e = 0; e < kD; ++e) {
+            const VF<L> low = load<L>(keys + e * width), high = load<L>(keys + e * width + L);
+            for (int c = 0; c < kK; ++c) {
+              const VF<L> key = __builtin_shuffle(low, high, tap_index[c]);
+              for (int m = 0; m < kRows; ++m)
+                if (kUse & (1 << m)) acc[m][c] += load<L>(queries[m] + e * L) * key;
+            }
+          }
+          for (int m = 0; m < kRows; ++m) {
+            if (!(kUse & (1 << m))) continue;
+            const int64_t a = top + n - first_row[m];
+            const VF<L> bias_row = bias_rows[m] ? load<L>(bias_rows[m] + a * L) : VF<L>{};
+            for (int c = 0; c < kK; ++c) {
+              VF<L> logit = acc[m][c] * scale;
+              if (bias_rows[m]) logit += __builtin_shuffle(bias_row, bias_index + c);
+              store<L>(logits[m] + (a * kK + c) * L, logit);
+            }
+          }
+        };
+        // Which rows take key row n: both, or (at the ends of the union) the first or the last.
+        auto for_key_rows = [&](const auto& body) NA_INLINE_LAMBDA {
+          for (int64_t n = 0; n < key_count; ++n) {
+            const bool first = n < kK, last = n >= first_row[kRows - 1] - top;
+            if (kRows == 1 || (first && last))
+              body(std::integral_constant<int, (1 << kRows) - 1>(), n);
+            else if (first)
+              body(std::integral_constant<int, 1>(), n);
+            else
+              body(std::integral_constant<int, 1 << (kRows - 1)>(), n);
+          }
+        };
+        for_key_rows(logit_rows);
+        VF<L> inverse[kRows];
+        for (int m = 0; m < kRows; ++m) {
+          VF<L> largest = VF<L>{} - INFINITY;
+          for (int t = 0; t < kTaps; ++t) {
+            const VF<L> logit = load<L>(logits[m] + t * L);
+            largest = logit > largest ? logit : largest;
+          }
+          VF<L> total{};
+          for (int t = 0; t < kTaps; ++t) {
+            const VF<L> w = exp_nonpositive<L>(load<L>(logits[m] + t * L) - largest);
+            store<L>(logits[m] + t * L, w);
+            total += w;
+          }
+          inverse[m] = 1.0f / total;
+        }
+        // Weighted values, 4 head-dim elements at a time, taps outermost: consecutive FMAs go to
+        // different sums (4 x kRows chains), where tap-innermost loops chained 7 FMAs in a row.
+        constexpr int kE = 4;
+        VF<L> sums[kRows][kD];
+        for (int e0 = 0; e0 < kD; e0 += kE) {
+          VF<L> acc[kRows][kE] = {};
+          auto value_rows = [&](auto use, int64_t n) NA_INLINE_LAMBDA {
+            constexpr int kUse = decltype(use)::value;
+            const float* values = value_slot[n] + first_col;
+            const float* weights[kRows];
+            for (int m = 0; m < kRows; ++m) weights[m] = logits[m] + (top + n - first_row[m]) * kK * L;
+            VF<L> low[kE], high[kE];
+            for (int e = 0; e < kE; ++e) {
+              low[e] = load<L>(values + (e0 + e) * width);
+              high[e] = load<L>(values + (e0 + e) * width + L);
+            }
+            for (int c = 0; c < kK; ++c)
+              for (int e = 0; e < kE; ++e) {
+                const VF<L> value = __builtin_shuffle(low[e], high[e], tap_index[c]);
+                for (int m = 0; m < kRows; ++m)
+                  if (kUse & (1 << m)) acc[m][e] += load<L>(weights[m] + c * L) * value;
+              }
+          };
+          for_key_rows(value_rows);
+          for (int m = 0; m < kRows; ++m)
+            for (int e = 0; e < kE; ++e) sums[m][e0 + e] = acc[m][e] * inverse[m];
+        }
+        for (int m = 0; m < kRows; ++m) {
+          for (int c = 0; c < kChunks; ++c) transpose_16<L>(sums[m] + c * L);  // sums[m][c * L + l]: query l's chunk c
+          for (int64_t l = 0; l < valid; ++l) {
+            VF<L> chunks[kChunks];
+            for (int c = 0; c < kChunks; ++c) chunks[c] = sums[m][c * L + l];
+            store_row<S, L, kChunks>(out + lo.offset(b, i + m, j0 + l, h), chunks);
+          }
+          if (probs) {  // (B, heads, H, W, 49), per query: 16 x 16 blocks of taps transposed
+            T* first = probs + s.query_index(b, h, i + m, j0) * kTaps;
+            for (int t0 = 0; t0 + L <= kTaps; t0 += L) {
+              VF<L> block[L];
+              for (int t = 0; t < L; ++t) block[t] = load<L>(logits[m] + (t0 + t) * L) * inverse[m];
+              transpose_16<L>(block);
+              for (int64_t l = 0; l < valid; ++l) store<L>(first + l * kTaps + t0, block[l]);
+            }
+            const VF<L> last = load<L>(logits[m] + (kTaps - 1) * L) * inverse[m];
+            for (int64_t l = 0; l < valid; ++l) first[l * kTaps + kTaps - 1] = last[l];
+          }
+        }
+      }
+    };
+    for (int64_t r = begin; r < end;) {
+      const int64_t b = r / (s.heads * s.H), h = r / s.H % s.heads, i = r % s.H;
+      if (r + 1 < end && i + 1 < s.H) {
+        row_block(std::integral_constant<int, 2>(), b, h, i);
+        r += 2;
+      } else {
+        row_block(std::integral_constant<int, 1>(), b, h, i);
+        r += 1;
+      }
+    }
+  }
+}
+
 // The loops the entry points call, as types: na2d_cpu.cpp's `run_widest` picks one build of each.
 struct ForwardRows {
   template <typename S, int kD, int L, typename... A>
   static NA_INLINE void run(A... args) { forward_rows<S, kD, L>(args...); }
+};
+struct ForwardQueryLanes {
+  template <typename S, int kD, int L, typename... A>
+  static NA_INLINE void run(A... args) { forward_query_lanes<S, kD, L>(args...); }
 };
 struct BackwardUnits {
   template <typename S, int kD, int L, typename... A>
