@@ -578,7 +578,7 @@ NA_INLINE void backward_units(const S* grad_out, const S* q, const S* k, const S
   }
 }
 
-// ---- The forward with queries in lanes (AVX-512 build, dilation 1, 7x7 windows, per-head planes) ----
+// ---- The forward with queries in lanes (AVX-512 build, 7x7 windows at dilation 1, any layout) ----
 // forward_rows takes one query at a time: each window tap is a dot over the head dim, L lanes wide,
 // summed across lanes (transposing reductions), and every key row is widened from bfloat16 once per
 // query that sees it (49 times). Here the 16 lanes are 16 neighbouring queries of one map row
@@ -619,8 +619,8 @@ NA_INLINE void transpose_16(VF<L>* x) {
   transpose_stage<1, L>(x);
 }
 
-// 16 rows of a head dim (rows[l]: lane l's; load_chunk's element order) as kD / 16 ... vectors
-// dim-major: out[e * stride] holds element e of the 16 rows (float, lanes = rows).
+// 16 head-dim rows (rows[l]: lane l's) as kD vectors, dim-major: out[e * stride] holds element e of
+// the 16 rows in load_chunk's element order (float, lane l = row l).
 template <typename S, int kD, int L>
 NA_INLINE void rows_to_dim_major(const S* const* rows, float* out, int64_t stride) {
   constexpr int kChunks = kD / L;
