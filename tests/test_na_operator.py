@@ -209,6 +209,26 @@ def test_cpp_backend_7x7_query_lanes_forward_against_float64(height, width, head
         assert rel < (4e-3 if dtype == torch.bfloat16 and name == "dqkv" else 2e-5), f"{name}: {rel:.2e}"
 
 
+# Where no backward can come, the kernel reads the packed projection's q, k, v views where they are
+# (no copy into per-head planes): the same output, bit for bit, as the training path's on its planes.
+# Both forwards: 16 queries per vector (7x7, dilation 1, wide maps) and one query at a time.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "height,width,kernel_size,dilation", [(12, 19, 7, 1), (9, 7, 7, 1), (13, 14, 5, 2)], ids=str
+)
+def test_cpp_backend_inference_reads_packed_views_in_place(height, width, kernel_size, dilation, dtype):
+    torch.manual_seed(0)
+    qkv = torch.randn(2, height, width, 3, 4, 32).to(dtype)
+    rpb = torch.randn(4, 2 * kernel_size - 1, 2 * kernel_size - 1)
+    with torch.no_grad():
+        inference = neighborhood_attention_2d_qkvpacked(qkv, kernel_size, dilation, rpb=rpb, backend="cpp")
+    training = neighborhood_attention_2d_qkvpacked(
+        qkv.clone().requires_grad_(), kernel_size, dilation, rpb=rpb, backend="cpp"
+    )
+    assert training.requires_grad and not inference.requires_grad
+    assert torch.equal(inference, training.detach())
+
+
 def test_cpp_kernel_8_lane_build_on_an_avx512_machine():
     """The kernel's loops are built at 16 lanes for AVX-512 and at 8 for the rest: where this machine
     runs the first, the reference tests above run again under ATEN_CPU_CAPABILITY=avx2, which makes

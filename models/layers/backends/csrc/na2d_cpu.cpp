@@ -207,13 +207,15 @@ void dispatch_head_dim(int64_t dim, const F& body) {
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const std::optional<at::Tensor>& rpb, const at::Tensor& row_start) {
+                  const std::optional<at::Tensor>& rpb, const at::Tensor& row_start, bool backward) {
   TORCH_CHECK(q.dim() == 5, "q must be (B, H, W, heads, D)");
-  // dk and dv are allocated like k and v and walked with k's tap offsets: k and v must be dense (in
-  // any dim order) and share strides.
+  // k and v are walked with one table of tap offsets: they share strides. The backward allocates dk
+  // and dv like them: there they must be dense too (in any dim order); the forward reads views, such
+  // as the slices of a packed qkv projection, where they are.
   TORCH_CHECK(q.stride(4) == 1 && k.stride(4) == 1 && k.strides() == v.strides() &&
-                  k.is_non_overlapping_and_dense(),
-              "q needs a contiguous head dim; k and v the same dense strides with a contiguous head dim");
+                  (!backward || k.is_non_overlapping_and_dense()),
+              "q needs a contiguous head dim; k and v the same strides with a contiguous head dim (and dense "
+              "in the backward)");
   TORCH_CHECK(q.sizes() == k.sizes() && q.sizes() == v.sizes(), "q, k, v shapes differ");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "dtypes differ");
   TORCH_CHECK(!rpb || (rpb->is_contiguous() && rpb->scalar_type() == at::toOpMathType(q.scalar_type())),
@@ -249,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor> na2d_forward(const at::Tensor& q, const at::T
                                                 const at::Tensor& row_bias, const at::Tensor& col_bias,
                                                 int64_t kernel_size, int64_t dilation, double scale,
                                                 bool save_probs) {
-  check_inputs(q, k, v, rpb, row_start);
+  check_inputs(q, k, v, rpb, row_start, /*backward=*/false);
   const Shape s = shape_of(q);
   const auto offsets = tap_offsets(kernel_size, dilation, layout_of(k));
   const Geometry g = geometry_of(row_start, col_start, row_bias, col_bias, kernel_size, dilation, offsets);
@@ -307,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_backward(
     const at::Tensor& probs, const at::Tensor& row_start, const at::Tensor& col_start,
     const at::Tensor& row_bias, const at::Tensor& col_bias, int64_t kernel_size, int64_t dilation,
     double scale, bool rpb_grad, bool packed) {
-  check_inputs(q, k, v, std::nullopt, row_start);
+  check_inputs(q, k, v, std::nullopt, row_start, /*backward=*/true);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.stride(4) == 1,
               "grad_out must have q's shape and a contiguous head dim");
   const Shape s = shape_of(q);
