@@ -229,6 +229,16 @@ def test_cpp_backend_inference_reads_packed_views_in_place(height, width, kernel
     assert torch.equal(inference, training.detach())
 
 
+def test_cpp_backend_inference_copies_inputs_without_a_contiguous_head_dim():
+    """The in-place read above needs a contiguous head dim: other inputs are still copied first."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 11, 12, 32, 3).transpose(-1, -2) for _ in range(3))
+    with torch.no_grad():
+        out = neighborhood_attention_2d(q, k, v, 7, 1, backend="cpp")
+    ref = reference_na2d(q.double(), k.double(), v.double(), 7, 1, None)
+    assert (out.double() - ref).abs().max() < 1e-5
+
+
 def test_cpp_kernel_8_lane_build_on_an_avx512_machine():
     """The kernel's loops are built at 16 lanes for AVX-512 and at 8 for the rest: where this machine
     runs the first, the reference tests above run again under ATEN_CPU_CAPABILITY=avx2, which makes

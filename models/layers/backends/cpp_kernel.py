@@ -225,7 +225,7 @@ def na2d_cpp(
     planes where the views take three, and the backward writes its gradient whole, where autograd
     would stack three."""
     rpb, save_probs = _prepare(rpb, q, k, v)
-    if not save_probs and k.stride() == v.stride():
+    if not save_probs and q.stride(-1) == k.stride(-1) == 1 and k.stride() == v.stride():
         # No backward can come (inference): the forward reads q, k, v where they are, e.g. as views into
         # the qkv projection, without the copy into per-head planes that only the backward needs (NAT-T's
         # bf16 inference 0.96x the time, docs/benchmarks.md).
