@@ -250,10 +250,29 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+NO_BF16_UNITS = (
+    "this CPU has neither AMX-BF16 nor AVX512-BF16: bf16 autocast is emulated here and runs many times "
+    "slower than float32"
+)
+
+
+def cpu_bf16_units() -> str | None:
+    """What runs bf16 matrix products on this x86 CPU, as ATen's own checks see it: "AMX-BF16",
+    "AVX512-BF16", or "none", where oneDNN emulates them and bf16 autocast runs many times slower
+    than float32 (docs/benchmarks.md, "Without bf16 hardware"); None where torch can't tell (another
+    architecture, a torch without the checks)."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if amx is None or avx512_bf16 is None or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    return "AMX-BF16" if amx() else "AVX512-BF16" if avx512_bf16() else "none"
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name(0)
-    return f"{cpu_name()}, torch threads: {torch.get_num_threads()}"
+    units = cpu_bf16_units()
+    return f"{cpu_name()}{f' (bf16: {units})' if units else ''}, torch threads: {torch.get_num_threads()}"
 
 
 def load_average() -> list[float] | None:
@@ -281,6 +300,7 @@ def environment() -> dict:
         cuda=torch.version.cuda,
         cudnn=torch.backends.cudnn.version() if torch.cuda.is_available() else None,
         cpu=cpu_name(),
+        cpu_bf16=cpu_bf16_units(),
         cpu_count=os.cpu_count(),
         torch_threads=torch.get_num_threads(),
         gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

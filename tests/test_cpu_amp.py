@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import csv
 import json
+import platform
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from test_train import load_entry_point, write_config
+
+from engine.bench import NO_BF16_UNITS, cpu_bf16_units
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +77,41 @@ def test_float16_amp_on_cpu_is_one_error_line(runs, capsys):
     assert train(["-c", str(cfg), "--output", str(work / "runs"), "--amp", "--amp-dtype", "float16"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "float16 autocast runs on GPUs only" in lines[0], lines
+
+
+def test_cpu_bf16_units_agree_with_cpuinfo():
+    """engine.bench.cpu_bf16_units (ATen's checks) against the kernel's own flags in /proc/cpuinfo."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if platform.machine() != "x86_64" or not cpuinfo.exists():
+        pytest.skip("needs Linux on x86_64")
+    flags = {f for line in cpuinfo.read_text().splitlines() if line.startswith("flags") for f in line.split()}
+    units = cpu_bf16_units()
+    assert (units != "none") == bool(flags & {"amx_bf16", "avx512_bf16"}), (units, sorted(flags))
+    if units == "AMX-BF16":
+        assert "amx_bf16" in flags
+
+
+def test_amp_on_cpu_without_bf16_units_warns(runs, monkeypatch, capsys):
+    """Where oneDNN would emulate bf16, --amp still runs but says to drop it, and the float32 log
+    line stops suggesting it."""
+    work, cfg = runs
+    import engine.evaluate
+    import engine.trainer
+
+    monkeypatch.setattr(engine.trainer, "cpu_bf16_units", lambda: "none")
+    monkeypatch.setattr(engine.evaluate, "cpu_bf16_units", lambda: "none")
+    train = load_entry_point("train.py").main
+    for name, flags in (("fp32-emulated", []), ("bf16-emulated", ["--amp"])):
+        assert train(["-c", str(cfg), "--output", str(work / "runs"), "--experiment", name, *flags]) == 0
+    fp32_log = (work / "runs" / "fp32-emulated" / "train.log").read_text()
+    bf16_log = (work / "runs" / "bf16-emulated" / "train.log").read_text()
+    assert "precision: float32 on cpu (bf16 units: none)" in fp32_log and "--amp" not in fp32_log
+    assert "precision: bfloat16 autocast on cpu (bf16 units: none)" in bf16_log
+    assert f"warning: {NO_BF16_UNITS}; drop --amp" in bf16_log
+    capsys.readouterr()
+    evaluate = load_entry_point("eval.py").main
+    checkpoint = str(work / "runs" / "fp32" / "last.pth.tar")
+    assert evaluate([checkpoint, "-o", str(work / "emulated.json"), "--amp"]) == 0
+    printed = capsys.readouterr()  # stderr in eval.py's own process; here where train.py set logging
+    assert f"warning: {NO_BF16_UNITS}; drop --amp" in printed.err + printed.out
+    assert json.loads((work / "emulated.json").read_text())["precision"] == "bfloat16 autocast"
