@@ -31,6 +31,8 @@ from engine.factory import (
     data_build_config,
 )
 
+_logger = logging.getLogger(__name__)
+
 
 def data_settings(args, ckpt: dict, has_settings: bool) -> dict:
     """The data config: checkpoint's (a training checkpoint's config) <- -c configs <- flags."""
@@ -196,7 +198,7 @@ def evaluate(args) -> dict:
         model.to(memory_format=torch.channels_last)
     use_amp = args.amp and device.type in ("cuda", "cpu")  # bf16: oneDNN's AMX / AVX512-BF16 on CPU
     if use_amp and device.type == "cpu" and cpu_bf16_units() == "none":
-        logging.getLogger(__name__).warning(f"warning: {NO_BF16_UNITS}; drop --amp")
+        _logger.warning(f"warning: {NO_BF16_UNITS}; drop --amp")
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     n_cls = len(ds_classes)
