@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.precision import cpu_bf16_units
+
 Step = Callable[[], object]
 
 # ----------------------------------------------------------------------------------------------
@@ -248,24 +250,6 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
-
-
-NO_BF16_UNITS = (
-    "this CPU has neither AMX-BF16 nor AVX512-BF16: bf16 autocast is emulated here and runs many times "
-    "slower than float32"
-)
-
-
-def cpu_bf16_units() -> str | None:
-    """What runs bf16 matrix products on this x86 CPU, as ATen's own checks see it: "AMX-BF16",
-    "AVX512-BF16", or "none", where oneDNN emulates them and bf16 autocast runs many times slower
-    than float32 (docs/benchmarks.md, "Without bf16 hardware"); None where torch can't tell (another
-    architecture, a torch without the checks)."""
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    if amx is None or avx512_bf16 is None or platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    return "AMX-BF16" if amx() else "AVX512-BF16" if avx512_bf16() else "none"
 
 
 def device_name(device: str) -> str:

@@ -21,7 +21,6 @@ import torch.nn as nn
 
 import configs
 from configs import ConfigError
-from engine.bench import NO_BF16_UNITS, cpu_bf16_units
 from engine.checkpoint import checkpoint_settings, extract_state_dict, load_checkpoint
 from engine.errors import EXIT_ERROR, CheckpointError, first_line, user_errors
 from engine.factory import (
@@ -30,6 +29,7 @@ from engine.factory import (
     create_model_for_checkpoint,
     data_build_config,
 )
+from engine.precision import cpu_precision_notes
 
 _logger = logging.getLogger(__name__)
 
@@ -197,8 +197,8 @@ def evaluate(args) -> dict:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     use_amp = args.amp and device.type in ("cuda", "cpu")  # bf16: oneDNN's AMX / AVX512-BF16 on CPU
-    if use_amp and device.type == "cpu" and cpu_bf16_units() == "none":
-        _logger.warning(f"warning: {NO_BF16_UNITS}; drop --amp")
+    if use_amp and device.type == "cpu" and (warning := cpu_precision_notes(use_amp)[1]):
+        _logger.warning(warning)
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     n_cls = len(ds_classes)

@@ -25,10 +25,10 @@ import torch.nn as nn
 
 import configs
 from configs import ConfigError
-from engine.bench import NO_BF16_UNITS, cpu_bf16_units
 from engine.checkpoint import extract_state_dict, load_checkpoint, load_model_weights, make_saver_class
 from engine.errors import EXIT_INTERRUPTED, CheckpointError, TrainingError
 from engine.factory import check_model_name, create_model, data_build_config, unwrap
+from engine.precision import cpu_precision_notes
 from engine.resume import (
     build_scheduler,
     position,
@@ -242,8 +242,7 @@ class Run:
     def _build_amp(self):
         """Autocast when train.amp is true, or unset (null) on CUDA; bf16 needs no scaler, fp16 uses
         timm's NativeScaler. On CPU only bf16 (oneDNN's AMX / AVX512-BF16 kernels; fp16 has no fast CPU
-        path), and only when asked: on a CPU without bf16 units (cpu_bf16_units) it is many times slower
-        than fp32, which the log warns of."""
+        path), and only when asked: without bf16 units it is many times slower than fp32 (a warning)."""
         t = self.cfg["train"]
         device_type = self.device.type
         self.amp_dtype = torch.bfloat16 if t["amp_dtype"] == "bfloat16" else torch.float16
@@ -259,14 +258,10 @@ class Run:
             else contextlib.nullcontext
         )
         self.precision = f"{t['amp_dtype']} autocast" if self.use_amp else "float32"
-        units = cpu_bf16_units() if device_type == "cpu" else None
-        notes = [f"bf16 units: {units}"] if units else []
-        if device_type == "cpu" and not self.use_amp and units != "none":
-            notes.append("train.amp true / --amp: bfloat16 autocast")
-        notes_text = f" ({'; '.join(notes)})" if notes else ""
-        _logger.info(f"precision: {self.precision} on {device_type}{notes_text}")
-        if self.use_amp and units == "none":
-            _logger.warning(f"warning: {NO_BF16_UNITS}; drop --amp (train.amp)")
+        note, warning = cpu_precision_notes(self.use_amp) if device_type == "cpu" else ("", None)
+        _logger.info(f"precision: {self.precision} on {device_type}{note}")
+        if warning:
+            _logger.warning(warning)
         self.loss_scaler = None
         if self.use_amp and self.amp_dtype == torch.float16:
             from timm.utils import NativeScaler

@@ -15,7 +15,7 @@ import torch
 import yaml
 from test_train import load_entry_point, write_config
 
-from engine.bench import NO_BF16_UNITS, cpu_bf16_units
+from engine.precision import NO_BF16_UNITS, cpu_bf16_units
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_float16_amp_on_cpu_is_one_error_line(runs, capsys):
 
 
 def test_cpu_bf16_units_agree_with_cpuinfo():
-    """engine.bench.cpu_bf16_units (ATen's checks) against the kernel's own flags in /proc/cpuinfo."""
+    """engine.precision.cpu_bf16_units (ATen's checks) against the kernel's own flags in /proc/cpuinfo."""
     cpuinfo = Path("/proc/cpuinfo")
     if platform.machine() != "x86_64" or not cpuinfo.exists():
         pytest.skip("needs Linux on x86_64")
@@ -95,11 +95,9 @@ def test_amp_on_cpu_without_bf16_units_warns(runs, monkeypatch, capsys):
     """Where oneDNN would emulate bf16, --amp still runs but says to drop it, and the float32 log
     line stops suggesting it."""
     work, cfg = runs
-    import engine.evaluate
-    import engine.trainer
+    import engine.precision
 
-    monkeypatch.setattr(engine.trainer, "cpu_bf16_units", lambda: "none")
-    monkeypatch.setattr(engine.evaluate, "cpu_bf16_units", lambda: "none")
+    monkeypatch.setattr(engine.precision, "cpu_bf16_units", lambda: "none")
     train = load_entry_point("train.py").main
     for name, flags in (("fp32-emulated", []), ("bf16-emulated", ["--amp"])):
         assert train(["-c", str(cfg), "--output", str(work / "runs"), "--experiment", name, *flags]) == 0
