@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -591,7 +592,7 @@ def test_inference_mode_first_call_does_not_poison_training(backend):
 def test_module_compiles_to_one_graph_and_matches_eager(backend, tmp_path, monkeypatch):
     """torch.compile traces the module in one graph (fullgraph: no break at the backend choice, whose
     checks once broke every NA layer into its own graph), through the kernel's fake ops; outputs and
-    grads agree with eager."""
+    grads agree with eager; and no warning from Dynamo about the window-geometry caches."""
     # A fresh inductor cache: its keys don't cover the C++ kernel's fake ops, so a graph cached from an
     # earlier version of the kernel (another checkout on this machine) would be served.
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
@@ -602,7 +603,10 @@ def test_module_compiles_to_one_graph_and_matches_eager(backend, tmp_path, monke
     eager.sum().backward()
     eager_grad = attn.rpb.grad.clone()
     attn.zero_grad()
-    compiled = torch.compile(attn, fullgraph=True)(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(attn, fullgraph=True)(x)
+    assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message)[:120] for w in caught]
     compiled.sum().backward()
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(attn.rpb.grad, eager_grad)

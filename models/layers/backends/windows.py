@@ -19,17 +19,22 @@ def geometry_cache(maxsize: int) -> Callable:
 
     The tensors are built outside inference mode: one first built under `torch.inference_mode()`
     would be an inference tensor, and every later training step at that size would fail with
-    "Inference tensors cannot be saved for backward".
+    "Inference tensors cannot be saved for backward". Under torch.compile the builder is traced
+    instead: Dynamo would trace through the cache anyway, warning once per call site that it did.
     """
 
     def decorate(build: Callable) -> Callable:
-        @functools.lru_cache(maxsize=maxsize)
-        @functools.wraps(build)
-        def cached(*args):
+        def build_outside_inference_mode(*args):
             with torch.inference_mode(False):
                 return build(*args)
 
-        return cached
+        cached = functools.lru_cache(maxsize=maxsize)(build_outside_inference_mode)
+
+        @functools.wraps(build)
+        def lookup(*args):
+            return build_outside_inference_mode(*args) if torch.compiler.is_compiling() else cached(*args)
+
+        return lookup
 
     return decorate
 
