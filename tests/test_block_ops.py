@@ -4,14 +4,18 @@ and against the modules' stock ops."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
+from functorch.compile import make_boxed_func
 from timm.layers import DropPath
 from torch import nn
+from torch._dynamo.backends.common import aot_autograd
 
 from models.layers import block_ops
 from models.layers.backends.cpp_kernel import kernel_build_error
-from models.nat import ConvDownsample, ConvStem, NATBlock
+from models.nat import NAT, ConvDownsample, ConvStem, NATBlock
 
 pytestmark = pytest.mark.skipif(kernel_build_error() is not None, reason=str(kernel_build_error()))
 
@@ -232,3 +236,49 @@ def test_stem_and_downsampler_take_the_fused_ops_under_cpu_bf16_autocast(monkeyp
     for name, grad_fused in fused_grads.items():
         scale = stock_grads[name].abs().max()
         assert (grad_fused - stock_grads[name]).abs().max() <= 0.06 * scale, name
+
+
+def test_torch_compile_keeps_the_fused_ops_in_one_graph_and_matches_eager():
+    """Under torch.compile a NAT in CPU bf16 autocast traces in one graph through the ops' fake kernels:
+    every block's, the stem's and the downsamplers' LayerNorms and residuals are the fused ops in the
+    forward graph (their backwards in the backward graph), and outputs and gradients are eager's."""
+    graphs: dict[str, Counter] = {}
+
+    def recorder(name: str):
+        def compile_graph(graph_module, inputs):
+            nodes = graph_module.graph.nodes
+            graphs[name] = Counter(str(node.target) for node in nodes if node.op == "call_function")
+            return make_boxed_func(graph_module.forward)
+
+        return compile_graph
+
+    torch.manual_seed(0)
+    depths = (1, 2, 1, 1)
+    model = NAT(embed_dim=16, depths=depths, num_heads=(1, 2, 2, 4), kernel_size=3, drop_path_rate=0.2)
+    x = torch.randn(2, 3, 32, 32)
+
+    def train_step(forward):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # one drop-path draw for both runs
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = forward(x)
+        out.float().square().sum().backward()
+        return out, {name: p.grad for name, p in model.named_parameters()}
+
+    eager_out, eager_grads = train_step(model.train())
+    backend = aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward"))
+    compiled_out, compiled_grads = train_step(torch.compile(model, backend=backend, fullgraph=True))
+
+    blocks, forward, backward = sum(depths), graphs["forward"], graphs["backward"]
+    fused = "nat_block_cpu.{}.default".format
+    # one LayerNorm per block, the stem and each downsampler; the model's last norm stays ATen's
+    assert forward[fused("layer_norm_bf16")] == blocks + 1 + len(depths) - 1
+    assert forward["aten.native_layer_norm.default"] == 1
+    assert forward[fused("residual_layer_norm_bf16")] == blocks
+    # the second residual: the fused op where drop path is on (the first block's rate is 0: a plain add)
+    assert forward[fused("residual_add_bf16")] == backward[fused("scale_samples_bf16")] == blocks - 1
+    assert backward[fused("layer_norm_bf16_backward")] == blocks + len(depths)
+    assert backward[fused("residual_layer_norm_bf16_backward")] == blocks
+    torch.testing.assert_close(compiled_out, eager_out)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, msg=name)

@@ -89,7 +89,8 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _register_fake_kernels() -> None:
-    """Shape-only versions of the two ops, so torch.compile can trace through the backend."""
+    """Shape-only versions of the NA ops and the block ops (`models/layers/block_ops.py`), so
+    torch.compile traces through them instead of breaking the graph or leaving them out."""
 
     @torch.library.register_fake("nat_na2d_cpu::forward")
     def _(q, k, v, rpb, row_start, col_start, row_bias, col_bias, kernel_size, dilation, scale, save_probs):
@@ -114,6 +115,39 @@ def _register_fake_kernels() -> None:
         )
         key_grad = q.new_empty if per_plane else lambda shape: torch.empty_like(k)
         return q.new_empty(q.shape), key_grad(k.shape), key_grad(v.shape), drpb
+
+    def float32_pair(like, shape):
+        return like.new_empty(shape, dtype=torch.float32), like.new_empty(shape, dtype=torch.float32)
+
+    def row_stats(x):  # a LayerNorm's mean and rstd, one per row of x's last dim
+        return float32_pair(x, (x.numel() // x.shape[-1] if x.shape[-1] else 0,))
+
+    def affine_grads(weight):  # a LayerNorm's weight and bias gradients
+        return float32_pair(weight, weight.shape)
+
+    @torch.library.register_fake("nat_block_cpu::layer_norm_bf16")
+    def _(x, weight, bias, eps):
+        return (x.new_empty(x.shape), *row_stats(x))
+
+    @torch.library.register_fake("nat_block_cpu::layer_norm_bf16_backward")
+    def _(grad, x, mean, rstd, weight):
+        return (x.new_empty(x.shape), *affine_grads(weight))
+
+    @torch.library.register_fake("nat_block_cpu::residual_add_bf16")
+    def _(x, branch, scale):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("nat_block_cpu::residual_layer_norm_bf16")
+    def _(x, branch, scale, weight, bias, eps):
+        return (x.new_empty(x.shape), x.new_empty(x.shape), *row_stats(x))
+
+    @torch.library.register_fake("nat_block_cpu::residual_layer_norm_bf16_backward")
+    def _(grad_out, grad_y, out, mean, rstd, weight, scale):
+        return (out.new_empty(out.shape), out.new_empty(out.shape), *affine_grads(weight))
+
+    @torch.library.register_fake("nat_block_cpu::scale_samples_bf16")
+    def _(grad, scale):
+        return grad.new_empty(grad.shape)
 
 
 @geometry_cache(maxsize=128)
