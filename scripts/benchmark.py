@@ -15,7 +15,10 @@ files and plots are engine.bench's (shared with bench_na.py and zoo.py); this sc
     python scripts/benchmark.py --models nat_tiny nat_tiny@naive swin_tiny_patch4_window7_224
     python scripts/benchmark.py --quick               # seconds: checks the script end to end
 
-`name@backend` forces the NA backend for that row (e.g. `nat_tiny@naive`, the paper's gather).
+`name@backend` forces the NA backend for that row (e.g. `nat_tiny@naive`, the paper's gather);
+`name+compiled` torch.compiles that row's model, so eager and compiled run side by side in one run
+(`--models nat_tiny nat_tiny+compiled`; compiling looked 10-15% faster across separate runs than side
+by side in one, for NAT-T: docs/benchmarks.md, torch.compile).
 Writes results.csv (one row per model/device/resolution/mode), results.json (the rows plus
 device/torch/timm/natten versions, load, targets, scaling slopes) and three PNG plots to --out.
 
@@ -44,7 +47,9 @@ from engine.benchmark.measure import AMP_DTYPES  # noqa: E402
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--models", nargs="+", help=f"timm names, optionally name@backend (default: {DEFAULT_MODELS})"
+        "--models",
+        nargs="+",
+        help=f"timm names, optionally name@backend and/or name+compiled (default: {DEFAULT_MODELS})",
     )
     p.add_argument(
         "--baselines", nargs="+", default=DEFAULT_BASELINES, help="ratios in the table are against the first"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -95,6 +96,24 @@ def test_unknown_model_is_one_clear_error_before_any_work(tmp_path):
 def test_bad_model_lists_are_one_clear_error(names, message):
     with pytest.raises(SystemExit, match=message):
         measure.parse_models(names, {})
+
+
+def test_compiled_suffix_compiles_that_row_only():
+    """`name+compiled` (after an optional `@backend`): that model torch.compile'd, the others eager,
+    in the same interleaved rounds; the row says which."""
+    eager, compiled = measure.parse_models(["nat_mini", "nat_mini@cpp+compiled"], {})
+    assert (eager.name, eager.na_backend, eager.compiled) == ("nat_mini", None, False)
+    assert (compiled.name, compiled.na_backend, compiled.compiled) == ("nat_mini", "cpp", True)
+    settings = measure.Settings(torch.device("cpu"), "fp32", channels_last=False, compile=False, iters=1)
+    tiny = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), kernel_size=3)
+    runners = [
+        measure.Runner(dataclasses.replace(spec, kwargs=tiny), 32, 1, settings) for spec in (eager, compiled)
+    ]
+    assert runners[0].forward is runners[0].model
+    assert isinstance(runners[1].forward, torch._dynamo.eval_frame.OptimizedModule)
+    assert runners[1].forward._orig_mod is runners[1].model
+    with pytest.raises(SystemExit, match="unknown NA backend 'fast'"):
+        measure.parse_models(["nat_mini@fast+compiled"], {})
 
 
 def plan_args(**changes) -> argparse.Namespace:

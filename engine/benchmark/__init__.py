@@ -178,7 +178,6 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
                     device_name=name,
                     amp=cfg["amp"],
                     channels_last=cfg["channels_last"],
-                    compiled=args.compile,
                     optimizer=args.optimizer,
                     params_m=params / 1e6,
                     gmacs=gmacs,

@@ -1,6 +1,7 @@
 """The whole-model benchmark's measurement: which models, built how, and their timed steps.
 
-`ModelSpec` / `parse_models` (a timm name, optionally `name@backend` forcing the NA backend),
+`ModelSpec` / `parse_models` (a timm name, optionally `name@backend` forcing the NA backend and
+`+compiled` compiling it),
 `model_flops` (parameters and GMACs from a meta-device copy), `Runner` (a model with its inputs,
 optimizer and the two timed steps, inference and train), `bench_resolution` (every model at one
 resolution, interleaved rounds through `engine.bench`), `profile_models` (torch.profiler summaries),
@@ -26,13 +27,15 @@ from engine.bench import interleaved_rounds, is_oom, peak_memory_mb, spread, sta
 from models import count_flops  # importing models registers nat_* / dinat_* with timm
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+COMPILED_SUFFIX = "+compiled"
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    label: str  # as given on the command line, e.g. "nat_tiny@naive"
+    label: str  # as given on the command line, e.g. "nat_tiny@naive" or "nat_tiny+compiled"
     name: str  # timm name
     na_backend: str | None  # forced NA backend, or None for the model's own ("auto")
+    compiled: bool = False  # torch.compile'd whatever --compile says: eager and compiled in one run
     kwargs: dict = field(default_factory=dict, hash=False, compare=False)
 
 
@@ -41,12 +44,13 @@ def parse_models(names: list[str], model_kwargs: dict[str, dict]) -> list[ModelS
 
     specs = []
     for label in names:
-        name, _, backend = label.partition("@")
+        compiled = label.endswith(COMPILED_SUFFIX)
+        name, _, backend = label.removesuffix(COMPILED_SUFFIX).partition("@")
         if backend and backend not in (*BACKENDS, "auto"):
             raise SystemExit(f"error: {label!r}: unknown NA backend {backend!r}; use one of {BACKENDS}")
         if not timm.is_model(name):
             raise SystemExit(f"error: {name!r} is not a timm model name (see timm.list_models())")
-        specs.append(ModelSpec(label, name, backend or None, dict(model_kwargs.get(name, {}))))
+        specs.append(ModelSpec(label, name, backend or None, compiled, dict(model_kwargs.get(name, {}))))
     if len({s.label for s in specs}) != len(specs):
         raise SystemExit(f"error: a model is listed twice in {names}")
     return specs
@@ -164,7 +168,7 @@ class Runner:
         self.x = torch.randn(batch, 3, resolution, resolution, device=device).to(memory_format=memory_format)
         num_classes = getattr(self.model, "num_classes", 1000) or 1000
         self.y = torch.randint(0, num_classes, (batch,), device=device)
-        self.forward = torch.compile(self.model) if settings.compile else self.model
+        self.forward = torch.compile(self.model) if settings.compile or spec.compiled else self.model
         # fused AdamW (one kernel over all tensors; CPU and CUDA) by default: the plain per-tensor
         # loop costs ~30% of a CPU train step (see docs/benchmarks.md) and is the same for every model.
         fused = {"fused": True} if settings.optimizer == "adamw-fused" else {"foreach": False}
@@ -258,6 +262,7 @@ def bench_resolution(
             mode_errors[label] = ("OOM" if is_oom(e) else f"{type(e).__name__}: {e}")[:200]
         for spec in specs:
             row = dict(model=spec.label, timm_name=spec.name, mode=mode, resolution=resolution, batch=batch)
+            row.update(compiled=settings.compile or spec.compiled)
             if spec.label in times:
                 img_s = [batch * settings.iters / t for t in times[spec.label]]
                 ms = [1e3 * t / settings.iters for t in times[spec.label]]

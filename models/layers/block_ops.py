@@ -14,9 +14,9 @@ bfloat16 at a fraction of its forward's rate on NAT's 56^2-14^2 maps, is one GEM
 patches (im2col on the NHWC map). NAT-T's bf16 train step: docs/benchmarks.md, bf16 section.
 
 `fused_bf16_applies(x)` says whether they run: a bfloat16 CPU input under CPU bfloat16 autocast, the
-kernel built, and no TorchScript or FX tracer looking (those see the stock ops; torch.compile keeps the
-fused ops, traced through their fake kernels in `backends/cpp_kernel.py`); `fusable_layer_norm` and
-`fusable_conv` say which modules they stand in for.
+kernel built, and no TorchScript, FX or ONNX tracer looking (those see the stock ops: custom ops would
+not script or export). torch.compile keeps the fused ops, traced through their fake kernels in
+`backends/cpp_kernel.py`. `fusable_layer_norm` and `fusable_conv` say which modules they stand in for.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ Pair = tuple[int, int]
 
 def fused_bf16_applies(x: torch.Tensor) -> bool:
     """Whether the fused ops run for a module input `x` (see the module docstring); loads the kernel."""
-    if torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy):
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or isinstance(x, torch.fx.Proxy):
         return False
     return (
         x.device.type == "cpu"
