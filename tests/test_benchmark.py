@@ -104,7 +104,7 @@ def test_compiled_suffix_compiles_that_row_only():
     eager, compiled = measure.parse_models(["nat_mini", "nat_mini@cpp+compiled"], {})
     assert (eager.name, eager.na_backend, eager.compiled) == ("nat_mini", None, False)
     assert (compiled.name, compiled.na_backend, compiled.compiled) == ("nat_mini", "cpp", True)
-    settings = measure.Settings(torch.device("cpu"), "fp32", channels_last=False, compile=False, iters=1)
+    settings = measure.Settings(torch.device("cpu"), "fp32", channels_last=False, iters=1)
     tiny = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), kernel_size=3)
     runners = [
         measure.Runner(dataclasses.replace(spec, kwargs=tiny), 32, 1, settings) for spec in (eager, compiled)
@@ -114,6 +114,9 @@ def test_compiled_suffix_compiles_that_row_only():
     assert runners[1].forward._orig_mod is runners[1].model
     with pytest.raises(SystemExit, match="unknown NA backend 'fast'"):
         measure.parse_models(["nat_mini@fast+compiled"], {})
+    # --compile: every model compiled, labels as given
+    compiled_all = measure.parse_models(["nat_mini", "nat_mini@cpp"], {}, compile_all=True)
+    assert [(s.label, s.compiled) for s in compiled_all] == [("nat_mini", True), ("nat_mini@cpp", True)]
 
 
 def plan_args(**changes) -> argparse.Namespace:

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     model_kwargs = dict(QUICK_KWARGS) if args.quick else {}
     model_kwargs.update(args.model_kwargs)
     names = args.models or (QUICK_MODELS if args.quick else DEFAULT_MODELS)
-    specs = parse_models(names, model_kwargs)
+    specs = parse_models(names, model_kwargs, compile_all=args.compile)
     baseline = next((b for b in args.baselines if b in {s.label for s in specs}), specs[0].label)
     plan = device_plan(args)
 
@@ -148,7 +148,6 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
             device=torch.device(device_type),
             amp=cfg["amp"],
             channels_last=cfg["channels_last"],
-            compile=args.compile,
             iters=cfg["iters"],
             optimizer=args.optimizer,
         )

@@ -35,16 +35,18 @@ class ModelSpec:
     label: str  # as given on the command line, e.g. "nat_tiny@naive" or "nat_tiny+compiled"
     name: str  # timm name
     na_backend: str | None  # forced NA backend, or None for the model's own ("auto")
-    compiled: bool = False  # torch.compile'd whatever --compile says: eager and compiled in one run
+    compiled: bool = False  # torch.compile'd: `name+compiled`, or every model under --compile
     kwargs: dict = field(default_factory=dict, hash=False, compare=False)
 
 
-def parse_models(names: list[str], model_kwargs: dict[str, dict]) -> list[ModelSpec]:
+def parse_models(
+    names: list[str], model_kwargs: dict[str, dict], compile_all: bool = False
+) -> list[ModelSpec]:
     from models.layers.backends.checks import BACKENDS
 
     specs = []
     for label in names:
-        compiled = label.endswith(COMPILED_SUFFIX)
+        compiled = compile_all or label.endswith(COMPILED_SUFFIX)
         name, _, backend = label.removesuffix(COMPILED_SUFFIX).partition("@")
         if backend and backend not in (*BACKENDS, "auto"):
             raise SystemExit(f"error: {label!r}: unknown NA backend {backend!r}; use one of {BACKENDS}")
@@ -149,7 +151,6 @@ class Settings:
     device: torch.device
     amp: str  # bf16 / fp16 / fp32
     channels_last: bool
-    compile: bool
     iters: int
     optimizer: str = "adamw-fused"
 
@@ -168,7 +169,7 @@ class Runner:
         self.x = torch.randn(batch, 3, resolution, resolution, device=device).to(memory_format=memory_format)
         num_classes = getattr(self.model, "num_classes", 1000) or 1000
         self.y = torch.randint(0, num_classes, (batch,), device=device)
-        self.forward = torch.compile(self.model) if settings.compile or spec.compiled else self.model
+        self.forward = torch.compile(self.model) if spec.compiled else self.model
         # fused AdamW (one kernel over all tensors; CPU and CUDA) by default: the plain per-tensor
         # loop costs ~30% of a CPU train step (see docs/benchmarks.md) and is the same for every model.
         fused = {"fused": True} if settings.optimizer == "adamw-fused" else {"foreach": False}
@@ -262,7 +263,7 @@ def bench_resolution(
             mode_errors[label] = ("OOM" if is_oom(e) else f"{type(e).__name__}: {e}")[:200]
         for spec in specs:
             row = dict(model=spec.label, timm_name=spec.name, mode=mode, resolution=resolution, batch=batch)
-            row.update(compiled=settings.compile or spec.compiled)
+            row["compiled"] = spec.compiled
             if spec.label in times:
                 img_s = [batch * settings.iters / t for t in times[spec.label]]
                 ms = [1e3 * t / settings.iters for t in times[spec.label]]
