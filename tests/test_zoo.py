@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -219,6 +220,11 @@ def test_reading_claims_only_separated_intervals(tmp_path):
     assert Image.open(tmp_path / "escape.png").size[0] > 400
     shapes_only = [t for t in table.values() if t["task"] == "shapes"]
     assert accuracy.plot_escape(shapes_only, tmp_path / "none.png") is None
+    # a study of one mixer without na (a window sweep): drawn without matplotlib's empty-legend warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one = [table[("pathfinder", "dilated")]]
+        assert accuracy.plot_escape(one, tmp_path / "one.png") == tmp_path / "one.png"
 
 
 def test_seeds_apply_to_every_mixer():

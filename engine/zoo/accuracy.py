@@ -489,7 +489,8 @@ def plot_escape(table: list[dict], path: Path) -> Path | None:
             top.text(centre, 119, family, ha="center", va="top", fontsize=8,
                      color=FAMILY_COLOURS.get(family, "gray"), fontweight="bold")  # fmt: skip
     for ax in (top, bottom):  # outside, right: a legend inside would cover a family's runs
-        ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        if ax.get_legend_handles_labels()[0]:  # the top one has a label only where `na` ran
+            ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
