@@ -84,7 +84,9 @@ def test_quick_study_end_to_end(tmp_path):
     for mixer in ("full", "na"):
         row = table[("pathfinder", mixer)]
         assert row["escape_threshold"] is None and row["escaped"] == 0 and row["val_images"] == 8
-    assert table[("pathfinder", "full")]["vs_na"] == "overlaps"
+    assert table[("pathfinder", "full")]["vs_na"] is None  # no escape to compare
+    report = (tmp_path / "accuracy.md").read_text()
+    assert "| na | 1 | - | - | - |" in report and "8 val images are too few to tell an escape" in report
     assert table[("shapes", "full")]["vs_na"] is None  # one seed each: seed ranges not compared
     assert Image.open(tmp_path / "escape.png").size[0] > 200
     # full attention has no relative-position table: fewer parameters than NA in the same backbone

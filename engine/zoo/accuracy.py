@@ -54,15 +54,12 @@ def accuracy_markdown(result: dict) -> str:
     rows = [t for t in result["table"] if t["task"] == "pathfinder"]
     if rows:
         threshold, images = rows[0]["escape_threshold"], rows[0]["val_images"]
-        rule = (
-            f"its far-pair top-1 is >= {threshold:.2f}% of {images} val images"
-            if threshold is not None
-            else f"never here: {images} val images are too few to tell"
-        )
+        rule = f"{images} val images are too few to tell an escape from the plateau"
+        if threshold is not None:
+            rule = f"a run escaped the plateau when far-pair top-1 >= {threshold:.2f}% of {images} val images"
         lines += [
-            f"Pathfinder: a run escaped the plateau when {rule} (chance + one-sided binomial tail "
-            f"{ESCAPE_LEVEL}); escape rate with its 95% Wilson interval; vs na: 'beats' / 'trails' "
-            "only where the intervals do not overlap.",
+            f"Pathfinder: {rule} (chance + one-sided binomial tail {ESCAPE_LEVEL}); escape rate with its "
+            "95% Wilson interval; vs na: 'beats' / 'trails' only where the intervals do not overlap.",
             "",
         ]
         header = ["mixer", "runs", "escaped", "escape rate (95% CI)", "escaped top-1 mean (min-max)",
@@ -72,12 +69,12 @@ def accuracy_markdown(result: dict) -> str:
             out = "-" if t["escaped"] == 0 else (
                 f"{t['escaped_top1_mean']:.1f} ({t['escaped_top1_min']:.1f}-{t['escaped_top1_max']:.1f})"
             )  # fmt: skip
+            rate = f"{100 * t['escape_rate']:.0f}% ({percent_interval(t['escape_interval'])})"
             cells.append(
                 [
                     t["mixer"],
                     t["seeds"],
-                    t["escaped"],
-                    f"{100 * t['escape_rate']:.0f}% ({percent_interval(t['escape_interval'])})",
+                    *((t["escaped"], rate) if threshold is not None else ("-", "-")),
                     out,
                     f"{t['near_top1']:.1f}",
                     t.get("vs_na") or "",
@@ -137,6 +134,10 @@ def reading(table: list[dict]) -> list[str]:
         na = next((t for t in rows if t["mixer"] == "na"), None)
         if na is None:
             lines.append(f"- {task}: no `na` runs, nothing compared.")
+            continue
+        if "escape_interval" in na and na["escape_threshold"] is None:
+            images = na["val_images"]
+            lines.append(f"- {task}: {images} val images are too few to tell an escape: nothing compared.")
             continue
         what = "escape rate, escaped runs / runs" if "escape_interval" in na else "top-1 range over seeds"
         verdicts = {"beats": [], "trails": [], "overlaps": [], None: []}
@@ -373,9 +374,9 @@ def summarize(runs: list[dict]) -> list[dict]:
 
     Pathfinder (rows with a near-pair score): escaped runs (`escaped`), their rate with its Wilson
     interval, the escaped runs' far-pair top-1 (mean, range), near pairs, and `vs_na` by `versus` on
-    the escape-rate intervals. Shapes: `vs_na` by `versus` on the seed ranges, where both mixers have
-    `SEPARATE_MIN_SEEDS` seeds (with 3 each, two equally good mixers separate by chance with
-    probability 2 / 20), else None."""
+    the escape-rate intervals (None where the val set is too small to tell an escape). Shapes: `vs_na`
+    by `versus` on the seed ranges, where both mixers have `SEPARATE_MIN_SEEDS` seeds (with 3 each, two
+    equally good mixers separate by chance with probability 2 / 20), else None."""
     table = []
     for task in dict.fromkeys(r["task"] for r in runs):
         rows = []
@@ -418,8 +419,9 @@ def summarize(runs: list[dict]) -> list[dict]:
             if na is None or t is na:
                 continue
             t["top1_vs_na"] = t["top1_mean"] - na["top1_mean"]
-            if "escape_interval" in t:
-                t["vs_na"] = versus(t["escape_interval"], na["escape_interval"])
+            if "escape_interval" in t:  # no escape to compare where the val set is too small to tell one
+                untellable = t["escape_threshold"] is None
+                t["vs_na"] = None if untellable else versus(t["escape_interval"], na["escape_interval"])
             elif min(t["seeds"], na["seeds"]) >= SEPARATE_MIN_SEEDS:
                 t["vs_na"] = versus((t["top1_min"], t["top1_max"]), (na["top1_min"], na["top1_max"]))
             else:
@@ -507,7 +509,10 @@ def accuracy_targets(table: list[dict]) -> list[dict]:
     if na is None or not global_reach:
         return []
     best = max(global_reach, key=lambda t: (t["escape_rate"], t["escaped_top1_mean"] or 0))
-    separable = wilson_interval(best["seeds"], best["seeds"])[0] > wilson_interval(0, na["seeds"])[1]
+    separable = (
+        best["escape_threshold"] is not None
+        and wilson_interval(best["seeds"], best["seeds"])[0] > wilson_interval(0, na["seeds"])[1]
+    )
     return [
         dict(
             target=f"pathfinder: best global-reach mixer ({best['mixer']}) escapes more often than na "
