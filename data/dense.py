@@ -12,10 +12,12 @@ It is written in both layouts at once::
 Readers and what they do with bad annotations (one error line for a broken folder, skipped and
 counted for a bad annotation, so a mostly-good real data set still trains):
 
-* `CocoInstances(image_dir, ann_file)`: unknown category, missing / empty / degenerate / out-of-image
-  box, crowd region, mask of another size than its image -> annotation skipped, counted in
-  `skipped`; unreadable JSON, no categories, an image file missing, an image of another size than
-  its JSON entry -> DataError.
+* `CocoInstances(image_dir, ann_file, masks=True)`: unknown category, missing / empty / degenerate /
+  out-of-image box, mask of another size than its image, no mask where masks are wanted -> annotation
+  skipped, counted in `skipped`; crowd regions are left out of the training targets and kept in
+  `coco_gt`, where COCOeval ignores detections on them (as COCO's own numbers are scored); unreadable
+  JSON, no categories, an image file missing, an image of another size than its JSON entry, every
+  annotation skipped -> DataError.
 * `SemanticFolder(image_dir, mask_dir, num_classes)`: an image without a mask or a mask of another size
   -> image skipped and counted; mask values above `num_classes` -> ignored pixels (`IGNORE_INDEX`);
   no image with a mask -> DataError. `reduce_zero_label` (ADE20K: 0 is "other") maps 0 to ignored
@@ -232,13 +234,16 @@ class CocoInstances(torch.utils.data.Dataset):
     """COCO-format instances: (image 3 x H x W in [0, 1], target) as torchvision's detectors take them.
 
     target: boxes (N x 4, x1 y1 x2 y2), labels (N, 1..K: the categories in id order), masks
-    (N x H x W uint8), image_id. `coco_gt` is the filtered annotation dict (what evaluation scores
-    against); `label_to_category` maps labels back to category ids; `skipped` counts what was dropped.
+    (N x H x W uint8; only with `masks`, which box-only detectors such as FCOS don't need), image_id.
+    Crowd regions are not targets. `coco_gt` is the filtered annotation dict, crowd regions included,
+    each with `id`, `iscrowd` and `area` (filled in where the file leaves them out: pycocotools needs
+    them); `label_to_category` maps labels back to category ids; `skipped` counts what was dropped.
     `hflip` (training) mirrors image, boxes and masks with probability 0.5.
     """
 
-    def __init__(self, image_dir, ann_file, hflip=False):
+    def __init__(self, image_dir, ann_file, hflip=False, masks=True):
         self.image_dir, self.ann_file, self.hflip = Path(image_dir), Path(ann_file), hflip
+        self.masks = masks
         try:
             raw = json.loads(self.ann_file.read_text())
         except (OSError, ValueError) as e:
@@ -263,25 +268,32 @@ class CocoInstances(torch.utils.data.Dataset):
         sizes = {e["id"]: (e["height"], e["width"]) for e in self.images}
         self.skipped: Counter = Counter()
         kept, self.by_image = [], {e["id"]: [] for e in self.images}
-        for ann in raw.get("annotations", []):
-            problem = self._problem(ann, category_to_label, sizes)
+        annotations = raw.get("annotations", [])
+        given_ids = [a["id"] for a in annotations if isinstance(a.get("id"), int)]
+        id_base = max(given_ids, default=0)  # ids for annotations without one come after the file's
+        for ann in annotations:
+            problem = self._problem(ann, category_to_label, sizes, masks)
             if problem:
                 self.skipped[problem] += 1
                 continue
+            ann = _scorable(ann, sizes[ann["image_id"]], next_id=id_base + len(kept) + 1)
             kept.append(ann)
-            self.by_image[ann["image_id"]].append(ann)
+            if not ann["iscrowd"]:
+                self.by_image[ann["image_id"]].append(ann)
+        if annotations and not kept:
+            raise DataError(f"every annotation of {ann_file} was skipped: {self.skipped_line()}")
+        if len({a["id"] for a in kept}) != len(kept):
+            raise DataError(f"{ann_file} gives two annotations the same 'id'; ids must be unique")
         self.category_to_label = category_to_label
         self.coco_gt = {"images": self.images, "annotations": kept, "categories": categories}
 
     @staticmethod
-    def _problem(ann, category_to_label, sizes) -> str | None:
+    def _problem(ann, category_to_label, sizes, masks: bool) -> str | None:
         """Why an annotation can't be used (None: it can)."""
         if ann.get("image_id") not in sizes:
             return "unknown image id"
         if ann.get("category_id") not in category_to_label:
             return "unknown category"
-        if ann.get("iscrowd", 0):
-            return "crowd region"
         h, w = sizes[ann["image_id"]]
         box = ann.get("bbox")
         if not box or len(box) != 4 or box[2] < 1 or box[3] < 1:
@@ -291,7 +303,7 @@ class CocoInstances(torch.utils.data.Dataset):
         seg = ann.get("segmentation")
         if isinstance(seg, dict) and list(seg.get("size", [])) != [h, w]:
             return "mask size mismatch"
-        if not seg:
+        if masks and not seg:
             return "no mask"
         return None
 
@@ -317,14 +329,9 @@ class CocoInstances(torch.utils.data.Dataset):
                 f"says {w}x{h}; fix the annotation file"
             )
         anns = self.by_image[entry["id"]]
-        masks = np.zeros((len(anns), h, w), dtype=np.uint8)
-        for i, ann in enumerate(anns):
-            seg = ann["segmentation"]
-            if isinstance(seg, list):  # polygons
-                seg = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-            elif isinstance(seg["counts"], list):  # uncompressed RLE
-                seg = mask_utils.frPyObjects(seg, h, w)
-            masks[i] = mask_utils.decode(seg)
+        masks = np.zeros((len(anns) if self.masks else 0, h, w), dtype=np.uint8)
+        for i, ann in enumerate(anns if self.masks else []):
+            masks[i] = mask_utils.decode(_rle(ann["segmentation"], h, w))
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
@@ -334,7 +341,34 @@ class CocoInstances(torch.utils.data.Dataset):
             image, masks = image.flip(-1), masks.flip(-1)
             boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
         labels = torch.tensor([self.category_to_label[a["category_id"]] for a in anns], dtype=torch.int64)
-        return image, {"boxes": boxes, "labels": labels, "masks": masks, "image_id": entry["id"]}
+        target = {"boxes": boxes, "labels": labels, "image_id": entry["id"]}
+        return image, target | ({"masks": masks} if self.masks else {})
+
+
+def _rle(seg, h: int, w: int):
+    """A COCO `segmentation` (polygons, uncompressed or compressed RLE) as one compressed RLE."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(seg, list):  # polygons
+        return mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+    if isinstance(seg["counts"], list):  # uncompressed RLE
+        return mask_utils.frPyObjects(seg, h, w)
+    return seg
+
+
+def _scorable(ann: dict, size: tuple[int, int], next_id: int) -> dict:
+    """`ann` with the fields pycocotools' COCOeval reads and a COCO file may leave out: `iscrowd` (0),
+    `area` (the mask's pixels, else the box's) and `id` (`next_id`)."""
+    from pycocotools import mask as mask_utils
+
+    ann = dict(ann)
+    ann.setdefault("iscrowd", 0)
+    ann.setdefault("id", next_id)
+    if "area" not in ann:
+        seg = ann.get("segmentation")
+        box_area = ann["bbox"][2] * ann["bbox"][3]
+        ann["area"] = float(mask_utils.area(_rle(seg, *size))) if seg else float(box_area)
+    return ann
 
 
 class SemanticFolder(torch.utils.data.Dataset):

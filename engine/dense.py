@@ -44,12 +44,23 @@ _logger = logging.getLogger("train")
 # ---------------------------------------------------------------- training
 
 
+def _no_weight_decay(model: torch.nn.Module) -> set[str]:
+    """Full names of the parameters that any module inside `model` (the backbone wherever the detector
+    or segmenter puts it) excludes by its `no_weight_decay()`: NAT's RPB tables, a mixer's tokens."""
+    skip = set()
+    for prefix, module in model.named_modules():
+        if hasattr(module, "no_weight_decay"):
+            skip |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
+    return skip
+
+
 def _optimizer(model, cfg):
     from timm.optim import param_groups_weight_decay
 
     o = cfg["optim"]
-    # no weight decay on norms, biases, relative position biases (1-d tensors), as the official recipes
-    groups = param_groups_weight_decay(model, o["weight_decay"], no_weight_decay_list=("rpb",))
+    # no weight decay on norms, biases (1-d tensors) and what the backbone excludes (RPB tables), as the
+    # official recipes; timm matches the list against full names, hence the backbone's own names
+    groups = param_groups_weight_decay(model, o["weight_decay"], no_weight_decay_list=_no_weight_decay(model))
     return torch.optim.AdamW(groups, lr=o["lr"])
 
 
@@ -214,9 +225,18 @@ def _write_summary(run_dir: Path, history: list):
         w.writerows(history)
 
 
-def _backbone_overrides(backbone: str | None, pretrained: str | None) -> list[str]:
-    """--backbone NAME | CONFIG.yaml and --pretrained CHECKPOINT as config overrides. Without
-    --backbone a checkpoint of this repo names its own model (its `arch`)."""
+def _configured_model(cfg_backbone: dict) -> str:
+    """The model name a config's backbone section builds (its `model_config`'s, else its `name`)."""
+    if cfg_backbone["model_config"]:
+        return configs.load_config([cfg_backbone["model_config"]])["model"]["name"]
+    return cfg_backbone["name"]
+
+
+def _backbone_overrides(backbone: str | None, pretrained: str | None, configured: dict) -> list[str]:
+    """--backbone NAME | CONFIG.yaml and --pretrained CHECKPOINT as config overrides of the config
+    files' backbone section `configured`. Without --backbone a checkpoint of this repo names its own
+    model (its `arch`). The files' `backbone.kwargs` stay where the model is the one they configure
+    (e.g. `stage_norms` for the checkpoint's NAT), and are dropped for another model."""
     out = []
     if pretrained:
         out.append(f"backbone.checkpoint={pretrained}")
@@ -228,7 +248,9 @@ def _backbone_overrides(backbone: str | None, pretrained: str | None) -> list[st
     if backbone and backbone.endswith((".yaml", ".yml")):
         out += [f"backbone.model_config={backbone}", "backbone.kwargs={}"]
     elif backbone:
-        out += [f"backbone.name={backbone}", "backbone.model_config=null", "backbone.kwargs={}"]
+        out += [f"backbone.name={backbone}", "backbone.model_config=null"]
+        if backbone != _configured_model(configured):
+            out.append("backbone.kwargs={}")
     return out
 
 
@@ -255,8 +277,9 @@ def run(args) -> int:
             cfg, task = resume_ckpt["config"], resume_ckpt["task"]
         else:
             task = args.task
+            configured = load_dense_config(args.config or [])["backbone"]
             overrides = list(QUICK if args.quick else []) + _backbone_overrides(
-                args.backbone, args.pretrained
+                args.backbone, args.pretrained, configured
             )
             overrides += list(args.set or [])
             cfg = load_dense_config(args.config or [], overrides)

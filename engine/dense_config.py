@@ -29,7 +29,7 @@ DEFAULTS: dict = {
         "model_config": None,  # or a train.py config (configs/demo_nat.yaml): its model name and kwargs
         "kwargs": {},  # timm.create_model kwargs; on top of a --pretrained checkpoint's own model kwargs
         "out_indices": None,  # feature levels; None: every stage the model has
-        "drop_path_rate": 0.1,
+        "drop_path_rate": 0.1,  # over the checkpoint's; backbone.kwargs.drop_path_rate wins; None: keep
         "checkpoint": None,  # a classification checkpoint (train.py's run folder or .pth.tar)
         "pad_multiple": 1,  # pad inputs to a multiple (Swin: patch x 2^(stages-1))
     },
@@ -89,6 +89,7 @@ DEFAULTS: dict = {
 FREEFORM = {"backbone.kwargs"}
 NULLABLE = {
     "backbone.out_indices": list,
+    "backbone.drop_path_rate": float,
     "backbone.checkpoint": str,
     "backbone.model_config": str,
     "data.num_classes": int,
@@ -191,7 +192,10 @@ def build_data(cfg: dict, task: str):
         train = split == "train"
         if task == "detection":
             ds = CocoInstances(
-                root / d[f"{split}_images"], root / d[f"{split}_instances"], hflip=train and d["hflip"]
+                root / d[f"{split}_images"],
+                root / d[f"{split}_instances"],
+                hflip=train and d["hflip"],
+                masks=cfg["detection"]["detector"] == "mask_rcnn",  # FCOS trains and scores boxes only
             )
         else:
             if num_classes is None:
@@ -252,9 +256,9 @@ def build_backbone(cfg_backbone: dict):
         ckpt = load_checkpoint(b["checkpoint"])
         sd = extract_state_dict(ckpt, b["checkpoint"])
         kwargs.update(ckpt.get("model_kwargs") or {} if isinstance(ckpt, dict) else {})
-    kwargs.update(b["kwargs"] or {})
-    if b["drop_path_rate"] is not None:
+    if b["drop_path_rate"] is not None:  # over the checkpoint's rate, under one set in `kwargs`
         kwargs["drop_path_rate"] = b["drop_path_rate"]
+    kwargs.update(b["kwargs"] or {})
     try:
         probe = timm.create_model(b["name"], pretrained=False, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
@@ -294,6 +298,10 @@ def build_model(cfg: dict, task: str, num_classes: int):
     segmentation all."""
     from models import dense
 
+    if task == "segmentation" and cfg["backbone"]["out_indices"] is not None:
+        raise ConfigError(
+            "backbone.out_indices is for detection: UPerNet takes every level of the backbone; drop it"
+        )
     body, name, kwargs, levels = build_backbone(cfg["backbone"])
     if task == "segmentation":
         # smp counts a stride-2 level; a backbone starting at stride 4 gets an empty one there
@@ -314,7 +322,10 @@ def build_model(cfg: dict, task: str, num_classes: int):
 
 
 class Normalise(torch.nn.Module):
-    """Segmenter input normalisation inside the model (the detectors' transform does theirs)."""
+    """Segmenter input normalisation inside the model (the detectors' transform does theirs), and the
+    padding smp's segmenters need: they take H and W only in multiples of the encoder's output stride,
+    so the input is padded bottom / right to one (after normalising: the mean colour) and the logits
+    cropped back, as mmseg pads to its size divisor. Any H x W in, H x W logits out."""
 
     def __init__(self, model, mean, std):
         super().__init__()
@@ -323,4 +334,7 @@ class Normalise(torch.nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x):
-        return self.model((x - self.mean) / self.std)
+        h, w = x.shape[-2:]
+        stride = self.model.encoder.output_stride
+        x = torch.nn.functional.pad((x - self.mean) / self.std, (0, -w % stride, 0, -h % stride))
+        return self.model(x)[..., :h, :w]

@@ -155,16 +155,11 @@ def draw_predictions(run_dir, out=None, count: int = 6, min_score: float = 0.5) 
         if task == "detection":
             pred = model([image])[0]
             keep = pred["scores"] >= min_score
-            truth = {
-                "masks": target["masks"],
-                "boxes": target["boxes"],
-                "labels": target["labels"],
-                "scores": None,
-            }
+            truth = {k: target[k] for k in ("masks", "boxes", "labels") if k in target} | {"scores": None}
             found = {k: v[keep] for k, v in pred.items()}
             for det in (truth, found):
                 canvas = rgb.copy()
-                for j, label in enumerate(det["labels"].tolist()):
+                for j, label in enumerate(det["labels"].tolist() if "masks" in det else []):  # FCOS: boxes
                     m = det["masks"][j].squeeze(0).numpy() > 0.5
                     canvas[m] = (0.45 * canvas[m] + 0.55 * palette[label % len(palette)]).astype(np.uint8)
                 big = Image.fromarray(canvas).resize((canvas.shape[1] * scale,) * 2, Image.NEAREST)

@@ -67,7 +67,7 @@ class HeadSizes:
     mask_convs: int = 4  # [4]
     fcos_convs: int = 2  # FCOS tower depth [4]
     detections_per_image: int = 20  # [100]
-    anchor_scale: float = 2.0  # anchor size = scale x level stride [Mask R-CNN: 8 x stride at P2]
+    anchor_scale: float = 2.0  # Mask R-CNN anchor side = 2 x scale x level stride [scale 4]; FCOS: unused
     extra: dict = field(default_factory=dict)  # more torchvision kwargs, passed as they are
 
 

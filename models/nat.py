@@ -23,8 +23,9 @@ The stem and downsamplers are stride-2 3x3 convs with padding 1, as the official
 Dense backbones (detection / segmentation): `stage_norms=True` gives the layout of the official
 repo's `detection/` and `segmentation/` backbones and Hugging Face's NatBackbone / DinatBackbone,
 one LayerNorm per stage output (features taken before the next stage's downsampler, which is what a
-stage returns here), no final norm; `frozen_stages` freezes the stem and the first levels as mmdet
-does; `dilations="coco"` / `"ade20k"` / `"ade20k_640"` set the official dense configs' dilations:
+stage returns here), no final norm; `frozen_stages` freezes the stem and the first levels as mmdet's
+ResNet / Swin do (the official configs freeze nothing); `dilations="coco"` / `"ade20k"` /
+`"ade20k_640"` set the official dense configs' dilations:
 
     timm.create_model("dinat_tiny", features_only=True, stage_norms=True, dilations="coco",
                       frozen_stages=1, pretrained="dinat_tiny_in1k_224.pth")  # -> 4 NCHW maps
@@ -354,7 +355,9 @@ class NAT(nn.Module):
             stage, by `forward_features` in place of the final `norm`, which this layout has not.
         frozen_stages: -1 trains everything; 0 freezes the stem; n freezes the stem and the first n
             levels as the official layout groups them (a level's blocks, the downsampler after them,
-            its output norm): parameters without grad, modules kept in eval mode (mmdet's convention).
+            its output norm): parameters without grad, modules kept in eval mode (mmdet's ResNet / Swin
+            numbering; the official NAT code numbers as the original Swin, where 1 freezes only the
+            stem, and its configs use -1).
     """
 
     def __init__(

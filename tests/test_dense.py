@@ -127,6 +127,53 @@ def test_bad_annotations_are_skipped_and_counted_broken_folders_are_one_error(tm
         SemanticFolder(img, tmp_path / "none", num_classes=5)
 
 
+def test_crowd_regions_are_ignored_when_scored_and_missing_coco_fields_are_filled(tmp_path):
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "img" / "a.png")
+    square = [[5, 5, 20, 5, 20, 20, 5, 20]]
+    crowd = [[30, 30, 60, 30, 60, 60, 30, 60]]
+    ann = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}],
+        "categories": [{"id": 1, "name": "person"}],
+        "annotations": [  # the first without iscrowd, area or id, which pycocotools needs
+            {"image_id": 1, "category_id": 1, "bbox": [5, 5, 15, 15], "segmentation": square},
+            {
+                "id": 9,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [30, 30, 30, 30],
+                "segmentation": crowd,
+                "iscrowd": 1,
+                "area": 900.0,
+            },
+        ],  # fmt: skip
+    }
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    ds = CocoInstances(tmp_path / "img", tmp_path / "ann.json")
+    _, target = ds[0]
+    assert target["boxes"].tolist() == [[5, 5, 20, 20]] and target["masks"].shape == (1, 64, 64)  # no crowd
+    person, region = ds.coco_gt["annotations"]
+    assert (person["iscrowd"], person["id"], region["iscrowd"]) == (0, 10, 1)
+    assert person["area"] == pytest.approx(225, rel=0.1)
+    # COCO's rule: a detection on a crowd region is neither a hit nor a false positive
+    hit = {"image_id": 1, "category_id": 1, "bbox": [5, 5, 15, 15], "score": 0.6}
+    on_crowd = dict(hit, bbox=[30, 30, 30, 30], score=0.9)
+    assert dense_eval.coco_ap(ds.coco_gt, [hit, on_crowd], "bbox")["AP"] == pytest.approx(100)
+    assert (
+        dense_eval.coco_ap(ds.coco_gt, [dict(hit, score=0.3), dict(hit, bbox=[40, 5, 15, 15])], "bbox")["AP"]
+        < 100
+    )  # a detection on plain background still counts against it
+
+
+def test_box_only_annotations_serve_a_box_detector_and_are_one_error_for_masks(tmp_path):
+    box = {"category_id": 3, "bbox": [5, 5, 10, 7], "iscrowd": 0}
+    paths = _coco_folder(tmp_path, [box, dict(box, bbox=[20, 10, 8, 8])])
+    _, target = CocoInstances(*paths, masks=False)[0]
+    assert target["boxes"].tolist() == [[5, 5, 15, 12], [20, 10, 28, 18]] and "masks" not in target
+    with pytest.raises(DataError, match=r"every annotation of .* was skipped.*2 no mask"):
+        CocoInstances(*paths)
+
+
 def test_coco_ap_of_ground_truth_is_100_and_a_missed_object_lowers_it(scenes):
     paths = embedded_paths(scenes, "val")
     ds = CocoInstances(paths["image_dir"], paths["ann_file"])
@@ -220,6 +267,47 @@ def test_pretrained_backbone_carries_the_classification_weights(tmp_path):
     cfg["backbone"]["kwargs"] = {"embed_dim": 48}
     with pytest.raises(CheckpointError, match="does not fit backbone 'nat_mini'"):
         dense_config.build_backbone(cfg["backbone"])
+
+
+def test_backbone_settings_reach_the_model_in_their_documented_order(tmp_path):
+    from engine.dense import _backbone_overrides, _optimizer
+
+    tiny = "backbone.kwargs={embed_dim: 16, depths: [1, 1, 2], num_heads: [1, 1, 1], kernel_size: [3, 3, 3]}"
+    # backbone.drop_path_rate applies unless backbone.kwargs names its own
+    cfg = dense_config.load_dense_config([], [tiny, "backbone.kwargs.drop_path_rate=0.5"])
+    body, _, kwargs, _ = dense_config.build_backbone(cfg["backbone"])
+    assert kwargs["drop_path_rate"] == 0.5 and body.model.stages[2].blocks[1].drop_path1.drop_prob == 0.5
+    assert (
+        dense_config.load_dense_config([], ["backbone.drop_path_rate=null"])["backbone"]["drop_path_rate"]
+        is None
+    )
+    # no weight decay on the backbone's RPB tables wherever the detector / segmenter puts them
+    for task in dense_config.TASKS:
+        model, _ = dense_config.build_model(dense_config.load_dense_config([], [tiny]), task, 3)
+        names = {id(p): n for n, p in model.named_parameters()}
+        decay = {
+            g["weight_decay"]: [names[id(p)] for p in g["params"]]
+            for g in _optimizer(model, cfg).param_groups
+        }
+        assert not [n for n in decay[0.05] if n.endswith(".rpb")] and any(
+            n.endswith(".rpb") for n in decay[0.0]
+        )
+        assert any(n.endswith("attn.qkv.weight") for n in decay[0.05])
+    # --pretrained keeps the config files' kwargs for the model they configure, drops them for another
+    classification_checkpoint(tmp_path / "c.pth.tar")  # arch nat_mini
+    same = {"name": "nat_mini", "model_config": None}
+    assert "backbone.kwargs={}" not in _backbone_overrides(None, str(tmp_path / "c.pth.tar"), same)
+    assert "backbone.kwargs={}" in _backbone_overrides(
+        None, str(tmp_path / "c.pth.tar"), dict(same, name="swin_tiny_patch4_window7_224")
+    )
+    # segmentation: any H x W in (padded to smp's output stride and cropped back); out_indices refused
+    seg, _ = dense_config.build_model(dense_config.load_dense_config([], [tiny]), "segmentation", 3)
+    seg = dense_config.Normalise(seg, [0.5] * 3, [0.25] * 3).eval()
+    assert seg(torch.rand(1, 3, 72, 50)).shape == (1, 3, 72, 50)
+    with pytest.raises(ConfigError, match="out_indices is for detection"):
+        dense_config.build_model(
+            dense_config.load_dense_config([], [tiny, "backbone.out_indices=[0, 2]"]), "segmentation", 3
+        )
 
 
 def test_config_unknown_key_names_the_nearest(tmp_path, capsys):
