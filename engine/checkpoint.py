@@ -148,6 +148,12 @@ def classifier_names(model) -> list[str]:
 
 
 def checkpoint_num_classes(model, sd: dict) -> int | None:
+    """The class count of `sd`'s classifier for `model`'s family (official / Hugging Face NAT layouts
+    read in this repo's key names, where their classifier is `head` / `classifier`); None: headless."""
+    from models.nat import NAT, native_state_dict
+
+    if isinstance(model, NAT):
+        sd = native_state_dict(sd)
     for name in classifier_names(model):
         w = sd.get(f"{name}.weight")
         if w is not None and w.ndim >= 1:

@@ -806,6 +806,18 @@ def _unwrap(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
     return sd
 
 
+def native_state_dict(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A checkpoint's NAT/DiNAT weights in this module's key names, wrappers and official / Hugging
+    Face layouts undone, nothing checked or dropped (what `checkpoint_filter_fn` starts from; also what
+    reads a file's class count before the model is made)."""
+    sd = _unwrap(state_dict)
+    if any(k.startswith(_OFFICIAL_PREFIXES) for k in sd):
+        return _remap_official(sd)
+    if any(k.startswith(_HF_PREFIXES) for k in sd):
+        return _remap_hf(sd)
+    return sd
+
+
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: NAT) -> dict[str, torch.Tensor]:
     """Turn an official NAT/DiNAT checkpoint, a Hugging Face one (NatForImageClassification /
     DinatForImageClassification / NatModel / DinatModel / NatBackbone / DinatBackbone), or one of this
@@ -821,11 +833,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: NAT) -> dict[str, to
     Everything else must match exactly: a checkpoint of another variant, or a key missing / left over,
     raises ValueError.
     """
-    sd = _unwrap(state_dict)
-    if any(k.startswith(_OFFICIAL_PREFIXES) for k in sd):
-        sd = _remap_official(sd)
-    elif any(k.startswith(_HF_PREFIXES) for k in sd):
-        sd = _remap_hf(sd)
+    sd = native_state_dict(state_dict)
     model_sd = model.state_dict()
     model_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", "this NAT model")
     if getattr(model, "stage_norms", None) is None and any(k.startswith("stage_norms.") for k in sd):

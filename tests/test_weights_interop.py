@@ -117,6 +117,28 @@ def test_hf_classification_state_dict_gives_the_same_model(arch, base):
         torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layout", ["official", "hugging_face"])
+def test_a_foreign_file_of_another_class_count_keeps_its_classifier(layout):
+    """An official or HF file names its classifier `head` / `classifier`: its class count is read in
+    this repo's names, so the model is made with it and the trained classifier loads (not a fresh one)."""
+    from test_nat import ref_tiny
+
+    from engine.factory import create_model_for_checkpoint
+
+    if layout == "official":
+        ref = ref_tiny(TINY_NAT, num_classes=7)
+        sd = ref.state_dict()
+    else:
+        ref = randomized(tiny(TINY_NAT)).double().eval()
+        sd = to_hf(ref.state_dict(), ref, "nat")
+    kwargs = yaml.safe_dump({k: list(v) if isinstance(v, tuple) else v for k, v in TINY_NAT.items()})
+    model, _ = create_model_for_checkpoint("nat_mini", sd, sd, "file", model_kwargs=kwargs)
+    assert model.num_classes == 7
+    x = torch.randn(2, 3, 40, 24, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.double().eval()(x), ref(x), rtol=1e-10, atol=1e-10)
+
+
 def test_hf_bare_model_state_dict_loads_headless():
     """DinatModel / NatModel: no `dinat.` prefix, no classifier: a num_classes=0 model, or a fresh head."""
     ref = randomized(tiny(TINY_DINAT)).double().eval()
