@@ -47,3 +47,18 @@ def test_fx_feature_model_scripts_and_matches_eager(name):
     assert isinstance(got, list) and len(got) == 4
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MINIS)
+def test_jit_traced_model_matches_eager_and_reloads_as_plain_aten(name, tmp_path):
+    """torch.jit.trace (and the legacy ONNX exporter, which traces): sizes are tensors there, and the
+    graph records the gather path (plain ATen ops, as scripting runs), so the saved file loads
+    without this repo's kernels; its sanity check re-traces and compares the two graphs."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, embed_dim=16, num_heads=[1, 2, 2, 4]).eval()
+    x = torch.randn(1, 3, 72, 56)  # DiNAT's last stage (3 x 2) is padded to its window
+    traced = torch.jit.trace(model, x)  # check_trace: a second trace must give the same graph
+    assert "_na2d" not in str(traced.inlined_graph) and "nat_" not in str(traced.inlined_graph)
+    torch.jit.save(traced, tmp_path / "m.pt")
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.jit.load(tmp_path / "m.pt")(x), model(x), rtol=1e-5, atol=1e-5)

@@ -125,8 +125,10 @@ def _dispatch(q, k, v, kernel_size, dilation, rpb, scale, attn_drop, backend, qk
     if scale is None:
         scale = q.shape[-1] ** -0.5
     requested = _forced_backend.get() or backend
-    if requested == "auto" and torch.onnx.is_in_onnx_export():
-        requested = "naive"  # standard ONNX ops (Gather, MatMul, Softmax); the kernels would be custom ops
+    if requested == "auto" and (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()):
+        # standard ONNX ops (Gather, MatMul, Softmax), and a torch.jit.trace graph of plain ATen ops
+        # (as scripting runs): the kernels would be custom ops the file's reader must have loaded
+        requested = "naive"
     fields = call_fields(q, k, v, rpb, attn_drop)
     name = resolve_backend(requested, *fields)
 

@@ -24,10 +24,11 @@ def pad_to_window(x: torch.Tensor, window_size: int) -> torch.Tensor:
     """Zero-pad `(B, H, W, C)` right/bottom to at least `window_size` on both spatial axes.
 
     With symbolic sizes (torch.export / ONNX with dynamic H, W) the amounts are computed in the graph
-    and applied even when 0, so one graph serves maps smaller and larger than the window.
+    and applied even when 0, so one graph serves maps smaller and larger than the window. Under
+    torch.jit.trace sizes are tensors that `sym_max` refuses: a traced graph keeps its input's size.
     """
-    if torch.jit.is_scripting():
-        pad_b, pad_r = max(0, window_size - x.shape[1]), max(0, window_size - x.shape[2])
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        pad_b, pad_r = max(0, window_size - int(x.shape[1])), max(0, window_size - int(x.shape[2]))
     else:
         pad_b, pad_r = torch.sym_max(0, window_size - x.shape[1]), torch.sym_max(0, window_size - x.shape[2])
     if isinstance(pad_b, int) and isinstance(pad_r, int) and pad_b == 0 and pad_r == 0:
