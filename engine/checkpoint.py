@@ -14,6 +14,7 @@ This module is the lower layer: it builds no models (engine/factory.py builds on
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -60,7 +61,9 @@ def load_checkpoint(path: str | Path) -> dict:
     if path.suffix == ".safetensors":  # by extension, as timm's load_state_dict
         return _load_safetensors(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # timm's train.py stores its argparse.Namespace under 'args'; timm's own loader allows it too
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle/zip errors have many types
         raise CheckpointError(
             f"cannot read checkpoint '{path}' ({first_line(e)[:200]}); it must be a PyTorch .pth/.pth.tar "

@@ -193,6 +193,27 @@ def test_save_weights_writes_plain_safetensors_and_pth(tmp_path):
         assert f.metadata() == {"format": "pt"}
 
 
+def test_a_timm_train_checkpoint_loads_with_its_argparse_namespace(tmp_path):
+    """timm's train.py saves its command line (an argparse.Namespace) under 'args', which timm's own
+    loader allows under weights_only; so does this repo's, and the weights then load as any file's."""
+    import argparse
+
+    from engine.factory import create_model_for_checkpoint
+
+    ref = randomized(tiny(TINY_NAT)).eval()
+    args = argparse.Namespace(model="nat_mini", lr=1e-3)
+    torch.save(
+        {"epoch": 3, "arch": "nat_mini", "state_dict": ref.state_dict(), "args": args}, tmp_path / "t.pth.tar"
+    )
+    ckpt = load_checkpoint(tmp_path / "t.pth.tar")
+    assert ckpt["args"].model == "nat_mini"
+    kwargs = yaml.safe_dump({k: list(v) if isinstance(v, tuple) else v for k, v in TINY_NAT.items()})
+    sd = extract_state_dict(ckpt, tmp_path / "t.pth.tar")
+    model, _ = create_model_for_checkpoint("nat_mini", ckpt, sd, tmp_path / "t.pth.tar", model_kwargs=kwargs)
+    for key, value in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
 def test_corrupt_or_foreign_safetensors_is_one_clear_error(tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 3)
