@@ -117,8 +117,13 @@ def hub_model(name: str, pretrained=False, **kwargs):
             sd = extract_state_dict(ckpt, pretrained)
             model_kwargs = {**(settings.get("model_kwargs") or {}), **kwargs}
             num_classes = model_kwargs.pop("num_classes", settings.get("num_classes"))
-            model = create_model(name, num_classes, {"kwargs": model_kwargs})
-            load_model_weights(model, sd, pretrained, name, resize_head=True)
+            features = bool(model_kwargs.get("features_only"))
+            if features:  # timm wraps the model: the weights go in through timm's pretrained path
+                overlay = dict(state_dict=sd, num_classes=settings.get("num_classes"))
+                model_kwargs["pretrained_cfg_overlay"] = overlay
+            model = create_model(name, num_classes, {"kwargs": model_kwargs}, pretrained=features)
+            if not features:
+                load_model_weights(model, sd, pretrained, name, resize_head=True)
             data_config = settings.get("data_config") or {}
             model.pretrained_cfg = {
                 **model.pretrained_cfg,
@@ -129,6 +134,7 @@ def hub_model(name: str, pretrained=False, **kwargs):
                 },
                 "file": os.fspath(pretrained),
             }
+            model.default_cfg = model.pretrained_cfg  # timm's older name, the same dict
             return model
     return timm.create_model(name, pretrained=pretrained, **kwargs)
 

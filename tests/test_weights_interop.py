@@ -303,6 +303,14 @@ def test_export_resume_and_corrupt_file_in_process(tmp_path, capsys, monkeypatch
     assert hub.num_classes == 3
     assert all(torch.equal(hub.state_dict()[k], v) for k, v in model.state_dict().items())
     assert timm.data.resolve_data_config(model=hub)["input_size"] == (3, 40, 48)
+    assert hub.default_cfg is hub.pretrained_cfg  # timm's older name reads the same settings
+    # features_only: the weights go into the model timm wraps
+    features = torch.hub.load(str(ROOT), "nat_mini", source="local", pretrained=str(out), features_only=True)
+    x = torch.randn(1, 3, 40, 48)
+    with torch.no_grad():
+        want = ema.eval().forward_intermediates(x, intermediates_only=True)
+        for got_map, want_map in zip(features.eval()(x), want, strict=True):
+            torch.testing.assert_close(got_map, want_map, rtol=0, atol=0)
 
     monkeypatch.chdir(ROOT)
     bad = tmp_path / "bad.safetensors"
