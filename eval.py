@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", help="checkpoint file (or a run folder: its model_best.pth.tar)")
     p.add_argument("--model", help="timm model name (default: the checkpoint's arch)")
-    p.add_argument("--model-kwargs", default=None, help="YAML dict of timm.create_model kwargs")
+    p.add_argument(
+        "--model-kwargs", default=None, help="YAML dict of timm.create_model kwargs (over the checkpoint's)"
+    )
     p.add_argument("--num-classes", type=int, help="model outputs (default: from the checkpoint)")
     p.add_argument("-c", "--config", action="append", default=[], help="take the data section from configs")
     p.add_argument("--data-dir", help="dataset root (default: the checkpoint's)")

@@ -67,9 +67,23 @@ def create_model(name: str, num_classes: int | None, cfg_model: dict, pretrained
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
         raise ConfigError(
-            f"model '{name}' rejected its arguments ({first_line(e)}); fix model.kwargs "
-            "(or set model.drop_path_rate=null for a model without drop-path)"
+            f"model '{name}' rejected its arguments ({first_line(e)}); fix its kwargs (model.kwargs in a "
+            "config, --model-kwargs on the command line; model.drop_path_rate=null for a model without "
+            "drop-path)"
         ) from None
+
+
+def parse_model_kwargs(text: str | None) -> dict:
+    """A `--model-kwargs` YAML mapping ('{kernel_size: 5}'); anything else: one ConfigError line."""
+    import yaml
+
+    try:
+        kwargs = yaml.safe_load(text or "{}")
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--model-kwargs is not YAML ({first_line(e)}): {text!r}") from None
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"--model-kwargs must be a YAML mapping, got {text!r}")
+    return kwargs
 
 
 def create_model_for_checkpoint(
@@ -79,17 +93,12 @@ def create_model_for_checkpoint(
 
     Checkpoints with settings (this repo's training checkpoints and exported weights) of `name` bring
     their model kwargs and class count; other files get the class count from their classifier.
-    `model_kwargs` (YAML) and `num_classes` override both. The weights must fit exactly (the
-    family's checkpoint_filter_fn maps official / Hugging Face layouts)."""
-    import yaml
-
+    `model_kwargs` (YAML: its keys over the checkpoint's) and `num_classes` override both. The weights
+    must fit exactly (the family's checkpoint_filter_fn maps official / Hugging Face layouts)."""
     settings = checkpoint_settings(ckpt)
     same_arch = settings.get("arch") == name
     kwargs = dict(settings.get("model_kwargs") or {}) if same_arch else {}
-    if model_kwargs:
-        kwargs = yaml.safe_load(model_kwargs)
-    if not isinstance(kwargs, dict):
-        raise ConfigError(f"--model-kwargs must be a YAML mapping, got {model_kwargs!r}")
+    kwargs.update(parse_model_kwargs(model_kwargs))  # given keys over the checkpoint's, the rest kept
     num_classes = num_classes or (settings.get("num_classes") if same_arch else None)
     model = create_model(name, num_classes, {"kwargs": kwargs, "drop_path_rate": 0.0})
     if num_classes is None:

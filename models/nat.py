@@ -411,6 +411,8 @@ class NAT(nn.Module):
                 f"dilations must give one value per block: got lengths {[len(s) for s in dilations]} "
                 f"for depths {tuple(depths)}"
             )
+        if any(d < 1 for stage in dilations for d in stage):
+            raise ValueError(f"dilations must be >= 1 (1: no dilation), got {[list(s) for s in dilations]}")
         mixers, mixer_options = _stage_mixers(mixer, mixer_kwargs, num_stages)
 
         self.num_classes = num_classes

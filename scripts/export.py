@@ -26,7 +26,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,6 +36,7 @@ from engine.factory import (  # noqa: E402
     checkpoint_data_config,
     create_model,
     create_model_for_checkpoint,
+    parse_model_kwargs,
 )
 from models.layers import use_backend  # noqa: E402
 
@@ -79,12 +79,7 @@ def load_model(args) -> tuple[torch.nn.Module, tuple[int, int]]:
     size: the checkpoint's eval size where it carries one, else the model's default)."""
     check_model_name(args.model)
     if not args.checkpoint:
-        try:
-            kwargs = yaml.safe_load(args.model_kwargs or "{}")
-        except yaml.YAMLError:
-            kwargs = None
-        if not isinstance(kwargs, dict):
-            raise UserError(f"--model-kwargs must be a YAML mapping, got {args.model_kwargs!r}")
+        kwargs = parse_model_kwargs(args.model_kwargs)
         model = create_model(args.model, args.num_classes, {"kwargs": kwargs}).eval()
         return model, tuple(model.pretrained_cfg["input_size"][1:])
     ckpt = load_checkpoint(args.checkpoint)

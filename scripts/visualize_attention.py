@@ -121,6 +121,8 @@ def attention_map(
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if not Path(args.out).resolve().parent.is_dir():
+            raise UserError(f"--out {args.out!r}: its folder does not exist; create it first")
         model, checkpoint_dc = load_model(args.model, args.checkpoint)
         config = checkpoint_data_config(model, checkpoint_dc, {"img_size": args.img_size})
         height, width = config["input_size"][1:]

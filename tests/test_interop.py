@@ -234,6 +234,11 @@ def test_visualize_attention_writes_a_png_and_rejects_bad_layers(tmp_path):
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )  # fmt: skip
     assert result.returncode == 2 and result.stderr.startswith("error: --layers '0.9'")
+    result = subprocess.run(  # a missing output folder: said before the model is built and run
+        [sys.executable, script, *args, "--out", str(tmp_path / "none" / "a.png")],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stderr.startswith("error: --out"), result.stderr
 
 
 def test_visualize_attention_uses_the_checkpoint_data_settings(tmp_path, capsys):

@@ -622,4 +622,10 @@ def test_bad_arguments_raise_clear_errors():
         NAT(embed_dim=16, depths=(1, 2), num_heads=(1, 2), dilations=((1,), (1,)))
     with pytest.raises(ValueError, match="num_heads"):
         NAT(embed_dim=16, depths=(1, 2), num_heads=(1,))
+    # a window without a centre, or a dilation below 1, is refused when the model is made (not at its
+    # first forward, inside a trace or an export)
+    with pytest.raises(ValueError, match="kernel_size must be an odd integer >= 1, got 6"):
+        NAT(embed_dim=16, depths=(1, 2), num_heads=(1, 2), kernel_size=6)
+    with pytest.raises(ValueError, match="dilations must be >= 1"):
+        NAT(embed_dim=16, depths=(1, 2), num_heads=(1, 2), dilations=((1,), (0, 1)))
     assert dinat_dilations((3, 2), (8, 4)) == ((1, 8, 1), (1, 4))

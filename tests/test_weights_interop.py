@@ -20,6 +20,7 @@ from test_eval import trained  # noqa: F401  (the fixture: a tiny trained run)
 from test_nat import TINY_DINAT, TINY_NAT, randomized, tiny
 from test_train import load_entry_point, run_cli
 
+from configs import ConfigError
 from engine.checkpoint import (
     checkpoint_settings,
     extract_state_dict,
@@ -212,6 +213,12 @@ def test_a_timm_train_checkpoint_loads_with_its_argparse_namespace(tmp_path):
     model, _ = create_model_for_checkpoint("nat_mini", ckpt, sd, tmp_path / "t.pth.tar", model_kwargs=kwargs)
     for key, value in ref.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
+    # a checkpoint with settings: --model-kwargs goes over its kwargs, the others kept
+    mine = {"arch": "nat_mini", "model_kwargs": yaml.safe_load(kwargs), "num_classes": 7, "state_dict": sd}
+    model, used = create_model_for_checkpoint("nat_mini", mine, sd, "file", model_kwargs="{kernel_size: 5}")
+    assert used == {**yaml.safe_load(kwargs), "kernel_size": 5} and model.kernel_size == (5, 5, 5, 5)
+    with pytest.raises(ConfigError, match="--model-kwargs is not YAML"):
+        create_model_for_checkpoint("nat_mini", mine, sd, "file", model_kwargs="{kernel_size: 5")
 
 
 def test_corrupt_or_foreign_safetensors_is_one_clear_error(tmp_path):

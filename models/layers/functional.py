@@ -44,11 +44,17 @@ def use_backend(name: str) -> Iterator[None]:
         _forced_backend.reset(token)
 
 
-def _validate(q, k, v, kernel_size, dilation, rpb) -> None:
+def check_window(kernel_size, dilation) -> None:
+    """ValueError unless `kernel_size` is an odd integer >= 1 and `dilation` an integer >= 1 (NA's window:
+    a query at its centre); modules check at construction, the operator at each call."""
     if not (isinstance(kernel_size, int) and kernel_size >= 1 and kernel_size % 2 == 1):
         raise ValueError(f"kernel_size must be an odd integer >= 1, got {kernel_size!r}")
     if not (isinstance(dilation, int) and dilation >= 1):
         raise ValueError(f"dilation must be an integer >= 1, got {dilation!r}")
+
+
+def _validate(q, k, v, kernel_size, dilation, rpb) -> None:
+    check_window(kernel_size, dilation)
     if q.dim() != 5:
         raise ValueError(
             f"q, k, v must be (batch, height, width, heads, head_dim); got q of shape {tuple(q.shape)}"

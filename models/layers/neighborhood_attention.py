@@ -12,7 +12,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from .backends.naive import na2d_naive
-from .functional import neighborhood_attention_2d_qkvpacked, neighborhood_attention_weights
+from .functional import check_window, neighborhood_attention_2d_qkvpacked, neighborhood_attention_weights
 
 # FX (torchvision's create_feature_extractor, timm's FX features) records the operator as one call
 # and runs it eagerly: its validation and backend dispatch branch on shapes and flags.
@@ -61,6 +61,7 @@ class NeighborhoodAttention2D(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        check_window(kernel_size, dilation)
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.kernel_size = kernel_size
