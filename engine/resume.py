@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import datetime
 from pathlib import Path
 
 import configs
@@ -39,6 +40,7 @@ def resolve_run_config(
                 "weights use --checkpoint instead of --resume"
             )
         resume_path = str(path)
+        check_not_behind_its_run(path, resume_ckpt)
     if config_paths:
         cfg = configs.load_config(config_paths, overrides)
     elif resume_ckpt is not None:
@@ -46,6 +48,50 @@ def resolve_run_config(
     else:
         raise ConfigError("no config given; pass -c configs/<name>.yaml (e.g. -c configs/quickstart.yaml)")
     return cfg, resume_path, resume_ckpt
+
+
+def check_not_behind_its_run(path: Path, ck: dict) -> None:
+    """A resumed run continues in its checkpoint's folder and overwrites what comes later there
+    (last.pth.tar, summary.csv rows, TensorBoard events): from an older checkpoint of the folder
+    (model_best, checkpoint-N) that would lose the run's later epochs, so it is refused."""
+    last = path.parent / "last.pth.tar"
+    if path.name == last.name or not last.is_file():
+        return
+    newest = load_checkpoint(last)
+    ahead = (newest.get("num_updates", 0), newest.get("next_epoch", 0))
+    if ahead > (ck.get("num_updates", 0), ck.get("next_epoch", 0)):
+        raise ConfigError(
+            f"'{path}' ({position(ck['next_epoch'], ck['next_batch'])}) is behind its run's last.pth.tar "
+            f"({position(newest['next_epoch'], newest['next_batch'])}): resuming it in {path.parent} would "
+            "overwrite the later epochs; to branch from it, copy it as last.pth.tar into a new folder and "
+            "--resume that folder"
+        )
+
+
+def run_folder(cfg: dict, resume: str | None) -> tuple[Path, str | None]:
+    """(the run folder, a warning or None): a new run's (train.output / train.experiment, else a
+    timestamped name), which must not hold a run yet; or a resumed run's own, its checkpoint's, which
+    train.output / train.experiment then record (config.yaml says where the run is), with a warning
+    when they named another folder."""
+    t = cfg["train"]
+    if not resume:
+        name = t["experiment"] or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg['model']['name'].replace('/', '_')}"
+        run_dir = Path(t["output"]) / name
+        if (run_dir / "last.pth.tar").exists():
+            raise ConfigError(
+                f"run folder '{run_dir}' already holds a training run; continue it with "
+                f"--resume {run_dir} or pick another --experiment/train.output"
+            )
+        return run_dir, None
+    run_dir = Path(resume).parent if Path(resume).is_file() else Path(resume)
+    named = None if t["experiment"] is None else Path(t["output"]) / t["experiment"]
+    t["output"], t["experiment"] = str(run_dir.parent), run_dir.name
+    if named is None or named == run_dir:
+        return run_dir, None
+    return run_dir, (
+        f"warning: a resumed run continues in its own folder {run_dir}, not in {named} (train.output / "
+        "train.experiment); to branch, copy the checkpoint into a new folder as last.pth.tar and resume that"
+    )
 
 
 def finished(cfg: dict, ck: dict, path: str) -> bool:

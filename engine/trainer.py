@@ -17,7 +17,6 @@ import signal
 import sys
 import time
 from collections import OrderedDict
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ from engine.resume import (
     build_scheduler,
     position,
     restore_schedule,
+    run_folder,
     schedule_record,
     schedule_step,
     scheduled_lr,
@@ -133,24 +133,14 @@ class Run:
     def _setup_run_dir(self, resume: str | None):
         """The run folder (new, or the resumed checkpoint's) and its train.log (config.yaml is written
         once the run is built)."""
-        cfg, t = self.cfg, self.cfg["train"]
-        if resume:
-            self.run_dir = Path(resume).parent if Path(resume).is_file() else Path(resume)
-        else:
-            name = t["experiment"] or "-".join(
-                [datetime.now().strftime("%Y%m%d-%H%M%S"), cfg["model"]["name"].replace("/", "_")]
-            )
-            self.run_dir = Path(t["output"]) / name
-        if not resume and (self.run_dir / "last.pth.tar").exists():
-            raise ConfigError(
-                f"run folder '{self.run_dir}' already holds a training run; continue it with "
-                f"--resume {self.run_dir} or pick another --experiment/train.output"
-            )
+        self.run_dir, note = run_folder(self.cfg, resume)
         self.created_run_dir = False
         if self.primary:
             self.created_run_dir = not self.run_dir.exists()
             self.run_dir.mkdir(parents=True, exist_ok=True)
             setup_logging(self.run_dir / "train.log")
+            if note is not None:
+                _logger.warning(note)
         else:
             setup_logging(None, level=logging.WARNING)
 

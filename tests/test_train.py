@@ -302,8 +302,17 @@ def test_resume_a_finished_run_with_more_epochs_recomputes_the_schedule(full_run
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "already trained 2 epochs" in p.stderr, (
         p.stderr
     )
-    p = run_cli("train.py", "--resume", run, "--epochs", "3", check=0)
+    shutil.copy(run / "last.pth.tar", run / "after-epoch-2.pth.tar")
+    p = run_cli("train.py", "--resume", run, "--epochs", "3", "--experiment", "elsewhere", check=0)
     assert "resume: epochs 2 -> 3; lr schedule recomputed for 3 epochs x 3 updates" in p.stdout, p.stdout
+    # the run stays in its folder, says so, and its config.yaml says where it is
+    assert f"continues in its own folder {run}, not in" in p.stdout + p.stderr
+    assert configs.load_config([str(run / "config.yaml")])["train"]["experiment"] == "longer"
+    # an older checkpoint of the folder would overwrite epoch 3 there: refused, nothing touched
+    before = (run / "last.pth.tar").read_bytes()
+    older = run_cli("train.py", "--resume", run / "after-epoch-2.pth.tar", "--epochs", "4")
+    assert older.returncode == 2 and "is behind its run's last.pth.tar" in older.stderr, older.stderr
+    assert (run / "last.pth.tar").read_bytes() == before
     assert "67% of training done" in p.stdout
     # timm's cosine (no warm-up prefix) over 9 updates, by hand: lr_min + (lr - lr_min)(1 + cos(pi u / 9)) / 2
     lr, lr_min = 1e-3, configs.load_config([str(run / "config.yaml")])["sched"]["min_lr"]
