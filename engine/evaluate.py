@@ -116,6 +116,10 @@ def class_index_map(
                 "by output index, 0..N-1)"
             )
         idx = idx or [model_classes.index(c) for c in ds_classes]
+        if set(model_classes) <= set(ds_classes):
+            # every named class is here: outputs past the names (model.num_classes above the dataset's
+            # classes) stay scored, never a target, as training scored them
+            idx += list(range(len(model_classes), num_outputs))
         return None if idx == list(range(num_outputs)) else idx
     if integer_classes(ds_classes, num_outputs) is not None:
         idx = integer_classes(ds_classes, num_outputs)
@@ -254,8 +258,9 @@ def evaluate(args) -> dict:
             "dataset": d["dataset"],
             "num_images": n,
             "num_classes": n_cls,
-            # fewer classes than the model has outputs: logits restricted to the dataset's classes
             "model_classes": num_outputs,
+            # outputs scored: all, or (the dataset a subset of the checkpoint's classes) the dataset's
+            "scored_outputs": num_outputs if index_map is None else len(index_map),
             "unreadable_images_skipped": corrupt_count(dataset),
         },
         "input_size": list(data_config["input_size"]),
@@ -302,7 +307,7 @@ def run(args) -> int:
         return EXIT_ERROR
     ds = result["dataset"]
     classes = f"{ds['num_classes']} classes"
-    if ds["num_classes"] < ds["model_classes"]:
+    if ds["scored_outputs"] < ds["model_classes"]:
         classes = f"{ds['num_classes']} of the model's {ds['model_classes']} classes, scored among those"
     h, w = result["input_size"][1:]
     print(

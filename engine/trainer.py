@@ -360,6 +360,7 @@ class Run:
             num_workers=d["workers"],
             distributed=False,
             crop_pct=dc["crop_pct"],
+            crop_mode=dc.get("crop_mode"),  # as eval.py reads it from the checkpoint
             pin_memory=d["pin_memory"],
             device=self.device,
             use_prefetcher=False,

@@ -124,6 +124,18 @@ def test_exported_weights_keep_their_settings_for_eval(trained, tmp_path, capsys
     assert "not its dataset" in capsys.readouterr().err
 
 
+def test_outputs_past_the_named_classes_stay_scored_as_training_scored_them():
+    """model.num_classes above the dataset's: training scores argmax over every output (the extra ones
+    are never a target), so eval.py on the same classes must too; only a subset of the named classes
+    is scored among its own outputs."""
+    from engine.evaluate import class_index_map
+
+    names = ["a", "b", "c"]
+    assert class_index_map(names, names, 50) is None  # all 50 outputs, targets 0..2
+    assert class_index_map(["c", "a", "b"], names, 5) == [2, 0, 1, 3, 4]
+    assert class_index_map(["a", "c"], names, 50) == [0, 2]
+
+
 def test_subset_and_integer_named_val_folders(trained, tmp_path, capsys):
     """A val folder with some of the classes scores those (and says so); ImageNetV2-style folders
     named by output index score like the named ones; the ImageNet-val hint only for a flat folder."""
