@@ -444,15 +444,33 @@ def load_config(paths=(), overrides=(), base: dict | None = None) -> dict:
     return validate(cfg)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def validate(cfg: dict) -> dict:
     """Check a complete config (e.g. one stored in a checkpoint) and cross-key constraints."""
     cfg = merge(DEFAULTS, _check_tree(cfg, ""))
-    if cfg["optim"]["grad_accum_steps"] < 1:
-        raise ConfigError("config key 'optim.grad_accum_steps' must be >= 1")
-    if cfg["train"]["batch_size"] < 1:
-        raise ConfigError("config key 'train.batch_size' must be >= 1")
-    if cfg["sched"]["epochs"] < 1:
-        raise ConfigError("config key 'sched.epochs' must be >= 1")
+    for key, least in (
+        ("optim.grad_accum_steps", 1),
+        ("train.batch_size", 1),
+        ("sched.epochs", 1),
+        ("train.eval_interval", 1),
+        ("train.log_interval", 1),
+        ("train.checkpoint_hist", 1),
+        ("data.workers", 0),
+    ):
+        section, name = key.split(".")
+        if cfg[section][name] < least:
+            raise ConfigError(f"config key '{key}' must be >= {least}, got {cfg[section][name]}")
+    for key, value in (("aug.scale", cfg["aug"]["scale"]), ("aug.ratio", cfg["aug"]["ratio"]),
+                       ("data.img_size", cfg["data"]["img_size"])):  # fmt: skip
+        if isinstance(value, list) and not (len(value) == 2 and all(_is_number(v) and v > 0 for v in value)):
+            raise ConfigError(f"config key '{key}' must be two positive numbers (range or H, W), got {value}")
+    if cfg["sched"]["sched"] == "plateau" and cfg["sched"]["step_on_updates"]:
+        raise ConfigError(
+            "sched.sched=plateau steps once per epoch (on the val metric); set sched.step_on_updates=false"
+        )
     decay = cfg["optim"]["layer_decay"]
     if decay is not None and not 0 < decay <= 1:
         raise ConfigError(

@@ -71,6 +71,13 @@ def create_model(name: str, num_classes: int | None, cfg_model: dict, pretrained
             "config, --model-kwargs on the command line; model.drop_path_rate=null for a model without "
             "drop-path)"
         ) from None
+    except (RuntimeError, OSError) as e:
+        if not pretrained:
+            raise
+        raise ConfigError(  # offline, no weights published for the name, or a hub error
+            f"model '{name}': its pretrained weights could not be loaded ({first_line(e)[:200]}); timm "
+            "downloads them from the Hugging Face hub: connect, or give a local file (model.checkpoint)"
+        ) from None
 
 
 def parse_model_kwargs(text: str | None) -> dict:

@@ -132,19 +132,25 @@ def build_scheduler(optimizer, s: dict, updates_per_epoch: int):
     """timm's scheduler (per epoch or per update) from the config's `sched`: (scheduler, epochs)."""
     from timm.scheduler import create_scheduler_v2
 
-    return create_scheduler_v2(
-        optimizer,
-        sched=s["sched"],
-        num_epochs=s["epochs"],
-        decay_milestones=s["decay_milestones"],
-        decay_rate=s["decay_rate"],
-        cooldown_epochs=s["cooldown_epochs"],
-        warmup_epochs=s["warmup_epochs"],
-        warmup_lr=s["warmup_lr"],
-        min_lr=s["min_lr"],
-        step_on_epochs=not s["step_on_updates"],
-        updates_per_epoch=updates_per_epoch,
-    )
+    try:
+        return create_scheduler_v2(
+            optimizer,
+            sched=s["sched"],
+            num_epochs=s["epochs"],
+            decay_milestones=s["decay_milestones"],
+            decay_rate=s["decay_rate"],
+            cooldown_epochs=s["cooldown_epochs"],
+            warmup_epochs=s["warmup_epochs"],
+            warmup_lr=s["warmup_lr"],
+            min_lr=s["min_lr"],
+            step_on_epochs=not s["step_on_updates"],
+            updates_per_epoch=updates_per_epoch,
+        )
+    except (ValueError, AssertionError) as e:  # timm's unknown-name ValueError, its argument asserts
+        raise ConfigError(
+            f"lr schedule rejected: {e} (check sched.sched: cosine, tanh, step, multistep, plateau, "
+            "poly, ...; and the sched section's other keys)"
+        ) from None
 
 
 def schedule_record(num_epochs: int, updates_per_epoch: int, global_batch: int, world_size: int) -> dict:

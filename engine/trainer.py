@@ -26,7 +26,7 @@ import configs
 from configs import ConfigError
 from engine.checkpoint import extract_state_dict, load_checkpoint, load_model_weights, make_saver_class
 from engine.errors import EXIT_INTERRUPTED, CheckpointError, TrainingError
-from engine.factory import check_model_name, create_model, data_build_config, unwrap
+from engine.factory import check_model_name, checkpoint_data_config, create_model, data_build_config, unwrap
 from engine.precision import cpu_precision_notes
 from engine.resume import (
     build_scheduler,
@@ -167,7 +167,6 @@ class Run:
 
     def _build_model(self, resume_ckpt: dict | None):
         """The model (fine-tune weights loaded unless resuming), its data config, on the device."""
-        from timm.data import resolve_data_config
 
         m, d, t = self.cfg["model"], self.cfg["data"], self.cfg["train"]
         self.model = create_model(m["name"], self.num_classes, m, pretrained=m["pretrained"])
@@ -180,15 +179,8 @@ class Run:
                 + (f" (classifier re-initialised for {self.num_classes} classes)" if dropped else "")
             )
         self.model_kwargs = dict(m["kwargs"] or {})
-        self.data_config = resolve_data_config(
-            {
-                "img_size": d["img_size"],
-                "crop_pct": d["crop_pct"],
-                "interpolation": d["interpolation"] or None,
-                "mean": d["mean"],
-                "std": d["std"],
-            },
-            model=self.model,
+        self.data_config = checkpoint_data_config(  # img_size: an int or (H, W)
+            self.model, {k: d[k] for k in ("img_size", "crop_pct", "interpolation", "mean", "std")}
         )
         self.model.to(self.device)
         if t["channels_last"]:

@@ -176,6 +176,14 @@ def test_unknown_key_in_file_names_the_file(tmp_path):
         ("train.amp_dtype=float8", "must be one of"),
         ("optim=3", "is a section"),
         ("optim.lr", "key=value"),
+        # each crashed mid-run (a division by zero, timm's asserts) before it was checked here
+        ("train.eval_interval=0", "'train.eval_interval' must be >= 1, got 0"),
+        ("train.log_interval=0", "'train.log_interval' must be >= 1"),
+        ("train.checkpoint_hist=0", "'train.checkpoint_hist' must be >= 1"),
+        ("data.workers=-1", "'data.workers' must be >= 0"),
+        ("aug.scale=[1.0]", "'aug.scale' must be two positive numbers"),
+        ("data.img_size=[32, 0]", "'data.img_size' must be two positive numbers"),
+        ("sched.sched=plateau", "set sched.step_on_updates=false"),
     ],
 )
 def test_bad_values(override, message):
