@@ -207,6 +207,9 @@ class FolderImageDataset(ImageDataset):
         # and the main process sees it (worker-local counters would be lost).
         self._corrupt = torch.zeros(len(reader), dtype=torch.uint8).share_memory_()
         self._warned = set()
+        # None: an unreadable image's neighbour is used in its place (training); a label (eval.py's
+        # -1): the neighbour's pixels come with it, so scoring can leave the sample out
+        self.unreadable_target: int | None = None
 
     def __getitem__(self, index):
         self.reader.requested = []
@@ -223,7 +226,10 @@ class FolderImageDataset(ImageDataset):
                 "the data is damaged: re-extract it, or delete the broken files "
                 "(or raise TIMM_DATASET_MAX_RETRIES)"
             ) from e
-        self._mark(self.reader.requested[:-1])  # every index before the one that loaded failed
+        failed = self.reader.requested[:-1]  # every index before the one that loaded
+        self._mark(failed)
+        if failed and self.unreadable_target is not None:
+            return item[0], self.unreadable_target
         return item
 
     def _mark(self, indices):
@@ -232,9 +238,10 @@ class FolderImageDataset(ImageDataset):
             if i not in self._warned:
                 self._warned.add(i)
                 _logger.warning(
-                    "skipped unreadable image %s (a neighbour was used instead); "
-                    "dataset.corrupt_files() lists all, delete or replace them",
+                    "skipped unreadable image %s (%s); dataset.corrupt_files() lists all, delete or "
+                    "replace them",
                     self.filename(i, absolute=True),
+                    "a neighbour was used instead" if self.unreadable_target is None else "not scored",
                 )
 
     def corrupt_count(self) -> int:

@@ -66,6 +66,9 @@ def data_settings(args, ckpt: dict, has_settings: bool) -> dict:
     return d
 
 
+UNREADABLE = -1  # the label an unreadable image's sample carries here
+
+
 def build_eval_dataset(d: dict, model_classes: list[str] | None):
     """(dataset, class names) for the eval split. Folder data: only the eval split is read; with the
     model's class names and no subset asked for, the split's class folders (all or some of them)."""
@@ -173,6 +176,8 @@ def evaluate(args) -> dict:
 
     d = data_settings(args, ckpt if settings else {}, bool(settings))
     dataset, ds_classes = build_eval_dataset(d, model_classes)
+    if hasattr(dataset, "unreadable_target"):
+        dataset.unreadable_target = UNREADABLE  # left out of the scores, not replaced by a neighbour
     index_map = class_index_map(ds_classes, model_classes, num_outputs)
 
     # the config's data section <- the checkpoint's own eval transform <- flags
@@ -229,9 +234,13 @@ def evaluate(args) -> dict:
             logits = logits.float()
             if idx is not None:
                 logits = logits[:, idx]
+            readable = target != UNREADABLE
+            logits, target = logits[readable], target[readable]
+            if not len(target):
+                continue
             loss_sum += loss_fn(logits, target).item()
             a1, a5 = accuracy(logits, target, topk=(1, min(5, n_cls)))
-            b = images.shape[0]
+            b = len(target)
             top1 += a1.item() * b
             top5 += a5.item() * b
             n += b

@@ -37,6 +37,24 @@ def test_eval_json_matches_training_validation(trained):
     assert r["loss"] == pytest.approx(float(row["eval_loss"]), abs=1e-4)
 
 
+def test_an_unreadable_val_image_is_left_out_not_replaced(trained, tmp_path, capsys):
+    """timm's dataset reads the next image in an unreadable one's place (right for a training epoch);
+    scoring it would count that neighbour twice and its class once too often."""
+    work, run = trained
+    shutil.copytree(work / "data" / "val", tmp_path / "val")
+    classes = sorted(p.name for p in (tmp_path / "val").iterdir())
+    (tmp_path / "val" / classes[0] / "zz_broken.png").write_bytes(b"not an image")  # sorts last in its class
+    out = tmp_path / "e.json"
+    args = [str(run / "model_best.pth.tar"), "--data-dir", str(tmp_path), "--dataset", "folder", "-j", "0"]
+    assert load_entry_point("eval.py").main([*args, "-o", str(out)]) == 0, capsys.readouterr().err
+    r = json.loads(out.read_text())
+    assert r["dataset"]["unreadable_images_skipped"] == 1 and r["dataset"]["num_images"] == 6
+    assert {c: v["count"] for c, v in r["per_class"].items()} == {c: 2 for c in classes}
+    run_cli("eval.py", run / "model_best.pth.tar", "-o", tmp_path / "clean.json", check=0)
+    clean = json.loads((tmp_path / "clean.json").read_text())
+    assert r["top1"] == clean["top1"] and r["loss"] == pytest.approx(clean["loss"], abs=1e-6)
+
+
 def test_eval_ema_and_resolution_options(trained):
     work, run = trained
     run_cli("eval.py", run / "last.pth.tar", "--use-ema", "--img-size", "48", "--crop-pct", "1.0", check=0)
