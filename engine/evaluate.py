@@ -4,7 +4,7 @@ subset, for our checkpoints, timm's and official NAT/DiNAT files.
 Owns how a checkpoint's classes are matched to a dataset's (by name: the checkpoint's class list, or
 ImageNet-1k wnid order for a 1000-class model; integer-named folders, ImageNetV2's `0`..`999`, by
 output index; a val folder holding some of the classes scores those) and which data settings win
-(checkpoint <- -c configs <- flags). `run(args)` is the command behind eval.py.
+(checkpoint <- -c configs <- flags, the transform too). `run(args)` is the command behind eval.py.
 """
 
 from __future__ import annotations
@@ -180,11 +180,11 @@ def evaluate(args) -> dict:
         dataset.unreadable_target = UNREADABLE  # left out of the scores, not replaced by a neighbour
     index_map = class_index_map(ds_classes, model_classes, num_outputs)
 
-    # the config's data section <- the checkpoint's own eval transform <- flags
+    # the transform: the checkpoint's run config <- its eval transform <- -c configs <- flags
+    saved = settings.get("data_config") if same_arch else None
     data_config = checkpoint_data_config(
         model,
-        d,
-        settings.get("data_config") if same_arch else None,
+        *((saved, d) if args.config else (d, saved)),
         {"img_size": args.img_size, "crop_pct": args.crop_pct, "interpolation": args.interpolation},
     )
     loader = create_loader(

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from test_train import load_entry_point, run_cli, write_config
 
 
@@ -55,11 +56,22 @@ def test_an_unreadable_val_image_is_left_out_not_replaced(trained, tmp_path, cap
     assert r["top1"] == clean["top1"] and r["loss"] == pytest.approx(clean["loss"], abs=1e-6)
 
 
+def ckpt_data(run) -> dict:
+    """The data section a run trained with (what a -c config for its dataset would hold)."""
+    return yaml.safe_load((run / "config.yaml").read_text())["data"]
+
+
 def test_eval_ema_and_resolution_options(trained):
     work, run = trained
     run_cli("eval.py", run / "last.pth.tar", "--use-ema", "--img-size", "48", "--crop-pct", "1.0", check=0)
     r = json.loads((run / "last-eval-ema.json").read_text())
     assert r["weights"] == "ema" and r["input_size"] == [3, 48, 48] and r["crop_pct"] == 1.0
+    # a -c config's transform goes over the checkpoint's own (the data it names too), flags over both
+    config = work / "c40.yaml"
+    config.write_text(yaml.safe_dump({"data": {**ckpt_data(run), "img_size": 40, "crop_pct": 0.5}}))
+    run_cli("eval.py", run / "last.pth.tar", "-c", config, "-o", work / "c40.json", check=0)
+    r = json.loads((work / "c40.json").read_text())
+    assert r["input_size"] == [3, 40, 40] and r["crop_pct"] == 0.5
 
 
 def test_mismatched_checkpoint_is_one_error_line(trained):
