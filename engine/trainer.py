@@ -546,7 +546,8 @@ class Run:
             self._log_skipped_images()
             if best and best[0] is not None:
                 _logger.info(
-                    f"done: best {self.metric_name} {best[0]:.3f} at epoch {best[1]}; "
+                    f"done: best {'ema_' if self.ema is not None else ''}{self.metric_name} {best[0]:.3f} "
+                    f"at epoch {best[1]}; "
                     f"checkpoints and logs in {self.run_dir} (tensorboard --logdir {self.run_dir / 'tb'})"
                 )
         return 0

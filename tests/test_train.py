@@ -117,9 +117,12 @@ def test_run_writes_checkpoints_logs_summary_and_config(full_run):
     stdout = (run_dir.parent.parent / "full.stdout").read_text()
     assert "epoch 1/2" in stdout and "epoch 2/2" in stdout
     best = max(
-        rows, key=lambda r: (float(r["eval_top1"]), -int(r["epoch"]))
-    )  # the saver keeps the first best
-    assert f"at epoch {best['epoch']};" in stdout.splitlines()[-1], stdout
+        rows, key=lambda r: (float(r["eval_ema_top1"]), -int(r["epoch"]))
+    )  # with an EMA the saver ranks by the EMA's metric, and keeps the first best
+    assert (
+        f"done: best ema_top1 {float(best['eval_ema_top1']):.3f} at epoch {best['epoch']};"
+        in (stdout.splitlines()[-1])
+    ), stdout
     assert {p.name for p in run_dir.glob("checkpoint-*.pth.tar")} <= {
         "checkpoint-1.pth.tar",
         "checkpoint-2.pth.tar",
