@@ -8,7 +8,7 @@ from pathlib import Path
 from timm.data import create_dataset
 
 from .errors import DataError, unknown_key_error
-from .folder import build_image_folder, corrupt_count, resolve_classes
+from .folder import build_image_folder, class_folders, corrupt_count, resolve_classes
 from .pathfinder import generate_pathfinder_dataset
 from .synthetic import generate_synthetic_dataset
 
@@ -151,6 +151,12 @@ def _build_folder(cfg):
     val = build_image_folder(
         root / cfg["val_split"], classes, max_per_class=cfg["max_per_class_val"], seed=seed
     )
+    extra = sorted(set(class_folders(root / cfg["val_split"])) - set(classes))
+    if extra and cfg["class_list"] is None and cfg["num_classes"] is None:  # a subset leaves folders out
+        _logger.warning(
+            f"warning: {len(extra)} class folder(s) of {root / cfg['val_split']} are not in "
+            f"{cfg['train_split']} (e.g. '{extra[0]}'): not scored, the model learns only the train classes"
+        )
     selection = dict(
         dataset=str(cfg["dataset"]),
         root=str(root),

@@ -80,11 +80,15 @@ def build_eval_dataset(d: dict, model_classes: list[str] | None):
         split_dir = root / d["val_split"]
         if d["class_list"] is None and d["num_classes"] is None and model_classes and split_dir.is_dir():
             present = class_folders(split_dir)
-            # the model's order when the folders are (some of) its classes; else the folders' own
-            # (integer names, or names class_index_map reports as unknown)
-            classes = present
-            if set(present) <= set(model_classes):
-                classes = [c for c in model_classes if c in present]
+            # the model's order for the folders that are (some of) its classes, others left out as
+            # training left them out; else the folders' own (integer names: output indices)
+            classes = [c for c in model_classes if c in present] or present
+            extra = sorted(set(present) - set(model_classes))
+            if classes is not present and extra:
+                _logger.warning(
+                    f"warning: {len(extra)} class folder(s) of {split_dir} are not among the checkpoint's "
+                    f"classes (e.g. '{extra[0]}'): not scored"
+                )
             classes = classes or list(model_classes)  # no class folders: build_image_folder says why
         else:
             # a subset is drawn from the train split's classes (as training did); else the split's own

@@ -319,6 +319,18 @@ def test_build_datasets_takes_the_trainer_config_shape(small_synthetic):
     assert bundle.classes == sorted(SHAPE_NAMES[:4]) and len(bundle.train) == 48
 
 
+def test_a_val_only_class_folder_is_warned_about_unless_a_subset_was_asked_for(tmp_path, caplog):
+    make_folder(tmp_path, {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1, "c": 1}})
+    with caplog.at_level(logging.WARNING):
+        bundle = build_datasets(dict(root=str(tmp_path)))
+    assert bundle.classes == ["a", "b"] and len(bundle.val) == 2
+    assert any("1 class folder(s)" in m and "(e.g. 'c')" in m for m in caplog.messages), caplog.messages
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        build_datasets(dict(root=str(tmp_path), class_list=["a"]))
+    assert not any("class folder(s)" in m for m in caplog.messages)
+
+
 def test_build_datasets_config_errors(tmp_path, small_synthetic):
     with pytest.raises(DataError, match="unknown key 'num_class'.*'num_classes'"):
         build_datasets(dict(root=str(small_synthetic), num_class=3))

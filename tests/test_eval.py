@@ -61,6 +61,19 @@ def ckpt_data(run) -> dict:
     return yaml.safe_load((run / "config.yaml").read_text())["data"]
 
 
+def test_a_val_folder_of_no_trained_class_is_left_out_as_training_left_it(trained, tmp_path, caplog):
+    work, run = trained
+    shutil.copytree(work / "data" / "val", tmp_path / "val")
+    classes = sorted(p.name for p in (tmp_path / "val").iterdir())
+    shutil.copytree(tmp_path / "val" / classes[0], tmp_path / "val" / "zz_not_trained")
+    out = tmp_path / "e.json"
+    args = [str(run / "model_best.pth.tar"), "--data-dir", str(tmp_path), "--dataset", "folder", "-j", "0"]
+    assert load_entry_point("eval.py").main([*args, "-o", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert sorted(r["per_class"]) == classes and r["dataset"]["num_images"] == 6
+    assert any("not among the checkpoint's classes (e.g. 'zz_not_trained')" in m for m in caplog.messages)
+
+
 def test_eval_ema_and_resolution_options(trained):
     work, run = trained
     run_cli("eval.py", run / "last.pth.tar", "--use-ema", "--img-size", "48", "--crop-pct", "1.0", check=0)
