@@ -231,6 +231,15 @@ def run(args) -> int:
         if not Path(c).is_file() and not (REPO / c).is_file():
             print(f"error: config '{c}' not found; see {REPO / 'configs'}", file=sys.stderr)
             return EXIT_ERROR
+    taken = [label_of(find_config(c)) for c in args.configs]
+    taken = [label for label in taken if (Path(args.out) / label / "last.pth.tar").exists()]
+    if taken and not args.skip_train:  # training would refuse them one by one, after the others
+        print(
+            f"error: {Path(args.out) / taken[0]} already holds a run ({len(taken)} of the models do); "
+            "--skip-train reuses finished runs, or give another --out",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     results = compare(
         args.configs, args.common, overrides, args.out, args.skip_train, args.nproc, args.eval_batch_size
     )

@@ -128,3 +128,18 @@ def test_bad_setting_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "polarity='dark'" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "d").exists()
+
+
+def test_compare_into_a_folder_with_runs_stops_before_touching_it(tmp_path, capsys):
+    """Training refuses a folder that holds a run: without --skip-train the command says so first,
+    instead of failing each model and writing a table of dashes over the finished one."""
+    from test_train import load_entry_point
+
+    (tmp_path / "demo_nat").mkdir()
+    (tmp_path / "demo_nat" / "last.pth.tar").write_bytes(b"a finished run")
+    (tmp_path / "comparison.md").write_text("the finished table")
+    compare = load_entry_point("scripts/compare.py")
+    assert compare.main(["configs/demo_nat.yaml", "configs/demo_swin.yaml", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "demo_nat already holds a run" in err[0] and "--skip-train" in err[0]
+    assert (tmp_path / "comparison.md").read_text() == "the finished table"
