@@ -394,6 +394,11 @@ class SemanticFolder(torch.utils.data.Dataset):
                 self.skipped["image without mask"] += 1
                 continue
             with Image.open(path) as im, Image.open(mask_path) as m:
+                if m.mode not in ("L", "P", "I", "I;16"):
+                    raise DataError(
+                        f"mask {mask_path} is a {m.mode} image; masks hold one class index per pixel "
+                        "(mode L or P PNGs, as ADE20K's): convert colour-coded masks to indices first"
+                    )
                 if im.size != m.size:
                     self.skipped["mask size mismatch"] += 1
                     continue

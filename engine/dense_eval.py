@@ -55,6 +55,8 @@ def detections_to_coco(output: dict, image_id: int, label_to_category: dict) -> 
     boxes = output["boxes"].detach().cpu().numpy()
     results = []
     for i, (x1, y1, x2, y2) in enumerate(boxes):
+        if int(output["labels"][i]) not in label_to_category:  # FCOS's unused label 0: no category
+            continue
         r = {
             "image_id": int(image_id),
             "category_id": int(label_to_category[int(output["labels"][i])]),

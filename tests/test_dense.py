@@ -125,6 +125,13 @@ def test_bad_annotations_are_skipped_and_counted_broken_folders_are_one_error(tm
     assert (seg[0][1] == 255).all()  # value 9 >= 5 classes: ignored pixels
     with pytest.raises(DataError, match="no image"):
         SemanticFolder(img, tmp_path / "none", num_classes=5)
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(masks / "ok.png")  # a colour-coded mask, not class indices
+    with pytest.raises(DataError, match="is a RGB image; masks hold one class index per pixel"):
+        SemanticFolder(img, masks, num_classes=5)
+    # a detector's label without a category (FCOS's never-trained label 0) is not a COCO result
+    boxes = torch.tensor([[1.0, 2, 5, 6]] * 2)
+    out = {"boxes": boxes, "labels": torch.tensor([0, 2]), "scores": torch.ones(2)}
+    assert [r["category_id"] for r in dense_eval.detections_to_coco(out, 1, ds.label_to_category)] == [7]
 
 
 def test_crowd_regions_are_ignored_when_scored_and_missing_coco_fields_are_filled(tmp_path):
