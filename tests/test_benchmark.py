@@ -119,6 +119,19 @@ def test_compiled_suffix_compiles_that_row_only():
     assert [(s.label, s.compiled) for s in compiled_all] == [("nat_mini", True), ("nat_mini@cpp", True)]
 
 
+def test_cpu_train_peak_counts_the_steps_gradients():
+    """The train step allocates its gradients (zero_grad frees the last step's first): the CPU peak
+    reading starts with none held, so they show in it whatever the allocator does with freed pages."""
+    settings = measure.Settings(torch.device("cpu"), "fp32", channels_last=False, iters=1)
+    runner = measure.Runner(
+        measure.ModelSpec("vit_small_patch16_224", "vit_small_patch16_224", None), 32, 1, settings
+    )
+    runner.set_mode("train")
+    runner.train_step()  # a previous step's gradients are held, as in the benchmark's rounds
+    grads_mib = sum(p.numel() * p.element_size() for p in runner.model.parameters()) / 2**20  # ~84
+    assert runner.peak_memory_mb("train") >= 0.9 * grads_mib
+
+
 def plan_args(**changes) -> argparse.Namespace:
     """scripts/benchmark.py's defaults for what `device_plan` reads, with --quick."""
     args = dict(devices=["cpu"], quick=True, cpu_res=None, gpu_res=None, cpu_batch=None, gpu_batch=None)

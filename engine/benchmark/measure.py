@@ -209,6 +209,8 @@ class Runner:
         self.model.train(mode == "train")
 
     def peak_memory_mb(self, mode: str) -> float:
+        if mode == "train":  # the step's gradients belong to its peak: none left over from the last step
+            self.optimizer.zero_grad(set_to_none=True)
         # what of this model lives across steps: CUDA's reading counts it, the CPU's RSS delta doesn't
         resident = state_bytes(self.model, self.optimizer if mode == "train" else None, self.x, self.y)
         return peak_memory_mb(self.step_fn(mode), self.settings.device, resident)
@@ -283,7 +285,7 @@ def bench_resolution(
             if not row["error"]:
                 log(
                     f"  {mode:5s} {spec.label:32s} {row['img_s_median']:9.1f} img/s "
-                    f"[{row['img_s_q1']:.1f}, {row['img_s_q3']:.1f}]  {row['peak_mem_mb']:8.0f} MB  "
+                    f"[{row['img_s_q1']:.1f}, {row['img_s_q3']:.1f}]  {row['peak_mem_mb']:8.0f} MiB "
                     f"NA={row['na_backend']}"
                 )
     del runners

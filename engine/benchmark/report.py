@@ -190,7 +190,7 @@ def print_table(rows: list[dict], baseline: str, out=sys.stdout) -> None:
         )
         header = (
             f"{'model':32s} {'params':>7s} {'GMACs':>7s} {'infer img/s [IQR]':>24s} {'x':>6s} "
-            f"{'train img/s [IQR]':>24s} {'x':>6s} {'train MB':>9s} {'x':>6s}  NA backend"
+            f"{'train img/s [IQR]':>24s} {'x':>6s} {'train MiB':>9s} {'x':>6s}  NA backend"
         )
         print(header, file=out)
         print("-" * len(header), file=out)
@@ -219,7 +219,7 @@ def markdown(result: dict) -> str:
         "adds time, so best-of-N ratios are the steadier ones under load).",
     ]
     header = ["model", "params", "GMACs"] + ["infer img/s", "x", "best", "x", "train img/s", "x", "best", "x"]
-    header += ["train peak MB", "x", "NA backend"]
+    header += ["train peak MiB", "x", "NA backend"]
     for first, models in table_groups(rows, baseline):
         resolution = first["resolution"]
         table = []
@@ -369,7 +369,7 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
         ),
         figure(
             "memory_vs_resolution.png",
-            "peak memory (MB)",
+            "peak memory (MiB)",
             "resolution (px)",
             lambda r: r["peak_mem_mb"],
             res,
