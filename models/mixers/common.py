@@ -191,8 +191,11 @@ def _axis_blocks(keys: torch.Tensor, real: torch.Tensor, bias: torch.Tensor, dil
     """
     n = keys.shape[0]
     block = min(block, -(-n // dilation))
-    chunks = [
-        chunk for g in range(dilation) for chunk in torch.arange(g, n, dilation).split(block) if len(chunk)
+    chunks = [  # a map side shorter than the dilation has only n groups, one position each
+        chunk
+        for g in range(min(dilation, n))
+        for chunk in torch.arange(g, n, dilation).split(block)
+        if len(chunk)
     ]
     queries = torch.stack([F.pad(c, (0, block - len(c)), value=int(c[-1])) for c in chunks])
     unions = [keys[c][real[c]].unique() for c in chunks]  # sorted
