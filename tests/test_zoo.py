@@ -292,3 +292,24 @@ def test_a_stopped_runs_folder_is_not_taken_for_a_finished_run(tmp_path):
     assert accuracy.is_finished(tmp_path)
     (tmp_path / "last.pth.tar").unlink()
     assert not accuracy.is_finished(tmp_path)
+
+
+def test_the_swin_row_alternates_plain_and_shifted_windows_and_reads_the_whole_image():
+    """Swin alternates W-MSA and SW-MSA blocks; shifted windows in every block (the row before session
+    24) reach only part of the image. The row's config, built as train.py builds it: every stage
+    alternates, at NA's window, and the last stage's centre token reads every input pixel."""
+    import timm
+    import torch
+
+    import models  # noqa: F401  (registers the family)
+    from models.mixers import MIXERS
+
+    cfg = study.task_config("pathfinder", accuracy.run_overrides("pathfinder", "shifted_window", 0, []))
+    model = timm.create_model(cfg["model"]["name"], num_classes=2, **cfg["model"]["kwargs"]).eval()
+    kinds = [[type(b.attn) for b in stage.blocks] for stage in model.stages]
+    assert kinds == [[MIXERS["window"], MIXERS["shifted_window"]]] * 2
+    assert [stage.blocks[1].attn.window_size for stage in model.stages] == [5, 3]  # NA's kernel sizes
+    x = torch.randn(1, 3, 64, 64, requires_grad=True)
+    features = model.forward_features(x)  # (1, 8, 8, C)
+    features[0, 4, 4].sum().backward()
+    assert (x.grad.abs().sum(1)[0] > 0).float().mean() == 1.0

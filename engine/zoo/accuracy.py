@@ -38,6 +38,7 @@ from engine.zoo.study import (
     SEPARATE_MIN_SEEDS,
     TASKS,
     UsageError,
+    mixer_override,
     task_config,
     window_overrides,
 )
@@ -183,7 +184,7 @@ def run_dir_of(out: Path, task: str, mixer: str, seed: int) -> Path:
 
 def run_overrides(task: str, mixer: str, seed: int, overrides: list[str]) -> list[str]:
     """train.py overrides of one study run: the mixer, its window sizes, the seed, then the user's."""
-    own = [f"model.kwargs.mixer={mixer}", f"train.seed={seed}", "train.progress=off"]
+    own = [mixer_override(mixer, task, overrides), f"train.seed={seed}", "train.progress=off"]
     return [*own, *window_overrides(mixer, task, overrides), *overrides]
 
 

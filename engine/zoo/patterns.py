@@ -16,10 +16,16 @@ from engine.zoo.accuracy import model_input, run_dir_of, trained_model
 from engine.zoo.study import PATTERN_SIDE, REPO, STAGE1, stage1_mixer
 
 
-def trained_stage1_mixer(run_dir: Path) -> torch.nn.Module | None:
-    """The first block's mixer of a trained run, or None when there is none."""
+def trained_stage1_mixer(run_dir: Path, name: str) -> torch.nn.Module | None:
+    """The first stage-1 block's mixer `name` of a trained run (Swin's row: its first shifted block), or
+    None when there is none."""
+    from models.mixers import mixer_class
+
     trained = trained_model(run_dir)
-    return None if trained is None else trained[0].stages[0].blocks[0].attn
+    if trained is None:
+        return None
+    blocks = trained[0].stages[0].blocks
+    return next((b.attn for b in blocks if type(b.attn) is mixer_class(name)), blocks[0].attn)
 
 
 def receptive_field(run_dir: Path, images: int = 16) -> dict | None:
@@ -80,12 +86,12 @@ def patterns(mixers: list[str], out: Path) -> dict:
     info, panels = {}, []
     for name in mixers:
         run_dir = run_dir_of(out, "pathfinder", name, 0)
-        trained = trained_stage1_mixer(run_dir)
+        trained = trained_stage1_mixer(run_dir, name)
         module = trained if trained is not None else stage1_mixer(name)
         dim = module.qkv.in_features if hasattr(module, "qkv") else STAGE1["dim"]
         maps = {q: read_map(module, pos, dim) for q, pos in queries.items()}
         info[name] = dict(
-            source="trained (pathfinder, seed 0, stage 1, block 0)" if trained is not None else "initialised",
+            source="trained (pathfinder, seed 0, stage 1)" if trained is not None else "initialised",
             kernel_size=getattr(module, "kernel_size", None),
             **{f"reach_{q}": float((m > 1e-6 * m.max()).float().mean()) for q, m in maps.items()},
             model_receptive_field=receptive_field(run_dir),

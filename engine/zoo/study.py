@@ -140,6 +140,22 @@ def task_config(task: str, overrides=()) -> dict:
     return load_config([REPO / RECIPE, REPO / TASKS[task]], overrides)
 
 
+# A row whose backbone cycles mixers over each stage's blocks: Swin alternates plain (W-MSA) and
+# shifted (SW-MSA) windows, so its row is that alternation (sessions <= 23 shifted every block)
+STAGE_CYCLES = {"shifted_window": ("window", "shifted_window")}
+
+
+def mixer_override(mixer: str, task: str, overrides: list[str]) -> str:
+    """The train.py `model.kwargs.mixer` override of a study row: the mixer in every block, or its
+    row's cycle (`STAGE_CYCLES`) in every stage."""
+    import json
+
+    if mixer not in STAGE_CYCLES:
+        return f"model.kwargs.mixer={mixer}"
+    stages = len(task_config(task, overrides)["model"]["kwargs"]["depths"])
+    return f"model.kwargs.mixer={json.dumps([list(STAGE_CYCLES[mixer])] * stages)}"
+
+
 def window_overrides(mixer: str, task: str, overrides: list[str]) -> list[str]:
     """train.py overrides giving `mixer` the backbone's window per stage (`window_options`)."""
     import json
