@@ -282,3 +282,16 @@ def test_torch_compile_keeps_the_fused_ops_in_one_graph_and_matches_eager():
     torch.testing.assert_close(compiled_out, eager_out)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, msg=name)
+
+
+def test_an_empty_batch_under_cpu_bf16_autocast_runs_as_in_fp32():
+    """The fused residual + LayerNorm divided its rows by the batch size: an empty batch (a last,
+    filtered batch) killed the process with a floating point exception."""
+    torch.manual_seed(0)
+    model = NAT(embed_dim=16, depths=(1, 1), num_heads=(1, 2), kernel_size=3, num_classes=3)
+    x = torch.randn(0, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.shape == (0, 3)
+    out.float().sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters() if p.requires_grad)

@@ -610,3 +610,19 @@ def test_module_compiles_to_one_graph_and_matches_eager(backend, tmp_path, monke
     compiled.sum().backward()
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(attn.rpb.grad, eager_grad)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_a_fused_backends_double_backward_is_refused_and_naive_has_exact_ones(backend):
+    """A gradient penalty through cpp / torch would miss NA's second-order terms (their backwards
+    treat saved tensors as constants): one error naming the way out; naive's pass gradgradcheck."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 6, 7, 1, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = neighborhood_attention_2d(q, k, v, 3, backend=backend)
+    (dq,) = torch.autograd.grad(out.sum(), q)  # first order: fine
+    out = neighborhood_attention_2d(q, k, v, 3, backend=backend)
+    with pytest.raises(RuntimeError, match=f"'{backend}' NA backend has no double backward.*backend='naive'"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+    assert torch.autograd.gradgradcheck(
+        lambda q, k, v: neighborhood_attention_2d(q, k, v, 3, backend="naive"), (q, k, v)
+    )

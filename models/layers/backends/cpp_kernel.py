@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .double_backward import refuse_double_backward
 from .windows import bias_indices, geometry_cache, window_starts
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -177,6 +178,7 @@ def _attend(ctx, q, k, v, rpb, kernel_size: int, dilation: int, scale: float, sa
 
 def _attention_grads(ctx, grad_out: torch.Tensor, rpb_grad: bool, packed: bool):
     """The kernel's gradients: (dq, dk, dv), or (qkv's, empty, empty) when `packed`; and the RPB's."""
+    refuse_double_backward("cpp")
     q, k, v, probs = ctx.saved_tensors
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()

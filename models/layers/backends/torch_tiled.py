@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .double_backward import refuse_double_backward
 from .windows import geometry_cache, group_length
 
 
@@ -172,6 +173,7 @@ class _CpuFlashHaloAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_double_backward("torch")
         q, k, v, mask, out, lse = ctx.saved_tensors
         # In-place chains: each (B, heads*tiles, tq, hk) temporary is the size of the logits.
         probs = (q @ k.transpose(-1, -2)).mul_(ctx.scale).add_(mask).sub_(lse.unsqueeze(-1)).exp_()

@@ -39,6 +39,8 @@ import struct
 
 import torch
 
+from .double_backward import refuse_double_backward
+
 try:
     import triton
     import triton.language as tl
@@ -727,13 +729,7 @@ def _save_for_backward(ctx, inputs, output):
 
 
 def _gradients(ctx, grad_out, grad_lse):
-    # create_graph=True: the kernels' gradients are not differentiable, so a double backward (a
-    # gradient penalty) would silently miss this op's terms; say so instead. (once_differentiable
-    # errs only when grad_out requires grad, not for the usual all-ones output gradient.)
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "the 'triton' NA backend has no double backward (create_graph=True): use backend='torch'"
-        )
+    refuse_double_backward("triton")
     q, k, v, bias, out, lse = ctx.saved_tensors
     rpb_grad = bias is not None and ctx.needs_input_grad[3]
     dq, dk, dv, drpb = _backward_op(q, k, v, bias, out, lse, grad_out, *ctx.geometry, rpb_grad)

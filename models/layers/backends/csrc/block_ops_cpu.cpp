@@ -309,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_layer_norm_b
   const at::Tensor &w = affine.first, &b = affine.second;
   auto out = at::empty_like(x), y = at::empty_like(x);
   auto mean = at::empty({rows}, x.options().dtype(at::kFloat)), rstd = at::empty_like(mean);
-  const int64_t rows_per_sample = std::max<int64_t>(rows / x.size(0), 1);
+  const int64_t rows_per_sample = x.size(0) ? std::max<int64_t>(rows / x.size(0), 1) : 1;  // 0 rows: unused
   at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
     std::vector<float> row(C);
     residual_layer_norm_rows(bf16_data(x), bf16_data(branch), scale.data_ptr<float>(), rows_per_sample,
@@ -330,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_layer_norm_b
   auto scale = checked_scale(out, scale_input);
   auto w = weight.contiguous();
   auto dx = at::empty_like(out), dbranch = at::empty_like(out);
-  const int64_t rows_per_sample = std::max<int64_t>(rows / out.size(0), 1);
+  const int64_t rows_per_sample = out.size(0) ? std::max<int64_t>(rows / out.size(0), 1) : 1;
   auto [dweight, dbias] = per_thread_sums(rows, C, mean.options(), [&](int64_t begin, int64_t end, float* sums, float* scratch) {
     residual_layer_norm_backward_rows(bf16_data(grad_out), bf16_data(grad_y), bf16_data(out), mean.data_ptr<float>(),
                                       rstd.data_ptr<float>(), w.data_ptr<float>(), scale.data_ptr<float>(),
