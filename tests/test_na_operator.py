@@ -437,6 +437,13 @@ def test_natten_forward_matches_reference(case):
     torch.testing.assert_close(ours, out, rtol=1e-5, atol=1e-5)
 
 
+def test_natten_forced_on_a_call_it_has_no_kernel_for_is_a_value_error():
+    pytest.importorskip("natten")
+    q, k, v, _ = _inputs(9, 9, 3, head_dim=12, dtype=torch.float32, grad=False)  # CPU: powers of two only
+    with pytest.raises(ValueError, match="backend 'natten' can't run this call .*use backend='auto'"):
+        neighborhood_attention_2d(q, k, v, 3, backend="natten")
+
+
 def test_kernel_equal_to_map_is_dense_attention_with_rpb():
     size, kernel_size, heads = 9, 9, 2
     q, k, v, rpb = _inputs(size, size, kernel_size, heads=heads, grad=False)
@@ -498,12 +505,16 @@ def test_module_trains_on_cpu_and_attention_dropout_runs():
         (dict(kernel_size=3, dilation=0), "dilation"),
         (dict(kernel_size=3, rpb=torch.zeros(2, 3, 3)), "rpb must have shape"),
         (dict(kernel_size=3, backend="cuda-magic"), "unknown backend"),
+        (dict(kernel_size=True), "odd integer"),  # ran as kernel 1 on 'torch'
+        (dict(kernel_size=3, attn_drop=-0.5), "attn_drop is a probability"),  # was ignored
+        (dict(kernel_size=3, q=torch.randn(1, 10, 10, 0, 4, dtype=torch.float16)), "a head"),  # SIGFPE
+        (dict(kernel_size=3, q=torch.ones(1, 10, 10, 2, 4, dtype=torch.int64)), "floating point"),
     ],
 )
 def test_bad_arguments_raise_clear_value_errors(kwargs, message):
-    q = k = v = torch.randn(1, 10, 10, 2, 4)
+    q = kwargs.pop("q", torch.randn(1, 10, 10, 2, 4))
     with pytest.raises(ValueError, match=message):
-        neighborhood_attention_2d(q, k, v, **kwargs)
+        neighborhood_attention_2d(q, q, q, **kwargs)
 
 
 def test_mismatched_tensors_raise():

@@ -47,9 +47,13 @@ def use_backend(name: str) -> Iterator[None]:
 def check_window(kernel_size, dilation) -> None:
     """ValueError unless `kernel_size` is an odd integer >= 1 and `dilation` an integer >= 1 (NA's window:
     a query at its centre); modules check at construction, the operator at each call."""
-    if not (isinstance(kernel_size, int) and kernel_size >= 1 and kernel_size % 2 == 1):
+
+    def integer(x) -> bool:  # True is an int to Python, not a window size
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if not (integer(kernel_size) and kernel_size >= 1 and kernel_size % 2 == 1):
         raise ValueError(f"kernel_size must be an odd integer >= 1, got {kernel_size!r}")
-    if not (isinstance(dilation, int) and dilation >= 1):
+    if not (integer(dilation) and dilation >= 1):
         raise ValueError(f"dilation must be an integer >= 1, got {dilation!r}")
 
 
@@ -65,6 +69,10 @@ def _validate(q, k, v, kernel_size, dilation, rpb) -> None:
         )
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}; cast them to one dtype")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"q, k, v must be floating point, got {q.dtype}")
+    if q.shape[3] < 1 or q.shape[4] < 1:
+        raise ValueError(f"q, k, v need a head and a channel per head at least; got shape {tuple(q.shape)}")
     if q.device != k.device or q.device != v.device:
         raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
     _, height, width, heads, _ = q.shape
@@ -128,6 +136,8 @@ def neighborhood_attention_2d_qkvpacked(
 def _dispatch(q, k, v, kernel_size, dilation, rpb, scale, attn_drop, backend, qkv) -> torch.Tensor:
     """Validates, picks the backend and runs it; `qkv`: what q, k, v are the views of, or None."""
     _validate(q, k, v, kernel_size, dilation, rpb)
+    if not 0 <= attn_drop <= 1:
+        raise ValueError(f"attn_drop is a probability in [0, 1], got {attn_drop}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
     requested = _forced_backend.get() or backend

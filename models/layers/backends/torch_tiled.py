@@ -4,7 +4,9 @@ Queries are cut into `Th x Tw` tiles; every tile attends to the union of its que
 (its halo, at most `(Th + k - 1) * (Tw + k - 1)` keys) through the CPU flash-attention kernel (SDPA
 on CUDA), with an additive mask that holds each query's RPB inside its own window and -inf elsewhere.
 That trades ~(Th + k - 1)(Tw + k - 1) / k^2 extra logits for dense matmuls and no k^2-fold copy of
-K and V, and it runs (with autograd) wherever SDPA does.
+K and V, and it runs (with autograd) wherever SDPA does. One difference from an exact-window backend:
+a NaN / Inf key or value reaches every query of its tile's halo (a masked logit is still computed,
+and NaN - inf is NaN), not only the queries whose windows hold it.
 
 Dilation: each axis is reordered group-major (positions `g, g+d, ...` of group `g` made
 contiguous), where every window is a contiguous run of k positions; tiles never straddle two
