@@ -230,8 +230,14 @@ def print_ratios(rows: list[dict], args, reference: str) -> None:
                     cells.append(f"{t / base:{width}.2f}")
             print(f"{size:4d}^2" + "".join(cells))
         slopes = {n: time_slope(rows, n, mode) for n in names}
-        shown = ", ".join(f"{n} {v:.2f}" for n, v in slopes.items() if v is not None)
-        print(f"log-log slope of time vs tokens (1 = linear, 2 = quadratic): {shown}")
+        sides = {
+            n: [r["size"] for r in rows if (r["method"], r["mode"]) == (n, mode) and r["median_s"]]
+            for n in names
+        }
+        shown = ", ".join(
+            f"{n} {v:.2f} ({min(sides[n])}^2-{max(sides[n])}^2)" for n, v in slopes.items() if v is not None
+        )
+        print(f"log-log slope of time vs tokens over the sizes each ran (1 = linear, 2 = quadratic): {shown}")
 
 
 def time_slope(rows: list[dict], method: str, mode: str) -> float | None:
