@@ -106,6 +106,29 @@ def interleaved_rounds(
     return times
 
 
+def positive_int(text: str) -> int:
+    """argparse type of the measurement scripts' counts and sizes (rounds, repeats, threads, sides)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def writable_folder(path) -> str | None:
+    """Why results can't be written under `path` (None: they can; the folder is made now, before the
+    measurement, not after it)."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot write to {path} ({e.strerror or e}); give --out somewhere writable"
+    return None
+
+
 def spread(values: Iterable[float]) -> dict[str, float]:
     """Median, quartiles (inclusive method; min and max below four values), min and max."""
     values = sorted(values)

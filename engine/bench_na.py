@@ -144,8 +144,16 @@ def method_labels(args) -> dict[str, tuple[str, torch.dtype]]:
     }
 
 
+METHODS = ("cpp", "torch", "naive", "natten", "flex", "window", "dense")
+
+
 def argument_error(args: argparse.Namespace) -> str | None:
     """What makes the arguments unusable, for the parser to report (None: nothing)."""
+    unknown = [m for m in args.methods if m.split(":")[0] not in METHODS]
+    if unknown:
+        return f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}"
+    if args.kernel_size % 2 == 0:
+        return f"--kernel-size must be odd (a window centred on its query), got {args.kernel_size}"
     bad = [s for s in args.sizes if s % args.kernel_size or s < args.kernel_size]
     if bad:
         return f"sizes must be multiples of --kernel-size {args.kernel_size} (window attention): {bad}"
@@ -153,7 +161,7 @@ def argument_error(args: argparse.Namespace) -> str | None:
     for mode in args.modes:
         if reason := available(reference, mode, getattr(torch, args.dtype[0])):
             return f"the first method {reference!r} is the ratios' reference but can't run {mode}: {reason}"
-    return None
+    return bench.writable_folder(args.out)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,19 +22,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import bench_na  # noqa: E402
+from engine.bench import positive_int  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", type=int, nargs="+", default=[14, 28, 56, 112, 224])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--head-dim", type=int, default=32)
-    parser.add_argument("--kernel-size", type=int, default=7)
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[14, 28, 56, 112, 224])
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--heads", type=positive_int, default=2)
+    parser.add_argument("--head-dim", type=positive_int, default=32)
+    parser.add_argument("--kernel-size", type=positive_int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument(
         "--methods",
         nargs="+",
@@ -57,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="q, k, v as slices of one (B, S, S, 3, heads, D) tensor, as in NAT",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)"
+    )
     parser.add_argument("--out", type=Path, default=Path("output/bench_na"))
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks the script runs")
     args = parser.parse_args(argv)

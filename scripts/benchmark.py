@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from engine import benchmark  # noqa: E402
+from engine.bench import positive_int  # noqa: E402
 from engine.benchmark import DEFAULT_BASELINES, DEFAULT_MODELS, DEVICE_DEFAULTS  # noqa: E402
 from engine.benchmark.measure import AMP_DTYPES  # noqa: E402
 
@@ -62,10 +63,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="auto: the CPU, plus the GPU when there is one",
     )
     p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
-    p.add_argument("--cpu-res", type=int, nargs="+", help=f"default {DEVICE_DEFAULTS['cpu']['resolutions']}")
-    p.add_argument("--gpu-res", type=int, nargs="+", help=f"default {DEVICE_DEFAULTS['cuda']['resolutions']}")
-    p.add_argument("--cpu-batch", type=int, help="batch at 224 on the CPU (default 8)")
-    p.add_argument("--gpu-batch", type=int, help="batch at 224 on the GPU (default 256)")
+    p.add_argument(
+        "--cpu-res", type=positive_int, nargs="+", help=f"default {DEVICE_DEFAULTS['cpu']['resolutions']}"
+    )
+    p.add_argument(
+        "--gpu-res", type=positive_int, nargs="+", help=f"default {DEVICE_DEFAULTS['cuda']['resolutions']}"
+    )
+    p.add_argument("--cpu-batch", type=positive_int, help="batch at 224 on the CPU (default 8)")
+    p.add_argument("--gpu-batch", type=positive_int, help="batch at 224 on the GPU (default 256)")
     p.add_argument(
         "--fixed-batch",
         action="store_true",
@@ -79,7 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help="timed repeats per model (default: cpu 5 at the first size, 3 at the others; cuda 7)",
     )
-    p.add_argument("--iters", type=int, help="steps per timed repeat (default cpu 1, cuda 5)")
+    p.add_argument("--iters", type=positive_int, help="steps per timed repeat (default cpu 1, cuda 5)")
     p.add_argument("--amp", default="bf16", choices=list(AMP_DTYPES), help="autocast dtype on the GPU")
     p.add_argument("--cpu-amp", default="fp32", choices=list(AMP_DTYPES), help="autocast dtype on the CPU")
     p.add_argument(
@@ -95,7 +100,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="train step's optimizer: fused AdamW, or the per-tensor loop (timm's default on CPU)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile every model (GPU; warm-up compiles)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use)")
+    p.add_argument(
+        "--threads", type=positive_int, help="CPU threads (default: the cores this process may use)"
+    )
     p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON {"timm_name": {kwarg: value}}')
     p.add_argument("--out", type=Path, default=REPO / "output" / "benchmark")
     p.add_argument("--no-plots", action="store_true")
@@ -105,7 +112,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also torch.profiler one step per model/mode at each device's first resolution "
         "(profile_*.txt, and a summary in the JSON)",
     )
-    p.add_argument("--profile-steps", type=int, default=1, help="steps per profile (times are per step)")
+    p.add_argument(
+        "--profile-steps", type=positive_int, default=1, help="steps per profile (times are per step)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--quick",

@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import dense_cost  # noqa: E402
+from engine.bench import positive_int, writable_folder  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -28,8 +29,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--sizes", nargs="+", default=None, metavar="S|HxW", help="input sizes (default: the study's)"
     )
-    p.add_argument("--rounds", type=int, default=3, help="timed rounds per size below 768^2")
-    p.add_argument("--large-rounds", type=int, default=2, help="timed rounds from 768^2 pixels on")
+    p.add_argument("--rounds", type=positive_int, default=3, help="timed rounds per size below 768^2")
+    p.add_argument("--large-rounds", type=positive_int, default=2, help="timed rounds from 768^2 pixels on")
     p.add_argument("--out", default="runs/dense_cost", help="output folder")
     p.add_argument("--plot", default=None, help="where the plot goes (default OUT/dense-cost.png)")
     p.add_argument("--quick", action="store_true", help="64^2 and 96^2, one round: checks the pipeline")
@@ -41,6 +42,9 @@ def main(argv=None) -> int:
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if problem := writable_folder(args.out):  # before the measurement, not after it
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.quick:
         sizes, args.rounds, args.large_rounds = [(64, 64), (96, 96)], 1, 1

@@ -140,3 +140,23 @@ def test_plot_panels_grouped_legend_goes_outside_the_panels(tmp_path):
         assert red > 100
         red_inside = sum(1 for r, g, bl, *_ in a.convert("RGB").getdata() if r > 240 and g < 20 and bl < 20)
         assert red_inside == 0
+
+
+def test_script_arguments_fail_up_front_with_one_line(tmp_path):
+    """Counts below 1 (a ZeroDivisionError or IndexError mid-run before) and an --out that can't be
+    written (found after the whole measurement before) are refused before any work."""
+    import argparse
+
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.positive_int(bad)
+    assert bench.positive_int("3") == 3
+    (tmp_path / "file").write_text("")
+    assert "give --out somewhere writable" in bench.writable_folder(tmp_path / "file" / "out")
+    assert bench.writable_folder(tmp_path / "new" / "out") is None and (tmp_path / "new" / "out").is_dir()
+    from engine import bench_na
+
+    args = argparse.Namespace(
+        methods=["cpp", "foo"], kernel_size=7, sizes=[14], modes=["fwd"], dtype=["float32"]
+    )
+    assert bench_na.argument_error(args).startswith("unknown method 'foo'")

@@ -19,7 +19,15 @@ from pathlib import Path
 
 import torch
 
-from engine.bench import device_name, environment, load_average, memory_kind, write_csv, write_json
+from engine.bench import (
+    device_name,
+    environment,
+    load_average,
+    memory_kind,
+    writable_folder,
+    write_csv,
+    write_json,
+)
 from engine.benchmark.measure import (
     Settings,
     bench_resolution,
@@ -130,7 +138,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    args.out.mkdir(parents=True, exist_ok=True)
+    if problem := writable_folder(args.out):
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     log = lambda msg: print(msg, flush=True)
 
     load_before = load_average()
