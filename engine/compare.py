@@ -143,7 +143,7 @@ def fmt_count(n: float | None, unit="") -> str:
     return f"{n:.0f}{unit}"
 
 
-COLUMNS = ["model", "top-1", "top-5", "params", "FLOPs", "train img/s", "eval img/s", "train time"]
+COLUMNS = ["model", "top-1", "top-5", "params", "MACs", "train img/s", "eval img/s", "train time"]
 
 
 def table_rows(results: list[dict]) -> list[list[str]]:

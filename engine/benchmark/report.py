@@ -215,8 +215,8 @@ def markdown(result: dict) -> str:
         f"Measured {result['created']} with `{result['command']}`: torch {env['torch']}, timm {env['timm']}, "
         f"natten {env['natten']}; load average {result['load_average_before']} before, "
         f"{result['load_average_after']} after; {result['wall_seconds']:.0f} s. Ratios (x) vs {baseline}; "
-        "img/s as median [IQR] of the repeats, and the best repeat (noise on a shared machine only ever "
-        "adds time, so best-of-N ratios are the steadier ones under load).",
+        "img/s as median [IQR] of the repeats ([min-max] under 4 repeats), and the best repeat (noise on "
+        "a shared machine only ever adds time, so best-of-N ratios are the steadier ones under load).",
     ]
     header = ["model", "params", "GMACs"] + ["infer img/s", "x", "best", "x", "train img/s", "x", "best", "x"]
     header += ["train peak MiB", "x", "NA backend"]
