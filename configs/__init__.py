@@ -39,7 +39,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "data": {  # passed to data.build_datasets (see data/)
         "dataset": "folder",  # folder | synthetic | pathfinder | a timm reader name
-        "root": "datasets/imagenet",
+        "root": None,  # None: folder data needs one; the generated sets use their own default folders
         "train_split": "train",
         "val_split": "val",
         "class_list": None,  # file or list of class names (wnids) making the subset
@@ -156,6 +156,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 # Types for keys whose default is None (or that need more than the default's type).
 TYPES: dict[str, tuple] = {
     "model.checkpoint": (str,),
+    "data.root": (str,),
     "model.num_classes": (int,),
     "data.class_list": (str, list),
     "data.timm_kwargs": (dict,),

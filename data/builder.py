@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,7 +141,8 @@ def _build_folder(cfg):
         raise DataError("data.root is not set; point it at a folder holding train/ and val/ class folders")
     root = Path(cfg["root"]).expanduser()
     if not root.is_dir():
-        raise DataError(f"data root {root} does not exist; fix data.root (or use dataset: synthetic)")
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise DataError(f"data root {root} {what}; fix data.root (or use dataset: synthetic)")
     seed = cfg["seed"]
     classes = resolve_classes(
         root / cfg["train_split"], class_list=cfg["class_list"], num_classes=cfg["num_classes"], seed=seed
@@ -201,6 +203,8 @@ def _build_timm(cfg):
         )
     extra = dict(cfg["timm_kwargs"] or {})
     root = None if cfg["root"] is None else str(Path(cfg["root"]).expanduser())
+    if str(cfg["dataset"]).startswith("hfds/"):
+        _check_hf_datasets(bool(cfg["download"]))
     splits = {}
     for which in ("train", "val"):
         kwargs = dict(is_training=which == "train", download=bool(cfg["download"]), seed=cfg["seed"])
@@ -229,6 +233,20 @@ def _build_timm(cfg):
         num_images={k: _safe_len(v) for k, v in splits.items()},
     )
     return DatasetBundle(train=splits["train"], val=splits["val"], classes=classes, selection=selection)
+
+
+def _check_hf_datasets(download: bool) -> None:
+    """timm's hfds reader: Hugging Face `datasets` must be installed (a `datasets/` data folder in the
+    working directory, as this repo keeps, imports as an empty namespace package in its place), and
+    without data.download it reads only what the hub cache holds (timm drops `download` for hfds)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("datasets")
+    if spec is None or spec.origin is None:  # missing, or the data folder taken for it
+        found = "" if spec is None else f" ('datasets' is the folder {spec.submodule_search_locations[0]})"
+        raise DataError(f"hfds/ datasets need Hugging Face's `datasets` package{found}: pip install datasets")
+    if not download:
+        os.environ["HF_DATASETS_OFFLINE"] = "1"  # the cache only, as data.download: false promises
 
 
 def _safe_len(ds):

@@ -111,6 +111,8 @@ def _check_dense_params(params):
         )
     if params["train_images"] < 1 or params["val_images"] < 1:
         raise DataError("dense train_images and val_images must both be >= 1")
+    if not isinstance(params["seed"], int) or params["seed"] < 0:
+        raise DataError(f"dense seed={params['seed']!r} must be an integer >= 0")
     if params["image_size"] < 48:
         raise DataError(f"dense image_size={params['image_size']} is too small for several shapes: use >= 48")
     lo, hi = params["objects"]
@@ -154,7 +156,7 @@ def generate_dense_dataset(
         polarity=polarity,
     )
     _check_dense_params(params)
-    root = Path(root)
+    root = Path(root).resolve()  # a symlinked root: generate into its target (a link can't be renamed onto)
     old = _read_manifest(root)
     if old is not None and {k: old.get(k) for k in params} == params:
         return root

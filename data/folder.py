@@ -86,7 +86,7 @@ def read_class_list(path):
     if not path.is_file():
         raise DataError(f"class list file {path} does not exist; give a text file of class folder names")
     names = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8-sig").splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             names.append(line)

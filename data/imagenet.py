@@ -150,6 +150,14 @@ class ValSortPlan:
         )
 
 
+def _same_file(src: Path, dst: Path) -> bool:
+    """Whether `dst` is already `src` sorted: a link to it, or a copy of its size (a copy cut short
+    leaves a shorter file, which is not)."""
+    if dst.is_symlink():
+        return os.path.realpath(dst) == os.path.realpath(src)
+    return dst.is_file() and dst.stat().st_size == src.stat().st_size
+
+
 def plan_val_sort(val_dir, labels, out_dir=None, allow_missing=False) -> ValSortPlan:
     """Work out every move without touching anything; raise DataError on anything doubtful."""
     val_dir = Path(val_dir)
@@ -186,6 +194,9 @@ def plan_val_sort(val_dir, labels, out_dir=None, allow_missing=False) -> ValSort
             continue
         dst = out_dir / wnid / src.name
         if os.path.lexists(dst):
+            if _same_file(src, dst):  # a copy / symlink run stopped half way, or run again
+                plan.done += 1
+                continue
             raise DataError(f"{dst} already exists and {src} would replace it; move one of them away first")
         plan.todo.append((src, dst))
     plan.unlabelled = sorted(str(p) for s, p in flat.items() if s not in labels)
@@ -199,14 +210,19 @@ def plan_val_sort(val_dir, labels, out_dir=None, allow_missing=False) -> ValSort
     return plan
 
 
-def execute_val_sort(plan: ValSortPlan, mode="move", log=None):
-    """Carry out a plan: 'move' (rename), 'symlink' (relative links, originals untouched) or 'copy'."""
+def check_sort_mode(plan: ValSortPlan, mode: str) -> None:
+    """DataError for a mode the plan can't be carried out in (also checked by a dry run)."""
     if mode not in ("move", "symlink", "copy"):
         raise DataError(f"mode {mode!r} is not one of move, symlink, copy")
     if mode == "symlink" and plan.out_dir.resolve() == plan.val_dir.resolve():
         raise DataError(
             "symlink mode would leave the flat originals next to the class folders; give --out NEW_FOLDER"
         )
+
+
+def execute_val_sort(plan: ValSortPlan, mode="move", log=None):
+    """Carry out a plan: 'move' (rename), 'symlink' (relative links, originals untouched) or 'copy'."""
+    check_sort_mode(plan, mode)
     for n, (src, dst) in enumerate(plan.todo):
         dst.parent.mkdir(parents=True, exist_ok=True)
         if os.path.lexists(dst):  # appeared since planning: never overwrite

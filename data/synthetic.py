@@ -282,7 +282,9 @@ def write_generated_dataset(root, params: dict, classes: list, render, kind: str
     The data is built in a sibling staging folder and renamed into place, so `root` is either complete
     or absent, never half-written. An existing non-empty `root` that is not this dataset -> DataError.
     """
-    root = Path(root)
+    root = Path(root).resolve()  # a symlinked root: generate into its target (a link can't be renamed onto)
+    if not isinstance(params["seed"], int) or params["seed"] < 0:
+        raise DataError(f"{kind} seed={params['seed']!r} must be an integer >= 0")
     if _is_complete(root, params):
         return root
     if root.exists() and (not root.is_dir() or any(root.iterdir())):

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.errors import DataError  # noqa: E402
 from data.imagenet import __doc__ as FORMATS  # noqa: E402
-from data.imagenet import execute_val_sort, plan_val_sort, read_val_labels  # noqa: E402
+from data.imagenet import check_sort_mode, execute_val_sort, plan_val_sort, read_val_labels  # noqa: E402
 
 
 def build_parser():
@@ -69,6 +69,7 @@ def main(argv=None):
         if plan.unlabelled:
             n, first = len(plan.unlabelled), plan.unlabelled[0]
             print(f"warning: {n} images have no label and stay where they are, e.g. {first}")
+        check_sort_mode(plan, args.mode)
         if args.dry_run:
             for src, dst in plan.todo[:5]:
                 print(f"would {args.mode} {src} -> {dst}")

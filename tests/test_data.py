@@ -498,6 +498,13 @@ def test_prepare_imagenet_val_symlink_into_new_folder(tmp_path):
     assert link.is_symlink() and link.resolve() == (val / "ILSVRC2012_val_00000001.JPEG").resolve()
     assert len(list(val.glob("*.JPEG"))) == 7  # originals untouched
     assert len(build_image_folder(out, WNIDS)) == 7
+    # a run cut short (some links made) and a finished one both resume: their links count as done
+    link.unlink()
+    assert script.main([*args, "--mode", "symlink"]) == 0 and link.is_symlink()
+    assert script.main([*args, "--mode", "symlink"]) == 0
+    assert len(build_image_folder(out, WNIDS)) == 7
+    # a dry run refuses what the real run would (symlinks next to the originals)
+    assert script.main([*args[:-2], "--mode", "symlink", "--dry-run"]) == 2
 
 
 def test_prepare_imagenet_val_errors_change_nothing(tmp_path, capsys):
@@ -583,3 +590,37 @@ def test_sample_seeded_augmentation_depends_on_seed_epoch_index_only_and_leaves_
     assert data[1] == first and data[2] != first
     data.epoch = 1
     assert data[1] != first
+
+
+def test_generated_sets_and_class_lists_at_their_edges(tmp_path, monkeypatch):
+    """The trainer's default data.root no longer sends a generated set into datasets/imagenet; a
+    symlinked root generates into its target; a negative seed, a file as root and a BOM in a class list
+    are one clear error (or none)."""
+    from configs import load_config
+    from engine.factory import data_build_config
+
+    monkeypatch.chdir(tmp_path)
+    tiny = dict(num_classes=2, train_per_class=1, val_per_class=1, image_size=32)
+    cfg = load_config(overrides=["data.dataset=synthetic"])
+    cfg["data"]["synthetic"].update(tiny)
+    build_datasets(data_build_config(cfg))
+    assert (tmp_path / "datasets" / "synthetic").is_dir() and not (
+        tmp_path / "datasets" / "imagenet"
+    ).exists()
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    assert len(build_datasets(dict(dataset="synthetic", root="link", synthetic=tiny)).val) == 2
+    assert (tmp_path / "target" / "val").is_dir()
+    with pytest.raises(DataError, match="seed=-1 must be an integer >= 0"):
+        build_datasets(dict(dataset="synthetic", root="neg", synthetic=dict(tiny, seed=-1)))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(DataError, match="data root afile is not a folder"):
+        build_datasets(dict(root="afile"))
+    (tmp_path / "classes.txt").write_text("\ufeff" + "\n".join(build_datasets(dict(root="link")).classes))
+    assert build_datasets(dict(root="link", class_list="classes.txt")).classes == ["disk", "square"]
+    # hfds/ without Hugging Face's `datasets`: the data folder named datasets/ is not taken for it
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is None or importlib.util.find_spec("datasets").origin is None:
+        with pytest.raises(DataError, match="need Hugging Face.s `datasets` package"):
+            build_datasets(dict(dataset="hfds/beans"))
