@@ -2,6 +2,7 @@
 synthetic shapes set and a long-range Pathfinder-like set, generated locally (no download).
 See `build_datasets` for the config keys."""
 
+from . import compat
 from .builder import DatasetBundle, build_datasets, write_selection
 from .errors import DataError
 from .folder import (
@@ -14,6 +15,8 @@ from .folder import (
 )
 from .pathfinder import generate_pathfinder_dataset
 from .synthetic import SHAPE_NAMES, generate_synthetic_dataset
+
+compat.install()  # before any transform is built: timm looks its ops up when it makes them
 
 __all__ = [
     "SHAPE_NAMES",

@@ -624,3 +624,19 @@ def test_generated_sets_and_class_lists_at_their_edges(tmp_path, monkeypatch):
     if importlib.util.find_spec("datasets") is None or importlib.util.find_spec("datasets").origin is None:
         with pytest.raises(DataError, match="need Hugging Face.s `datasets` package"):
             build_datasets(dict(dataset="hfds/beans"))
+
+
+def test_randaugment_posterize_at_full_magnitude_keeps_no_bits_instead_of_crashing():
+    """timm's inc1 posterize keeps 0 bits at magnitude 10 (reached from the recipe's m9 by mstd0.5
+    noise), which Pillow 13 refuses: a training run died in whichever epoch first drew it."""
+    from PIL import ImageOps
+    from timm.data import create_transform
+    from timm.data.auto_augment import AugmentOp
+
+    image = Image.new("RGB", (8, 8), (200, 120, 35))
+    assert AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)(image).getextrema() == ((0, 0),) * 3
+    kept = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=0)(image)  # 4 bits
+    assert list(kept.getdata()) == list(ImageOps.posterize(image, 4).getdata())
+    augment = create_transform(8, is_training=True, auto_augment="rand-m10-n8-inc1")
+    for _ in range(50):
+        augment(image)
