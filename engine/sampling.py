@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 import random
 
 import numpy as np
@@ -138,3 +139,15 @@ def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def loader_worker_init(worker_id: int) -> None:
+    """DataLoader workers leave the training process's group: Ctrl-C or a scheduler signals the whole
+    process group, and a worker killed by that made the main loop fail ("DataLoader worker ... is
+    killed by signal") before it could save (inherited Python handlers also printed the notice once
+    per worker). The main process still ends its workers itself (torch's worker SIGTERM handler exits
+    cleanly on the parent's signal) and they die with it (PR_SET_PDEATHSIG). Then timm's seeding."""
+    from timm.data.loader import _worker_init
+
+    os.setpgid(0, 0)
+    _worker_init(worker_id)

@@ -38,7 +38,14 @@ from engine.resume import (
     scheduled_lr,
 )
 from engine.run_log import RunLog, close_log_file, fmt_time, setup_logging
-from engine.sampling import EvalShard, ResumableSampler, SampleSeededDataset, rng_state, set_rng_state
+from engine.sampling import (
+    EvalShard,
+    ResumableSampler,
+    SampleSeededDataset,
+    loader_worker_init,
+    rng_state,
+    set_rng_state,
+)
 
 _logger = logging.getLogger("train")
 
@@ -326,8 +333,6 @@ class Run:
                 f"train.batch_size={bs} is larger than the {self.sampler.num_samples} training images per "
                 "process; lower train.batch_size"
             )
-        from timm.data.loader import _worker_init
-
         self.loader_train = torch.utils.data.DataLoader(
             self.train_set,
             batch_size=bs,
@@ -335,7 +340,7 @@ class Run:
             num_workers=d["workers"],
             drop_last=True,
             pin_memory=d["pin_memory"] and self.device.type == "cuda",
-            worker_init_fn=_worker_init,
+            worker_init_fn=loader_worker_init,
             generator=torch.Generator(),
             persistent_workers=False,
         )
@@ -357,6 +362,7 @@ class Run:
             device=self.device,
             use_prefetcher=False,
         )
+        self.loader_eval.worker_init_fn = loader_worker_init  # timm's seeding, and signals to this process
 
     def _build_loss_mixup(self):
         """Mixup/cutmix (soft-target loss), else label smoothing, else plain cross-entropy."""

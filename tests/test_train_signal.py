@@ -49,3 +49,37 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
     assert_same_tensors(a["state_dict"], b["state_dict"], "weights")
     assert_same_tensors(a["state_dict_ema"], b["state_dict_ema"], "EMA weights")
     assert a["num_updates"] == b["num_updates"]
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_still_saves(tmp_path):
+    """A scheduler (or Ctrl-C) signals the whole process group: the DataLoader workers must leave the
+    signal to the training process, or the main loop dies with "worker ... killed by signal" unsaved."""
+    import os
+
+    cfg = write_config(
+        tmp_path / "tiny.yaml",
+        tmp_path / "data",
+        sched={"epochs": 50, "warmup_epochs": 1},
+        data={"workers": 2},
+    )
+    out = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [PY, "train.py", "-c", str(cfg), "--output", str(out), "--experiment", "group"],
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a job under a scheduler
+    )
+    log = out / "group" / "train.log"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and "epoch 2/50" in log.read_text():
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 143, stdout + stderr
+    assert "stopped by SIGTERM" in stdout and "killed by signal" not in stderr, stderr
+    assert (out / "group" / "last.pth.tar").is_file()
