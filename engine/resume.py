@@ -47,7 +47,28 @@ def resolve_run_config(
         cfg = configs.load_config([], overrides, base=resume_ckpt["config"])
     else:
         raise ConfigError("no config given; pass -c configs/<name>.yaml (e.g. -c configs/quickstart.yaml)")
+    if resume_ckpt is not None:
+        check_optimizer_unchanged(resume_ckpt["config"], cfg)
     return cfg, resume_path, resume_ckpt
+
+
+# what the saved optimizer state and lr schedule hold (clip_grad, clip_mode and fused are read every
+# step; grad_accum_steps reshapes the schedule, as --epochs and the batch size do)
+RESTORED_OPTIM_KEYS = (
+    "opt", "lr", "lr_base", "lr_base_size", "weight_decay", "momentum", "opt_eps", "opt_betas", "layer_decay",
+)  # fmt: skip
+
+
+def check_optimizer_unchanged(saved: dict, cfg: dict) -> None:
+    """A resumed run restores its optimizer and lr schedule as saved, so a changed `optim` key would be
+    recorded in config.yaml but not used (or, for another optimizer, fail on the saved state)."""
+    old, new = configs.validate(saved)["optim"], cfg["optim"]
+    changed = [f"optim.{k} {old[k]!r} -> {new[k]!r}" for k in RESTORED_OPTIM_KEYS if old[k] != new[k]]
+    if changed:
+        raise ConfigError(
+            f"--resume continues the saved optimizer and lr schedule, so {', '.join(changed)} would not "
+            "apply; drop the change, or fine-tune from the weights in a new run (--checkpoint)"
+        )
 
 
 def check_not_behind_its_run(path: Path, ck: dict) -> None:

@@ -316,6 +316,10 @@ def test_resume_a_finished_run_with_more_epochs_recomputes_the_schedule(full_run
     older = run_cli("train.py", "--resume", run / "after-epoch-2.pth.tar", "--epochs", "4")
     assert older.returncode == 2 and "is behind its run's last.pth.tar" in older.stderr, older.stderr
     assert (run / "last.pth.tar").read_bytes() == before
+    # the saved optimizer and schedule continue: an optimizer change would be recorded, not used
+    changed = run_cli("train.py", "--resume", run, "--epochs", "4", "--lr", "0.5", "--opt", "sgd")
+    assert changed.returncode == 2 and "optim.opt 'adamw' -> 'sgd'" in changed.stderr, changed.stderr
+    assert (run / "last.pth.tar").read_bytes() == before
     assert "67% of training done" in p.stdout
     # timm's cosine (no warm-up prefix) over 9 updates, by hand: lr_min + (lr - lr_min)(1 + cos(pi u / 9)) / 2
     lr, lr_min = 1e-3, configs.load_config([str(run / "config.yaml")])["sched"]["min_lr"]
