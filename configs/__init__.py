@@ -355,11 +355,11 @@ def merge(base: dict, update: dict) -> dict:
 
 
 def resolve_path(path: str | Path, relative_to: Path | None = None) -> Path:
-    """A config path as given, else relative to `relative_to`, else inside configs/ (`nat_tiny` works)."""
+    """A config path: a `base:` relative to the file naming it (`relative_to`), first, so a same-named
+    file in the working folder can't stand in for it; a command-line one as given; else inside
+    configs/ (`nat_tiny` works)."""
     p = Path(path)
-    candidates = [p]
-    if relative_to is not None:
-        candidates.append(relative_to / p)
+    candidates = [p] if relative_to is None or p.is_absolute() else [relative_to / p, p]
     candidates += [CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"]
     for c in candidates:
         if c.is_file():

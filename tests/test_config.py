@@ -89,6 +89,15 @@ def test_inheritance_chain_and_composition(tmp_path):
     assert cfg["model"]["kwargs"] == {"x": 5}  # free-form dicts replace, not merge
 
 
+def test_a_base_is_the_one_beside_its_file_not_a_namesake_in_the_working_folder(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    write(tmp_path / "configs", "a.yaml", {"optim": {"lr": 0.1}})
+    write(tmp_path / "configs", "b.yaml", {"base": "a.yaml"})
+    write(tmp_path, "a.yaml", {"optim": {"lr": 9.0}})  # a stray file of the same name
+    monkeypatch.chdir(tmp_path)
+    assert load_config(["configs/b.yaml"])["optim"]["lr"] == 0.1
+
+
 def test_base_list_and_cycle(tmp_path):
     write(tmp_path, "x.yaml", {"optim": {"lr": 1.0}})
     write(tmp_path, "y.yaml", {"sched": {"epochs": 3}})
