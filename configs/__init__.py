@@ -236,12 +236,13 @@ def nearest_key(key: str) -> str:
     so do initials: learning_rate -> lr, wd -> weight_decay)."""
     valid = all_keys()
     section, _, leaf = key.rpartition(".")
-    for name in (leaf, ALIASES.get(leaf)):
-        same_name = [
-            k for k in valid if k.rpartition(".")[2] == name and k != key and k.count(".") == key.count(".")
-        ]
-        if same_name:
-            return min(same_name, key=lambda k: k.rpartition(".")[0] != section)  # this section first
+    leaf = leaf.replace("-", "_")  # a flag's spelling: amp-dtype -> amp_dtype
+    names = (leaf, ALIASES.get(leaf))
+    same_name = [
+        k for k in valid if k.rpartition(".")[2] in names and k != key and k.count(".") == key.count(".")
+    ]
+    if same_name:  # this section first (sched.warmup -> sched.warmup_epochs, not ema.warmup), then the name
+        return min(same_name, key=lambda k: (k.rpartition(".")[0] != section, k.rpartition(".")[2] != leaf))
     siblings = [k for k in valid if k.rpartition(".")[0] == section]
     siblings = siblings or [k for k in valid if k.count(".") == key.count(".")] or valid
 

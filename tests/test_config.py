@@ -150,6 +150,9 @@ def test_yaml_scientific_notation_without_dot_is_a_float(tmp_path):
         ("optim.wd=0.1", "optim.weight_decay"),  # initials
         ("train.num_epochs=3", "sched.epochs"),  # alias, in another section
         ("optim.learn_rate=1", "optim.lr"),  # initials of the words
+        ("sched.warmup=5", "sched.warmup_epochs"),  # this section's alias before ema.warmup
+        ("train.amp-dtype=float16", "train.amp_dtype"),  # a flag's hyphens
+        ("aug.mixup-off-epoch=3", "aug.mixup_off_epoch"),
     ],
 )
 def test_unknown_key_names_nearest_neighbour(override, nearest):
