@@ -80,6 +80,31 @@ def create_model(name: str, num_classes: int | None, cfg_model: dict, pretrained
         ) from None
 
 
+def fit_fixed_input_size(cfg_model: dict, img_size) -> None:
+    """A model built for one input size (timm's `fixed_input_size`: Swin, ViT) gets `data.img_size` as
+    its `img_size` kwarg (recorded in the config), as NAT and ConvNeXt take any size; kwargs naming
+    another size are one ConfigError instead of the model's assertion at the first batch."""
+    import timm
+
+    if img_size is None:
+        return
+    pretrained_cfg = timm.models.get_pretrained_cfg(cfg_model["name"])
+    if pretrained_cfg is None or not pretrained_cfg.fixed_input_size:
+        return
+
+    def pair(size) -> tuple:
+        return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+
+    kwargs = dict(cfg_model.get("kwargs") or {})
+    built = kwargs.get("img_size", img_size)
+    if pair(built) != pair(img_size):
+        raise ConfigError(
+            f"model '{cfg_model['name']}' takes one input size: model.kwargs.img_size={built} but "
+            f"data.img_size={img_size}; set both to the same size"
+        )
+    cfg_model["kwargs"] = {**kwargs, "img_size": built}
+
+
 def parse_model_kwargs(text: str | None) -> dict:
     """A `--model-kwargs` YAML mapping ('{kernel_size: 5}'); anything else: one ConfigError line."""
     import yaml

@@ -26,7 +26,14 @@ import configs
 from configs import ConfigError
 from engine.checkpoint import extract_state_dict, load_checkpoint, load_model_weights, make_saver_class
 from engine.errors import EXIT_INTERRUPTED, CheckpointError, TrainingError
-from engine.factory import check_model_name, checkpoint_data_config, create_model, data_build_config, unwrap
+from engine.factory import (
+    check_model_name,
+    checkpoint_data_config,
+    create_model,
+    data_build_config,
+    fit_fixed_input_size,
+    unwrap,
+)
 from engine.precision import cpu_precision_notes
 from engine.resume import (
     build_scheduler,
@@ -176,6 +183,7 @@ class Run:
         """The model (fine-tune weights loaded unless resuming), its data config, on the device."""
 
         m, d, t = self.cfg["model"], self.cfg["data"], self.cfg["train"]
+        fit_fixed_input_size(m, d["img_size"])
         self.model = create_model(m["name"], self.num_classes, m, pretrained=m["pretrained"])
         if m["checkpoint"] and resume_ckpt is None:
             ck = load_checkpoint(m["checkpoint"])

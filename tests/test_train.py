@@ -404,3 +404,20 @@ def test_resume_position_in_new_batches_sees_each_image_once(old, new, repeated)
         rest += list(sampler)
     assert sorted(set(seen) | set(rest)) == list(range(size))  # nothing skipped
     assert len(seen) + len(rest) - size == repeated  # seen twice: only where it can't be avoided
+
+
+def test_a_fixed_size_model_takes_the_data_size_or_says_they_differ():
+    """Swin / ViT are built for one input size (timm's fixed_input_size): data.img_size reaches them as
+    their img_size kwarg; a config naming another size is one error, not an assertion at batch one."""
+    from engine.factory import create_model, fit_fixed_input_size
+
+    swin = {"name": "swin_tiny_patch4_window7_224", "kwargs": {"window_size": 4, "embed_dim": 16}}
+    fit_fixed_input_size(swin, 64)
+    assert swin["kwargs"] == {"window_size": 4, "embed_dim": 16, "img_size": 64}
+    model = create_model(swin["name"], 3, swin)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    with pytest.raises(configs.ConfigError, match="model.kwargs.img_size=64 but data.img_size=32"):
+        fit_fixed_input_size(swin, 32)
+    nat = {"name": "nat_mini", "kwargs": {}}
+    fit_fixed_input_size(nat, 64)  # any size: nothing to fit
+    assert nat["kwargs"] == {}
