@@ -11,6 +11,26 @@ import pytest
 from test_train import PY, REPO, assert_same_tensors, env, load, run_cli, write_config
 
 
+def start_and_wait(cfg, out, name: str, epoch_line: str, **popen) -> subprocess.Popen:
+    """train.py on `cfg` into out/name, returned once its train.log shows `epoch_line`."""
+    proc = subprocess.Popen(
+        [PY, "train.py", "-c", str(cfg), "--output", str(out), "--experiment", name],
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+    log = out / name / "train.log"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and epoch_line in log.read_text():
+            break
+        time.sleep(0.2)
+    return proc
+
+
 @pytest.mark.slow
 def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
     cfg = write_config(
@@ -22,20 +42,7 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
     out = tmp_path / "runs"
     run_cli("train.py", "-c", cfg, "--output", out, "--experiment", "ref", check=0)
 
-    proc = subprocess.Popen(
-        [PY, "train.py", "-c", str(cfg), "--output", str(out), "--experiment", "killed"],
-        cwd=REPO,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    log = out / "killed" / "train.log"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # wait for the end of epoch 1, then kill
-        if log.is_file() and "epoch 1/3" in log.read_text():
-            break
-        time.sleep(0.2)
+    proc = start_and_wait(cfg, out, "killed", "epoch 1/3")  # the end of epoch 1, then kill
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 143, stdout + stderr
@@ -63,21 +70,8 @@ def test_sigterm_to_the_process_group_with_loader_workers_still_saves(tmp_path):
         data={"workers": 2},
     )
     out = tmp_path / "runs"
-    proc = subprocess.Popen(
-        [PY, "train.py", "-c", str(cfg), "--output", str(out), "--experiment", "group"],
-        cwd=REPO,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, as a job under a scheduler
-    )
-    log = out / "group" / "train.log"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if log.is_file() and "epoch 2/50" in log.read_text():
-            break
-        time.sleep(0.2)
+    # its own process group, as a job under a scheduler
+    proc = start_and_wait(cfg, out, "group", "epoch 2/50", start_new_session=True)
     os.killpg(proc.pid, signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 143, stdout + stderr
