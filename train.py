@@ -78,7 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
         "  python train.py --resume runs/RUN/last.pth.tar",
     )
     p.add_argument("-c", "--config", action="append", default=[], help="YAML config (repeat to compose)")
-    p.add_argument("--set", dest="set", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--set",
+        dest="set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides, applied after the shortcut flags below (--set optim.lr=X wins over --lr)",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=5e-4")
     p.add_argument("--resume", default=None, help="checkpoint (or run folder) to continue exactly")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -91,9 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
             help=kw.pop("help", f"= --set {key}=..."),
             **kw,
         )
-    for flag, key, value in SWITCHES:
+    for flag, key, value in SWITCHES:  # one dest per key: of --amp and --no-amp, the last given wins
         p.add_argument(
-            flag, dest="sw_" + flag, action="store_const", const=value, help=f"= --set {key}={value}"
+            flag, dest="sw_" + key, action="store_const", const=value, help=f"= --set {key}={value}"
         )
     return p
 
@@ -105,8 +113,8 @@ def overrides_from_args(args) -> list[str]:
         v = getattr(args, "sc_" + key)
         if v is not None:
             out.append(f"{key}={v}")
-    for flag, key, _ in SWITCHES:
-        v = getattr(args, "sw_" + flag)
+    for key in dict.fromkeys(key for _, key, _ in SWITCHES):
+        v = getattr(args, "sw_" + key)
         if v is not None:
             out.append(f"{key}={str(v).lower()}")
     return out + list(args.set) + list(args.overrides)

@@ -421,3 +421,16 @@ def test_a_fixed_size_model_takes_the_data_size_or_says_they_differ():
     nat = {"name": "nat_mini", "kwargs": {}}
     fit_fixed_input_size(nat, 64)  # any size: nothing to fit
     assert nat["kwargs"] == {}
+
+
+def test_of_two_opposite_switches_the_last_one_given_wins():
+    """--amp and --no-amp set one key: the later flag decides, as for any CLI (--no-amp --amp gave
+    amp false before, whatever the order)."""
+    cli = load_entry_point("train.py")
+
+    def amp(*argv):
+        return [o for o in cli.overrides_from_args(cli.build_parser().parse_args(list(argv))) if "amp=" in o]
+
+    assert amp("--no-amp", "--amp") == ["train.amp=true"]
+    assert amp("--amp", "--no-amp") == ["train.amp=false"]
+    assert amp() == []
