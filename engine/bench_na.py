@@ -144,7 +144,8 @@ def method_labels(args) -> dict[str, tuple[str, torch.dtype]]:
     }
 
 
-METHODS = ("cpp", "torch", "naive", "natten", "flex", "window", "dense")
+NA_METHODS = ("cpp", "torch", "naive", "natten", "flex")  # the operator's backends
+METHODS = (*NA_METHODS, "window", "dense")  # and the attention they are compared with
 
 
 def argument_error(args: argparse.Namespace) -> str | None:
@@ -171,12 +172,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     reference = args.methods[0]
 
-    methods = {
-        "cpp": na_method("cpp"),
-        "torch": na_method("torch"),
-        "naive": na_method("naive"),
-        "natten": na_method("natten"),
-        "flex": na_method("flex"),
+    methods = {name: na_method(name) for name in NA_METHODS} | {
         "window": window_attention,
         "dense": dense_attention,
     }

@@ -82,14 +82,14 @@ def build_eval_dataset(d: dict, model_classes: list[str] | None):
             present = class_folders(split_dir)
             # the model's order for the folders that are (some of) its classes, others left out as
             # training left them out; else the folders' own (integer names: output indices)
-            classes = [c for c in model_classes if c in present] or present
+            known = [c for c in model_classes if c in present]
             extra = sorted(set(present) - set(model_classes))
-            if classes is not present and extra:
+            if known and extra:
                 _logger.warning(
                     f"warning: {len(extra)} class folder(s) of {split_dir} are not among the checkpoint's "
                     f"classes (e.g. '{extra[0]}'): not scored"
                 )
-            classes = classes or list(model_classes)  # no class folders: build_image_folder says why
+            classes = known or present or list(model_classes)  # no class folders: build_image_folder says why
         else:
             # a subset is drawn from the train split's classes (as training did); else the split's own
             train_dir = root / d["train_split"]
