@@ -256,3 +256,22 @@ def data_build_config(cfg: dict) -> dict:
     from data.builder import DEFAULTS as BUILD_KEYS
 
     return {k: cfg["data"][k] for k in BUILD_KEYS}
+
+
+def has_na(model) -> bool:
+    from models.layers import NeighborhoodAttention2D
+
+    return any(isinstance(m, NeighborhoodAttention2D) for m in model.modules())
+
+
+def predicted_na_backend(model, device, dtype, train: bool = True) -> str:
+    """The NA backend `auto` picks for `model`'s steps on `device` in `dtype`
+    (models.layers.explain_backends), or why there is none."""
+    import torch
+
+    from models.layers import explain_backends
+
+    if not has_na(model):
+        return "none (no NA layers)"
+    q = torch.empty(1, 7, 7, 2, 32, device=device, dtype=dtype)
+    return explain_backends(q, rpb=torch.zeros(2, 13, 13, device=device), requires_grad=train).name

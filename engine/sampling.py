@@ -128,6 +128,22 @@ def rng_state() -> dict:
     return state
 
 
+def rank_rng_states(world_size: int) -> list[dict]:
+    """Every rank's `rng_state()`, rank by rank (collective: every rank calls it). Ranks seed
+    differently (drop path, mixup), so a resumed rank needs its own state, not rank 0's."""
+    states = [None] * world_size
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
+def restore_rng_state(ck: dict, rank: int):
+    """This rank's RNG state from a training checkpoint: its own when the run that saved it had
+    this rank (`rng_ranks`, from DDP), else the single `rng`; a rank it did not have keeps its seed."""
+    states = ck.get("rng_ranks") or ([ck["rng"]] if ck.get("rng") else [])
+    if rank < len(states):
+        set_rng_state(states[rank])
+
+
 def set_rng_state(state: dict):
     """Put back what `rng_state` saved (CUDA only when the device count matches)."""
     py = state["python"]

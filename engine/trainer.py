@@ -32,6 +32,7 @@ from engine.factory import (
     create_model,
     data_build_config,
     fit_fixed_input_size,
+    predicted_na_backend,
     unwrap,
 )
 from engine.precision import cpu_precision_notes
@@ -50,8 +51,9 @@ from engine.sampling import (
     ResumableSampler,
     SampleSeededDataset,
     loader_worker_init,
+    rank_rng_states,
+    restore_rng_state,
     rng_state,
-    set_rng_state,
 )
 
 _logger = logging.getLogger("train")
@@ -94,9 +96,9 @@ class Run:
         self.stop_requested = False
         if self.primary:
             self._log_start(bundle)
-        if resume_ckpt is not None and resume_ckpt.get("rng"):
+        if resume_ckpt is not None:
             # last: everything above (model init, loaders) consumed RNG differently from the original run
-            set_rng_state(resume_ckpt["rng"])
+            restore_rng_state(resume_ckpt, self.rank)
 
     def _abandon_run_dir(self):
         """A start that failed: a run folder it made goes again (no trace of a run that never ran);
@@ -209,13 +211,9 @@ class Run:
         self.accum = o["grad_accum_steps"]
         global_batch = t["batch_size"] * self.world_size * self.accum
         self.lr = o["lr"] if o["lr"] is not None else o["lr_base"] * global_batch / o["lr_base_size"]
-        opt_kwargs = {}
-        if o["opt_eps"] is not None:
-            opt_kwargs["eps"] = o["opt_eps"]
-        if o["opt_betas"] is not None:
-            opt_kwargs["betas"] = tuple(o["opt_betas"])
-        if o["fused"] is not None:
-            opt_kwargs["fused"] = o["fused"]
+        betas = tuple(o["opt_betas"]) if o["opt_betas"] is not None else None
+        named = {"eps": o["opt_eps"], "betas": betas, "fused": o["fused"]}
+        opt_kwargs = {k: v for k, v in named.items() if v is not None}  # unset: the optimizer's default
         try:
             self.optimizer = create_optimizer_v2(
                 self.model,
@@ -278,7 +276,8 @@ class Run:
             self.loss_scaler.load_state_dict(ck["amp_scaler"])
         self.start_epoch, self.start_batch = ck["next_epoch"], ck["next_batch"]
         self.num_updates = ck["num_updates"]
-        self.partial = dict(ck.get("partial_epoch") or self.partial)
+        if ck.get("partial_epoch") and self.primary:  # summed over the ranks that ran it
+            self.partial = dict(ck["partial_epoch"])
         _logger.info(
             f"resumed from {path}: {position(self.start_epoch, self.start_batch)} (update {self.num_updates})"
         )
@@ -463,7 +462,7 @@ class Run:
         params = sum(p.numel() for p in model.parameters())
         sizes = bundle.selection.get("num_images") or {}
         images = f"{sizes.get('train', '?')} train / {sizes.get('val', '?')} val images"
-        backend = na_backend(model, self.device, self.amp_dtype if self.use_amp else torch.float32)
+        backend = predicted_na_backend(model, self.device, self.amp_dtype if self.use_amp else torch.float32)
         _logger.info(
             f"training {self.cfg['model']['name']} ({params / 1e6:.2f}M params) on {images}, "
             f"{len(self.classes)} classes; {self.precision}; NA backend {backend}; "
@@ -498,6 +497,7 @@ class Run:
             "next_batch": self._pos[1],
             "partial_epoch": dict(self.partial),
             "rng": rng_state(),
+            "rng_ranks": self._rank_rngs,
         }
 
     # ---- loop
@@ -509,6 +509,21 @@ class Run:
         flags = torch.tensor([float(nonfinite), float(stop)], device=self.device)
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         return bool(flags[0]), bool(flags[1])
+
+    def _gather_for_checkpoint(self):
+        """What the primary's checkpoint needs from every rank (collective): the partial epoch's
+        loss summed (one rank carries it on after a resume) and each rank's RNG state."""
+        loss_sum, count = self._summed_over_ranks(self.partial["loss_sum"], self.partial["count"])
+        self.partial = {"loss_sum": loss_sum, "count": int(count)}
+        self._rank_rngs = rank_rng_states(self.world_size) if self.distributed else None
+
+    def _summed_over_ranks(self, *values: float) -> list[float]:
+        """Each value summed over the ranks (collective: every rank calls it)."""
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
 
     def _install_signal_handlers(self):
         def handler(signum, frame):
@@ -550,6 +565,7 @@ class Run:
             self.lr_scheduler.step(epoch + 1, eval_metrics[self.metric_name] if eval_metrics else None)
             self._pos = (epoch + 1, 0)
             self.partial = {"loss_sum": 0.0, "count": 0}
+            self._gather_for_checkpoint()
             if self.primary:
                 self.log.epoch(epoch, self.num_updates, train_metrics, eval_metrics, lr, self.device)
                 best = self._save_epoch(epoch, eval_metrics)
@@ -587,6 +603,8 @@ class Run:
 
     def _save_interrupted(self, saved: bool = False) -> int:
         reason = self.stop_signal or "train.stop_after_updates"
+        if not saved:
+            self._gather_for_checkpoint()
         if self.primary:
             path = Path(self.saver.checkpoint_dir) / "last.pth.tar"
             if not saved:
@@ -633,14 +651,14 @@ class Run:
             for batch_idx, (images, target) in enumerate(self.loader_train, start=start_batch):
                 need_update = (batch_idx + 1) % self.accum == 0 or batch_idx + 1 == n_batches
                 accum_steps = last_accum if batch_idx >= last_accum_start else self.accum
-                loss_value, batch_size = self._train_step(
+                loss, batch_size = self._train_step(
                     images, target, params, need_update, accum_steps, epoch, batch_idx
                 )
                 images_seen += batch_size
                 self._log_window = (self._log_window[0] + batch_size, self._log_window[1])
                 if not need_update:
                     continue
-                self._after_update(epoch, batch_idx, start_batch, loss_value, progress, t_start)
+                self._after_update(epoch, batch_idx, start_batch, loss, progress, t_start)
                 stop = self.stop_signal is not None or (
                     stop_after is not None and self.num_updates >= stop_after
                 )
@@ -654,11 +672,11 @@ class Run:
             if progress is not None:
                 progress.close()
         elapsed = time.perf_counter() - t_start
-        loss_avg = self.partial["loss_sum"] / max(self.partial["count"], 1)
-        if self.distributed:
-            loss_avg = reduce_mean(loss_avg, self.device, self.world_size)
+        loss_sum, count = self._summed_over_ranks(self.partial["loss_sum"], self.partial["count"])
         return OrderedDict(
-            loss=loss_avg, img_per_sec=images_seen * self.world_size / max(elapsed, 1e-9), epoch_time=elapsed
+            loss=loss_sum / max(count, 1),
+            img_per_sec=images_seen * self.world_size / max(elapsed, 1e-9),
+            epoch_time=elapsed,
         )
 
     def _train_step(
@@ -704,11 +722,12 @@ class Run:
                     if o["clip_grad"] is not None:
                         dispatch_clip_grad(params, o["clip_grad"], mode=o["clip_mode"])
                     self.optimizer.step()
-        self.partial["loss_sum"] += loss_value.item() * images.shape[0]
+        loss_float = loss_value.item()
+        self.partial["loss_sum"] += loss_float * images.shape[0]
         self.partial["count"] += images.shape[0]
-        return loss_value, images.shape[0]
+        return loss_float, images.shape[0]
 
-    def _after_update(self, epoch: int, batch_idx: int, start_batch: int, loss_value, progress, t_start):
+    def _after_update(self, epoch: int, batch_idx: int, start_batch: int, loss: float, progress, t_start):
         """After an optimizer update: EMA, lr schedule, position, and the log / progress bar."""
         t = self.cfg["train"]
         self.optimizer.zero_grad(set_to_none=True)
@@ -720,21 +739,22 @@ class Run:
         )
         self._pos = (epoch, batch_idx + 1)
         lr = scheduled_lr(self.optimizer)
-        log_now = self.primary and self.num_updates % t["log_interval"] == 0
+        log_step = self.num_updates % t["log_interval"] == 0
+        if log_step and self.distributed:  # the logged loss is every rank's, not rank 0's shard
+            loss = self._summed_over_ranks(loss)[0] / self.world_size
+        log_now = self.primary and log_step
         if progress is None and not log_now:
             return
         window_images, window_start = self._log_window
         ips = window_images * self.world_size / max(time.perf_counter() - window_start, 1e-9)
         if log_now:
-            self.log.update(self.num_updates, loss_value.item(), lr, ips)
+            self.log.update(self.num_updates, loss, lr, ips)
             self._log_window = (0, time.perf_counter())
         if progress is not None:
             done = time.perf_counter() - t_start
             left_updates = (self.num_epochs - epoch) * self.batches_per_epoch - batch_idx - 1
             eta = done / max(batch_idx + 1 - start_batch, 1) * left_updates
-            progress.set_postfix_str(
-                f"loss {loss_value.item():.3f} lr {lr:.2e} img/s {ips:.0f} run-eta {fmt_time(eta)}"
-            )
+            progress.set_postfix_str(f"loss {loss:.3f} lr {lr:.2e} img/s {ips:.0f} run-eta {fmt_time(eta)}")
             progress.update(batch_idx + 1 - progress.n)
 
     def _nan_message(self, epoch, batch_idx, value) -> str:
@@ -769,28 +789,7 @@ class Run:
             top1_sum += acc1.item() * b
             top5_sum += acc5.item() * b
             n += b
-        totals = torch.tensor([loss_sum, top1_sum, top5_sum, n], dtype=torch.float64, device=self.device)
-        if self.distributed:
-            torch.distributed.all_reduce(totals)
-        loss_sum, top1_sum, top5_sum, n = totals.tolist()
+        loss_sum, top1_sum, top5_sum, n = self._summed_over_ranks(loss_sum, top1_sum, top5_sum, n)
         n = max(n, 1)
         model.train()
         return OrderedDict(loss=loss_sum / n, top1=top1_sum / n, top5=top5_sum / n)
-
-
-def na_backend(model, device, dtype: torch.dtype) -> str:
-    """The NA backend `auto` picks for this run's training step (models.layers.explain_backends)."""
-    from models.layers import NeighborhoodAttention2D, explain_backends
-
-    if not any(isinstance(m, NeighborhoodAttention2D) for m in model.modules()):
-        return "none (no NA layers)"
-    q = torch.zeros(1, 8, 8, 1, 8, device=device, dtype=dtype)
-    return explain_backends(
-        q, rpb=torch.zeros(1, 13, 13, device=device, dtype=q.dtype), requires_grad=True
-    ).name
-
-
-def reduce_mean(value: float, device, world_size: int) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return t.item() / world_size

@@ -1,5 +1,6 @@
 """Two-process DDP (torchrun, gloo on CPU): the data is sharded, the ranks stay in step, rank 0 writes;
-validation counts each image once (as eval.py); a resume with one process keeps its place."""
+validation counts each image once (as eval.py); a resume with one process keeps its place; a
+mid-epoch resume with two is exact."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import csv
 import json
 
 import pytest
-from test_train import load, run_cli, write_config
+from test_train import assert_same_tensors, load, run_cli, write_config
 
 
 def test_two_process_gloo_run_then_resume_with_one(tmp_path):
@@ -38,6 +39,7 @@ def test_two_process_gloo_run_then_resume_with_one(tmp_path):
     # 24 images over 2 ranks = 12 each; batch 4 -> 3 batches; accum 2 -> 2 updates (the last one partial)
     assert ck["num_updates"] == 2 and (ck["next_epoch"], ck["next_batch"]) == (1, 0)
     assert not any(k.startswith("module.") for k in ck["state_dict"])  # saved unwrapped
+    epoch_1 = ck
     assert p.stdout.count("epoch 1/2") == 1  # only rank 0 logs
     # 9 val images over 2 ranks: each counted once (a padded 10th would make top-1 a multiple of 10)
     row = list(csv.DictReader((run / "summary.csv").open()))[0]
@@ -54,3 +56,18 @@ def test_two_process_gloo_run_then_resume_with_one(tmp_path):
     ck = load(run / "last.pth.tar")
     assert ck["num_updates"] == 5 and ck["next_epoch"] == 2
     assert [r["epoch"] for r in csv.DictReader((run / "summary.csv").open())] == ["1", "2"]
+
+    # stopped mid-epoch 1 (after 2 of each rank's 3 batches) and resumed with two processes: the
+    # weights are the uninterrupted run's bit for bit (each rank gets its own RNG state back, not
+    # rank 0's), and so is the epoch's train loss (each rank's part of the epoch counted once)
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py")
+    mid = tmp_path / "runs" / "mid"
+    args = ("-c", cfg, "--output", tmp_path / "runs", "--experiment", "mid", "train.stop_after_updates=1")
+    run_cli(*torchrun, *args, timeout=400, check=0)
+    assert load(mid / "last.pth.tar")["next_batch"] == 2
+    run_cli(*torchrun, "--resume", mid / "last.pth.tar", "train.stop_after_updates=2", timeout=400, check=0)
+    resumed = list(csv.DictReader((mid / "summary.csv").open()))[0]
+    ck = load(mid / "last.pth.tar")
+    assert_same_tensors(ck["state_dict"], epoch_1["state_dict"], "weights")
+    assert_same_tensors(ck["state_dict_ema"], epoch_1["state_dict_ema"], "EMA")
+    assert float(resumed["train_loss"]) == pytest.approx(float(row["train_loss"]), rel=1e-6)

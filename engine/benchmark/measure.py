@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.bench import interleaved_rounds, is_oom, peak_memory_mb, spread, state_bytes
+from engine.factory import has_na, predicted_na_backend
 from models import count_flops  # importing models registers nat_* / dinat_* with timm
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -68,12 +69,6 @@ def create_model(spec: ModelSpec, resolution: int) -> nn.Module:
         if "img_size" not in str(e):
             raise
     return timm.create_model(spec.name, **kwargs)
-
-
-def has_na(model: nn.Module) -> bool:
-    from models.layers import NeighborhoodAttention2D
-
-    return any(isinstance(m, NeighborhoodAttention2D) for m in model.modules())
 
 
 def model_flops(spec: ModelSpec, resolution: int) -> tuple[int, float]:
@@ -124,13 +119,6 @@ def spy_na_backends(profile_label: bool = False) -> Iterator[set[str]]:
         yield seen
     finally:
         table.update(original)
-
-
-def predicted_na_backend(device: torch.device, dtype: torch.dtype, train: bool) -> str:
-    from models.layers import explain_backends
-
-    q = torch.empty(1, 7, 7, 2, 32, device=device, dtype=dtype)
-    return explain_backends(q, rpb=torch.zeros(2, 13, 13, device=device), requires_grad=train).name
 
 
 def na_context(spec: ModelSpec):
@@ -223,7 +211,7 @@ class Runner:
         if self.spec.na_backend:
             return self.spec.na_backend
         # compiled graphs bypass the spy; say what `auto` picks for this device / dtype
-        return predicted_na_backend(self.settings.device, self.compute_dtype, mode == "train")
+        return predicted_na_backend(self.model, self.settings.device, self.compute_dtype, mode == "train")
 
 
 def bench_resolution(
