@@ -17,7 +17,6 @@ import logging
 import math
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ from engine.dense_config import (
 )
 from engine.dense_eval import draw_predictions, evaluate, report
 from engine.errors import EXIT_ERROR, CheckpointError, TrainingError, first_line, user_errors
+from engine.resume import new_run_folder
 
 _logger = logging.getLogger("train")
 
@@ -180,11 +180,10 @@ def train_and_evaluate(cfg: dict, task: str, run_dir: Path, resume_ckpt: dict | 
             }
             if (epoch + 1) % t["eval_interval"] == 0 or epoch + 1 == epochs:
                 row.update(evaluate(model, val_loader, task, val_set, num_classes))
+            epoch_tags = {"loss": "train/epoch_loss", "train_img_per_sec": "train/epoch_img_per_sec"}
             for k, v in row.items():
-                if k not in ("epoch", "step"):
-                    log.writer.add_scalar(
-                        f"{'train' if k in ('loss', 'train_img_per_sec') else 'val'}/{k}", v, step
-                    )
+                if k not in ("epoch", "step"):  # not train/loss: update() wrote that tag at this step
+                    log.writer.add_scalar(epoch_tags.get(k, f"val/{k}"), v, step)
             log.writer.flush()
             history.append(row)
             state["history"] = history
@@ -284,12 +283,7 @@ def run(args) -> int:
             overrides += list(args.set or [])
             cfg = load_dense_config(args.config or [], overrides)
             t = cfg["train"]
-            name = t["experiment"] or f"{datetime.now():%Y%m%d-%H%M%S}-{task}-{cfg['backbone']['name']}"
-            run_dir = Path(t["output"]) / name
-            if (run_dir / "last.pth.tar").exists():
-                raise ConfigError(
-                    f"run folder {run_dir} already holds a run; --resume {run_dir} or pick another experiment"
-                )
+            run_dir = new_run_folder(t["output"], t["experiment"], f"{task}-{cfg['backbone']['name']}")
             run_dir.mkdir(parents=True, exist_ok=True)
             configs.dump_config(cfg, run_dir / "config.yaml")
         setup_logging(run_dir / "train.log")

@@ -89,6 +89,19 @@ def check_not_behind_its_run(path: Path, ck: dict) -> None:
         )
 
 
+def new_run_folder(output: str, experiment: str | None, label: str) -> Path:
+    """A new run's folder: `output`/`experiment`, else a timestamped name ending in `label`; one that
+    already holds a run (its last.pth.tar) is refused: the new run would overwrite it."""
+    name = experiment or f"{datetime.now():%Y%m%d-%H%M%S}-{label.replace('/', '_')}"
+    run_dir = Path(output) / name
+    if (run_dir / "last.pth.tar").exists():
+        raise ConfigError(
+            f"run folder '{run_dir}' already holds a training run; continue it with "
+            f"--resume {run_dir} or pick another --experiment/train.output"
+        )
+    return run_dir
+
+
 def run_folder(cfg: dict, resume: str | None) -> tuple[Path, str | None]:
     """(the run folder, a warning or None): a new run's (train.output / train.experiment, else a
     timestamped name), which must not hold a run yet; or a resumed run's own, its checkpoint's, which
@@ -96,14 +109,7 @@ def run_folder(cfg: dict, resume: str | None) -> tuple[Path, str | None]:
     when they named another folder."""
     t = cfg["train"]
     if not resume:
-        name = t["experiment"] or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg['model']['name'].replace('/', '_')}"
-        run_dir = Path(t["output"]) / name
-        if (run_dir / "last.pth.tar").exists():
-            raise ConfigError(
-                f"run folder '{run_dir}' already holds a training run; continue it with "
-                f"--resume {run_dir} or pick another --experiment/train.output"
-            )
-        return run_dir, None
+        return new_run_folder(t["output"], t["experiment"], cfg["model"]["name"]), None
     run_dir = Path(resume).parent if Path(resume).is_file() else Path(resume)
     named = None if t["experiment"] is None else Path(t["output"]) / t["experiment"]
     t["output"], t["experiment"] = str(run_dir.parent), run_dir.name

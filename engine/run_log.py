@@ -30,12 +30,14 @@ class RunLog:
         # count epochs from 1, as the log does: rows 1..start_epoch are done)
         trim_summary(str(run_dir / "summary.csv"), start_epoch + 1)
         self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=step if resumed else None)
+        self.lr_step = None  # the step whose lr update() wrote
         self.writer.add_text("config", "```yaml\n" + configs.dump_config(cfg) + "```", step)
 
     def update(self, step: int, loss: float, lr: float, img_per_sec: float):
         """Every `train.log_interval` updates: loss, lr and throughput since the last such point."""
         self.writer.add_scalar("train/loss", loss, step)
         self.writer.add_scalar("train/lr", lr, step)
+        self.lr_step = step
         self.writer.add_scalar("train/img_per_sec", img_per_sec, step)
 
     def epoch(self, epoch: int, step: int, train_metrics: dict, eval_metrics: dict | None, lr: float, device):
@@ -44,8 +46,9 @@ class RunLog:
 
         w = self.writer
         w.add_scalar("train/epoch_loss", train_metrics["loss"], step)
-        w.add_scalar("train/img_per_sec", train_metrics["img_per_sec"], step)
-        w.add_scalar("train/lr", lr, step)
+        w.add_scalar("train/epoch_img_per_sec", train_metrics["img_per_sec"], step)
+        if step != self.lr_step:  # one point a step: a tag written twice at a step draws a zigzag
+            w.add_scalar("train/lr", lr, step)
         peak_mb = peak_memory_mb(device)
         w.add_scalar("train/peak_mem_mb", peak_mb, step)
         line = (

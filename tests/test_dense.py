@@ -348,7 +348,21 @@ def test_quick_run_end_to_end_learns(task, tmp_path):
         assert {"box_AP", "box_AP50", "mask_AP"} <= set(results) and results["box_AP50"] > 0
     else:
         assert results["mIoU"] > 100 / 5  # above a constant prediction of the background
-    assert (run / "tb").is_dir() and (run / "summary.csv").read_text().count("\n") == 4
+    assert (run / "summary.csv").read_text().count("\n") == 4
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {
+        "train/loss",
+        "train/epoch_loss",
+        "train/lr",
+        "val/mIoU" if task != "detection" else "val/box_AP",
+    } <= set(tags)
+    for tag in tags:  # one point per step: a tag written twice at a step draws a zigzag
+        steps = [e.step for e in events.Scalars(tag)]
+        assert len(steps) == len(set(steps)), (tag, steps)
     # resuming a finished run trains nothing more and keeps its results
     assert script.main(["--resume", str(run)]) == 0
     assert json.loads((run / "results.json").read_text())["epoch"] == 3
@@ -361,7 +375,7 @@ def test_quick_run_end_to_end_learns(task, tmp_path):
     assert Image.open(run / "predictions.png").size == (3 * 256, 6 * 256)
 
 
-def test_resume_continues_a_stopped_run_from_its_last_epoch(tmp_path):
+def test_resume_continues_a_stopped_run_from_its_last_epoch(tmp_path, capsys):
     """A run stopped after epoch 1 of 2 (its checkpoint says 2 epochs) resumes at epoch 2, keeps its
     history and its update count."""
     script = load_entry_point("scripts/dense.py")
@@ -373,6 +387,9 @@ def test_resume_continues_a_stopped_run_from_its_last_epoch(tmp_path):
         "sched.epochs=1",
     ]
     assert script.main(args) == 0
+    assert script.main(args) == 2  # a new run in its folder would overwrite it: one error line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a training run; continue it with --resume" in err[0], err
     last = tmp_path / "r" / "last.pth.tar"
     ckpt = torch.load(last, weights_only=True)
     ckpt["config"]["sched"]["epochs"] = 2  # as if stopped after the first of two epochs

@@ -154,12 +154,16 @@ def test_tensorboard_has_the_promised_scalars(full_run):
         "train/loss",
         "train/lr",
         "train/img_per_sec",
+        "train/epoch_img_per_sec",
         "train/peak_mem_mb",
         "val/loss",
         "val/top1",
         "val/top5",
     }
     assert expected <= tags, expected - tags
+    for tag in tags:  # one point per step: a tag written twice at a step draws a zigzag
+        steps = [e.step for e in acc.Scalars(tag)]
+        assert len(steps) == len(set(steps)), (tag, steps)
     assert "config" in "".join(acc.Tags()["tensors"])
 
 
