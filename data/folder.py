@@ -34,11 +34,21 @@ def _image_extensions():
 
 
 def list_images(class_dir):
-    """Image files under one class folder (recursive, symlinks followed), in natural sort order."""
+    """Image files under one class folder (recursive, symlinks followed), in natural sort order. A
+    folder reached twice (a symlink back up the tree, or two links to one folder) is read once: a
+    cycle would otherwise list its images once per level, up to the OS's symlink limit."""
     extensions = _image_extensions()
     found = []
+    seen = {os.path.realpath(class_dir)}
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames.sort(key=natural_key)  # which of two links to one folder is read: the first in order
+        kept = []
+        for d in dirnames:
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if not d.startswith(".") and real not in seen:
+                seen.add(real)
+                kept.append(d)
+        dirnames[:] = kept
         found.extend(
             os.path.join(dirpath, f)
             for f in filenames

@@ -640,3 +640,21 @@ def test_randaugment_posterize_at_full_magnitude_keeps_no_bits_instead_of_crashi
     augment = create_transform(8, is_training=True, auto_augment="rand-m10-n8-inc1")
     for _ in range(50):
         augment(image)
+
+
+def test_class_folder_images_are_listed_once_through_symlink_cycles_and_twin_links(tmp_path):
+    """Symlinked sub-folders are followed (a class assembled from links), but a link back up the
+    tree or a second link to a folder already read adds nothing: each image is listed once."""
+    from data.folder import list_images
+
+    cls = tmp_path / "cat"
+    (cls / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    for path in (cls / "a.jpg", cls / "sub" / "b.jpg", tmp_path / "elsewhere" / "c.jpg"):
+        Image.new("RGB", (4, 4)).save(path)
+    (cls / "sub" / "loop").symlink_to(cls, target_is_directory=True)  # a cycle
+    (cls / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (cls / "more_again").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    found = list_images(cls)
+    assert sorted(Path(p).name for p in found) == ["a.jpg", "b.jpg", "c.jpg"], found
+    assert str(cls / "more" / "c.jpg") in found  # the first link, in natural order
