@@ -576,6 +576,22 @@ def test_auto_decision_table_for_cuda_calls():
     assert pick(attn_drop=0.1, has_rpb=False) == "torch"  # only SDPA has attention dropout
 
 
+def test_tensors_on_other_devices_go_to_torch_not_the_cpu_kernel():
+    """An MPS / XPU tensor is not a CPU tensor: auto gives it the portable `torch` backend (here a
+    meta tensor stands in for any such device), and asking for the CPU kernel says why not."""
+    from models.layers.backends.checks import resolve_backend
+
+    q = torch.empty(1, 14, 14, 2, 8, device="meta")
+    choice = explain_backends(q, rpb=torch.zeros(2, 13, 13, device="meta"), requires_grad=True)
+    assert choice.name == "torch" and choice.rejected["cpp"] == "CPU-only kernel", choice
+    for device_type in ("mps", "xpu"):
+        assert resolve_backend("auto", device_type, torch.float32, True, 0.0, False) == "torch"
+        with pytest.raises(ValueError, match="CPU-only kernel"):
+            resolve_backend("cpp", device_type, torch.float32, True, 0.0, False)
+    out = neighborhood_attention_2d(q, q, q, 7)  # runs (shapes only) where the C++ kernel would crash
+    assert out.shape == q.shape and out.device.type == "meta"
+
+
 def test_cpp_backend_unavailable_falls_back_to_torch(monkeypatch):
     """No compiler / ninja on the machine: auto runs 'torch', and says why not 'cpp'."""
     from models.layers.backends import checks

@@ -65,6 +65,8 @@ def why_not(backend: str, call: CallInfo) -> str | None:
     if backend == "natten":
         if natten_version() is None:
             return "natten is not importable (pip install --no-build-isolation natten==0.21.7)"
+        if call.device_type not in ("cuda", "cpu"):
+            return f"natten runs on CUDA and CPU tensors, got {call.device_type}"
         if call.has_rpb:
             return "natten>=0.20 has no relative position bias (pass rpb=None or use 'torch'/'flex')"
         if call.attn_drop > 0:
@@ -118,7 +120,9 @@ def call_fields(q: torch.Tensor, k, v, rpb: torch.Tensor | None, attn_drop: floa
     """`CallInfo`'s fields for a call, in order (plain values: see `resolve_backend`)."""
     tensors = (q, k, v) if rpb is None else (q, k, v, rpb)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return "cuda" if q.is_cuda else "cpu", q.dtype, rpb is not None, attn_drop, needs_grad
+    # the tensor's own device type: MPS / XPU / meta tensors reach `torch` (portable ATen ops), not
+    # the CPU kernel, which would read their memory as host memory
+    return q.device.type, q.dtype, rpb is not None, attn_drop, needs_grad
 
 
 def call_info(q: torch.Tensor, k, v, rpb: torch.Tensor | None, attn_drop: float) -> CallInfo:
