@@ -24,7 +24,14 @@ class TrainingError(RuntimeError):
 
 def user_errors() -> tuple:
     """Exception types that are the user's input, reported as one line without a traceback."""
-    errors = [ConfigError, CheckpointError, TrainingError, FileNotFoundError, NotADirectoryError]
+    errors = [
+        ConfigError,
+        CheckpointError,
+        TrainingError,
+        FileNotFoundError,
+        NotADirectoryError,
+        PermissionError,
+    ]
     try:
         from data import DataError
 
@@ -35,5 +42,8 @@ def user_errors() -> tuple:
 
 
 def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (its type name when the message is empty)."""
+    """The first line of an exception's message (its type name when the message is empty); a
+    refused path says what to do about it."""
+    if isinstance(e, PermissionError) and e.filename:
+        return f"permission denied: '{e.filename}'; give this user access (chmod/chown) or pick another path"
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

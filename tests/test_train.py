@@ -438,3 +438,23 @@ def test_of_two_opposite_switches_the_last_one_given_wins():
     assert amp("--no-amp", "--amp") == ["train.amp=true"]
     assert amp("--amp", "--no-amp") == ["train.amp=false"]
     assert amp() == []
+
+
+def test_a_folder_the_user_cannot_read_is_one_error_line(full_run, workdir, capsys, monkeypatch):
+    """Data the user may not read (or an output folder they may not write): one line naming the path
+    and the fix, no traceback. Root reads everything, so the refusal is simulated at os.scandir."""
+    _, cfg = full_run
+    data_root, scandir = str(workdir / "data"), os.scandir
+
+    def refusing_scandir(path="."):
+        if str(path).startswith(data_root):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing_scandir)
+    train = load_entry_point("train.py")
+    assert train.main(["-c", str(cfg), "--output", str(workdir / "runs"), "--experiment", "perm"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: permission denied: '{data_root}"), lines
+    assert "give this user access" in lines[0]
+    assert not (workdir / "runs" / "perm").exists()
