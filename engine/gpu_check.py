@@ -353,7 +353,8 @@ def _train_model(plan: Plan, name: str) -> dict:
             times.append((time.perf_counter() - t0) * 1e3)
     step_ms = statistics.median(times[1:])  # the first step compiles kernels
     train_peak = _peak_mb(plan.device)
-    del optimizer
+    optimizer.zero_grad(set_to_none=True)  # inference's peak holds the weights, not the last step's grads
+    del optimizer, loss
     model.eval()
     with torch.no_grad(), torch.autocast(plan.device, dtype=torch.bfloat16, enabled=plan.device == "cuda"):
         if plan.device == "cuda":
