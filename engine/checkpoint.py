@@ -41,11 +41,12 @@ def checkpoint_settings(ckpt) -> dict:
     return {k: ckpt[k] for k in SETTINGS_KEYS if ckpt.get(k) is not None}
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     """Read a checkpoint file (or a run folder's last / best one): the one place that opens one.
 
     torch.load(weights_only=True), or safetensors' loader for a `.safetensors` file (a flat state
-    dict); a one-line error for every way a file can be wrong."""
+    dict); a one-line error for every way a file can be wrong. `mmap`: tensors stay in the file until
+    read (for a look at a checkpoint's settings; torch.save's zip files only)."""
     path = Path(path)
     if path.is_dir():
         for name in ("last.pth.tar", "model_best.pth.tar"):
@@ -63,7 +64,7 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         # timm's train.py stores its argparse.Namespace under 'args'; timm's own loader allows it too
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # pickle/zip errors have many types
         raise CheckpointError(
             f"cannot read checkpoint '{path}' ({first_line(e)[:200]}); it must be a PyTorch .pth/.pth.tar "

@@ -78,7 +78,7 @@ def check_not_behind_its_run(path: Path, ck: dict) -> None:
     last = path.parent / "last.pth.tar"
     if path.name == last.name or not last.is_file():
         return
-    newest = load_checkpoint(last)
+    newest = load_checkpoint(last, mmap=True)  # its position only: the weights stay on disk
     ahead = (newest.get("num_updates", 0), newest.get("next_epoch", 0))
     if ahead > (ck.get("num_updates", 0), ck.get("next_epoch", 0)):
         raise ConfigError(
