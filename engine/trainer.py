@@ -84,6 +84,7 @@ class Run:
         # state that resume restores
         self.start_epoch, self.start_batch, self.num_updates = 0, 0, 0
         self.partial = {"loss_sum": 0.0, "count": 0}
+        self._rank_rngs = None  # every rank's RNG state under DDP, gathered before each save
         if resume_ckpt is not None:
             self._restore(resume_ckpt, resume)
         self._build_ema(resume_ckpt)
