@@ -9,6 +9,7 @@ ValueError per bad option.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from test_mixers import _MapModel  # a mixer alone on count_flops' NCHW input
 from timm.models.pvt_v2 import Attention as PvtV2Attention
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import count_flops
 from models.mixers import MIXERS
@@ -109,14 +111,35 @@ def test_linear_never_counts_padding():
     torch.testing.assert_close(m(x), linear_reference(m, x))
 
 
+class MatrixProducts(TorchDispatchMode):
+    """The ATen matrix products a call runs (after autocast's casts): (op name, input dtypes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.addmm):
+            dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor)}
+            self.seen.append((func.overloadpacket.__name__, dtypes))
+        return func(*args, **(kwargs or {}))
+
+
 def test_kernel_mixers_accumulate_in_fp32_under_autocast():
-    """1600 tokens of exp-type features summed under bf16 autocast stay finite and near fp32."""
+    """Under bf16 autocast the q / k projections run in bf16 (addmm), but the feature maps (mm) and
+    the sums over all tokens (bmm) in fp32: exp-type features and sums over thousands of tokens lose
+    their small terms in bf16 (an output comparison can't tell: CPU bf16 GEMMs add in fp32 inside).
+    1600 tokens stay finite and near fp32."""
     for cls in (LinearAttention, PerformerAttention):
         torch.manual_seed(0)
         m = cls(DIM, HEADS)
         x = 4 * torch.randn(1, 40, 40, DIM)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16), MatrixProducts() as products:
             low = m(x)
+        ops = {name for name, _ in products.seen}
+        assert ops == ({"addmm", "bmm", "mm"} if cls is PerformerAttention else {"addmm", "bmm"}), ops
+        for name, dtypes in products.seen:
+            assert dtypes == ({torch.bfloat16} if name == "addmm" else {torch.float32}), (cls, name, dtypes)
         assert torch.isfinite(low).all()
         torch.testing.assert_close(low.float(), m(x), atol=0.05, rtol=0.05)
 
@@ -154,10 +177,37 @@ def test_performer_error_falls_with_more_features():
     assert errors[2] < 0.2 * errors[0], errors
 
 
+def performer_reference(m, x):
+    """FAVOR+ from its definition, in log space: weight_ij proportional to sum_r phi_r(q_i) phi_r(k_j)
+    with log phi_r(t) = w_r·t' - |t'|^2 / 2, t' = t scale^(1/2); a logsumexp over the features r, then
+    a softmax over the keys j: exact at any logit size, and dense N x N (the module never is)."""
+    q, k, v = packed(m, x, 3)
+    w = m.features.to(x.dtype)
+
+    def log_phi(t):
+        t = t * m.scale**0.5
+        return t @ w.T - t.square().sum(-1, keepdim=True) / 2
+
+    log_weights = torch.logsumexp(log_phi(q).unsqueeze(-2) + log_phi(k).unsqueeze(-3), dim=-1)
+    return project_out(m, log_weights.softmax(-1) @ v, *x.shape[1:3])
+
+
+@pytest.mark.parametrize("size", [(5, 7), (1, 1)])
+def test_performer_equals_its_feature_estimate_written_densely(size):
+    assert_matches(build(PerformerAttention, num_features=64), performer_reference, x_of(*size))
+
+
 def test_performer_is_stable_for_large_logits_and_keeps_its_features():
-    m = build(PerformerAttention, num_features=64).float()
-    x = 50 * torch.randn(1, 6, 6, DIM)
-    assert torch.isfinite(m(x)).all()
+    """At 50x the inputs the features' exponents run to thousands: fp32 still gives the float64
+    log-space estimate (a plain exp overflows; a clamped one is finite but wrong)."""
+    m = build(PerformerAttention, num_features=64)
+    x = 50 * x_of(6, 6, batch=1)
+    with torch.no_grad():
+        q = packed(m, x, 3)[0] * m.scale**0.5
+        assert (q @ m.features.T).abs().max() > 89  # in the regime it claims: a plain fp32 exp overflows
+        want = performer_reference(m, x)
+        got = copy.deepcopy(m).float()(x.float()).double()
+    torch.testing.assert_close(got, want, atol=1e-3 * want.abs().max().item(), rtol=1e-3)
     assert "features" in m.state_dict()
 
 
