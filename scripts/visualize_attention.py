@@ -118,6 +118,31 @@ def attention_map(
     return full[:H, :W].numpy()  # keys in the padding (zero tokens) are not on the image
 
 
+@torch.no_grad()
+def attention_panels(model, x: torch.Tensor, layers, queries, heads) -> list[tuple[str, np.ndarray, tuple]]:
+    """(title, `(H, W)` weights, (x, y) px) for every layer, query and head: each query pixel of the
+    `(1, 3, height, width)` input `x` maps to its token on the layer's own (coarser) map."""
+    height, width = x.shape[2:]
+    inputs = {}
+    hooks = [
+        attn.register_forward_hook(lambda m, a, out, name=name: inputs.__setitem__(name, a[0]))
+        for name, attn in layers
+    ]
+    model(x)
+    for hook in hooks:
+        hook.remove()
+    panels = []
+    for name, attn in layers:
+        feat = inputs[name]
+        H, W = feat.shape[1:3]
+        for qx, qy in queries:
+            row, col = qy * H // height, qx * W // width
+            for head in heads:
+                title = f"{name}\nk={attn.kernel_size} d={attn.dilation} head {head}, query ({qx},{qy})"
+                panels.append((title, attention_map(attn, feat, row, col, head), (qx, qy)))
+    return panels
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -147,25 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return EXIT_ERROR
 
-    inputs = {}
-    hooks = [
-        attn.register_forward_hook(lambda m, a, out, name=name: inputs.__setitem__(name, a[0]))
-        for name, attn in layers
-    ]
-    with torch.no_grad():
-        model(x)
-        for hook in hooks:
-            hook.remove()
-        panels = []
-        for name, attn in layers:
-            feat = inputs[name]
-            H, W = feat.shape[1:3]
-            for qx, qy in queries:
-                row, col = qy * H // height, qx * W // width
-                for head in args.heads:
-                    title = f"{name}\nk={attn.kernel_size} d={attn.dilation} head {head}, query ({qx},{qy})"
-                    panels.append((title, attention_map(attn, feat, row, col, head), (qx, qy)))
-
+    panels = attention_panels(model, x, layers, queries, args.heads)
     cols = len(queries) * len(args.heads)
     fig, axes = plt.subplots(len(layers), cols, figsize=(3.2 * cols, 3.4 * len(layers)), squeeze=False)
     for ax, (title, weights, (qx, qy)) in zip(axes.flat, panels, strict=True):

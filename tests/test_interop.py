@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch
 import timm
@@ -256,6 +257,40 @@ def test_visualize_attention_uses_the_checkpoint_data_settings(tmp_path, capsys)
     assert "48x40 px input" in capsys.readouterr().out  # W x H
     assert visualize.main([*args, "--img-size", "32"]) == 0
     assert "32x32 px input" in capsys.readouterr().out
+
+
+def test_visualize_attention_panels_are_each_query_pixels_na_weights():
+    """Each panel is the weights of the token under its query pixel, on that layer's own map: a
+    40x48 px input (maps 10x12, 5x6), an off-diagonal query near the top-right corner, against the
+    float64 reference built from the layer's q and k (a swapped x / y would pick another token)."""
+    from test_train import load_entry_point
+
+    visualize = load_entry_point("scripts/visualize_attention.py")
+    torch.manual_seed(0)
+    kwargs = dict(
+        embed_dim=16,
+        depths=(1, 1, 1, 1),
+        num_heads=(2, 2, 2, 4),
+        kernel_size=3,
+        dilations=((2,), (1,), (1,), (1,)),
+    )
+    model = timm.create_model("dinat_mini", **kwargs).eval()
+    layers = [visualize.parse_layer(model, text) for text in ("0.0", "1.0")]
+    seen = {}
+    for name, attn in layers:
+        attn.register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, a[0]))
+    x = torch.randn(1, 3, 40, 48)
+    panels = visualize.attention_panels(model, x, layers, [(44, 4)], heads=[1])
+    assert [p[2] for p in panels] == [(44, 4)] * 2
+    for (name, attn), (_, weights, _), (row, col) in zip(layers, panels, [(1, 11), (0, 5)], strict=True):
+        feat = seen[name]
+        with torch.no_grad():
+            qkv = attn.qkv(feat).unflatten(-1, (3, attn.num_heads, attn.head_dim))
+            q, k = qkv[..., 0, :, :], qkv[..., 1, :, :]
+            maps = reference_attention_maps(q, k, attn.kernel_size, attn.dilation, attn.rpb, attn.scale)
+        want = maps[0, row, col, 1].numpy()
+        assert weights.shape == feat.shape[1:3] and abs(weights.sum() - 1) < 1e-5
+        np.testing.assert_allclose(weights, want, atol=1e-6)
 
 
 @pytest.mark.slow  # ~65 s of CPU: 13 variants, shapes only (meta device)
