@@ -497,6 +497,39 @@ def test_module_trains_on_cpu_and_attention_dropout_runs():
     assert not torch.allclose(out_train.detach(), out_eval_a)  # dropout changed the training pass
 
 
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_attention_dropout_drops_single_weights_and_rescales_the_rest(dilation):
+    """Values one-hot per token plus a channel of ones, identity projections: the module's output is
+    its attention matrix and that row's sum. In training each weight is dropped alone (the rest not
+    renormalised) or scaled by 1 / (1 - p), against the float64 reference weights; nothing outside
+    the window appears; and the ones channel sums the same kept weights (dropping output channels
+    instead would drop it on its own)."""
+    from na_reference import reference_attention_maps
+
+    H = W = 6
+    N, p = H * W, 0.5
+    torch.manual_seed(0)
+    attn = NeighborhoodAttention2D(N + 1, 1, 3, dilation=dilation, attn_drop=p)
+    with torch.no_grad():
+        attn.qkv.weight[2 * (N + 1) :] = torch.eye(N + 1)  # v = x
+        attn.qkv.bias[2 * (N + 1) :] = 0
+        attn.proj.weight.copy_(torch.eye(N + 1))
+        attn.proj.bias.zero_()
+        attn.rpb.normal_()
+        x = torch.cat([torch.eye(N), torch.ones(N, 1)], 1).view(1, H, W, N + 1)  # token (i, j): i * W + j
+        q, k, _ = attn.qkv(x).view(1, H, W, 3, 1, N + 1).unbind(3)
+        want = reference_attention_maps(q, k, 3, dilation, attn.rpb, attn.scale)[0, :, :, 0].flatten(2)
+        out = attn.train()(x)[0].double()
+    got, row_sums = out[..., :N], out[..., N]
+    torch.testing.assert_close(row_sums, got.sum(-1), rtol=1e-5, atol=1e-6)
+    inside = want > 0
+    assert (got[~inside] == 0).all()  # no weight outside the window
+    kept = got[inside] != 0
+    torch.testing.assert_close(got[inside][kept], want[inside][kept] / (1 - p), rtol=1e-5, atol=1e-7)
+    assert 0.35 < 1 - kept.double().mean() < 0.65  # p of the 324 weights dropped, one by one
+    torch.testing.assert_close(attn.eval()(x)[0, ..., :N].double(), want, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
