@@ -4,6 +4,7 @@ the metrics against hand-computed / pycocotools references, and scripts/dense.py
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -228,12 +229,14 @@ def test_fpn_adapter_feeds_mask_rcnn_and_fcos_at_a_non_square_size(name, kwargs,
     body = timm.create_model(name, features_only=True, out_indices=(0, 1, 2), **kwargs)
     fpn = TimmFPN(body, 32, "pool", pad)
     x = torch.randn(1, 3, 72, 52)  # not a multiple of 32, not square
-    maps = fpn(x)
+    maps = fpn.eval()(x)  # eval: no drop path, so the reference below sees the same body
     assert list(maps) == ["0", "1", "2", "pool"] and fpn.out_channels == 32
-    feats = body(torch.nn.functional.pad(x, (0, -52 % pad, 0, -72 % pad)))
-    for level, f in zip(("0", "1", "2"), feats, strict=True):
-        hw = f.shape[1:3] if fpn.nhwc else f.shape[2:]  # Swin's maps are NHWC: permuted by the adapter
-        assert maps[level].shape == (1, 32, *hw)
+    feats = body(torch.nn.functional.pad(x, (0, -52 % pad, 0, -72 % pad)))  # zeros on the bottom / right
+    feats = [f.permute(0, 3, 1, 2) if fpn.nhwc else f for f in feats]  # Swin's maps are NHWC
+    want = fpn.fpn(OrderedDict((str(i), f.contiguous()) for i, f in enumerate(feats)))
+    for level in want:  # the values, not only the shapes: padding on another side moves every map
+        torch.testing.assert_close(maps[level], want[level])
+    fpn.train()
     images = [torch.rand(3, 72, 52), torch.rand(3, 72, 52)]
     targets = [
         {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([1]),
