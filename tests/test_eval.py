@@ -76,6 +76,13 @@ def test_a_val_folder_of_no_trained_class_is_left_out_as_training_left_it(traine
 
 def test_eval_ema_and_resolution_options(trained):
     work, run = trained
+    # --use-ema scores the EMA weights: training's own validation of them, not of the model's
+    run_cli("eval.py", run / "last.pth.tar", "--use-ema", "-o", work / "ema.json", check=0)
+    r = json.loads((work / "ema.json").read_text())
+    row = list(csv.DictReader((run / "summary.csv").open()))[-1]
+    assert abs(float(row["eval_ema_loss"]) - float(row["eval_loss"])) > 1e-3  # the two can be told apart
+    assert r["weights"] == "ema" and r["loss"] == pytest.approx(float(row["eval_ema_loss"]), abs=1e-4)
+    assert r["top1"] == pytest.approx(float(row["eval_ema_top1"]), abs=1e-3)
     run_cli("eval.py", run / "last.pth.tar", "--use-ema", "--img-size", "48", "--crop-pct", "1.0", check=0)
     r = json.loads((run / "last-eval-ema.json").read_text())
     assert r["weights"] == "ema" and r["input_size"] == [3, 48, 48] and r["crop_pct"] == 1.0
