@@ -110,10 +110,21 @@ def test_result_files_read_back(tmp_path):
     assert table == ["| model | img/s |", "|---|---:|", "| a | 1.50 |"]
 
 
-def test_plot_panels_writes_a_png(tmp_path):
+def test_plot_panels_draws_every_series_in_every_panel(tmp_path):
+    """Each series is drawn in its tab10 colour (blue, orange) in both panels: the image's left and
+    right halves each hold both colours."""
+    from PIL import Image
+
     series = {"lin": [(1, 1.0), (10, 10.0)], "quad": [(1, 1.0), (10, 100.0)]}
     path = bench.plot_panels([[("p", series), ("q", series)]], tmp_path / "p.png", "x", "y", True, "x")
-    assert path.stat().st_size > 1000
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+    half = rgb.size[0] // 2
+    for box in ((0, 0, half, rgb.size[1]), (half, 0, rgb.size[0], rgb.size[1])):
+        pixels = list(rgb.crop(box).getdata())
+        for colour in ((31, 119, 180), (255, 127, 14)):  # tab10's first two
+            near = [p for p in pixels if max(abs(a - b) for a, b in zip(p, colour, strict=True)) < 16]
+            assert len(near) > 50, (box, colour)
 
 
 def test_plot_panels_grouped_legend_goes_outside_the_panels(tmp_path):
