@@ -625,6 +625,25 @@ def test_tensors_on_other_devices_go_to_torch_not_the_cpu_kernel():
     assert out.shape == q.shape and out.device.type == "meta"
 
 
+def test_cpp_kernel_build_folder_follows_the_kernel_source(tmp_path, monkeypatch):
+    """Checkouts with the same kernel source share a build; a changed source (another branch or
+    worktree) gets its own folder instead of rebuilding over the other's, at every switch."""
+    import shutil
+
+    from models.layers.backends import cpp_kernel
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    copies = [shutil.copytree(cpp_kernel._CSRC, tmp_path / name / "csrc") for name in ("a", "b", "c")]
+    (copies[2] / "na2d_cpu_loops.h").write_text((copies[2] / "na2d_cpu_loops.h").read_text() + "\n// edit\n")
+    folders = []
+    for csrc in copies:
+        monkeypatch.setattr(cpp_kernel, "_CSRC", csrc)
+        folders.append(cpp_kernel._build_directory())
+    assert folders[0] == folders[1] != folders[2]  # a header counts too
+    assert all(f.parent == tmp_path / "ext" and f.is_dir() for f in folders)
+    assert torch.__version__.split("+")[0] in folders[0].name
+
+
 def test_cpp_backend_unavailable_falls_back_to_torch(monkeypatch):
     """No compiler / ninja on the machine: auto runs 'torch', and says why not 'cpp'."""
     from models.layers.backends import checks

@@ -9,13 +9,15 @@ run in their own precision; bfloat16 is widened to float32 on load and summed in
 (probabilities, RPB and its gradient in float32), only the output and dq, dk, dv rounded back.
 Window geometry comes from `windows.py`, shared with every other backend.
 
-The build (~1 min on 2 cores, once per torch version) lands in `$TORCH_EXTENSIONS_DIR` (default
-`~/.cache/torch_extensions`); `make setup` does it up front. Without a C++ compiler or ninja the
-dispatcher says so and runs the `torch` backend instead. `NAT_NO_CPP_KERNEL=1` turns the kernel off.
+The build (~1 min on 2 cores, once per torch version and kernel source) lands in
+`$TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`); `make setup` does it up front.
+Without a C++ compiler or ninja the dispatcher says so and runs the `torch` backend instead.
+`NAT_NO_CPP_KERNEL=1` turns the kernel off.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -29,14 +31,21 @@ from .windows import bias_indices, geometry_cache, window_starts
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 # The NA kernel, and the bf16 LayerNorm and residual ops of NAT blocks (`models/layers/block_ops.py`).
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("na2d_cpu.cpp", "block_ops_cpu.cpp")]
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = [_CSRC / name for name in ("na2d_cpu.cpp", "block_ops_cpu.cpp")]
 _log = logging.getLogger(__name__)
 
 
 def _build_directory() -> Path:
-    # One per torch version: an extension built against another libtorch would not load (ABI).
+    # One per torch version (an extension built against another libtorch would not load: ABI) and
+    # per kernel source text: checkouts of the same kernel (a worktree, a CI clone) share one build,
+    # and checkouts of different ones no longer rebuild over each other in turn (~1 min each time).
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    path = root / f"nat_na2d_cpu-torch{re.sub(r'[^A-Za-z0-9.]', '_', torch.__version__)}"
+    sources = hashlib.sha256()
+    for source in sorted(_CSRC.iterdir()):
+        sources.update(source.name.encode() + b"\0" + source.read_bytes())
+    torch_version = re.sub(r"[^A-Za-z0-9.]", "_", torch.__version__)
+    path = root / f"nat_na2d_cpu-torch{torch_version}-{sources.hexdigest()[:12]}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
