@@ -118,8 +118,9 @@ def train_and_evaluate(cfg: dict, task: str, run_dir: Path, resume_ckpt: dict | 
     if resume_ckpt is not None:
         model.load_state_dict(resume_ckpt["state_dict"])
         optimizer.load_state_dict(resume_ckpt["optimizer"])
-        start_epoch = resume_ckpt["epoch"] + 1
-        step, history = start_epoch * len(loader), resume_ckpt.get("history", [])
+        history = resume_ckpt.get("history", [])
+        start_epoch = len(history)  # a row per finished epoch (the saved "epoch" counted from 0 before)
+        step = start_epoch * len(loader)
     params = sum(p.numel() for p in model.parameters())
     backbone_params = sum(p.numel() for n, p in model.named_parameters() if ".body." in n or "encoder." in n)
     _logger.info(
@@ -140,7 +141,6 @@ def train_and_evaluate(cfg: dict, task: str, run_dir: Path, resume_ckpt: dict | 
     log = RunLog(run_dir, cfg, epochs, start_epoch, step, resumed=resume_ckpt is not None)
     metric_name = "box_AP50" if task == "detection" else "mIoU"
     clip = cfg["optim"]["clip_grad"]
-    train_speeds = []
     try:
         for epoch in range(start_epoch, epochs):
             g.manual_seed(t["seed"] * 1000 + epoch)  # the data order depends on (seed, epoch): resumable
@@ -171,7 +171,6 @@ def train_and_evaluate(cfg: dict, task: str, run_dir: Path, resume_ckpt: dict | 
                             f"  epoch {epoch + 1} update {step}/{total}  loss {recent:.4f}  {rate:.1f} img/s"
                         )
             elapsed = time.perf_counter() - t0
-            train_speeds.append(seen / elapsed)
             row = {
                 "epoch": epoch + 1,
                 "step": step,
@@ -197,17 +196,19 @@ def train_and_evaluate(cfg: dict, task: str, run_dir: Path, resume_ckpt: dict | 
                 f"{fmt_time(elapsed)}  | {shown}"
             )
             _write_summary(run_dir, history)
-            saver.save_checkpoint(epoch, metric=row.get(metric_name))
+            saver.save_checkpoint(epoch + 1, metric=row.get(metric_name))  # from 1, as the log: checkpoint-1
     finally:
         log.close()
     final = dict(history[-1])
+    speeds = [row["train_img_per_sec"] for row in history]
     final.update(
         task=task,
         backbone=backbone_name,
         pretrained=cfg["backbone"]["checkpoint"],
         params=params,
         backbone_params=backbone_params,
-        train_img_per_sec=float(np.median(train_speeds[1:] or train_speeds)) if train_speeds else None,
+        # every epoch's, a resumed run's earlier ones too (history); the first warms up
+        train_img_per_sec=float(np.median(speeds[1:] or speeds)),
         **_count_flops(model, task, cfg["data"]["img_size"]),
     )
     (run_dir / "results.json").write_text(json.dumps(final, indent=1) + "\n")

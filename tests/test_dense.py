@@ -366,9 +366,10 @@ def test_quick_run_end_to_end_learns(task, tmp_path):
     for tag in tags:  # one point per step: a tag written twice at a step draws a zigzag
         steps = [e.step for e in events.Scalars(tag)]
         assert len(steps) == len(set(steps)), (tag, steps)
-    # resuming a finished run trains nothing more and keeps its results
+    assert [p.name for p in run.glob("checkpoint-*")] == ["checkpoint-3.pth.tar"]  # epochs count from 1
+    # resuming a finished run trains nothing more and keeps its results (its speed: every epoch's)
     assert script.main(["--resume", str(run)]) == 0
-    assert json.loads((run / "results.json").read_text())["epoch"] == 3
+    assert json.loads((run / "results.json").read_text()) == results
     # the comparison table and the picture of predictions (6 val images: image, truth, prediction)
     assert script.main(["--report", str(out)]) == 0
     table = (out / "dense_comparison.md").read_text()
@@ -400,6 +401,8 @@ def test_resume_continues_a_stopped_run_from_its_last_epoch(tmp_path, capsys):
     assert script.main(["--resume", str(tmp_path / "r")]) == 0
     history = torch.load(last, weights_only=True)["history"]
     assert [(r["epoch"], r["step"]) for r in history] == [(1, 6), (2, 12)]  # 48 images / batch 8 per epoch
+    speeds = [r["train_img_per_sec"] for r in history]  # the median of the epochs after the first
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["train_img_per_sec"] == speeds[1]
     assert history[0] == ckpt["history"][0]
 
 
