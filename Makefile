@@ -39,9 +39,9 @@ demo: $(STAMP)
 zoo: $(STAMP)
 	$(PY) scripts/zoo.py --out runs/zoo-study --jobs 2
 
-# Every mixer with 6 pathfinder seeds (escape rates, 95% Wilson intervals) and 3 shapes seeds: 162
-# runs, est. ~3.8 CPU-hours, ~1.9 h with two side by side (docs/zoo.md). Run it on an otherwise idle
-# machine; stopped and restarted, it reuses the finished runs.
+# Every mixer with 6 pathfinder seeds (18 for na, dilated, full: escape rates, 95% Wilson intervals)
+# and 3 shapes seeds: 198 runs, 93 min with two side by side on a 2-vCPU AMX Xeon (docs/zoo.md). Run
+# it on an otherwise idle machine; stopped and restarted, it reuses the finished runs.
 zoo-seeds: $(STAMP)
 	$(PY) scripts/zoo.py --out runs/zoo-seeds --parts accuracy patterns --jobs 2 \
 		--seeds pathfinder=6 shapes=3 pathfinder/na=18 pathfinder/dilated=18 pathfinder/full=18

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Detection (Mask R-CNN / FCOS) or semantic segmentation (UPerNet) over any timm backbone.
 
-    # the embedded shapes scene task, NAT from a classification checkpoint of train.py:
-    python scripts/dense.py --task detection --config configs/dense_detection.yaml \\
-        --backbone nat_mini --pretrained runs/demo/nat
+    # the embedded shapes scene task, NAT from a classification run of train.py (make demo's:
+    # runs/demo/<date-time>/demo_nat):
+    python scripts/dense.py --task detection --config configs/dense_detection.yaml --pretrained RUN
     python scripts/dense.py --task segmentation --config configs/dense_segmentation.yaml --quick
     python scripts/dense.py --resume runs/dense/RUN        # continue a stopped run
     python scripts/dense.py --draw runs/dense/RUN          # RUN/predictions.png: boxes, masks on val images

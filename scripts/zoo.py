@@ -6,7 +6,7 @@
     python scripts/zoo.py --out runs/zoo-study --parts scaling --mixers na full linear
     python scripts/zoo.py --out runs/zoo-seeds --parts accuracy patterns --seeds pathfinder=6 shapes=3
 
-Three parts, each writing OUT/<part>.{json,csv} (and a figure):
+Three parts, each writing OUT/<part>.json and a figure (scaling, accuracy: .csv and .md too):
 
 1. scaling: each mixer of `models.mixers.MIXERS` alone at NAT-Tiny's stage-1 width (dim 64, 2 heads,
    windows 7), forward + backward of a (1, side, side, 64) map at side 16, 32, 64, 128, in interleaved

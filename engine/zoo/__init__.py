@@ -1,7 +1,8 @@
 """The attention zoo study behind scripts/zoo.py: what each token mixer costs and what it buys.
 
 `run(args)` is the script's command: it checks the arguments and the finished runs it would reuse
-before any work, then runs the parts asked for, each writing OUT/<part>.{json,csv,md} and a figure:
+before any work, then runs the parts asked for, each writing OUT/<part>.json and a figure
+(scaling and accuracy: .csv and .md too):
 `engine.zoo.scaling` (time and memory against tokens), `engine.zoo.accuracy` (training every mixer
 on two tasks) and `engine.zoo.patterns` (where a query reads). What the study is (mixers, groups,
 tasks, sizes, --quick) is `engine.zoo.study`'s.
