@@ -281,7 +281,18 @@ def build_backbone(cfg_backbone: dict):
             f"checkpoint '{b['checkpoint']}' does not fit backbone '{b['name']}' with kwargs {kwargs} "
             f"({first_line(e)[:300]}); pick the model the checkpoint was trained with"
         ) from None
+    if not hasattr(body, "no_weight_decay") and hasattr(probe, "no_weight_decay"):
+        body.no_weight_decay = _renamed_no_weight_decay(probe, body)
     return body, b["name"], kwargs, levels
+
+
+def _renamed_no_weight_decay(model, body):
+    """`model.no_weight_decay()` for its features_only `body`: timm's FeatureListNet (Swin, ...) keeps
+    the parameters but flattens the top-level names ("layers.0.x" -> "layers_0.x") and drops the
+    method, so Swin's relative position tables got weight decay under a dense head."""
+    wanted = {name.replace(".", "_") for name in model.no_weight_decay()}
+    names = {name for name, _ in body.named_parameters() if name.replace(".", "_") in wanted}
+    return lambda: names
 
 
 def training_loss(model, task: str, images, targets) -> torch.Tensor:

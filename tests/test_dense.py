@@ -291,17 +291,22 @@ def test_backbone_settings_reach_the_model_in_their_documented_order(tmp_path):
         dense_config.load_dense_config([], ["backbone.drop_path_rate=null"])["backbone"]["drop_path_rate"]
         is None
     )
-    # no weight decay on the backbone's RPB tables wherever the detector / segmenter puts them
-    for task in dense_config.TASKS:
-        model, _ = dense_config.build_model(dense_config.load_dense_config([], [tiny]), task, 3)
+    # no weight decay on the backbone's relative position tables wherever the detector / segmenter
+    # puts them: NAT's RPB, and Swin's, whose features_only wrapper renames them and drops the method
+    swin = "backbone.kwargs={img_size: 64, window_size: 4, embed_dim: 16, depths: [1, 1, 1], "
+    swin += "num_heads: [1, 1, 1], strict_img_size: false}"
+    for task, backbone, table in [
+        *((task, ["backbone.name=nat_mini", tiny], ".rpb") for task in dense_config.TASKS),
+        ("detection", ["backbone.name=swin_tiny_patch4_window7_224", swin], ".relative_position_bias_table"),
+    ]:
+        model, _ = dense_config.build_model(dense_config.load_dense_config([], backbone), task, 3)
         names = {id(p): n for n, p in model.named_parameters()}
         decay = {
             g["weight_decay"]: [names[id(p)] for p in g["params"]]
             for g in _optimizer(model, cfg).param_groups
         }
-        assert not [n for n in decay[0.05] if n.endswith(".rpb")] and any(
-            n.endswith(".rpb") for n in decay[0.0]
-        )
+        tables = [n for n in names.values() if n.endswith(table)]
+        assert tables and set(tables) <= set(decay[0.0]), (backbone, tables)
         assert any(n.endswith("attn.qkv.weight") for n in decay[0.05])
     # --pretrained keeps the config files' kwargs for the model they configure, drops them for another
     classification_checkpoint(tmp_path / "c.pth.tar")  # arch nat_mini
