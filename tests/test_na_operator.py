@@ -467,8 +467,8 @@ def test_translation_equivariance_away_from_borders(dilation):
     inner = slice(margin, size - margin)
     expected = out.roll((shift, shift), dims=(1, 2))
     torch.testing.assert_close(out_rolled[:, inner, inner], expected[:, inner, inner])
-    # ... and borders are clamped, not zero-padded: a corner query differs from its shifted twin
-    assert not torch.allclose(out_rolled[:, 0, 0], expected[:, 0, 0])
+    # (borders: clamped windows, checked against the float64 reference in the tests above; a rolled
+    # map's corner differs from its twin whatever the border rule, so it can't tell them apart)
 
 
 def test_module_pads_small_maps_before_qkv_and_crops():
