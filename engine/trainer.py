@@ -142,7 +142,8 @@ class Run:
         self.primary = self.rank == 0
         if t["deterministic"]:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
+            # on CUDA some ops (AdaptiveAvgPool2d's backward: ConvNeXt) have no deterministic kernel: warn
+            torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
         random_seed(t["seed"], self.rank)
@@ -775,9 +776,10 @@ class Run:
         model.eval()
         loss_sum, top1_sum, top5_sum, n = 0.0, 0.0, 0.0, 0
         k = min(5, self.num_classes)
+        device = next(model.parameters()).device  # an EMA kept on the CPU (ema.force_cpu) is scored there
         for images, target in self.loader_eval:
-            images = images.to(self.device, non_blocking=True)
-            target = target.to(self.device, non_blocking=True)
+            images = images.to(device, non_blocking=True)
+            target = target.to(device, non_blocking=True)
             if self.cfg["train"]["channels_last"]:
                 images = images.contiguous(memory_format=torch.channels_last)
             with self.autocast():
