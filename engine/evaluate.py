@@ -228,12 +228,12 @@ def evaluate(args) -> dict:
             if args.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             if device.type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(device)  # this GPU (cuda:N), not the current one
             tm = time.perf_counter()
             with amp():
                 logits = model(images)
             if device.type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(device)
             model_time += time.perf_counter() - tm
             logits = logits.float()
             if idx is not None:
