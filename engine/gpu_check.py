@@ -127,9 +127,7 @@ def self_checks(plan: Plan) -> list[dict]:
                     head_dim=plan.self_check_head_dim,
                     rpb=has_rpb,
                 )
-                reason = why_not(backend, CallInfo(plan.device, dtype, has_rpb, 0.0, True))
-                if reason is None and backend == "natten" and not natten_has_cuda_kernels():
-                    reason = "natten has no CUDA kernels here (make setup NATTEN_CUDA=1); auto doesn't use it"
+                reason = why_not_here(backend, CallInfo(plan.device, dtype, has_rpb, 0.0, True))
                 if reason is not None:
                     rows.append(dict(row, status="skipped", outcome=f"skipped: {reason}"))
                     continue
@@ -142,6 +140,20 @@ def self_checks(plan: Plan) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------------
 # 1. operator
+
+
+def why_not_here(backend: str, call: CallInfo) -> str | None:
+    """`why_not`, and natten without its CUDA library: its CUDA path is then uncompiled FlexAttention
+    (full score matrices), which would be checked and timed as if it were natten's kernels."""
+    reason = why_not(backend, call)
+    if (
+        reason is None
+        and backend == "natten"
+        and call.device_type == "cuda"
+        and not natten_has_cuda_kernels()
+    ):
+        reason = "natten has no CUDA kernels here (make setup NATTEN_CUDA=1); auto doesn't use it"
+    return reason
 
 
 def check_operator(plan: Plan) -> list[dict]:
@@ -170,8 +182,8 @@ def check_operator(plan: Plan) -> list[dict]:
                     row = dict(
                         backend=backend, dtype=str(dtype).removeprefix("torch."), rpb=has_rpb, case=case
                     )
-                    train_reason = why_not(backend, CallInfo(device, dtype, has_rpb, 0.0, True))
-                    infer_reason = why_not(backend, CallInfo(device, dtype, has_rpb, 0.0, False))
+                    train_reason = why_not_here(backend, CallInfo(device, dtype, has_rpb, 0.0, True))
+                    infer_reason = why_not_here(backend, CallInfo(device, dtype, has_rpb, 0.0, False))
                     if infer_reason is None and backend == "flex" and index > 0:
                         infer_reason = "first case only (flex compiles each shape and dtype, ~20 s each)"
                     if infer_reason is not None:
@@ -235,7 +247,7 @@ def time_operator(plan: Plan) -> list[dict]:
             ("natten", "natten", None),
             ("torch+rpb", "torch", rpb),
         ):
-            reason = why_not(backend, CallInfo(plan.device, q.dtype, bias is not None, 0.0, True))
+            reason = why_not_here(backend, CallInfo(plan.device, q.dtype, bias is not None, 0.0, True))
             if reason is not None:
                 row["skipped"][label] = reason
                 continue
@@ -410,7 +422,13 @@ def benchmark_sweep(plan: Plan, out: Path, timeout: int) -> dict:
         "--out",
         str(bench_out),
     ]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    except subprocess.TimeoutExpired as e:  # keep what it printed: the models it finished, per line
+        printed = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or ""
+        return dict(
+            command=" ".join(command[1:]), error=f"timed out after {timeout} s", output=printed[-4000:]
+        )
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark.py exited {proc.returncode}: {proc.stderr[-2000:]}")
     result = json.loads((bench_out / "results.json").read_text())
@@ -446,10 +464,12 @@ def environment(plan: Plan) -> dict:
 
 
 def section_failed(name: str, result) -> bool:
+    """A section crashed or timed out, a check row FAILED, or a sweep model crashed (an OOM is a
+    measurement: reported, not failed)."""
     if isinstance(result, dict) and "error" in result:
         return True
-    rows = result if isinstance(result, list) else []
-    return any(row.get("status") == "FAILED" for row in rows)
+    rows = result if isinstance(result, list) else result.get("rows", []) if isinstance(result, dict) else []
+    return any(row.get("status") == "FAILED" or row.get("error") not in (None, "", "OOM") for row in rows)
 
 
 def markdown(report: dict) -> str:
@@ -560,10 +580,12 @@ def run(
     sections=DEFAULT_SECTIONS,
     sweep_timeout: int = 330,
     budget: float = 480,
+    deadline: float = 540,
 ) -> int:
     """Run `sections`, write gpu_check.json / gpu_check.md to `out`; the exit status (module doc).
     No section starts once `budget` seconds have passed (they are reported as not run), and the sweep
-    gets at most what is left of it: a lent machine's command limit then cuts nothing half-done."""
+    stops by `deadline` (what it printed is kept): a lent machine's command limit (560 s) then cuts
+    nothing half-done."""
     plan = Plan(dry_run)
     if not dry_run and not torch.cuda.is_available():
         print(
@@ -579,7 +601,7 @@ def run(
         "train": lambda: train_steps(plan),
         "tiles": lambda: time_tiles(plan),
         "sweep": lambda: benchmark_sweep(
-            plan, out, max(1, int(min(sweep_timeout, budget - (time.perf_counter() - start))))
+            plan, out, max(1, int(min(sweep_timeout, deadline - (time.perf_counter() - start))))
         ),
     }
     start = time.perf_counter()

@@ -53,14 +53,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--budget",
         type=float,
         default=480,
-        help="seconds after which no section starts (the sweep gets at most what is left)",
+        help="seconds after which no section starts",
+    )
+    p.add_argument(
+        "--deadline", type=float, default=540, help="seconds by which the sweep stops (its output is kept)"
     )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return gpu_check.run(args.out, args.dry_run, args.sections, args.sweep_timeout, args.budget)
+    return gpu_check.run(
+        args.out, args.dry_run, args.sections, args.sweep_timeout, args.budget, args.deadline
+    )
 
 
 if __name__ == "__main__":

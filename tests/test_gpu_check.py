@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("triton", reason="Triton is not importable: gpu_check checks the 'triton' backend")
 
@@ -135,6 +136,33 @@ def test_no_section_starts_after_the_budget_and_the_run_says_so(tmp_path, monkey
     status = gpu_check.run(tmp_path, dry_run=True, sections=["train", "na_timing"], budget=0)
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert status == 1 and report["sections"] == {} and report["not_run"] == ["train", "na_timing"]
+
+
+def test_a_sweep_cut_by_its_deadline_is_a_failed_section_that_keeps_its_output(tmp_path):
+    """The sweep stops by --deadline (a lent machine's command limit must not cut the report), with
+    the lines it printed kept; a crashed sweep model fails the check, an OOM is a measurement."""
+    assert gpu_check.run(tmp_path, dry_run=True, sections=["sweep"], deadline=3) == 1
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    sweep = report["sections"]["sweep"]
+    assert (
+        report["failed"] == ["sweep"] and sweep["error"].startswith("timed out after") and "output" in sweep
+    )
+    rows = [dict(model="a", error=""), dict(model="b", error="OOM")]
+    assert not gpu_check.section_failed("sweep", dict(rows=rows))
+    assert gpu_check.section_failed("sweep", dict(rows=[*rows, dict(model="c", error="RuntimeError: x")]))
+
+
+def test_natten_without_its_cuda_library_is_not_checked_or_timed_as_natten():
+    """Without libnatten its CUDA path is uncompiled FlexAttention: a check or timing under natten's
+    name would be of that fallback (full score matrices)."""
+    from models.layers.backends.checks import CallInfo
+    from models.layers.backends.natten_na import natten_has_cuda_kernels, natten_version
+
+    if natten_version() is None or natten_has_cuda_kernels():
+        pytest.skip("needs natten installed without its CUDA library (this repo's CPU setup)")
+    call = CallInfo("cuda", torch.bfloat16, False, 0.0, True)
+    assert gpu_check.why_not("natten", call) is None  # the dispatcher's own check lets it through
+    assert "no CUDA kernels" in gpu_check.why_not_here("natten", call)
 
 
 @pytest.mark.slow
