@@ -499,6 +499,21 @@ def test_torch_compile_runs_the_self_check_while_tracing(cuda_path_on_cpu):
     assert any("na2d_triton_forward" in str(node.target) for node in graph.graph.nodes)
 
 
+def test_each_autotuning_holds_for_one_compiled_variant():
+    """The autotuner's key names every constexpr (tiles, dilation, RPB, precision) and the shape:
+    a key of head dim, kernel size and map size alone gave every tile of gpu_check's tile sweep the
+    default tile's launch settings. Triton keys only on names it finds among the kernel's arguments."""
+    import inspect
+
+    for kernel in triton_na.KERNELS:
+        key, names = triton_na.autotune_key(kernel), list(inspect.signature(kernel).parameters)
+        assert set(key) <= set(names), set(key) - set(names)
+        assert names[-len(key) + 3 :] == key[3:]  # every constexpr: the signature's tail
+        assert {"head_dim", "height", "width", "KS", "DIL", "HAS_RPB", "PRECISION"} <= set(key)
+    assert {"BH", "BW"} <= set(triton_na.autotune_key(triton_na.KERNELS[0]))  # the query tile
+    assert {"KH", "KWT"} <= set(triton_na.autotune_key(triton_na.KERNELS[2]))  # the key tile
+
+
 def test_auto_without_triton_falls_back_and_says_why(monkeypatch):
     monkeypatch.setattr(checks, "triton_error", lambda: "Triton is not importable (test)")
     assert _pick() == "torch"  # RPB training: SDPA over halo tiles

@@ -461,26 +461,39 @@ def jit_kernels() -> tuple:
     The device functions they call are decorated first and rebound under their names, where the
     kernels look them up."""
     globals().update({name: triton.jit(globals()[name]) for name in _DEVICE_FUNCTIONS})
-    return tuple(
-        triton.jit(fn)
-        for fn in (_na2d_forward_kernel, _na2d_backward_query_kernel, _na2d_backward_key_kernel)
-    )
+    return tuple(triton.jit(fn) for fn in KERNELS)
+
+
+KERNELS = (_na2d_forward_kernel, _na2d_backward_query_kernel, _na2d_backward_key_kernel)
+
+
+def autotune_key(kernel) -> list[str]:
+    """What one tuning of `kernel` (one of `KERNELS`) holds for: head dim, map size and every
+    constexpr (kernel size, dilation, tiles, RPB and its gradient, precision: each value compiles its
+    own variant, so a key without them handed one variant's launch settings to the next, e.g. each
+    tile of gpu_check's tile sweep the default tile's). Triton adds the tensors' dtypes itself."""
+    params = inspect.signature(kernel).parameters.values()
+    return [
+        "head_dim",
+        "height",
+        "width",
+        *(p.name for p in params if p.annotation in (tl.constexpr, "tl.constexpr")),
+    ]
 
 
 @functools.cache
 def _kernels() -> tuple:
-    """What the launches call: on a GPU each kernel autotuned over `LAUNCH_CONFIGS`, once per key
-    (head dim, kernel size, map size and, Triton's own, the tensors' dtypes); in the interpreter,
-    where launch settings mean nothing, the plain kernels."""
+    """What the launches call: on a GPU each kernel autotuned over `LAUNCH_CONFIGS`, once per
+    `autotune_key`; in the interpreter, where launch settings mean nothing, the plain kernels."""
     if triton_interpreting():
         return jit_kernels()
     # Configs that run out of shared memory or registers are timed as infinitely slow, not raised.
     return tuple(
         triton.autotune(
             [triton.Config({}, num_warps=warps, num_stages=stages) for warps, stages in configs],
-            key=["head_dim", "KS", "height", "width"],
+            key=autotune_key(source),
         )(kernel)
-        for kernel, configs in zip(jit_kernels(), LAUNCH_CONFIGS, strict=True)
+        for source, kernel, configs in zip(KERNELS, jit_kernels(), LAUNCH_CONFIGS, strict=True)
     )
 
 
