@@ -36,7 +36,10 @@ def _block_mask(height: int, width: int, kernel_size: int, dilation: int, device
 
     mask_mod = _mask_mod(height, width, kernel_size, dilation, device)
     n = height * width
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device)
+    # Compiled on CUDA: eager create_block_mask evaluates the mask over all n x n pairs (4.3e9 at a
+    # 1024 px input's 256 x 256 map), compiled it works block by block.
+    compiled = torch.device(device).type == "cuda"
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device, _compile=compiled)
 
 
 def _mask_mod(height: int, width: int, kernel_size: int, dilation: int, device: str):
@@ -93,6 +96,9 @@ def na2d_flex(
 
     with warnings.catch_warnings():
         # Off CUDA the unfused path is the intended one (see module docstring); don't warn about it.
-        warnings.filterwarnings("ignore", message=".*without torch.compile")
+        # On CUDA the warning stays: it means the compiled kernel was given up (e.g. dynamo's
+        # recompile limit after many shapes) and full score matrices are being built.
+        if not q.is_cuda:
+            warnings.filterwarnings("ignore", message=".*without torch.compile")
         out = attend(to_seq(q), to_seq(k), to_seq(v), score_mod=score_mod, block_mask=block_mask, scale=scale)
     return out.transpose(1, 2).reshape(B, H, W, heads, dim)
