@@ -254,8 +254,14 @@ def test_variant_hyperparameters_follow_the_papers():
             m = timm.create_model(name)
         assert (m.embed_dim, m.num_heads, m.mlp_ratio, m.layer_scale) == (dim, heads, mlp, ls), name
         assert m.kernel_size == (k,) * 4
-        last = m.stages[-1].blocks[-1]
-        assert last.drop_path1.drop_prob == pytest.approx(dpr), name
+        # the official schedule: linear from 0 over every block, in order (torch.linspace(0, rate, n))
+        blocks = [b for stage in m.stages for b in stage.blocks]
+        want = [i * dpr / (len(blocks) - 1) for i in range(len(blocks))]
+        got = [float(getattr(b.drop_path1, "drop_prob", 0.0)) for b in blocks]
+        assert got == pytest.approx(want, abs=1e-6), name
+        assert [float(getattr(b.drop_path2, "drop_prob", 0.0)) for b in blocks] == pytest.approx(
+            want, abs=1e-6
+        )
         assert m.stages[0].blocks[0].attn.kernel_size == k
         assert m.stages[1].downsample.conv.bias is None
 

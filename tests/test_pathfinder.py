@@ -81,16 +81,16 @@ def test_layout_determinism_and_idempotence(tmp_path, pathfinder_root):
 
 @pytest.mark.parametrize("palette", [2, 0])
 def test_label_matches_the_picture_and_dots_are_far_apart(pathfinder_root, tmp_path, palette):
-    """Read back from the pixels alone: the two dots' cores have one hue iff `connected`, each core has
-    the hue of the curve leaving its dot (read just outside the white ring), and the dots are at least
-    min_dot_distance (0.5) x size apart in both classes."""
+    """Read back from the pixels alone, train and val: the two dots' cores have one hue iff
+    `connected`, each core has the hue of the curve leaving its dot (read just outside the white
+    ring), and the dots are at least min_dot_distance (0.5) x size apart in both classes."""
     root = pathfinder_root
     if palette == 0:  # random hues, three curves (one distractor)
         root = generate_pathfinder_dataset(
             tmp_path / "hues", train_per_class=30, val_per_class=1, image_size=SIZE, num_curves=3, palette=0
         )
     agree, core_is_curve = [], []
-    for img, label in _images(root):
+    for img, label in _images(root) + _images(root, "val"):  # both splits: val's labels are scored
         a, b = _dots(img)
         assert np.hypot(*(a - b)) >= 0.5 * SIZE - 1.5
         cores = [_hue(img, c, 0, 1.8, min_saturation=0.2) for c in (a, b)]  # blurred by the ring
