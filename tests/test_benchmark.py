@@ -7,6 +7,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -44,11 +45,23 @@ def test_quick_writes_csv_json_and_plots(quick_run):
     assert len(rows) == len(models) * 2 * len(resolutions)  # every model x mode x resolution
     assert {r["model"] for r in rows} == set(models)
     assert all(r["error"] == "" for r in rows), [r["error"] for r in rows if r["error"]]
+    import timm
+
+    from models import count_flops
+
     for r in rows:
         assert float(r["img_s_min"]) <= float(r["img_s_median"]) <= float(r["img_s_max"])
         assert float(r["gmacs"]) > 0 and float(r["params_m"]) > 0
         assert r["mem_kind"] == "cpu_rss_delta" and r["device"] == "cpu"
+    for r in rows:  # the MACs at the row's own resolution (count_flops: checked by hand in test_flops)
+        if r["model"] == "nat_mini":
+            res = int(r["resolution"])
+            model = timm.create_model("nat_mini", **benchmark.QUICK_KWARGS["nat_mini"])
+            assert float(r["gmacs"]) == pytest.approx(count_flops(model, (3, res, res)) / 1e9, rel=1e-6)
     result = json.loads((out / "results.json").read_text())
+    for r in result["rows"]:  # each round's images per second is the batch over that round's step time
+        step_ms = statistics.median(1e3 * r["batch"] / x for x in r["img_s_rounds"])
+        assert r["ms_per_step_median"] == pytest.approx(step_ms, rel=1e-6), r["model"]
     env = result["environment"]
     assert env["torch"] == torch.__version__ and "natten" in env and env["cpu"]
     assert "load_average_before" in result and result["baseline"] == "swin_tiny_patch4_window7_224"

@@ -164,6 +164,15 @@ def test_tensorboard_has_the_promised_scalars(full_run):
     for tag in tags:  # one point per step: a tag written twice at a step draws a zigzag
         steps = [e.step for e in acc.Scalars(tag)]
         assert len(steps) == len(set(steps)), (tag, steps)
+    # the values are the epochs' own: summary.csv's rows, tag by tag (updates 3 and 6 end epochs 1, 2)
+    rows = list(csv.DictReader((full_run[0] / "summary.csv").open()))
+    for tag, column in (
+        ("val/top1", "eval_top1"),
+        ("val/loss", "eval_loss"),
+        ("train/epoch_loss", "train_loss"),
+    ):
+        got = [e.value for e in acc.Scalars(tag)]
+        assert got == pytest.approx([float(r[column]) for r in rows], rel=1e-6), tag
     assert "config" in "".join(acc.Tags()["tensors"])
 
 
