@@ -287,10 +287,16 @@ def test_fine_tune_resizes_head(full_run, workdir):
         workdir / "runs",
         "--experiment",
         "ft",
+        "optim.lr=0",  # ~nothing moves (the cosine's floor, ~1e-5): what the run saved is what it loaded
         check=0,
     )
     assert "classifier re-initialised for 5 classes" in p.stdout
-    assert load(workdir / "runs" / "ft" / "last.pth.tar")["num_classes"] == 5
+    ft_ck = load(workdir / "runs" / "ft" / "last.pth.tar")
+    assert ft_ck["num_classes"] == 5 and ft_ck["state_dict"]["head.fc.weight"].shape[0] == 5
+    source = load(ref_dir / "model_best.pth.tar")["state_dict"]
+    body = {k: v for k, v in ft_ck["state_dict"].items() if not k.startswith("head.fc.")}
+    for name, tensor in body.items():  # every weight but the head: the source's, not a fresh init
+        torch.testing.assert_close(tensor, source[name], atol=1e-4, rtol=0, msg=name)
 
 
 def tensorboard_scalars(run_dir: Path, tag: str) -> dict[int, float]:

@@ -17,6 +17,7 @@ def test_two_process_gloo_run_then_resume_with_one(tmp_path):
         tmp_path / "data",
         data={"synthetic": {"num_classes": 3, "train_per_class": 8, "val_per_class": 3, "image_size": 32}},
         sched={"epochs": 2, "warmup_epochs": 0},
+        optim={"lr": None, "lr_base": 1e-3, "lr_base_size": 32, "grad_accum_steps": 2, "clip_grad": 1.0},
     )
     p = run_cli(
         "-m",
@@ -39,6 +40,8 @@ def test_two_process_gloo_run_then_resume_with_one(tmp_path):
     # 24 images over 2 ranks = 12 each; batch 4 -> 3 batches; accum 2 -> 2 updates (the last one partial)
     assert ck["num_updates"] == 2 and (ck["next_epoch"], ck["next_batch"]) == (1, 0)
     assert not any(k.startswith("module.") for k in ck["state_dict"])  # saved unwrapped
+    # timm's lr rule on the global batch: lr_base x (batch 4 x 2 processes x accumulation 2) / 32
+    assert ck["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(1e-3 * 16 / 32)
     epoch_1 = ck
     assert p.stdout.count("epoch 1/2") == 1  # only rank 0 logs
     # 9 val images over 2 ranks: each counted once (a padded 10th would make top-1 a multiple of 10)
