@@ -14,6 +14,8 @@ import hashlib
 import math
 import os
 import random
+import signal
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -157,13 +159,34 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def loader_worker_init(worker_id: int) -> None:
     """DataLoader workers leave the training process's group: Ctrl-C or a scheduler signals the whole
     process group, and a worker killed by that made the main loop fail ("DataLoader worker ... is
     killed by signal") before it could save (inherited Python handlers also printed the notice once
     per worker). The main process still ends its workers itself (torch's worker SIGTERM handler exits
-    cleanly on the parent's signal) and they die with it (PR_SET_PDEATHSIG). Then timm's seeding."""
+    cleanly on the parent's signal) and they die with it (PR_SET_PDEATHSIG). Then timm's seeding.
+
+    A worker forked by `worker_batches` starts with those signals held: one sent to the group before
+    it left is pending here, and is taken off (its handlers untouched: torch's C SIGTERM handler is
+    what ends a worker when the parent asks) before they are let through."""
     from timm.data.loader import _worker_init
 
     os.setpgid(0, 0)
+    for sig in signal.sigpending() & STOP_SIGNALS:
+        signal.sigtimedwait([sig], 0)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     _worker_init(worker_id)
+
+
+def worker_batches(loader) -> Iterator:
+    """`iter(loader)`, its workers forked with SIGINT / SIGTERM held: a group signal in the moment
+    between a worker's fork and its `loader_worker_init` killed it (at every epoch's start, where a
+    job scheduler's signal often lands). The training process gets a held signal when the hold ends."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)

@@ -54,6 +54,7 @@ from engine.sampling import (
     rank_rng_states,
     restore_rng_state,
     rng_state,
+    worker_batches,
 )
 
 _logger = logging.getLogger("train")
@@ -641,18 +642,16 @@ class Run:
         self.train_set.epoch = epoch
         self.loader_train.generator.manual_seed(t["seed"] * 1000 + epoch)  # worker seeds: not global RNG
         n_batches = self.batches_per_epoch
-        last_accum = n_batches % self.accum or self.accum
-        last_accum_start = n_batches - last_accum
+        last_accum = n_batches % self.accum or self.accum  # the last update's batches, from last_start
+        last_start = n_batches - last_accum
         params = list(unwrap(self.model).parameters())
-        t_start = time.perf_counter()
-        images_seen = 0
+        t_start, images_seen, stop_after = time.perf_counter(), 0, t["stop_after_updates"]
         self._log_window = (0, time.perf_counter())  # images and start time since the last logged update
-        stop_after = t["stop_after_updates"]
         progress = self._progress_bar(epoch, start_batch, show_progress)
         try:
-            for batch_idx, (images, target) in enumerate(self.loader_train, start=start_batch):
+            for batch_idx, (images, target) in enumerate(worker_batches(self.loader_train), start_batch):
                 need_update = (batch_idx + 1) % self.accum == 0 or batch_idx + 1 == n_batches
-                accum_steps = last_accum if batch_idx >= last_accum_start else self.accum
+                accum_steps = last_accum if batch_idx >= last_start else self.accum
                 loss, batch_size = self._train_step(
                     images, target, params, need_update, accum_steps, epoch, batch_idx
                 )
@@ -777,7 +776,7 @@ class Run:
         loss_sum, top1_sum, top5_sum, n = 0.0, 0.0, 0.0, 0
         k = min(5, self.num_classes)
         device = next(model.parameters()).device  # an EMA kept on the CPU (ema.force_cpu) is scored there
-        for images, target in self.loader_eval:
+        for images, target in worker_batches(self.loader_eval):
             images = images.to(device, non_blocking=True)
             target = target.to(device, non_blocking=True)
             if self.cfg["train"]["channels_last"]:

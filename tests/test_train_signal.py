@@ -77,3 +77,41 @@ def test_sigterm_to_the_process_group_with_loader_workers_still_saves(tmp_path):
     assert proc.returncode == 143, stdout + stderr
     assert "stopped by SIGTERM" in stdout and "killed by signal" not in stderr, stderr
     assert (out / "group" / "last.pth.tar").is_file()
+
+
+WORKER_RACE = """
+import os, signal, sys, time
+import torch
+from engine.sampling import loader_worker_init, worker_batches
+
+received = []
+signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+
+
+def slow_init(worker_id):  # widens the moment between a worker's fork and its leaving the group
+    time.sleep(1.0)
+    loader_worker_init(worker_id)
+
+
+loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=2, worker_init_fn=slow_init)
+batches = {BATCHES}(loader)
+os.killpg(0, signal.SIGTERM)  # a scheduler's signal to the whole job, while both workers start up
+print(sum(len(b) for b in batches), received == [signal.SIGTERM])
+"""
+
+
+@pytest.mark.parametrize("held", [True, False])
+def test_a_group_signal_while_loader_workers_start_reaches_only_the_training_process(held):
+    """At an epoch's start the DataLoader forks its workers, still in the training process's group
+    until their `loader_worker_init` runs: a scheduler's SIGTERM to the group in that moment killed a
+    worker, and the run died unsaved. `worker_batches` holds the signal while they fork: the workers
+    drop it, the training process gets it. (Without the hold, the same moment kills a worker.)"""
+    script = WORKER_RACE.replace("{BATCHES}", "worker_batches" if held else "iter")
+    proc = subprocess.run(
+        [PY, "-c", script], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120,
+        start_new_session=True,  # its own group: the signal stays inside the test's child
+    )  # fmt: skip
+    if held:
+        assert proc.returncode == 0 and proc.stdout.split() == ["8", "True"], proc.stdout + proc.stderr
+    else:
+        assert proc.returncode != 0 and "RuntimeError: DataLoader worker" in proc.stderr, proc.stderr
