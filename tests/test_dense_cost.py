@@ -56,6 +56,9 @@ def test_measure_and_write_outputs(tmp_path):
         assert r["reference"] == "NAT-T"
     assert torch.get_num_threads() == threads  # measured on one thread, the caller's setting restored
     assert all(r["ratio"] == 1.0 for r in rows if r["backbone"] == "NAT-T")
+    for nat, vit in (rows[:2], rows[2:]):  # one round: the ratio is the two times' quotient, ViT-S / NAT-T
+        assert vit["ratio"] == pytest.approx(vit["median_s"] / nat["median_s"], rel=1e-6)
+        assert 0 < nat["fpn_s"] < nat["median_s"]  # the neck alone, timed apart: a fraction of the backbone
     assert all(("fpn_s" in r) == (r["backbone"] == "NAT-T") for r in rows)  # ViT-S: single scale, no neck
     dense_cost.write_outputs(rows, tmp_path)
     saved = json.loads((tmp_path / "dense_cost.json").read_text())
