@@ -207,6 +207,27 @@ def test_stop_and_resume_gives_identical_weights(full_run, workdir):
     assert [r["epoch"] for r in rows] == ["1", "2"]
 
 
+def test_gradient_clipping_bounds_the_first_update(workdir):
+    """optim.clip_grad (norm): plain SGD at lr 1 moves the weights by exactly the clipped gradient,
+    whose norm is the bound (unclipped, this first step is ~4.6, ~5e3 times larger); lr 0 gives the start."""
+    weights = {}
+    for name, lr in (("start", 0.0), ("clipped", 1.0)):
+        cfg = write_config(
+            workdir / f"clip-{name}.yaml",
+            workdir / "data",
+            optim={"opt": "momentum", "lr": lr, "momentum": 0.0, "weight_decay": 0.0, "clip_grad": 1e-3,
+                   "grad_accum_steps": 1},
+            sched={"epochs": 1, "warmup_epochs": 0, "sched": "step", "decay_rate": 1.0},
+            ema={"enabled": False},
+            model={"drop_path_rate": 0.0},
+            train={"stop_after_updates": 1},
+        )  # fmt: skip
+        run_cli("train.py", "-c", cfg, "--output", workdir / "runs", "--experiment", f"clip-{name}", check=0)
+        weights[name] = load(workdir / "runs" / f"clip-{name}" / "last.pth.tar")["state_dict"]
+    step = torch.cat([(weights["clipped"][k] - weights["start"][k]).flatten() for k in weights["start"]])
+    assert step.norm().item() == pytest.approx(1e-3, rel=1e-3)
+
+
 def test_nan_loss_stops_with_one_line_and_keeps_last_checkpoint(workdir):
     # epoch 0 at warmup_lr (fine, checkpointed), epoch 1 at lr 1e12: the loss blows up
     cfg = write_config(
