@@ -113,7 +113,7 @@ def run_folder(cfg: dict, resume: str | None) -> tuple[Path, str | None]:
     run_dir = Path(resume).parent if Path(resume).is_file() else Path(resume)
     named = None if t["experiment"] is None else Path(t["output"]) / t["experiment"]
     t["output"], t["experiment"] = str(run_dir.parent), run_dir.name
-    if named is None or named == run_dir:
+    if named is None or named.resolve() == run_dir.resolve():  # one folder, named relative or absolute
         return run_dir, None
     return run_dir, (
         f"warning: a resumed run continues in its own folder {run_dir}, not in {named} (train.output / "

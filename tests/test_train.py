@@ -328,6 +328,19 @@ def tensorboard_scalars(run_dir: Path, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in acc.Scalars(tag)}
 
 
+def test_resuming_a_run_by_a_relative_path_to_its_own_folder_warns_of_nothing(tmp_path, monkeypatch):
+    """make demo records its output absolute; `--resume runs/demo/...` from the repo names the same
+    folder relatively: no "continues in its own folder ..., not in <the same folder>" warning."""
+    from engine.resume import run_folder
+
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    cfg = {"train": {"output": str(tmp_path / "runs"), "experiment": "r"}}
+    assert run_folder(cfg, "runs/r") == (Path("runs/r"), None)
+    cfg = {"train": {"output": str(tmp_path / "runs"), "experiment": "other"}}
+    assert "not in" in run_folder(cfg, "runs/r")[1]
+
+
 def test_resume_a_finished_run_with_more_epochs_recomputes_the_schedule(full_run, workdir):
     """--resume RUN --epochs 3 on a finished 2-epoch run: epoch 3 follows a 3-epoch cosine from 2/3 of
     the way (not the old schedule's floor); the same epochs: nothing to do; fewer: one error line."""
