@@ -115,14 +115,9 @@ class Run:
         """Fail on a wrong model name or fine-tune path before any folder or data is made."""
         cfg = self.cfg
         check_model_name(cfg["model"]["name"])
-        if (
-            cfg["model"]["checkpoint"]
-            and resume_ckpt is None
-            and not Path(cfg["model"]["checkpoint"]).is_file()
-        ):
-            raise CheckpointError(
-                f"model.checkpoint '{cfg['model']['checkpoint']}' not found; check the path"
-            )
+        checkpoint = cfg["model"]["checkpoint"]
+        if checkpoint and resume_ckpt is None and not Path(checkpoint).is_file():
+            raise CheckpointError(f"model.checkpoint '{checkpoint}' not found; check the path")
 
     def _setup_device(self):
         """Device, process group (torchrun), determinism switches and the seed."""
@@ -528,7 +523,11 @@ class Run:
         torch.distributed.all_reduce(t)
         return t.tolist()
 
-    def _install_signal_handlers(self):
+    @contextlib.contextmanager
+    def _stop_signals_handled(self):
+        """While the run trains, SIGINT/SIGTERM ask for a checkpoint after this update; then the previous
+        handlers are back (a stale one swallowed a later in-process Ctrl-C and kept the run alive)."""
+
         def handler(signum, frame):
             name = signal.Signals(signum).name
             if self.stop_signal is not None and name == "SIGINT":  # second Ctrl-C: leave now
@@ -537,22 +536,26 @@ class Run:
             if self.primary:
                 print(f"\n{name} received: saving a checkpoint after this update...", file=sys.stderr)
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, h in previous.items():
+                signal.signal(sig, h)
 
     def fit(self) -> int:
         """Epochs from the start (or resume) position; the exit status (0, or 130/143 when stopped)."""
-        status = self._fit_epochs()
-        if self.distributed:
-            # Ranks leave together, finished or stopped: a rank that tore its gloo group down while
-            # rank 0 was still writing a checkpoint aborted at exit ("terminate called without an
-            # active exception") in about 1 of 3 two-process runs.
-            torch.distributed.barrier()
+        with self._stop_signals_handled():
+            status = self._fit_epochs()
+            if self.distributed:
+                # Ranks leave together, finished or stopped: a rank that tore its gloo group down while
+                # rank 0 was still writing a checkpoint aborted at exit ("terminate called without an
+                # active exception") in about 1 of 3 two-process runs.
+                torch.distributed.barrier()
         return status
 
     def _fit_epochs(self) -> int:
         t = self.cfg["train"]
-        self._install_signal_handlers()
         self._pos = (self.start_epoch, self.start_batch)
         show_progress = {"on": True, "off": False}.get(t["progress"], sys.stderr.isatty()) and self.primary
         best = None

@@ -1,5 +1,6 @@
 """A real SIGTERM mid-run: checkpoint first, exit 143, and the resumed run ends bit-identical to an
-uninterrupted one (deterministic CPU). Slow (three training processes): `pytest -m slow`."""
+uninterrupted one (deterministic CPU). Slow (three training processes): `pytest -m slow`. And once
+a run ends, the caller's signal handlers are back."""
 
 from __future__ import annotations
 
@@ -115,3 +116,20 @@ def test_a_group_signal_while_loader_workers_start_reaches_only_the_training_pro
         assert proc.returncode == 0 and proc.stdout.split() == ["8", "True"], proc.stdout + proc.stderr
     else:
         assert proc.returncode != 0 and "RuntimeError: DataLoader worker" in proc.stderr, proc.stderr
+
+
+def test_a_finished_run_gives_the_callers_signal_handlers_back(tmp_path):
+    """train() called in-process (a notebook, a test): once it returns, Ctrl-C and SIGTERM reach the
+    caller's handlers again. A handler left installed swallowed them into the finished run."""
+    from engine.train_command import train
+
+    cfg = write_config(tmp_path / "tiny.yaml", tmp_path / "data", sched={"epochs": 1, "warmup_epochs": 0})
+    mine = {sig: (lambda signum, frame: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    before = {sig: signal.signal(sig, handler) for sig, handler in mine.items()}
+    try:
+        overrides = [f"train.output={tmp_path / 'runs'}", "train.stop_after_updates=1"]
+        assert train([str(cfg)], overrides) == 0
+        assert {sig: signal.getsignal(sig) for sig in mine} == mine
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
