@@ -46,16 +46,8 @@ from engine.resume import (
     scheduled_lr,
 )
 from engine.run_log import RunLog, close_log_file, fmt_time, setup_logging
-from engine.sampling import (
-    EvalShard,
-    ResumableSampler,
-    SampleSeededDataset,
-    loader_worker_init,
-    rank_rng_states,
-    restore_rng_state,
-    rng_state,
-    worker_batches,
-)
+from engine.sampling import rank_rng_states, restore_rng_state, rng_state, worker_batches
+from engine.train_data import build_loaders, build_mixup_and_loss
 
 _logger = logging.getLogger("train")
 
@@ -307,95 +299,14 @@ class Run:
 
     def _build_loaders(self, bundle):
         """Train loader (resumable sampler, per-sample seeded augmentation) and timm's eval loader."""
-        from timm.data import create_loader, create_transform
-
-        d, a, t = self.cfg["data"], self.cfg["aug"], self.cfg["train"]
-        dc = self.data_config
-        train_tf = create_transform(
-            dc["input_size"],
-            is_training=True,
-            no_aug=a["no_aug"],
-            scale=tuple(a["scale"]),
-            ratio=tuple(a["ratio"]),
-            hflip=a["hflip"],
-            vflip=a["vflip"],
-            color_jitter=a["color_jitter"],
-            auto_augment=a["auto_augment"] or None,
-            interpolation=a["train_interpolation"],
-            mean=dc["mean"],
-            std=dc["std"],
-            re_prob=a["reprob"],
-            re_mode=a["remode"],
-            re_count=a["recount"],
-        )
-        self.train_set = SampleSeededDataset(bundle.train, seed=t["seed"])
-        self.train_set.transform = train_tf
-        bs = t["batch_size"]
-        self.sampler = ResumableSampler(len(self.train_set), self.world_size, self.rank, seed=t["seed"])
-        self.batches_per_epoch = self.sampler.num_samples // bs
-        if self.batches_per_epoch == 0:
-            raise ConfigError(
-                f"train.batch_size={bs} is larger than the {self.sampler.num_samples} training images per "
-                "process; lower train.batch_size"
-            )
-        self.loader_train = torch.utils.data.DataLoader(
-            self.train_set,
-            batch_size=bs,
-            sampler=self.sampler,
-            num_workers=d["workers"],
-            drop_last=True,
-            pin_memory=d["pin_memory"] and self.device.type == "cuda",
-            worker_init_fn=loader_worker_init,
-            generator=torch.Generator(),
-            persistent_workers=False,
-        )
-        # each rank scores its own images, none twice (timm's distributed eval sampler pads the set)
-        val = EvalShard(bundle.val, self.world_size, self.rank) if self.distributed else bundle.val
-        self.loader_eval = create_loader(
-            val,
-            input_size=dc["input_size"],
-            batch_size=d["val_batch_size"] or 2 * bs,
-            is_training=False,
-            interpolation=dc["interpolation"],
-            mean=dc["mean"],
-            std=dc["std"],
-            num_workers=d["workers"],
-            distributed=False,
-            crop_pct=dc["crop_pct"],
-            crop_mode=dc.get("crop_mode"),  # as eval.py reads it from the checkpoint
-            pin_memory=d["pin_memory"],
-            device=self.device,
-            use_prefetcher=False,
-        )
-        self.loader_eval.worker_init_fn = loader_worker_init  # timm's seeding, and signals to this process
+        loaders = build_loaders(self.cfg, bundle, self.data_config, self.world_size, self.rank, self.device)
+        self.train_set, self.sampler = loaders.train_set, loaders.sampler
+        self.loader_train, self.loader_eval = loaders.train, loaders.eval
+        self.batches_per_epoch = loaders.batches_per_epoch
 
     def _build_loss_mixup(self):
         """Mixup/cutmix (soft-target loss), else label smoothing, else plain cross-entropy."""
-        from timm.data import Mixup
-        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
-        a = self.cfg["aug"]
-        self.mixup_fn = None
-        if a["mixup"] > 0 or a["cutmix"] > 0 or a["cutmix_minmax"] is not None:
-            if self.cfg["train"]["batch_size"] % 2:
-                raise ConfigError(
-                    "mixup/cutmix need an even train.batch_size (or set aug.mixup=0 aug.cutmix=0)"
-                )
-            self.mixup_fn = Mixup(
-                mixup_alpha=a["mixup"],
-                cutmix_alpha=a["cutmix"],
-                cutmix_minmax=a["cutmix_minmax"],
-                prob=a["mixup_prob"],
-                switch_prob=a["mixup_switch_prob"],
-                mode=a["mixup_mode"],
-                label_smoothing=a["smoothing"],
-                num_classes=self.num_classes,
-            )
-            self.train_loss_fn = SoftTargetCrossEntropy()
-        elif a["smoothing"]:
-            self.train_loss_fn = LabelSmoothingCrossEntropy(smoothing=a["smoothing"])
-        else:
-            self.train_loss_fn = nn.CrossEntropyLoss()
+        self.mixup_fn, self.train_loss_fn = build_mixup_and_loss(self.cfg, self.num_classes)
         self.train_loss_fn.to(self.device)
         self.eval_loss_fn = nn.CrossEntropyLoss().to(self.device)
 
