@@ -314,3 +314,40 @@ def test_the_swin_row_alternates_plain_and_shifted_windows_and_reads_the_whole_i
     features = model.forward_features(x)  # (1, 8, 8, C), LayerNorm'd: a plain channel sum is constant
     (features[0, 4, 4] * torch.randn(features.shape[-1])).sum().backward()
     assert (x.grad.abs().sum(1)[0] > 0).float().mean() == 1.0
+
+
+@pytest.mark.parametrize(
+    "answer, expected", [("right", 100.0), ("inverted", 0.0), ("always connected", 50.0)]
+)
+def test_near_pair_top1_scores_against_the_rendered_label_in_the_runs_class_order(
+    tmp_path, monkeypatch, answer, expected
+):
+    """The near-pair score renders fresh near-pair images (near=True, seeds apart from train and
+    val) and counts the model's answers against each image's label in the run's classes.txt order.
+    The rendering is replaced by images that carry their label in their brightness, so a model that
+    reads it is an oracle: it scores 100, its inverse 0, a constant answer 50."""
+    import numpy as np
+    import torch
+
+    import data.pathfinder
+
+    near_flags, seeds = [], []
+
+    def labelled_image(connected, size, rng, *style, near):
+        near_flags.append(near)
+        seeds.append(int(rng.integers(1 << 30)))
+        return np.full((size, size, 3), 255 if connected else 0, np.uint8)
+
+    class Reader(torch.nn.Module):  # classes.txt below lists "disconnected" first
+        def forward(self, x):
+            bright = (x.mean((1, 2, 3)) > 0).float()
+            connected = {"right": bright, "inverted": 1 - bright, "always connected": torch.ones_like(bright)}
+            return torch.stack([1 - connected[answer], connected[answer]], 1)
+
+    opts = dict(seed=3, image_size=8, num_curves=2, colour_curves=True, min_dot_distance=4, palette=None)
+    cfg = {"data": {"mean": [0.5] * 3, "std": [0.25] * 3, "pathfinder": dict(opts, dot_radius=1)}}
+    (tmp_path / "classes.txt").write_text("disconnected\nconnected\n")
+    monkeypatch.setattr(data.pathfinder, "render_pathfinder", labelled_image)
+    monkeypatch.setattr(accuracy, "trained_model", lambda run_dir: (Reader(), cfg))
+    assert accuracy.near_pair_top1(tmp_path, per_class=6) == expected
+    assert near_flags == [True] * 12 and len(set(seeds)) == 12  # a fresh image each, all near pairs
