@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -80,10 +81,10 @@ def _count_flops(model, task, size) -> dict:
     """Multiply-adds at one val-size image: the backbone (+ FPN for detection) and the whole model."""
     from models.flops import count_flops
 
-    inner = model.model if task == "segmentation" else model
-    backbone = inner.encoder if task == "segmentation" else inner.backbone
+    # a segmenter whole, Normalise included: its padding is what lets smp take any size
+    backbone = model.model.encoder if task == "segmentation" else model.backbone
     out = {}
-    for name, m in (("backbone_flops", backbone), ("flops", inner)):
+    for name, m in (("backbone_flops", backbone), ("flops", model)):
         try:
             out[name] = int(count_flops(m, (3, size, size)))
         except Exception as e:  # a counting failure must not lose a finished run's metrics
@@ -256,13 +257,14 @@ def _backbone_overrides(backbone: str | None, pretrained: str | None, configured
 
 def run(args) -> int:
     """scripts/dense.py's command: exit 0, or 2 after one `error:` line for a user mistake."""
-    from engine.run_log import setup_logging
+    from engine.factory import check_model_name
+    from engine.run_log import close_log_file, setup_logging
 
     try:
         if args.report or args.draw:
             print(report(args.report, args.speed_rounds) if args.report else draw_predictions(args.draw))
             return 0
-        resume_ckpt = None
+        resume_ckpt, new_folder = None, None
         if args.resume:
             from engine.checkpoint import load_checkpoint
 
@@ -283,12 +285,23 @@ def run(args) -> int:
             )
             overrides += list(args.set or [])
             cfg = load_dense_config(args.config or [], overrides)
+            # the model a backbone.model_config names is the one the folder and config.yaml name;
+            # a wrong name fails before any data is generated or folder made
+            cfg["backbone"]["name"] = _configured_model(cfg["backbone"])
+            check_model_name(cfg["backbone"]["name"])
             t = cfg["train"]
             run_dir = new_run_folder(t["output"], t["experiment"], f"{task}-{cfg['backbone']['name']}")
+            new_folder = None if run_dir.exists() else run_dir
             run_dir.mkdir(parents=True, exist_ok=True)
             configs.dump_config(cfg, run_dir / "config.yaml")
         setup_logging(run_dir / "train.log")
-        final = train_and_evaluate(cfg, task, run_dir, resume_ckpt)
+        try:
+            final = train_and_evaluate(cfg, task, run_dir, resume_ckpt)
+        except user_errors():
+            if new_folder is not None and not (new_folder / "last.pth.tar").exists():
+                close_log_file()  # a run that saved nothing leaves no folder behind
+                shutil.rmtree(new_folder, ignore_errors=True)
+            raise
         shown = ", ".join(
             f"{k} {final[k]:.2f}" for k in ("box_AP", "box_AP50", "mask_AP", "mIoU") if k in final
         )

@@ -265,7 +265,15 @@ def build_backbone(cfg_backbone: dict):
         raise ConfigError(
             f"backbone '{b['name']}' rejected its kwargs ({first_line(e)}); fix backbone.kwargs"
         ) from None
-    levels = b["out_indices"] or list(range(len(probe.feature_info)))
+    stages = len(probe.feature_info)
+    levels = b["out_indices"] or list(range(stages))
+    wrong = [i for i in levels if not isinstance(i, int) or not -stages <= i < stages]
+    levels = [i % stages for i in levels] if not wrong else levels
+    if wrong or levels != sorted(set(levels)):  # an FPN takes distinct levels, finest first
+        raise ConfigError(
+            f"backbone.out_indices {b['out_indices']}: '{b['name']}' has {stages} stages; give distinct "
+            f"stage indices in 0..{stages - 1}, in increasing order"
+        )
     if b["checkpoint"]:
         # timm's own pretrained path: the family's checkpoint_filter_fn, the classifier dropped
         pretrained = dict(

@@ -954,6 +954,13 @@ def _create_nat(variant: str, pretrained: bool | str | os.PathLike = False, **kw
     model_args.update(kwargs)
     if model_args.get("features_only"):  # no classifier to build, nor to warn about when loading
         model_args.setdefault("num_classes", 0)
+    feature_cls = model_args.get("feature_cls", "getter")
+    if model_args.get("features_only") and model_args.get("stage_norms") and feature_cls != "getter":
+        # fx / hook features are taken from forward(), which never runs the inner stages' norms
+        raise ValueError(
+            f"features_only with feature_cls={feature_cls!r} and stage_norms=True: the stage norms run in "
+            "forward_intermediates only; drop feature_cls (the default 'getter' takes them from there)"
+        )
     # features_only defaults to every stage the model has (a 3-stage NAT as well as the 4-stage ones)
     out_indices = model_args.pop("out_indices", tuple(range(len(model_args["depths"]))))
     try:

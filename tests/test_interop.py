@@ -80,6 +80,19 @@ def test_timm_fx_feature_path_equals_forward_intermediates(name):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("feature_cls", ["fx", "hook"])
+def test_the_dense_layouts_stage_norms_refuse_features_that_would_skip_them(feature_cls):
+    """fx / hook features come from forward(), which runs no inner stage norm: with stage_norms they
+    failed on a missing node, or gave one map of four. One error names the way that works."""
+    with pytest.raises(ValueError, match="stage_norms=True: the stage norms run in forward_intermediates"):
+        timm.create_model("nat_mini", features_only=True, feature_cls=feature_cls, stage_norms=True)
+    getter = timm.create_model("nat_mini", features_only=True, stage_norms=True).eval()
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        want = getter.model.forward_intermediates(x, intermediates_only=True)
+        assert [torch.equal(g, w) for g, w in zip(getter(x), want, strict=True)] == [True] * 4
+
+
 def test_fx_traces_every_zoo_mixer_in_a_nat():
     # the zoo's mixers branch on map sizes: NATBlock hands them to FX as one (eager) call each
     x = torch.randn(2, 3, 32, 24)
