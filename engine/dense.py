@@ -81,12 +81,13 @@ def _count_flops(model, task, size) -> dict:
     """Multiply-adds at one val-size image: the backbone (+ FPN for detection) and the whole model."""
     from models.flops import count_flops
 
-    # a segmenter whole, Normalise included: its padding is what lets smp take any size
-    backbone = model.model.encoder if task == "segmentation" else model.backbone
+    backbone, backbone_size = model.backbone if task == "detection" else model.model.encoder, size
+    if task == "segmentation":  # Normalise pads the input to smp's output stride: what the encoder sees
+        backbone_size = -(-size // backbone.output_stride) * backbone.output_stride
     out = {}
-    for name, m in (("backbone_flops", backbone), ("flops", model)):
+    for name, m, side in (("backbone_flops", backbone, backbone_size), ("flops", model, size)):
         try:
-            out[name] = int(count_flops(m, (3, size, size)))
+            out[name] = int(count_flops(m, (3, side, side)))
         except Exception as e:  # a counting failure must not lose a finished run's metrics
             _logger.info(f"FLOPs of {name} not counted ({first_line(e)})")
     return out

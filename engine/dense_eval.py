@@ -153,6 +153,7 @@ def draw_predictions(run_dir, out=None, count: int = 6, min_score: float = 0.5) 
     for i in range(min(count, len(val_set))):
         image, target = val_set[i]
         rgb = (image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        height, width = rgb.shape[:2]  # not square in general (a COCO folder): boxes stay on their masks
         panels = [rgb]
         if task == "detection":
             pred = model([image])[0]
@@ -164,7 +165,7 @@ def draw_predictions(run_dir, out=None, count: int = 6, min_score: float = 0.5) 
                 for j, label in enumerate(det["labels"].tolist() if "masks" in det else []):  # FCOS: boxes
                     m = det["masks"][j].squeeze(0).numpy() > 0.5
                     canvas[m] = (0.45 * canvas[m] + 0.55 * palette[label % len(palette)]).astype(np.uint8)
-                big = Image.fromarray(canvas).resize((canvas.shape[1] * scale,) * 2, Image.NEAREST)
+                big = Image.fromarray(canvas).resize((width * scale, height * scale), Image.NEAREST)
                 draw = ImageDraw.Draw(big)
                 for j, (box, label) in enumerate(
                     zip(det["boxes"].tolist(), det["labels"].tolist(), strict=True)
@@ -177,9 +178,11 @@ def draw_predictions(run_dir, out=None, count: int = 6, min_score: float = 0.5) 
         else:
             pred = model(image[None]).argmax(1)[0].numpy()
             panels += [palette[target.clamp(max=len(palette) - 1).numpy()], palette[pred % len(palette)]]
-        size = rgb.shape[0] * scale
-        row = [np.asarray(Image.fromarray(p).resize((size, size), Image.NEAREST)) for p in panels]
+        size = (width * scale, height * scale)
+        row = [np.asarray(Image.fromarray(p).resize(size, Image.NEAREST)) for p in panels]
         rows.append(np.concatenate(row, axis=1))
+    widest = max(r.shape[1] for r in rows)  # images of other sizes: rows padded black on the right
+    rows = [np.pad(r, ((0, 0), (0, widest - r.shape[1]), (0, 0))) for r in rows]
     out = Path(out) if out else run_dir / "predictions.png"
     Image.fromarray(np.concatenate(rows, axis=0)).save(out)
     return out
@@ -266,7 +269,7 @@ def report(out_dir, speed_rounds: int = 0) -> Path:
 
             cells = [cell(k) for k in metrics[task]]
             cells += [f"{res[0]['backbone_params'] / 1e6:.2f}M", f"{res[0]['params'] / 1e6:.2f}M"]
-            cells += [f"{res[0].get('backbone_flops', 0) / 1e9:.3f}", f"{res[0].get('flops', 0) / 1e9:.3f}"]
+            cells += [f"{res[0][k] / 1e9:.3f}" if k in res[0] else "-" for k in ("backbone_flops", "flops")]
             cells += [cell("train_img_per_sec"), cell("eval_img_per_sec")]
             if speeds:
                 cells += [f"{speeds[f'{task}-{label}'][k]:.1f}" for k in ("train", "infer")]

@@ -9,6 +9,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from test_train import load_entry_point
 
@@ -334,6 +335,64 @@ def test_config_unknown_key_names_the_nearest(tmp_path, capsys):
     assert script.main(["--task", "detection", "--set", "optim.lrr=1", f"train.output={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown config key 'optim.lrr'") and len(err.strip().splitlines()) == 1
+
+
+def test_a_segmenters_flops_are_counted_at_a_size_off_its_output_stride():
+    """At 50 px (not a multiple of smp's output stride 32) the segmenter runs on the input padded to
+    64 px (Normalise): its FLOPs, and its backbone's, are counted as they run, those of 64 px."""
+    from engine.dense import _count_flops
+
+    tiny = "backbone.kwargs={embed_dim: 16, depths: [1, 1, 2], num_heads: [1, 1, 1], kernel_size: [3, 3, 3]}"
+    seg, _ = dense_config.build_model(dense_config.load_dense_config([], [tiny]), "segmentation", 3)
+    seg = dense_config.Normalise(seg, [0.5] * 3, [0.25] * 3)
+    at_50, at_64 = _count_flops(seg, "segmentation", 50), _count_flops(seg, "segmentation", 64)
+    assert at_50 == at_64 and at_50["flops"] > at_50["backbone_flops"] > 0
+
+
+def test_drawn_boxes_sit_on_their_objects_in_a_non_square_image(tmp_path, monkeypatch):
+    """--draw on a 20 x 36 image (a COCO folder's are rarely square): each panel keeps the image's
+    shape, and the truth's and prediction's box outlines are drawn where the object is."""
+    height, width, box, scale = 20, 36, [22, 4, 30, 12], 4
+    mask = torch.zeros(1, height, width, dtype=torch.uint8)
+    mask[0, box[1] : box[3], box[0] : box[2]] = 1
+    truth = {"boxes": torch.tensor([box], dtype=torch.float32), "labels": torch.tensor([1]), "masks": mask}
+    found = dict(truth, scores=torch.tensor([0.9]), masks=mask[None].float())
+    run = (lambda images: [found], {}, "detection", [(torch.zeros(3, height, width), truth)], ["thing"])
+    monkeypatch.setattr(dense_eval, "_load_run", lambda run_dir: run)
+    png = np.asarray(Image.open(dense_eval.draw_predictions(tmp_path, count=1)))
+    assert png.shape == (height * scale, 3 * width * scale, 3)
+    outline = (230, 25, 75)  # class 1's colour
+    for panel in (1, 2):  # image | truth | prediction
+        left = panel * width * scale
+        corners = [(box[1] * scale, left + box[0] * scale), (box[3] * scale, left + box[2] * scale)]
+        assert [tuple(png[y, x]) for y, x in corners] == [outline, outline], panel
+
+
+def test_a_failed_start_is_one_error_line_and_leaves_no_run_folder(tmp_path, capsys):
+    """A wrong model name fails before any data is generated; feature levels out of range, repeated
+    or out of order are one error line (not an assertion from timm or torchvision's anchors); a start
+    that failed leaves no run folder; a backbone.model_config's model names the folder and config.yaml."""
+    script = load_entry_point("scripts/dense.py")
+    runs, data = tmp_path / "runs", tmp_path / "data"
+    args = ["--task", "detection", "--quick", "--set", f"train.output={runs}", f"data.root={data}"]
+    assert script.main([*args[:2], "--backbone", "nat_minii", *args[2:]]) == 2
+    assert "unknown model 'nat_minii'; did you mean 'nat_mini'" in capsys.readouterr().err
+    assert not data.exists() and not runs.exists()
+    for levels in ("[4]", "[-5]", "[0, 0]", "[2, 1]"):
+        assert script.main([*args, f"backbone.out_indices={levels}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "'nat_mini' has 4 stages; give distinct stage indices in 0..3" in err[0], err
+    assert data.is_dir() and list(runs.iterdir()) == []
+    assert (
+        script.main([*args, "backbone.out_indices=[-3, -1]", "sched.epochs=1", "train.experiment=neg"]) == 0
+    )
+    assert torch.load(runs / "neg" / "last.pth.tar", weights_only=True)["history"]  # timm's negative indices
+    swin = "backbone.kwargs={img_size: 64, strict_img_size: false, window_size: 4, embed_dim: 16, "
+    swin += "depths: [1, 1], num_heads: [1, 1]}"
+    model_config = ["--backbone", "configs/demo_swin.yaml", *args, swin, "backbone.pad_multiple=8"]
+    assert script.main([*model_config, "sched.epochs=1"]) == 0
+    (folder,) = runs.glob("*-detection-swin_tiny_patch4_window7_224")
+    assert yaml.safe_load((folder / "config.yaml").read_text())["backbone"]["name"] == folder.name[26:]
 
 
 # ~10 s (detection) and ~3 s (segmentation) on the quiet 2-core Xeon; 55 s / 17 s with five other jobs
