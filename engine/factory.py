@@ -128,10 +128,10 @@ def create_model_for_checkpoint(
     `model_kwargs` (YAML: its keys over the checkpoint's) and `num_classes` override both. The weights
     must fit exactly (the family's checkpoint_filter_fn maps official / Hugging Face layouts)."""
     settings = checkpoint_settings(ckpt)
-    same_arch = settings.get("arch") == name
-    kwargs = dict(settings.get("model_kwargs") or {}) if same_arch else {}
+    check_named_model(settings, name, path)
+    kwargs = dict(settings.get("model_kwargs") or {})
     kwargs.update(parse_model_kwargs(model_kwargs))  # given keys over the checkpoint's, the rest kept
-    num_classes = num_classes or (settings.get("num_classes") if same_arch else None)
+    num_classes = num_classes or settings.get("num_classes")
     model = create_model(name, num_classes, {"kwargs": kwargs, "drop_path_rate": 0.0})
     if num_classes is None:
         n = checkpoint_num_classes(model, sd)
@@ -139,6 +139,17 @@ def create_model_for_checkpoint(
             model.reset_classifier(n)
     load_model_weights(model, sd, path, name, resize_head=False)
     return model, kwargs
+
+
+def check_named_model(settings: dict, name: str, path) -> None:
+    """A file whose settings name its model (this repo's checkpoints and exported weights) goes into
+    that model only: NAT and DiNAT weights have the same shapes, and DiNAT run with NAT's weights (and
+    the default transform in place of the file's) scored silently."""
+    arch = settings.get("arch")
+    if arch and arch != name:
+        raise CheckpointError(
+            f"'{path}' holds {arch} weights (its saved settings say so), not {name}; use {arch}"
+        )
 
 
 def hub_model(name: str, pretrained=False, **kwargs):
@@ -154,7 +165,8 @@ def hub_model(name: str, pretrained=False, **kwargs):
     if isinstance(pretrained, (str, os.PathLike)):
         ckpt = load_checkpoint(pretrained)
         settings = checkpoint_settings(ckpt)
-        if settings.get("arch") == name:
+        check_named_model(settings, name, pretrained)
+        if settings.get("arch"):
             sd = extract_state_dict(ckpt, pretrained)
             model_kwargs = {**(settings.get("model_kwargs") or {}), **kwargs}
             num_classes = model_kwargs.pop("num_classes", settings.get("num_classes"))

@@ -311,6 +311,8 @@ def test_export_resume_and_corrupt_file_in_process(tmp_path, capsys, monkeypatch
     assert all(torch.equal(hub.state_dict()[k], v) for k, v in model.state_dict().items())
     assert timm.data.resolve_data_config(model=hub)["input_size"] == (3, 40, 48)
     assert hub.default_cfg is hub.pretrained_cfg  # timm's older name reads the same settings
+    with pytest.raises(CheckpointError, match="holds nat_mini weights .* not dinat_mini; use nat_mini"):
+        torch.hub.load(str(ROOT), "dinat_mini", source="local", pretrained=str(tmp_path / "w.pth"))
     # features_only: the weights go into the model timm wraps
     features = torch.hub.load(str(ROOT), "nat_mini", source="local", pretrained=str(out), features_only=True)
     x = torch.randn(1, 3, 40, 48)
