@@ -591,6 +591,43 @@ def test_auto_is_inspectable_and_use_backend_overrides():
             pass
 
 
+def test_explain_backends_names_what_the_call_runs_when_traced_exported_or_forced(monkeypatch, tmp_path):
+    """explain_backends and the call agree: eager `auto` (the C++ kernel), `naive` while torch.jit.trace
+    or torch.onnx.export records a graph, and a use_backend block's backend (it said `cpp` for all)."""
+    import models.layers.functional as functional
+
+    ran, explained = [], []
+    for name, implementation in list(functional._IMPLEMENTATIONS.items()):
+
+        def spy(*args, _name=name, _implementation=implementation, **kwargs):
+            ran.append(_name)
+            return _implementation(*args, **kwargs)
+
+        monkeypatch.setitem(functional._IMPLEMENTATIONS, name, spy)
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            explained.append(explain_backends(x))
+            return neighborhood_attention_2d(x, x, x, 3)
+
+    q = torch.randn(1, 6, 6, 1, 4)
+    cases = [
+        ("cpp", lambda: Probe()(q)),
+        ("naive", lambda: torch.jit.trace(Probe(), q, check_trace=False)),  # no eager rerun
+        ("naive", lambda: torch.onnx.export(Probe(), (q,), tmp_path / "p.onnx", dynamo=False)),
+    ]
+    for expected, call in cases:
+        explained.clear(), ran.clear()
+        call()
+        assert {c.name for c in explained} == set(ran) == {expected}, (expected, explained, ran)
+    assert "a graph being recorded (ONNX export, torch.jit.trace)" in explained[0].rejected["cpp"]
+    explained.clear(), ran.clear()
+    with use_backend("torch"):
+        Probe()(q)
+    assert [c.name for c in explained] == ran == ["torch"]
+    assert explained[0].rejected == {"auto": "use_backend('torch') is in force"}
+
+
 def test_auto_decision_table_for_cuda_calls():
     """The CUDA choices, checked on the decision logic itself (this suite runs without a GPU)."""
     from models.layers.backends.checks import CallInfo, select_backend

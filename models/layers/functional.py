@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Callable, Iterator
 
 import torch
 
-from .backends.checks import BACKENDS, call_fields, resolve_backend, trusted_backend
+from .backends.checks import BACKENDS, call_fields, forced_backend, resolve_backend, trusted_backend
 from .backends.cpp_kernel import na2d_cpp
 from .backends.flex import na2d_flex
 from .backends.naive import na2d_naive, naive_attention
@@ -29,19 +28,17 @@ assert set(_IMPLEMENTATIONS) == set(BACKENDS)
 # Backends that also take the packed qkv tensor behind q, k, v (keyword `qkv`) and read it themselves.
 _TAKE_QKVPACKED = frozenset({"cpp"})
 
-_forced_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("na_backend", default=None)
-
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run every NA call inside the block on backend `name` (overrides each call's `backend`)."""
     if name not in BACKENDS and name != "auto":
         raise ValueError(f"unknown NA backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'")
-    token = _forced_backend.set(name)
+    token = forced_backend.set(name)
     try:
         yield
     finally:
-        _forced_backend.reset(token)
+        forced_backend.reset(token)
 
 
 def check_window(kernel_size, dilation) -> None:
@@ -140,11 +137,7 @@ def _dispatch(q, k, v, kernel_size, dilation, rpb, scale, attn_drop, backend, qk
         raise ValueError(f"attn_drop is a probability in [0, 1], got {attn_drop}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    requested = _forced_backend.get() or backend
-    if requested == "auto" and (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()):
-        # standard ONNX ops (Gather, MatMul, Softmax), and a torch.jit.trace graph of plain ATen ops
-        # (as scripting runs): the kernels would be custom ops the file's reader must have loaded
-        requested = "naive"
+    requested = forced_backend.get() or backend
     fields = call_fields(q, k, v, rpb, attn_drop)
     name = resolve_backend(requested, *fields)
 

@@ -5,6 +5,7 @@ Kept apart from the backends so that `auto` and error messages share one source 
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -24,6 +25,10 @@ BACKENDS = ("cpp", "torch", "naive", "natten", "flex", "triton")
 # float32 without TF32 ranks Triton last (`_auto_order`). natten and Triton run only once their
 # self-check passed for the call's configuration (`trusted_backend`).
 AUTO_ORDER = {"cuda": ("natten", "triton", "flex", "torch"), "cpu": ("cpp", "torch")}
+
+
+# `use_backend(name)`'s block: every NA call in it runs `name` (functional.py sets it)
+forced_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("na_backend", default=None)
 
 
 @dataclass(frozen=True)
@@ -169,9 +174,19 @@ def _passed_over(chosen: str, name: str, call: CallInfo) -> str:
     return f"'{chosen}' is faster here"
 
 
+def recording_a_graph() -> bool:
+    """torch.onnx.export or torch.jit.trace is recording: `auto` then runs `naive`."""
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+
+
 def select_backend(call: CallInfo, distrusted: dict[str, str] | None = None) -> BackendChoice:
     """The fastest backend that can serve `call`, with the reasons every other one was passed over;
     `distrusted`: backends whose self-check failed for the call, with the failure."""
+    if recording_a_graph():
+        # standard ONNX ops (Gather, MatMul, Softmax), and a torch.jit.trace graph of plain ATen ops
+        # (as scripting runs): the kernels would be custom ops the file's reader must have loaded
+        why = "a graph being recorded (ONNX export, torch.jit.trace) gets plain ATen ops: 'naive'"
+        return BackendChoice("naive", {name: why for name in BACKENDS if name != "naive"})
     order = _auto_order(call)
     chosen, rejected = None, {}
     for name in order:
@@ -224,7 +239,8 @@ def explain_backends(
     kernel_size: int | None = None,
     dilation: int = 1,
 ) -> BackendChoice:
-    """What `backend='auto'` would run for a query like `q` (device, dtype), and why not the rest.
+    """What a call for a query like `q` (device, dtype) runs: `auto`'s choice (under a `use_backend`
+    block, that backend), and why not the rest.
 
     Every backend serves every valid kernel size, dilation and map size, so those don't enter, except
     on CUDA through the self-checks (`self_check.py`): given `kernel_size` (and `dilation`), the
@@ -235,6 +251,13 @@ def explain_backends(
     call = call_info(q, q, q, rpb, attn_drop)
     if requires_grad is not None:
         call = replace(call, needs_grad=requires_grad)
+    forced = forced_backend.get()
+    if forced not in (None, "auto"):
+        reason = why_not(forced, call)
+        why = f"use_backend({forced!r}) is in force" + (
+            f"; it can't serve this call: {reason}" if reason else ""
+        )
+        return BackendChoice(forced, {"auto": why})
     choice = select_backend(call)
     if kernel_size is not None:
         _, distrusted = _trusted("auto", choice.name, call, kernel_size, dilation, q.shape[-1], str(q.device))
