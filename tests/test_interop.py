@@ -198,6 +198,7 @@ def test_onnx_export_runs_exact_na_at_any_size(tmp_path):
         "--img-size", "64", "48", "--bench-iters", "1", "--model-kwargs", json.dumps(TINY_DINAT),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "dynamo=False" not in result.stderr  # the fixed-size warning is the legacy exporter's only
     assert result.stdout.count(" ok") == 2 and "onnxruntime" in result.stdout and "img/s" in result.stdout
     assert "at 2x3x64x48:" in result.stdout and "at 1x3x40x32:" in result.stdout  # H W; check: half + 8
 
@@ -217,6 +218,28 @@ def test_onnx_export_runs_exact_na_at_any_size(tmp_path):
     assert dims(graph.input[0]) == ["batch", 3, "height", "width"] and dims(graph.output[0]) == ["batch", 5]
     ops = {node.op_type for node in graph.node}  # standard ops only: no custom domain
     assert {"Softmax", "MatMul"} <= ops and {node.domain for node in graph.node} <= {"", "ai.onnx"}
+
+
+def test_a_saved_torch_export_program_loads_and_runs_in_a_fresh_process(tmp_path):
+    """torch.export at a static shape records plain ATen ops (`auto` runs `naive` while exporting):
+    the C++ kernel's custom op made the saved program unloadable in a process that had not built it."""
+    torch.manual_seed(0)
+    model = timm.create_model("dinat_mini", **TINY_DINAT).eval()
+    x = torch.randn(1, 3, 40, 24)  # a 10 x 6 map: the dilated window (12) pads it
+    program = torch.export.export(model, (x,))
+    assert not [n for n in program.graph.nodes if "nat_na2d" in str(n.target)]
+    torch.export.save(program, tmp_path / "dinat.pt2")
+    torch.save({"x": x, "want": model(x).detach()}, tmp_path / "io.pt")
+    run = (
+        "import sys, torch, models; io = torch.load(sys.argv[2]); "
+        "got = torch.export.load(sys.argv[1]).module()(io['x']); "
+        "torch.testing.assert_close(got, io['want'], rtol=1e-5, atol=1e-6); print('ok')"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", run, str(tmp_path / "dinat.pt2"), str(tmp_path / "io.pt")],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
 
 
 def test_export_rejects_bad_arguments_with_one_line(tmp_path):

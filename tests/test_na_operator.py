@@ -610,17 +610,23 @@ def test_explain_backends_names_what_the_call_runs_when_traced_exported_or_force
             explained.append(explain_backends(x))
             return neighborhood_attention_2d(x, x, x, 3)
 
+    def legacy_onnx_export(model, x, path):  # a traced graph: it warns that the graph has x's size
+        with pytest.warns(UserWarning, match=r"records neighborhood attention for this input's height"):
+            torch.onnx.export(model, (x,), path, dynamo=False)
+
     q = torch.randn(1, 6, 6, 1, 4)
     cases = [
         ("cpp", lambda: Probe()(q)),
         ("naive", lambda: torch.jit.trace(Probe(), q, check_trace=False)),  # no eager rerun
-        ("naive", lambda: torch.onnx.export(Probe(), (q,), tmp_path / "p.onnx", dynamo=False)),
+        ("naive", lambda: legacy_onnx_export(Probe(), q, tmp_path / "p.onnx")),
     ]
     for expected, call in cases:
         explained.clear(), ran.clear()
         call()
         assert {c.name for c in explained} == set(ran) == {expected}, (expected, explained, ran)
-    assert "a graph being recorded (ONNX export, torch.jit.trace)" in explained[0].rejected["cpp"]
+    assert (
+        "a graph being recorded (torch.export, ONNX export, torch.jit.trace)" in explained[0].rejected["cpp"]
+    )
     explained.clear(), ran.clear()
     with use_backend("torch"):
         Probe()(q)

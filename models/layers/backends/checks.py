@@ -6,6 +6,7 @@ Kept apart from the backends so that `auto` and error messages share one source 
 from __future__ import annotations
 
 import contextvars
+import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -174,18 +175,29 @@ def _passed_over(chosen: str, name: str, call: CallInfo) -> str:
     return f"'{chosen}' is faster here"
 
 
+# torch.onnx.export(dynamo=False) traces: every size and window offset is a constant of the graph
+LEGACY_ONNX_FIXED_SIZE = (
+    "torch.onnx.export(dynamo=False) records neighborhood attention for this input's height and width "
+    "only: other sizes give wrong outputs whatever dynamic_axes says; export with dynamo=True "
+    "(scripts/export.py does) for a graph that takes any size"
+)
+
+
 def recording_a_graph() -> bool:
-    """torch.onnx.export or torch.jit.trace is recording: `auto` then runs `naive`."""
-    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+    """torch.export, torch.onnx.export or torch.jit.trace is recording: `auto` then runs `naive`."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
 
 def select_backend(call: CallInfo, distrusted: dict[str, str] | None = None) -> BackendChoice:
     """The fastest backend that can serve `call`, with the reasons every other one was passed over;
     `distrusted`: backends whose self-check failed for the call, with the failure."""
     if recording_a_graph():
-        # standard ONNX ops (Gather, MatMul, Softmax), and a torch.jit.trace graph of plain ATen ops
-        # (as scripting runs): the kernels would be custom ops the file's reader must have loaded
-        why = "a graph being recorded (ONNX export, torch.jit.trace) gets plain ATen ops: 'naive'"
+        # standard ONNX ops (Gather, MatMul, Softmax), and torch.export / torch.jit.trace graphs of
+        # plain ATen ops (as scripting runs): the kernels would be custom ops the file's reader must
+        # have loaded (a saved torch.export program failed to load in a fresh process)
+        why = "a graph being recorded (torch.export, ONNX export, torch.jit.trace) gets plain ATen ops"
+        if torch.onnx.is_in_onnx_export() and torch.jit.is_tracing():
+            warnings.warn(LEGACY_ONNX_FIXED_SIZE, stacklevel=2)
         return BackendChoice("naive", {name: why for name in BACKENDS if name != "naive"})
     order = _auto_order(call)
     chosen, rejected = None, {}
