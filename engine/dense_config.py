@@ -252,9 +252,16 @@ def build_backbone(cfg_backbone: dict):
         model = configs.load_config([b["model_config"]])["model"]
         b["name"], kwargs = model["name"], dict(model["kwargs"])
     check_model_name(b["name"])
+    arch = None  # the model a checkpoint of this repo was trained as
     if b["checkpoint"]:
         ckpt = load_checkpoint(b["checkpoint"])
+        if isinstance(ckpt, dict) and ckpt.get("task") in TASKS:
+            raise CheckpointError(
+                f"'{b['checkpoint']}' is a {ckpt['task']} run of scripts/dense.py, not a classification "
+                "checkpoint: --pretrained takes a train.py run (continue a dense run with --resume)"
+            )
         sd = extract_state_dict(ckpt, b["checkpoint"])
+        arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
         kwargs.update(ckpt.get("model_kwargs") or {} if isinstance(ckpt, dict) else {})
     if b["drop_path_rate"] is not None:  # over the checkpoint's rate, under one set in `kwargs`
         kwargs["drop_path_rate"] = b["drop_path_rate"]
@@ -262,6 +269,11 @@ def build_backbone(cfg_backbone: dict):
     try:
         probe = timm.create_model(b["name"], pretrained=False, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
+        if arch and arch != b["name"]:  # the kwargs came with the checkpoint, not from the user
+            raise CheckpointError(
+                f"checkpoint '{b['checkpoint']}' holds {arch} weights, whose model kwargs backbone "
+                f"'{b['name']}' rejects ({first_line(e)}); use --backbone {arch} or another checkpoint"
+            ) from None
         raise ConfigError(
             f"backbone '{b['name']}' rejected its kwargs ({first_line(e)}); fix backbone.kwargs"
         ) from None

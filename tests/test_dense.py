@@ -280,6 +280,20 @@ def test_pretrained_backbone_carries_the_classification_weights(tmp_path):
         dense_config.build_backbone(cfg["backbone"])
 
 
+def test_a_checkpoint_that_cannot_serve_the_backbone_says_why(tmp_path):
+    """--pretrained with a dense run (not a classification one), or a NAT checkpoint under another
+    family: the error names the checkpoint's part, not the user's backbone.kwargs."""
+    classification_checkpoint(tmp_path / "c.pth.tar")
+    other = ["backbone.name=convnext_atto", f"backbone.checkpoint={tmp_path / 'c.pth.tar'}"]
+    match = "holds nat_mini weights, whose model kwargs backbone 'convnext_atto' rejects .* nat_mini or"
+    with pytest.raises(CheckpointError, match=match):
+        dense_config.build_backbone(dense_config.load_dense_config([], other)["backbone"])
+    torch.save({"task": "detection", "state_dict": {}, "config": {}}, tmp_path / "dense.pth.tar")
+    dense_run = [f"backbone.checkpoint={tmp_path / 'dense.pth.tar'}"]
+    with pytest.raises(CheckpointError, match="is a detection run of scripts/dense.py, not a classification"):
+        dense_config.build_backbone(dense_config.load_dense_config([], dense_run)["backbone"])
+
+
 def test_backbone_settings_reach_the_model_in_their_documented_order(tmp_path):
     from engine.dense import _backbone_overrides, _optimizer
 
