@@ -33,6 +33,7 @@ ResNet / Swin do (the official configs freeze nothing); `dilations="coco"` / `"a
 
 import logging
 import os
+import pickle
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -976,6 +977,13 @@ def _create_nat(variant: str, pretrained: bool | str | os.PathLike = False, **kw
         raise ValueError(
             f"cannot read safetensors file {overlay.get('file')!r} for {variant} ({str(e).strip()[:200]}); "
             "it must be a safetensors file of tensors (e.g. written by scripts/export_weights.py)"
+        ) from None
+    except (EOFError, pickle.UnpicklingError, RuntimeError) as e:  # torch.load of an empty / cut file
+        if not overlay.get("file") or (isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e)):
+            raise
+        raise ValueError(
+            f"cannot read checkpoint file {overlay['file']!r} for {variant} "
+            f"({(str(e).strip() or type(e).__name__)[:120]}); it is empty, cut short or not a checkpoint"
         ) from None
     except URLError as e:
         raise RuntimeError(

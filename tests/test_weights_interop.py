@@ -233,6 +233,15 @@ def test_corrupt_or_foreign_safetensors_is_one_clear_error(tmp_path):
             load_checkpoint(path)
     with pytest.raises(ValueError, match=r"cannot read safetensors file '.*junk.safetensors' for nat_mini"):
         timm.create_model("nat_mini", pretrained=str(junk))
+    (tmp_path / "empty.pth").write_bytes(b"")  # through timm's own loader too: torch files, empty or cut
+    torch.save(timm.create_model("nat_mini").state_dict(), tmp_path / "cut.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "cut.pth").read_bytes()[:100_000])
+    for name in ("empty.pth", "cut.pth"):
+        overlay = dict(file=str(tmp_path / name))
+        with pytest.raises(
+            ValueError, match=rf"cannot read checkpoint file '.*{name}' for nat_mini .*cut short"
+        ):
+            timm.create_model("nat_mini", pretrained=True, pretrained_cfg_overlay=overlay)
     resnet = tmp_path / "resnet.safetensors"
     save_weights(timm.create_model("resnet10t", num_classes=3).state_dict(), resnet)
     sd = extract_state_dict(load_checkpoint(resnet), resnet)
