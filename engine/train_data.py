@@ -91,6 +91,11 @@ def build_loaders(cfg: dict, bundle, data_config: dict, world_size: int, rank: i
         use_prefetcher=False,
     )
     loader_eval.worker_init_fn = loader_worker_init  # timm's seeding, and signals to this process
+    # Its own generator: an iterator draws its workers' base seed from the loader's generator, the
+    # global RNG if none. timm's eval loader keeps its workers, so the first validation drew and later
+    # ones did not: a resumed run's first validation drew where the uninterrupted run had not, and
+    # drop path took other masks from there on (`--resume` inexact whenever data.workers > 0).
+    loader_eval.generator = torch.Generator()
     return Loaders(train_set, sampler, loader_train, loader_eval, batches_per_epoch)
 
 

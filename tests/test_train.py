@@ -503,3 +503,25 @@ def test_a_folder_the_user_cannot_read_is_one_error_line(full_run, workdir, caps
     assert len(lines) == 1 and lines[0].startswith(f"error: permission denied: '{data_root}"), lines
     assert "give this user access" in lines[0]
     assert not (workdir / "runs" / "perm").exists()
+
+
+def test_iterating_the_loaders_leaves_the_global_rng_alone(workdir):
+    """A DataLoader iterator draws its workers' base seed from the loader's generator, else from the
+    global RNG, which drop path and mixup also draw from. timm's eval loader keeps its workers, so only
+    the first validation drew: a resumed run's first validation drew where the uninterrupted run had
+    not, and with data.workers > 0 `--resume` was no longer exact."""
+    from data import build_datasets
+    from engine.factory import checkpoint_data_config, create_model, data_build_config
+    from engine.train_data import build_loaders
+
+    cfg = configs.load_config([str(write_config(workdir / "rng.yaml", workdir / "data"))], ["data.workers=2"])
+    d = cfg["data"]
+    model = create_model(cfg["model"]["name"], 3, cfg["model"])
+    data_config = checkpoint_data_config(model, {k: d[k] for k in ("img_size", "crop_pct", "mean", "std")})
+    loaders = build_loaders(
+        cfg, build_datasets(data_build_config(cfg)), data_config, 1, 0, torch.device("cpu")
+    )
+    for loader in (loaders.train, loaders.eval, loaders.eval):  # the eval loader twice: its workers persist
+        before = torch.get_rng_state()
+        next(iter(loader))
+        assert torch.equal(torch.get_rng_state(), before), loader
