@@ -124,11 +124,12 @@ def run_folder(cfg: dict, resume: str | None) -> tuple[Path, str | None]:
 def finished(cfg: dict, ck: dict, path: str) -> bool:
     """True (after saying so) when a resumed run has already trained every epoch `cfg` asks for;
     asking for fewer epochs than it has trained is an error."""
-    done, total = ck["next_epoch"], cfg["sched"]["epochs"] + cfg["sched"]["cooldown_epochs"]
+    done, total = ck["next_epoch"], scheduled_epochs(cfg)
     if done > total:
         raise ConfigError(
-            f"'{path}' has already trained {done} epochs, more than the {total} the config asks for "
-            f"(sched.epochs + sched.cooldown_epochs); to train longer give --epochs > {done}"
+            f"'{path}' has already trained {done} epochs, more than the {total} the config's schedule has "
+            f"(sched.epochs, and sched.cooldown_epochs for cosine/tanh/poly); to train longer give "
+            f"--epochs > {done}"
         )
     if done < total:
         return False
@@ -139,6 +140,15 @@ def finished(cfg: dict, ck: dict, path: str) -> bool:
             "recomputed for N epochs from there)"
         )
     return True
+
+
+def scheduled_epochs(cfg: dict) -> int:
+    """The epochs a run of `cfg` trains: timm's count (the cooldown only where its scheduler adds
+    it), from a throwaway scheduler, so a resumed run and the trainer agree."""
+    import torch
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    return build_scheduler(optimizer, cfg["sched"], 1, cfg["train"]["eval_metric"])[1]
 
 
 def position(epoch: int, batch: int) -> str:
@@ -155,14 +165,21 @@ def scheduled_lr(optimizer) -> float:
     return group["lr"] / group.get("lr_scale", 1.0)
 
 
-def build_scheduler(optimizer, s: dict, updates_per_epoch: int):
-    """timm's scheduler (per epoch or per update) from the config's `sched`: (scheduler, epochs)."""
+def build_scheduler(optimizer, s: dict, updates_per_epoch: int, eval_metric: str = "top1"):
+    """timm's scheduler (per epoch or per update) from the config's `sched`: (scheduler, epochs, the
+    cooldown included where timm adds it: cosine, tanh, poly). `eval_metric`: plateau's direction."""
     from timm.scheduler import create_scheduler_v2
 
+    if s["sched"] == "none":  # timm's "no scheduler" (None): this loop steps one every update
+        raise ConfigError(
+            "sched.sched=none is not supported; for a constant lr use sched.sched=constant (warmup and "
+            "layer decay still apply) or sched.sched=step sched.decay_rate=1"
+        )
     try:
         return create_scheduler_v2(
             optimizer,
             sched=s["sched"],
+            plateau_mode="min" if eval_metric == "loss" else "max",
             num_epochs=s["epochs"],
             decay_milestones=s["decay_milestones"],
             decay_rate=s["decay_rate"],
@@ -246,7 +263,9 @@ def geometry_changes(ck: dict, lr_scheduler, shape: dict) -> list[str]:
         changes.append(f"processes {saved['world_size']} -> {shape['world_size']}")
     new_state = {k: v for k, v in lr_scheduler.state_dict().items() if k != "metric"}
     old_state = {k: v for k, v in (ck.get("scheduler") or {}).items() if k != "metric"}
-    if not changes and ck.get("scheduler") and old_state != new_state:
+    # plateau's state is the val metric's history (best, last epoch), not settings: it always differs
+    settings_saved = ck.get("scheduler") and type(lr_scheduler).__name__ != "PlateauLRScheduler"
+    if not changes and settings_saved and old_state != new_state:
         changes.append("schedule settings changed")
     return changes
 

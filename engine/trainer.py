@@ -314,7 +314,7 @@ class Run:
         """timm's scheduler (per epoch or per update); a resumed run gets its state and lr back."""
         self.updates_per_epoch = (self.batches_per_epoch + self.accum - 1) // self.accum
         self.lr_scheduler, self.num_epochs = build_scheduler(
-            self.optimizer, self.cfg["sched"], self.updates_per_epoch
+            self.optimizer, self.cfg["sched"], self.updates_per_epoch, self.cfg["train"]["eval_metric"]
         )
         if resume_ckpt is not None:
             self.start_batch = restore_schedule(
@@ -550,6 +550,8 @@ class Run:
 
     def train_one_epoch(self, epoch: int, start_batch: int, show_progress: bool):
         """Batches `start_batch`.. of `epoch`; the epoch's metrics, or None when stopped mid-epoch."""
+        from timm.models import model_parameters
+
         t = self.cfg["train"]
         self.model.train()
         self.sampler.set_epoch(epoch, start_batch * t["batch_size"])
@@ -558,7 +560,9 @@ class Run:
         n_batches = self.batches_per_epoch
         last_accum = n_batches % self.accum or self.accum  # the last update's batches, from last_start
         last_start = n_batches - last_accum
-        params = list(unwrap(self.model).parameters())
+        # AGC leaves the classifier out (its paper, timm's train.py): model_parameters drops the head
+        agc = self.cfg["optim"]["clip_mode"] == "agc"
+        params = list(model_parameters(unwrap(self.model), exclude_head=agc))
         t_start, images_seen, stop_after = time.perf_counter(), 0, t["stop_after_updates"]
         self._log_window = (0, time.perf_counter())  # images and start time since the last logged update
         progress = self._progress_bar(epoch, start_batch, show_progress)

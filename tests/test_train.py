@@ -525,3 +525,54 @@ def test_iterating_the_loaders_leaves_the_global_rng_alone(workdir):
         before = torch.get_rng_state()
         next(iter(loader))
         assert torch.equal(torch.get_rng_state(), before), loader
+
+
+def test_agc_clips_every_parameter_but_the_classifier(tmp_path, monkeypatch):
+    """Adaptive gradient clipping leaves the head out (its paper; timm's train.py drops the last two
+    parameters, the classifier's); norm clipping takes every parameter."""
+    import timm.utils
+
+    from engine.train_command import train
+
+    clipped = {}
+    monkeypatch.setattr(
+        timm.utils, "dispatch_clip_grad", lambda p, v, mode: clipped.setdefault(mode, list(p))
+    )
+    for mode in ("agc", "norm"):
+        cfg = write_config(
+            tmp_path / f"{mode}.yaml", tmp_path / "data", optim={"clip_grad": 0.1, "clip_mode": mode}
+        )
+        overrides = [
+            f"train.output={tmp_path / 'runs'}",
+            f"train.experiment={mode}",
+            "train.stop_after_updates=1",
+        ]
+        assert train([str(cfg)], overrides) == 0
+    shapes = {mode: [tuple(p.shape) for p in params] for mode, params in clipped.items()}
+    assert shapes["agc"] == shapes["norm"][:-2] and [len(s) for s in shapes["norm"][-2:]] == [2, 1]
+    assert shapes["norm"][-2][0] == shapes["norm"][-1][0] == 3  # the classifier: 3 classes
+
+
+def test_the_schedule_settings_timm_takes_and_those_it_refuses(tmp_path):
+    """plateau watches the val metric in its direction (a falling loss is progress) and resumes with
+    its own settings; sched=none (timm's "no scheduler") is one error; the cooldown counts only where
+    timm's scheduler adds it (cosine), so a finished multistep run has nothing left to do."""
+    from engine.resume import build_scheduler, geometry_changes, scheduled_epochs
+
+    def plateau(metric):
+        weights = torch.zeros(1, requires_grad=True)
+        optimizer = torch.optim.SGD([weights], lr=1.0)
+        s = configs.load_config([], ["sched.sched=plateau", "sched.step_on_updates=false"])["sched"]
+        return optimizer, build_scheduler(optimizer, dict(s, warmup_epochs=0), 4, metric)[0]
+
+    optimizer, scheduler = plateau("loss")
+    for epoch in range(15):  # a loss that falls every epoch: no plateau, the lr stays
+        scheduler.step(epoch + 1, 1.0 - 0.05 * epoch)
+    assert optimizer.param_groups[0]["lr"] == 1.0
+    saved = {"scheduler": scheduler.state_dict(), "schedule": {}}
+    assert geometry_changes(saved, plateau("loss")[1], {"num_epochs": 300}) == []
+    with pytest.raises(configs.ConfigError, match="sched.sched=none is not supported; for a constant lr"):
+        build_scheduler(optimizer, configs.load_config([], ["sched.sched=none"])["sched"], 4)
+    cooldown = ["sched.epochs=2", "sched.cooldown_epochs=3", "sched.warmup_epochs=0"]
+    assert scheduled_epochs(configs.load_config([], [*cooldown, "sched.sched=cosine"])) == 5
+    assert scheduled_epochs(configs.load_config([], [*cooldown, "sched.sched=multistep"])) == 2
