@@ -150,9 +150,12 @@ METHODS = (*NA_METHODS, "window", "dense")  # and the attention they are compare
 
 def argument_error(args: argparse.Namespace) -> str | None:
     """What makes the arguments unusable, for the parser to report (None: nothing)."""
-    unknown = [m for m in args.methods if m.split(":")[0] not in METHODS]
+    if [t for t in args.tiles if t < 1] or args.warmup < 0:
+        return f"--tiles must be >= 1 and --warmup >= 0, got --tiles {args.tiles} --warmup {args.warmup}"
+    tiles = [f"torch:tile{t}" for t in args.tiles]  # what --tiles adds, a method --methods may name
+    unknown = [m for m in args.methods if m not in METHODS and m not in tiles]
     if unknown:
-        return f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}"
+        return f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)} (torch:tileN with --tiles N)"
     if args.kernel_size % 2 == 0:
         return f"--kernel-size must be odd (a window centred on its query), got {args.kernel_size}"
     bad = [s for s in args.sizes if s % args.kernel_size or s < args.kernel_size]

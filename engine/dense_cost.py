@@ -246,8 +246,14 @@ def markdown(rows: Sequence[dict], slope: dict[str, dict], cpu: str) -> str:
     cpu_ms = cells(lambda r: bench.fmt(r.get("cpu_s") and r["cpu_s"] * 1e3, ".0f"))
     neck = cells(lambda r: bench.fmt("fpn_s" in r and (r["median_s"] + r["fpn_s"]) * 1e3 or None, ".0f"))
     mem = cells(lambda r: bench.fmt(r.get("peak_mb"), ".0f"))
-    ratio = cells(lambda r: bench.fmt(r.get("ratio"), ".2f"))
     reference = next((r["reference"] for r in rows if "reference" in r), None)
+    # a size where the reference failed has its ratios against the first backbone that ran there
+    ratio = cells(
+        lambda r: (
+            bench.fmt(r.get("ratio"), ".2f")
+            + (f" (/ {r['reference']})" if r.get("reference", reference) != reference else "")
+        )
+    )
     lines = [f"Forward, batch 1, float32, one thread; {cpu}.", "", "Backbone forward time (ms, median):", ""]
     lines += bench.markdown_table(header, ms, "l" + "r" * len(sizes))
     lines += ["", "Backbone forward time (ms, min over the rounds):", ""]

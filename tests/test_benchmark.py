@@ -87,7 +87,7 @@ def test_quick_records_the_na_backend_that_ran(quick_run):
 def test_quick_prints_the_ratio_table(quick_run):
     _, stdout, models = quick_run
     assert "ratios vs swin_tiny_patch4_window7_224" in stdout
-    assert "infer img/s [IQR]" in stdout and "train img/s [IQR]" in stdout
+    assert "infer img/s [min-max]" in stdout and "train img/s [min-max]" in stdout  # --quick: 2 repeats
     table = stdout[stdout.index("ratios vs") :]
     swin_line = next(line for line in table.splitlines() if line.startswith("swin_tiny"))
     assert swin_line.count(" 1.00 ") >= 2  # the baseline against itself
@@ -247,3 +247,8 @@ def test_print_table_shows_ratios_and_errors():
     lines = {line.split()[0]: line for line in buf.getvalue().splitlines() if line.strip()}
     assert lines["nat_tiny"].count(" 1.50 ") == 2
     assert "OOM" in lines["vit_small_patch16_224"]
+    # the spread in brackets: quartiles from 4 repeats, else min-max (bench.spread), as the header says
+    for repeats, label in ((3, "[min-max]"), (4, "[IQR]")):
+        buf = io.StringIO()
+        report.print_table([dict(r, repeats=repeats) for r in rows], "swin_tiny_patch4_window7_224", out=buf)
+        assert buf.getvalue().count(f"img/s {label}") == 2, buf.getvalue()

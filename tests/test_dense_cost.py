@@ -65,6 +65,12 @@ def test_measure_and_write_outputs(tmp_path):
     assert len(saved["rows"]) == 4 and set(saved["slopes"]) == {"NAT-T", "ViT-S"}
     assert (tmp_path / "dense-cost.png").stat().st_size > 0
     assert "| NAT-T |" in (tmp_path / "dense_cost.md").read_text()
+    # where the table's reference failed, a size's ratios are against the first backbone that ran there
+    failed = dict(rows[2], error="out of memory")
+    vit = dict(rows[3], reference="ViT-S", ratio=1.0)
+    table = dense_cost.markdown([*rows[:2], failed, vit], {}, "cpu")
+    ratios = table.split("time / NAT-T's")[1].split("\n\n")[1]
+    assert "| ViT-S |" in ratios and "1.00 (/ ViT-S)" in ratios and f"{rows[1]['ratio']:.2f} |" in ratios
 
 
 def test_bad_size_or_name_is_one_clear_error(capsys):

@@ -168,6 +168,21 @@ def test_script_arguments_fail_up_front_with_one_line(tmp_path):
     from engine import bench_na
 
     args = argparse.Namespace(
-        methods=["cpp", "foo"], kernel_size=7, sizes=[14], modes=["fwd"], dtype=["float32"]
+        methods=["cpp", "foo"],
+        kernel_size=7,
+        sizes=[14],
+        modes=["fwd"],
+        dtype=["float32"],
+        tiles=[],
+        warmup=1,
     )
     assert bench_na.argument_error(args).startswith("unknown method 'foo'")
+    # a tile label is a method only with its --tiles (it crashed later); tiles and warm-up in range
+    for methods, tiles, warmup, error in (
+        (["cpp", "torch:tile4"], [], 1, "unknown method 'torch:tile4'"),
+        (["cpp", "cpp:bfloat16"], [], 1, "unknown method 'cpp:bfloat16'"),
+        (["cpp"], [0], 1, "--tiles must be >= 1"),
+        (["cpp"], [4], -1, "--warmup >= 0"),
+    ):
+        bad = argparse.Namespace(**dict(vars(args), methods=methods, tiles=tiles, warmup=warmup))
+        assert error in bench_na.argument_error(bad), (methods, tiles, warmup)

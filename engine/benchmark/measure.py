@@ -197,8 +197,9 @@ class Runner:
         self.model.train(mode == "train")
 
     def peak_memory_mb(self, mode: str) -> float:
-        if mode == "train":  # the step's gradients belong to its peak: none left over from the last step
-            self.optimizer.zero_grad(set_to_none=True)
+        # no gradients left over from a train step: a train step's own belong to its peak, and
+        # inference has none (counted as resident below, they overstated its CUDA peak)
+        self.optimizer.zero_grad(set_to_none=True)
         # what of this model lives across steps: CUDA's reading counts it, the CPU's RSS delta doesn't
         resident = state_bytes(self.model, self.optimizer if mode == "train" else None, self.x, self.y)
         return peak_memory_mb(self.step_fn(mode), self.settings.device, resident)

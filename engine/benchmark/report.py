@@ -188,9 +188,10 @@ def print_table(rows: list[dict], baseline: str, out=sys.stdout) -> None:
             f"batch {first['batch']}, {first['amp']}; ratios vs {baseline}",
             file=out,
         )
+        spread = "[IQR]" if first.get("repeats", 4) >= 4 else "[min-max]"  # bench.spread's quartiles need 4
         header = (
-            f"{'model':32s} {'params':>7s} {'GMACs':>7s} {'infer img/s [IQR]':>24s} {'x':>6s} "
-            f"{'train img/s [IQR]':>24s} {'x':>6s} {'train MiB':>9s} {'x':>6s}  NA backend"
+            f"{'model':32s} {'params':>7s} {'GMACs':>7s} {'infer img/s ' + spread:>24s} {'x':>6s} "
+            f"{'train img/s ' + spread:>24s} {'x':>6s} {'train MiB':>9s} {'x':>6s}  NA backend"
         )
         print(header, file=out)
         print("-" * len(header), file=out)

@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--rounds, --seeds, --headline-seeds and --jobs must be >= 1")
         if any(s < 1 for s in args.sides):
             raise UsageError(f"--sides must be positive, got {args.sides}")
+        if args.warmup < 0:
+            raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
         out = Path(args.out).resolve()  # train.py runs in REPO: relative paths would land there
         sides, rounds, overrides = args.sides, args.rounds, list(args.set)
         accuracy_mixers = mixers

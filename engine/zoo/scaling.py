@@ -170,7 +170,13 @@ def scaling_markdown(result: dict) -> str:
     rows, sides = result["rows"], result["settings"]["sides"]
     at = {(r["mixer"], r["side"]): r for r in rows}
     largest = sides[-1]
-    header = ["mixer", *[f"{s}² ms (x full)" for s in sides], f"MiB @{largest}² (x full)", "slope"]
+    # the brackets: how many times faster than full (its ms / this one's); this one's memory / full's
+    header = [
+        "mixer",
+        *[f"{s}² ms (full's / this)" for s in sides],
+        f"MiB @{largest}² (this / full's)",
+        "slope",
+    ]
     cells = []
     for name, slope in result["slopes"].items():
         line = [name]
