@@ -194,7 +194,9 @@ class Run:
             self.model.to(memory_format=torch.channels_last)
 
     def _build_optimizer(self):
-        """timm's optimizer; lr scaled to the global batch (timm's lr_base rule) unless optim.lr is set."""
+        """timm's optimizer; unless optim.lr is set, lr = lr_base x global batch / lr_base_size, linear
+        for every optimizer as the NAT / Swin recipes scale (timm's train.py takes the square root for
+        adaptive ones unless --lr-base-scale linear)."""
         from timm.optim import create_optimizer_v2
 
         o, t = self.cfg["optim"], self.cfg["train"]
