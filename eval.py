@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from configs import CHOICES
+from engine.bench import positive_int
 from engine.evaluate import run
 
 
@@ -42,9 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="split folder to evaluate (default: data.val_split)")
     p.add_argument("--class-list", help="file of class names making the subset")
     p.add_argument("--max-per-class", type=int, help="cap images per class")
-    p.add_argument("--img-size", type=int, help="eval resolution (default: the training one)")
+    p.add_argument("--img-size", type=positive_int, help="eval resolution (default: the training one)")
     p.add_argument("--crop-pct", type=float, help="center-crop fraction (default: the training one)")
-    p.add_argument("--interpolation", help="resize interpolation (default: the model's)")
+    p.add_argument(
+        "--interpolation",
+        choices=[c for c in CHOICES["data.interpolation"] if c],
+        help="resize interpolation (default: the training one)",
+    )
     p.add_argument("-b", "--batch-size", type=int, default=64)
     p.add_argument("-j", "--workers", type=int, default=None)
     p.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights")

@@ -189,6 +189,9 @@ CHOICES: dict[str, tuple] = {
     "optim.clip_mode": ("norm", "value", "agc"),
     "aug.mixup_mode": ("batch", "pair", "elem"),
     "aug.remode": ("pixel", "rand", "const"),
+    # timm's resize modes ('': the model's default; 'random': one of bilinear / bicubic per image)
+    "data.interpolation": ("", "bilinear", "bicubic", "nearest", "box", "hamming", "lanczos"),
+    "aug.train_interpolation": ("random", "bilinear", "bicubic", "nearest", "box", "hamming", "lanczos"),
 }
 
 
@@ -469,6 +472,22 @@ def validate(cfg: dict) -> dict:
                        ("data.img_size", cfg["data"]["img_size"])):  # fmt: skip
         if isinstance(value, list) and not (len(value) == 2 and all(_is_number(v) and v > 0 for v in value)):
             raise ConfigError(f"config key '{key}' must be two positive numbers (range or H, W), got {value}")
+    d = cfg["data"]
+    if (
+        isinstance(d["img_size"], int)
+        and d["img_size"] < 1
+        or d["crop_pct"] is not None
+        and d["crop_pct"] <= 0
+    ):
+        raise ConfigError(
+            f"data.img_size and data.crop_pct must be > 0, got {d['img_size']} and {d['crop_pct']}"
+        )
+    for key in ("mean", "std"):  # one value per RGB channel; a std of 0 divides by zero
+        value = d[key]
+        if value is not None and not (len(value) == 3 and all(_is_number(v) for v in value)):
+            raise ConfigError(f"config key 'data.{key}' must be three numbers (R, G, B), got {value}")
+    if d["std"] is not None and min(d["std"]) <= 0:
+        raise ConfigError(f"config key 'data.std' must be positive, got {d['std']}")
     if cfg["sched"]["sched"] == "plateau" and cfg["sched"]["step_on_updates"]:
         raise ConfigError(
             "sched.sched=plateau steps once per epoch (on the val metric); set sched.step_on_updates=false"

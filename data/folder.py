@@ -6,10 +6,12 @@ are scanned (a 10-class ImageNet subset does not walk all 1.28M files).
 
 Unreadable images: timm's `ImageDataset.__getitem__` already catches IOError/OSError on open/decode,
 logs "Skipped sample" and moves on to the next index (giving up after TIMM_DATASET_MAX_RETRIES
-consecutive failures). `FolderImageDataset` builds on that loop: its reader records which indices the
-loop asked for, so the failed ones are known, marked in a shared-memory table (visible from DataLoader
-workers) and retrievable through `dataset.corrupt_count()` / `dataset.corrupt_files()` for the trainer
-to log. If timm gives up, a DataError names the files instead of a bare RuntimeError.
+consecutive failures); PIL's other decode failures (SyntaxError for a broken PNG chunk,
+DecompressionBombError) are skipped the same way one level up. `FolderImageDataset` builds on that
+loop: its reader records which indices the loop asked for, so the failed ones are known, marked in a
+shared-memory table (visible from DataLoader workers) and retrievable through
+`dataset.corrupt_count()` / `dataset.corrupt_files()` for the trainer to log. If the loop gives up, a
+DataError names the files instead of a bare RuntimeError.
 """
 
 import logging
@@ -19,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from PIL import Image
 from timm.data import ImageDataset
 from timm.data.readers.img_extensions import get_img_extensions
 from timm.data.readers.reader_image_folder import ReaderImageFolder
@@ -203,6 +206,8 @@ class _DropTimmSkipLine(logging.Filter):
 
 
 _TIMM_DATASET_LOGGER = logging.getLogger("timm.data.dataset")
+# What PIL raises for a damaged file besides OSError (which timm's retry loop already skips)
+_DECODE_ERRORS = (SyntaxError, Image.DecompressionBombError)
 
 
 class FolderImageDataset(ImageDataset):
@@ -222,25 +227,36 @@ class FolderImageDataset(ImageDataset):
         self.unreadable_target: int | None = None
 
     def __getitem__(self, index):
-        self.reader.requested = []
-        try:
-            item = super().__getitem__(index)
-        except RuntimeError as e:
-            failed = self.reader.requested
-            if len(failed) < self._max_retries:  # not timm giving up on loading: not ours to explain
-                raise
-            self._mark(failed)
-            names = ", ".join(self.filename(i, absolute=True) for i in failed[:3])
-            raise DataError(
-                f"{len(failed)} consecutive images could not be read ({names}, ...) in {self.reader.root}; "
-                "the data is damaged: re-extract it, or delete the broken files "
-                "(or raise TIMM_DATASET_MAX_RETRIES)"
-            ) from e
-        failed = self.reader.requested[:-1]  # every index before the one that loaded
+        failed = []  # indices that could not be read, in the order tried
+        for _ in range(self._max_retries):
+            self.reader.requested = []
+            try:
+                item = super().__getitem__(index)  # timm's loop skips files whose reading raises OSError
+            except _DECODE_ERRORS:  # PIL's other decode failures (a broken PNG chunk, a pixel bomb)
+                failed += self.reader.requested
+                index = (self.reader.requested[-1] + 1) % len(self.reader)
+                continue
+            except RuntimeError as e:
+                if len(self.reader.requested) < self._max_retries:  # not timm giving up: not ours
+                    raise
+                self._raise_damaged(failed + self.reader.requested, e)
+            failed += self.reader.requested[:-1]  # every index before the one that loaded
+            break
+        else:
+            self._raise_damaged(failed, None)
         self._mark(failed)
         if failed and self.unreadable_target is not None:
             return item[0], self.unreadable_target
         return item
+
+    def _raise_damaged(self, failed: list[int], cause):
+        self._mark(failed)
+        names = ", ".join(self.filename(i, absolute=True) for i in failed[:3])
+        raise DataError(
+            f"{len(failed)} consecutive images could not be read ({names}, ...) in {self.reader.root}; "
+            "the data is damaged: re-extract it, or delete the broken files "
+            "(or raise TIMM_DATASET_MAX_RETRIES)"
+        ) from cause
 
     def _mark(self, indices):
         for i in indices:

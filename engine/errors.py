@@ -46,4 +46,8 @@ def first_line(e: BaseException) -> str:
     refused path says what to do about it."""
     if isinstance(e, PermissionError) and e.filename:
         return f"permission denied: '{e.filename}'; give this user access (chmod/chown) or pick another path"
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = str(e).strip()
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:  # raised in a DataLoader worker:
+        last = text.splitlines()[-1]  # torch's message is its traceback, the error's own line last
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text.splitlines()[0] if text else type(e).__name__

@@ -86,7 +86,7 @@ def build_loaders(cfg: dict, bundle, data_config: dict, world_size: int, rank: i
         distributed=False,
         crop_pct=dc["crop_pct"],
         crop_mode=dc.get("crop_mode"),  # as eval.py reads it from the checkpoint
-        pin_memory=d["pin_memory"],
+        pin_memory=d["pin_memory"] and device.type == "cuda",  # torch warns of pinning without a GPU
         device=device,
         use_prefetcher=False,
     )

@@ -196,6 +196,13 @@ def test_unknown_key_in_file_names_the_file(tmp_path):
         ("aug.scale=[1.0]", "'aug.scale' must be two positive numbers"),
         ("data.img_size=[32, 0]", "'data.img_size' must be two positive numbers"),
         ("sched.sched=plateau", "set sched.step_on_updates=false"),
+        # transform settings timm asserts on (or divides by) once the run has started
+        ("data.img_size=0", "data.img_size and data.crop_pct must be > 0"),
+        ("data.crop_pct=-1.0", "data.img_size and data.crop_pct must be > 0"),
+        ("data.mean=[0.5, 0.5]", "'data.mean' must be three numbers"),
+        ("data.std=[0.0, 0.0, 0.0]", "'data.std' must be positive"),
+        ("data.interpolation=foo", "'data.interpolation' .* must be one of"),
+        ("aug.train_interpolation=foo", "'aug.train_interpolation' .* must be one of"),
     ],
 )
 def test_bad_values(override, message):

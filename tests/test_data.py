@@ -363,13 +363,27 @@ def test_timm_reader_pass_through(small_synthetic, tmp_path):
 # ---------------------------------------------------------------- bad images
 
 
-def test_corrupt_images_are_skipped_counted_and_reported_through_timm_loader(small_synthetic, caplog):
+def test_corrupt_images_are_skipped_counted_and_reported_through_timm_loader(
+    small_synthetic, caplog, monkeypatch
+):
     classes = resolve_classes(small_synthetic / "train")
     ds = build_image_folder(small_synthetic / "train", classes)
     garbage, truncated = ds.reader.samples[3][0], ds.reader.samples[20][0]
     Path(garbage).write_bytes(b"this is not an image")
     data = Path(truncated).read_bytes()
     Path(truncated).write_bytes(data[: len(data) // 2])
+    # PIL's other errors, which timm's loop (OSError only) let through as a crash: a PNG whose first
+    # chunk length is broken (SyntaxError), and one past the pixel limit (DecompressionBombError)
+    broken_chunk, bomb = ds.reader.samples[30][0], ds.reader.samples[40][0]
+    noise = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)  # ~3.1 kB compressed
+    Image.fromarray(noise).save(broken_chunk, format="PNG")
+    data = bytearray(Path(broken_chunk).read_bytes())
+    data[35] ^= 8  # the IDAT chunk's length less 2 kB: the next "chunk" is compressed data
+    Path(broken_chunk).write_bytes(bytes(data))
+    with pytest.raises(SyntaxError, match="broken PNG file"):
+        Image.open(broken_chunk).convert("RGB")
+    Image.new("RGB", (300, 300)).save(bomb, format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40_000)  # 90k px is past twice the limit: a bomb
     ds = build_image_folder(small_synthetic / "train", classes)  # a fresh dataset: nothing counted yet
     assert ds.corrupt_count() == 0
     for workers in (0, 2):  # 2: the count is marked inside worker processes and seen here
@@ -388,11 +402,11 @@ def test_corrupt_images_are_skipped_counted_and_reported_through_timm_loader(sma
                 assert torch.isfinite(x).all()
                 seen += len(y)
         assert seen == len(ds)  # the broken files were replaced by neighbours, no crash, no short epoch
-        assert corrupt_count(ds) == ds.corrupt_count() == corrupt_count(loader) == 2
-        assert sorted(ds.corrupt_files()) == sorted([garbage, truncated])
+        assert corrupt_count(ds) == ds.corrupt_count() == corrupt_count(loader) == 4
+        assert sorted(ds.corrupt_files()) == sorted([garbage, truncated, broken_chunk, bomb])
         if workers == 0:  # each file warned once, by name (timm's own "Skipped sample" line dropped)
             messages = [r.getMessage() for r in caplog.records]
-            assert sum("skipped unreadable image" in m for m in messages) == 2, messages
+            assert sum("skipped unreadable image" in m for m in messages) == 4, messages
             assert not any(m.startswith("Skipped sample") for m in messages), messages
 
 
@@ -404,6 +418,14 @@ def test_a_wholly_broken_class_raises_one_clear_error(small_synthetic):
     with pytest.raises(DataError, match="consecutive images could not be read"):
         ds[0]
     assert corrupt_count(ds) == 10  # timm's retry limit (TIMM_DATASET_MAX_RETRIES)
+    # from a DataLoader worker torch re-raises it with its traceback as the message: the one error
+    # line is still the error's own, not "Caught DataError in DataLoader worker process 0."
+    from engine.errors import first_line
+
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1)
+    with pytest.raises(DataError) as raised:
+        next(iter(loader))
+    assert first_line(raised.value).startswith("10 consecutive images could not be read (")
 
 
 # ---------------------------------------------------------------- ImageNet val preparation
