@@ -206,6 +206,8 @@ class _DropTimmSkipLine(logging.Filter):
 
 
 _TIMM_DATASET_LOGGER = logging.getLogger("timm.data.dataset")
+# The label an unreadable image's sample carries where scoring leaves it out (eval.py, validation)
+UNREADABLE = -1
 # What PIL raises for a damaged file besides OSError (which timm's retry loop already skips)
 _DECODE_ERRORS = (SyntaxError, Image.DecompressionBombError)
 

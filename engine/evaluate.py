@@ -66,9 +66,6 @@ def data_settings(args, ckpt: dict, has_settings: bool) -> dict:
     return d
 
 
-UNREADABLE = -1  # the label an unreadable image's sample carries here
-
-
 def build_eval_dataset(d: dict, model_classes: list[str] | None):
     """(dataset, class names) for the eval split. Folder data: only the eval split is read; with the
     model's class names and no subset asked for, the split's class folders (all or some of them)."""
@@ -152,6 +149,7 @@ def evaluate(args) -> dict:
     from timm.utils import accuracy
 
     from data import corrupt_count
+    from data.folder import UNREADABLE
 
     ckpt_path = Path(args.checkpoint)
     if ckpt_path.is_dir():

@@ -32,6 +32,8 @@ def build_loaders(cfg: dict, bundle, data_config: dict, world_size: int, rank: i
     """Train loader (resumable sampler, per-sample seeded augmentation) and timm's eval loader."""
     from timm.data import create_loader, create_transform
 
+    from data.folder import UNREADABLE
+
     d, a, t = cfg["data"], cfg["aug"], cfg["train"]
     dc = data_config
     train_tf = create_transform(
@@ -72,6 +74,8 @@ def build_loaders(cfg: dict, bundle, data_config: dict, world_size: int, rank: i
         generator=torch.Generator(),
         persistent_workers=False,
     )
+    if hasattr(bundle.val, "unreadable_target"):  # scored without its neighbour's copy, as eval.py does
+        bundle.val.unreadable_target = UNREADABLE
     # each rank scores its own images, none twice (timm's distributed eval sampler pads the set)
     val = EvalShard(bundle.val, world_size, rank) if world_size > 1 else bundle.val
     loader_eval = create_loader(

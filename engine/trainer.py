@@ -692,6 +692,8 @@ class Run:
         """Loss, top-1 and top-5 of `model` on the val set (summed over ranks)."""
         from timm.utils import accuracy
 
+        from data.folder import UNREADABLE
+
         model.eval()
         loss_sum, top1_sum, top5_sum, n = 0.0, 0.0, 0.0, 0
         k = min(5, self.num_classes)
@@ -703,10 +705,13 @@ class Run:
                 images = images.contiguous(memory_format=torch.channels_last)
             with self.autocast():
                 output = model(images)
-            output = output.float()
+            readable = target != UNREADABLE  # an unreadable image is left out, not its neighbour scored
+            output, target = output.float()[readable], target[readable]
+            b = int(readable.sum())
+            if b == 0:
+                continue
             loss = self.eval_loss_fn(output, target)
             acc1, acc5 = accuracy(output, target, topk=(1, k))
-            b = images.shape[0]
             loss_sum += loss.item() * b
             top1_sum += acc1.item() * b
             top5_sum += acc5.item() * b

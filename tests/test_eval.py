@@ -56,6 +56,29 @@ def test_an_unreadable_val_image_is_left_out_not_replaced(trained, tmp_path, cap
     assert r["top1"] == clean["top1"] and r["loss"] == pytest.approx(clean["loss"], abs=1e-6)
 
 
+def test_training_validation_leaves_an_unreadable_val_image_out_as_eval_does(trained, tmp_path):
+    """Training's validation scored the neighbour timm reads in an unreadable image's place, so with a
+    damaged val set its numbers were not eval.py's on the same checkpoint and data."""
+    work, _ = trained
+    shutil.copytree(work / "data", tmp_path / "data")
+    classes = sorted(p.name for p in (tmp_path / "data" / "val").iterdir())
+    (tmp_path / "data" / "val" / classes[0] / "zz_broken.png").write_bytes(b"not an image")
+    cfg = write_config(
+        tmp_path / "folder.yaml",
+        tmp_path / "data",
+        data={"dataset": "folder"},
+        sched={"epochs": 1, "warmup_epochs": 0},
+    )
+    run_cli("train.py", "-c", cfg, "--output", tmp_path / "runs", "--experiment", "r", check=0)
+    row = list(csv.DictReader((tmp_path / "runs" / "r" / "summary.csv").open()))[-1]
+    args = ["--data-dir", tmp_path / "data", "--dataset", "folder", "-j", "0", "-o", tmp_path / "e.json"]
+    run_cli("eval.py", tmp_path / "runs" / "r" / "last.pth.tar", *args, check=0)
+    r = json.loads((tmp_path / "e.json").read_text())
+    assert r["dataset"]["num_images"] == 6 and r["dataset"]["unreadable_images_skipped"] == 1
+    assert float(row["eval_top1"]) == pytest.approx(r["top1"], abs=1e-3)
+    assert float(row["eval_loss"]) == pytest.approx(r["loss"], abs=1e-4)
+
+
 def ckpt_data(run) -> dict:
     """The data section a run trained with (what a -c config for its dataset would hold)."""
     return yaml.safe_load((run / "config.yaml").read_text())["data"]
