@@ -66,9 +66,10 @@ def data_settings(args, ckpt: dict, has_settings: bool) -> dict:
     return d
 
 
-def build_eval_dataset(d: dict, model_classes: list[str] | None):
+def build_eval_dataset(d: dict, model_classes: list[str] | None, subset_trained: bool = False):
     """(dataset, class names) for the eval split. Folder data: only the eval split is read; with the
-    model's class names and no subset asked for, the split's class folders (all or some of them)."""
+    model's class names and no subset asked for, the split's class folders (all or some of them).
+    `subset_trained`: the model saw a subset of the folders, so others are left out without a word."""
     from data import build_datasets, build_image_folder, resolve_classes
     from data.folder import class_folders
 
@@ -81,7 +82,7 @@ def build_eval_dataset(d: dict, model_classes: list[str] | None):
             # training left them out; else the folders' own (integer names: output indices)
             known = [c for c in model_classes if c in present]
             extra = sorted(set(present) - set(model_classes))
-            if known and extra:
+            if known and extra and not subset_trained:
                 _logger.warning(
                     f"warning: {len(extra)} class folder(s) of {split_dir} are not among the checkpoint's "
                     f"classes (e.g. '{extra[0]}'): not scored"
@@ -177,7 +178,12 @@ def evaluate(args) -> dict:
     model_classes = settings.get("classes") if same_arch else None
 
     d = data_settings(args, ckpt if settings else {}, bool(settings))
-    dataset, ds_classes = build_eval_dataset(d, model_classes)
+    subset = d["class_list"] is not None or d["num_classes"] is not None
+    if model_classes and subset and not args.class_list:
+        # the checkpoint names the subset it trained on: score those classes in whatever folder holds
+        # them (drawn again from another folder's classes, the subset came out different)
+        d = dict(d, class_list=None, num_classes=None)
+    dataset, ds_classes = build_eval_dataset(d, model_classes, subset_trained=subset)
     if hasattr(dataset, "unreadable_target"):
         dataset.unreadable_target = UNREADABLE  # left out of the scores, not replaced by a neighbour
     index_map = class_index_map(ds_classes, model_classes, num_outputs)

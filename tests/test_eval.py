@@ -79,6 +79,35 @@ def test_training_validation_leaves_an_unreadable_val_image_out_as_eval_does(tra
     assert float(row["eval_loss"]) == pytest.approx(r["loss"], abs=1e-4)
 
 
+def test_a_subset_checkpoint_is_scored_by_its_class_names_in_another_folder(trained, tmp_path, caplog):
+    """A run trained on data.num_classes=2 of 3 folders: on its own data eval.py equals training's
+    validation, quietly; on a folder holding one of its classes and one other, that class is scored
+    (the subset was drawn again from the new folder's classes, and failed)."""
+    work, _ = trained
+    cfg = write_config(
+        tmp_path / "subset.yaml",
+        work / "data",
+        data={"dataset": "folder", "num_classes": 2, "seed": 3},
+        sched={"epochs": 1, "warmup_epochs": 0},
+    )
+    run_cli("train.py", "-c", cfg, "--output", tmp_path / "runs", "--experiment", "s", check=0)
+    run = tmp_path / "runs" / "s"
+    trained_classes = (run / "classes.txt").read_text().split()
+    row = list(csv.DictReader((run / "summary.csv").open()))[-1]
+    evaluate = load_entry_point("eval.py")
+    with caplog.at_level("WARNING"):
+        assert evaluate.main([str(run / "last.pth.tar"), "-j", "0", "-o", str(tmp_path / "own.json")]) == 0
+    own = json.loads((tmp_path / "own.json").read_text())
+    assert sorted(own["per_class"]) == sorted(trained_classes) and not caplog.records
+    assert own["top1"] == pytest.approx(float(row["eval_top1"]), abs=1e-3)
+    other = sorted(set(p.name for p in (work / "data" / "val").iterdir()) - set(trained_classes))[0]
+    for name in (trained_classes[1], other):
+        shutil.copytree(work / "data" / "val" / name, tmp_path / "mixed" / "val" / name)
+    args = ["--data-dir", str(tmp_path / "mixed"), "-j", "0", "-o", str(tmp_path / "mixed.json")]
+    assert evaluate.main([str(run / "last.pth.tar"), *args]) == 0
+    assert list(json.loads((tmp_path / "mixed.json").read_text())["per_class"]) == [trained_classes[1]]
+
+
 def ckpt_data(run) -> dict:
     """The data section a run trained with (what a -c config for its dataset would hold)."""
     return yaml.safe_load((run / "config.yaml").read_text())["data"]
