@@ -70,12 +70,14 @@ def build_eval_dataset(d: dict, model_classes: list[str] | None, subset_trained:
     """(dataset, class names) for the eval split. Folder data: only the eval split is read; with the
     model's class names and no subset asked for, the split's class folders (all or some of them).
     `subset_trained`: the model saw a subset of the folders, so others are left out without a word."""
-    from data import build_datasets, build_image_folder, resolve_classes
+    from data import DataError, build_datasets, build_image_folder, resolve_classes
     from data.folder import class_folders
 
     if d["dataset"] in ("folder", "imagefolder", ""):
         root = Path(d["root"])
         split_dir = root / d["val_split"]
+        if not split_dir.is_dir():  # (resolve_classes would call it the train folder, and blame the config)
+            raise DataError(f"eval folder {split_dir} does not exist; check --data-dir and --split")
         if d["class_list"] is None and d["num_classes"] is None and model_classes and split_dir.is_dir():
             present = class_folders(split_dir)
             # the model's order for the folders that are (some of) its classes, others left out as

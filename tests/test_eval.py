@@ -167,6 +167,10 @@ def test_missing_or_unreadable_checkpoint(trained):
     (work / "junk.pth").write_text("junk")
     p = run_cli("eval.py", work / "junk.pth", "--model", "nat_mini", "--data-dir", work / "data")
     assert p.returncode == 2 and "cannot read checkpoint" in p.stderr and "Traceback" not in p.stderr
+    _, run = trained  # a wrong --data-dir is named as the eval folder (it was "train folder ... the config")
+    p = run_cli("eval.py", run / "last.pth.tar", "--data-dir", work / "nowhere", "--dataset", "folder")
+    expected = f"error: eval folder {work / 'nowhere' / 'val'} does not exist; check --data-dir and --split"
+    assert p.returncode == 2 and p.stderr.strip() == expected, p.stderr
 
 
 def test_timm_state_dict_with_1k_head_on_a_wnid_subset(trained):
