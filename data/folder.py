@@ -223,7 +223,6 @@ class FolderImageDataset(ImageDataset):
         # One byte per sample in shared memory: DataLoader workers mark the files they could not read
         # and the main process sees it (worker-local counters would be lost).
         self._corrupt = torch.zeros(len(reader), dtype=torch.uint8).share_memory_()
-        self._warned = set()
         # None: an unreadable image's neighbour is used in its place (training); a label (eval.py's
         # -1): the neighbour's pixels come with it, so scoring can leave the sample out
         self.unreadable_target: int | None = None
@@ -262,9 +261,10 @@ class FolderImageDataset(ImageDataset):
 
     def _mark(self, indices):
         for i in indices:
-            self._corrupt[i] = 1
-            if i not in self._warned:
-                self._warned.add(i)
+            # the shared table says whether any process has met it: each file warned once, not once
+            # per DataLoader worker (and per epoch: the train loader's workers are new each epoch)
+            if not self._corrupt[i]:
+                self._corrupt[i] = 1
                 _logger.warning(
                     "skipped unreadable image %s (%s); dataset.corrupt_files() lists all, delete or "
                     "replace them",

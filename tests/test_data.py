@@ -410,6 +410,17 @@ def test_corrupt_images_are_skipped_counted_and_reported_through_timm_loader(
             assert not any(m.startswith("Skipped sample") for m in messages), messages
 
 
+def test_a_file_another_worker_marked_is_not_warned_again(small_synthetic, caplog):
+    """The shared table decides the warning: a DataLoader worker (a fresh copy of the dataset each
+    epoch, for the train loader) used to warn again for every file another one had already met."""
+    ds = build_image_folder(small_synthetic / "train", resolve_classes(small_synthetic / "train"))
+    ds._corrupt[5] = 1  # as another worker process marks it in the shared table
+    with caplog.at_level(logging.WARNING):
+        ds._mark([5, 6, 6])
+    warned = [r.getMessage() for r in caplog.records if "skipped unreadable image" in r.getMessage()]
+    assert len(warned) == 1 and ds.filename(6, absolute=True) in warned[0] and ds.corrupt_count() == 2
+
+
 def test_a_wholly_broken_class_raises_one_clear_error(small_synthetic):
     classes = resolve_classes(small_synthetic / "train")
     for path in (small_synthetic / "train" / classes[0]).iterdir():
