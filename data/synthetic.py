@@ -20,6 +20,7 @@ the same folder code as ImageNet. Each image comes from its own seeded RNG, so t
 (seed, split, class, index) and the library versions (PIL's drawing and zlib).
 """
 
+import errno
 import json
 import os
 import shutil
@@ -300,8 +301,17 @@ def write_generated_dataset(root, params: dict, classes: list, render, kind: str
             f"{kind} dataset root {root} already holds {what}; choose another root or delete {root}"
         )
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = root.parent / f".{root.name}.partial-{os.getpid()}"
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staging = root.parent / f".{root.name}.partial-{os.getpid()}"
+        staging.mkdir(exist_ok=True)
+    except OSError as e:  # a read-only or full disk: the user's to fix, one line (not a traceback)
+        if e.errno not in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DataError(
+            f"cannot write the {kind} dataset to {root} ({e.strerror}); set its root to a writable folder "
+            "(e.g. data.root=...)"
+        ) from None
     shutil.rmtree(staging, ignore_errors=True)
     seed = params["seed"]
     try:

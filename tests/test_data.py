@@ -715,3 +715,15 @@ def test_the_main_shape_carries_the_class():
     x = np.array([measures(render_image(int(k), 64, rng, polarity="light")) for k in labels])
     fit = np.arange(len(labels)) % 2 == 0
     assert _nearest_centroid_accuracy(x[fit], labels[fit], x[~fit], labels[~fit]) > 0.5
+
+
+def test_a_dataset_root_on_a_read_only_disk_is_one_error(tmp_path, monkeypatch):
+    """Generating into a read-only (or full) filesystem raised a bare OSError traceback."""
+    import errno
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(DataError, match=r"cannot write the synthetic dataset to .*\(Read-only file system\)"):
+        generate_synthetic_dataset(tmp_path / "ro", num_classes=2, train_per_class=1, val_per_class=1)
