@@ -46,8 +46,7 @@ import torch
 import models  # noqa: F401  (registers nat_* / dinat_* with timm)
 from engine import bench
 from models.layers import functional, neighborhood_attention_2d
-from models.layers.backends.checks import BACKENDS, CallInfo, why_not
-from models.layers.backends.natten_na import natten_has_cuda_kernels
+from models.layers.backends.checks import BACKENDS, CallInfo, natten_cuda_kernels_missing, why_not
 from models.layers.backends.self_check import (
     SELF_CHECKED,
     out_of_bounds,
@@ -146,13 +145,8 @@ def why_not_here(backend: str, call: CallInfo) -> str | None:
     """`why_not`, and natten without its CUDA library: its CUDA path is then uncompiled FlexAttention
     (full score matrices), which would be checked and timed as if it were natten's kernels."""
     reason = why_not(backend, call)
-    if (
-        reason is None
-        and backend == "natten"
-        and call.device_type == "cuda"
-        and not natten_has_cuda_kernels()
-    ):
-        reason = "natten has no CUDA kernels here (make setup NATTEN_CUDA=1); auto doesn't use it"
+    if reason is None and backend == "natten":
+        reason = natten_cuda_kernels_missing(call)
     return reason
 
 

@@ -104,6 +104,16 @@ def why_not(backend: str, call: CallInfo) -> str | None:
     return None
 
 
+def natten_cuda_kernels_missing(call: CallInfo) -> str | None:
+    """Why natten's CUDA path is no kernel of its own here (None: it is, or the call is not on CUDA)."""
+    if call.device_type == "cuda" and not natten_has_cuda_kernels():
+        return (
+            "natten has no CUDA kernels here (make setup NATTEN_CUDA=1 builds them): its CUDA path is then "
+            "uncompiled FlexAttention"
+        )
+    return None
+
+
 def _auto_excludes(backend: str, call: CallInfo) -> str | None:
     """Why `auto` passes over a backend that could serve `call` (None: it doesn't)."""
     if backend == "naive":
@@ -112,11 +122,8 @@ def _auto_excludes(backend: str, call: CallInfo) -> str | None:
         # Learnable score_mod buffers train through atomics with open upstream bugs
         # (pytorch/pytorch#157677, #145208); request backend='flex' explicitly to train with it.
         return "auto uses flex for inference only when the RPB needs a gradient (upstream learned-bias bugs)"
-    if backend == "natten" and call.device_type == "cuda" and not natten_has_cuda_kernels():
-        return (
-            "natten was installed without its CUDA kernels (make setup NATTEN_CUDA=1 builds them): its CUDA "
-            "path is then uncompiled FlexAttention"
-        )
+    if backend == "natten" and (reason := natten_cuda_kernels_missing(call)):
+        return reason
     if backend == "triton" and call.device_type != "cuda":
         return "auto runs it on CUDA only (on CPU it is Triton's interpreter, for tests)"
     return None
