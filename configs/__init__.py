@@ -473,12 +473,9 @@ def validate(cfg: dict) -> dict:
         if isinstance(value, list) and not (len(value) == 2 and all(_is_number(v) and v > 0 for v in value)):
             raise ConfigError(f"config key '{key}' must be two positive numbers (range or H, W), got {value}")
     d = cfg["data"]
-    if (
-        isinstance(d["img_size"], int)
-        and d["img_size"] < 1
-        or d["crop_pct"] is not None
-        and d["crop_pct"] <= 0
-    ):
+    bad_size = isinstance(d["img_size"], int) and d["img_size"] < 1  # a list is checked above
+    bad_crop = d["crop_pct"] is not None and d["crop_pct"] <= 0
+    if bad_size or bad_crop:
         raise ConfigError(
             f"data.img_size and data.crop_pct must be > 0, got {d['img_size']} and {d['crop_pct']}"
         )

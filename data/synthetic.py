@@ -301,10 +301,11 @@ def write_generated_dataset(root, params: dict, classes: list, render, kind: str
             f"{kind} dataset root {root} already holds {what}; choose another root or delete {root}"
         )
 
+    staging = root.parent / f".{root.name}.partial-{os.getpid()}"
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
-        staging = root.parent / f".{root.name}.partial-{os.getpid()}"
-        staging.mkdir(exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # a stale one, left by a crashed run with this pid
+        staging.mkdir()
     except OSError as e:  # a read-only or full disk: the user's to fix, one line (not a traceback)
         if e.errno not in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
             raise
@@ -312,7 +313,6 @@ def write_generated_dataset(root, params: dict, classes: list, render, kind: str
             f"cannot write the {kind} dataset to {root} ({e.strerror}); set its root to a writable folder "
             "(e.g. data.root=...)"
         ) from None
-    shutil.rmtree(staging, ignore_errors=True)
     seed = params["seed"]
     try:
         for split_index, split in enumerate(("train", "val")):

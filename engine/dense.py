@@ -81,7 +81,8 @@ def _count_flops(model, task, size) -> dict:
     """Multiply-adds at one val-size image: the backbone (+ FPN for detection) and the whole model."""
     from models.flops import count_flops
 
-    backbone, backbone_size = model.backbone if task == "detection" else model.model.encoder, size
+    backbone = model.backbone if task == "detection" else model.model.encoder
+    backbone_size = size
     if task == "segmentation":  # Normalise pads the input to smp's output stride: what the encoder sees
         backbone_size = -(-size // backbone.output_stride) * backbone.output_stride
     out = {}

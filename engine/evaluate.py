@@ -78,7 +78,7 @@ def build_eval_dataset(d: dict, model_classes: list[str] | None, subset_trained:
         split_dir = root / d["val_split"]
         if not split_dir.is_dir():  # (resolve_classes would call it the train folder, and blame the config)
             raise DataError(f"eval folder {split_dir} does not exist; check --data-dir and --split")
-        if d["class_list"] is None and d["num_classes"] is None and model_classes and split_dir.is_dir():
+        if d["class_list"] is None and d["num_classes"] is None and model_classes:
             present = class_folders(split_dir)
             # the model's order for the folders that are (some of) its classes, others left out as
             # training left them out; else the folders' own (integer names: output indices)

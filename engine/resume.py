@@ -263,8 +263,10 @@ def geometry_changes(ck: dict, lr_scheduler, shape: dict) -> list[str]:
         changes.append(f"processes {saved['world_size']} -> {shape['world_size']}")
     new_state = {k: v for k, v in lr_scheduler.state_dict().items() if k != "metric"}
     old_state = {k: v for k, v in (ck.get("scheduler") or {}).items() if k != "metric"}
+    from timm.scheduler import PlateauLRScheduler
+
     # plateau's state is the val metric's history (best, last epoch), not settings: it always differs
-    settings_saved = ck.get("scheduler") and type(lr_scheduler).__name__ != "PlateauLRScheduler"
+    settings_saved = ck.get("scheduler") and not isinstance(lr_scheduler, PlateauLRScheduler)
     if not changes and settings_saved and old_state != new_state:
         changes.append("schedule settings changed")
     return changes

@@ -56,6 +56,7 @@ def build_loaders(cfg: dict, bundle, data_config: dict, world_size: int, rank: i
     train_set = SampleSeededDataset(bundle.train, seed=t["seed"])
     train_set.transform = train_tf
     bs = t["batch_size"]
+    pin_memory = d["pin_memory"] and device.type == "cuda"  # torch warns of pinning without a GPU
     sampler = ResumableSampler(len(train_set), world_size, rank, seed=t["seed"])
     batches_per_epoch = sampler.num_samples // bs
     if batches_per_epoch == 0:
@@ -69,7 +70,7 @@ def build_loaders(cfg: dict, bundle, data_config: dict, world_size: int, rank: i
         sampler=sampler,
         num_workers=d["workers"],
         drop_last=True,
-        pin_memory=d["pin_memory"] and device.type == "cuda",
+        pin_memory=pin_memory,
         worker_init_fn=loader_worker_init,
         generator=torch.Generator(),
         persistent_workers=False,
@@ -90,7 +91,7 @@ def build_loaders(cfg: dict, bundle, data_config: dict, world_size: int, rank: i
         distributed=False,
         crop_pct=dc["crop_pct"],
         crop_mode=dc.get("crop_mode"),  # as eval.py reads it from the checkpoint
-        pin_memory=d["pin_memory"] and device.type == "cuda",  # torch warns of pinning without a GPU
+        pin_memory=pin_memory,
         device=device,
         use_prefetcher=False,
     )
