@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -127,6 +128,22 @@ def writable_folder(path) -> str | None:
     except OSError as e:
         return f"cannot write to {path} ({e.strerror or e}); give --out somewhere writable"
     return None
+
+
+def failed_rows(rows: list[dict], describe: Callable[[dict], str]) -> int:
+    """After the results are written: the exit status, 1 when a row has an `error` (one `error:` line
+    on stderr names the first few, `describe(row)` saying which measurement each is), else 0."""
+    failed = [r for r in rows if r.get("error")]
+    if not failed:
+        return 0
+    named = "; ".join(f"{describe(r)}: {r['error'][:120]}" for r in failed[:3])
+    more = f"; {len(failed) - 3} more" if len(failed) > 3 else ""
+    print(
+        f"error: {len(failed)} of {len(rows)} measurements failed ({named}{more}); the others are "
+        "written, and each failed row's `error` says why",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def spread(values: Iterable[float]) -> dict[str, float]:

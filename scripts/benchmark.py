@@ -21,6 +21,8 @@ files and plots are engine.bench's (shared with bench_na.py and zoo.py); this sc
 by side in one, for NAT-T: docs/benchmarks.md, torch.compile).
 Writes results.csv (one row per model/device/resolution/mode), results.json (the rows plus
 device/torch/timm/natten versions, load, targets, scaling slopes) and three PNG plots to --out.
+A model that fails (to build, or out of memory) gets its rows' `error`, the others are measured, and
+the exit status is 1.
 
 Memory: on CUDA, `torch.cuda.max_memory_allocated` during one step minus what was allocated
 before it, plus what of this model lives across steps (parameters, gradients, buffers, optimizer
@@ -53,7 +55,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"timm names, optionally name@backend and/or name+compiled (default: {DEFAULT_MODELS})",
     )
     p.add_argument(
-        "--baselines", nargs="+", default=DEFAULT_BASELINES, help="ratios in the table are against the first"
+        "--baselines",
+        nargs="+",
+        help=f"ratios in the table are against the first of these that runs (default: {DEFAULT_BASELINES}, "
+        "else the first model)",
     )
     p.add_argument(
         "--devices",

@@ -4,7 +4,8 @@
 NAT-T and DiNAT-T (the official dense layout; DiNAT with the COCO dilations) next to Swin-T, ConvNeXt-T
 and ViT-S (global attention), batch 1, inference, interleaved rounds per input size; the FPN neck's
 time on each backbone's maps; log-log slopes against pixels over 512^2 .. 1024^2. Writes
-OUT/dense_cost.{md,csv,json} and OUT/dense-cost.png (engine/dense_cost.py).
+OUT/dense_cost.{md,csv,json} and OUT/dense-cost.png (engine/dense_cost.py); a backbone that fails at a
+size (out of memory, say) gets its row's `error`, the others are measured, and the exit status is 1.
 
     OMP_NUM_THREADS=1 python scripts/dense_cost.py                       # 224^2 .. 1024^2 and 800x1216
     python scripts/dense_cost.py --models NAT-T ViT-S --sizes 512 1024 --rounds 2
@@ -20,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import dense_cost  # noqa: E402
-from engine.bench import positive_int, writable_folder  # noqa: E402
+from engine.bench import failed_rows, positive_int, writable_folder  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     dense_cost.write_outputs(rows, out, Path(args.plot) if args.plot else None)
     print((out / "dense_cost.md").read_text())
-    return 0
+    return failed_rows(rows, lambda r: f"{r['backbone']} at {r['height']}x{r['width']}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import load_entry_point
 
 from engine import benchmark
 from engine.benchmark import measure, report
@@ -109,6 +110,38 @@ def test_unknown_model_is_one_clear_error_before_any_work(tmp_path):
 def test_bad_model_lists_are_one_clear_error(names, message):
     with pytest.raises(SystemExit, match=message):
         measure.parse_models(names, {})
+
+
+def test_baseline_asked_for_must_run_and_the_default_falls_back_to_the_first_model(capsys):
+    labels = ["nat_mini", "convnext_tiny"]
+    assert benchmark.pick_baseline(None, labels) == "convnext_tiny"  # the second default baseline
+    assert benchmark.pick_baseline(["swin_t", "nat_mini"], labels) == "nat_mini"
+    assert benchmark.pick_baseline(None, ["nat_mini"]) == "nat_mini"
+    assert "ratios are vs nat_mini" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"no --baselines model \(swin_t\) is among the models run"):
+        benchmark.pick_baseline(["swin_t"], labels)
+
+
+def test_a_failed_measurement_is_written_and_exits_1(tmp_path, capsys):
+    """A model that fails (here: a keyword it doesn't take) loses its rows only; the run writes the
+    others and then exits 1 with one line naming what failed, so a script running it sees it."""
+    script = load_entry_point("scripts/benchmark.py")
+    args = ["--quick", "--devices", "cpu", "--modes", "infer", "--no-plots", "--out", str(tmp_path)]
+    args += [
+        "--models",
+        "nat_mini",
+        "vit_small_patch16_224",
+        "--model-kwargs",
+        '{"nat_mini": {"no_such_kwarg": 1}}',
+    ]
+    assert script.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(
+        "error: 2 of 4 measurements failed (nat_mini infer 32px on cpu: build: TypeError"
+    )
+    with (tmp_path / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows if not r["error"]] == ["vit_small_patch16_224"] * 2
 
 
 def test_compiled_suffix_compiles_that_row_only():

@@ -82,3 +82,13 @@ def test_bad_size_or_name_is_one_clear_error(capsys):
     assert capsys.readouterr().err.startswith("error: unknown backbone(s) ['Swim-T']: choose from ['NAT-T'")
     assert script.main(["--sizes", "512", "0x3"]) == 2
     assert capsys.readouterr().err.startswith("error: size '0x3' must be a positive integer")
+
+
+def test_a_failed_backbone_is_written_and_exits_1(tmp_path, monkeypatch, capsys):
+    rows = [_row("NAT-T", 64, 0.1, 1.0), dict(backbone="ViT-S", height=64, width=64, error="out of memory")]
+    monkeypatch.setattr(dense_cost, "measure", lambda *args: rows)
+    script = load_entry_point("scripts/dense_cost.py")
+    assert script.main(["--models", "NAT-T", "ViT-S", "--sizes", "64", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: 1 of 2 measurements failed (ViT-S at 64x64: out of memory)")
+    assert len(json.loads((tmp_path / "dense_cost.json").read_text())["rows"]) == 2

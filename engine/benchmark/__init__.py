@@ -22,6 +22,7 @@ import torch
 from engine.bench import (
     device_name,
     environment,
+    failed_rows,
     load_average,
     memory_kind,
     writable_folder,
@@ -82,6 +83,20 @@ QUICK_KWARGS = {
 }
 
 
+def pick_baseline(baselines: list[str] | None, labels: list[str]) -> str:
+    """The model the ratios are against: the first of `baselines` that runs. Asked for (`--baselines`)
+    and none runs: an error; the default baselines (None) fall back to the first model, and say so."""
+    found = next((b for b in baselines or DEFAULT_BASELINES if b in labels), None)
+    if found:
+        return found
+    if baselines:
+        raise SystemExit(
+            f"error: no --baselines model ({' '.join(baselines)}) is among the models run: {labels}"
+        )
+    print(f"note: no default baseline ({' '.join(DEFAULT_BASELINES)}) is run; ratios are vs {labels[0]}")
+    return labels[0]
+
+
 def device_plan(args: argparse.Namespace) -> list[tuple[str, dict]]:
     devices = []
     for d in args.devices:
@@ -118,12 +133,13 @@ def device_plan(args: argparse.Namespace) -> list[tuple[str, dict]]:
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     """The benchmark (`args`: scripts/benchmark.py's arguments; `argv`, as given, goes in the
-    results' `command`): 0 once the result files are written; a bad argument exits (SystemExit)."""
+    results' `command`): once the result files are written, 0, or 1 when a measurement failed (its
+    row's `error`); a bad argument exits (SystemExit)."""
     model_kwargs = dict(QUICK_KWARGS) if args.quick else {}
     model_kwargs.update(args.model_kwargs)
     names = args.models or (QUICK_MODELS if args.quick else DEFAULT_MODELS)
     specs = parse_models(names, model_kwargs, compile_all=args.compile)
-    baseline = next((b for b in args.baselines if b in {s.label for s in specs}), specs[0].label)
+    baseline = pick_baseline(args.baselines, [s.label for s in specs])
     plan = device_plan(args)
 
     torch.manual_seed(args.seed)
@@ -226,4 +242,4 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     after = result["load_average_after"]
     log(f"wall time {result['wall_seconds']} s; load average before {load_before}, after {after}")
     gc.unfreeze()  # let shutdown collect them (nanobind-bound modules report frozen objects as leaks)
-    return 0
+    return failed_rows(rows, lambda r: f"{r['model']} {r['mode']} {r['resolution']}px on {r['device']}")
