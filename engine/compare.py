@@ -171,14 +171,31 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# comparison.csv: the results' numbers as measured (the table's rounded, unit-suffixed text is for reading)
+CSV_FIELDS = [
+    "label",
+    "arch",
+    "top1",
+    "top5",
+    "eval_loss",
+    "params",
+    "flops",
+    "train_img_per_sec",
+    "eval_img_per_sec",
+    "train_time_s",
+    "config",
+    "run_dir",
+    "error",
+]
+
+
 def write_outputs(out: Path, results: list[dict]) -> str:
+    from engine.bench import write_csv
+
     md = markdown(results)
     (out / "comparison.md").write_text(md + "\n")
     (out / "comparison.json").write_text(json.dumps(results, indent=1) + "\n")
-    with (out / "comparison.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(COLUMNS)
-        w.writerows(table_rows(results))
+    write_csv(results, out / "comparison.csv", CSV_FIELDS)
     return md
 
 

@@ -51,6 +51,10 @@ def check_outputs(proc, out: Path, labels: list[str]):
     results = json.loads((out / "comparison.json").read_text())
     assert [r["label"] for r in results] == labels
     table = (out / "comparison.md").read_text()
+    with (out / "comparison.csv").open() as f:  # numbers, not the table's rounded text
+        assert [(r["label"], float(r["top1"]), int(r["flops"])) for r in csv.DictReader(f)] == [
+            (r["label"], r["top1"], r["flops"]) for r in results
+        ]
     with (out / "learning_curves.csv").open() as f:
         curve = list(csv.DictReader(f))
     per_epoch = CLASSES * PER_CLASS // BATCH * BATCH
