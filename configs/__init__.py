@@ -123,8 +123,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "cooldown_epochs": 10,
         "warmup_lr": 1e-6,
         "min_lr": 5e-6,
-        "decay_milestones": [90, 180, 270],
+        "decay_epochs": 90,  # sched=step: lr x decay_rate every this many epochs
+        "decay_milestones": [90, 180, 270],  # sched=multistep: lr x decay_rate at each of these epochs
         "decay_rate": 0.1,
+        "patience_epochs": 10,  # sched=plateau: epochs without a better val metric before a decay
         "step_on_updates": True,  # lr changes every optimizer update, not only per epoch
     },
     "ema": {  # timm.utils.ModelEmaV3

@@ -181,8 +181,10 @@ def build_scheduler(optimizer, s: dict, updates_per_epoch: int, eval_metric: str
             sched=s["sched"],
             plateau_mode="min" if eval_metric == "loss" else "max",
             num_epochs=s["epochs"],
+            decay_epochs=s["decay_epochs"],
             decay_milestones=s["decay_milestones"],
             decay_rate=s["decay_rate"],
+            patience_epochs=s["patience_epochs"],
             cooldown_epochs=s["cooldown_epochs"],
             warmup_epochs=s["warmup_epochs"],
             warmup_lr=s["warmup_lr"],
@@ -195,6 +197,18 @@ def build_scheduler(optimizer, s: dict, updates_per_epoch: int, eval_metric: str
             f"lr schedule rejected: {e} (check sched.sched: cosine, tanh, step, multistep, plateau, "
             "poly, ...; and the sched section's other keys)"
         ) from None
+
+
+def scheduler_state(lr_scheduler) -> dict:
+    """The scheduler's state for a checkpoint. timm's plateau keeps its best metric and last epoch
+    only: torch's ReduceLROnPlateau state (the bad-epoch and cooldown counters) goes with it, so a
+    resumed plateau run decays the lr at the epoch the uninterrupted run would."""
+    from timm.scheduler import PlateauLRScheduler
+
+    state = lr_scheduler.state_dict()
+    if isinstance(lr_scheduler, PlateauLRScheduler):
+        state["reduce_on_plateau"] = lr_scheduler.lr_scheduler.state_dict()
+    return state
 
 
 def schedule_record(num_epochs: int, updates_per_epoch: int, global_batch: int, world_size: int) -> dict:
@@ -225,6 +239,8 @@ def restore_schedule(
     if not changes:
         if ck.get("scheduler"):
             lr_scheduler.load_state_dict(ck["scheduler"])
+            if "reduce_on_plateau" in ck["scheduler"]:  # scheduler_state's addition
+                lr_scheduler.lr_scheduler.load_state_dict(ck["scheduler"]["reduce_on_plateau"])
         # the scheduler's constructor reset the lr (to warmup_lr): put back the saved one, which the
         # next updates of the uninterrupted run would have used
         for group, saved in zip(optimizer.param_groups, ck["optimizer"]["param_groups"], strict=True):

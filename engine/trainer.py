@@ -44,6 +44,7 @@ from engine.resume import (
     schedule_record,
     schedule_step,
     scheduled_lr,
+    scheduler_state,
 )
 from engine.run_log import RunLog, close_log_file, fmt_time, setup_logging
 from engine.sampling import rank_rng_states, restore_rng_state, rng_state, worker_batches
@@ -401,7 +402,7 @@ class Run:
             "classes": self.classes,
             "config": configs.merge(self.cfg, {"train": {"stop_after_updates": None}}),
             "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.data_config.items()},
-            "scheduler": self.lr_scheduler.state_dict(),
+            "scheduler": scheduler_state(self.lr_scheduler),
             "schedule": self._schedule_record(),
             "num_updates": self.num_updates,
             "next_epoch": self._pos[0],

@@ -556,8 +556,15 @@ def test_agc_clips_every_parameter_but_the_classifier(tmp_path, monkeypatch):
 def test_the_schedule_settings_timm_takes_and_those_it_refuses(tmp_path):
     """plateau watches the val metric in its direction (a falling loss is progress) and resumes with
     its own settings; sched=none (timm's "no scheduler") is one error; the cooldown counts only where
-    timm's scheduler adds it (cosine), so a finished multistep run has nothing left to do."""
-    from engine.resume import build_scheduler, geometry_changes, scheduled_epochs
+    timm's scheduler adds it (cosine), so a finished multistep run has nothing left to do; step's period and
+    plateau's patience are the config's."""
+    from engine.resume import (
+        build_scheduler,
+        geometry_changes,
+        restore_schedule,
+        scheduled_epochs,
+        scheduler_state,
+    )
 
     def plateau(metric):
         weights = torch.zeros(1, requires_grad=True)
@@ -573,6 +580,44 @@ def test_the_schedule_settings_timm_takes_and_those_it_refuses(tmp_path):
     assert geometry_changes(saved, plateau("loss")[1], {"num_epochs": 300}) == []
     with pytest.raises(configs.ConfigError, match="sched.sched=none is not supported; for a constant lr"):
         build_scheduler(optimizer, configs.load_config([], ["sched.sched=none"])["sched"], 4)
+    step = [
+        "sched.sched=step",
+        "sched.decay_epochs=2",
+        "sched.warmup_epochs=0",
+        "sched.step_on_updates=false",
+    ]
+    scheduler = build_scheduler(optimizer, configs.load_config([], step)["sched"], 4)[0]
+    lrs = [scheduler._get_lr(epoch)[0] for epoch in range(5)]  # timm's default decay_epochs is 90
+    assert lrs == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01])
+    flat = ["sched.sched=plateau", "sched.patience_epochs=1", "sched.step_on_updates=false"]
+    scheduler = build_scheduler(optimizer, dict(configs.load_config([], flat)["sched"], warmup_epochs=0), 4)[
+        0
+    ]
+    for epoch in range(3):  # top-1 stuck at 50: a decay once one epoch has passed without progress
+        scheduler.step(epoch + 1, 50.0)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)  # patience 10 (timm's default): 1.0
+    # resumed mid-plateau, it decays at the epoch the uninterrupted run does (timm's own state dict
+    # forgets the bad-epoch count: the resumed run would wait a whole patience again)
+    patient = ["sched.sched=plateau", "sched.patience_epochs=3", "sched.step_on_updates=false"]
+    s = dict(configs.load_config([], patient)["sched"], warmup_epochs=0)
+    lrs = {}
+    for stop in (None, 2):
+        weights = torch.zeros(1, requires_grad=True)
+        optimizer = torch.optim.SGD([weights], lr=1.0)
+        scheduler, lrs[stop] = build_scheduler(optimizer, s, 4)[0], []
+        for epoch in range(1, 7):
+            scheduler.step(epoch, 50.0)
+            lrs[stop].append(optimizer.param_groups[0]["lr"])
+            if epoch == stop:
+                torch.save({"scheduler": scheduler_state(scheduler)}, tmp_path / "ck.pth")
+                ck = torch.load(tmp_path / "ck.pth", weights_only=True)
+                ck.update(schedule={}, optimizer=optimizer.state_dict())
+                optimizer = torch.optim.SGD([weights], lr=1.0)
+                scheduler = build_scheduler(optimizer, s, 4)[0]
+                shape = dict(num_epochs=300, updates_per_epoch=4, global_batch=8, world_size=1)
+                resumed = dict(start_epoch=epoch, start_batch=0, batches_per_epoch=4, accum=1, shape=shape)
+                restore_schedule(ck, scheduler, optimizer, "plateau", **resumed)
+    assert lrs[2] == lrs[None] and lrs[None][-1] == pytest.approx(0.1) and lrs[None][3] == 1.0
     cooldown = ["sched.epochs=2", "sched.cooldown_epochs=3", "sched.warmup_epochs=0"]
     assert scheduled_epochs(configs.load_config([], [*cooldown, "sched.sched=cosine"])) == 5
     assert scheduled_epochs(configs.load_config([], [*cooldown, "sched.sched=multistep"])) == 2
