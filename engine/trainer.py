@@ -196,8 +196,9 @@ class Run:
 
     def _build_optimizer(self):
         """timm's optimizer; unless optim.lr is set, lr = lr_base x global batch / lr_base_size, linear
-        for every optimizer as the NAT / Swin recipes scale (timm's train.py takes the square root for
-        adaptive ones unless --lr-base-scale linear)."""
+        for every optimizer (timm's train.py takes the square root for adaptive ones unless
+        --lr-base-scale linear). The peak lr only: warmup_lr and min_lr stay as set (Swin scales them
+        too; the NAT repo scales nothing, its lr being 1e-3 at its 8 x 128)."""
         from timm.optim import create_optimizer_v2
 
         o, t = self.cfg["optim"], self.cfg["train"]

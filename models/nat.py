@@ -522,7 +522,9 @@ class NAT(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set[str]:
-        """What the official training code excluded by keyword."""
+        """The official model's keyword list. Its training code's timm never read it (only
+        `no_weight_decay`), so the official ImageNet runs did decay the RPB tables; `no_weight_decay`
+        leaves them out, as Swin's tables are and the official detection/segmentation configs do."""
         return {"rpb"}
 
     @torch.jit.ignore
