@@ -568,6 +568,7 @@ class Run:
         agc = self.cfg["optim"]["clip_mode"] == "agc"
         params = list(model_parameters(unwrap(self.model), exclude_head=agc))
         t_start, images_seen, stop_after = time.perf_counter(), 0, t["stop_after_updates"]
+        update_loss_sum = update_images = 0  # over the batches accumulated into the coming update
         self._log_window = (0, time.perf_counter())  # images and start time since the last logged update
         progress = self._progress_bar(epoch, start_batch, show_progress)
         try:
@@ -578,10 +579,16 @@ class Run:
                     images, target, params, need_update, accum_steps, epoch, batch_idx
                 )
                 images_seen += batch_size
+                update_loss_sum, update_images = (
+                    update_loss_sum + loss * batch_size,
+                    update_images + batch_size,
+                )
                 self._log_window = (self._log_window[0] + batch_size, self._log_window[1])
                 if not need_update:
                     continue
-                self._after_update(epoch, batch_idx, start_batch, loss, progress, t_start)
+                update_loss = update_loss_sum / update_images
+                self._after_update(epoch, batch_idx, start_batch, update_loss, progress, t_start)
+                update_loss_sum = update_images = 0
                 stop = self.stop_signal is not None or (
                     stop_after is not None and self.num_updates >= stop_after
                 )

@@ -173,6 +173,11 @@ def test_tensorboard_has_the_promised_scalars(full_run):
     ):
         got = [e.value for e in acc.Scalars(tag)]
         assert got == pytest.approx([float(r[column]) for r in rows], rel=1e-6), tag
+    # train/loss is each update's loss, the mean over its accumulated batches (2 of 4 images here):
+    # an epoch's three updates average to the epoch's loss
+    per_update = [e.value for e in acc.Scalars("train/loss")]
+    epochs = [sum(per_update[i : i + 3]) / 3 for i in (0, 3)]
+    assert epochs == pytest.approx([float(r["train_loss"]) for r in rows], rel=1e-5)
     assert "config" in "".join(acc.Tags()["tensors"])
 
 
