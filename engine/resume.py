@@ -10,6 +10,7 @@ builds a `Run` with these; this module does not import it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from datetime import datetime
 from pathlib import Path
@@ -209,6 +210,22 @@ def scheduler_state(lr_scheduler) -> dict:
     if isinstance(lr_scheduler, PlateauLRScheduler):
         state["reduce_on_plateau"] = lr_scheduler.lr_scheduler.state_dict()
     return state
+
+
+def rebase_lr(optimizer, ck: dict, lr: float) -> None:
+    """Before the scheduler is built for a resumed run whose lr comes from the lr_base rule: at a new
+    global batch (processes, batch size, accumulation) the rule gives another peak lr than the saved
+    one, and the schedule, rebuilt for the new geometry anyway, takes it (as a run started at this
+    geometry would have). timm's scheduler reads each group's `initial_lr`; the optimizer's restored
+    state holds the old one."""
+    saved = ck["optimizer"]["param_groups"][0].get("initial_lr")
+    if saved is None or math.isclose(saved, lr, rel_tol=1e-9):
+        return
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr
+    _logger.info(
+        f"resume: the global batch changed, so the lr_base rule's peak lr too: {saved:.2e} -> {lr:.2e}"
+    )
 
 
 def schedule_record(num_epochs: int, updates_per_epoch: int, global_batch: int, world_size: int) -> dict:

@@ -39,6 +39,7 @@ from engine.precision import cpu_precision_notes
 from engine.resume import (
     build_scheduler,
     position,
+    rebase_lr,
     restore_schedule,
     run_folder,
     schedule_record,
@@ -317,6 +318,8 @@ class Run:
     def _build_scheduler(self, resume_ckpt: dict | None):
         """timm's scheduler (per epoch or per update); a resumed run gets its state and lr back."""
         self.updates_per_epoch = (self.batches_per_epoch + self.accum - 1) // self.accum
+        if resume_ckpt is not None and self.cfg["optim"]["lr"] is None:
+            rebase_lr(self.optimizer, resume_ckpt, self.lr)
         self.lr_scheduler, self.num_epochs = build_scheduler(
             self.optimizer, self.cfg["sched"], self.updates_per_epoch, self.cfg["train"]["eval_metric"]
         )

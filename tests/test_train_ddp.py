@@ -56,7 +56,10 @@ def test_two_process_gloo_run_then_resume_with_one(tmp_path):
     p = run_cli("train.py", "--resume", run / "last.pth.tar", check=0)
     assert "resume: updates per epoch 2 -> 3, processes 2 -> 1; lr schedule recomputed" in p.stdout, p.stdout
     assert "50% of training done" in p.stdout
+    # half the global batch, half the lr_base rule's peak lr (the schedule is rebuilt for the new run)
+    assert "the lr_base rule's peak lr too: 5.00e-04 -> 2.50e-04" in p.stdout
     ck = load(run / "last.pth.tar")
+    assert ck["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(1e-3 * 8 / 32)
     assert ck["num_updates"] == 5 and ck["next_epoch"] == 2
     assert [r["epoch"] for r in csv.DictReader((run / "summary.csv").open())] == ["1", "2"]
 
