@@ -120,8 +120,13 @@ def overrides_from_args(args) -> list[str]:
     return out + list(args.set) + list(args.overrides)
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    # intermixed: bare KEY=VALUE overrides may sit on either side of an option (`a=1 --epochs 2 b=2`)
+    return build_parser().parse_intermixed_args(argv)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     return train(args.config, overrides_from_args(args), resume=args.resume, print_config=args.print_config)
 
 

@@ -483,11 +483,17 @@ def test_of_two_opposite_switches_the_last_one_given_wins():
     cli = load_entry_point("train.py")
 
     def amp(*argv):
-        return [o for o in cli.overrides_from_args(cli.build_parser().parse_args(list(argv))) if "amp=" in o]
+        return [o for o in cli.overrides_from_args(cli.parse_args(list(argv))) if "amp=" in o]
 
     assert amp("--no-amp", "--amp") == ["train.amp=true"]
     assert amp("--amp", "--no-amp") == ["train.amp=false"]
     assert amp() == []
+
+
+def test_bare_overrides_on_both_sides_of_an_option():
+    cli = load_entry_point("train.py")
+    args = cli.parse_args(["-c", "x.yaml", "data.workers=2", "--epochs", "2", "train.seed=3"])
+    assert cli.overrides_from_args(args) == ["sched.epochs=2", "data.workers=2", "train.seed=3"]
 
 
 def test_a_folder_the_user_cannot_read_is_one_error_line(full_run, workdir, capsys, monkeypatch):
