@@ -286,18 +286,36 @@ class FolderImageDataset(ImageDataset):
         return counts
 
 
-def corrupt_count(dataset) -> int:
-    """Unreadable images skipped so far by `dataset` (0 for datasets that do not count them).
-
-    Also takes a DataLoader or a wrapper dataset: anything reaching ours through `.dataset` links."""
+def _counting_dataset(dataset) -> FolderImageDataset | None:
+    """The FolderImageDataset under `dataset` (itself, or through a DataLoader's or wrapper's
+    `.dataset` links); None for datasets that do not count unreadable images."""
     for _ in range(8):
-        fn = getattr(dataset, "corrupt_count", None)
-        if callable(fn):
-            return int(fn())
+        if isinstance(dataset, FolderImageDataset):
+            return dataset
         dataset = getattr(dataset, "dataset", None)
         if dataset is None:
             break
-    return 0
+    return None
+
+
+def corrupt_count(dataset) -> int:
+    """Unreadable images skipped so far by `dataset` (0 for datasets that do not count them). Also
+    takes a DataLoader or a wrapper dataset."""
+    folder = _counting_dataset(dataset)
+    return folder.corrupt_count() if folder is not None else 0
+
+
+def unreadable_files(dataset, device: torch.device | None = None) -> list[str]:
+    """The files `dataset` found unreadable so far (as `corrupt_count`). With `device`, a collective
+    under torch.distributed: every rank's finds (each read its own shard), merged into each rank's table."""
+    folder = _counting_dataset(dataset)
+    if folder is None:
+        return []
+    if device is not None:
+        table = folder._corrupt.to(device)
+        torch.distributed.all_reduce(table, op=torch.distributed.ReduceOp.MAX)
+        folder._corrupt.copy_(table.cpu())
+    return folder.corrupt_files()
 
 
 def build_image_folder(split_dir, classes, max_per_class=None, seed=0, transform=None) -> ImageDataset:

@@ -41,6 +41,17 @@ def user_errors() -> tuple:
     return tuple(errors)
 
 
+def lost_peer(e: BaseException) -> bool:
+    """Whether `e` is a collective failing because another process of the run stopped (gloo raises a
+    plain RuntimeError naming the closed connection; NCCL and the store, torch's DistError types)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistError", ())) or ("gloo" in text and "by peer" in text)
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type name when the message is empty); a
     refused path says what to do about it."""

@@ -13,7 +13,7 @@ import sys
 import torch
 
 import configs
-from engine.errors import EXIT_ERROR, EXIT_INTERRUPTED, first_line, user_errors
+from engine.errors import EXIT_ERROR, EXIT_INTERRUPTED, TrainingError, first_line, lost_peer, user_errors
 from engine.resume import finished, resolve_run_config
 from engine.run_log import log_to_file
 from engine.trainer import Run
@@ -25,6 +25,7 @@ def train(
     """The train command: the exit status (0; 2 after a one-line `error:` for a user mistake;
     130/143 when interrupted)."""
     errors = user_errors()
+    rank, run = int(os.environ.get("RANK", 0)), None
     try:
         cfg, resume_path, resume_ckpt = resolve_run_config(config_paths, overrides, resume)
         if print_config:
@@ -32,12 +33,23 @@ def train(
             return 0
         if resume_ckpt is not None and finished(cfg, resume_ckpt, resume_path):
             return 0
-        return Run(cfg, resume_path, resume_ckpt).fit()
+        run = Run(cfg, resume_path, resume_ckpt)
+        return run.fit()
     except errors as e:
-        rank = int(os.environ.get("RANK", 0))
-        if rank == 0:
-            print(f"error: {first_line(e)}", file=sys.stderr)
-            log_to_file(f"error: {first_line(e)}")  # a kept run folder's train.log says why it stopped
+        # Set-up errors are every rank's alike (one config, one dataset), and the ranks agree on a NaN:
+        # rank 0 says them. In the loop a rank can meet its own (a damaged file in its shard): it does.
+        own = run is not None and run.distributed and not isinstance(e, TrainingError)
+        if rank == 0 or own:
+            line = f"error: {f'rank {rank}: ' if own else ''}{first_line(e)}"
+            print(line, file=sys.stderr)
+            log_to_file(line)  # a kept run folder's train.log says why it stopped
+        return EXIT_ERROR
+    except RuntimeError as e:
+        if not lost_peer(e):
+            raise
+        line = f"error: rank {rank}: another process of the run stopped (its error is above)"
+        print(line, file=sys.stderr)
+        log_to_file(line)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted before a checkpoint could be saved", file=sys.stderr)

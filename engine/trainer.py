@@ -52,6 +52,7 @@ from engine.sampling import rank_rng_states, restore_rng_state, rng_state, worke
 from engine.train_data import build_loaders, build_mixup_and_loss
 
 _logger = logging.getLogger("train")
+STOP_SIGNALS = tuple(EXIT_INTERRUPTED)  # what stops a run with a checkpoint; _sync_flags sends its index
 
 
 class Run:
@@ -386,14 +387,20 @@ class Run:
         )
 
     def _log_skipped_images(self):
-        """The end of a run says how many unreadable images were skipped (each was warned once)."""
-        from data import corrupt_count
+        """The end of a run names the unreadable images skipped, every rank's (collective: each rank
+        warned of those in its own shard, on its own console)."""
+        from data.folder import unreadable_files
 
-        counts = {"train": corrupt_count(self.train_set), "val": corrupt_count(self.loader_eval.dataset)}
-        if any(counts.values()):
+        device = self.device if self.distributed else None
+        found = {
+            "train": unreadable_files(self.train_set, device),
+            "val": unreadable_files(self.loader_eval, device),
+        }
+        names = found["train"] + found["val"]
+        if names and self.primary:
             _logger.warning(
-                f"skipped unreadable images: {counts['train']} train, {counts['val']} val "
-                "(named in the warnings above; delete or replace them)"
+                f"skipped unreadable images: {len(found['train'])} train, {len(found['val'])} val "
+                f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); delete or replace them"
             )
 
     def _extra_state(self) -> dict:
@@ -418,13 +425,23 @@ class Run:
 
     # ---- loop
 
-    def _sync_flags(self, nonfinite: bool, stop: bool) -> tuple[bool, bool]:
-        """All ranks must agree to stop (signal, NaN) or DDP would hang in the next all-reduce."""
+    def _sync_flags(self, nonfinite: bool, stop: bool) -> tuple[int | None, bool]:
+        """All ranks must agree to stop (signal, NaN) or DDP would hang in the next all-reduce: the
+        lowest rank whose loss is not finite (None: none's) and whether to stop. A signal that reached
+        some ranks only (one node preempted) becomes every rank's: its name in the log, its exit status."""
         if not self.distributed:
-            return nonfinite, stop
-        flags = torch.tensor([float(nonfinite), float(stop)], device=self.device)
+            return (self.rank if nonfinite else None), stop
+        signal_code = STOP_SIGNALS.index(self.stop_signal) + 1 if self.stop_signal else 0
+        flags = [self.world_size - self.rank if nonfinite else 0, int(stop), signal_code]
+        flags = torch.tensor(flags, dtype=torch.float32, device=self.device)
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        return bool(flags[0]), bool(flags[1])
+        first_nonfinite, stop, signal_code = (int(f) for f in flags.tolist())
+        if signal_code and self.stop_signal is None:
+            self.stop_signal = STOP_SIGNALS[signal_code - 1]
+            if self.primary:
+                print(f"\n{self.stop_signal} received by another process: saving a checkpoint after this "
+                      "update...", file=sys.stderr)  # fmt: skip
+        return (self.world_size - first_nonfinite if first_nonfinite else None), bool(stop)
 
     def _gather_for_checkpoint(self):
         """What the primary's checkpoint needs from every rank (collective): the partial epoch's
@@ -495,9 +512,9 @@ class Run:
                 best = self._save_epoch(epoch, eval_metrics)
             if self.stop_requested and epoch + 1 < self.num_epochs:
                 return self._save_interrupted(saved=True)
+        self._log_skipped_images()
         if self.primary:
             self.log.close()
-            self._log_skipped_images()
             if best and best[0] is not None:
                 _logger.info(
                     f"done: best {'ema_' if self.ema is not None else ''}{self.metric_name} {best[0]:.3f} "
@@ -529,15 +546,16 @@ class Run:
         reason = self.stop_signal or "train.stop_after_updates"
         if not saved:
             self._gather_for_checkpoint()
+        self._log_skipped_images()
         if self.primary:
             path = Path(self.saver.checkpoint_dir) / "last.pth.tar"
             if not saved:
                 path = self.saver.save_last()
             self.log.close()
-            self._log_skipped_images()
+            launcher = f"torchrun --nproc_per_node={self.world_size}" if self.distributed else "python"
             _logger.info(
                 f"stopped by {reason} {position(*self._pos)} (update {self.num_updates}); "
-                f"saved {path}. Continue with: python train.py --resume {path}"
+                f"saved {path}. Continue with: {launcher} train.py --resume {path}"
             )
         return EXIT_INTERRUPTED.get(self.stop_signal, 0)
 
@@ -634,11 +652,10 @@ class Run:
                 output = self.model(images)
                 loss = self.train_loss_fn(output, target)
             loss_value = loss.detach().float()
-            nonfinite = not bool(torch.isfinite(loss_value))
-            if self.distributed:
-                nonfinite, _ = self._sync_flags(nonfinite, False)
-            if nonfinite:
-                raise TrainingError(self._nan_message(epoch, batch_idx, loss_value.item()))
+            nonfinite_rank, _ = self._sync_flags(not bool(torch.isfinite(loss_value)), False)
+            if nonfinite_rank is not None:
+                value = loss_value.item() if nonfinite_rank == self.rank else "not finite"
+                raise TrainingError(self._nan_message(epoch, batch_idx, value, nonfinite_rank))
             loss = loss / accum_steps
             if self.loss_scaler is not None:
                 self.loss_scaler(
@@ -690,11 +707,12 @@ class Run:
             progress.set_postfix_str(f"loss {loss:.3f} lr {lr:.2e} img/s {ips:.0f} run-eta {fmt_time(eta)}")
             progress.update(batch_idx + 1 - progress.n)
 
-    def _nan_message(self, epoch, batch_idx, value) -> str:
+    def _nan_message(self, epoch, batch_idx, value, rank: int) -> str:
         last = self.run_dir / "last.pth.tar"
         kept = f"last good checkpoint kept: {last}" if last.exists() else "no checkpoint was written yet"
+        where = f" on rank {rank}" if self.distributed else ""
         return (
-            f"loss is {value} at epoch {epoch + 1} batch {batch_idx + 1} (update {self.num_updates}); "
+            f"loss is {value}{where} at epoch {epoch + 1} batch {batch_idx + 1} (update {self.num_updates}); "
             "training stopped, "
             f"{kept}. Lower optim.lr, set optim.clip_grad (e.g. 1.0) or use train.amp_dtype=bfloat16"
         )

@@ -428,8 +428,9 @@ def test_layer_decay_logs_the_requested_lr(full_run, workdir):
     ref = list(csv.DictReader((ref_dir / "summary.csv").open()))[0]
     row = list(csv.DictReader((workdir / "runs" / "ld" / "summary.csv").open()))[0]
     assert float(row["lr"]) == pytest.approx(float(ref["lr"]), rel=1e-9)
-    assert (p.stdout + p.stderr).count(broken.name) == 1, p.stdout + p.stderr  # warned once, by name
-    assert "skipped unreadable images: 1 train, 0 val" in p.stdout + p.stderr
+    out = p.stdout + p.stderr
+    assert out.count(broken.name) == 2, out  # warned once, by name, and named in the count at the end
+    assert f"skipped unreadable images: 1 train, 0 val ({broken}); delete or replace them" in out
 
 
 @pytest.mark.parametrize(

@@ -77,3 +77,41 @@ def test_two_process_gloo_run_then_resume_with_one(tmp_path):
     assert_same_tensors(ck["state_dict"], epoch_1["state_dict"], "weights")
     assert_same_tensors(ck["state_dict_ema"], epoch_1["state_dict_ema"], "EMA")
     assert float(resumed["train_loss"]) == pytest.approx(float(row["train_loss"]), rel=1e-6)
+
+
+def test_damaged_images_in_one_ranks_shard(tmp_path):
+    """A damaged file is met by the rank whose shard holds it. The run's last lines name it all the
+    same (every rank's finds merged), and a rank that has to give up says why itself ("rank 1: ..."),
+    where rank 0 only had a gloo traceback ("Connection closed by peer")."""
+    import subprocess
+
+    from test_train import PY, REPO, env
+
+    from data.synthetic import generate_synthetic_dataset
+
+    root = generate_synthetic_dataset(tmp_path / "data", num_classes=3, train_per_class=8, val_per_class=5)
+    first_class = sorted((root / "val").iterdir())[0]
+    val = sorted(first_class.glob("*.png"))  # val indices 0.., rank r reading r, r + 2, ...
+    cfg = write_config(
+        tmp_path / "tiny.yaml", root, data={"dataset": "folder"}, sched={"epochs": 1, "warmup_epochs": 0}
+    )
+
+    def torchrun(name):
+        cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+        cmd += ["-c", str(cfg), "--output", str(tmp_path / "runs"), "--experiment", name]
+        # timm's retry budget down to 2: two damaged files in a row make a rank give up
+        run_env = dict(env(), TIMM_DATASET_MAX_RETRIES="2")
+        return subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=400)
+
+    val[1].write_bytes(b"not a png")  # rank 1's first val image
+    p = torchrun("one")
+    assert p.returncode == 0, p.stdout + p.stderr
+    line = f"skipped unreadable images: 0 train, 1 val ({val[1]}); delete or replace them"
+    assert line in p.stdout and line in (tmp_path / "runs" / "one" / "train.log").read_text()
+
+    val[2].write_bytes(b"not a png either")  # rank 1: index 1, then 2, fails: it gives up
+    p = torchrun("two")
+    assert p.returncode != 0
+    assert f"error: rank 1: 2 consecutive images could not be read ({val[1]}, {val[2]}, ...)" in p.stderr
+    assert "error: rank 0: another process of the run stopped (its error is above)" in p.stderr
+    assert "[rank0]: Traceback" not in p.stderr, p.stderr
