@@ -439,8 +439,10 @@ class Run:
         if signal_code and self.stop_signal is None:
             self.stop_signal = STOP_SIGNALS[signal_code - 1]
             if self.primary:
-                print(f"\n{self.stop_signal} received by another process: saving a checkpoint after this "
-                      "update...", file=sys.stderr)  # fmt: skip
+                note = (
+                    f"{self.stop_signal} received by another process: saving a checkpoint after this update"
+                )
+                print(f"\n{note}...", file=sys.stderr)
         return (self.world_size - first_nonfinite if first_nonfinite else None), bool(stop)
 
     def _gather_for_checkpoint(self):
