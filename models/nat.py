@@ -863,9 +863,12 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: NAT) -> dict[str, to
             f"mlp keys; first keys: {list(sd)[:5]}); model is {model_name}"
         )
     # a stage whose mixer has no RPB table matches any head count; the key check below does the rest
-    ckpt_arch["num_heads"] = tuple(
-        m if c is None else c for c, m in zip(ckpt_arch["num_heads"], model_arch["num_heads"], strict=False)
-    )
+    # (only between equal stage counts: another count is another variant, named by its own heads)
+    if len(ckpt_arch["num_heads"]) == len(model_arch["num_heads"]):
+        ckpt_arch["num_heads"] = tuple(
+            m if c is None else c
+            for c, m in zip(ckpt_arch["num_heads"], model_arch["num_heads"], strict=True)
+        )
     if ckpt_arch != model_arch:
         raise ValueError(
             f"checkpoint looks like {_names_for(ckpt_arch)} ({_describe(ckpt_arch)}), "

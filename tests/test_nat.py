@@ -458,6 +458,12 @@ def test_mismatched_variant_names_both():
         model = timm.create_model("dinat_small")
     with pytest.raises(ValueError, match=r"looks like nat_small \(.*layer scale yes\), model is dinat_small"):
         checkpoint_filter_fn(sd, model)
+    # a model with fewer stages: the checkpoint's variant still named, its heads not cut to the model's
+    sd = official_zeros("nat_mini")
+    with torch.device("meta"):
+        model = timm.create_model("nat_mini", depths=(3, 4, 6), num_heads=(2, 4, 8))
+    with pytest.raises(ValueError, match=r"looks like nat_mini / dinat_mini \(.*heads \(2, 4, 8, 16\)"):
+        checkpoint_filter_fn(sd, model)
 
 
 def test_mismatched_file_fails_through_create_model(tmp_path):
