@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from configs import ConfigError
 from engine.dense_config import TASKS, Normalise, build_data, build_model, collate, training_loss
@@ -220,8 +221,10 @@ def interleaved_speeds(run_dirs: dict, rounds: int, batch: int = 8) -> dict:
 
 
 def report(out_dir, speed_rounds: int = 0) -> Path:
-    """Tabulate the runs under `out_dir` (folders `<task>-<label>-s<seed>` with results.json): per task
-    and label the mean (and min..max over seeds) of the metrics, params, FLOPs, img/s; learning curves.
+    """Tabulate the finished runs under `out_dir` (folders with results.json): per task and label the
+    mean (and min..max over seeds) of the metrics, params, FLOPs, img/s; learning curves. Folders named
+    `<task>-<label>-s<seed>` (train.experiment) are grouped by label; others (the default
+    `<date-time>-<task>-<model>`) are a row each, under their folder's name.
     Writes OUT/dense_comparison.{md,json} and OUT/learning_curves.png; returns the .md path.
     `speed_rounds` > 0 adds img/s timed side by side (`interleaved_speeds`) of each seed-0 run."""
     import csv
@@ -233,11 +236,15 @@ def report(out_dir, speed_rounds: int = 0) -> Path:
     out_dir = Path(out_dir)
     runs = defaultdict(list)
     for results in sorted(out_dir.glob("*/results.json")):
-        match = re.fullmatch(r"(detection|segmentation)-(.+)-s(\d+)", results.parent.name)
+        run, res = results.parent, json.loads(results.read_text())
+        match = re.fullmatch(r"(detection|segmentation)-(.+)-s(\d+)", run.name)
         if match:
-            runs[match[1], match[2]].append((int(match[3]), json.loads(results.read_text()), results.parent))
+            runs[match[1], match[2]].append((int(match[3]), res, run))
+        elif res.get("task") in TASKS:
+            seed = yaml.safe_load((run / "config.yaml").read_text())["train"]["seed"]
+            runs[res["task"], run.name].append((seed, res, run))
     if not runs:
-        raise ConfigError(f"no finished runs (<task>-<label>-s<seed>/results.json) under {out_dir}")
+        raise ConfigError(f"no finished runs (RUN/results.json) under {out_dir}")
     first = {key: min(seeds, key=lambda s: s[0])[2] for key, seeds in runs.items()}
     speeds = {}
     if speed_rounds:

@@ -32,7 +32,12 @@ def main(argv=None) -> int:
     p.add_argument("--pretrained", help="= backbone.checkpoint=PATH: a classification checkpoint of train.py")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last epoch")
     p.add_argument("--draw", metavar="RUN", help="draw a finished run's predictions on val images")
-    p.add_argument("--report", metavar="DIR", help="tabulate and plot the finished runs under DIR")
+    p.add_argument(
+        "--report",
+        metavar="DIR",
+        help="tabulate and plot the finished runs under DIR (runs named <task>-<label>-s<seed>, "
+        "e.g. train.experiment=detection-nat-s0, are grouped by label over seeds; others are a row each)",
+    )
     p.add_argument(
         "--speed-rounds", type=int, default=0, help="with --report: also time the runs side by side"
     )

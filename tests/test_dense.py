@@ -4,6 +4,7 @@ the metrics against hand-computed / pycocotools references, and scripts/dense.py
 from __future__ import annotations
 
 import json
+import shutil
 from collections import OrderedDict
 
 import numpy as np
@@ -453,6 +454,10 @@ def test_quick_run_end_to_end_learns(task, tmp_path):
     table = (out / "dense_comparison.md").read_text()
     metric = results["box_AP50"] if task == "detection" else results["mIoU"]
     assert "| nat | 0 |" in table and f"{metric:.1f}" in table and (out / "learning_curves.png").is_file()
+    default_name = f"20261207-120000-{task}-nat_mini"  # a run not named for the study: a row of its own
+    shutil.copytree(run, out / default_name, ignore=shutil.ignore_patterns("*.pth.tar", "tb"))
+    assert script.main(["--report", str(out)]) == 0
+    assert f"| {default_name} | 0 |" in (out / "dense_comparison.md").read_text()
     assert script.main(["--draw", str(run)]) == 0
     assert Image.open(run / "predictions.png").size == (3 * 256, 6 * 256)
 
