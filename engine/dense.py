@@ -36,7 +36,14 @@ from engine.dense_config import (
     training_loss,
 )
 from engine.dense_eval import draw_predictions, evaluate, report
-from engine.errors import EXIT_ERROR, CheckpointError, TrainingError, first_line, user_errors
+from engine.errors import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    CheckpointError,
+    TrainingError,
+    first_line,
+    user_errors,
+)
 from engine.resume import new_run_folder
 
 _logger = logging.getLogger("train")
@@ -271,6 +278,15 @@ def run(args) -> int:
             from engine.checkpoint import load_checkpoint
 
             run_dir = Path(args.resume)
+            if (
+                run_dir.is_dir()
+                and not (run_dir / "last.pth.tar").exists()
+                and (run_dir / "config.yaml").exists()
+            ):
+                raise CheckpointError(
+                    f"{run_dir} has no last.pth.tar: the run stopped before its first epoch ended; start "
+                    "it again (without --resume)"
+                )
             resume_ckpt = load_checkpoint(run_dir / "last.pth.tar" if run_dir.is_dir() else run_dir)
             if not isinstance(resume_ckpt, dict) or resume_ckpt.get("task") not in TASKS:
                 raise CheckpointError(
@@ -299,11 +315,21 @@ def run(args) -> int:
         setup_logging(run_dir / "train.log")
         try:
             final = train_and_evaluate(cfg, task, run_dir, resume_ckpt)
-        except user_errors():
-            if new_folder is not None and not (new_folder / "last.pth.tar").exists():
+        except (*user_errors(), KeyboardInterrupt) as e:
+            (run_dir / "tmp.pth.tar").unlink(missing_ok=True)  # a checkpoint cut off while being written
+            saved = (run_dir / "last.pth.tar").exists()
+            if new_folder is not None and not saved:
                 close_log_file()  # a run that saved nothing leaves no folder behind
                 shutil.rmtree(new_folder, ignore_errors=True)
-            raise
+            if not isinstance(e, KeyboardInterrupt):
+                raise
+            kept = (
+                f"its last finished epoch is kept: python scripts/dense.py --resume {run_dir}"
+                if saved
+                else "no epoch had finished, nothing was kept"
+            )
+            print(f"interrupted; {kept}", file=sys.stderr)
+            return EXIT_INTERRUPTED["SIGINT"]
         shown = ", ".join(
             f"{k} {final[k]:.2f}" for k in ("box_AP", "box_AP50", "mask_AP", "mIoU") if k in final
         )

@@ -538,3 +538,35 @@ def test_official_dense_layout_from_a_classification_checkpoint(task, scenes, tm
         params["stages.1.blocks.0.mlp.fc1.weight"], reference["stages.1.blocks.0.mlp.fc1.weight"]
     )
     assert all(norms[k].grad is not None for k in norms if not k.startswith("stage_norms.0."))
+
+
+def test_ctrl_c_is_one_line_and_keeps_what_a_resume_needs(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (here: during the first checkpoint's write) is one line and exit 130, not a traceback:
+    the cut-off tmp.pth.tar is removed, a new run that saved nothing leaves no folder, and a folder
+    without last.pth.tar is not 'not found, check the path' to --resume."""
+    import engine.dense
+
+    def interrupted(cfg, task, run_dir, resume_ckpt):
+        (run_dir / "tmp.pth.tar").write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    def saved_then_interrupted(cfg, task, run_dir, resume_ckpt):
+        (run_dir / "last.pth.tar").write_bytes(b"epoch 1")
+        interrupted(cfg, task, run_dir, resume_ckpt)
+
+    monkeypatch.setattr(engine.dense, "train_and_evaluate", interrupted)
+    script = load_entry_point("scripts/dense.py")
+    args = ["--task", "segmentation", "--quick", "--set", f"train.output={tmp_path}", "train.experiment=c"]
+    assert script.main([*args, f"data.root={tmp_path / 'data'}"]) == 130
+    assert capsys.readouterr().err == "interrupted; no epoch had finished, nothing was kept\n"
+    assert not (tmp_path / "c").exists()
+    monkeypatch.setattr(engine.dense, "train_and_evaluate", saved_then_interrupted)
+    assert script.main([*args[:-1], "train.experiment=s", f"data.root={tmp_path / 'data'}"]) == 130
+    hint = (
+        f"interrupted; its last finished epoch is kept: python scripts/dense.py --resume {tmp_path / 's'}\n"
+    )
+    assert capsys.readouterr().err == hint and (tmp_path / "s" / "last.pth.tar").exists()
+    (tmp_path / "c").mkdir()  # a folder from before this fix: config.yaml, no checkpoint yet
+    (tmp_path / "c" / "config.yaml").write_text("{}")
+    assert script.main(["--resume", str(tmp_path / "c")]) == 2
+    assert "has no last.pth.tar: the run stopped before its first epoch ended" in capsys.readouterr().err
