@@ -59,7 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--amp", action="store_true", help="bfloat16 autocast (GPU; CPU: fast with AMX / AVX512-BF16)"
     )
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--output", "-o", help="JSON file (default: <checkpoint>-eval[-ema].json)")
+    p.add_argument(
+        "--output",
+        "-o",
+        help="JSON file (default: <checkpoint>-eval[-ema].json; RUN/eval[-ema].json for a run folder)",
+    )
     p.add_argument("--quiet", action="store_true", help="no per-class table")
     return p
 

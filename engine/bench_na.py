@@ -232,7 +232,7 @@ def print_ratios(rows: list[dict], args, reference: str) -> None:
                 if t is None or base is None:
                     cells.append(f"{'-':>{width}s}")
                 elif n == reference:
-                    cells.append(f"{t * 1e3:{width - 1}.1f}m")
+                    cells.append(f"{t * 1e3:{width - 3}.1f} ms")
                 else:
                     cells.append(f"{t / base:{width}.2f}")
             print(f"{size:4d}^2" + "".join(cells))

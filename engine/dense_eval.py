@@ -101,7 +101,9 @@ def evaluate(model, loader, task: str, val_set, num_classes: int) -> dict:
             seen += len(images)
         elapsed = time.perf_counter() - start
         metrics = {f"box_{k}": v for k, v in coco_ap(val_set.coco_gt, results, "bbox").items()}
-        if results and "segmentation" in results[0]:
+        # a mask head's AP is reported even for an epoch without detections (0, as the box AP)
+        roi_heads = getattr(model, "roi_heads", None)
+        if roi_heads is not None and roi_heads.has_mask():
             metrics.update({f"mask_{k}": v for k, v in coco_ap(val_set.coco_gt, results, "segm").items()})
     else:
         conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)

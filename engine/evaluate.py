@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,6 +64,9 @@ def data_settings(args, ckpt: dict, has_settings: bool) -> dict:
         d["val_split"] = args.split
     if args.workers is not None:
         d["workers"] = args.workers
+    else:  # the config's (default 4) on the CPUs this process may use: more only queue (torch warns)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        d["workers"] = min(d["workers"], cpus or 1)
     return d
 
 

@@ -570,3 +570,23 @@ def test_ctrl_c_is_one_line_and_keeps_what_a_resume_needs(tmp_path, monkeypatch,
     (tmp_path / "c" / "config.yaml").write_text("{}")
     assert script.main(["--resume", str(tmp_path / "c")]) == 2
     assert "has no last.pth.tar: the run stopped before its first epoch ended" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("detector", ["mask_rcnn", "fcos"])
+def test_an_epoch_without_detections_scores_0_ap(detector, scenes):
+    """No detection at all (every score under the threshold): box AP 0, and a mask head's mask AP 0
+    too (it was left out of the epoch's metrics); FCOS, without masks, has none."""
+    tiny = "backbone.kwargs={embed_dim: 16, depths: [1, 1, 2], num_heads: [1, 1, 1], kernel_size: [3, 3, 3]}"
+    overrides = [tiny, f"data.root={scenes}", f"detection.detector={detector}"]
+    overrides += ["data.embedded.train_images=6", "data.embedded.val_images=4", "data.embedded.image_size=48"]
+    cfg = dense_config.load_dense_config(["configs/dense_detection.yaml"], overrides)
+    _, val_set, names = dense_config.build_data(cfg, "detection")
+    model, _ = dense_config.build_model(cfg, "detection", len(names))
+    heads = model.roi_heads if detector == "mask_rcnn" else model
+    heads.score_thresh = 1.1  # above any score
+    batch = dense_config.collate([val_set[i] for i in range(len(val_set))])
+    metrics = dense_eval.evaluate(model, [batch], "detection", val_set, len(names))
+    assert metrics["box_AP"] == metrics["box_AP50"] == 0
+    assert (metrics.get("mask_AP"), metrics.get("mask_AP50")) == (
+        (0, 0) if detector == "mask_rcnn" else (None, None)
+    )

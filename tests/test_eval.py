@@ -289,3 +289,17 @@ def test_subset_and_integer_named_val_folders(trained, tmp_path, capsys):
     assert evaluate.main([str(run / "model_best.pth.tar"), *flat_args]) == 2
     err = capsys.readouterr().err
     assert "prepare_imagenet_val.py" in err and "--class-list" in err, err
+
+
+def test_default_workers_fit_the_cpus_this_process_may_use(monkeypatch):
+    """Exported weights carry no data settings: the default 4 workers on a 2-CPU box made torch warn
+    twice per run. Unset, they are capped at the CPUs; -j N is taken as given."""
+    import argparse
+    import os
+
+    from engine.evaluate import data_settings
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    flags = dict(config=None, data_dir="d", dataset=None, class_list=None, max_per_class=None, split=None)
+    assert data_settings(argparse.Namespace(**flags, workers=None), {}, True)["workers"] == 2
+    assert data_settings(argparse.Namespace(**flags, workers=6), {}, True)["workers"] == 6
