@@ -414,6 +414,37 @@ def test_cpp_kernel_reads_other_layouts(layout):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("layout", ["one_head_mixed", "head_dim_1_transposed", "empty_batch"])
+def test_cpp_kernel_takes_the_strides_torch_calls_contiguous(layout):
+    """torch calls a tensor contiguous whatever the strides of its size-1 axes (one head, head dim 1)
+    or of an empty one; the kernel compares strides exactly, and raised on such inputs (an empty
+    batch's backward: the expanded grad of .sum()). Each must give the reference's numbers."""
+    from models.layers.backends.cpp_kernel import kernel_build_error
+
+    if kernel_build_error():
+        pytest.skip(kernel_build_error())
+    dims = dict(one_head_mixed=(1, 1, 16), head_dim_1_transposed=(1, 4, 1), empty_batch=(0, 2, 8))[layout]
+    batch, heads, head_dim = dims
+    q, k, v = (torch.randn(batch, 8, 7, heads, head_dim, dtype=torch.float64) for _ in range(3))
+    if layout == "one_head_mixed":  # v in per-head planes: same memory order, other heads stride
+        v = torch.randn(batch, heads, 8, 7, head_dim, dtype=torch.float64).permute(0, 2, 3, 1, 4)
+        assert v.is_contiguous() and v.stride() != k.stride()
+    elif layout == "head_dim_1_transposed":
+        q, k, v = (torch.randn(1, 8, 7, 1, heads, dtype=torch.float64).transpose(-1, -2) for _ in range(3))
+        assert q.is_contiguous() and q.stride(-1) != 1
+    rpb = torch.randn(heads, 5, 5, dtype=torch.float64, requires_grad=True)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = neighborhood_attention_2d(*leaves, 3, rpb=rpb, backend="cpp")
+    ref_leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    ref = reference_na2d(*ref_leaves, 3, rpb=rpb)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    out.sum().backward()  # the expanded, stride-0 gradient
+    grads = [t.grad for t in leaves]
+    ref.sum().backward()
+    for got, want in zip(grads, [t.grad for t in ref_leaves], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("case", CASES[:6], ids=lambda c: "x".join(map(str, c)))
 def test_flex_forward_matches_reference(case):
     height, width, kernel_size, dilation = case

@@ -190,7 +190,7 @@ def _attention_grads(ctx, grad_out: torch.Tensor, rpb_grad: bool, packed: bool):
     refuse_double_backward("cpp")
     q, k, v, probs = ctx.saved_tensors
     if grad_out.stride(-1) != 1:
-        grad_out = grad_out.contiguous()
+        grad_out = _dense(grad_out)
     *grads, drpb = torch.ops.nat_na2d_cpu.backward(grad_out, q, k, v, probs, *ctx.geometry, rpb_grad, packed)
     return grads, (drpb if rpb_grad else None)
 
@@ -212,7 +212,7 @@ class _PackedWindowAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, rpb, kernel_size: int, dilation: int, scale: float, save_probs: bool):
-        q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).contiguous().permute(0, 1, 3, 4, 2, 5).unbind(0)
+        q, k, v = _dense(qkv.permute(3, 0, 4, 1, 2, 5)).permute(0, 1, 3, 4, 2, 5).unbind(0)
         return _attend(ctx, q, k, v, rpb, kernel_size, dilation, scale, save_probs)
 
     @staticmethod
@@ -221,9 +221,26 @@ class _PackedWindowAttention(torch.autograd.Function):
         return grad_qkv, drpb, None, None, None, None
 
 
+def _is_dense(x: torch.Tensor) -> bool:
+    """Whether x has the strides of row-major memory of its shape, exactly. `is_contiguous()` is not
+    this: torch calls a tensor contiguous whatever the strides of its size-1 axes (one head, head dim
+    1) or of an empty one (and `.contiguous()` returns it as it is), while the kernel compares strides
+    exactly (head dim 1, k's and v's the same)."""
+    expected, step = [], 1
+    for size in reversed(x.shape):
+        expected.append(step)
+        step *= max(size, 1)
+    return x.stride() == tuple(reversed(expected))
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """x itself when `_is_dense`, else a copy in row-major memory."""
+    return x if _is_dense(x) else x.clone(memory_format=torch.contiguous_format)
+
+
 def _head_planes(x: torch.Tensor) -> torch.Tensor:
     """x `(B, H, W, heads, D)` as a view of `(B, heads, H, W, D)` memory (a copy unless it is already)."""
-    return x.permute(0, 3, 1, 2, 4).contiguous().permute(0, 2, 3, 1, 4)
+    return _dense(x.permute(0, 3, 1, 2, 4)).permute(0, 2, 3, 1, 4)
 
 
 def _readable(x: torch.Tensor) -> torch.Tensor:
@@ -235,9 +252,9 @@ def _readable(x: torch.Tensor) -> torch.Tensor:
     (csrc/na2d_cpu.cpp). Contiguous inputs are not copied: with 2 heads the copy costs more than it
     saves, with 4-16 heads it saves ~5% of a forward and backward (2 threads).
     """
-    if x.is_contiguous() or x.permute(0, 3, 1, 2, 4).is_contiguous():
+    if _is_dense(x):  # (B, H, W, heads, D) memory
         return x
-    return _head_planes(x)
+    return _head_planes(x)  # itself when it is in planes already
 
 
 def _prepare(rpb: torch.Tensor | None, *inputs: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
