@@ -382,6 +382,28 @@ def test_qkvpacked_rejects_unpacked_input():
         neighborhood_attention_2d_qkvpacked(torch.randn(1, 8, 8, 2, 4), 3)
 
 
+def test_naive_bfloat16_rpb_gradient_sums_in_the_tables_dtype():
+    """The naive gather's RPB gradient, bf16 inputs and a float32 table: every query's bias gradient is
+    scatter-added into the table in float32 (the table's dtype). Cast before the gather, the sum ran in
+    bf16: 3.1% relative error (norm) here; 0.6% after, from the bf16 logits' gradient."""
+    torch.manual_seed(0)
+    shape, kernel_size = (2, 28, 28, 2, 16), 7
+    q, k, v, grad_out = (torch.randn(shape, dtype=torch.float64) for _ in range(4))
+    rpb = torch.randn(2, 2 * kernel_size - 1, 2 * kernel_size - 1, dtype=torch.float64)
+
+    def rpb_grad(dtype, backend):
+        table = rpb.to(torch.float64 if dtype == torch.float64 else torch.float32).detach().requires_grad_()
+        out = neighborhood_attention_2d(
+            *(t.to(dtype) for t in (q, k, v)), kernel_size, rpb=table, backend=backend
+        )
+        (out.double() * grad_out).sum().backward()
+        return table.grad.double()
+
+    want = rpb_grad(torch.float64, "naive")
+    rel = (rpb_grad(torch.bfloat16, "naive") - want).norm() / want.norm()
+    assert rel < 0.01, f"relative error {rel:.2e}"
+
+
 @pytest.mark.parametrize("layout", ["qkv_views", "k_tokens_v_planes", "tokens", "mixed"])
 def test_cpp_kernel_reads_other_layouts(layout):
     """NAT's q, k, v (views into the qkv projection) go to the kernel in per-head planes; contiguous

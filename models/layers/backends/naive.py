@@ -45,7 +45,8 @@ def naive_attention(
     values = v[:, rows, cols].flatten(3, 4).transpose(3, 4)
     logits = (q.unsqueeze(-2) * scale) @ keys.transpose(-1, -2)  # (B, H, W, heads, 1, k*k)
     if rpb is not None:
-        bias = rpb.to(q.dtype).flatten(1)[:, bias_index]  # (heads, H, W, k*k)
+        # (heads, H, W, k*k), gathered before the cast: the gradient's scatter-add stays in rpb's dtype
+        bias = rpb.flatten(1)[:, bias_index].to(q.dtype)
         logits = logits + bias.permute(1, 2, 0, 3).unsqueeze(-2)
     attn = logits.softmax(dim=-1)
     weights = attn.squeeze(-2)
