@@ -51,8 +51,9 @@ def train(
         print(line, file=sys.stderr)
         log_to_file(line)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("interrupted before a checkpoint could be saved", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C: it reaches every rank of a torchrun, rank 0 says it
+        if rank == 0:
+            print("interrupted before a checkpoint could be saved", file=sys.stderr)
         return EXIT_INTERRUPTED["SIGINT"]
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
