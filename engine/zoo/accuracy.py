@@ -94,7 +94,7 @@ def accuracy_markdown(result: dict) -> str:
                 t["seeds"],
                 f"{t['top1_mean']:.1f} ({t['top1_min']:.1f}-{t['top1_max']:.1f})",
                 bench.fmt(t.get("top1_vs_na"), "+.1f"),
-                "" if t["mixer"] == "na" else (t.get("vs_na") or f"< {SEPARATE_MIN_SEEDS} seeds"),
+                "" if t["mixer"] == "na" else (t.get("vs_na") or no_verdict(t, rows)),
                 *cost_cells(t),
             ]
             for t in rows
@@ -500,16 +500,28 @@ def plot_escape(table: list[dict], path: Path) -> Path | None:
     return Path(path)
 
 
+def no_verdict(row: dict, table: list[dict]) -> str:
+    """Why a shapes row has no 'beats' / 'trails' / 'overlaps' against `na`."""
+    if not any(t["task"] == row["task"] and t["mixer"] == "na" for t in table):
+        return "no na runs"
+    return f"< {SEPARATE_MIN_SEEDS} seeds"
+
+
 def accuracy_targets(table: list[dict]) -> list[dict]:
-    """Pathfinder: the global-reach mixer with the highest escape rate beats `na` by the interval rule.
-    n/a when the seeds could not separate them even if every run of one escaped and none of the
-    other (fewer than 4 runs each at 95%)."""
+    """Pathfinder: a global-reach mixer beats `na` by the interval rule. The one named: one that beats
+    it, else the surest escaper (its interval's lower end, not its rate: 1 of 1 is no evidence). n/a
+    when the seeds could not separate them even if every run of one escaped and none of the other
+    (fewer than 4 runs each at 95%)."""
     rows = [t for t in table if t["task"] == "pathfinder"]
     na = next((t for t in rows if t["mixer"] == "na"), None)
     global_reach = [t for t in rows if t["mixer"] not in LOCAL]
     if na is None or not global_reach:
         return []
-    best = max(global_reach, key=lambda t: (t["escape_rate"], t["escaped_top1_mean"] or 0))
+    beats = [t for t in global_reach if t["vs_na"] == "beats"]
+    best = max(
+        beats or global_reach,
+        key=lambda t: (wilson_interval(t["escaped"], t["seeds"])[0], t["escaped_top1_mean"] or 0),
+    )
     separable = (
         best["escape_threshold"] is not None
         and wilson_interval(best["seeds"], best["seeds"])[0] > wilson_interval(0, na["seeds"])[1]

@@ -53,7 +53,7 @@ HEADLINE = ("na", "full")  # mixers that get at least --headline-seeds seeds
 # The long-range task's one definition of "escaped" (left the chance plateau): far-pair (val) top-1
 # above chance by more than a model answering independently of the class would reach with
 # probability ESCAPE_LEVEL (one-sided binomial tail at p = 1/2 on the run's balanced val set: 58.0%
-# of 400 images, 232 right). 0.001 rather than 0.05: the seeds study scores 108 pathfinder runs, and
+# of 400 images, 232 right). 0.001 rather than 0.05: the seeds study scores 144 pathfinder runs, and
 # at 0.05 one in twenty runs that answered at random would count as escaped.
 ESCAPE_LEVEL = 0.001
 INTERVAL_Z = 1.959964  # 95% two-sided normal quantile: the Wilson intervals of the escape rates
