@@ -362,3 +362,25 @@ def test_near_pair_top1_scores_against_the_rendered_label_in_the_runs_class_orde
     monkeypatch.setattr(accuracy, "trained_model", lambda run_dir: (Reader(), cfg))
     assert accuracy.near_pair_top1(tmp_path, per_class=6) == expected
     assert near_flags == [True] * 12 and len(set(seeds)) == 12  # a fresh image each, all near pairs
+
+
+def test_scaling_table_says_where_a_slope_left_sizes_out_and_a_missing_linear_mixer_misses_its_target():
+    """A mixer not timed at every size (dropped as too slow, or failed) has its slope fitted on the sizes
+    it has: the table names them. A linear-cost mixer not timed at the largest size, where full was,
+    has not met '>= 4x faster than full' (it was n/a)."""
+    from engine.zoo import scaling
+
+    def row(mixer, side, ms):
+        return dict(mixer=mixer, side=side, tokens=side * side, s_median=ms / 1e3, peak_mb=1.0)
+
+    rows = [row("full", s, 0.01 * s**2) for s in (16, 32, 64, 128)]
+    rows += [row("na", s, 0.1 * s) for s in (16, 32, 64, 128)]
+    rows += [row("performer", s, 0.1 * s) for s in (16, 32, 64)]  # not timed at 128
+    slopes = {"full": 2.0, "na": 1.0, "performer": 1.0}
+    result = dict(rows=rows, slopes=slopes, dropped={"performer": "too slow"}, errors={})
+    result.update(settings=dict(sides=[16, 32, 64, 128], slope_from=32))
+    result["slope_sides"] = {"full": [32, 64, 128], "na": [32, 64, 128], "performer": [32, 64]}
+    table = scaling.scaling_markdown(result)
+    assert "| 1.00 (32², 64²) |" in table and "| 1.00 |" in table  # na: the whole range, unmarked
+    targets = {t["target"]: t["met"] for t in scaling.scaling_targets(result)}
+    assert targets["performer: >= 4x faster than full at 128^2"] is False
