@@ -493,8 +493,25 @@ def test_natten_forward_matches_reference(case):
 def test_natten_forced_on_a_call_it_has_no_kernel_for_is_a_value_error():
     pytest.importorskip("natten")
     q, k, v, _ = _inputs(9, 9, 3, head_dim=12, dtype=torch.float32, grad=False)  # CPU: powers of two only
-    with pytest.raises(ValueError, match="backend 'natten' can't run this call .*use backend='auto'"):
+    with pytest.raises(ValueError, match="natten's CPU path takes head dims 8, 16, 32, .* got 12"):
         neighborhood_attention_2d(q, k, v, 3, backend="natten")
+
+
+@pytest.mark.parametrize("head_dim", [4, 8, 12, 16, 24, 32])
+def test_the_dispatcher_knows_which_cpu_head_dims_natten_runs(head_dim):
+    """explain_backends' reason for natten on CPU is natten's own answer (it said 'slower than cpp'
+    for head dims natten cannot run at all): natten called directly fails exactly where it says so."""
+    pytest.importorskip("natten")
+    from models.layers.backends.natten_na import na2d_natten
+
+    q, k, v, _ = _inputs(9, 9, 3, head_dim=head_dim, dtype=torch.float32, grad=False)
+    reason = explain_backends(q).rejected["natten"]
+    try:
+        na2d_natten(q, k, v, 3, 1, None, head_dim**-0.5, 0.0)
+        runs = True
+    except ValueError:
+        runs = False
+    assert ("CPU path takes head dims" not in reason) == runs, reason
 
 
 def test_kernel_equal_to_map_is_dense_attention_with_rpb():

@@ -139,7 +139,7 @@ def _dispatch(q, k, v, kernel_size, dilation, rpb, scale, attn_drop, backend, qk
         scale = q.shape[-1] ** -0.5
     requested = forced_backend.get() or backend
     fields = call_fields(q, k, v, rpb, attn_drop)
-    name = resolve_backend(requested, *fields)
+    name = resolve_backend(requested, *fields, q.shape[-1])
 
     def run(backend: str) -> torch.Tensor:
         packed = {"qkv": qkv} if qkv is not None and backend in _TAKE_QKVPACKED else {}

@@ -39,6 +39,7 @@ class CallInfo:
     has_rpb: bool
     attn_drop: float
     needs_grad: bool
+    head_dim: int | None = None  # None: any (the callers that plan for a whole model)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,12 @@ def why_not(backend: str, call: CallInfo) -> str | None:
             return "natten has no backward on CPU (FlexAttention has no CPU backward)"
         if call.dtype == torch.float64:
             return "natten has no float64 kernels"
+        if (
+            call.device_type == "cpu"
+            and call.head_dim is not None
+            and not _natten_cpu_head_dim(call.head_dim)
+        ):
+            return f"natten's CPU path takes head dims 8, 16, 32, ... (powers of two), got {call.head_dim}"
         return None
     if backend == "triton":
         if triton_error() is not None:
@@ -129,6 +136,12 @@ def _auto_excludes(backend: str, call: CallInfo) -> str | None:
     return None
 
 
+def _natten_cpu_head_dim(head_dim: int) -> bool:
+    """Whether natten 0.21's CPU path (FlexAttention) takes this head dim: powers of two from 8
+    (measured: 8-256 run; 1-4, 12, 17, 24, 40, 48, 96 find no backend)."""
+    return head_dim >= 8 and head_dim & (head_dim - 1) == 0
+
+
 def call_fields(q: torch.Tensor, k, v, rpb: torch.Tensor | None, attn_drop: float) -> tuple:
     """`CallInfo`'s fields for a call, in order (plain values: see `resolve_backend`)."""
     tensors = (q, k, v) if rpb is None else (q, k, v, rpb)
@@ -139,7 +152,7 @@ def call_fields(q: torch.Tensor, k, v, rpb: torch.Tensor | None, attn_drop: floa
 
 
 def call_info(q: torch.Tensor, k, v, rpb: torch.Tensor | None, attn_drop: float) -> CallInfo:
-    return CallInfo(*call_fields(q, k, v, rpb, attn_drop))
+    return CallInfo(*call_fields(q, k, v, rpb, attn_drop), head_dim=q.shape[-1])
 
 
 # A constant to torch.compile: evaluated once while tracing (its arguments are plain values) and its
@@ -147,11 +160,17 @@ def call_info(q: torch.Tensor, k, v, rpb: torch.Tensor | None, attn_drop: float)
 # broke the graph at every NA layer, and the per-layer graphs then ran into dynamo's recompile limit.
 @torch.compiler.assume_constant_result
 def resolve_backend(
-    requested: str, device_type: str, dtype: torch.dtype, has_rpb: bool, attn_drop: float, needs_grad: bool
+    requested: str,
+    device_type: str,
+    dtype: torch.dtype,
+    has_rpb: bool,
+    attn_drop: float,
+    needs_grad: bool,
+    head_dim: int | None = None,
 ) -> str:
     """The backend that runs a call: `requested` if it can serve it (else ValueError saying why),
     or `auto`'s choice."""
-    call = CallInfo(device_type, dtype, has_rpb, attn_drop, needs_grad)
+    call = CallInfo(device_type, dtype, has_rpb, attn_drop, needs_grad, head_dim)
     if requested == "auto":
         return select_backend(call).name
     reason = why_not(requested, call)
