@@ -124,11 +124,11 @@ def row(method: str, mode: str, size: int, times: list[float]) -> dict:
     }
 
 
-def available(method: str, mode: str, dtype: torch.dtype = torch.float32) -> str | None:
-    """None if `method` can run in `mode` on `dtype` inputs, else why not."""
+def available(method: str, mode: str, dtype: torch.dtype = torch.float32, head_dim: int = 32) -> str | None:
+    """None if `method` can run in `mode` on `dtype` inputs of `head_dim`, else why not."""
     if method not in ("cpp", "natten", "flex"):
         return None
-    probe = torch.zeros(1, 1, 1, 1, 1, dtype=dtype, requires_grad=mode == "fwd+bwd")
+    probe = torch.zeros(1, 1, 1, 1, head_dim, dtype=dtype, requires_grad=mode == "fwd+bwd")
     return why_not(method, call_info(probe, probe, probe, None, 0.0))
 
 
@@ -163,7 +163,7 @@ def argument_error(args: argparse.Namespace) -> str | None:
         return f"sizes must be multiples of --kernel-size {args.kernel_size} (window attention): {bad}"
     reference = args.methods[0]
     for mode in args.modes:
-        if reason := available(reference, mode, getattr(torch, args.dtype[0])):
+        if reason := available(reference, mode, getattr(torch, args.dtype[0]), args.head_dim):
             return f"the first method {reference!r} is the ratios' reference but can't run {mode}: {reason}"
     return bench.writable_folder(args.out)
 
@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         for size in args.sizes:
             runnable = {}
             for label, (name, dtype) in method_labels(args).items():
-                reason = available(name, mode, dtype)
+                reason = available(name, mode, dtype, args.head_dim)
                 if reason is None:
                     need = working_set(name, args.batch, size, args.heads, args.head_dim, args.kernel_size)
                     if need > MEMORY_BUDGET:
