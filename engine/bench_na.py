@@ -124,7 +124,7 @@ def row(method: str, mode: str, size: int, times: list[float]) -> dict:
     }
 
 
-def available(method: str, mode: str, dtype: torch.dtype = torch.float32, head_dim: int = 32) -> str | None:
+def available(method: str, mode: str, dtype: torch.dtype, head_dim: int) -> str | None:
     """None if `method` can run in `mode` on `dtype` inputs of `head_dim`, else why not."""
     if method not in ("cpp", "natten", "flex"):
         return None

@@ -49,7 +49,7 @@ def lost_peer(e: BaseException) -> bool:
     if not (dist.is_available() and dist.is_initialized()):
         return False
     text = str(e)
-    return isinstance(e, getattr(dist, "DistError", ())) or ("gloo" in text and "by peer" in text)
+    return isinstance(e, dist.DistError) or ("gloo" in text and "by peer" in text)
 
 
 def first_line(e: BaseException) -> str:

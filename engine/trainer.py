@@ -602,10 +602,8 @@ class Run:
                     images, target, params, need_update, accum_steps, epoch, batch_idx
                 )
                 images_seen += batch_size
-                update_loss_sum, update_images = (
-                    update_loss_sum + loss * batch_size,
-                    update_images + batch_size,
-                )
+                update_loss_sum += loss * batch_size
+                update_images += batch_size
                 self._log_window = (self._log_window[0] + batch_size, self._log_window[1])
                 if not need_update:
                     continue

@@ -41,7 +41,8 @@ def na2d_natten(
 
     try:
         return natten.na2d(q, k, v, kernel_size=kernel_size, dilation=dilation, scale=scale)
-    except NotImplementedError as e:  # its own rules (e.g. CPU head dims: powers of two), checked inside
+    # natten's own rules beyond those checks.py knows (it knows the CPU head dims), checked inside
+    except NotImplementedError as e:
         reason = str(e).splitlines()[0] if str(e) else "no kernel for this call"
         raise ValueError(
             f"backend 'natten' can't run this call (head dim {q.shape[-1]}, {q.dtype}, {q.device.type}): "
