@@ -7,11 +7,11 @@ are scanned (a 10-class ImageNet subset does not walk all 1.28M files).
 Unreadable images: timm's `ImageDataset.__getitem__` already catches IOError/OSError on open/decode,
 logs "Skipped sample" and moves on to the next index (giving up after TIMM_DATASET_MAX_RETRIES
 consecutive failures); PIL's other decode failures (SyntaxError for a broken PNG chunk,
-DecompressionBombError) are skipped the same way one level up. `FolderImageDataset` builds on that
-loop: its reader records which indices the loop asked for, so the failed ones are known, marked in a
-shared-memory table (visible from DataLoader workers) and retrievable through
-`dataset.corrupt_count()` / `dataset.corrupt_files()` for the trainer to log. If the loop gives up, a
-DataError names the files instead of a bare RuntimeError.
+DecompressionBombError, a ValueError raised inside PIL) are skipped the same way one level up.
+`FolderImageDataset` builds on that loop: its reader records which indices the loop asked for, so the
+failed ones are known, marked in a shared-memory table (visible from DataLoader workers) and retrievable
+through `dataset.corrupt_count()` / `dataset.corrupt_files()` for the trainer to log. If the loop gives
+up, a DataError names the files instead of a bare RuntimeError.
 """
 
 import logging
@@ -208,8 +208,18 @@ class _DropTimmSkipLine(logging.Filter):
 _TIMM_DATASET_LOGGER = logging.getLogger("timm.data.dataset")
 # The label an unreadable image's sample carries where scoring leaves it out (eval.py, validation)
 UNREADABLE = -1
-# What PIL raises for a damaged file besides OSError (which timm's retry loop already skips)
+# What PIL raises for a damaged file besides OSError (which timm's retry loop already skips); and
+# ValueError where PIL raised it (a PNG's "Truncated IHDR chunk"), see _raised_in_pil
 _DECODE_ERRORS = (SyntaxError, Image.DecompressionBombError)
+
+
+def _raised_in_pil(error: BaseException) -> bool:
+    """Whether the innermost frame of `error`'s traceback is PIL's: its ValueErrors are damaged files,
+    a ValueError from elsewhere (a transform) is a bug to see."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__", "").partition(".")[0] == "PIL"
 
 
 class FolderImageDataset(ImageDataset):
@@ -233,7 +243,9 @@ class FolderImageDataset(ImageDataset):
             self.reader.requested = []
             try:
                 item = super().__getitem__(index)  # timm's loop skips files whose reading raises OSError
-            except _DECODE_ERRORS:  # PIL's other decode failures (a broken PNG chunk, a pixel bomb)
+            except (*_DECODE_ERRORS, ValueError) as e:  # PIL's other failures: a broken chunk, a bomb
+                if isinstance(e, ValueError) and not _raised_in_pil(e):
+                    raise
                 failed += self.reader.requested
                 index = (self.reader.requested[-1] + 1) % len(self.reader)
                 continue

@@ -154,7 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.image:
             try:
                 image = Image.open(args.image).convert("RGB")
-            except OSError as e:
+            except (
+                OSError,
+                SyntaxError,
+                ValueError,
+                Image.DecompressionBombError,
+            ) as e:  # PIL's for bad files
                 raise UserError(f"cannot read image {args.image!r}: {e}") from None
         else:
             image = synthetic_image(max(height, width))

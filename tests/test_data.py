@@ -383,6 +383,15 @@ def test_corrupt_images_are_skipped_counted_and_reported_through_timm_loader(
     with pytest.raises(SyntaxError, match="broken PNG file"):
         Image.open(broken_chunk).convert("RGB")
     Image.new("RGB", (300, 300)).save(bomb, format="PNG")
+    # and a PNG whose header chunk claims 5 bytes (ValueError from PIL's open), while a ValueError of
+    # the transform's own still stops the run (test below)
+    short_header = ds.reader.samples[45][0]
+    Image.fromarray(noise).save(short_header, format="PNG")
+    data = bytearray(Path(short_header).read_bytes())
+    data[11] = 5
+    Path(short_header).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="Truncated IHDR"):
+        Image.open(short_header)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40_000)  # 90k px is past twice the limit: a bomb
     ds = build_image_folder(small_synthetic / "train", classes)  # a fresh dataset: nothing counted yet
     assert ds.corrupt_count() == 0
@@ -402,12 +411,25 @@ def test_corrupt_images_are_skipped_counted_and_reported_through_timm_loader(
                 assert torch.isfinite(x).all()
                 seen += len(y)
         assert seen == len(ds)  # the broken files were replaced by neighbours, no crash, no short epoch
-        assert corrupt_count(ds) == ds.corrupt_count() == corrupt_count(loader) == 4
-        assert sorted(ds.corrupt_files()) == sorted([garbage, truncated, broken_chunk, bomb])
+        assert corrupt_count(ds) == ds.corrupt_count() == corrupt_count(loader) == 5
+        assert sorted(ds.corrupt_files()) == sorted([garbage, truncated, broken_chunk, bomb, short_header])
         if workers == 0:  # each file warned once, by name (timm's own "Skipped sample" line dropped)
             messages = [r.getMessage() for r in caplog.records]
-            assert sum("skipped unreadable image" in m for m in messages) == 4, messages
+            assert sum("skipped unreadable image" in m for m in messages) == 5, messages
             assert not any(m.startswith("Skipped sample") for m in messages), messages
+
+
+def test_a_value_error_outside_pil_is_not_taken_for_a_damaged_image(small_synthetic):
+    """Only PIL's own ValueErrors mean a damaged file; the transform's (a user's bug) propagates."""
+
+    def broken_transform(image):
+        raise ValueError("transform bug")
+
+    ds = build_image_folder(small_synthetic / "train", resolve_classes(small_synthetic / "train"))
+    ds.transform = broken_transform
+    with pytest.raises(ValueError, match="transform bug"):
+        ds[0]
+    assert ds.corrupt_count() == 0
 
 
 def test_a_file_another_worker_marked_is_not_warned_again(small_synthetic, caplog):

@@ -276,6 +276,15 @@ def test_visualize_attention_writes_a_png_and_rejects_bad_layers(tmp_path):
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )  # fmt: skip
     assert result.returncode == 2 and result.stderr.startswith("error: --out"), result.stderr
+    damaged = tmp_path / "damaged.png"  # a header chunk that claims 5 bytes: PIL raises ValueError
+    Image.new("RGB", (8, 8)).save(damaged)
+    damaged.write_bytes(damaged.read_bytes()[:11] + b"\x05" + damaged.read_bytes()[12:])
+    result = subprocess.run(
+        [sys.executable, script, *args, "--image", str(damaged), "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith(f"error: cannot read image '{damaged}': Truncated IHDR"), result.stderr
 
 
 def test_visualize_attention_uses_the_checkpoint_data_settings(tmp_path, capsys):
