@@ -284,6 +284,14 @@ def is_oom(e: BaseException) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (taskset, a container's cpuset), which
+    os.cpu_count() ignores; os.cpu_count() where the OS keeps no mask."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def cpu_name() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():

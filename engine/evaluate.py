@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.nn as nn
 
 import configs
 from configs import ConfigError
+from engine.bench import usable_cpus
 from engine.checkpoint import checkpoint_settings, extract_state_dict, load_checkpoint
 from engine.errors import EXIT_ERROR, CheckpointError, first_line, user_errors
 from engine.factory import (
@@ -65,8 +65,7 @@ def data_settings(args, ckpt: dict, has_settings: bool) -> dict:
     if args.workers is not None:
         d["workers"] = args.workers
     else:  # the config's (default 4) on the CPUs this process may use: more only queue (torch warns)
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        d["workers"] = min(d["workers"], cpus or 1)
+        d["workers"] = min(d["workers"], usable_cpus())
     return d
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -25,6 +24,7 @@ from engine.bench import (
     failed_rows,
     load_average,
     memory_kind,
+    usable_cpus,
     writable_folder,
     write_csv,
     write_json,
@@ -148,8 +148,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         args.threads = 1  # a CI check, not a measurement: one thread is steadiest on a loaded runner
     if args.threads:
         torch.set_num_threads(args.threads)
-    elif hasattr(os, "sched_getaffinity"):
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    else:
+        torch.set_num_threads(usable_cpus())
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import shutil
 import statistics
 import sys
@@ -588,7 +587,7 @@ def accuracy(
     """Train every (task, mixer, seed) of `plan` (`overrides`: task -> train.py overrides) that `out`
     does not hold yet (the caller has run `check_reusable` on the plan), `jobs` runs side by side
     with an equal share of the cores each (a small model uses one core better than two threads do)."""
-    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    threads = max(1, bench.usable_cpus() // jobs) if jobs > 1 else None
     prepare_data(overrides)
 
     def attempt(task: str, mixer: str, seed: int) -> dict | str:
