@@ -270,6 +270,27 @@ def test_cpp_kernel_8_lane_build_on_an_avx512_machine():
     assert run.returncode == 0 and "4 passed" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
 
 
+@pytest.mark.parametrize("backend", ["auto", "cpp", "torch", "naive", "flex", "natten"])
+def test_float32_inputs_under_cpu_autocast_run_in_bf16_on_every_backend(backend):
+    """As autocast treats SDPA: float32 q, k, v are cast to bf16, whichever backend runs (cpp and
+    torch used to return float32, naive, flex and natten bf16); gradients reach the float32 leaves."""
+    torch.manual_seed(0)
+    shape, kernel_size = (2, 11, 9, 2, 16), 3
+    rpb = None if backend == "natten" else torch.randn(2, 5, 5)  # natten >= 0.20 has no RPB
+    needs_grad = backend not in ("flex", "natten")  # forward only on the CPU
+    q, k, v = (torch.randn(shape, requires_grad=needs_grad) for _ in range(3))
+    want = reference_na2d(*(t.detach().bfloat16() for t in (q, k, v)), kernel_size, rpb=rpb)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if backend == "auto":
+            assert explain_backends(q, rpb).name == "cpp"  # what runs: the bf16 kernel
+        out = neighborhood_attention_2d(q, k, v, kernel_size, rpb=rpb, backend=backend)
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - want).abs().max() < 2e-2
+    if needs_grad:
+        out.float().sum().backward()
+        assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+
+
 def test_module_under_cpu_autocast_runs_the_bf16_kernel():
     """Under CPU autocast the qkv projection gives bf16 views: auto runs the kernel on them (not the
     float32 path on casts), the RPB trains in float32, and the block agrees with float64."""

@@ -104,7 +104,8 @@ def neighborhood_attention_2d(
     group, the window clamped to stay inside the map. `rpb` `(heads, 2k-1, 2k-1)` adds
     `rpb[h, (ki - qi)/d + k - 1, (kj - qj)/d + k - 1]` to each logit. `scale` defaults to
     `head_dim ** -0.5`. `backend`: 'auto' (see `explain_backends`), 'cpp', 'torch', 'naive', 'natten'
-    or 'flex'; a backend that can't serve the call raises ValueError saying why.
+    or 'flex'; a backend that can't serve the call raises ValueError saying why. Under autocast,
+    float32 q, k, v are cast to its dtype (as for SDPA); `rpb` is read in its own dtype.
     """
     return _dispatch(q, k, v, kernel_size, dilation, rpb, scale, attn_drop, backend, None)
 
@@ -139,6 +140,12 @@ def _dispatch(q, k, v, kernel_size, dilation, rpb, scale, attn_drop, backend, qk
         scale = q.shape[-1] ** -0.5
     requested = forced_backend.get() or backend
     fields = call_fields(q, k, v, rpb, attn_drop)
+    if fields[1] != q.dtype:  # float32 under autocast: run in its dtype (checks.compute_dtype)
+        if qkv is not None:
+            qkv = qkv.to(fields[1])
+            q, k, v = qkv.unbind(3)
+        else:
+            q, k, v = (t.to(fields[1]) for t in (q, k, v))
     name = resolve_backend(requested, *fields, q.shape[-1])
 
     def run(backend: str) -> torch.Tensor:

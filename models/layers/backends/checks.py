@@ -142,13 +142,26 @@ def _natten_cpu_head_dim(head_dim: int) -> bool:
     return head_dim >= 8 and head_dim & (head_dim - 1) == 0
 
 
+def compute_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype a call on `dtype` inputs runs in: under autocast, float32 q, k, v are cast to its
+    dtype first, as autocast casts SDPA's (attention is on its lower-precision list), so every
+    backend computes and returns the same dtype."""
+    if (
+        dtype == torch.float32
+        and torch.amp.is_autocast_available(device_type)  # meta and others have no autocast
+        and torch.is_autocast_enabled(device_type)
+    ):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
 def call_fields(q: torch.Tensor, k, v, rpb: torch.Tensor | None, attn_drop: float) -> tuple:
     """`CallInfo`'s fields for a call, in order (plain values: see `resolve_backend`)."""
     tensors = (q, k, v) if rpb is None else (q, k, v, rpb)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     # the tensor's own device type: MPS / XPU / meta tensors reach `torch` (portable ATen ops), not
     # the CPU kernel, which would read their memory as host memory
-    return q.device.type, q.dtype, rpb is not None, attn_drop, needs_grad
+    return q.device.type, compute_dtype(q.dtype, q.device.type), rpb is not None, attn_drop, needs_grad
 
 
 def call_info(q: torch.Tensor, k, v, rpb: torch.Tensor | None, attn_drop: float) -> CallInfo:
