@@ -18,10 +18,11 @@ counted for a bad annotation, so a mostly-good real data set still trains):
   `coco_gt`, where COCOeval ignores detections on them (as COCO's own numbers are scored); unreadable
   JSON, no categories, an image file missing, an image of another size than its JSON entry, every
   annotation skipped -> DataError.
-* `SemanticFolder(image_dir, mask_dir, num_classes)`: an image without a mask or a mask of another size
-  -> image skipped and counted; mask values above `num_classes` -> ignored pixels (`IGNORE_INDEX`);
-  no image with a mask -> DataError. `reduce_zero_label` (ADE20K: 0 is "other") maps 0 to ignored
-  and k to k-1.
+* `SemanticFolder(image_dir, mask_dir, num_classes)`: keep-ratio rescaling and random crops for
+  training, the shorter side rescaled for validation with masks at their own resolution (mmseg's
+  ADE20K pipelines); an image without a mask or a mask of another size -> image skipped and counted;
+  mask values above `num_classes` -> ignored pixels (`IGNORE_INDEX`); no image with a mask ->
+  DataError. `reduce_zero_label` (ADE20K: 0 is "other") maps 0 to ignored and k to k-1.
 """
 
 from __future__ import annotations
@@ -373,19 +374,46 @@ def _scorable(ann: dict, size: tuple[int, int], next_id: int) -> dict:
     return ann
 
 
+# The longest side a rescaled image may have, in shorter sides: mmseg's ADE20K scale (2048, 512)
+MAX_ASPECT = 4
+
+
+def _keep_ratio_size(width: int, height: int, short: float) -> tuple[int, int]:
+    """(width, height) scaled so the shorter side is `short` and the longer at most MAX_ASPECT * short
+    (mmseg's keep-ratio Resize to (MAX_ASPECT * short, short))."""
+    factor = min(short / min(width, height), MAX_ASPECT * short / max(width, height))
+    return max(1, round(width * factor)), max(1, round(height * factor))
+
+
 class SemanticFolder(torch.utils.data.Dataset):
     """ADE20K-style semantic segmentation: images in `image_dir`, masks of the same stem (.png) in
     `mask_dir`; (image 3 x H x W in [0, 1], mask H x W int64 with IGNORE_INDEX for unlabelled pixels).
 
     Class indices: 0..num_classes-1 after `reduce_zero_label` (ADE20K: 0 "other" -> ignored), else the
-    mask values themselves (the embedded task: 0 is background, a class of its own). `size` resizes
-    both (bilinear / nearest) so batches stack; `hflip` mirrors both with probability 0.5.
+    mask values themselves (the embedded task: 0 is background, a class of its own).
+
+    Sizes, as mmseg's ADE20K pipelines (aspect ratio kept; bilinear image, nearest mask):
+    `scale_range=(lo, hi)` (training): the shorter side rescaled to `size * r`, r uniform in
+    [lo, hi] (ADE20K: 0.5, 2.0), then a random `size x size` crop (padded with black pixels and ignored
+    labels where the image is smaller), so batches stack. No `scale_range` (validation): the shorter
+    side rescaled to `size` and the mask kept at its own resolution: the evaluation scores the
+    logits upsampled to it, as mmseg scores ADE20K. `size=None`: images as they are. The longer side
+    is capped at MAX_ASPECT shorter sides. `hflip` mirrors both with probability 0.5.
     """
 
-    def __init__(self, image_dir, mask_dir, num_classes, reduce_zero_label=False, size=None, hflip=False):
+    def __init__(
+        self,
+        image_dir,
+        mask_dir,
+        num_classes,
+        reduce_zero_label=False,
+        size=None,
+        hflip=False,
+        scale_range: tuple[float, float] | None = None,
+    ):
         self.image_dir, self.mask_dir = Path(image_dir), Path(mask_dir)
         self.num_classes, self.reduce_zero_label = num_classes, reduce_zero_label
-        self.size, self.hflip = size, hflip
+        self.size, self.hflip, self.scale_range = size, hflip, scale_range
         if not self.image_dir.is_dir():
             raise DataError(f"image folder {image_dir} not found; give the images/<split> folder")
         self.skipped: Counter = Counter()
@@ -424,14 +452,41 @@ class SemanticFolder(torch.utils.data.Dataset):
         path, mask_path = self.pairs[index]
         with Image.open(path) as im, Image.open(mask_path) as m:
             image, mask = im.convert("RGB"), m.copy()
-            if self.size is not None and image.size != (self.size, self.size):
-                image = image.resize((self.size, self.size), Image.BILINEAR)
-                mask = mask.resize((self.size, self.size), Image.NEAREST)
+        if self.size is not None:
+            short = self.size
+            if self.scale_range is not None:
+                lo, hi = self.scale_range
+                short *= lo if lo == hi else float(torch.empty(()).uniform_(lo, hi))
+            new_size = _keep_ratio_size(*image.size, short)
+            if new_size != image.size:
+                image = image.resize(new_size, Image.BILINEAR)
+                if self.scale_range is not None:  # validation keeps the mask at its own resolution
+                    mask = mask.resize(new_size, Image.NEAREST)
         target = torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())
         if self.reduce_zero_label:
             target = torch.where(target == 0, IGNORE_INDEX, target - 1)
         target[(target >= self.num_classes) & (target != IGNORE_INDEX)] = IGNORE_INDEX
         image = _to_tensor(np.asarray(image))
+        if self.size is not None and self.scale_range is not None:
+            image, target = self._random_crop(image, target)
         if self.hflip and torch.rand(()) < 0.5:
             image, target = image.flip(-1), target.flip(-1)
+        return image, target
+
+    def _random_crop(self, image: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A `size x size` window at a random place; sides shorter than `size` padded bottom / right
+        (black pixels, ignored labels). No random draw where the window has one place (the embedded
+        task's square images at `size`: its runs are unchanged)."""
+        size = self.size
+        height, width = target.shape
+        top = int(torch.randint(height - size + 1, ())) if height > size else 0
+        left = int(torch.randint(width - size + 1, ())) if width > size else 0
+        image, target = (
+            image[:, top : top + size, left : left + size],
+            target[top : top + size, left : left + size],
+        )
+        pad_h, pad_w = size - target.shape[0], size - target.shape[1]
+        if pad_h or pad_w:
+            image = torch.nn.functional.pad(image, (0, pad_w, 0, pad_h))
+            target = torch.nn.functional.pad(target, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
         return image, target

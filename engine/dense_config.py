@@ -53,8 +53,13 @@ DEFAULTS: dict = {
         "val_masks": "annotations/validation",
         "num_classes": None,  # segmentation classes; None: the embedded task's (shapes + background)
         "reduce_zero_label": False,  # ADE20K: mask value 0 is "other" (ignored), k -> class k-1
-        "img_size": 64,  # detection: shorter side; segmentation: images resized square
+        # detection: shorter side; segmentation: the training crop's side and the validation images'
+        # shorter side (aspect ratio kept; data.dense.SemanticFolder)
+        "img_size": 64,
         "max_size": None,  # detection: longer side cap (None: img_size)
+        # segmentation training: the shorter side rescaled to img_size x r, r uniform in this range,
+        # before the crop (mmseg's ADE20K recipe: [0.5, 2.0]; the embedded task's images are img_size)
+        "scale_range": [1.0, 1.0],
         "mean": [0.5, 0.5, 0.5],  # the demo classification recipe's (what --pretrained saw)
         "std": [0.25, 0.25, 0.25],
         "hflip": True,
@@ -170,6 +175,15 @@ def load_dense_config(paths=(), overrides=()) -> dict:
         cfg = configs.merge(cfg, _check(tree, DEFAULTS, f" (override '{text}')"))
     if cfg["train"]["batch_size"] < 1 or cfg["sched"]["epochs"] < 1:
         raise ConfigError("config keys 'train.batch_size' and 'sched.epochs' must be >= 1")
+    scale_range = cfg["data"]["scale_range"]
+    if not (
+        len(scale_range) == 2
+        and all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in scale_range)
+        and scale_range[0] <= scale_range[1]
+    ):
+        raise ConfigError(
+            f"config key 'data.scale_range' must be [low, high], 0 < low <= high, got {scale_range!r}"
+        )
     return cfg
 
 
@@ -202,14 +216,14 @@ def build_data(cfg: dict, task: str):
                 raise ConfigError(
                     "data.num_classes is needed for a segmentation folder (e.g. 150 for ADE20K)"
                 )
-            size = d["img_size"]
             ds = SemanticFolder(
                 root / d[f"{split}_images"],
                 root / d[f"{split}_masks"],
                 num_classes,
                 d["reduce_zero_label"],
-                size,
+                d["img_size"],
                 hflip=train and d["hflip"],
+                scale_range=tuple(d["scale_range"]) if train else None,
             )
         if ds.skipped_line():
             _logger.info(ds.skipped_line())

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 
 from configs import ConfigError
@@ -88,6 +89,28 @@ def miou(conf: torch.Tensor) -> tuple[float, list]:
     return 100 * float(iou[valid].mean()), [float(v) for v in iou]
 
 
+def same_size_batches(images) -> list[tuple[list[int], torch.Tensor]]:
+    """`images` (a list of 3 x H x W) as stacked batches of one size each, with their positions:
+    validation images keep their aspect ratio, so a loader's batch may mix sizes."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(i)
+    return [(idx, torch.stack([images[i] for i in idx])) for idx in groups.values()]
+
+
+def segment(model, images, sizes) -> list[torch.Tensor]:
+    """Class maps of `images` at `sizes` (each image's mask size): the logits upsampled bilinearly
+    where the image was rescaled (mmseg's scoring at the annotation's resolution)."""
+    out: list[torch.Tensor | None] = [None] * len(images)
+    for idx, batch in same_size_batches(images):
+        logits = model(batch)
+        for i, lg in zip(idx, logits, strict=True):
+            if tuple(lg.shape[-2:]) != tuple(sizes[i]):
+                lg = F.interpolate(lg[None], size=tuple(sizes[i]), mode="bilinear", align_corners=False)[0]
+            out[i] = lg.argmax(0)
+    return out
+
+
 @torch.no_grad()
 def evaluate(model, loader, task: str, val_set, num_classes: int) -> dict:
     """Detection: box (and mask) AP / AP50 / AP75; segmentation: mIoU, pixel accuracy; plus img/s."""
@@ -108,8 +131,8 @@ def evaluate(model, loader, task: str, val_set, num_classes: int) -> dict:
     else:
         conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
         for images, masks in loader:
-            logits = model(torch.stack(images))
-            conf += confusion_matrix(logits.argmax(1), torch.stack(masks), num_classes)
+            for pred, mask in zip(segment(model, images, [m.shape for m in masks]), masks, strict=True):
+                conf += confusion_matrix(pred, mask, num_classes)
             seen += len(images)
         elapsed = time.perf_counter() - start
         metrics = {
@@ -214,7 +237,11 @@ def interleaved_speeds(run_dirs: dict, rounds: int, batch: int = 8) -> dict:
         @torch.no_grad()
         def infer(model=model, task=task, val_images=val_images):
             model.eval()
-            model(val_images if task == "detection" else torch.stack(val_images))
+            if task == "detection":
+                model(val_images)
+            else:
+                for _, batch in same_size_batches(val_images):
+                    model(batch)
 
         steps[f"{name}/train"], steps[f"{name}/infer"] = train_step, infer
     times = interleaved_rounds(steps, rounds)

@@ -137,6 +137,118 @@ def test_bad_annotations_are_skipped_and_counted_broken_folders_are_one_error(tm
     assert [r["category_id"] for r in dense_eval.detections_to_coco(out, 1, ds.label_to_category)] == [7]
 
 
+COLOURS = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]], dtype=np.uint8)
+
+
+def quadrant_folder(root, sizes):
+    """images/ and annotations/ of `sizes` ((width, height) each): quadrant k of an image is class k,
+    painted COLOURS[k], so a pixel's colour says its label."""
+    img, masks = root / "images", root / "annotations"
+    img.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    for n, (width, height) in enumerate(sizes):
+        label = np.zeros((height, width), dtype=np.uint8)
+        label[: height // 2, width // 2 :], label[height // 2 :, : width // 2] = 1, 2
+        label[height // 2 :, width // 2 :] = 3
+        Image.fromarray(COLOURS[label]).save(img / f"{n}.png")
+        Image.fromarray(label).save(masks / f"{n}.png")
+    return img, masks
+
+
+def test_semantic_folder_keeps_aspect_ratios_crops_for_training_and_scores_at_mask_size(
+    tmp_path, monkeypatch
+):
+    """mmseg's ADE20K pipelines: training rescales the shorter side by a random factor and crops a
+    square (padded, ignored, where the image is smaller); validation rescales the shorter side and keeps
+    the mask at its own resolution. Square resizing used to stretch every non-square image."""
+    img, masks = quadrant_folder(tmp_path, [(90, 40), (30, 70), (400, 50)])
+    train = SemanticFolder(img, masks, 4, size=32, hflip=True, scale_range=(0.5, 2.0))
+    palette = torch.from_numpy(COLOURS).float() / 255
+    torch.manual_seed(0)
+    for _ in range(4):
+        for i in range(3):
+            image, target = train[i]
+            assert image.shape == (3, 32, 32) and target.shape == (32, 32)
+            labelled = target != 255
+            colour_class = torch.cdist(image.permute(1, 2, 0).flatten(0, 1), palette).argmin(1).view(32, 32)
+            # the image's crop is the mask's crop (bilinear blends only the quadrants' borders)
+            assert (colour_class == target)[labelled].float().mean() > 0.85
+            assert (image[:, ~labelled] == 0).all()  # padding: black pixels, ignored labels
+    _, target = train[2]  # 400 x 50 at shorter side <= 64: longer side capped at 4x -> at most 16 rows
+    assert (target[16:] == 255).all() and (target[:16] != 255).any()
+    val = SemanticFolder(img, masks, 4, size=32)
+    for i, (width, height) in enumerate([(90, 40), (30, 70), (400, 50)]):
+        image, target = val[i]
+        assert target.shape == (height, width)  # the annotation's own resolution
+        short, long = sorted(image.shape[1:])
+        assert short == 32 or long == 128  # the shorter side at size, the longer capped at 4x
+        assert abs(image.shape[2] / image.shape[1] - width / height) < 0.1 * width / height
+
+    class ColourSegmenter(torch.nn.Module):  # logits that name each pixel's quadrant by its colour
+        def forward(self, x):
+            return (
+                -torch.cdist(
+                    x.permute(0, 2, 3, 1).flatten(1, 2), torch.from_numpy(COLOURS).float()[None] / 255
+                )
+                .unflatten(1, x.shape[2:])
+                .permute(0, 3, 1, 2)
+            )
+
+    loader = torch.utils.data.DataLoader(val, 3, collate_fn=dense_config.collate)
+    metrics = dense_eval.evaluate(ColourSegmenter(), loader, "segmentation", val, 4)
+    assert metrics["mIoU"] > 95 and metrics["pixel_acc"] > 98
+    seen = []
+    original = dense_eval.confusion_matrix
+    monkeypatch.setattr(
+        dense_eval,
+        "confusion_matrix",
+        lambda pred, target, n: seen.append(target.numel()) or original(pred, target, n),
+    )
+    dense_eval.evaluate(ColourSegmenter(), loader, "segmentation", val, 4)
+    assert seen == [90 * 40, 30 * 70, 400 * 50]  # every annotated pixel scored, none resampled
+
+
+def test_semantic_folder_at_its_own_size_draws_nothing_and_returns_the_files(scenes):
+    """The embedded task's square images at `size`: no rescale, no crop and no random draw (its
+    documented runs stay as they were)."""
+    paths = embedded_paths(scenes, "train")
+    ds = SemanticFolder(paths["image_dir"], paths["mask_dir"], 5, size=48, scale_range=(1.0, 1.0))
+    state = torch.get_rng_state()
+    image, target = ds[0]
+    assert torch.equal(torch.get_rng_state(), state)
+    path, mask_path = ds.pairs[0]
+    assert torch.equal(
+        image, torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1) / 255
+    )
+    assert torch.equal(target, torch.from_numpy(np.array(Image.open(mask_path), dtype=np.int64)))
+
+
+@pytest.mark.parametrize("bad", ["[2.0, 0.5]", "[0, 1]", "[1.0]", "[a, b]"])
+def test_bad_scale_range_is_one_config_error(bad):
+    with pytest.raises(ConfigError, match="'data.scale_range' must be \\[low, high\\]|must be list"):
+        dense_config.load_dense_config(overrides=[f"data.scale_range={bad}"])
+
+
+def test_ade20k_recipe_loads_builds_nat_tiny_upernet_and_names_the_missing_data(tmp_path):
+    """configs/dense_ade20k.yaml: the official UPerNet recipe's numbers, a 150-class NAT-T UPerNet
+    with a 512-channel decoder, and without the data set one error naming the folder to unpack."""
+    cfg = dense_config.load_dense_config(["dense_ade20k.yaml"], [f"data.root={tmp_path / 'ADE'}"])
+    d = cfg["data"]
+    assert (d["img_size"], d["scale_range"], d["num_classes"], d["reduce_zero_label"]) == (
+        512,
+        [0.5, 2.0],
+        150,
+        True,
+    )
+    assert (cfg["optim"]["lr"], cfg["optim"]["weight_decay"], cfg["train"]["batch_size"]) == (6e-5, 0.01, 16)
+    with pytest.raises(DataError, match="image folder .*ADE/images/training not found"):
+        dense_config.build_data(cfg, "segmentation")
+    model, name = dense_config.build_model(cfg, "segmentation", 150)
+    assert name == "nat_tiny" and model.segmentation_head[0].out_channels == 150
+    params = sum(p.numel() for p in model.parameters())
+    assert 55e6 < params < 70e6, params  # NAT-T 28M + UPerNet-512 (the paper: 58M with its FCN head)
+
+
 def test_crowd_regions_are_ignored_when_scored_and_missing_coco_fields_are_filled(tmp_path):
     (tmp_path / "img").mkdir()
     Image.new("RGB", (64, 64)).save(tmp_path / "img" / "a.png")
