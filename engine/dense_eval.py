@@ -218,15 +218,16 @@ def interleaved_speeds(run_dirs: dict, rounds: int, batch: int = 8) -> dict:
     """{name: {"train": img/s, "infer": img/s}} of finished runs, timed in interleaved rounds
     (engine/bench.py: every model once per round, seconds apart, so a busy shared CPU slows all
     alike): a train step (forward + backward on `batch` training images) and inference on `batch`
-    val images; the median over rounds."""
+    val images (fewer where a split has fewer); the median over rounds."""
     from engine.bench import interleaved_rounds
 
-    steps = {}
+    steps, counts = {}, {}
     for name, run_dir in run_dirs.items():
         model, cfg, task, val_set, _ = _load_run(Path(run_dir))
         train_set, _, _ = build_data(cfg, task)
-        images, targets = collate([train_set[i] for i in range(batch)])
-        val_images = [val_set[i][0] for i in range(batch)]
+        images, targets = collate([train_set[i] for i in range(min(batch, len(train_set)))])
+        val_images = [val_set[i][0] for i in range(min(batch, len(val_set)))]
+        counts[f"{name}/train"], counts[f"{name}/infer"] = len(images), len(val_images)
 
         def train_step(model=model, task=task, images=images, targets=targets):
             model.train()
@@ -246,7 +247,10 @@ def interleaved_speeds(run_dirs: dict, rounds: int, batch: int = 8) -> dict:
         steps[f"{name}/train"], steps[f"{name}/infer"] = train_step, infer
     times = interleaved_rounds(steps, rounds)
     kinds = ("train", "infer")
-    return {name: {k: batch / float(np.median(times[f"{name}/{k}"])) for k in kinds} for name in run_dirs}
+    return {
+        name: {k: counts[f"{name}/{k}"] / float(np.median(times[f"{name}/{k}"])) for k in kinds}
+        for name in run_dirs
+    }
 
 
 def report(out_dir, speed_rounds: int = 0) -> Path:

@@ -572,6 +572,9 @@ def test_quick_run_end_to_end_learns(task, tmp_path):
     assert f"| {default_name} | 0 |" in (out / "dense_comparison.md").read_text()
     assert script.main(["--draw", str(run)]) == 0
     assert Image.open(run / "predictions.png").size == (3 * 256, 6 * 256)
+    # --speed-rounds' timing with a batch larger than the 16 val images: what each split has
+    speeds = dense_eval.interleaved_speeds({"nat": run}, rounds=1, batch=32)["nat"]
+    assert speeds["train"] > 0 and speeds["infer"] > 0
 
 
 def test_resume_continues_a_stopped_run_from_its_last_epoch(tmp_path, capsys):
