@@ -35,7 +35,7 @@ from engine.dense_config import (
     load_dense_config,
     training_loss,
 )
-from engine.dense_eval import draw_predictions, evaluate, report
+from engine.dense_eval import draw_predictions, evaluate, evaluate_run, report
 from engine.errors import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -272,6 +272,10 @@ def run(args) -> int:
     try:
         if args.report or args.draw:
             print(report(args.report, args.speed_rounds) if args.report else draw_predictions(args.draw))
+            return 0
+        if args.evaluate:
+            result = evaluate_run(args.evaluate, args.scales, args.flip)
+            print("  ".join(f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float)))
             return 0
         resume_ckpt, new_folder = None, None
         if args.resume:

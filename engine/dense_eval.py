@@ -98,22 +98,37 @@ def same_size_batches(images) -> list[tuple[list[int], torch.Tensor]]:
     return [(idx, torch.stack([images[i] for i in idx])) for idx in groups.values()]
 
 
-def segment(model, images, sizes) -> list[torch.Tensor]:
+def segment(model, images, sizes, scales=(1.0,), flip: bool = False) -> list[torch.Tensor]:
     """Class maps of `images` at `sizes` (each image's mask size): the logits upsampled bilinearly
-    where the image was rescaled (mmseg's scoring at the annotation's resolution)."""
+    where the image was rescaled (mmseg's scoring at the annotation's resolution). Several `scales`
+    and/or `flip`: mmseg's multi-scale test, the softmax of every rescaled (and mirrored) input's
+    logits, each upsampled to the mask, averaged."""
     out: list[torch.Tensor | None] = [None] * len(images)
+    views = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
     for idx, batch in same_size_batches(images):
-        logits = model(batch)
-        for i, lg in zip(idx, logits, strict=True):
-            if tuple(lg.shape[-2:]) != tuple(sizes[i]):
-                lg = F.interpolate(lg[None], size=tuple(sizes[i]), mode="bilinear", align_corners=False)[0]
-            out[i] = lg.argmax(0)
+        total: list[torch.Tensor | float] = [0.0] * len(idx)
+        for scale, mirrored in views:
+            x = (
+                batch
+                if scale == 1
+                else F.interpolate(batch, scale_factor=scale, mode="bilinear", align_corners=False)
+            )
+            logits = model(x.flip(-1)).flip(-1) if mirrored else model(x)
+            for j, (i, lg) in enumerate(zip(idx, logits, strict=True)):
+                if tuple(lg.shape[-2:]) != tuple(sizes[i]):
+                    lg = F.interpolate(lg[None], size=tuple(sizes[i]), mode="bilinear", align_corners=False)[
+                        0
+                    ]
+                total[j] = total[j] + (lg.softmax(0) if len(views) > 1 else lg)
+        for i, summed in zip(idx, total, strict=True):
+            out[i] = summed.argmax(0)
     return out
 
 
 @torch.no_grad()
-def evaluate(model, loader, task: str, val_set, num_classes: int) -> dict:
-    """Detection: box (and mask) AP / AP50 / AP75; segmentation: mIoU, pixel accuracy; plus img/s."""
+def evaluate(model, loader, task: str, val_set, num_classes: int, scales=(1.0,), flip: bool = False) -> dict:
+    """Detection: box (and mask) AP / AP50 / AP75; segmentation: mIoU, pixel accuracy (at `scales`,
+    `flip`: see `segment`); plus img/s."""
     model.eval()
     start, seen = time.perf_counter(), 0
     if task == "detection":
@@ -131,7 +146,8 @@ def evaluate(model, loader, task: str, val_set, num_classes: int) -> dict:
     else:
         conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
         for images, masks in loader:
-            for pred, mask in zip(segment(model, images, [m.shape for m in masks]), masks, strict=True):
+            preds = segment(model, images, [m.shape for m in masks], scales, flip)
+            for pred, mask in zip(preds, masks, strict=True):
                 conf += confusion_matrix(pred, mask, num_classes)
             seen += len(images)
         elapsed = time.perf_counter() - start
@@ -161,6 +177,22 @@ def _load_run(run_dir: Path):
         model = Normalise(model, cfg["data"]["mean"], cfg["data"]["std"])
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), cfg, task, val_set, names
+
+
+def evaluate_run(run_dir, scales=(1.0,), flip: bool = False) -> dict:
+    """A finished run's best weights scored on its val split (segmentation: at `scales`, `flip`, as
+    mmseg's multi-scale test), written to RUN/evaluation.json with those settings."""
+    run_dir = Path(run_dir)
+    model, cfg, task, val_set, names = _load_run(run_dir)
+    if task == "detection" and (tuple(scales) != (1.0,) or flip):
+        raise ConfigError(
+            "--scales and --flip apply to segmentation runs; a detection run is scored as trained"
+        )
+    loader = torch.utils.data.DataLoader(val_set, cfg["train"]["batch_size"], collate_fn=collate)
+    metrics = evaluate(model, loader, task, val_set, len(names), tuple(scales), flip)
+    result = {"scales": list(scales), "flip": flip, **metrics}
+    (run_dir / "evaluation.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 @torch.no_grad()

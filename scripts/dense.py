@@ -7,6 +7,7 @@
     python scripts/dense.py --task segmentation --config configs/dense_segmentation.yaml --quick
     python scripts/dense.py --resume runs/dense/RUN        # continue a stopped run
     python scripts/dense.py --draw runs/dense/RUN          # RUN/predictions.png: boxes, masks on val images
+    python scripts/dense.py --evaluate runs/dense/RUN --scales 0.5 0.75 1 1.25 1.5 1.75 --flip  # MS test
     python scripts/dense.py --report runs/dense-compare    # table, learning curves of its runs
 
 Real data: data.layout=folders with data.root and the COCO (instances_*.json) / ADE20K-style
@@ -33,6 +34,22 @@ def main(argv=None) -> int:
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last epoch")
     p.add_argument("--draw", metavar="RUN", help="draw a finished run's predictions on val images")
     p.add_argument(
+        "--evaluate",
+        metavar="RUN",
+        help="score a finished run's best weights on its val split (RUN/evaluation.json)",
+    )
+    p.add_argument(
+        "--scales",
+        nargs="+",
+        type=float,
+        default=[1.0],
+        help="with --evaluate, segmentation: the input rescaled by each, softmax averaged (mmseg's "
+        "multi-scale test: 0.5 0.75 1 1.25 1.5 1.75 with --flip)",
+    )
+    p.add_argument(
+        "--flip", action="store_true", help="with --evaluate, segmentation: mirrored inputs averaged too"
+    )
+    p.add_argument(
         "--report",
         metavar="DIR",
         help="tabulate and plot the finished runs under DIR (runs named <task>-<label>-s<seed>, "
@@ -46,8 +63,10 @@ def main(argv=None) -> int:
         "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config overrides"
     )
     args = p.parse_args(argv)
-    if not (args.task or args.resume or args.draw or args.report):
-        p.error("--task detection|segmentation is required (or --resume / --draw / --report)")
+    if not (args.task or args.resume or args.draw or args.report or args.evaluate):
+        p.error("--task detection|segmentation is required (or --resume / --draw / --report / --evaluate)")
+    if any(s <= 0 for s in args.scales):
+        p.error(f"--scales must be positive, got {args.scales}")
     return dense.run(args)
 
 

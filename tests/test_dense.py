@@ -208,6 +208,31 @@ def test_semantic_folder_keeps_aspect_ratios_crops_for_training_and_scores_at_ma
     assert seen == [90 * 40, 30 * 70, 400 * 50]  # every annotated pixel scored, none resampled
 
 
+def test_flip_test_time_augmentation_makes_predictions_mirror_equivariant():
+    """--flip averages each input with its mirror image: the class map of a mirrored image is then the
+    mirror of the image's, for any model (a random convolution here is not, alone); more scales keep
+    that, and one scale without flip is the plain argmax at the mask's size."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(  # logits at the input's size
+        torch.nn.Conv2d(3, 8, 5, padding=2), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 5, padding=2)
+    )
+    image = torch.rand(3, 24, 36)
+    size = (48, 72)
+    mirrored = image.flip(-1)
+
+    def predict(x, **kw):
+        return dense_eval.segment(model, [x], [size], **kw)[0]
+
+    plain = predict(image)
+    want = torch.nn.functional.interpolate(model(image[None]), size=size, mode="bilinear").argmax(1)[0]
+    assert torch.equal(plain, want)
+    assert not torch.equal(predict(mirrored), plain.flip(-1))  # the model alone is not equivariant
+    for scales in [(1.0,), (0.5, 1.0, 1.5)]:
+        assert torch.equal(
+            predict(mirrored, scales=scales, flip=True), predict(image, scales=scales, flip=True).flip(-1)
+        )
+
+
 def test_semantic_folder_at_its_own_size_draws_nothing_and_returns_the_files(scenes):
     """The embedded task's square images at `size`: no rescale, no crop and no random draw (its
     documented runs stay as they were)."""
@@ -538,6 +563,7 @@ def test_quick_run_end_to_end_learns(task, tmp_path):
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert history[-1]["loss"] < history[0]["loss"]  # it learns
     assert results["flops"] > results["backbone_flops"] > 0 and results["params"] > results["backbone_params"]
+    metric_name = "box_AP50" if task == "detection" else "mIoU"
     if task == "detection":
         assert {"box_AP", "box_AP50", "mask_AP"} <= set(results) and results["box_AP50"] > 0
     else:
@@ -572,6 +598,12 @@ def test_quick_run_end_to_end_learns(task, tmp_path):
     assert f"| {default_name} | 0 |" in (out / "dense_comparison.md").read_text()
     assert script.main(["--draw", str(run)]) == 0
     assert Image.open(run / "predictions.png").size == (3 * 256, 6 * 256)
+    # --evaluate: the best weights rescored, single scale as during training; detection refuses --flip
+    best = max(r[metric_name] for r in history)
+    assert script.main(["--evaluate", str(run)]) == 0
+    assert json.loads((run / "evaluation.json").read_text())[metric_name] == pytest.approx(best)
+    flipped = ["--evaluate", str(run), "--scales", "0.75", "1", "--flip"]
+    assert script.main(flipped) == (0 if task == "segmentation" else 2)
     # --speed-rounds' timing with a batch larger than the 16 val images: what each split has
     speeds = dense_eval.interleaved_speeds({"nat": run}, rounds=1, batch=32)["nat"]
     assert speeds["train"] > 0 and speeds["infer"] > 0
