@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.bench import positive_int  # noqa: E402
 from engine.checkpoint import checkpoint_settings, extract_state_dict, load_checkpoint  # noqa: E402
 from engine.errors import EXIT_ERROR, first_line, user_errors  # noqa: E402
 from engine.factory import (  # noqa: E402
@@ -41,6 +42,8 @@ from engine.factory import (  # noqa: E402
 from models.layers import use_backend  # noqa: E402
 
 MAX_RELATIVE_ERROR = 1e-4
+# torch.onnx's exporter (dynamo=True) writes opset 18 or newer; asked for less, it writes 18 anyway
+MIN_OPSET = 18
 
 
 class UserError(ValueError):
@@ -64,13 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         nargs="+",
         metavar="N",
-        help="second size checked: N or H W (default: half + 8)",
+        help="second size checked: N or H W (default: half + 8, or + 8 where that is the export size)",
     )
     p.add_argument("--num-classes", type=int, help="classifier outputs (default: the checkpoint's)")
     p.add_argument("--model-kwargs", help="YAML dict of timm.create_model kwargs, e.g. '{kernel_size: 5}'")
-    p.add_argument("--bench-batch", type=int, default=4, help="batch size of the throughput measurement")
-    p.add_argument("--bench-iters", type=int, default=3, help="timed iterations per runtime")
-    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument(
+        "--bench-batch", type=positive_int, default=4, help="batch size of the throughput measurement"
+    )
+    p.add_argument("--bench-iters", type=positive_int, default=3, help="timed iterations per runtime")
+    p.add_argument("--opset", type=int, help=f"ONNX opset, >= {MIN_OPSET} (default: the exporter's)")
     return p
 
 
@@ -126,8 +131,21 @@ def name_dynamic_axes(path: Path) -> None:
     onnx.save(model, str(path))
 
 
+def trace_size(model: torch.nn.Module, img_size: tuple[int, int]) -> tuple[int, int]:
+    """The example input's size: `img_size`, raised where needed so that every feature map is at least
+    2 x 2. torch.export fixes a dimension that is 1 in the example (its 0/1 specialization): traced at
+    32 px, a NAT's last 1 x 1 map made a graph that failed at every other size."""
+    info = getattr(model, "feature_info", None)
+    stride = (
+        info[-1].get("reduction", 32)
+        if isinstance(info, list) and info and isinstance(info[-1], dict)
+        else 32
+    )
+    return max(img_size[0], 2 * stride), max(img_size[1], 2 * stride)
+
+
 def export_onnx(model: torch.nn.Module, path: Path, img_size: tuple[int, int], opset: int | None) -> None:
-    x = torch.randn(2, 3, *img_size)
+    x = torch.randn(2, 3, *trace_size(model, img_size))
     dynamic = torch.export.Dim.DYNAMIC
     with use_backend("naive"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation and opset chatter
@@ -172,7 +190,12 @@ def check_onnx(
         x = torch.randn(batch, 3, h, w)
         with torch.inference_mode():
             want = model(x)
-        got = torch.from_numpy(run_onnx(x))
+        try:
+            got = torch.from_numpy(run_onnx(x))
+        except Exception as e:  # noqa: BLE001 (onnxruntime's own exception types: a graph that can't run)
+            print(f"onnxruntime at {batch}x3x{h}x{w}: {first_line(e)[:300]} FAIL")
+            ok = False
+            continue
         error = ((got - want).abs().max() / want.abs().max().clamp(min=1e-12)).item()
         verdict = "ok" if error <= MAX_RELATIVE_ERROR else f"FAIL (> {MAX_RELATIVE_ERROR:g})"
         print(f"onnxruntime vs eager at {batch}x3x{h}x{w}: max relative error {error:.2e} {verdict}")
@@ -200,11 +223,16 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--out {args.out!r} must end in .onnx{hint}")
         if not out.parent.is_dir():
             raise UserError(f"--out {args.out!r}: folder {str(out.parent)!r} does not exist; create it first")
+        if out.is_dir():
+            raise UserError(f"--out {args.out!r} is a folder; give a file name ending in .onnx")
+        if args.opset is not None and args.opset < MIN_OPSET:
+            raise UserError(f"--opset {args.opset}: torch.onnx's exporter writes opset {MIN_OPSET} or newer")
         img_size = image_size(args.img_size, "--img-size")
         check_size = image_size(args.check_size, "--check-size")
         model, default_size = load_model(args)
         img_size = img_size or default_size
-        check_size = check_size or (img_size[0] // 2 + 8, img_size[1] // 2 + 8)
+        half = (img_size[0] // 2 + 8, img_size[1] // 2 + 8)
+        check_size = check_size or (half if half != img_size else (img_size[0] + 8, img_size[1] + 8))
     except (*user_errors(), UserError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return EXIT_ERROR

@@ -171,6 +171,9 @@ def test_module_attention_weights_on_a_padded_map():
 
 ROOT = Path(__file__).resolve().parents[1]
 # one stage: an NA block and a dilated one (kernel 3, dilation 4: window 12, padded below that)
+DEMO_NAT_KWARGS = dict(
+    embed_dim=32, depths=[2, 2, 2], num_heads=[2, 4, 8], mlp_ratio=3.0, kernel_size=[7, 3, 3]
+)
 TINY_DINAT = dict(
     embed_dim=16, depths=(2,), num_heads=(2,), kernel_size=3, dilations=((1, 4),), num_classes=5
 )
@@ -220,6 +223,24 @@ def test_onnx_export_runs_exact_na_at_any_size(tmp_path):
     assert {"Softmax", "MatMul"} <= ops and {node.domain for node in graph.node} <= {"", "ai.onnx"}
 
 
+def test_onnx_exported_at_a_size_with_a_1x1_last_map_runs_at_other_sizes(tmp_path):
+    """The demo NAT at 16 px has a 1 x 1 last map; torch.export fixes a dimension that is 1 in the
+    example, so a file traced there held its padded 3 x 3 map as constants and failed at 40 x 24
+    (onnxruntime: Reshape). The trace now runs at a size whose maps are all >= 2 x 2."""
+    pytest.importorskip("onnxruntime")
+    kwargs = dict(DEMO_NAT_KWARGS, num_classes=5)
+    result = _export(
+        "nat_mini", "--out", str(tmp_path / "demo.onnx"), "--img-size", "16", "--check-size", "40", "24",
+        "--bench-iters", "1", "--model-kwargs", json.dumps(kwargs),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert (
+        "at 2x3x16x16: max relative error" in result.stdout
+        and "at 1x3x40x24: max relative error" in result.stdout
+    )
+    assert result.stdout.count(" ok") == 2
+
+
 def test_a_saved_torch_export_program_loads_and_runs_in_a_fresh_process(tmp_path):
     """torch.export at a static shape records plain ATen ops (`auto` runs `naive` while exporting):
     the C++ kernel's custom op made the saved program unloadable in a process that had not built it."""
@@ -247,6 +268,16 @@ def test_export_rejects_bad_arguments_with_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: --out") and "export_weights.py" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    (tmp_path / "folder.onnx").mkdir()
+    for args, start in [
+        (["--out", str(tmp_path / "folder.onnx")], "error: --out"),  # was IsADirectoryError after exporting
+        (["--out", str(tmp_path / "m.onnx"), "--opset", "13"], "error: --opset 13"),  # was opset 18, silently
+    ]:
+        result = _export("nat_mini", *args)
+        assert result.returncode == 2 and result.stderr.startswith(start), result.stderr[-2000:]
+        assert len(result.stderr.strip().splitlines()) == 1
+    result = _export("nat_mini", "--out", str(tmp_path / "m.onnx"), "--bench-iters", "0")
+    assert result.returncode == 2 and "--bench-iters: must be >= 1" in result.stderr
 
 
 # ------------------------------------------------------------------------------------------------
