@@ -134,6 +134,9 @@ class ValSortPlan:
     val_dir: Path
     out_dir: Path
     todo: list = field(default_factory=list)  # (src, dst)
+    # (path, dst): sorted by an earlier run into another class folder than the labels now name (a wrong
+    # synset order, corrected): renamed to the right one, whatever the mode
+    resort: list = field(default_factory=list)
     done: int = 0  # already in their class folder (re-run)
     unlabelled: list = field(default_factory=list)  # flat images without a label: left in place
     missing: list = field(default_factory=list)  # labelled stems with no image anywhere
@@ -145,7 +148,8 @@ class ValSortPlan:
     def summary(self):
         return (
             f"{len(self.todo)} images to sort into {len(self.classes)} class folders under {self.out_dir}, "
-            f"{self.done} already sorted, {len(self.unlabelled)} unlabelled (left in place), "
+            + (f"{len(self.resort)} to move to the class folder their label names, " if self.resort else "")
+            + f"{self.done} already sorted, {len(self.unlabelled)} unlabelled (left in place), "
             f"{len(self.missing)} labelled but not found"
         )
 
@@ -166,6 +170,8 @@ def plan_val_sort(val_dir, labels, out_dir=None, allow_missing=False) -> ValSort
             f"validation folder {val_dir} does not exist; give the folder of ILSVRC2012_val_*.JPEG"
         )
     out_dir = Path(out_dir) if out_dir else val_dir
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"output folder {out_dir} is a file; give a folder (new or of class folders)")
     extensions = _image_extensions()
     flat = {}
     for entry in os.scandir(val_dir):
@@ -177,17 +183,30 @@ def plan_val_sort(val_dir, labels, out_dir=None, allow_missing=False) -> ValSort
                     "keep one so labels are unambiguous"
                 )
             flat[stem] = Path(entry.path)
-    sorted_already = set()
-    if out_dir.is_dir():
-        for wnid in set(labels.values()):
-            d = out_dir / wnid
-            if d.is_dir():
-                sorted_already.update(_stem(f) for f in os.listdir(d) if _stem(f) in labels)
+    sorted_already: dict[str, list[Path]] = {}  # stem -> where earlier runs put it
+    for wnid in sorted(set(labels.values())):
+        d = out_dir / wnid
+        if os.path.lexists(d) and not d.is_dir():
+            raise DataError(f"{d} is a file where class folder {wnid} goes; move it away first")
+        if d.is_dir():
+            for f in sorted(os.listdir(d)):
+                if _stem(f) in labels:
+                    sorted_already.setdefault(_stem(f), []).append(d / f)
     plan = ValSortPlan(val_dir=val_dir, out_dir=out_dir)
     for stem, wnid in sorted(labels.items()):
         src = flat.get(stem)
+        placed = sorted_already.get(stem, [])
+        wrong = [p for p in placed if p.parent.name != wnid]
+        if wrong and (src is not None or len(placed) > 1):
+            raise DataError(
+                f"{wrong[0]} is labelled {wnid} but sits in class folder {wrong[0].parent.name}, and "
+                f"{'the flat folder' if src is not None else out_dir / wnid} holds it too; delete {wrong[0]}"
+            )
+        if wrong:  # sorted before with other labels: to the folder these labels name
+            plan.resort.append((wrong[0], out_dir / wnid / wrong[0].name))
+            continue
         if src is None:
-            if stem in sorted_already:
+            if placed:
                 plan.done += 1
             else:
                 plan.missing.append(stem)
@@ -205,7 +224,7 @@ def plan_val_sort(val_dir, labels, out_dir=None, allow_missing=False) -> ValSort
             f"{len(plan.missing)} labelled images are not in {val_dir} (first: {plan.missing[0]}); "
             "check the folder and labels file, or pass --allow-missing to sort the rest"
         )
-    if not plan.todo and not plan.done:
+    if not plan.todo and not plan.done and not plan.resort:
         raise DataError(f"no image in {val_dir} matches a label in the labels file; check both paths")
     return plan
 
@@ -214,15 +233,21 @@ def check_sort_mode(plan: ValSortPlan, mode: str) -> None:
     """DataError for a mode the plan can't be carried out in (also checked by a dry run)."""
     if mode not in ("move", "symlink", "copy"):
         raise DataError(f"mode {mode!r} is not one of move, symlink, copy")
-    if mode == "symlink" and plan.out_dir.resolve() == plan.val_dir.resolve():
+    if mode in ("symlink", "copy") and plan.todo and plan.out_dir.resolve() == plan.val_dir.resolve():
         raise DataError(
-            "symlink mode would leave the flat originals next to the class folders; give --out NEW_FOLDER"
+            f"{mode} mode would leave the flat originals next to the class folders; give --out NEW_FOLDER "
+            "(or sort them in place with --mode move)"
         )
 
 
 def execute_val_sort(plan: ValSortPlan, mode="move", log=None):
     """Carry out a plan: 'move' (rename), 'symlink' (relative links, originals untouched) or 'copy'."""
     check_sort_mode(plan, mode)
+    for path, dst in plan.resort:  # within the output tree: a rename (a symlink keeps its relative target)
+        dst.parent.mkdir(exist_ok=True)
+        if os.path.lexists(dst):
+            raise DataError(f"{dst} appeared while sorting; nothing overwritten")
+        os.rename(path, dst)
     for n, (src, dst) in enumerate(plan.todo):
         dst.parent.mkdir(parents=True, exist_ok=True)
         if os.path.lexists(dst):  # appeared since planning: never overwrite

@@ -73,10 +73,14 @@ def main(argv=None):
         if args.dry_run:
             for src, dst in plan.todo[:5]:
                 print(f"would {args.mode} {src} -> {dst}")
+            for path, dst in plan.resort[:5]:
+                print(f"would move {path} -> {dst}")
             print("dry run: nothing changed")
             return 0
         n = execute_val_sort(plan, mode=args.mode, log=print)
-        print(f"done: {n} images {'moved' if args.mode == 'move' else args.mode + 'ed'} into {plan.out_dir}")
+        verb = {"move": "moved", "symlink": "symlinked", "copy": "copied"}[args.mode]
+        resorted = f", {len(plan.resort)} moved to their labels' class folders" if plan.resort else ""
+        print(f"done: {n} images {verb} into {plan.out_dir}{resorted}")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

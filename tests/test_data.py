@@ -594,6 +594,61 @@ def test_prepare_imagenet_val_errors_change_nothing(tmp_path, capsys):
     assert len(list(val.rglob("*.JPEG"))) == 6 and not list(val.glob("*.JPEG"))
 
 
+def test_prepare_imagenet_val_rerun_with_corrected_labels_moves_the_misfiled_images(tmp_path, capsys):
+    """Sorted first with a wrong synset order (the devkit's order is not the sorted wnids), then run
+    again with the right one: the images move to the folders the labels now name. A re-run used to
+    count them as sorted wherever they were, leaving them in the wrong classes."""
+    script = _load_script()
+    val = make_flat_val(tmp_path / "val")
+    d = write_label_files(tmp_path / "labels")
+    (d / "sorted_synsets.txt").write_text("".join(f"{w}\n" for w in sorted(WNIDS)))  # the mistake
+    assert (
+        script.main([str(val), "--labels", str(d / "truth.txt"), "--synsets", str(d / "sorted_synsets.txt")])
+        == 0
+    )
+    misfiled = [k for k, w in enumerate(TRUTH, 1) if not (val / w / f"ILSVRC2012_val_{k:08d}.JPEG").exists()]
+    assert misfiled  # the wrong order put images in other classes
+    before = tree_hash(val)
+    capsys.readouterr()
+    assert (
+        script.main(
+            [str(val), "--labels", str(d / "truth.txt"), "--synsets", str(d / "synsets.txt"), "--dry-run"]
+        )
+        == 0
+    )
+    assert f"{len(misfiled)} to move to the class folder their label names" in capsys.readouterr().out
+    assert tree_hash(val) == before
+    assert script.main([str(val), "--labels", str(d / "truth.txt"), "--synsets", str(d / "synsets.txt")]) == 0
+    for k, w in enumerate(TRUTH, 1):
+        assert (val / w / f"ILSVRC2012_val_{k:08d}.JPEG").is_file()
+    assert len(list(val.rglob("*.JPEG"))) == 7  # nothing lost, nothing doubled
+
+
+def test_prepare_imagenet_val_refuses_blocked_outputs_and_copies_beside_the_originals(tmp_path, capsys):
+    """What the real run would trip over, the dry run refuses too, before any file moves: --out naming
+    a file, a file where a class folder goes; copy mode into the flat folder (the originals would stay
+    beside the class folders, as symlink mode's would)."""
+    script = _load_script()
+    val = make_flat_val(tmp_path / "val")
+    labels = str(write_label_files(tmp_path / "labels") / "pairs.txt")
+    (tmp_path / "out.txt").write_text("not a folder")
+    (val / WNIDS[1]).write_text("a stray file named like a class")
+    before = tree_hash(val)
+    for args, match in [
+        (["--out", str(tmp_path / "out.txt")], "is a file; give a folder"),
+        ([], f"{WNIDS[1]} is a file where class folder"),
+        (["--mode", "copy", "--out", str(val)], "copy mode would leave the flat originals"),
+    ]:
+        for dry in ([], ["--dry-run"]):
+            assert script.main([str(val), "--labels", labels, *args, *dry]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.startswith("error:") and match in err and "\n" not in err, err
+            assert tree_hash(val) == before
+        if not args:
+            (val / WNIDS[1]).unlink()
+            before = tree_hash(val)
+
+
 def test_help_documents_the_label_formats():
     help_text = _load_script().build_parser().format_help()
     for word in (
