@@ -42,20 +42,22 @@ def checkpoint_settings(ckpt) -> dict:
 
 
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
-    """Read a checkpoint file (or a run folder's last / best one): the one place that opens one.
+    """Read a checkpoint file, or a run folder's weights: its model_best.pth.tar (what eval.py scores
+    and export_weights.py writes; its last.pth.tar where there is none), so a run folder means the same
+    weights to every tool; resuming names last.pth.tar itself. The one place that opens a checkpoint.
 
     torch.load(weights_only=True), or safetensors' loader for a `.safetensors` file (a flat state
     dict); a one-line error for every way a file can be wrong. `mmap`: tensors stay in the file until
     read (for a look at a checkpoint's settings; torch.save's zip files only)."""
     path = Path(path)
     if path.is_dir():
-        for name in ("last.pth.tar", "model_best.pth.tar"):
+        for name in ("model_best.pth.tar", "last.pth.tar"):
             if (path / name).is_file():
                 path = path / name
                 break
         else:
             raise CheckpointError(
-                f"no last.pth.tar or model_best.pth.tar in folder '{path}'; give a checkpoint file"
+                f"no model_best.pth.tar or last.pth.tar in folder '{path}'; give a checkpoint file"
             )
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' not found; check the path")

@@ -221,6 +221,23 @@ def test_a_timm_train_checkpoint_loads_with_its_argparse_namespace(tmp_path):
         create_model_for_checkpoint("nat_mini", mine, sd, "file", model_kwargs="{kernel_size: 5")
 
 
+def test_a_run_folder_means_its_best_weights_to_every_loader(tmp_path):
+    """eval.py and export_weights.py read a run folder's model_best.pth.tar; torch.hub, export.py,
+    visualize_attention.py and fine-tuning read folders through load_checkpoint, which took
+    last.pth.tar first: a hub model was not the one eval.py had scored. Now best, last only alone."""
+    from engine.factory import hub_model
+
+    best, last = (randomized(tiny(TINY_NAT), seed).state_dict() for seed in (1, 2))
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY_NAT.items()}
+    for name, sd in (("model_best.pth.tar", best), ("last.pth.tar", last)):
+        ckpt = {"arch": "nat_mini", "model_kwargs": kwargs, "num_classes": 7, "state_dict": sd}
+        torch.save(ckpt, tmp_path / name)
+    model = hub_model("nat_mini", pretrained=str(tmp_path))  # torch.hub.load's entry points
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in best.items())
+    (tmp_path / "model_best.pth.tar").unlink()
+    assert torch.equal(load_checkpoint(tmp_path)["state_dict"]["head.fc.weight"], last["head.fc.weight"])
+
+
 def test_corrupt_or_foreign_safetensors_is_one_clear_error(tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 3)
