@@ -26,6 +26,28 @@ from engine.bench import positive_int
 from engine.evaluate import run
 
 
+def crop_fraction(text: str) -> float:
+    """--crop-pct: a fraction > 0 (0 fell back to timm's default crop without a word)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 (a fraction of the image, e.g. 0.875), got {value}")
+    return value
+
+
+def workers_count(text: str) -> int:
+    """-j: DataLoader workers, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Evaluate a checkpoint (ours, timm's, or an official NAT/DiNAT file).",
@@ -37,22 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model-kwargs", default=None, help="YAML dict of timm.create_model kwargs (over the checkpoint's)"
     )
-    p.add_argument("--num-classes", type=int, help="model outputs (default: from the checkpoint)")
+    p.add_argument("--num-classes", type=positive_int, help="model outputs (default: from the checkpoint)")
     p.add_argument("-c", "--config", action="append", default=[], help="take the data section from configs")
     p.add_argument("--data-dir", help="dataset root (default: the checkpoint's)")
     p.add_argument("--dataset", help="folder | synthetic | timm reader name")
     p.add_argument("--split", default=None, help="split folder to evaluate (default: data.val_split)")
     p.add_argument("--class-list", help="file of class names making the subset")
-    p.add_argument("--max-per-class", type=int, help="cap images per class")
+    p.add_argument("--max-per-class", type=positive_int, help="cap images per class")
     p.add_argument("--img-size", type=positive_int, help="eval resolution (default: the training one)")
-    p.add_argument("--crop-pct", type=float, help="center-crop fraction (default: the training one)")
+    p.add_argument("--crop-pct", type=crop_fraction, help="center-crop fraction (default: the training one)")
     p.add_argument(
         "--interpolation",
         choices=[c for c in CHOICES["data.interpolation"] if c],
         help="resize interpolation (default: the training one)",
     )
-    p.add_argument("-b", "--batch-size", type=int, default=64)
-    p.add_argument("-j", "--workers", type=int, default=None)
+    p.add_argument("-b", "--batch-size", type=positive_int, default=64)
+    p.add_argument(
+        "-j", "--workers", type=workers_count, default=None, help="DataLoader workers (0: in process)"
+    )
     p.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights")
     p.add_argument("--device", default="auto")
     p.add_argument(

@@ -113,8 +113,12 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, settings
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        metadata = {"format": "pt", **{k: json.dumps(v) for k, v in settings.items()}}
+        metadata = {"format": "pt", **{k: json.dumps(v, sort_keys=True) for k, v in settings.items()}}
         save_file(tensors, tmp, metadata=metadata)
+        # safetensors writes 0600; a weights file is for sharing: the umask's mode, as torch.save's
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
     else:
         torch.save({"state_dict": tensors, **settings} if settings else tensors, tmp)
     os.replace(tmp, path)

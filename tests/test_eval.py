@@ -146,6 +146,16 @@ def test_eval_ema_and_resolution_options(trained):
     assert r["input_size"] == [3, 40, 40] and r["crop_pct"] == 0.5
 
 
+@pytest.mark.parametrize(
+    "flag", [["-b", "0"], ["--crop-pct", "0"], ["-j", "-1"], ["--max-per-class", "0"], ["--num-classes", "0"]]
+)
+def test_out_of_range_arguments_are_refused_before_anything_runs(flag, capsys):
+    """-b 0 was a ValueError traceback from the loader; --crop-pct 0 scored with timm's default crop."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_entry_point("eval.py").build_parser().parse_args(["run", *flag])
+    assert exit_info.value.code == 2 and f"argument {flag[0]}" in capsys.readouterr().err
+
+
 def test_mismatched_checkpoint_is_one_error_line(trained):
     _, run = trained
     # the file names its model: another one is refused, even DiNAT, whose weights have NAT's shapes

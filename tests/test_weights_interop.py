@@ -186,6 +186,8 @@ def test_save_weights_writes_plain_safetensors_and_pth(tmp_path):
         got = load_checkpoint(tmp_path / name)
         assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd), name
         assert not list(tmp_path.glob("*.tmp"))
+    # both formats readable as the umask allows (safetensors itself writes 0600)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == (tmp_path / "w.pth").stat().st_mode & 0o777
     # readable by safetensors itself, with the metadata timm / HF write
     assert torch.equal(safetensors.torch.load_file(tmp_path / "w.safetensors")["strided"], base.t())
     from safetensors import safe_open
