@@ -68,9 +68,15 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # pickle/zip errors have many types
+        # torch's own text for objects a weights-only load refuses advises weights_only=False: not ours
+        reason = (
+            "it holds Python objects beyond tensors and plain containers"
+            if "Weights only load failed" in str(e)
+            else f"torch.load: {type(e).__name__}: {first_line(e)[:200]}"
+        )
         raise CheckpointError(
-            f"cannot read checkpoint '{path}' ({first_line(e)[:200]}); it must be a PyTorch .pth/.pth.tar "
-            "file loadable with torch.load(weights_only=True)"
+            f"cannot read checkpoint '{path}' ({reason}); give a PyTorch .pth/.pth.tar file of weights "
+            "(torch.load(weights_only=True) reads it) or a .safetensors file"
         ) from None
 
 

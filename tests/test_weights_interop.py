@@ -240,6 +240,22 @@ def test_a_run_folder_means_its_best_weights_to_every_loader(tmp_path):
     assert torch.equal(load_checkpoint(tmp_path)["state_dict"]["head.fc.weight"], last["head.fc.weight"])
 
 
+def test_a_pickle_of_other_objects_is_refused_without_torchs_weights_only_false_advice(tmp_path):
+    """torch's own message for a file a weights-only load refuses suggests weights_only=False (code
+    execution from the file); ours says what the file holds and what to give instead."""
+    import pickle
+
+    (tmp_path / "objects.pth").write_bytes(pickle.dumps(slice(1, 2)))
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(tmp_path / "objects.pth")
+    message = str(error.value)
+    assert (
+        "holds Python objects" in message
+        and ".safetensors" in message
+        and "weights_only=False" not in message
+    )
+
+
 def test_corrupt_or_foreign_safetensors_is_one_clear_error(tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 3)
