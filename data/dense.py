@@ -460,7 +460,7 @@ class SemanticFolder(torch.utils.data.Dataset):
             new_size = _keep_ratio_size(*image.size, short)
             if new_size != image.size:
                 image = image.resize(new_size, Image.BILINEAR)
-                if self.scale_range is not None:  # validation keeps the mask at its own resolution
+                if self.scale_range is not None:  # training; validation keeps the mask's own resolution
                     mask = mask.resize(new_size, Image.NEAREST)
         target = torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())
         if self.reduce_zero_label:

@@ -115,10 +115,9 @@ def segment(model, images, sizes, scales=(1.0,), flip: bool = False) -> list[tor
             )
             logits = model(x.flip(-1)).flip(-1) if mirrored else model(x)
             for j, (i, lg) in enumerate(zip(idx, logits, strict=True)):
-                if tuple(lg.shape[-2:]) != tuple(sizes[i]):
-                    lg = F.interpolate(lg[None], size=tuple(sizes[i]), mode="bilinear", align_corners=False)[
-                        0
-                    ]
+                size = tuple(sizes[i])
+                if tuple(lg.shape[-2:]) != size:
+                    lg = F.interpolate(lg[None], size=size, mode="bilinear", align_corners=False)[0]
                 total[j] = total[j] + (lg.softmax(0) if len(views) > 1 else lg)
         for i, summed in zip(idx, total, strict=True):
             out[i] = summed.argmax(0)
