@@ -197,10 +197,15 @@ def plan_val_sort(val_dir, labels, out_dir=None, allow_missing=False) -> ValSort
         src = flat.get(stem)
         placed = sorted_already.get(stem, [])
         wrong = [p for p in placed if p.parent.name != wnid]
-        if wrong and (src is not None or len(placed) > 1):
+        # a second copy: another class folder's, or (sorting in place) the flat original; with --out
+        # the flat originals stay by design (copy / symlink modes)
+        twin = [p for p in placed if p != wrong[0]] if wrong else []
+        if wrong and not twin and src is not None and out_dir.resolve() == val_dir.resolve():
+            twin = [src]
+        if wrong and twin:
             raise DataError(
                 f"{wrong[0]} is labelled {wnid} but sits in class folder {wrong[0].parent.name}, and "
-                f"{'the flat folder' if src is not None else out_dir / wnid} holds it too; delete {wrong[0]}"
+                f"{twin[0]} is the same image; delete {wrong[0]}"
             )
         if wrong:  # sorted before with other labels: to the folder these labels name
             plan.resort.append((wrong[0], out_dir / wnid / wrong[0].name))

@@ -622,6 +622,24 @@ def test_prepare_imagenet_val_rerun_with_corrected_labels_moves_the_misfiled_ima
     for k, w in enumerate(TRUTH, 1):
         assert (val / w / f"ILSVRC2012_val_{k:08d}.JPEG").is_file()
     assert len(list(val.rglob("*.JPEG"))) == 7  # nothing lost, nothing doubled
+    # the same with links into another folder (the flat originals stay, as symlink mode keeps them)
+    flat, out = make_flat_val(tmp_path / "flat"), tmp_path / "linked"
+    for synsets in ("sorted_synsets.txt", "synsets.txt"):
+        args = [
+            "--labels",
+            str(d / "truth.txt"),
+            "--synsets",
+            str(d / synsets),
+            "--out",
+            str(out),
+            "--mode",
+            "symlink",
+        ]
+        assert script.main([str(flat), *args]) == 0
+    for k, w in enumerate(TRUTH, 1):
+        link = out / w / f"ILSVRC2012_val_{k:08d}.JPEG"
+        assert link.is_symlink() and link.resolve() == (flat / link.name).resolve()
+    assert len(list(out.rglob("*.JPEG"))) == 7 and len(list(flat.glob("*.JPEG"))) == 7
 
 
 def test_prepare_imagenet_val_refuses_blocked_outputs_and_copies_beside_the_originals(tmp_path, capsys):
