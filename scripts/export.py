@@ -5,15 +5,16 @@
     python scripts/export.py nat_mini --checkpoint runs/<run>/model_best.pth.tar --out nat_mini.onnx
     python scripts/export.py nat_mini --out nat_mini.onnx --img-size 224 320      # H W: non-square
 
-The ONNX file has a dynamic batch, height and width (axes named `batch`, `height`, `width`; the
-output's `batch`). Neighborhood attention is lowered to standard ONNX ops
-(the `naive` backend: window key indices from arithmetic on the map's shape, Gather, MatMul,
-Softmax), so it is exact NA (clamped windows, dilation, RPB) at any size, with no custom op. The
-script then runs the file with onnxruntime on CPU at the export size and at a second size, fails
-(exit 1) if either differs from eager by more than 1e-4 (relative to the largest logit), and prints
-both throughputs. Checkpoints: this repo's (its model kwargs and classes come with it), timm's,
-official NAT/DiNAT or Hugging Face ones, .pth or .safetensors (engine.checkpoint's loader). Bare
-weights files (.safetensors / .pth) come from scripts/export_weights.py.
+The ONNX file has a dynamic batch, height and width (axes named `batch`, `height`, `width`; the output's
+`batch`); it is traced at the export size, raised where a feature map would be 1 x 1 there (torch.export
+fixes such a dimension, and the file would then fail at every other size). Neighborhood attention is
+lowered to standard ONNX ops (the `naive` backend: window key indices from arithmetic on the map's
+shape, Gather, MatMul, Softmax), so it is exact NA (clamped windows, dilation, RPB) at any size, with no
+custom op. The script then runs the file with onnxruntime on CPU at the export size and at a second
+size, fails (exit 1) if either differs from eager by more than 1e-4 (relative to the largest logit), and
+prints both throughputs. Checkpoints: this repo's (its model kwargs and classes come with it), timm's,
+official NAT/DiNAT or Hugging Face ones, .pth or .safetensors (engine.checkpoint's loader). Bare weights
+files (.safetensors / .pth) come from scripts/export_weights.py.
 """
 
 from __future__ import annotations
