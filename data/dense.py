@@ -162,8 +162,15 @@ def generate_dense_dataset(
     if old is not None and {k: old.get(k) for k in params} == params:
         return root
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        what = f"a dense dataset made with other parameters ({old})" if old else "other files"
-        raise DataError(f"dense dataset root {root} already holds {what}; choose another root or delete it")
+        if old:
+            raise DataError(
+                f"dense dataset root {root} already holds a dense dataset made with other parameters "
+                f"({old}); choose another root or delete it"
+            )
+        raise DataError(
+            f"dense dataset root {root} already holds other files; a data set of yours: set "
+            "data.layout=folders (the embedded task is generated only into an empty or new root)"
+        )
     classes = SHAPE_NAMES[:num_classes]
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = root.parent / f".{root.name}.partial-{os.getpid()}"
@@ -221,11 +228,15 @@ def embedded_paths(root, split) -> dict:
     }
 
 
+# What PIL raises for a damaged file (data/folder.py's list; a ValueError here comes from PIL)
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def _load_rgb(path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
-    except OSError as e:
+    except _DECODE_ERRORS as e:
         raise DataError(f"cannot read image {path} ({e}); replace or remove it") from None
 
 
@@ -283,7 +294,11 @@ class CocoInstances(torch.utils.data.Dataset):
             kept.append(ann)
             if not ann["iscrowd"]:
                 self.by_image[ann["image_id"]].append(ann)
-        if annotations and not kept:
+        if not annotations:  # COCOeval scores an empty ground truth as -1 ("no data"): AP -100
+            raise DataError(
+                f"{ann_file} has no annotations: nothing to train on or score; give an instances_*.json"
+            )
+        if not kept:
             raise DataError(f"every annotation of {ann_file} was skipped: {self.skipped_line()}")
         if len({a["id"] for a in kept}) != len(kept):
             raise DataError(f"{ann_file} gives two annotations the same 'id'; ids must be unique")
@@ -423,15 +438,21 @@ class SemanticFolder(torch.utils.data.Dataset):
             if not mask_path.is_file():
                 self.skipped["image without mask"] += 1
                 continue
-            with Image.open(path) as im, Image.open(mask_path) as m:
-                if m.mode not in ("L", "P", "I", "I;16"):
-                    raise DataError(
-                        f"mask {mask_path} is a {m.mode} image; masks hold one class index per pixel "
-                        "(mode L or P PNGs, as ADE20K's): convert colour-coded masks to indices first"
-                    )
-                if im.size != m.size:
-                    self.skipped["mask size mismatch"] += 1
-                    continue
+            try:
+                with Image.open(path) as im, Image.open(mask_path) as m:
+                    image_size, mask_size, mask_mode = im.size, m.size, m.mode
+            except _DECODE_ERRORS as e:
+                raise DataError(
+                    f"cannot read {path.name} or its mask in {image_dir} ({e}); replace or remove the pair"
+                ) from None
+            if mask_mode not in ("L", "P", "I", "I;16"):
+                raise DataError(
+                    f"mask {mask_path} is a {mask_mode} image; masks hold one class index per pixel "
+                    "(mode L or P PNGs, as ADE20K's): convert colour-coded masks to indices first"
+                )
+            if image_size != mask_size:
+                self.skipped["mask size mismatch"] += 1
+                continue
             self.pairs.append((path, mask_path))
         if not self.pairs:
             raise DataError(
@@ -450,8 +471,13 @@ class SemanticFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         path, mask_path = self.pairs[index]
-        with Image.open(path) as im, Image.open(mask_path) as m:
-            image, mask = im.convert("RGB"), m.copy()
+        try:
+            with Image.open(path) as im, Image.open(mask_path) as m:
+                image, mask = im.convert("RGB"), m.copy()
+        except _DECODE_ERRORS as e:  # a damaged body: the header read fine when the folder was scanned
+            raise DataError(
+                f"cannot read {path} or its mask {mask_path} ({e}); replace or remove the pair"
+            ) from None
         if self.size is not None:
             short = self.size
             if self.scale_range is not None:

@@ -56,7 +56,7 @@ DEFAULTS: dict = {
         # detection: shorter side; segmentation: the training crop's side and the validation images'
         # shorter side (aspect ratio kept; data.dense.SemanticFolder)
         "img_size": 64,
-        "max_size": None,  # detection: longer side cap (None: img_size)
+        "max_size": None,  # detection: longer side cap (None: img_size x 1333 / 800, torchvision's ratio)
         # segmentation training: the shorter side rescaled to img_size x r, r uniform in this range,
         # before the crop (mmseg's ADE20K recipe: [0.5, 2.0]; the embedded task's images are img_size)
         "scale_range": [1.0, 1.0],
@@ -193,6 +193,7 @@ def load_dense_config(paths=(), overrides=()) -> dict:
 def build_data(cfg: dict, task: str):
     """(train dataset, val dataset, class names); the embedded task is generated first if needed."""
     from data.dense import CocoInstances, SemanticFolder, generate_dense_dataset
+    from data.errors import DataError
 
     d = cfg["data"]
     root = Path(d["root"])
@@ -229,6 +230,15 @@ def build_data(cfg: dict, task: str):
             _logger.info(ds.skipped_line())
         sets.append(ds)
     if task == "detection":
+        train_categories, val_categories = (s.label_to_category for s in sets)
+        if train_categories != val_categories:
+            only_train = sorted(set(train_categories.values()) - set(val_categories.values()))
+            only_val = sorted(set(val_categories.values()) - set(train_categories.values()))
+            raise DataError(
+                f"{d['train_instances']} and {d['val_instances']} list different categories (ids only in "
+                f"train: {only_train}, only in val: {only_val}); give both files COCO's one category list "
+                "(labels are numbered from it)"
+            )
         names = sets[1].class_names
     else:
         from data.dense import SHAPE_NAMES
@@ -361,7 +371,9 @@ def build_model(cfg: dict, task: str, num_classes: int):
         body, det["fpn_channels"], "pool" if mcnn else "p6p7", cfg["backbone"]["pad_multiple"]
     )
     d = cfg["data"]
-    size = (d["img_size"], d["max_size"] or d["img_size"])
+    # torchvision's min / max size: the shorter side to img_size unless the longer would pass max_size
+    # (default: torchvision's 1333 / 800 of it; it was img_size, so a 300 x 50 image ran at 64 x 10)
+    size = (d["img_size"], d["max_size"] or round(d["img_size"] * 1333 / 800))
     build = dense.mask_rcnn if mcnn else dense.fcos
     return build(fpn, num_classes + 1, heads, size, d["mean"], d["std"]), name
 

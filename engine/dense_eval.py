@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import yaml
 
 from configs import ConfigError
+from data.dense import IGNORE_INDEX
 from engine.dense_config import TASKS, Normalise, build_data, build_model, collate, training_loss
 from engine.errors import CheckpointError
 
@@ -180,7 +181,8 @@ def _load_run(run_dir: Path):
 
 def evaluate_run(run_dir, scales=(1.0,), flip: bool = False) -> dict:
     """A finished run's best weights scored on its val split (segmentation: at `scales`, `flip`, as
-    mmseg's multi-scale test), written to RUN/evaluation.json with those settings."""
+    mmseg's multi-scale test), written with those settings to RUN/evaluation.json (single scale) or
+    RUN/evaluation-<scales>[-flip].json, so one evaluation does not overwrite another's."""
     run_dir = Path(run_dir)
     model, cfg, task, val_set, names = _load_run(run_dir)
     if task == "detection" and (tuple(scales) != (1.0,) or flip):
@@ -190,7 +192,10 @@ def evaluate_run(run_dir, scales=(1.0,), flip: bool = False) -> dict:
     loader = torch.utils.data.DataLoader(val_set, cfg["train"]["batch_size"], collate_fn=collate)
     metrics = evaluate(model, loader, task, val_set, len(names), tuple(scales), flip)
     result = {"scales": list(scales), "flip": flip, **metrics}
-    (run_dir / "evaluation.json").write_text(json.dumps(result, indent=1) + "\n")
+    name = "-".join(["evaluation", *([f"{s:g}" for s in scales] if tuple(scales) != (1.0,) else [])])
+    name += "-flip" if flip else ""
+    result["file"] = str(run_dir / f"{name}.json")
+    (run_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
@@ -234,7 +239,9 @@ def draw_predictions(run_dir, out=None, count: int = 6, min_score: float = 0.5) 
                 panels.append(np.asarray(big))
         else:
             pred = model(image[None]).argmax(1)[0].numpy()
-            panels += [palette[target.clamp(max=len(palette) - 1).numpy()], palette[pred % len(palette)]]
+            truth = palette[(target % len(palette)).numpy()]
+            truth[(target == IGNORE_INDEX).numpy()] = 128  # ignored pixels grey, not a class's colour
+            panels += [truth, palette[pred % len(palette)]]
         size = (width * scale, height * scale)
         row = [np.asarray(Image.fromarray(p).resize(size, Image.NEAREST)) for p in panels]
         rows.append(np.concatenate(row, axis=1))

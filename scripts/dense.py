@@ -63,10 +63,25 @@ def main(argv=None) -> int:
         "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config overrides"
     )
     args = p.parse_args(argv)
-    if not (args.task or args.resume or args.draw or args.report or args.evaluate):
+    modes = [f"--{m}" for m in ("resume", "draw", "report", "evaluate") if getattr(args, m)]
+    if not (args.task or modes):
         p.error("--task detection|segmentation is required (or --resume / --draw / --report / --evaluate)")
-    if any(s <= 0 for s in args.scales):
-        p.error(f"--scales must be positive, got {args.scales}")
+    if len(modes) > 1:
+        p.error(f"{' and '.join(modes)}: give one of them at a time")
+    settings = {"--task": args.task, "--config": args.config, "--backbone": args.backbone}
+    settings |= {"--pretrained": args.pretrained, "--set": args.set, "--quick": args.quick}
+    new_run = [flag for flag, value in settings.items() if value]
+    if modes and new_run:
+        p.error(
+            f"{modes[0]} takes a run as it was configured; {', '.join(new_run)} would not apply "
+            "(start a new run for other settings)"
+        )
+    if (args.scales != [1.0] or args.flip) and "--evaluate" not in modes:
+        p.error("--scales and --flip go with --evaluate RUN")
+    if any(not 0.25 <= s <= 4 for s in args.scales):
+        p.error(f"--scales must be between 0.25 and 4, got {args.scales}")
+    if args.speed_rounds and "--report" not in modes:
+        p.error("--speed-rounds goes with --report DIR")
     return dense.run(args)
 
 

@@ -274,6 +274,64 @@ def test_ade20k_recipe_loads_builds_nat_tiny_upernet_and_names_the_missing_data(
     assert 55e6 < params < 70e6, params  # NAT-T 28M + UPerNet-512 (the paper: 58M with its FCN head)
 
 
+def test_real_folders_broken_in_ways_a_run_met_are_one_error(tmp_path):
+    """From a user's folders: train and val COCO files with other category lists (labels are numbered
+    from each file's own list: a model trained on one was scored against the other, silently), a val
+    file without annotations (pycocotools' 'no data' made AP -100), a damaged image in a semantic
+    folder (an OSError traceback), and a real folder under the embedded layout (told to delete it)."""
+    poly = [[5, 5, 15, 5, 15, 12, 5, 12]]
+    ann = {"category_id": 3, "bbox": [5, 5, 10, 7], "segmentation": poly, "iscrowd": 0}
+    root = tmp_path / "coco"
+    for split, categories in (("train", [3, 7, 12]), ("val", [3, 12, 15])):
+        (tmp_path / split).mkdir()
+        folder, ann_file = _coco_folder(tmp_path / split, [ann])
+        raw = json.loads(ann_file.read_text())
+        raw["categories"] = [{"id": c, "name": f"c{c}"} for c in categories]
+        (root / "annotations").mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(raw))
+        shutil.copytree(folder, root / "images" / ("training" if split == "train" else "validation"))
+    overrides = ["data.layout=folders", f"data.root={root}"]
+    cfg = dense_config.load_dense_config([], overrides)
+    with pytest.raises(
+        DataError, match=r"list different categories \(ids only in train: \[7\], only in val: \[15\]\)"
+    ):
+        dense_config.build_data(cfg, "detection")
+    raw["annotations"] = []
+    (root / "annotations" / "instances_val.json").write_text(json.dumps(raw))
+    with pytest.raises(DataError, match="instances_val.json has no annotations"):
+        dense_config.build_data(cfg, "detection")
+    # a semantic folder with a damaged image: its header when scanned, its body when read
+    img, masks = quadrant_folder(tmp_path / "seg", [(40, 30), (30, 40)])
+    (img / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 12)
+    with pytest.raises(DataError, match="cannot read 0.png or its mask"):
+        SemanticFolder(img, masks, 4)
+    Image.new("RGB", (40, 30)).save(img / "0.png")
+    ds = SemanticFolder(img, masks, 4)
+    (img / "1.png").write_bytes((img / "1.png").read_bytes()[:60])  # the header kept, the pixels cut
+    with pytest.raises(DataError, match="cannot read .*1.png or its mask"):
+        ds[1]
+    with pytest.raises(DataError, match="set data.layout=folders"):  # the embedded layout on a real folder
+        dense_config.build_data(dense_config.load_dense_config([], [f"data.root={root}"]), "detection")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--resume", "R", "--set", "sched.epochs=5"], "--resume takes a run as it was configured; --set"),
+        (["--evaluate", "R", "--draw", "R"], "--draw and --evaluate: give one of them"),
+        (["--draw", "R", "--flip"], "--scales and --flip go with --evaluate"),
+        (["--evaluate", "R", "--scales", "0.01"], "--scales must be between 0.25 and 4"),
+        (["--task", "segmentation", "--speed-rounds", "2"], "--speed-rounds goes with --report"),
+    ],
+)
+def test_flags_that_would_be_ignored_are_refused(args, message, capsys):
+    """--resume ignored --set (sched.epochs=5 trained the run's 3 epochs and said done); --scales with
+    a training run, --evaluate with --draw: one of them silently did nothing."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_entry_point("scripts/dense.py").main(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_crowd_regions_are_ignored_when_scored_and_missing_coco_fields_are_filled(tmp_path):
     (tmp_path / "img").mkdir()
     Image.new("RGB", (64, 64)).save(tmp_path / "img" / "a.png")
@@ -563,7 +621,7 @@ def test_quick_run_end_to_end_learns(task, tmp_path):
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert history[-1]["loss"] < history[0]["loss"]  # it learns
     assert results["flops"] > results["backbone_flops"] > 0 and results["params"] > results["backbone_params"]
-    metric_name = "box_AP50" if task == "detection" else "mIoU"
+    best_by = "box_AP" if task == "detection" else "mIoU"  # the saver's choice of best epoch
     if task == "detection":
         assert {"box_AP", "box_AP50", "mask_AP"} <= set(results) and results["box_AP50"] > 0
     else:
@@ -599,11 +657,13 @@ def test_quick_run_end_to_end_learns(task, tmp_path):
     assert script.main(["--draw", str(run)]) == 0
     assert Image.open(run / "predictions.png").size == (3 * 256, 6 * 256)
     # --evaluate: the best weights rescored, single scale as during training; detection refuses --flip
-    best = max(r[metric_name] for r in history)
+    best = max(r[best_by] for r in history)
     assert script.main(["--evaluate", str(run)]) == 0
-    assert json.loads((run / "evaluation.json").read_text())[metric_name] == pytest.approx(best)
+    assert json.loads((run / "evaluation.json").read_text())[best_by] == pytest.approx(best)
     flipped = ["--evaluate", str(run), "--scales", "0.75", "1", "--flip"]
     assert script.main(flipped) == (0 if task == "segmentation" else 2)
+    if task == "segmentation":  # its own file: the single-scale one is kept
+        assert (run / "evaluation-0.75-1-flip.json").is_file() and (run / "evaluation.json").is_file()
     # --speed-rounds' timing with a batch larger than the 16 val images: what each split has
     speeds = dense_eval.interleaved_speeds({"nat": run}, rounds=1, batch=32)["nat"]
     assert speeds["train"] > 0 and speeds["infer"] > 0
