@@ -22,7 +22,7 @@ import argparse
 import sys
 
 from configs import CHOICES
-from engine.bench import positive_int
+from engine.bench import int_at_least, positive_int
 from engine.evaluate import run
 
 
@@ -34,17 +34,6 @@ def crop_fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0 (a fraction of the image, e.g. 0.875), got {value}")
-    return value
-
-
-def workers_count(text: str) -> int:
-    """-j: DataLoader workers, 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -75,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-b", "--batch-size", type=positive_int, default=64)
     p.add_argument(
-        "-j", "--workers", type=workers_count, default=None, help="DataLoader workers (0: in process)"
+        "-j", "--workers", type=int_at_least(0), default=None, help="DataLoader workers (0: in process)"
     )
     p.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights")
     p.add_argument("--device", default="auto")

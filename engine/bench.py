@@ -107,17 +107,24 @@ def interleaved_rounds(
     return times
 
 
-def positive_int(text: str) -> int:
-    """argparse type of the measurement scripts' counts and sizes (rounds, repeats, threads, sides)."""
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `minimum` (counts, sizes; eval.py's workers from 0)."""
     import argparse
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+# argparse type of the measurement scripts' counts and sizes (rounds, repeats, threads, sides)
+positive_int = int_at_least(1)
 
 
 def writable_folder(path) -> str | None:
