@@ -190,8 +190,10 @@ def load_dense_config(paths=(), overrides=()) -> dict:
 # ---------------------------------------------------------------- data
 
 
-def build_data(cfg: dict, task: str):
-    """(train dataset, val dataset, class names); the embedded task is generated first if needed."""
+def build_data(cfg: dict, task: str, train_split: bool = True):
+    """(train dataset, val dataset, class names); the embedded task is generated first if needed.
+    `train_split=False` (scoring and drawing a finished run): the train set is None and not read, so
+    a machine holding only the val split can evaluate."""
     from data.dense import CocoInstances, SemanticFolder, generate_dense_dataset
     from data.errors import DataError
 
@@ -202,8 +204,8 @@ def build_data(cfg: dict, task: str):
         e = d["embedded"]
         generate_dense_dataset(root, **e)
         num_classes = num_classes or e["num_classes"] + 1
-    sets = []
-    for split in ("train", "val"):
+    built = {}
+    for split in ("train", "val") if train_split else ("val",):
         train = split == "train"
         if task == "detection":
             ds = CocoInstances(
@@ -228,18 +230,18 @@ def build_data(cfg: dict, task: str):
             )
         if ds.skipped_line():
             _logger.info(ds.skipped_line())
-        sets.append(ds)
+        built[split] = ds
+    train_set, val_set = built.get("train"), built["val"]
     if task == "detection":
-        train_categories, val_categories = (s.label_to_category for s in sets)
-        if train_categories != val_categories:
-            only_train = sorted(set(train_categories.values()) - set(val_categories.values()))
-            only_val = sorted(set(val_categories.values()) - set(train_categories.values()))
+        if train_set is not None and train_set.label_to_category != val_set.label_to_category:
+            train_ids, val_ids = (set(s.label_to_category.values()) for s in (train_set, val_set))
+            only_train, only_val = sorted(train_ids - val_ids), sorted(val_ids - train_ids)
             raise DataError(
                 f"{d['train_instances']} and {d['val_instances']} list different categories (ids only in "
                 f"train: {only_train}, only in val: {only_val}); give both files COCO's one category list "
                 "(labels are numbered from it)"
             )
-        names = sets[1].class_names
+        names = val_set.class_names
     else:
         from data.dense import SHAPE_NAMES
 
@@ -249,7 +251,7 @@ def build_data(cfg: dict, task: str):
             if embedded
             else [str(i) for i in range(num_classes)]
         )
-    return sets[0], sets[1], names
+    return train_set, val_set, names
 
 
 def collate(batch):

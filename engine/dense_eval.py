@@ -171,7 +171,7 @@ def _load_run(run_dir: Path):
     if not isinstance(ckpt, dict) or ckpt.get("task") not in TASKS:
         raise CheckpointError(f"'{run_dir}' is not a dense run folder; give a run folder of scripts/dense.py")
     cfg, task = ckpt["config"], ckpt["task"]
-    _, val_set, names = build_data(cfg, task)
+    _, val_set, names = build_data(cfg, task, train_split=False)
     model, _ = build_model(cfg, task, len(names))
     if task == "segmentation":
         model = Normalise(model, cfg["data"]["mean"], cfg["data"]["std"])

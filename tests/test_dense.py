@@ -664,6 +664,10 @@ def test_quick_run_end_to_end_learns(task, tmp_path):
     assert script.main(flipped) == (0 if task == "segmentation" else 2)
     if task == "segmentation":  # its own file: the single-scale one is kept
         assert (run / "evaluation-0.75-1-flip.json").is_file() and (run / "evaluation.json").is_file()
+    train_images = tmp_path / "data" / "images" / "training"  # a machine with the val split alone
+    train_images.rename(tmp_path / "elsewhere")
+    assert script.main(["--evaluate", str(run)]) == 0 and script.main(["--draw", str(run)]) == 0
+    (tmp_path / "elsewhere").rename(train_images)
     # --speed-rounds' timing with a batch larger than the 16 val images: what each split has
     speeds = dense_eval.interleaved_speeds({"nat": run}, rounds=1, batch=32)["nat"]
     assert speeds["train"] > 0 and speeds["infer"] > 0
