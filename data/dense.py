@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import DataError
+from .errors import IMAGE_READ_ERRORS, DataError
 from .synthetic import (
     MAX_CLASSES,
     POLARITIES,
@@ -228,15 +228,11 @@ def embedded_paths(root, split) -> dict:
     }
 
 
-# What PIL raises for a damaged file (data/folder.py's list; a ValueError here comes from PIL)
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
 def _load_rgb(path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
-    except _DECODE_ERRORS as e:
+    except IMAGE_READ_ERRORS as e:
         raise DataError(f"cannot read image {path} ({e}); replace or remove it") from None
 
 
@@ -441,7 +437,7 @@ class SemanticFolder(torch.utils.data.Dataset):
             try:
                 with Image.open(path) as im, Image.open(mask_path) as m:
                     image_size, mask_size, mask_mode = im.size, m.size, m.mode
-            except _DECODE_ERRORS as e:
+            except IMAGE_READ_ERRORS as e:
                 raise DataError(
                     f"cannot read {path.name} or its mask in {image_dir} ({e}); replace or remove the pair"
                 ) from None
@@ -474,7 +470,7 @@ class SemanticFolder(torch.utils.data.Dataset):
         try:
             with Image.open(path) as im, Image.open(mask_path) as m:
                 image, mask = im.convert("RGB"), m.copy()
-        except _DECODE_ERRORS as e:  # a damaged body: the header read fine when the folder was scanned
+        except IMAGE_READ_ERRORS as e:  # a damaged body: the header read fine when the folder was scanned
             raise DataError(
                 f"cannot read {path} or its mask {mask_path} ({e}); replace or remove the pair"
             ) from None

@@ -1,6 +1,13 @@
-"""The one exception type of the data package."""
+"""The one exception type of the data package, and what PIL raises for a damaged image file."""
 
 import difflib
+
+from PIL import Image
+
+# What opening and decoding a damaged image raises in PIL: OSError (truncated, unidentified),
+# SyntaxError (a broken PNG chunk), ValueError (a PNG's "Truncated IHDR chunk"), a pixel bomb.
+# Wrap only the open / decode in it: a ValueError from elsewhere is a bug, not a bad file.
+IMAGE_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class DataError(ValueError):

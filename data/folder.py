@@ -208,8 +208,9 @@ class _DropTimmSkipLine(logging.Filter):
 _TIMM_DATASET_LOGGER = logging.getLogger("timm.data.dataset")
 # The label an unreadable image's sample carries where scoring leaves it out (eval.py, validation)
 UNREADABLE = -1
-# What PIL raises for a damaged file besides OSError (which timm's retry loop already skips); and
-# ValueError where PIL raised it (a PNG's "Truncated IHDR chunk"), see _raised_in_pil
+# What PIL raises for a damaged file (errors.IMAGE_READ_ERRORS) besides OSError, which timm's retry loop
+# already skips, and ValueError, taken only where PIL raised it (_raised_in_pil): here the except
+# also covers timm's transform, whose ValueErrors are bugs
 _DECODE_ERRORS = (SyntaxError, Image.DecompressionBombError)
 
 

@@ -32,6 +32,7 @@ import timm  # noqa: E402
 from PIL import Image  # noqa: E402
 from timm.data import create_transform  # noqa: E402
 
+from data.errors import IMAGE_READ_ERRORS  # noqa: E402
 from engine.checkpoint import checkpoint_settings, extract_state_dict, load_checkpoint  # noqa: E402
 from engine.errors import EXIT_ERROR, first_line, user_errors  # noqa: E402
 from engine.factory import check_model_name, checkpoint_data_config, create_model_for_checkpoint  # noqa: E402
@@ -154,12 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.image:
             try:
                 image = Image.open(args.image).convert("RGB")
-            except (
-                OSError,
-                SyntaxError,
-                ValueError,
-                Image.DecompressionBombError,
-            ) as e:  # PIL's for bad files
+            except IMAGE_READ_ERRORS as e:
                 raise UserError(f"cannot read image {args.image!r}: {e}") from None
         else:
             image = synthetic_image(max(height, width))
