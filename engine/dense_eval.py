@@ -185,14 +185,15 @@ def evaluate_run(run_dir, scales=(1.0,), flip: bool = False) -> dict:
     RUN/evaluation-<scales>[-flip].json, so one evaluation does not overwrite another's."""
     run_dir = Path(run_dir)
     model, cfg, task, val_set, names = _load_run(run_dir)
-    if task == "detection" and (tuple(scales) != (1.0,) or flip):
+    rescaled = tuple(scales) != (1.0,)
+    if task == "detection" and (rescaled or flip):
         raise ConfigError(
             "--scales and --flip apply to segmentation runs; a detection run is scored as trained"
         )
     loader = torch.utils.data.DataLoader(val_set, cfg["train"]["batch_size"], collate_fn=collate)
     metrics = evaluate(model, loader, task, val_set, len(names), tuple(scales), flip)
     result = {"scales": list(scales), "flip": flip, **metrics}
-    name = "-".join(["evaluation", *([f"{s:g}" for s in scales] if tuple(scales) != (1.0,) else [])])
+    name = "-".join(["evaluation", *([f"{s:g}" for s in scales] if rescaled else [])])
     name += "-flip" if flip else ""
     result["file"] = str(run_dir / f"{name}.json")
     (run_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
